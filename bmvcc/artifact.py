@@ -1,0 +1,69 @@
+"""The artifact directory: what `bmvcc compile` writes and `bmvcc.runtime` reads.
+
+    OUTDIR/
+      model.so        the compiled Relax VM executable (TVM runtime module; host code + kernels)
+      weights.bin     the weights, a TVM param dict (tvm.runtime.load_param_dict): w0, w1, ... in
+                      the order main takes them after the image
+      metadata.json   config, input shape and dtype, classes, versions, target, source sha256, ...
+
+Written atomically: everything goes to a temporary sibling directory that is renamed into place
+only when complete, so a failure leaves no OUTDIR and an existing OUTDIR stays untouched until the
+new one is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import BmvccError
+
+MODULE = "model.so"
+WEIGHTS = "weights.bin"
+METADATA = "metadata.json"
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def staging(outdir: Path):
+    """Yields a temporary directory; on success it replaces `outdir`, on any error it is removed."""
+    outdir = Path(outdir).absolute()
+    if outdir.exists() and not outdir.is_dir():
+        raise BmvccError(f"output '{outdir}' exists and is not a directory; choose another -o")
+    parent = outdir.parent
+    if not parent.is_dir():
+        raise BmvccError(f"output parent directory '{parent}' does not exist; create it first")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=parent))
+    try:
+        yield tmp
+        old = None
+        if outdir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=parent))
+            os.rename(outdir, old / "x")
+        os.rename(tmp, outdir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_metadata(directory: Path, metadata: dict) -> None:
+    (Path(directory) / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+
+def read_metadata(outdir: Path) -> dict:
+    path = Path(outdir) / METADATA
+    if not path.is_file():
+        raise BmvccError(f"'{outdir}' is not a bmvcc artifact (no {METADATA}); pass the directory bmvcc compile wrote")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise BmvccError(f"'{path}' is corrupt; compile the model again") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BmvccError(f"'{outdir}' has artifact format {meta.get('format_version')}, this bmvcc reads {FORMAT_VERSION}; compile again")
+    return meta

@@ -1,0 +1,84 @@
+"""compile: source -> Relax -> bmvcc passes -> TVM build -> artifact directory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__, artifact, frontend
+from .checkpoint import sha256
+from .errors import BmvccError
+
+
+@dataclass
+class CompileOptions:
+    target: str = "host"
+    batch: int = 1
+    heads: int | None = None
+    image_size: int | None = None
+    trust_pickle: bool = False
+    bitlinear: bool = True  # False: keep BitLinear as float matmuls (for comparison)
+
+
+@dataclass
+class CompileReport:
+    outdir: Path
+    seconds: float
+    metadata: dict = field(default_factory=dict)
+
+
+def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
+                  progress: Callable[[str], None] = lambda msg: None) -> CompileReport:
+    from . import targets  # noqa: F401  (bmvcc.targets)
+    from .targets import get as get_target
+
+    start = time.perf_counter()
+    spec = get_target(options.target)
+    progress(f"loading {source_path}")
+    source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
+                                  trust_pickle=options.trust_pickle)
+    progress("exporting with torch.export and importing into Relax")
+    mod = frontend.to_relax(source, options.batch)
+    from .passes.pipeline import run_pipeline
+
+    progress(f"running bmvcc passes for {spec.name}")
+    mod, weights, pass_report = run_pipeline(mod, spec, bitlinear=options.bitlinear)
+    progress(f"building for {spec.name} ({spec.tvm_target})")
+    from .build import build
+
+    with artifact.staging(outdir) as tmp:
+        build(mod, spec, tmp / artifact.MODULE)
+        _save_weights(weights, tmp / artifact.WEIGHTS)
+        metadata = _metadata(source, spec, options, pass_report, weights)
+        artifact.write_metadata(tmp, metadata)
+    seconds = time.perf_counter() - start
+    progress(f"wrote {outdir} in {seconds:.1f} s")
+    return CompileReport(Path(outdir), seconds, metadata)
+
+
+def _save_weights(weights, path: Path) -> None:
+    import tvm
+
+    tvm.runtime.save_param_dict_to_file({f"w{i}": w for i, w in enumerate(weights)}, str(path))
+
+
+def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights) -> dict:
+    import tvm
+
+    return {
+        "format_version": artifact.FORMAT_VERSION,
+        "bmvcc_version": __version__,
+        "tvm_version": tvm.__version__,
+        "source": {"path": str(source.path), "sha256": sha256(source.path), "kind": source.path.suffix},
+        "config": source.config.to_dict() if source.config else None,
+        "target": {"name": spec.name, "tvm": spec.tvm_target, "arch": spec.arch, "device": spec.device},
+        "input": {"shape": [options.batch, *source.input_shape], "dtype": "float32", "layout": "NCHW"},
+        "num_classes": source.num_classes,
+        "num_weights": len(weights),
+        "passes": pass_report,
+    }
+
+
+__all__ = ["BmvccError", "CompileOptions", "CompileReport", "compile_model"]

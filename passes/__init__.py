@@ -1,0 +1,1 @@
+"""Relax passes of bmvcc. `pipeline.py` lists them in the order they run."""

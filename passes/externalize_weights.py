@@ -1,0 +1,49 @@
+"""ExternalizeWeights: move main's large constants out of the module into parameters.
+
+Matches: every constant tensor in `main` with at least `min_elements` elements (weights, packed
+2-bit weights, position embeddings, masks). Produces: `main(img, w0, w1, ...)` where each w_i is a new
+parameter in order of first use, plus the arrays in that order, so that the compiled `.so` holds code
+only and the weights travel in a separate file the TVM runtime reads. Small constants (scalars,
+scales) stay inline.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+
+@relax.expr_functor.mutator
+class _Lifter(relax.PyExprMutator):
+    def __init__(self, mod, min_elements: int):
+        super().__init__(mod)
+        self.min_elements = min_elements
+        self.params: list[relax.Var] = []
+        self.values: list[tvm.runtime.Tensor] = []
+
+    def visit_generic_const_(self, const):
+        value = const.value
+        if not hasattr(value, "shape") or _numel(value.shape) < self.min_elements:
+            return const
+        var = relax.Var(f"w{len(self.params)}", const.ty)
+        self.params.append(var)
+        self.values.append(value)
+        return var
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def externalize_weights(mod: tvm.IRModule, min_elements: int = 64):
+    """Returns (module, [weights]) with main taking the weights after its inputs."""
+    main = mod["main"]
+    lifter = _Lifter(mod, min_elements)
+    body = lifter.visit_expr(main.body)
+    func = relax.Function(list(main.params) + lifter.params, body, main.ret_ty, main.is_pure, main.attrs)
+    out = mod.clone()
+    out["main"] = func
+    return out, lifter.values

@@ -1,0 +1,1 @@
+"""Kernels (TIR compute definitions) and their schedules per backend."""
