@@ -1,0 +1,97 @@
+"""W2A8: int8 activations x 2-bit packed ternary weights, int32 accumulation, float epilogue.
+
+This file is the contract between the passes and every backend's schedule:
+- `pack_ternary` / `unpack_ternary` define the packed weight layout;
+- `W2A8Config` names one kernel instance;
+- `w2a8_compute` is the reference compute definition (TIR, unscheduled) the passes call and every
+  schedule (schedules/w2a8_*.py) transforms; `w2a8_numpy` is its independent numpy reference.
+
+Packed layout (row-major over output features n, 4 codes per byte, low bits first):
+    u[n, k] = T[n, k] + 1 in {0, 1, 2}            (T ternary in {-1, 0, +1}; 3 never occurs)
+    packed[n, k // 4] |= u[n, k] << (2 * (k % 4))  -> uint8[N, ceil(K / 4)]
+K is padded to a multiple of 4 with u = 1 (T = 0), which adds nothing to the dot product.
+
+Math: acc[m, n] = sum_k q[m, k] * T[n, k] (exact in int32), out[m, n] = acc * w_scale / x_scale[m]
+where x_scale = 127 / max|xn| per token and w_scale = mean|W| (= 1 / s_w) per tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+KERNEL_ATTR = "bmvcc.kernel"  # PrimFunc attribute naming a bmvcc kernel; schedules dispatch on it
+
+
+def pack_ternary(codes: np.ndarray) -> np.ndarray:
+    """int codes T[N, K] in {-1, 0, 1} -> uint8[N, ceil(K/4)] in the layout above."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or np.abs(codes).max(initial=0) > 1:
+        raise ValueError("pack_ternary expects a 2-D array of codes in {-1, 0, 1}")
+    n, k = codes.shape
+    u = np.ones((n, -(-k // 4) * 4), np.uint8)
+    u[:, :k] = (codes + 1).astype(np.uint8)
+    u = u.reshape(n, -1, 4)
+    return u[..., 0] | (u[..., 1] << 2) | (u[..., 2] << 4) | (u[..., 3] << 6)
+
+
+def unpack_ternary(packed: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of pack_ternary: uint8[N, ceil(K/4)] -> int8 T[N, K]."""
+    shifts = np.array([0, 2, 4, 6], np.uint8)
+    u = (packed[..., None] >> shifts) & 3
+    return (u.reshape(packed.shape[0], -1)[:, :k].astype(np.int8) - 1)
+
+
+@dataclass(frozen=True)
+class W2A8Config:
+    m: int  # rows (tokens x batch)
+    n: int  # output features
+    k: int  # input features
+    epilogue: str = "none"  # "none" | "gelu" | "residual" (out + residual[m, n])
+
+    @property
+    def k_packed(self) -> int:
+        return -(-self.k // 4)
+
+
+def w2a8_numpy(q: np.ndarray, packed: np.ndarray, x_scale: np.ndarray, w_scale: float, k: int) -> np.ndarray:
+    """Reference: q int8[M, K], packed uint8[N, K/4], x_scale float32[M, 1] -> float32[M, N]."""
+    acc = q.astype(np.int64) @ unpack_ternary(packed, k).astype(np.int64).T
+    return (acc.astype(np.float32) * np.float32(w_scale)) / x_scale.astype(np.float32)
+
+
+def w2a8_compute(cfg: W2A8Config):
+    """Unscheduled TIR PrimFunc (q, packed, x_scale, w_scale[, residual]) -> out float32[M, N].
+
+    Indices are int64 throughout and the function is opaque (op_pattern 8), so Relax fusion and
+    DLight leave it to bmvcc's schedules.
+    """
+    from tvm.script import tirx as T
+
+    M, N, K, KP = (T.int64(v) for v in (cfg.m, cfg.n, cfg.k, cfg.k_packed))
+
+    def decode(wp, vj, vk):
+        byte = wp[vj, vk // T.int64(4)]
+        code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", (vk % T.int64(4)) * T.int64(2))), T.uint8(3))
+        return T.Cast("int32", code) - 1
+
+    @T.prim_func(private=True, s_tir=True)
+    def w2a8(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"), xs: T.Buffer((M, T.int64(1)), "float32"),
+             ws: T.Buffer((T.int64(1),), "float32"), out: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
+        acc = T.sblock_alloc_buffer((M, N), "int32")
+        for i, j, k in T.grid(M, N, K):
+            with T.sblock("acc"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                with T.init():
+                    acc[vi, vj] = 0
+                acc[vi, vj] = acc[vi, vj] + T.Cast("int32", q[vi, vk]) * decode(wp, vj, vk)
+        for i, j in T.grid(M, N):
+            with T.sblock("dequant"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                out[vi, vj] = T.Cast("float32", acc[vi, vj]) * ws[T.int64(0)] / xs[vi, T.int64(0)]
+
+    if cfg.epilogue != "none":
+        raise NotImplementedError(f"epilogue {cfg.epilogue!r} is added by the fusion pass")
+    return w2a8
