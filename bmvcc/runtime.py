@@ -1,7 +1,25 @@
-"""Load and run a compiled artifact with the TVM runtime and numpy only (what a device runs)."""
+"""Load and run a compiled artifact with the TVM runtime and numpy only: what a device runs.
+
+This module never imports `tvm` (whose package import pulls in the whole compiler, LLVM and, through
+tvm_ffi, torch). It drives the artifact through the FFI layer directly:
+
+    libtvm_runtime.so (+ _extra: sort/topk kernels, + _cuda for GPU artifacts), loaded with ctypes
+    tvm_ffi.load_module(model.so)["vm_load_executable"]() -> Relax VM module
+    vm["vm_initialization"](device_type, device_id, allocator, ...)   (as tvm.relax.VirtualMachine does)
+    runtime.LoadParamsFromFile(weights.bin) -> {"w0": Tensor, ...}
+    vm["main"](image, w0, w1, ...) -> logits (or a 1-tuple of logits)
+
+The shared libraries are looked up where `pip install apache-tvm` puts them (tvm/lib, found without
+importing tvm) or in TVM_LIBRARY_PATH, TVM's own variable for a runtime-only install.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+import os
+import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,27 +27,118 @@ import numpy as np
 from . import artifact
 from .errors import BmvccError
 
+_POOLED_ALLOCATOR = 2  # tvm.relax.VirtualMachine.POOLED_ALLOCATOR
+_DEVICE_TYPES = {"cpu": 1, "cuda": 2}  # DLPack device types
+
+
+def _ffi():
+    """tvm_ffi, imported without torch unless torch is already loaded.
+
+    tvm_ffi's __init__ imports torch whenever it is installed (a Windows symbol workaround and an
+    optional DLPack speed-up); a device has no torch and the host runtime must not pay seconds for
+    it. Hiding torch for the duration of the import only turns off tvm_ffi's torch.dtype argument
+    conversion in this process; torch tensors still convert through DLPack.
+    """
+    if "tvm_ffi" in sys.modules:
+        return sys.modules["tvm_ffi"]
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        import tvm_ffi
+    finally:
+        if hide and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return tvm_ffi
+
+
+def _library_dirs() -> list[Path]:
+    dirs = [Path(os.environ["TVM_LIBRARY_PATH"])] if os.environ.get("TVM_LIBRARY_PATH") else []
+    spec = importlib.util.find_spec("tvm")  # locates the package without running tvm/__init__.py
+    if spec is not None and spec.submodule_search_locations:
+        dirs += [Path(p) / "lib" for p in spec.submodule_search_locations]
+    return dirs
+
+
+def _load_runtime_libraries(device: str) -> None:
+    """dlopen the TVM runtime so its global functions register with tvm_ffi (idempotent)."""
+    _ffi()  # libtvm_ffi.so first: the runtime libraries link against it
+
+    def find(name):
+        return next((d / name for d in _library_dirs() if (d / name).is_file()), None)
+
+    runtime = find("libtvm_runtime.so")
+    if runtime is None:
+        raise BmvccError("the TVM runtime (libtvm_runtime.so) was not found; pip install apache-tvm, "
+                         "or set TVM_LIBRARY_PATH to the directory holding libtvm_runtime.so")
+    ctypes.CDLL(str(runtime), ctypes.RTLD_GLOBAL)
+    extra = find("libtvm_runtime_extra.so")  # sort/topk and other contrib kernels the VM calls
+    if extra is not None:
+        ctypes.CDLL(str(extra), ctypes.RTLD_LOCAL)
+    if device == "cuda":
+        cuda = find("libtvm_runtime_cuda.so")
+        if cuda is None:
+            raise BmvccError("this artifact runs on CUDA but libtvm_runtime_cuda.so was not found; "
+                             "install a CUDA-enabled TVM runtime")
+        ctypes.CDLL(str(cuda), ctypes.RTLD_GLOBAL)
+
 
 class CompiledModel:
-    """Callable: float32 images [B', C, H, W] (any B') -> logits [B', classes], in chunks of the batch."""
+    """Callable: float32 images [B', C, H, W] (any B', or one [C, H, W]) -> logits [B', classes].
 
-    def __init__(self, outdir: Path, device: str = "cpu"):
-        import tvm
-        from tvm import relax
+    The module has a static batch (metadata input.shape[0]); images run in chunks of it, the last
+    chunk zero-padded and its padding rows dropped.
+    """
 
+    def __init__(self, outdir: Path, device: str | None = None):
         self.outdir = Path(outdir)
         self.metadata = artifact.read_metadata(self.outdir)
         self.input_shape = tuple(self.metadata["input"]["shape"])
-        self.dev = tvm.cpu() if device == "cpu" else tvm.device(device)
-        lib = tvm.runtime.load_module(str(self.outdir / artifact.MODULE))
-        self.vm = relax.VirtualMachine(lib, self.dev)
-        params = tvm.runtime.load_param_dict_from_file(str(self.outdir / artifact.WEIGHTS))
-        self.weights = [params[f"w{i}"].copyto(self.dev) for i in range(self.metadata["num_weights"])]
-        self._tensor = lambda a: tvm.runtime.tensor(a, self.dev)
+        self.input_dtype = self.metadata["input"]["dtype"]
+        target = self.metadata["target"]
+        self.device = device or target["device"]
+        if self.device not in _DEVICE_TYPES:
+            raise BmvccError(f"device '{self.device}' is not supported; use one of {', '.join(_DEVICE_TYPES)}")
+        if target["arch"] != platform.machine():
+            raise BmvccError(f"'{outdir}' was compiled for {target['arch']} (target {target['name']}), this machine "
+                             f"is {platform.machine()}; copy it to a {target['arch']} device or compile with --target host")
+        _load_runtime_libraries(self.device)
+        ffi = self._ffi = _ffi()
+        self.dev = ffi.device(self.device, 0)
+        self._cpu = ffi.device("cpu", 0)
+        lib = ffi.load_module(str(self.outdir / artifact.MODULE))
+        self.vm = lib["vm_load_executable"]()
+        init = [_DEVICE_TYPES[self.device], 0, _POOLED_ALLOCATOR]
+        if self.device != "cpu":
+            init += [_DEVICE_TYPES["cpu"], 0, _POOLED_ALLOCATOR]  # the VM runs shape code on the CPU
+        self.vm["vm_initialization"](*init)
+        self._main = self.vm["main"]
+        params = ffi.get_global_func("runtime.LoadParamsFromFile")(str(self.outdir / artifact.WEIGHTS))
+        self.weights = [self._to_device(params[f"w{i}"]) for i in range(self.metadata["num_weights"])]
 
     @property
     def batch(self) -> int:
         return self.input_shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.metadata["num_classes"]
+
+    def _to_device(self, tensor):
+        if self.device == "cpu":
+            return tensor
+        ffi = self._ffi
+        out = ffi.get_global_func("runtime.TVMTensorAllocWithScope")(tensor.shape, tensor.dtype, self.dev, None)
+        ffi.get_global_func("runtime.TVMTensorCopyFromTo")(tensor, out)
+        return out
+
+    def _to_numpy(self, tensor) -> np.ndarray:
+        if self.device != "cpu":
+            ffi = self._ffi
+            host = ffi.get_global_func("runtime.TVMTensorAllocWithScope")(tensor.shape, tensor.dtype, self._cpu, None)
+            ffi.get_global_func("runtime.TVMTensorCopyFromTo")(tensor, host)
+            tensor = host
+        return np.array(np.from_dlpack(tensor))  # a copy: the VM's pooled allocator reuses its buffers
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = self.validate(images)
@@ -38,29 +147,33 @@ class CompiledModel:
             chunk = images[start : start + self.batch]
             n = len(chunk)
             if n < self.batch:
-                chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), np.float32)])
-            res = self.vm["main"](self._tensor(np.ascontiguousarray(chunk)), *self.weights)
-            res = res[0] if not hasattr(res, "numpy") else res
-            out.append(res.numpy()[:n])
+                chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), chunk.dtype)])
+            res = self._main(self._to_device(self._ffi.from_dlpack(np.ascontiguousarray(chunk))), *self.weights)
+            if not hasattr(res, "__dlpack__"):  # main returns a 1-tuple (logits,)
+                res = res[0]
+            out.append(self._to_numpy(res)[:n])
         return np.concatenate(out)
 
     def validate(self, images) -> np.ndarray:
+        """[N, C, H, W] float32 (a single [C, H, W] image is batched); anything else is a BmvccError."""
         if not isinstance(images, np.ndarray):
             raise BmvccError(f"input is a {type(images).__name__}, not a numpy array; pass float32 NCHW images")
         per_image = self.input_shape[1:]
         if images.ndim == len(per_image):
             images = images[None]
-        if images.shape[1:] != per_image:
+        if images.shape[1:] != per_image or images.shape[0] == 0:
             raise BmvccError(
-                f"input has shape {images.shape}, the model takes (N, {', '.join(map(str, per_image))}) float32 images; "
-                "resize or reorder to NCHW"
+                f"input has shape {images.shape}, the model takes (N, {', '.join(map(str, per_image))}) float32 images "
+                "with N >= 1; resize or reorder to NCHW"
             )
-        if images.dtype != np.float32:
-            raise BmvccError(f"input dtype is {images.dtype}, the model takes float32; convert with .astype(np.float32)")
+        if images.dtype != np.dtype(self.input_dtype):
+            raise BmvccError(f"input dtype is {images.dtype}, the model takes {self.input_dtype}; "
+                             f"convert with .astype(np.{self.input_dtype})")
         return images
 
 
-def load(outdir, device: str = "cpu") -> CompiledModel:
+def load(outdir, device: str | None = None) -> CompiledModel:
+    """Load an artifact directory for inference; `device` defaults to the one it was compiled for."""
     return CompiledModel(Path(outdir), device)
 
 
