@@ -20,6 +20,7 @@ class CompileOptions:
     image_size: int | None = None
     trust_pickle: bool = False
     bitlinear: bool = True  # False: keep BitLinear as float matmuls (for comparison)
+    dataset: str | None = None  # MedMNIST flag the model was trained on: label names for predict/eval
 
 
 @dataclass
@@ -39,6 +40,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
+    dataset = _dataset(options.dataset, source)
     progress("exporting with torch.export and importing into Relax")
     mod = frontend.to_relax(source, options.batch)
     from .passes.pipeline import run_pipeline
@@ -51,7 +53,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     with artifact.staging(outdir) as tmp:
         build(mod, spec, tmp / artifact.MODULE)
         _save_weights(weights, tmp / artifact.WEIGHTS)
-        metadata = _metadata(source, spec, options, pass_report, weights)
+        metadata = _metadata(source, spec, options, pass_report, weights, dataset)
         artifact.write_metadata(tmp, metadata)
     seconds = time.perf_counter() - start
     progress(f"wrote {outdir} in {seconds:.1f} s")
@@ -64,8 +66,21 @@ def _save_weights(weights, path: Path) -> None:
     tvm.runtime.save_param_dict_to_file({f"w{i}": w for i, w in enumerate(weights)}, str(path))
 
 
-def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights) -> dict:
+def _dataset(name: str | None, source):
+    """The MedMNIST data set named by --dataset, checked against the model's channels and classes."""
+    if name is None:
+        return None
+    from .data import dataset
+
+    ds = dataset(name)
+    ds.check_model(source.input_shape[0], source.num_classes)
+    return ds
+
+
+def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights, dataset) -> dict:
     import tvm
+
+    from .preprocess import REFERENCE
 
     return {
         "format_version": artifact.FORMAT_VERSION,
@@ -76,6 +91,8 @@ def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights)
         "target": {"name": spec.name, "tvm": spec.tvm_target, "arch": spec.arch, "device": spec.device},
         "input": {"shape": [options.batch, *source.input_shape], "dtype": "float32", "layout": "NCHW"},
         "num_classes": source.num_classes,
+        "preprocessing": REFERENCE,
+        "dataset": dataset.to_dict() if dataset else None,
         "num_weights": len(weights),
         "passes": pass_report,
     }
