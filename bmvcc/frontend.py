@@ -1,4 +1,5 @@
-"""Sources -> Relax: a BitMedViT state dict (rebuilt in PyTorch) or a torch.export program (.pt2)."""
+"""Sources -> Relax: a BitMedViT state dict (rebuilt in PyTorch), a torch.export program (.pt2) or an
+ONNX model (.onnx, imported by TVM's ONNX frontend)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,23 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, onnx_import
 from .errors import BmvccError
-from .model import ViTConfig
+from .model import BitMedViT, ViTConfig
 
 
 @dataclass
 class Source:
-    """What the driver compiles: an eval-mode PyTorch module and the facts the artifact records."""
+    """What the driver compiles: an eval-mode PyTorch module or an ONNX model, and the facts the
+    artifact records."""
 
-    module: torch.nn.Module
+    module: torch.nn.Module | None  # None for an ONNX model
     input_shape: tuple[int, ...]  # per-image shape (C, H, W); the batch is chosen at compile time
     num_classes: int
     path: Path
-    config: ViTConfig | None = None  # None for a .pt2 program
+    config: ViTConfig | None = None  # None for a .pt2 program or an ONNX model
     info: dict = field(default_factory=dict)
+    onnx: onnx_import.OnnxGraph | None = None  # the checked ONNX model of an .onnx source
 
 
 def load_source(path: Path, heads: int | None = None, image_size: int | None = None,
@@ -31,6 +34,8 @@ def load_source(path: Path, heads: int | None = None, image_size: int | None = N
     path = Path(path)
     if path.suffix == ".pt2":
         return _load_program(path)
+    if path.suffix == ".onnx":
+        return _load_onnx(path, heads, image_size)
     state = checkpoint.load_state_dict(path, trust_pickle=trust_pickle)
     cfg = checkpoint.infer_config(state, heads=heads, image_size=image_size)
     model = checkpoint.build_model(state, cfg)
@@ -54,17 +59,65 @@ def _load_program(path: Path) -> Source:
     return Source(module, tuple(args[0].shape[1:]), int(out.shape[-1]), path)
 
 
+def _load_onnx(path: Path, heads: int | None, image_size: int | None) -> Source:
+    graph = onnx_import.load(path)
+    if heads is not None:
+        raise BmvccError("--heads does not apply to an ONNX model (its attention is fixed in the graph); drop it")
+    if image_size is not None and (image_size, image_size) != graph.input_shape[1:]:
+        raise BmvccError(f"--image-size {image_size} contradicts '{path}' (input {graph.input_shape}); drop the option")
+    return Source(None, graph.input_shape, graph.num_classes, path, onnx=graph)
+
+
+def resolve_batch(source: Source, batch: int | None) -> int:
+    """The static batch to compile: --batch, else an ONNX model's own batch, else 1."""
+    if source.onnx is not None:
+        batch = onnx_import.resolve_batch(source.onnx, batch, source.path)
+    return 1 if batch is None else batch
+
+
 def export(source: Source, batch: int) -> torch.export.ExportedProgram:
+    """The program as trained: a BitMedViT with a matcher head returns (logits, matcher); the
+    pipeline's drop_training_outputs pass removes what deployment does not need."""
     example = torch.zeros((batch, *source.input_shape))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.export.export(source.module, (example,))
+    module = source.module
+    matcher = isinstance(module, BitMedViT) and bool(module.cfg.matcher_dim)
+    saved = getattr(module, "with_matcher", False)
+    try:
+        if matcher:
+            module.with_matcher = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.export.export(module, (example,))
+    finally:
+        if matcher:
+            module.with_matcher = saved
 
 
 def to_relax(source: Source, batch: int):
-    """Relax IRModule with `main(img[batch, C, H, W]) -> logits`, every weight a constant."""
+    """Relax IRModule with `main(img[batch, C, H, W])` returning what the module returns, every
+    weight a constant whose span's source name is its PyTorch parameter name (for reports)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     if batch < 1:
         raise BmvccError(f"--batch {batch} must be at least 1")
-    return from_exported_program(export(source, batch), keep_params_as_input=False)
+    if source.onnx is not None:
+        return onnx_import.to_relax(source.onnx, batch)
+    ep = export(source, batch)
+    return _bind_named_params(from_exported_program(ep, keep_params_as_input=True), ep)
+
+
+def _bind_named_params(mod, ep):
+    import tvm
+    from tvm import relax
+
+    names = {spec.arg.name: spec.target for spec in ep.graph_signature.input_specs if spec.target}
+    main = mod["main"]
+    n_in = int(main.attrs["num_input"])
+    binding = {}
+    for var, value in zip(main.params[n_in:], main.attrs["params"]):
+        span = tvm.ir.Span(tvm.ir.SourceName(names.get(var.name, var.name)), 0, 0, 0, 0)
+        binding[var] = relax._ffi_api.MakeTensorConst(value, None, span)
+    func = main.bind_params(binding).without_attr("params").without_attr("num_input")
+    out = mod.clone()
+    out["main"] = func
+    return out

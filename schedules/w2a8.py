@@ -17,11 +17,13 @@ where x_scale = 127 / max|xn| per token and w_scale = mean|W| (= 1 / s_w) per te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 KERNEL_ATTR = "bmvcc.kernel"  # PrimFunc attribute naming a bmvcc kernel; schedules dispatch on it
+EPILOGUES = ("none", "gelu", "residual")
 
 
 def pack_ternary(codes: np.ndarray) -> np.ndarray:
@@ -55,14 +57,24 @@ class W2A8Config:
         return -(-self.k // 4)
 
 
-def w2a8_numpy(q: np.ndarray, packed: np.ndarray, x_scale: np.ndarray, w_scale: float, k: int) -> np.ndarray:
+def w2a8_numpy(q: np.ndarray, packed: np.ndarray, x_scale: np.ndarray, w_scale: float, k: int,
+               epilogue: str = "none", residual: np.ndarray | None = None) -> np.ndarray:
     """Reference: q int8[M, K], packed uint8[N, K/4], x_scale float32[M, 1] -> float32[M, N]."""
     acc = q.astype(np.int64) @ unpack_ternary(packed, k).astype(np.int64).T
-    return (acc.astype(np.float32) * np.float32(w_scale)) / x_scale.astype(np.float32)
+    out = (acc.astype(np.float32) * np.float32(w_scale)) / x_scale.astype(np.float32)
+    if epilogue == "gelu":
+        erf = np.vectorize(math.erf)(out.astype(np.float64) / math.sqrt(2.0))
+        return (0.5 * out * (1.0 + erf)).astype(np.float32)
+    if epilogue == "residual":
+        return residual.astype(np.float32) + out
+    return out
 
 
 def w2a8_compute(cfg: W2A8Config):
     """Unscheduled TIR PrimFunc (q, packed, x_scale, w_scale[, residual]) -> out float32[M, N].
+
+    Two blocks in every variant: "acc" (int32 reduction) then "dequant", which applies the
+    epilogue in place: "gelu" (erf) or "residual" (adds the extra [M, N] input).
 
     Indices are int64 throughout and the function is opaque (op_pattern 8), so Relax fusion and
     DLight leave it to bmvcc's schedules.
@@ -76,10 +88,15 @@ def w2a8_compute(cfg: W2A8Config):
         code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", (vk % T.int64(4)) * T.int64(2))), T.uint8(3))
         return T.Cast("int32", code) - 1
 
-    @T.prim_func(private=True, s_tir=True)
-    def w2a8(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"), xs: T.Buffer((M, T.int64(1)), "float32"),
-             ws: T.Buffer((T.int64(1),), "float32"), out: T.Buffer((M, N), "float32")):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
+    def epilogue(v, res, vi, vj):  # v = the dequantized float accumulator
+        if cfg.epilogue == "gelu":  # erf GELU, spelled as Relax legalizes nn.gelu
+            return v * (T.float32(0.5) + T.erf(v * T.float32(0.7071067811865476)) * T.float32(0.5))
+        if cfg.epilogue == "residual":
+            return res[vi, vj] + v
+        return v
+
+    @T.macro
+    def body(q, wp, xs, ws, res, out):
         acc = T.sblock_alloc_buffer((M, N), "int32")
         for i, j, k in T.grid(M, N, K):
             with T.sblock("acc"):
@@ -90,8 +107,26 @@ def w2a8_compute(cfg: W2A8Config):
         for i, j in T.grid(M, N):
             with T.sblock("dequant"):
                 vi, vj = T.axis.remap("SS", [i, j])
-                out[vi, vj] = T.Cast("float32", acc[vi, vj]) * ws[T.int64(0)] / xs[vi, T.int64(0)]
+                out[vi, vj] = epilogue(T.Cast("float32", acc[vi, vj]) * ws[T.int64(0)] / xs[vi, T.int64(0)], res, vi, vj)
 
-    if cfg.epilogue != "none":
-        raise NotImplementedError(f"epilogue {cfg.epilogue!r} is added by the fusion pass")
-    return w2a8
+    if cfg.epilogue not in EPILOGUES:
+        raise ValueError(f"unknown W2A8 epilogue {cfg.epilogue!r}; use one of {EPILOGUES}")
+    if cfg.epilogue != "residual":
+
+        @T.prim_func(private=True, s_tir=True)
+        def w2a8(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
+                 xs: T.Buffer((M, T.int64(1)), "float32"), ws: T.Buffer((T.int64(1),), "float32"),
+                 out: T.Buffer((M, N), "float32")):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
+            body(q, wp, xs, ws, None, out)
+
+        return w2a8
+
+    @T.prim_func(private=True, s_tir=True)
+    def w2a8_residual(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
+                      xs: T.Buffer((M, T.int64(1)), "float32"), ws: T.Buffer((T.int64(1),), "float32"),
+                      res: T.Buffer((M, N), "float32"), out: T.Buffer((M, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
+        body(q, wp, xs, ws, res, out)
+
+    return w2a8_residual

@@ -1,0 +1,222 @@
+"""Structural matching helpers shared by the BitLinear passes (not a pass).
+
+The passes match BitLinear by its math, not by one spelling: `Bindings` resolves dataflow variables
+to the expressions bound to them, and `product` reads a chain of multiply/divide as a coefficient
+times powers of atoms, so `x / s`, `x * (1 / s)` and `(1 / a) * 127` compare equal to what they mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..schedules.w2a8 import KERNEL_ATTR
+
+
+class Bindings:
+    """var -> bound expression for every VarBinding of a function, plus use counts."""
+
+    def __init__(self, func: relax.Function):
+        self.values: dict = {}
+        self.order: list = []
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding):
+                    self.values[b.var] = b.value
+                    self.order.append(b.var)
+        self.uses: dict = {}
+        _UseCounter(self.uses).visit_expr(func)
+
+    def root(self, e):
+        """Follow var-to-var aliases."""
+        while isinstance(e, relax.Var) and isinstance(self.values.get(e), relax.Var):
+            e = self.values[e]
+        return e
+
+    def value(self, e):
+        """The expression bound to `e` (through aliases), or `e` itself when unbound."""
+        e = self.root(e)
+        return self.values.get(e, e) if isinstance(e, relax.Var) else e
+
+    def call(self, e, *ops: str):
+        """The call bound to `e` if its operator is one of `ops` (e.g. "relax.round")."""
+        v = self.value(e)
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name in ops:
+            return v
+        return None
+
+    def strip(self, e, *ops: str):
+        """Skip calls of `ops` (e.g. reshape) and return what they consume."""
+        while (c := self.call(e, *ops)) is not None:
+            e = c.args[0]
+        return self.root(e)
+
+    def item(self, e):
+        """(tuple producer, index) when `e` is t[i], looking through a repacked tuple (a, b)[0]."""
+        v = self.value(e)
+        if not isinstance(v, relax.TupleGetItem):
+            return None
+        tup = self.value(v.tuple_value)
+        if isinstance(tup, relax.Tuple):
+            return self.item(tup.fields[v.index])
+        return tup, v.index
+
+    def leaves(self, e) -> list:
+        """Unbound leaves (constants, parameters) that `e` is computed from."""
+        out, seen, stack = [], set(), [e]
+        while stack:
+            x = self.root(stack.pop())
+            if isinstance(x, relax.Var) and x in self.values:
+                x = self.values[x]
+            if id(x) in seen:
+                continue
+            seen.add(id(x))
+            if isinstance(x, relax.Call):
+                stack.extend(x.args)
+            elif isinstance(x, relax.Tuple):
+                stack.extend(x.fields)
+            elif isinstance(x, relax.TupleGetItem):
+                stack.append(x.tuple_value)
+            elif not isinstance(x, (relax.ShapeExpr, relax.PrimValue, relax.StringImm)):
+                out.append(x)
+        return out
+
+    def ancestors_ops(self, e, depth: int) -> set[str]:
+        """Names of the operators within `depth` producer steps of `e`."""
+        ops, frontier = set(), [e]
+        for _ in range(depth):
+            nxt = []
+            for x in frontier:
+                v = self.value(x)
+                if isinstance(v, relax.TupleGetItem):
+                    nxt.append(v.tuple_value)
+                elif isinstance(v, relax.Tuple):
+                    nxt.extend(v.fields)
+                elif isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
+                    ops.add(v.op.name)
+                    nxt.extend(v.args)
+            frontier = nxt
+        return ops
+
+
+@relax.expr_functor.visitor
+class _UseCounter(relax.PyExprVisitor):
+    def __init__(self, uses: dict):
+        super().__init__()
+        self.uses = uses
+
+    def visit_var_(self, var):
+        self.uses[var] = self.uses.get(var, 0) + 1
+
+    def visit_dataflow_var_(self, var):
+        self.uses[var] = self.uses.get(var, 0) + 1
+
+
+def is_const(e) -> bool:
+    return isinstance(e, tvm.ir.GenericConst) and hasattr(e.value, "shape")
+
+
+def scalar(e, b: Bindings) -> float | None:
+    """The value of a one-element float/int constant, else None."""
+    e = b.value(e)
+    if is_const(e) and int(np.prod([int(d) for d in e.value.shape])) == 1:
+        return float(e.value.numpy().reshape(()))
+    if isinstance(e, relax.PrimValue) and hasattr(e.value, "value"):
+        return float(e.value.value)
+    return None
+
+
+def prim(e) -> float | None:
+    """A clip bound or other PrimExpr/PrimValue literal as a float."""
+    v = e.value if isinstance(e, relax.PrimValue) else e
+    return float(v.value) if hasattr(v, "value") else None
+
+
+@dataclass
+class Product:
+    """coef * prod(atom ** power) for a multiply/divide chain; atoms are keyed by identity."""
+
+    coef: float = 1.0
+    factors: dict = field(default_factory=dict)  # atom -> int power
+
+    def times(self, other: Product, sign: int = 1) -> Product:
+        f = dict(self.factors)
+        for a, p in other.factors.items():
+            f[a] = f.get(a, 0) + sign * p
+            if f[a] == 0:
+                del f[a]
+        coef = self.coef * other.coef if sign > 0 else self.coef / other.coef
+        return Product(coef, f)
+
+    def without(self, atom) -> Product:
+        return Product(self.coef, {a: p for a, p in self.factors.items() if not a.same_as(atom)})
+
+    def same(self, other: Product, rtol: float = 1e-6) -> bool:
+        return (set(self.factors.items()) == set(other.factors.items())
+                and abs(self.coef - other.coef) <= rtol * max(abs(self.coef), abs(other.coef)))
+
+
+def product(e, b: Bindings) -> Product:
+    c = b.call(e, "relax.multiply", "relax.divide")
+    if c is not None:
+        lhs, rhs = product(c.args[0], b), product(c.args[1], b)
+        return lhs.times(rhs, 1 if c.op.name == "relax.multiply" else -1)
+    s = scalar(e, b)
+    if s is not None and s != 0.0:
+        return Product(s, {})
+    return Product(1.0, {b.root(e): 1})
+
+
+def static_shape(e) -> tuple[int, ...] | None:
+    ty = e.ty if hasattr(e, "ty") else None
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return tuple(int(d) for d in shape.values)
+    except TypeError:
+        return None
+
+
+def kernel_of(mod: tvm.IRModule, call) -> str | None:
+    """The "bmvcc.kernel" attribute of the PrimFunc a call_tir calls, else None."""
+    if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
+        return None
+    gv = call.args[0]
+    if not isinstance(gv, tvm.ir.GlobalVar) or gv not in mod.functions:
+        return None
+    attrs = mod[gv].attrs
+    return str(attrs[KERNEL_ATTR]) if attrs is not None and KERNEL_ATTR in attrs else None
+
+
+def const_name(e) -> str | None:
+    """The PyTorch name the frontend put in a constant's span, if any."""
+    span = getattr(e, "span", None)
+    return span.source_name.name if span is not None and span.source_name is not None else None
+
+
+def named_const(value: np.ndarray, name: str | None = None):
+    span = None if name is None else tvm.ir.Span(tvm.ir.SourceName(name), 0, 0, 0, 0)
+    return relax._ffi_api.MakeTensorConst(tvm.runtime.tensor(value), None, span)
+
+
+def replace_main(mod: tvm.IRModule, mutator, attr_key: str | None = None, report=None) -> tvm.IRModule:
+    """Run `mutator` (a PyExprMutator built on `mod`) over main; returns the new module."""
+    new_main = mutator.visit_expr(mod["main"])
+    out = mutator.builder_.get()
+    out["main"] = new_main
+    if attr_key is not None:
+        import json
+
+        out = out.with_attr(attr_key, json.dumps(report))
+    return out
+
+
+def read_report(mod: tvm.IRModule, attr_key: str) -> dict | None:
+    import json
+
+    attrs = mod.attrs
+    return json.loads(str(attrs[attr_key])) if attrs is not None and attr_key in attrs else None

@@ -1,0 +1,98 @@
+"""norm_quant: BitLinear's RMSNorm and per-token int8 activation quantization in one kernel.
+
+For x float32[M, K] and gain g float32[K], per row m (the math of ../shared/docs/bitmedvit.md):
+    xn       = x * rsqrt(sum_k(x^2) / K + norm_eps) * g
+    x_scale  = (1 / max(max_k |xn|, scale_eps)) * 127     (reciprocal then multiply, as PyTorch's
+                                                            127 / t does, so scales agree bit for bit)
+    q        = int8(clip(round_half_even(xn * x_scale), -128, 127))
+Outputs (q int8[M, K], x_scale float32[M, 1]) feed the W2A8 kernel (schedules/w2a8.py).
+Rounding is T.nearbyint (half to even, like torch.round), not T.round (half away from zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .w2a8 import KERNEL_ATTR
+
+
+@dataclass(frozen=True)
+class NormQuantConfig:
+    m: int  # rows (tokens x batch)
+    k: int  # features
+    norm_eps: float = 1e-5
+    scale_eps: float = 1e-5
+
+
+def norm_quant_compute(cfg: NormQuantConfig):
+    """Unscheduled TIR PrimFunc (x, gain) -> (q, x_scale); int64 indices, opaque (op_pattern 8).
+
+    One loop over rows holds the blocks "sumsq" (row sum of squares), "rstd", "absmax" (row max
+    |xn|), "scale" (x_scale) and "quant".
+    """
+    from tvm.script import tirx as T
+
+    M, K = T.int64(cfg.m), T.int64(cfg.k)
+    norm_eps, scale_eps, kf = T.float32(cfg.norm_eps), T.float32(cfg.scale_eps), T.float32(cfg.k)
+
+    @T.prim_func(private=True, s_tir=True)
+    def norm_quant(x: T.Buffer((M, K), "float32"), g: T.Buffer((K,), "float32"),
+                   q: T.Buffer((M, K), "int8"), xs: T.Buffer((M, T.int64(1)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "norm_quant"})
+        ssq = T.sblock_alloc_buffer((M,), "float32")
+        rstd = T.sblock_alloc_buffer((M,), "float32")
+        amax = T.sblock_alloc_buffer((M,), "float32")
+        for i in range(M):  # one row at a time: every block below is per row
+            for k in range(K):
+                with T.sblock("sumsq"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    with T.init():
+                        ssq[vi] = T.float32(0)
+                    ssq[vi] = ssq[vi] + x[vi, vk] * x[vi, vk]
+            with T.sblock("rstd"):
+                vi = T.axis.remap("S", [i])
+                rstd[vi] = T.rsqrt(ssq[vi] / kf + norm_eps)
+            for k in range(K):
+                with T.sblock("absmax"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    with T.init():
+                        amax[vi] = T.float32(0)
+                    amax[vi] = T.max(amax[vi], T.fabs(x[vi, vk] * rstd[vi] * g[vk]))
+            with T.sblock("scale"):
+                vi = T.axis.remap("S", [i])
+                xs[vi, T.int64(0)] = T.float32(1) / T.max(amax[vi], scale_eps) * T.float32(127)
+            for k in range(K):
+                with T.sblock("quant"):
+                    vi, vk = T.axis.remap("SS", [i, k])
+                    q[vi, vk] = T.Cast("int8", T.max(T.min(T.nearbyint(
+                        x[vi, vk] * rstd[vi] * g[vk] * xs[vi, T.int64(0)]), T.float32(127)), T.float32(-128)))
+
+    return norm_quant
+
+
+def schedule_norm_quant_cpu(func, target):
+    """Rows in parallel, the quant loop vectorized (the reductions stay scalar per row)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    row, col = sch.get_loops(sch.get_sblock("quant"))
+    sch.parallel(row)
+    k = int(sch.get(col).extent)
+    lanes = next((v for v in (16, 8, 4) if k % v == 0), 1)
+    if lanes > 1:
+        _, inner = sch.split(col, [None, lanes])
+        sch.vectorize(inner)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def norm_quant_numpy(x: np.ndarray, g: np.ndarray, norm_eps: float = 1e-5, scale_eps: float = 1e-5):
+    """Independent float32 reference of the kernel's math: (q int8[M, K], x_scale float32[M, 1])."""
+    x = x.astype(np.float32)
+    rstd = (1.0 / np.sqrt((x * x).sum(-1, keepdims=True, dtype=np.float32) / np.float32(x.shape[-1])
+                          + np.float32(norm_eps))).astype(np.float32)
+    xn = x * rstd * g.astype(np.float32)
+    xs = (np.float32(1) / np.maximum(np.abs(xn).max(-1, keepdims=True), np.float32(scale_eps))) * np.float32(127)
+    q = np.clip(np.rint(xn * xs), -128, 127).astype(np.int8)
+    return q, xs.astype(np.float32)
