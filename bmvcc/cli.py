@@ -21,10 +21,10 @@ def _progress(msg: str) -> None:
 
 @app.command()
 def compile(
-    source: Path = typer.Argument(..., help="BitMedViT state dict (.pth) or torch.export program (.pt2)"),
+    source: Path = typer.Argument(..., help="BitMedViT state dict (.pth), torch.export program (.pt2) or ONNX model (.onnx)"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
     target: str = typer.Option("host", "--target", "-t", help="compile target (bmvcc targets lists them)"),
-    batch: int = typer.Option(1, "--batch", help="static batch size of the compiled module"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="static batch size of the compiled module (default 1, or an ONNX model's own)"),
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
     no_bitlinear: bool = typer.Option(False, "--no-bitlinear", help="keep BitLinear layers as float matmuls"),
@@ -61,6 +61,111 @@ def run(
     else:
         np.save(output, logits)
         typer.echo(f"saved logits {logits.shape} to {output}")
+
+
+@app.command("eval")
+def eval_(
+    outdir: Path = typer.Argument(..., help="artifact directory from bmvcc compile"),
+    dataset: str = typer.Option(..., "--dataset", help="MedMNIST 2D data set (flag), e.g. pathmnist"),
+    data_dir: Path = typer.Option(..., "--data-dir", help="folder with MedMNIST's {flag}.npz / {flag}_{size}.npz (never downloaded)"),
+    split: str = typer.Option("test", "--split", help="train, val or test"),
+    size: Optional[int] = typer.Option(None, "--size", help="MedMNIST image size of the file to read (default: the model's)"),
+    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="also evaluate this PyTorch checkpoint and compare predictions"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """ACC and AUC on a MedMNIST split with medmnist's Evaluator (with --ckpt: against the PyTorch reference)."""
+    from functools import partial
+
+    from .evaluation import evaluate
+
+    result = evaluate(outdir, dataset, data_dir, split=split, size=size, ckpt=ckpt,
+                      progress=partial(typer.progressbar, file=sys.stderr))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"{result['dataset']} {result['split']} ({result['images']} images, size {result['size']}): "
+               f"ACC {result['acc']:.4f}  AUC {result['auc']:.4f}")
+    ref = result.get("reference")
+    if ref:
+        typer.echo(f"PyTorch reference: ACC {ref['acc']:.4f}  AUC {ref['auc']:.4f}  identical predictions "
+                   f"{ref['agreement']:.4f}  max |logit diff| {ref['max_abs_logit_diff']:.2e}")
+
+
+@app.command()
+def predict(
+    outdir: Path = typer.Argument(..., help="artifact directory from bmvcc compile"),
+    images: List[Path] = typer.Argument(..., help="PNG, JPEG or .npy images"),
+    top: int = typer.Option(3, "--top", help="how many classes to show per image"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """Top classes with probabilities for each image (label names when compiled with --dataset)."""
+    from .predict import format_text, predict as run_predict
+
+    results = run_predict(outdir, images, top=top)
+    typer.echo(json.dumps(results, indent=2) if as_json else format_text(results))
+
+
+@app.command()
+def bench(
+    outdir: Path = typer.Argument(..., help="artifact directory from bmvcc compile"),
+    repeat: int = typer.Option(50, "--repeat", help="timed runs (one call each, after one warm-up)"),
+    rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: bench on a remote device"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key registered with the tracker"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """Latency (min, p50, p90) and throughput on this machine or on a device over TVM RPC."""
+    from .bench import bench as run_bench, format_text
+
+    result = run_bench(outdir, repeat=repeat, tracker=rpc_tracker, key=rpc_key)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_text(result))
+
+
+@app.command()
+def tune(
+    source: Path = typer.Argument(..., help="BitMedViT state dict (.pth) or torch.export program (.pt2)"),
+    db: Path = typer.Option(..., "--db", help="tuning database directory (created; rerun with the same one to resume)"),
+    target: str = typer.Option("host", "--target", "-t", help="target to tune for (bmvcc targets lists them)"),
+    trials: int = typer.Option(64, "--trials", help="measured candidates per task, counted over all runs into --db"),
+    rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker (remote devices)"),
+    rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key registered at the tracker"),
+    task: List[str] = typer.Option([], "--task", help="tune only this task (repeatable; default: all tasks)"),
+    batch: int = typer.Option(1, "--batch", help="static batch size (as for bmvcc compile)"),
+    heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),
+    seed: int = typer.Option(0, "--seed", help="search seed"),
+    as_json: bool = typer.Option(False, "--json", help="print the per-task results as JSON"),
+):
+    """Tune the model's kernels with MetaSchedule and record the results in a database for compile --db."""
+    from .tune import TuneOptions, tune_model
+
+    options = TuneOptions(target=target, trials=trials, batch=batch, heads=heads, image_size=image_size,
+                          trust_pickle=trust_pickle, rpc_tracker=rpc_tracker, rpc_key=rpc_key, tasks=tuple(task),
+                          seed=seed)
+    report = tune_model(source, db, options, progress=_progress)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else
+               f"{report.table()}\ntuned {len(report.tasks)} tasks for {report.target} on {report.devices} "
+               f"in {report.seconds:.0f} s; database {report.db} (use: bmvcc compile --db {report.db})")
+
+
+@app.command("export-onnx")
+def export_onnx(
+    source: Path = typer.Argument(..., help="BitMedViT state dict (.pth)"),
+    output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write (.onnx)"),
+    batch: Optional[int] = typer.Option(None, "--batch", help="static batch size (default: a dynamic batch dimension)"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 18)"),
+    heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+):
+    """Export the deployment forward (int8 ternary weights) as a standard ONNX model."""
+    from .onnx_export import export_checkpoint
+
+    info = export_checkpoint(source, output, batch=batch, opset=opset, heads=heads, image_size=image_size,
+                             trust_pickle=trust_pickle, progress=_progress)
+    typer.echo(json.dumps(info, indent=2) if as_json else
+               f"exported {source} -> {output} (opset {info['opset']}, {info['bitlinear_layers']} BitLinear layers)")
 
 
 @app.command()

@@ -1,0 +1,80 @@
+"""bmvcc predict: the top classes of image files (PNG, JPEG, or .npy) with probabilities.
+
+PNG/JPEG files and uint8 .npy arrays ([H, W] or [H, W, C]) are raw pixels: converted to the model's
+channels (grayscale or RGB), resized and normalized as metadata["preprocessing"] says. A float32 .npy
+of shape [C, H, W] is taken as an already preprocessed model input. Class names come from the
+MedMNIST data set recorded at compile time (--dataset); without one, classes are indices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import preprocess
+from .errors import BmvccError
+from .evaluation import scores
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_image(path: Path, meta: dict) -> np.ndarray:
+    """One file -> float32 [C, H, W] model input."""
+    path = Path(path)
+    if not path.is_file():
+        raise BmvccError(f"image '{path}' does not exist; check the path")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        from .runtime import load_npy
+
+        array = load_npy(path)
+        if array.dtype == np.float32 and array.shape == tuple(meta["input"]["shape"][1:]):
+            return array
+        if array.dtype != np.uint8 or array.ndim not in (2, 3):
+            raise BmvccError(f"'{path}' holds {array.dtype} {array.shape}; a .npy image must be uint8 [H, W] or [H, W, C], "
+                             f"or float32 {tuple(meta['input']['shape'][1:])} already preprocessed")
+        return preprocess.to_input(array[None], meta)[0]
+    if suffix not in IMAGE_SUFFIXES:
+        raise BmvccError(f"'{path}' is not a PNG, JPEG or .npy file; convert it to one of those")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("L" if meta["input"]["shape"][1] == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise BmvccError(f"'{path}' is not a readable image ({str(e)[:80]}); check the file") from None
+    return preprocess.to_input(pixels[None], meta)[0]
+
+
+def predict(outdir: Path, images: list[Path], top: int = 3) -> list[dict]:
+    """[{"image": path, "top": [{"class": i, "label": name or None, "probability": p}, ...]}, ...]."""
+    from .runtime import load
+
+    if not images:
+        raise BmvccError("no images given; pass one or more PNG, JPEG or .npy files")
+    model = load(outdir)
+    meta = model.metadata
+    if top < 1:
+        raise BmvccError(f"--top {top} must be at least 1")
+    x = np.stack([read_image(p, meta) for p in images])
+    dataset = meta.get("dataset") or {}
+    task = dataset.get("task", "multi-class")
+    labels = dataset.get("labels", {})
+    prob = scores(model(x), task)
+    results = []
+    for path, p in zip(images, prob):
+        order = np.argsort(-p, kind="stable")[:top]
+        results.append({"image": str(path),
+                        "top": [{"class": int(c), "label": labels.get(str(c)), "probability": float(p[c])} for c in order]})
+    return results
+
+
+def format_text(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        for t in r["top"]:
+            name = t["label"] if t["label"] is not None else f"class {t['class']}"
+            lines.append(f"  {t['probability']:7.2%}  {t['class']:>3}  {name}")
+    return "\n".join(lines)
