@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +15,7 @@ from .errors import BmvccError
 @dataclass
 class CompileOptions:
     target: str = "host"
-    batch: int = 1
+    batch: int | None = None  # None: 1, or an ONNX model's own static batch
     heads: int | None = None
     image_size: int | None = None
     trust_pickle: bool = False
@@ -41,7 +41,8 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
     dataset = _dataset(options.dataset, source)
-    progress("exporting with torch.export and importing into Relax")
+    options = replace(options, batch=frontend.resolve_batch(source, options.batch))
+    progress("importing into Relax")
     mod = frontend.to_relax(source, options.batch)
     from .passes.pipeline import run_pipeline
 

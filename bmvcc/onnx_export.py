@@ -1,0 +1,143 @@
+"""Export a BitMedViT checkpoint as a standard ONNX model of its deployment forward.
+
+Each BitLinear becomes `DeployBitLinear`: its ternary codes are an int8 constant read through
+`DequantizeLinear(codes, 1/s_w, 0)`, ONNX's standard spelling of a quantized weight (which ONNX
+optimizers keep rather than fold back to float), so the graph carries the quantized model rather
+than the latent float weights. The activation quantization is the same math as
+bmvcc.model.BitLinear (RMSNorm, per-token absmax to int8 with round-half-even). The causal mask of
+multi-query attention is a constant. Everything else is bmvcc.model itself, exported by torch.onnx's
+torch.export-based exporter (which needs onnxscript).
+
+ONNX Runtime's default graph optimizations rewrite DequantizeLinear+MatMul into its own
+MatMulNBits kernel, which changes the numerics (logits off by ~1e-2); with the session option
+"session.disable_quant_qdq" = "1" it computes the ONNX graph as written and matches PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.ao.quantization.fx import _decomposed  # noqa: F401  (registers quantized_decomposed ops)
+from torch.nn import functional as F
+
+from .errors import BmvccError
+from .model import SCALE_EPS, BitLinear, BitMedViT
+
+MIN_OPSET = 17  # LayerNormalization is a standard op from 17 on
+DEFAULT_OPSET = 18
+EXPORTER_MIN_OPSET = 18  # torch.onnx emits opset 18 or newer; 17 is converted down with onnx's converter
+INPUT_NAME, OUTPUT_NAME = "img", "logits"
+
+
+class DeployBitLinear(nn.Module):
+    """BitLinear with frozen ternary weights: y = xq @ (codes * step)^T, xq the int8-grid activation.
+
+    `weight` holds the codes (int8, [out, in]; named like the latent weight, so the ONNX initializer
+    keeps the layer's name) and `step` = float32(1 / s_w); both come from BitLinear's latent weight
+    as in its eval mode, so the output equals BitLinear's bit for bit in PyTorch.
+    """
+
+    def __init__(self, layer: BitLinear):
+        super().__init__()
+        w = layer.weight.detach()
+        s_w = 1.0 / w.abs().mean().clamp(min=SCALE_EPS)
+        self.norm = copy.deepcopy(layer.norm)
+        self.register_buffer("weight", (w * s_w).round().clamp(-1, 1).to(torch.int8))
+        # codes * float32(1/s_w) == codes / s_w exactly, since codes are in {-1, 0, 1}
+        self.step = float(1.0 / s_w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xn = self.norm(x)
+        s_x = 127.0 / xn.abs().amax(dim=-1, keepdim=True).clamp(min=SCALE_EPS)
+        xq = (xn * s_x).round().clamp(-128, 127) / s_x
+        w = torch.ops.quantized_decomposed.dequantize_per_tensor(self.weight, self.step, 0, -1, 1, torch.int8)
+        return F.linear(xq, w)
+
+
+def deployment_model(model: BitMedViT) -> BitMedViT:
+    """A copy of `model` (eval mode) with every BitLinear replaced by a DeployBitLinear."""
+    deployed = copy.deepcopy(model).eval()
+    for name, module in list(deployed.named_modules()):
+        if isinstance(module, BitLinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(deployed.get_submodule(parent), attr, DeployBitLinear(module))
+    return deployed
+
+
+def export_checkpoint(source_path: Path, output: Path, batch: int | None = None, opset: int | None = None,
+                      heads: int | None = None, image_size: int | None = None, trust_pickle: bool = False,
+                      progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Load a BitMedViT state dict as `bmvcc compile` does and write its ONNX export to `output`."""
+    from . import frontend
+
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise BmvccError(f"output '{output}' must end in .onnx (bmvcc compile recognizes ONNX models by it)")
+    progress(f"loading {source_path}")
+    source = frontend.load_source(Path(source_path), heads=heads, image_size=image_size, trust_pickle=trust_pickle)
+    if not isinstance(source.module, BitMedViT):
+        raise BmvccError(f"'{source_path}' is not a BitMedViT state dict; export-onnx needs the .pth checkpoint")
+    progress("exporting with torch.onnx (torch.export-based exporter)")
+    layers = export_onnx(source.module, output, batch=batch, opset=DEFAULT_OPSET if opset is None else opset)
+    return {"output": str(output), "batch": batch, "opset": DEFAULT_OPSET if opset is None else opset,
+            "bitlinear_layers": layers, "bytes": output.stat().st_size}
+
+
+def export_onnx(model: BitMedViT, path: Path, batch: int | None = None, opset: int = DEFAULT_OPSET) -> int:
+    """Write `model`'s deployment forward to `path` (atomically); batch None keeps the batch dynamic.
+
+    Returns the number of BitLinear layers exported with int8 codes.
+    """
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise BmvccError(f"--opset {opset} is too old: LayerNormalization needs opset {MIN_OPSET}; pass --opset {MIN_OPSET} or newer")
+    if batch is not None and batch < 1:
+        raise BmvccError(f"--batch {batch} must be at least 1")
+    cfg = model.cfg
+    deployed = deployment_model(model)
+    example = torch.zeros(batch or 2, cfg.channels, cfg.image_size, cfg.image_size)
+    dynamic = None if batch else ({0: torch.export.Dim("batch")},)
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(deployed, (example,), dynamo=True,
+                                        opset_version=max(opset, EXPORTER_MIN_OPSET),
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=dynamic, external_data=False, verbose=False)
+        except Exception as e:  # noqa: BLE001  the exporter raises its own error types, e.g. for an opset it lacks
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise BmvccError(f"torch.onnx could not export opset {opset} ({first}); pass --opset {DEFAULT_OPSET}") from None
+    proto = program.model_proto
+    if opset < EXPORTER_MIN_OPSET:
+        proto = _convert_down(proto, opset)
+    exported = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if exported != opset:
+        raise BmvccError(f"torch.onnx wrote opset {exported} instead of {opset}; pass --opset {DEFAULT_OPSET}")
+    onnx.checker.check_model(proto, full_check=True)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(proto.SerializeToString())
+    os.replace(tmp, path)
+    return sum(isinstance(m, DeployBitLinear) for m in deployed.modules())
+
+
+def _convert_down(proto, opset: int):
+    """onnx's version converter, minus the `noop_with_empty_axes` it leaves on Reduce* nodes when
+    going below 18 (an attribute those ops only gained in 18; bmvcc's exports never set it)."""
+    import onnx.version_converter
+
+    proto = onnx.version_converter.convert_version(proto, opset)
+    for node in proto.graph.node:
+        for attr in list(node.attribute):
+            if node.op_type in ("ReduceMean", "ReduceMax") and attr.name == "noop_with_empty_axes" and attr.i == 0:
+                node.attribute.remove(attr)
+    return proto

@@ -1,0 +1,195 @@
+"""ONNX models -> Relax through TVM's ONNX frontend (tvm.relax.frontend.onnx).
+
+`load` reads and validates the file (one line per problem: corrupt or truncated file, an opset or
+operator TVM's frontend does not implement, an input that is not one float NCHW image batch);
+`to_relax` imports it with a static batch through TVM's ONNX graph importer (what `from_onnx` runs),
+with two differences that make bmvcc's passes see an exported BitLinear as they see one from a
+checkpoint: ONNX `Clip` with constant bounds becomes `relax.clip`, the spelling torch.export gives,
+where TVM's converter emits two opaque TE calls (maximum, minimum) that no Relax pattern can read;
+and every initializer constant carries its ONNX name in its span, as bmvcc.frontend gives PyTorch
+weights their parameter names (the pass reports name layers by it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BmvccError
+
+MIN_OPSET = 13  # ReduceMean/ReduceMax/Softmax semantics bmvcc relies on are those of opset 13+
+
+
+@dataclass(frozen=True)
+class OnnxGraph:
+    """A checked ONNX model and what the compiler needs to know about its one input and output."""
+
+    model: object  # onnx.ModelProto
+    opset: int
+    input_name: str
+    input_shape: tuple[int, ...]  # (C, H, W)
+    batch: int | None  # None: the batch dimension is dynamic
+    num_classes: int
+
+
+def load(path: Path) -> OnnxGraph:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise BmvccError(f"ONNX model '{path}' does not exist; check the path")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except (DecodeError, onnx.checker.ValidationError, ValueError, OSError, RuntimeError) as e:
+        raise BmvccError(f"'{path}' is not a valid ONNX model, it is truncated or corrupt ({_first_line(e)}); "
+                         "export it again (bmvcc export-onnx)") from None
+    opset = _check_opset(model, path)
+    name, shape, batch = _image_input(model, path)
+    return OnnxGraph(model, opset, name, shape, batch, _num_classes(model, path))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
+def _converters() -> dict:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return _get_convert_map()
+
+
+def _versions(converter) -> list[int]:
+    return sorted(int(n.removeprefix("_impl_v")) for n in dir(converter) if n.startswith("_impl_v"))
+
+
+def max_supported_opset() -> int:
+    """The newest opset any converter of TVM's ONNX frontend implements."""
+    return max(v for c in _converters().values() for v in _versions(c))
+
+
+def _check_opset(model, path: Path) -> int:
+    domains = {o.domain or "ai.onnx": o.version for o in model.opset_import}
+    opset = domains.get("ai.onnx")
+    newest = max_supported_opset()
+    if opset is None or not MIN_OPSET <= opset <= newest:
+        raise BmvccError(f"'{path}' uses ONNX opset {opset}, which TVM's ONNX frontend does not support "
+                         f"(bmvcc imports opsets {MIN_OPSET}..{newest}); re-export it with --opset 18")
+    converters = _converters()
+    for node in model.graph.node:
+        if (node.domain or "ai.onnx") != "ai.onnx":
+            raise BmvccError(f"'{path}' uses operator {node.domain}.{node.op_type}, outside the standard ONNX "
+                             "domain that TVM's ONNX frontend imports; export with standard ONNX ops only")
+        conv = converters.get(node.op_type)
+        if conv is None and node.op_type != "Constant":
+            raise BmvccError(f"'{path}' uses ONNX operator {node.op_type}, which TVM's ONNX frontend does not "
+                             "implement; export the model without it")
+    return opset
+
+
+def _dims(value_info) -> list:
+    """Static sizes as ints, dynamic ones (dim_param or unknown) as None."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def _image_input(model, path: Path) -> tuple[str, tuple[int, ...], int | None]:
+    import onnx
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise BmvccError(f"'{path}' has {len(inputs)} inputs; bmvcc compiles models with one NCHW image input")
+    inp = inputs[0]
+    dims = _dims(inp)
+    elem = inp.type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT or len(dims) != 4:
+        kind = onnx.TensorProto.DataType.Name(elem).lower()
+        raise BmvccError(f"'{path}' input '{inp.name}' is a {len(dims)}-D {kind} tensor; bmvcc needs a 4-D "
+                         "float32 NCHW image batch: export the model with a (B, C, H, W) float input")
+    if None in dims[1:]:
+        raise BmvccError(f"'{path}' input '{inp.name}' has dynamic channel or image sizes {dims[1:]}; "
+                         "export it with a fixed (C, H, W)")
+    c, h, w = dims[1:]
+    if c not in (1, 3) and w in (1, 3):
+        raise BmvccError(f"'{path}' input '{inp.name}' of shape {dims} looks NHWC; bmvcc needs NCHW images: "
+                         "export the model with channels first")
+    return inp.name, (c, h, w), dims[0]
+
+
+def _num_classes(model, path: Path) -> int:
+    outputs = model.graph.output
+    dims = _dims(outputs[0]) if len(outputs) == 1 else []
+    if len(outputs) != 1 or len(dims) != 2 or dims[1] is None:
+        raise BmvccError(f"'{path}' must have one output of shape (B, classes) with a fixed class count; "
+                         "export the logits only")
+    return dims[1]
+
+
+def resolve_batch(graph: OnnxGraph, batch: int | None, path: Path) -> int:
+    """The static batch to compile: the model's own, or --batch where the model's is dynamic."""
+    if graph.batch is None:
+        if batch is None:
+            raise BmvccError(f"'{path}' has a dynamic batch dimension; pass --batch N to compile it for N images")
+        return batch
+    if batch is not None and batch != graph.batch:
+        raise BmvccError(f"'{path}' was exported for batch {graph.batch}; drop --batch or pass --batch {graph.batch} "
+                         "(or export it again without --batch)")
+    return graph.batch
+
+
+def to_relax(graph: OnnxGraph, batch: int):
+    """Relax IRModule with `main(img[batch, C, H, W]) -> logits`, every weight a constant."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+
+    class _Importer(ONNXGraphImporter):
+        def _parse_graph_initializers(self, onnx_graph):
+            super()._parse_graph_initializers(onnx_graph)
+            for init in onnx_graph.initializer:
+                const = self._nodes[init.name]
+                span = tvm.ir.Span(tvm.ir.SourceName(init.name), 0, 0, 0, 0)
+                self._nodes[init.name] = relax._ffi_api.MakeTensorConst(const.value, None, span)
+
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            if op_name == "Clip" and opset >= 11:
+                bounds = [_const_scalar(inputs[1]), _const_scalar(inputs[2])]
+                if all(b is not False for b in bounds):
+                    lo = -np.inf if bounds[0] is None else bounds[0]
+                    hi = np.inf if bounds[1] is None else bounds[1]
+                    return self.bb.normalize(relax.op.clip(inputs[0], lo, hi))
+            return super()._convert_operator(op_name, inputs, attrs, opset)
+
+    importer = _Importer({graph.input_name: [batch, *graph.input_shape]}, {graph.input_name: "float32"},
+                         keep_params_in_input=False, sanitize=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            mod = importer.from_onnx(graph.model.graph, graph.opset)
+        except Exception as e:  # noqa: BLE001  converter failures surface as assorted exception types
+            raise BmvccError(f"TVM's ONNX frontend could not import the model ({type(e).__name__}: "
+                             f"{_first_line(e)}); export it with bmvcc export-onnx") from None
+    main = mod["main"].without_attr("num_input")
+    out = mod.clone()
+    out["main"] = main
+    return out
+
+
+def _const_scalar(e):
+    """A one-element constant's value as a float, None for an absent input, False otherwise (NaN too)."""
+    import tvm
+
+    if e is None:
+        return None
+    if isinstance(e, tvm.ir.GenericConst) and hasattr(e.value, "shape"):
+        a = e.value.numpy()
+        if a.size == 1 and a.dtype.kind in "fiu" and not np.isnan(a).any():
+            return float(a.reshape(()))
+    return False
