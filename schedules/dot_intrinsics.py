@@ -4,7 +4,8 @@ Each intrinsic computes, for one activation row and a tile of `lanes` output fea
     C[j] += sum_{k<4} int32(A[k]) * int32(B[j, k])        j < lanes
 A: 4 int8 activations (broadcast to every lane), B: lanes x 4 decoded weights (row-major, contiguous),
 C: lanes int32 accumulators. On x86 B holds unsigned codes u = T + 1 in {0, 1, 2} (the instructions
-are u8 x s8; the schedule subtracts rowsum(q)); on aarch64 B holds the signed ternary T (sdot is s8 x s8).
+are u8 x s8; the schedule subtracts rowsum(q)); elsewhere B holds the signed ternary T (sdot is s8 x s8;
+the generic one is plain widening vector multiply-adds that LLVM lowers for any CPU).
 
 Only these few intrinsics are registered (cheap, about 0.1 s), instead of importing
 tvm.s_tir.tensor_intrin.x86, which parses every intrinsic at import. TVM 0.27's own "dot_16x4_vnni"
@@ -24,61 +25,84 @@ class DotIntrin:
     name: str
     lanes: int  # int32 accumulators per call (output features)
     weight_dtype: str  # dtype of the decoded weight tile B
+    k_major: bool = False  # B is [4, lanes] (generic vector code) instead of [lanes, 4] (dot instructions)
+
+    @property
+    def weight_shape(self):
+        return (4, self.lanes) if self.k_major else (self.lanes, 4)
 
 
-def _desc(lanes: int, wdt: str):
+def _desc(intrin: DotIntrin):
+    lanes, wdt, shape, k_major = intrin.lanes, intrin.weight_dtype, intrin.weight_shape, intrin.k_major
+
+    def b_at(B, j, k):
+        return B[k, j] if k_major else B[j, k]
+
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((lanes, 4), wdt, offset_factor=1),
+    def desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer(shape, wdt, offset_factor=1),
              C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:4], B[0:shape[0], 0:shape[1]])
             T.writes(C[0:lanes])
             for i, k in T.grid(lanes, 4):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", b_at(B, vi, vk))
 
     return desc
 
 
-def _impl(lanes: int, wdt: str, dot):
-    """dot(acc int32xL, weights (4L bytes), activations broadcast (4L bytes)) -> int32xL."""
+def _impl(intrin: DotIntrin, dot):
+    """dot(A, B, C, lanes) -> the new int32 x lanes value of C."""
+    lanes, wdt, shape = intrin.lanes, intrin.weight_dtype, intrin.weight_shape
 
     @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((lanes, 4), wdt, offset_factor=1),
+    def impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer(shape, wdt, offset_factor=1),
              C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:4], B[0:shape[0], 0:shape[1]])
             T.writes(C[0:lanes])
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), lanes),
-                              dtype=f"int8x{4 * lanes}")
-            C[T.ramp(T.int32(0), 1, lanes)] = dot(C.vload([0], f"int32x{lanes}"),
-                                                  B.vload([0, 0], f"{wdt}x{4 * lanes}"), a)
+            C[T.ramp(T.int32(0), 1, lanes)] = dot(A, B, C, lanes)
 
     return impl
 
 
-def _vpdpbusd(c, b, a):  # AVX-512 VNNI: one instruction, u8 (weights) x s8 (activations)
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), c, b, a,
+def _bcast4(A, lanes):  # the 4 activation bytes repeated in every 32-bit lane
+    return T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), lanes),
+                         dtype=f"int8x{4 * lanes}")
+
+
+def _vpdpbusd(A, B, C, lanes):  # AVX-512 VNNI: one instruction, u8 (weights) x s8 (activations)
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                   C.vload([0], "int32x16"), B.vload([0, 0], "uint8x64"), _bcast4(A, 16),
                                    dtype="int32x16")
 
 
-def _avx2_maddubs(c, b, a):  # AVX2: u8 x s8 -> pairwise i16 (exact: |2 * 2 * 128| < 2^15) -> i32
-    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), b, a,
-                                    dtype="int16x16")
-    return c + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
-                                       T.broadcast(T.int16(1), 16), dtype="int32x8")
+def _avx2_maddubs(A, B, C, lanes):  # AVX2: u8 x s8 -> pairwise i16 (exact: |2 * 2 * 128| < 2^15) -> i32
+    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                    B.vload([0, 0], "uint8x32"), _bcast4(A, 8), dtype="int16x16")
+    return C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
 
 
-def _sdot(c, b, a):  # Armv8.2 dot product: s8 x s8
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), c, b, a,
+def _sdot(A, B, C, lanes):  # Armv8.2 dot product: s8 x s8
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                                   C.vload([0], "int32x4"), B.vload([0, 0], "int8x16"), _bcast4(A, 4),
                                    dtype="int32x4")
+
+
+def _widening_mac(A, B, C, lanes):  # any LLVM target: 4 widening vector multiply-adds over k-major B
+    acc = C.vload([0], f"int32x{lanes}")
+    for k in range(4):
+        acc = acc + T.Cast(f"int32x{lanes}", T.broadcast(A[k], lanes)) * T.Cast(
+            f"int32x{lanes}", B.vload([k, 0], f"int8x{lanes}"))
+    return acc
 
 
 VNNI = DotIntrin("bmvcc_dot_16x4_vnni", 16, "uint8")
 AVX2 = DotIntrin("bmvcc_dot_8x4_avx2", 8, "uint8")
 SDOT = DotIntrin("bmvcc_dot_4x4_sdot", 4, "int8")
+GENERIC = DotIntrin("bmvcc_dot_8x4_generic", 8, "int8", k_major=True)
 
-for _intrin, _dot in ((VNNI, _vpdpbusd), (AVX2, _avx2_maddubs), (SDOT, _sdot)):
-    TensorIntrin.register(_intrin.name, _desc(_intrin.lanes, _intrin.weight_dtype),
-                          _impl(_intrin.lanes, _intrin.weight_dtype, _dot), override=True)
+for _intrin, _dot in ((VNNI, _vpdpbusd), (AVX2, _avx2_maddubs), (SDOT, _sdot), (GENERIC, _widening_mac)):
+    TensorIntrin.register(_intrin.name, _desc(_intrin), _impl(_intrin, _dot), override=True)

@@ -42,7 +42,6 @@ DEFAULT_KNOBS = {
     "sdot": CpuKnobs("sdot", mr=4, nt=4),  # 16 of 32 q registers accumulate
     "generic": CpuKnobs("generic", mr=4, nt=2),
 }
-GENERIC_LANES = 8  # int32 lanes LLVM vectorizes the generic dot over
 
 
 def select_backend(target) -> str:
@@ -63,7 +62,7 @@ def select_backend(target) -> str:
 def _intrin(backend: str):
     from . import dot_intrinsics as di
 
-    return {"vnni": di.VNNI, "avx2": di.AVX2, "sdot": di.SDOT}.get(backend)
+    return {"vnni": di.VNNI, "avx2": di.AVX2, "sdot": di.SDOT, "generic": di.GENERIC}[backend]
 
 
 def _guarded(buf, idx, extents, padded):
@@ -172,19 +171,16 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
         raise ValueError(f"schedule_w2a8_cpu expects a PrimFunc with attr {KERNEL_ATTR}='w2a8'")
     knobs = knobs or DEFAULT_KNOBS[select_backend(target)]
     intrin = _intrin(knobs.backend)
-    lanes = intrin.lanes if intrin else GENERIC_LANES
-    unsigned = intrin is not None and intrin.weight_dtype == "uint8"
-
-    sch0 = s_tir.Schedule(func)
-    acc_blk = sch0.get(sch0.get_sblock("acc"))
+    lanes, unsigned = intrin.lanes, intrin.weight_dtype == "uint8"
+    ref = s_tir.Schedule(func)
+    acc_blk = ref.get(ref.get_sblock("acc"))
     m, k = (int(v) for v in acc_blk.reads[0].source.shape)
     n = int(acc_blk.reads[1].source.shape[0])
     mr = min(knobs.mr, m)
-    tile_n = lanes * knobs.nt
-    mp, np_ = _round_up(m, mr), _round_up(n, tile_n)
+    mp, np_ = _round_up(m, mr), _round_up(n, lanes * knobs.nt)
 
     sch = s_tir.Schedule(_restage(func, mp, np_, unsigned))
-    epilogue = [b for b in _blocks_after(sch, "unpad")]
+    epilogue = _blocks_after(sch, "unpad")
     sch.compute_inline(sch.get_sblock("unpad"))
     if mp == m and 4 * -(-k // 4) == k:
         sch.compute_inline(sch.get_sblock("qpad"))
@@ -193,37 +189,26 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
     if unsigned:
         sch.parallel(sch.get_loops(sch.get_sblock("rowsum"))[0])
 
-    dot = sch.get_sblock("dot")
-    decode = sch.get_sblock("decode")
-    if intrin:  # [n // L, k // 4, n % L, k % 4]: one L x 4 tile is one instruction's weight operand
+    dot, decode = sch.get_sblock("dot"), sch.get_sblock("decode")
+    # wd tile order: one instruction's weight operand (lanes x 4, or 4 x lanes when k-major) is contiguous
+    if intrin.k_major:
+        sch.transform_layout(dot, "wd", lambda j, kk: (j // lanes, kk // 4, kk % 4, j % lanes))
+    else:
         sch.transform_layout(dot, "wd", lambda j, kk: (j // lanes, kk // 4, j % lanes, kk % 4))
-    else:  # [n // L, k, n % L]: lanes contiguous for the vectorized multiply-add
-        sch.transform_layout(dot, "wd", lambda j, kk: (j // lanes, kk, j % lanes))
     i, j, kk = sch.get_loops(dot)
     j0, j1, j2 = sch.split(j, [None, knobs.nt, lanes])
     i0, i1 = sch.split(i, [None, mr])
-    if intrin:
-        k0, k1 = sch.split(kk, [None, 4])
-        sch.reorder(j0, i0, k0, i1, j1, j2, k1)
-    else:
-        sch.reorder(j0, i0, kk, i1, j1, j2)
+    k0, k1 = sch.split(kk, [None, 4])
+    sch.reorder(j0, i0, k0, i1, j1, j2, k1)
     sch.parallel(j0)
-    sch.compute_at(decode, j0)
+    sch.compute_at(decode, j0)  # one decoded tile (lanes * nt features x K4) per parallel iteration
     dj, dk = sch.get_loops(decode)[-2:]
-    if intrin:
-        dk0, dk1 = sch.split(dk, [None, 4])
-        dj0, dj1 = sch.split(dj, [None, lanes])
-        sch.reorder(dj0, dk0, dj1, dk1)
-    else:
-        dj0, dj1 = sch.split(dj, [None, lanes])
-        sch.reorder(dj0, dk, dj1)
-        sch.vectorize(dj1)
+    dk0, dk1 = sch.split(dk, [None, 4])
+    dj0, dj1 = sch.split(dj, [None, lanes])
+    sch.reorder(dj0, dk0, *((dk1, dj1) if intrin.k_major else (dj1, dk1)))
     init = sch.decompose_reduction(dot, i0)
     sch.vectorize(sch.get_loops(init)[-1])
-    if intrin:
-        sch.tensorize(j2, intrin.name)
-    else:
-        sch.vectorize(j2)
+    sch.tensorize(j2, intrin.name)
     sch.unroll(i1)
     sch.unroll(j1)
     for blk in epilogue:
