@@ -1,7 +1,386 @@
-"""Default CPU schedules for the float rest of the model (placeholder: TVM's defaults)."""
+"""Default CPU schedules for the float part of a compiled model (everything but bmvcc kernels).
+
+`schedule_cpu_module(mod, target)` runs the Relax legalization and fusion of TVM's CPU backend
+(tvm/relax/backend/cpu_generic: library dispatch, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
+FuseOps, FuseTIR), then gives every PrimFunc that is neither marked `tirx.is_scheduled` nor a bmvcc
+kernel (attr "bmvcc.kernel", scheduled in schedules/w2a8_cpu.py) the first rule that applies, and
+marks it scheduled:
+
+  gemv       DLight's CPU GEMV (inner-reduction matrix x vector);
+  matmul     C[b.., i, j] = sum_k A * B, with fused spatial prologue/epilogue (Linear layers, the
+             batched attention matmuls): register tile MR x (NV vectors) accumulated in a local
+             buffer, k directly outside the tile, row blocks sized for L2, parallel over
+             (batch, row block, column strip);
+  reduction  DLight's CPU Reduction (softmax, layer/RMS norm: reductions + injective blocks that
+             share leading spatial axes);
+  spatial    any other function: each block's leading spatial loops fused and parallel, and for
+             injective blocks the innermost loop vectorized.
+
+tvm.compile's default CPU pipeline does not fuse again, so the fused, scheduled functions are what
+gets built. A function no rule takes keeps TVM's naive loop nest (correct, slow) and is reported.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 
-def schedule_cpu_module(mod, target):
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.target import codegen
+
+log = logging.getLogger(__name__)
+
+KERNEL_ATTR = "bmvcc.kernel"  # hand-scheduled kernels (schedules/w2a8_cpu.py): never touched here
+A_BLOCK_BYTES = 128 * 1024  # budget for the A row block (MC x K) reused across column strips: half a small L2
+MIN_PARALLEL_WORK = 4096  # fewer elements than this are not worth waking the thread pool
+MAX_ROW_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class CpuFacts:
+    """What the rules need to know about the CPU, read from the TVM target."""
+
+    vector_bits: int  # SIMD register width
+    vector_registers: int  # architectural SIMD registers (register-tile budget)
+
+    @staticmethod
+    def of(target) -> "CpuFacts":
+        # llvm_get_vector_width answers 512 for every x86 CPU in TVM 0.27 (AVX2-only znver3 included),
+        # so x86 widths come from the CPU features instead.
+        if target.kind.name != "llvm":
+            raise ValueError(f"CPU schedules need an llvm target, got {target.kind.name}")
+        if codegen.target_has_features("avx512f", target):
+            return CpuFacts(512, 32)
+        if codegen.target_has_features("avx", target):
+            return CpuFacts(256, 16)
+        if codegen.target_has_features("sse2", target):
+            return CpuFacts(128, 16)
+        # aarch64 NEON (and others): LLVM's answer is right there; NEON has 32 registers.
+        width = codegen.llvm_get_vector_width(target)
+        return CpuFacts(width if width > 0 else 128, 32 if "aarch64" in str(target.attrs.get("mtriple", "")) else 16)
+
+    def lanes(self, dtype: str) -> int:
+        return max(self.vector_bits // tvm.DataType(dtype).bits, 1)
+
+
+def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """TVM's CPU library dispatch, legalization and fusion (as relax.backend.cpu_generic runs them)."""
+    from tvm.relax.backend import cpu_generic
+
+    with target:
+        seq = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+        return tvm.transform.Sequential(seq)(mod)
+
+
+def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -> tvm.IRModule:
+    """Legalize, fuse and schedule `mod` for a CPU `target`; `report` (if given) gets {function: rule}."""
+    facts = CpuFacts.of(target)
+    mod = legalize_and_fuse(mod, target)
+    report = {} if report is None else report
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or KERNEL_ATTR in func.attrs or _is_scheduled(func):
+            continue
+        name = gv.name_hint
+        rule, sch = _apply_first_rule(name, func, target, facts)
+        report[name] = rule
+        if sch is not None:
+            updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    for gv, func in updates.items():
+        mod[gv] = func
+    unscheduled = sorted(n for n, r in report.items() if r is None)
+    if unscheduled:
+        log.info("no CPU schedule rule applies to %d functions (left as naive loops): %s",
+                 len(unscheduled), ", ".join(unscheduled))
     return mod
+
+
+def _is_scheduled(func) -> bool:
+    return "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1
+
+
+def _apply_first_rule(name: str, func, target, facts: CpuFacts):
+    from tvm.s_tir import dlight
+
+    rules = [
+        ("gemv", lambda: dlight.cpu.GEMV().apply(func, target, False)),
+        ("matmul", lambda: _matmul_rule(func, facts)),
+        ("reduction", lambda: dlight.cpu.Reduction().apply(func, target, False)),
+        ("spatial", lambda: _spatial_rule(func, facts)),
+    ]
+    for rule, apply in rules:
+        try:
+            sch = apply()
+        except (s_tir.schedule.ScheduleError, tvm.error.InternalError) as e:
+            # A rule that matched but could not finish is a bug in the rule: say so, then try the next.
+            log.warning("CPU rule %s failed on %s (%s); trying the next rule", rule, name,
+                        str(e).strip().splitlines()[-1][:200])
+            continue
+        if sch is not None:
+            return rule, sch
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul
+
+
+@dataclass(frozen=True)
+class _Matmul:
+    block: object  # SBlockRV of the reduction block
+    batch: list  # LoopRVs of the leading spatial axes
+    i: object
+    j: object
+    k: object
+    m: int
+    n: int
+    k_extent: int
+    dtype: str  # accumulator dtype
+    a_bytes: int  # element size of the operand indexed by (i, k)
+    contiguous_j: bool  # one operand is read at [..., j] (stride 1), so j vectorizes
+
+
+def _matmul_rule(func, facts: CpuFacts):
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []
+    reductions = [b for b in blocks if _is_reduction(sch.get(b))]
+    if len(reductions) != 1:
+        return None
+    mm = _analyze_matmul(sch, reductions[0])
+    if mm is None:
+        return None
+    for b in blocks[: blocks.index(reductions[0])]:  # spatial prologue (e.g. a fused reshape of A)
+        _try(sch.compute_inline, b)
+    _tile_matmul(sch, mm, facts)
+    return sch
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except s_tir.schedule.ScheduleError:
+        return False
+
+
+def _is_reduction(block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars)
+
+
+def _analyze_matmul(sch, block) -> _Matmul | None:
+    """A _Matmul if `block` is C[s_0..s_n] += X * Y over one reduction axis with a trivial loop binding."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    values = _realize(sch, block).iter_values
+    if len(loops) != len(stmt.iter_vars) or not all(sch.get(lp).loop_var.same_as(v) for lp, v in zip(loops, values)):
+        return None
+    kinds = [iv.iter_type for iv in stmt.iter_vars]
+    if kinds[-1] != tirx.IterVar.CommReduce or kinds[:-1] != [tirx.IterVar.DataPar] * (len(kinds) - 1) or len(kinds) < 3:
+        return None
+    extents = [iv.dom.extent for iv in stmt.iter_vars]
+    if not all(isinstance(e, tirx.IntImm) for e in extents):
+        return None
+    spatial = [iv.var for iv in stmt.iter_vars[:-1]]
+    k_var = stmt.iter_vars[-1].var
+    store = stmt.body
+    if not isinstance(store, tirx.BufferStore) or len(store.indices) != len(spatial):
+        return None
+    if not all(idx.same_as(v) for idx, v in zip(store.indices, spatial)):
+        return None
+    value = store.value
+    if not isinstance(value, tirx.Add) or not _is_load_of(value.a, store):
+        return None
+    if not isinstance(value.b, tirx.Mul):
+        return None
+    x, y = _strip_cast(value.b.a), _strip_cast(value.b.b)
+    if not isinstance(x, tvm.ir.TensorLoad) or not isinstance(y, tvm.ir.TensorLoad):
+        return None
+    j_var, i_var = spatial[-1], spatial[-2]
+    if not (_uses(x, k_var) and _uses(y, k_var)):
+        return None
+    # the row operand (A) depends on i and not on j; the column operand on j and not on i
+    a, b = (x, y) if (_uses(x, i_var) and not _uses(x, j_var)) else (y, x)
+    if _uses(a, j_var) or _uses(b, i_var) or not _uses(b, j_var):
+        return None
+    contiguous_j = b.indices[-1].same_as(j_var)
+    return _Matmul(block, loops[:-3], loops[-3], loops[-2], loops[-1], int(extents[-3]), int(extents[-2]),
+                   int(extents[-1]), store.buffer.dtype, tvm.DataType(a.source.dtype).bits // 8, contiguous_j)
+
+
+def _register_tile(m: int, n: int, lanes: int, registers: int, contiguous_j: bool) -> tuple[int, int, int]:
+    """(MR, NV, NR): MR rows x NV vectors of `lanes` accumulators, NR = NV * lanes columns.
+
+    MR * NV accumulators + NV column vectors + 1 broadcast must fit the vector registers; the tile
+    must divide the matrix (no partial tiles: predicates would block unrolling and vectorization).
+    Among fitting tiles: most accumulators first (hides FMA latency), then fewest loads per FMA.
+    """
+    rows = [r for r in (8, 6, 4, 3, 2, 1) if m % r == 0]
+    if contiguous_j and n % lanes == 0:
+        fits = [(r, v) for r in rows for v in (4, 3, 2, 1)
+                if n % (v * lanes) == 0 and r * v + v + 1 <= registers]
+        r, v = min(fits, key=lambda t: (-t[0] * t[1], t[0] + t[1], -t[1]))
+        return r, v, v * lanes
+    # scalar columns: a small unrolled tile (strided or narrow B, e.g. the 9-class head)
+    cols = max(c for c in range(1, min(n, lanes) + 1) if n % c == 0)
+    return max(r for r in rows if r <= 4), 0, cols
+
+
+def _row_block(m: int, k: int, mr: int, a_bytes: int) -> int:
+    """MC: rows of A kept in L2 while the column strips stream past (a multiple of MR dividing M)."""
+    best = mr
+    for mc in range(mr, min(m, MAX_ROW_BLOCK) + 1, mr):
+        if m % mc == 0 and mc * k * a_bytes <= A_BLOCK_BYTES:
+            best = mc
+    return best
+
+
+def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
+    lanes = facts.lanes(mm.dtype)
+    mr, nv, nr = _register_tile(mm.m, mm.n, lanes, facts.vector_registers, mm.contiguous_j)
+    mc = _row_block(mm.m, mm.k_extent, mr, mm.a_bytes)
+    i0, i1, i2 = sch.split(mm.i, [None, mc // mr, mr])
+    if nv:
+        j1, j2, j3 = sch.split(mm.j, [None, nv, lanes])
+        inner_j = [j2, j3]
+    else:
+        j1, j3 = sch.split(mm.j, [None, nr])
+        inner_j = [j3]
+    # loop nest: (batch, row block, column strip) parallel | row tile | k | MR x NV x lanes register tile
+    sch.reorder(*mm.batch, i0, j1, i1, mm.k, i2, *inner_j)
+    outer = sch.fuse(*mm.batch, i0, j1)
+    if mm.m * mm.n >= MIN_PARALLEL_WORK:
+        sch.parallel(outer)
+    acc = sch.cache_write(mm.block, 0, "local")
+    sch.reverse_compute_at(acc, i1, preserve_unit_loops=True)
+    _inline_epilogue(sch, acc, facts)
+    sch.unroll(i2)
+    if nv:
+        sch.unroll(j2)
+        sch.vectorize(j3)
+    else:
+        sch.unroll(j3)
+    # after the loop kinds: vectorizing the update of a decomposed reduction is rejected
+    init = sch.decompose_reduction(mm.block, mm.k)
+    _tile_inner(sch, sch.get_loops(init)[-2:], lanes if nv else 0)
+    _tile_inner(sch, sch.get_loops(acc)[-2:], lanes if nv else 0)
+
+
+def _inline_epilogue(sch, write_back, facts: CpuFacts) -> None:
+    """Fold elementwise consumers (bias add, residual, gelu, ...) into the accumulator write-back;
+    consumers that do not inline are scheduled as spatial blocks of their own."""
+    while True:
+        consumers = sch.get_consumers(write_back)
+        if len(consumers) != 1 or not _try(sch.reverse_compute_inline, consumers[0]):
+            break
+    root = sch.get_sblock("root")
+    for b in sch.get_child_blocks(root):
+        if sch.get_loops(b) and not _is_parallel_anywhere(sch, b):
+            _schedule_spatial_block(sch, b, facts)
+
+
+def _is_parallel_anywhere(sch, block) -> bool:
+    return any(sch.get(lp).kind == tirx.ForKind.PARALLEL for lp in sch.get_loops(block))
+
+
+def _tile_inner(sch, loops, lanes: int) -> None:
+    """Unroll the row loop and vectorize the column loop of an MR x NR tile (init or write-back)."""
+    rows, cols = loops
+    sch.unroll(rows)
+    if lanes:
+        cols_outer, cols_inner = sch.split(cols, [None, lanes])
+        sch.unroll(cols_outer)
+        sch.vectorize(cols_inner)
+    else:
+        sch.unroll(cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# spatial (injective, and reductions no other rule took)
+
+
+def _spatial_rule(func, facts: CpuFacts):
+    sch = s_tir.Schedule(func)
+    if not _has_root(sch):
+        return None
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if not blocks:
+        return None
+    for b in blocks[:-1]:  # intermediate injective blocks fold into their consumers
+        if not _is_reduction(sch.get(b)):
+            _try(sch.compute_inline, b)
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        _schedule_spatial_block(sch, b, facts)
+    return sch
+
+
+def _schedule_spatial_block(sch, block, facts: CpuFacts) -> None:
+    """Fuse the leading spatial loops of `block` and run them in parallel; vectorize an injective
+    block's innermost loop when its extent is a multiple of the vector lanes."""
+    loops = sch.get_loops(block)
+    stmt = sch.get(block)
+    if not loops or len(loops) != len(stmt.iter_vars):
+        return
+    values = _realize(sch, block).iter_values
+    if not all(sch.get(lp).loop_var.same_as(v) for lp, v in zip(loops, values)):
+        return
+    extents = [iv.dom.extent for iv in stmt.iter_vars]
+    if not all(isinstance(e, tirx.IntImm) for e in extents):
+        return
+    lead = 0
+    while lead < len(loops) and stmt.iter_vars[lead].iter_type == tirx.IterVar.DataPar:
+        lead += 1
+    if lead == 0:
+        return
+    outer = _product(extents[:lead])  # iterations of the fused spatial loop
+    total = _product(extents)  # work of the whole block
+    spatial = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+    lanes = facts.lanes(stmt.writes[0].source.dtype) if stmt.writes else 1
+    if lead == len(loops) and lanes > 1 and outer % lanes == 0 and outer >= 2 * lanes:
+        spatial, vec = sch.split(spatial, [None, lanes])
+        sch.vectorize(vec)
+        outer //= lanes
+    if outer >= 2 and total >= MIN_PARALLEL_WORK:
+        sch.parallel(spatial)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+_get_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
+
+
+def _realize(sch, block):
+    return _get_realize(sch, block)
+
+
+def _try(primitive, *args) -> bool:
+    try:
+        primitive(*args)
+        return True
+    except s_tir.schedule.ScheduleError:
+        return False
+
+
+def _product(extents) -> int:
+    n = 1
+    for e in extents:
+        n *= int(e)
+    return n
+
+
+def _strip_cast(e):
+    while isinstance(e, tirx.Cast):
+        e = e.value
+    return e
+
+
+def _is_load_of(e, store) -> bool:
+    return (isinstance(e, tvm.ir.TensorLoad) and e.source.same_as(store.buffer)
+            and len(e.indices) == len(store.indices)
+            and all(a.same_as(b) for a, b in zip(e.indices, store.indices)))
+
+
+def _uses(e, var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(e))
