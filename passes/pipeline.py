@@ -5,25 +5,76 @@ Each entry is (name, pass); each pass is IRModule -> IRModule and documented in 
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import relax
 
+from .drop_training_outputs import drop_training_outputs
 from .externalize_weights import externalize_weights
+from .quantize_bitlinear import REPORT_KEY as QUANTIZE_REPORT
+from .quantize_bitlinear import quantize_bitlinear
+from .relax_match import read_report
 
 
 def passes(bitlinear: bool = True) -> list[tuple[str, object]]:
+    bitlinear_passes = [
+        # Phase 2: BitLinear -> int8 x 2-bit kernels (weights ternarized and packed at compile time)
+        ("quantize_bitlinear", quantize_bitlinear),
+    ]
     return [
         # Phase 1: tidy the imported graph
+        ("drop_training_outputs", drop_training_outputs),
         ("canonicalize_bindings", relax.transform.CanonicalizeBindings()),
-        # Phase 2: fold what is known at compile time (weight quantization of float paths)
+        ("drop_dead_outputs", relax.transform.DeadCodeElimination(["main"])),
+        *(bitlinear_passes if bitlinear else []),
+        # Phase 3: fold what is known at compile time (weight quantization of float paths)
+        ("drop_dead_weights", relax.transform.DeadCodeElimination(["main"])),
         ("fold_constants", relax.transform.FoldConstant()),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
     ]
 
 
 def run_pipeline(mod, spec, bitlinear: bool = True):
-    """Returns (module, weights, report): weights are main's parameters after the image."""
-    report: dict = {}
-    for _name, p in passes(bitlinear):
+    """Returns (module, weights, report): weights are main's parameters after the image.
+
+    externalize_weights always runs last. The report states the BitLinear layers rewritten and
+    not (with reasons) and the weight bytes by kind.
+    """
+    reports: dict = {}
+    for name, p in passes(bitlinear):
         mod = p(mod)
+        if mod.attrs is not None and QUANTIZE_REPORT in mod.attrs:
+            reports[name] = read_report(mod, QUANTIZE_REPORT)
+            mod = mod.without_attr(QUANTIZE_REPORT)
+    report = _bitlinear_report(reports.get("quantize_bitlinear"), bitlinear)
+    report["weight_bytes"] = _weight_bytes(mod)
     mod, weights = externalize_weights(mod)
     return mod, weights, report
+
+
+def _bitlinear_report(quantized: dict | None, enabled: bool) -> dict:
+    if not enabled:
+        return {"bitlinear": {"enabled": False, "rewritten": 0, "layers": [], "not_rewritten": []}}
+    return {"bitlinear": {
+        "enabled": True,
+        "rewritten": len(quantized["rewritten"]),
+        "layers": [r["name"] for r in quantized["rewritten"]],
+        "not_rewritten": quantized["not_rewritten"],
+    }}
+
+
+def _weight_bytes(mod) -> dict:
+    """Bytes of main's constants by kind: 2-bit packed (uint8), float, other."""
+    sizes = {"packed_2bit": 0, "float": 0, "other": 0}
+
+    @relax.expr_functor.visitor
+    class _Sizes(relax.PyExprVisitor):
+        def visit_generic_const_(self, const):
+            value = const.value
+            if not hasattr(value, "shape"):
+                return
+            nbytes = int(np.prod([int(d) for d in value.shape])) * np.dtype(str(value.dtype)).itemsize
+            kind = "packed_2bit" if str(value.dtype) == "uint8" else "float" if "float" in str(value.dtype) else "other"
+            sizes[kind] += nbytes
+
+    _Sizes().visit_expr(mod["main"])
+    return sizes

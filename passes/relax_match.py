@@ -71,16 +71,16 @@ class Bindings:
             x = self.root(stack.pop())
             if isinstance(x, relax.Var) and x in self.values:
                 x = self.values[x]
-            if id(x) in seen:
+            if x in seen:  # TVM objects hash and compare by node identity
                 continue
-            seen.add(id(x))
+            seen.add(x)
             if isinstance(x, relax.Call):
                 stack.extend(x.args)
             elif isinstance(x, relax.Tuple):
                 stack.extend(x.fields)
             elif isinstance(x, relax.TupleGetItem):
                 stack.append(x.tuple_value)
-            elif not isinstance(x, (relax.ShapeExpr, relax.PrimValue, relax.StringImm)):
+            elif isinstance(x, relax.Var) or is_const(x):
                 out.append(x)
         return out
 
@@ -124,15 +124,12 @@ def scalar(e, b: Bindings) -> float | None:
     e = b.value(e)
     if is_const(e) and int(np.prod([int(d) for d in e.value.shape])) == 1:
         return float(e.value.numpy().reshape(()))
-    if isinstance(e, relax.PrimValue) and hasattr(e.value, "value"):
-        return float(e.value.value)
-    return None
+    return prim(e)
 
 
 def prim(e) -> float | None:
-    """A clip bound or other PrimExpr/PrimValue literal as a float."""
-    v = e.value if isinstance(e, relax.PrimValue) else e
-    return float(v.value) if hasattr(v, "value") else None
+    """A literal PrimExpr argument (a clip bound) as a float."""
+    return float(e.value) if isinstance(e, (tvm.tirx.IntImm, tvm.tirx.FloatImm)) else None
 
 
 @dataclass
@@ -220,3 +217,43 @@ def read_report(mod: tvm.IRModule, attr_key: str) -> dict | None:
 
     attrs = mod.attrs
     return json.loads(str(attrs[attr_key])) if attrs is not None and attr_key in attrs else None
+
+
+_UNARY = {"relax.abs": np.abs, "relax.round": np.rint, "relax.negative": np.negative, "relax.sign": np.sign}
+_BINARY = {"relax.multiply": np.multiply, "relax.divide": np.divide, "relax.add": np.add, "relax.subtract": np.subtract}
+_REDUCE = {"relax.mean": np.mean, "relax.sum": np.sum, "relax.max": np.max, "relax.min": np.min}
+
+
+def evaluate(e, b: Bindings):
+    """Value of a constant-only expression as a numpy array (float32 math, round half to even, as
+    TVM's legalized ops compute it), or a string naming the operator it cannot evaluate."""
+    e = b.value(e)
+    if is_const(e):
+        return e.value.numpy()
+    if not (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)):
+        return f"a {type(e).__name__} is not a constant"
+    name = e.op.name
+    args = [evaluate(a, b) for a in e.args if isinstance(a, relax.Expr) and not isinstance(a, relax.ShapeExpr)
+            and not isinstance(a, (tvm.tirx.IntImm, tvm.tirx.FloatImm))]
+    bad = next((a for a in args if isinstance(a, str)), None)
+    if bad is not None:
+        return bad
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if name in _UNARY:
+            return _UNARY[name](args[0])
+        if name in _BINARY:
+            x, y = args
+            return _BINARY[name](x, y).astype(np.result_type(x.dtype, y.dtype))
+        if name in _REDUCE:
+            axis = None if e.attrs.axis is None else tuple(int(a) for a in e.attrs.axis)
+            return _REDUCE[name](args[0], axis=axis, keepdims=bool(e.attrs.keepdims)).astype(args[0].dtype)
+        if name == "relax.clip":
+            return np.clip(args[0], prim(e.args[1]), prim(e.args[2])).astype(args[0].dtype)
+        if name == "relax.permute_dims":
+            axes = None if e.attrs.axes is None else tuple(int(a) for a in e.attrs.axes)
+            return np.transpose(args[0], axes)
+        if name == "relax.reshape":
+            return args[0].reshape([int(d) for d in e.args[1].values])
+        if name == "relax.astype":
+            return args[0].astype(str(e.attrs.dtype))
+    return f"{name} in the weight math is not evaluated at compile time"
