@@ -1,0 +1,144 @@
+"""W2A8 CPU schedules (schedules/w2a8_cpu.py): exact results on this CPU, and the instructions each backend emits.
+
+Exactness argument: the kernel accumulates in int32 (|acc| <= 128 * K << 2^31) and the numpy reference in
+int64, so accumulators must match exactly. The dequant is one fp32 multiply and one fp32 divide in the same
+order as the reference (no fast-math), and float32(acc) is exact for |acc| < 2^24, so the float outputs are
+compared bit for bit as well.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy  # noqa: E402
+from bmvcc.schedules.w2a8_cpu import DEFAULT_KNOBS, schedule_w2a8_cpu, select_backend  # noqa: E402
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+GENERIC = tvm.target.Target({"kind": "llvm"})  # baseline x86-64 (SSE2): runs here too
+VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+dotprod"]})
+
+
+def _build(cfg, target, knobs=None):
+    func = schedule_w2a8_cpu(w2a8_compute(cfg), target, knobs)
+    assert func.attrs["tirx.is_scheduled"]
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+
+
+def _opcodes(lib) -> collections.Counter:
+    asm = lib.mod.inspect_source("asm")
+    return collections.Counter(line.split()[0] for line in asm.splitlines()
+                               if line.startswith("\t") and not line.lstrip().startswith((".", "#", "/")))
+
+
+def _inputs(cfg, rng, extreme=False):
+    if extreme:  # the largest |products|: q = -128 with u = 2 (T = +1) and u = 0 (T = -1)
+        q = rng.choice(np.array([-128, 127], np.int8), (cfg.m, cfg.k))
+    else:
+        q = rng.integers(-128, 128, (cfg.m, cfg.k), dtype=np.int8)
+    packed = pack_ternary(rng.integers(-1, 2, (cfg.n, cfg.k)))
+    xs = rng.uniform(0.5, 3.0, (cfg.m, 1)).astype(np.float32)
+    ws = np.array([rng.uniform(0.01, 0.2)], np.float32)
+    res = rng.standard_normal((cfg.m, cfg.n)).astype(np.float32)
+    return q, packed, xs, ws, res
+
+
+def _run(lib, cfg, q, packed, xs, ws, res):
+    args = [q, packed, xs, ws] + ([res] if cfg.epilogue == "residual" else [])
+    out = tvm.runtime.empty((cfg.m, cfg.n), "float32", tvm.cpu())
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    return out.numpy()
+
+
+# M = 1 (GEMV), odd N, K not a multiple of 4 or of 32, M not a multiple of the micro tile
+SHAPES = [(1, 37, 70), (5, 64, 130), (13, 33, 96), (32, 80, 255)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("target", [HOST, GENERIC], ids=["host", "generic"])
+def test_accumulators_exact(m, n, k, target):
+    cfg = W2A8Config(m, n, k)
+    rng = np.random.default_rng(m * 1000 + k)
+    q, packed, _, _, res = _inputs(cfg, rng)
+    ones = np.ones((m, 1), np.float32)
+    out = _run(_build(cfg, target), cfg, q, packed, ones, np.ones(1, np.float32), res)
+    acc = q.astype(np.int64) @ unpack_ternary(packed, k).astype(np.int64).T  # independent int64 reference
+    np.testing.assert_array_equal(out, acc.astype(np.float32))
+
+
+@pytest.mark.parametrize("extreme", [False, True])
+def test_dequant_bit_exact(extreme):
+    cfg = W2A8Config(9, 48, 1001)
+    q, packed, xs, ws, res = _inputs(cfg, np.random.default_rng(7), extreme)
+    out = _run(_build(cfg, HOST), cfg, q, packed, xs, ws, res)
+    np.testing.assert_array_equal(out, w2a8_numpy(q, packed, xs, float(ws[0]), cfg.k))
+
+
+def test_residual_epilogue_bit_exact():
+    cfg = W2A8Config(6, 40, 66, epilogue="residual")
+    q, packed, xs, ws, res = _inputs(cfg, np.random.default_rng(3))
+    out = _run(_build(cfg, HOST), cfg, q, packed, xs, ws, res)
+    # one more fp32 add in the same order as the reference: still exact
+    np.testing.assert_array_equal(out, w2a8_numpy(q, packed, xs, float(ws[0]), cfg.k, "residual", res))
+
+
+def test_gelu_epilogue():
+    cfg = W2A8Config(3, 24, 64, epilogue="gelu")
+    q, packed, xs, ws, res = _inputs(cfg, np.random.default_rng(4))
+    out = _run(_build(cfg, HOST), cfg, q, packed, xs, ws, res)
+    ref = w2a8_numpy(q, packed, xs, float(ws[0]), cfg.k, "gelu")
+    # TVM's fp32 erf is a polynomial approximation (~1e-7 relative) vs numpy's libm erf in float64
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_host_schedule_uses_int8_dot_instructions_in_parallel():
+    lib = _build(W2A8Config(16, 64, 128), HOST)
+    ops = _opcodes(lib)
+    want = {"vnni": "vpdpbusd", "avx2": "vpmaddubsw"}.get(select_backend(HOST))
+    if want is None:
+        pytest.skip(f"host CPU has neither AVX2 nor AVX-512 VNNI (backend {select_backend(HOST)})")
+    assert ops[want] >= DEFAULT_KNOBS[select_backend(HOST)].mr, ops.most_common(20)
+    assert "TVMBackendParallelLaunch" in lib.mod.inspect_source("asm")
+
+
+def test_generic_backend_vectorizes():
+    assert select_backend(GENERIC) == "generic"
+    ops = _opcodes(_build(W2A8Config(8, 32, 64), GENERIC))
+    assert ops["pmullw"] + ops["pmaddwd"] + ops["pmulld"] > 0, ops.most_common(20)
+
+
+def test_vnni_compiles_to_vpdpbusd():
+    assert select_backend(VNNI) == "vnni"
+    ops = _opcodes(_build(W2A8Config(8, 64, 100), VNNI))
+    assert ops["vpdpbusd"] > 0 and ops["vpmaddubsw"] == 0, ops.most_common(20)
+
+
+def test_aarch64_compiles_to_sdot():
+    assert select_backend(AARCH64) == "sdot"
+    ops = _opcodes(_build(W2A8Config(8, 32, 100), AARCH64))
+    assert ops["sdot"] > 0, ops.most_common(20)
+
+
+def test_weights_stay_packed_and_decoded_tile_is_small():
+    """The kernel reads only the 2-bit bytes; each parallel task decodes one tile (tile width x K4), not N x K."""
+    cfg = W2A8Config(4, 256, 512)
+    func = schedule_w2a8_cpu(w2a8_compute(cfg), HOST)
+    st = tvm.s_tir.transform
+    lowered = tvm.transform.Sequential([st.LowerInitBlock(), st.PlanAndUpdateBufferAllocationLocation(),
+                                        st.ConvertBlocksToOpaque(), st.CompactBufferAllocation()])(
+        tvm.IRModule({"main": func}))
+    lines = lowered["main"].script().splitlines()
+    (sig,) = [ln for ln in lines if ln.startswith("def main(")]
+    assert 'wp: T.Buffer((T.int64(256), T.int64(128)), "uint8")' in sig  # packed weights in, untouched
+    (pos, wd), = [(i, ln) for i, ln in enumerate(lines) if "wd = T.sblock_alloc_buffer(" in ln]
+    assert any("T.parallel" in ln for ln in lines[:pos])  # allocated per parallel task
+    shape = [int(v) for v in re.findall(r"T\.int64\((\d+)\)", wd)]
+    knobs = DEFAULT_KNOBS[select_backend(HOST)]
+    lanes = {"vnni": 16, "avx2": 8, "sdot": 4, "generic": 8}[knobs.backend]
+    assert int(np.prod(shape)) == lanes * knobs.nt * cfg.k
