@@ -40,6 +40,7 @@ def staging(outdir: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; OUTDIR is an ordinary directory
         old = None
         if outdir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=parent))
@@ -50,6 +51,12 @@ def staging(outdir: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore
+    os.umask(mask)
+    return mask
 
 
 def write_metadata(directory: Path, metadata: dict) -> None:

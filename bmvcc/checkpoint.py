@@ -11,7 +11,6 @@ import hashlib
 import math
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -40,17 +39,30 @@ def load_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        if "Unsupported global" in str(e):  # weights_only refused a class or function reference
             raise BmvccError(
                 f"'{path}' needs to run pickled code to load; re-save it as a plain state_dict, "
                 "or pass --trust-pickle if you trust its source"
             ) from None
-        raise BmvccError(f"'{path}' is not a PyTorch checkpoint ({_first_line(e)}); pass a .pth state dict") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise _unreadable(path, e) from None
+    except (ImportError, AttributeError) as e:  # only with --trust-pickle: the pickled code is not here
         raise BmvccError(
-            f"'{path}' is truncated or corrupt ({_first_line(e)}); copy the checkpoint again"
+            f"'{path}' refers to code that is not importable here ({_first_line(e)}); "
+            "re-save it as a plain state_dict (torch.save(model.state_dict(), ...))"
         ) from None
+    except Exception as e:  # torch.load's parsers raise anything (IndexError, RuntimeError, ...) on junk
+        raise _unreadable(path, e) from None
     return _unwrap(obj, path)
+
+
+def _unreadable(path: Path, e: BaseException) -> BmvccError:
+    """A file torch.load cannot parse: a damaged checkpoint (zip archive or pickle cut short) or none."""
+    with open(path, "rb") as f:
+        zip_magic = f.read(4) == b"PK\x03\x04"  # what torch.save writes since PyTorch 1.6
+    if zip_magic or isinstance(e, EOFError) or "truncated" in str(e):
+        return BmvccError(f"'{path}' is truncated or corrupt ({_first_line(e)}); copy the checkpoint again")
+    return BmvccError(f"'{path}' is not a PyTorch checkpoint ({_first_line(e)}); pass a .pth state dict "
+                      "saved with torch.save(model.state_dict(), path)")
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,171 @@
+"""The `bmvcc` command line end to end on the bundled example, its input errors, and OUTDIR rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bmvcc import artifact
+from bmvcc.checkpoint import build_model, infer_config, load_state_dict
+from bmvcc.cli import main
+from bmvcc.errors import BmvccError
+
+from conftest import cli_error
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CKPT = EXAMPLES / "bitmedvit_digits.pth"
+IMAGES = EXAMPLES / "digits_test.npy"
+LABELS = EXAMPLES / "digits_test_labels.npy"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The Quick start's compile, through the CLI: `bmvcc compile examples/bitmedvit_digits.pth -o OUT --batch 4`."""
+    out = tmp_path_factory.mktemp("cli") / "digits"
+    main(["compile", str(CKPT), "-o", str(out), "--batch", "4"])
+    return out
+
+
+def test_compile_writes_artifact(digits):
+    assert sorted(p.name for p in digits.iterdir()) == sorted([artifact.MODULE, artifact.WEIGHTS, artifact.METADATA])
+    meta = artifact.read_metadata(digits)
+    assert meta["config"]["multi_query"] and not meta["config"]["fp_attn"]
+    assert meta["input"]["shape"] == [4, 1, 28, 28]
+    # mkdtemp makes 0700 directories; OUTDIR must follow the umask like any directory the user creates.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(digits.stat().st_mode) == 0o777 & ~umask
+
+
+def test_run_matches_pytorch_and_labels(digits, tmp_path, capsys):
+    main(["run", str(digits), "--input", str(IMAGES), "--output", str(tmp_path / "logits.npy")])
+    assert "saved logits (16, 10)" in capsys.readouterr().out
+    logits = np.load(tmp_path / "logits.npy")
+    state = load_state_dict(CKPT)
+    model = build_model(state, infer_config(state))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(np.load(IMAGES))).numpy()
+    # Tolerance: see RTOL_LOGITS in test_frontend.py (fp32 reassociation plus rare int8 code flips).
+    assert np.abs(logits - ref).max() <= 5e-3 * np.abs(ref).max()
+    np.testing.assert_array_equal(logits.argmax(1), ref.argmax(1))
+    # The trained example gets most of its bundled test images right (test accuracy ~0.9+).
+    assert (logits.argmax(1) == np.load(LABELS)).mean() >= 0.75
+
+
+def test_run_prints_logits(digits, capsys):
+    main(["run", str(digits), "-i", str(IMAGES)])
+    assert capsys.readouterr().out.count("[") >= 16  # one row per image
+
+
+def test_compile_json_summary(digits, capsys, tmp_path):
+    # A second compile into an existing OUTDIR replaces it whole.
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    main(["compile", str(CKPT), "-o", str(out), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["output"] == str(out) and summary["seconds"] > 0
+    assert not (out / "stale.txt").exists() and (out / artifact.METADATA).is_file()
+
+
+def test_targets_lists_host(capsys):
+    main(["targets"])
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "host" in names and "aarch64" in names
+
+
+# ---- user errors of `bmvcc run` ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, needles", [
+    (lambda p: p, ["does not exist", "check the path"]),
+    (lambda p: p.write_text("0.1, 0.2, 0.3\n") or p, ["is not a .npy array", "numpy.save"]),
+    (lambda p: np.save(p, np.zeros((2, 28, 28), np.float32)) or p, ["has shape (2, 28, 28)", "NCHW"]),
+    (lambda p: np.save(p, np.zeros((2, 3, 28, 28), np.float32)) or p, ["has shape (2, 3, 28, 28)", "NCHW"]),
+    (lambda p: np.save(p, np.zeros((2, 1, 28, 28), np.float64)) or p, ["dtype is float64", "astype(np.float32)"]),
+    (lambda p: np.save(p, np.zeros((2, 1, 28, 28), np.uint8)) or p, ["dtype is uint8", "astype(np.float32)"]),
+    (lambda p: np.save(p, np.array([{"a": 1}], dtype=object), allow_pickle=True) or p, ["is not a .npy array"]),
+], ids=["missing", "text", "no-channel-axis", "wrong-channels", "float64", "uint8", "object-array"])
+def test_run_input_errors(digits, tmp_path, capsys, make, needles):
+    path = make(tmp_path / "x.npy")
+    line = cli_error(capsys, ["run", str(digits), "--input", str(path)])
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_run_not_an_artifact(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 28, 28), np.float32))
+    line = cli_error(capsys, ["run", str(tmp_path), "-i", str(tmp_path / "x.npy")])
+    assert "not a bmvcc artifact" in line and "bmvcc compile" in line
+
+
+# ---- OUTDIR: atomic, untouched on failure ---------------------------------------------------
+
+
+def test_failed_compile_leaves_existing_outdir_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous artifact")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00" * 100)
+    cli_error(capsys, ["compile", str(bad), "-o", str(out)])
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "previous artifact"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "out"]
+
+
+def test_staging_failure_inside_build_keeps_outdir(tmp_path):
+    # A failure while the artifact is being written (e.g. the build) removes the staging directory.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous artifact")
+    with pytest.raises(BmvccError):
+        with artifact.staging(out) as tmp:
+            (tmp / artifact.MODULE).write_bytes(b"partial")
+            raise BmvccError("build failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_output_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a directory")
+    line = cli_error(capsys, ["compile", str(CKPT), "-o", str(tmp_path / "out")])
+    assert "is not a directory" in line and "choose another -o" in line
+
+
+def test_output_parent_missing(tmp_path, capsys):
+    line = cli_error(capsys, ["compile", str(CKPT), "-o", str(tmp_path / "no" / "out")])
+    assert "does not exist" in line and "create it first" in line
+    assert not (tmp_path / "no").exists()
+
+
+# ---- as a real process: exit status and stderr of the installed entry point ------------------
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["compile", "{tmp}/missing.pth", "-o", "{tmp}/out"], "does not exist"),
+    (["compile", "{tmp}/garbage.pth", "-o", "{tmp}/out"], "garbage.pth"),
+    (["run", "{digits}", "-i", "{tmp}/garbage.pth"], "is not a .npy array"),
+], ids=["missing", "garbage-checkpoint", "garbage-input"])
+def test_process_error(digits, tmp_path, args, needle):
+    (tmp_path / "garbage.pth").write_bytes(os.urandom(1000))
+    argv = [a.format(tmp=tmp_path, digits=digits) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "bmvcc.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("[bmvcc] ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_error_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compile"])
+    assert e.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
