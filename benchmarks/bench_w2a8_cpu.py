@@ -1,0 +1,139 @@
+"""Benchmark the W2A8 CPU kernel at the paper's FFN shapes against float32 and int8 GEMMs.
+
+    python benchmarks/bench_w2a8_cpu.py [--m 1024] [--shapes 512x2048,2048x512] [--threads 2] [--json]
+
+Shapes are KxN (FFN up: K=512 -> N=2048, down: K=2048 -> N=512), M rows. Every implementation runs in
+this process with the same thread count and is timed the same way (best and median of --repeat calls
+after one warm-up). Peers:
+  torch_fp32  torch.matmul float32 (torch.set_num_threads)
+  ort_int8    onnxruntime MatMulInteger, u8 activations (zero point 128) x s8 weights: MLAS's int8 GEMM,
+              weights as int8 in memory (4x the 2-bit bytes) and no decode
+The W2A8 kernel reads 2-bit packed weights and decodes them per tile inside the kernel.
+Each result is checked against a float64 numpy matmul (exact at these magnitudes) before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _time(fn, repeat: int) -> dict:
+    fn()  # warm-up (first-touch, thread pool start)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"best_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
+
+
+def _w2a8(m, n, k, q, codes, threads):
+    import tvm
+
+    from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute
+    from bmvcc.schedules.w2a8_cpu import schedule_w2a8_cpu, select_backend
+    from bmvcc.targets import get
+
+    tvm.get_global_func("runtime.config_threadpool")(0, threads)
+    target = get("host").target()
+    func = schedule_w2a8_cpu(w2a8_compute(W2A8Config(m, n, k)), target)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    packed = pack_ternary(codes)
+    ones = np.ones((m, 1), np.float32)  # x_scale = w_scale = 1: out = float(acc), checkable exactly
+    args = [tvm.runtime.tensor(a) for a in (q, packed, ones, np.ones(1, np.float32))]
+    out = tvm.runtime.empty((m, n), "float32", tvm.cpu())
+    fn = lambda: lib["main"](*args, out)  # noqa: E731
+    fn()
+    return fn, out.numpy(), select_backend(target), packed.nbytes
+
+
+def _torch_fp32(q, codes, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.from_numpy(q.astype(np.float32))
+    w = torch.from_numpy(codes.T.astype(np.float32).copy())
+    fn = lambda: torch.matmul(x, w)  # noqa: E731
+    return fn, fn().numpy(), w.numel() * 4
+
+
+def _ort_int8(q, codes, threads):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k = q.shape
+    n = codes.shape[0]
+    w = codes.T.astype(np.int8).copy()
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w", "a_zero"], ["y"])], "int8_gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(128, np.uint8), "a_zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"a": (q.astype(np.int16) + 128).astype(np.uint8)}
+    fn = lambda: sess.run(None, feed)  # noqa: E731
+    return fn, fn()[0], w.nbytes
+
+
+def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
+    rng = np.random.default_rng(0)
+    q = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    codes = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    ref = q.astype(np.float64) @ codes.T.astype(np.float64)  # exact: |acc| < 2^53
+    gop = 2 * m * n * k / 1e9
+    row = {"m": m, "k": k, "n": n, "gop": gop, "impls": {}}
+    builders = {
+        "w2a8_tvm": lambda: _w2a8(m, n, k, q, codes, threads),
+        "torch_fp32": lambda: _torch_fp32(q, codes, threads),
+        "ort_int8": lambda: _ort_int8(q, codes, threads),
+    }
+    for name, build in builders.items():
+        print(f"  {name} M={m} K={k} N={n}: build/check...", file=sys.stderr, flush=True)
+        fn, out, *extra = build()
+        if not np.array_equal(np.asarray(out, np.float64), ref):
+            raise SystemExit(f"{name} gives a wrong result at M={m} K={k} N={n}")
+        stats = _time(fn, repeat)
+        stats["gops"] = gop / (stats["best_ms"] / 1e3)
+        stats["weight_bytes"] = extra[-1]
+        if name == "w2a8_tvm":
+            row["backend"] = extra[0]
+        row["impls"][name] = stats
+    base = row["impls"]["w2a8_tvm"]["best_ms"]
+    row["speedup_vs"] = {name: s["best_ms"] / base for name, s in row["impls"].items() if name != "w2a8_tvm"}
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, default=1024, help="rows (tokens x batch)")
+    ap.add_argument("--shapes", default="512x2048,2048x512", help="comma-separated KxN")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    a = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    rows = [bench_shape(a.m, k, n, a.threads, a.repeat) for k, n in shapes]
+    if a.json:
+        print(json.dumps({"threads": a.threads, "repeat": a.repeat, "results": rows}, indent=2))
+        return 0
+    print(f"W2A8 CPU kernel, {a.threads} threads, best of {a.repeat} (median in parentheses)")
+    print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<11} {'ms':>16} {'GOPS':>7} {'weights':>9}  W2A8 speedup")
+    for r in rows:
+        for name, s in r["impls"].items():
+            sp = f"{r['speedup_vs'][name]:.2f}x" if name in r["speedup_vs"] else f"[{r['backend']}]"
+            print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {name:<11} {s['best_ms']:>7.2f} ({s['median_ms']:>6.2f})"
+                  f" {s['gops']:>7.1f} {s['weight_bytes'] / 1024:>7.0f}KB  {sp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
