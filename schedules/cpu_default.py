@@ -65,11 +65,17 @@ class CpuFacts:
 
 
 def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """TVM's CPU library dispatch, legalization and fusion (as relax.backend.cpu_generic runs them)."""
+    """TVM's CPU library dispatch, legalization and fusion (as relax.backend.cpu_generic runs them),
+    after swapping transcendental functions for TVM's vectorizable fast-math versions."""
     from tvm.relax.backend import cpu_generic
 
     with target:
-        seq = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+        # FastMathTransform: softmax/exp/erf/tanh as polynomials that vectorize (libm's expf and
+        # erff do not: LLVM scalarizes them). Measured error vs float64: exp <= 1.1e-6 relative,
+        # erf <= 4.2e-7 absolute, i.e. a few float32 ulps; exp clamps its input to [-88.4, 88.4],
+        # so a -inf attention mask still gives a (denormal, ~1e-38) zero weight.
+        seq = [relax.transform.FastMathTransform()]
+        seq += cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
         return tvm.transform.Sequential(seq)(mod)
 
 
@@ -83,6 +89,9 @@ def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -
         if not isinstance(func, tirx.PrimFunc) or KERNEL_ATTR in func.attrs or _is_scheduled(func):
             continue
         name = gv.name_hint
+        if _is_extern_call(func):  # e.g. topk -> tvm.contrib.sort.topk: a library call, no loops
+            report[name] = "extern"
+            continue
         rule, sch = _apply_first_rule(name, func, target, facts)
         report[name] = rule
         if sch is not None:
@@ -94,6 +103,14 @@ def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -
         log.info("no CPU schedule rule applies to %d functions (left as naive loops): %s",
                  len(unscheduled), ", ".join(unscheduled))
     return mod
+
+
+def _is_extern_call(func) -> bool:
+    """No block of `func` sits in a loop: nothing to schedule (a packed library call)."""
+    sch = s_tir.Schedule(func)
+    if not _has_root(sch):
+        return False
+    return all(not sch.get_loops(b) for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
 def _is_scheduled(func) -> bool:
@@ -139,6 +156,7 @@ class _Matmul:
     dtype: str  # accumulator dtype
     a_bytes: int  # element size of the operand indexed by (i, k)
     contiguous_j: bool  # one operand is read at [..., j] (stride 1), so j vectorizes
+    b_buffer: object  # the column operand's buffer when it is read at [..., k, j] (packable), else None
 
 
 def _matmul_rule(func, facts: CpuFacts):
@@ -150,7 +168,10 @@ def _matmul_rule(func, facts: CpuFacts):
     mm = _analyze_matmul(sch, reductions[0])
     if mm is None:
         return None
-    for b in blocks[: blocks.index(reductions[0])]:  # spatial prologue (e.g. a fused reshape of A)
+    at = blocks.index(reductions[0])
+    for b in blocks[:at]:  # spatial prologue (e.g. a fused reshape of A)
+        _try(sch.compute_inline, b)
+    for b in blocks[at + 1 : -1]:  # epilogue DAG (gelu reads x twice) folds into its last block
         _try(sch.compute_inline, b)
     _tile_matmul(sch, mm, facts)
     return sch
@@ -204,8 +225,10 @@ def _analyze_matmul(sch, block) -> _Matmul | None:
     if _uses(a, j_var) or _uses(b, i_var) or not _uses(b, j_var):
         return None
     contiguous_j = b.indices[-1].same_as(j_var)
+    packable = contiguous_j and len(b.indices) >= 2 and b.indices[-2].same_as(k_var)
     return _Matmul(block, loops[:-3], loops[-3], loops[-2], loops[-1], int(extents[-3]), int(extents[-2]),
-                   int(extents[-1]), store.buffer.dtype, tvm.DataType(a.source.dtype).bits // 8, contiguous_j)
+                   int(extents[-1]), store.buffer.dtype, tvm.DataType(a.source.dtype).bits // 8, contiguous_j,
+                   b.source if packable else None)
 
 
 def _register_tile(m: int, n: int, lanes: int, registers: int, contiguous_j: bool) -> tuple[int, int, int]:
@@ -239,6 +262,8 @@ def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
     lanes = facts.lanes(mm.dtype)
     mr, nv, nr = _register_tile(mm.m, mm.n, lanes, facts.vector_registers, mm.contiguous_j)
     mc = _row_block(mm.m, mm.k_extent, mr, mm.a_bytes)
+    if nv and mm.b_buffer is not None and mm.n > nr:
+        _pack_columns(sch, mm, nr)
     i0, i1, i2 = sch.split(mm.i, [None, mc // mr, mr])
     if nv:
         j1, j2, j3 = sch.split(mm.j, [None, nv, lanes])
@@ -264,6 +289,17 @@ def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
     init = sch.decompose_reduction(mm.block, mm.k)
     _tile_inner(sch, sch.get_loops(init)[-2:], lanes if nv else 0)
     _tile_inner(sch, sch.get_loops(acc)[-2:], lanes if nv else 0)
+
+
+def _pack_columns(sch, mm: _Matmul, nr: int) -> None:
+    """Copy B[..., k, j] once per call into Bp[..., j // NR, k, j % NR]: each NR-column strip the
+    register tile streams becomes contiguous (no TLB-hostile row stride, one prefetch stream)."""
+    reads = sch.get(mm.block).reads
+    index = next(i for i, r in enumerate(reads) if r.source.same_as(mm.b_buffer))
+    sch.cache_read(mm.block, index, "global")
+    ndim = len(mm.b_buffer.shape)
+    pack = tirx.IndexMap.from_func(lambda *idx: (*idx[:-2], idx[-1] // nr, idx[-2], idx[-1] % nr), ndim=ndim)
+    sch.transform_layout(mm.block, ("read", index), pack)
 
 
 def _inline_epilogue(sch, write_back, facts: CpuFacts) -> None:
@@ -332,15 +368,20 @@ def _schedule_spatial_block(sch, block, facts: CpuFacts) -> None:
         lead += 1
     if lead == 0:
         return
-    outer = _product(extents[:lead])  # iterations of the fused spatial loop
     total = _product(extents)  # work of the whole block
-    spatial = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
     lanes = facts.lanes(stmt.writes[0].source.dtype) if stmt.writes else 1
-    if lead == len(loops) and lanes > 1 and outer % lanes == 0 and outer >= 2 * lanes:
-        spatial, vec = sch.split(spatial, [None, lanes])
+    parallel_loops, vec = loops[:lead], None
+    if lead == len(loops) and lanes > 1:
+        if int(extents[-1]) % lanes == 0:  # split only the innermost axis: plain index arithmetic
+            outer, vec = sch.split(loops[-1], [None, lanes])
+            parallel_loops = loops[:-1] + [outer]
+        elif total % lanes == 0 and total >= 2 * lanes:
+            outer, vec = sch.split(sch.fuse(*loops), [None, lanes])
+            parallel_loops = [outer]
+    if vec is not None:
         sch.vectorize(vec)
-        outer //= lanes
-    if outer >= 2 and total >= MIN_PARALLEL_WORK:
+    spatial = sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0]
+    if _product_of(sch, spatial) >= 2 and total >= MIN_PARALLEL_WORK:
         sch.parallel(spatial)
 
 
@@ -368,6 +409,10 @@ def _product(extents) -> int:
     for e in extents:
         n *= int(e)
     return n
+
+
+def _product_of(sch, loop) -> int:
+    return int(sch.get(loop).extent)
 
 
 def _strip_cast(e):

@@ -1,0 +1,136 @@
+"""schedules/cpu_default.py: small Relax modules scheduled, built for the host and compared with numpy.
+
+Tolerances: the schedules reorder fp32 sums (register tiles, k order) and use TVM's fast exp/erf
+(<= 1.1e-6 relative, <= 4.2e-7 absolute vs float64), so results differ from a float64 numpy
+reference by a few float32 ulps times the reduction length: rtol 1e-5 plus an absolute term of
+1e-5 x the output's scale covers it; a wrong index or a lost tile is off by O(1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from bmvcc.schedules.cpu_default import KERNEL_ATTR, schedule_cpu_module
+from bmvcc.targets import get as get_target
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def target():
+    return get_target("host").target()
+
+
+def _module(inputs: dict[str, tuple], body) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    params = [relax.Var(n, relax.TensorType(shape, "float32")) for n, shape in inputs.items()]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, *params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(mod, target, *arrays) -> tuple[np.ndarray, tvm.IRModule, dict]:
+    report: dict = {}
+    scheduled = schedule_cpu_module(mod, target, report)
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target=target), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+    return out, scheduled, report
+
+
+def _close(out, ref):
+    np.testing.assert_allclose(out, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
+
+
+def _funcs_by_rule(mod, report, rule):
+    return {gv.name_hint: f for gv, f in mod.functions_items() if report.get(gv.name_hint) == rule}
+
+
+def _gelu(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def test_matmul_bias_gelu_is_tiled_parallel_vectorized(target):
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(s).astype("float32") for s in [(128, 96), (96, 48), (48,)])
+    mod = _module({"x": x.shape, "w": w.shape, "b": b.shape},
+                  lambda bb, x_, w_, b_: bb.emit(relax.op.nn.gelu(relax.op.add(relax.op.matmul(x_, w_), b_))))
+    out, scheduled, report = _run(mod, target, x, w, b)
+    ref = x.astype(np.float64) @ w + b
+    _close(out, _gelu(ref))
+    matmuls = _funcs_by_rule(scheduled, report, "matmul")
+    assert len(matmuls) == 1, report  # matmul, bias add and gelu fused into one scheduled function
+    (func,) = matmuls.values()
+    assert func.attrs["tirx.is_scheduled"]
+    text = func.script()
+    # the rule's signature: parallel outer loop, vectorized register tile, local accumulator,
+    # column-packed B; if the rule silently stops applying, these disappear
+    for marker in ("T.parallel(", "T.vectorized(", 'scope="local"', "_global"):
+        assert marker in text, f"{marker} missing from the scheduled matmul:\n{text}"
+    # bias add and gelu folded into the accumulator write-back: the only buffers are the local
+    # accumulator and packed B, no full-size intermediate
+    assert text.count("sblock_alloc_buffer") == 2, text
+
+
+def test_multi_query_attention_broadcast_kv(target):
+    """softmax(q k^T / sqrt(d) + causal mask) v with one k/v head broadcast over 4 query heads."""
+    rng = np.random.default_rng(1)
+    heads, n, d = 4, 64, 16
+    q = rng.standard_normal((1, heads, n, d)).astype("float32")
+    k = rng.standard_normal((1, 1, n, d)).astype("float32")
+    v = rng.standard_normal((1, 1, n, d)).astype("float32")
+    mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)
+
+    def attention(bb, q_, k_, v_, m_):
+        scores = relax.op.matmul(q_, relax.op.permute_dims(k_, [0, 1, 3, 2]))
+        scores = relax.op.add(relax.op.multiply(scores, relax.const(1 / math.sqrt(d), "float32")), m_)
+        return bb.emit(relax.op.matmul(relax.op.nn.softmax(scores, axis=-1), v_))
+
+    mod = _module({"q": q.shape, "k": k.shape, "v": v.shape, "mask": mask.shape}, attention)
+    out, scheduled, report = _run(mod, target, q, k, v, mask)
+    s = q.astype(np.float64) @ k.transpose(0, 1, 3, 2) / math.sqrt(d) + mask
+    p = np.exp(s - s.max(-1, keepdims=True))
+    _close(out, (p / p.sum(-1, keepdims=True)) @ v)
+    assert len(_funcs_by_rule(scheduled, report, "matmul")) == 2, report  # q k^T and p v
+    assert "reduction" in report.values(), report  # the softmax
+    assert None not in report.values(), report
+
+
+def test_softmax(target):
+    x = np.random.default_rng(2).standard_normal((4, 8, 256)).astype("float32") * 4
+    out, _, report = _run(_module({"x": x.shape}, lambda bb, x_: bb.emit(relax.op.nn.softmax(x_, axis=-1))), target, x)
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    _close(out, e / e.sum(-1, keepdims=True))
+    assert list(report.values()) == ["reduction"], report
+
+
+def test_layer_norm(target):
+    rng = np.random.default_rng(3)
+    x, g, b = (rng.standard_normal(s).astype("float32") for s in [(2, 64, 192), (192,), (192,)])
+    mod = _module({"x": x.shape, "g": g.shape, "b": b.shape},
+                  lambda bb, x_, g_, b_: bb.emit(relax.op.nn.layer_norm(x_, g_, b_, axes=[-1], epsilon=1e-5)))
+    out, _, report = _run(mod, target, x, g, b)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * g + b
+    _close(out, ref)
+    assert list(report.values()) == ["reduction"], report
+
+
+def test_kernels_and_scheduled_functions_are_left_alone(target):
+    """PrimFuncs marked bmvcc.kernel (w2a8_cpu.py's) or tirx.is_scheduled keep their exact body."""
+    mod = _module({"x": (64, 64)}, lambda bb, x_: bb.emit(relax.op.exp(x_)))
+    mod = relax.transform.LegalizeOps()(mod)
+    (gv,) = [gv for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    for attr in (KERNEL_ATTR, "tirx.is_scheduled"):
+        marked = mod.clone()
+        marked[gv] = mod[gv].with_attr(attr, True)
+        report: dict = {}
+        out = schedule_cpu_module(marked, target, report)
+        tvm.ir.assert_structural_equal(out[gv.name_hint].body, marked[gv].body)  # (fusion may add op_pattern)
+        assert report == {}
