@@ -52,7 +52,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     from .build import build
 
     with artifact.staging(outdir) as tmp:
-        build(mod, spec, tmp / artifact.MODULE)
+        build(mod, spec, tmp / artifact.MODULE, progress)
         _save_weights(weights, tmp / artifact.WEIGHTS)
         metadata = _metadata(source, spec, options, pass_report, weights, dataset)
         artifact.write_metadata(tmp, metadata)
