@@ -10,15 +10,18 @@ from tvm import relax
 
 from .drop_training_outputs import drop_training_outputs
 from .externalize_weights import externalize_weights
-from .quantize_bitlinear import REPORT_KEY as QUANTIZE_REPORT
+from .fuse_norm_quant import fuse_norm_quant
+from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from .quantize_bitlinear import quantize_bitlinear
-from .relax_match import read_report
+from .relax_match import REPORT_PREFIX, read_report
 
 
 def passes(bitlinear: bool = True) -> list[tuple[str, object]]:
     bitlinear_passes = [
         # Phase 2: BitLinear -> int8 x 2-bit kernels (weights ternarized and packed at compile time)
         ("quantize_bitlinear", quantize_bitlinear),
+        ("fuse_norm_quant", fuse_norm_quant),  # RMSNorm + int8 quantization in one kernel
+        ("fuse_w2a8_epilogue", fuse_w2a8_epilogue),  # GELU / residual add into the W2A8 kernel
     ]
     return [
         # Phase 1: tidy the imported graph
@@ -42,29 +45,34 @@ def run_pipeline(mod, spec, bitlinear: bool = True):
     reports: dict = {}
     for name, p in passes(bitlinear):
         mod = p(mod)
-        if mod.attrs is not None and QUANTIZE_REPORT in mod.attrs:
-            reports[name] = read_report(mod, QUANTIZE_REPORT)
-            mod = mod.without_attr(QUANTIZE_REPORT)
-    report = _bitlinear_report(reports.get("quantize_bitlinear"), bitlinear)
+        key = REPORT_PREFIX + name
+        if mod.attrs is not None and key in mod.attrs:
+            reports[name] = read_report(mod, key)
+            mod = mod.without_attr(key)
+    report = _bitlinear_report(reports, bitlinear)
     report["weight_bytes"] = _weight_bytes(mod)
     mod, weights = externalize_weights(mod)
     return mod, weights, report
 
 
-def _bitlinear_report(quantized: dict | None, enabled: bool) -> dict:
+def _bitlinear_report(reports: dict, enabled: bool) -> dict:
     if not enabled:
         return {"bitlinear": {"enabled": False, "rewritten": 0, "layers": [], "not_rewritten": []}}
+    quantized = reports["quantize_bitlinear"]
     return {"bitlinear": {
         "enabled": True,
         "rewritten": len(quantized["rewritten"]),
         "layers": [r["name"] for r in quantized["rewritten"]],
         "not_rewritten": quantized["not_rewritten"],
+        "norm_quant_fused": reports["fuse_norm_quant"]["fused"],
+        "epilogues": reports["fuse_w2a8_epilogue"],
     }}
 
 
 def _weight_bytes(mod) -> dict:
-    """Bytes of main's constants by kind: 2-bit packed (uint8), float, other."""
-    sizes = {"packed_2bit": 0, "float": 0, "other": 0}
+    """Bytes of main's constants by kind: 2-bit packed (uint8), float tensors, one-element scalars
+    (the per-tensor ternary scales among them), other."""
+    sizes = {"packed_2bit": 0, "float": 0, "scalar": 0, "other": 0}
 
     @relax.expr_functor.visitor
     class _Sizes(relax.PyExprVisitor):
@@ -73,7 +81,9 @@ def _weight_bytes(mod) -> dict:
             if not hasattr(value, "shape"):
                 return
             nbytes = int(np.prod([int(d) for d in value.shape])) * np.dtype(str(value.dtype)).itemsize
-            kind = "packed_2bit" if str(value.dtype) == "uint8" else "float" if "float" in str(value.dtype) else "other"
+            dtype = str(value.dtype)
+            kind = ("packed_2bit" if dtype == "uint8" else "other" if "float" not in dtype
+                    else "scalar" if nbytes == np.dtype(dtype).itemsize else "float")
             sizes[kind] += nbytes
 
     _Sizes().visit_expr(mod["main"])

@@ -24,10 +24,10 @@ import tvm
 from tvm import relax
 
 from ..schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute
-from .relax_match import (Bindings, const_name, evaluate, is_const, named_const, prim, product, replace_main,
+from .relax_match import (REPORT_PREFIX, Bindings, const_name, evaluate, is_const, named_const, prim, product, replace_main,
                           static_shape)
 
-REPORT_KEY = "bmvcc.report.quantize_bitlinear"
+REPORT_KEY = REPORT_PREFIX + "quantize_bitlinear"
 _SIGNATURE_DEPTH = 3  # producer steps above the activation's factors searched for round / abs-max
 _WEIGHT_DEPTH = 12  # producer steps of the weight math searched for round
 
@@ -140,11 +140,11 @@ class _Rewriter(relax.PyExprMutator):
         xs = emit(relax.op.reshape(self._reciprocal(f), (m, 1)))
         packed = named_const(pack_ternary(codes.T), f"{name}.packed")
         scale = named_const(np.array([a], np.float32), f"{name}.scale")
-        y = emit(relax.call_tir(self._kernel(m, n, k), [q8, packed, xs, scale],
-                                relax.TensorType((m, n), "float32")))
+        value = relax.call_tir(self._kernel(m, n, k), [q8, packed, xs, scale], relax.TensorType((m, n), "float32"))
         out_shape = static_shape(binding.var)
-        value = y if out_shape == (m, n) else relax.op.reshape(y, out_shape)
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+        if out_shape != (m, n):
+            value = relax.op.reshape(emit(value), out_shape)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
 
     def _reciprocal(self, f):
         """1 / f as a Relax expression (x_scale from the dequantization factor)."""

@@ -15,6 +15,8 @@ from tvm import relax
 
 from ..schedules.w2a8 import KERNEL_ATTR
 
+REPORT_PREFIX = "bmvcc.report."  # + pass name: module attr (JSON) a pass leaves for run_pipeline
+
 
 class Bindings:
     """var -> bound expression for every VarBinding of a function, plus use counts."""
