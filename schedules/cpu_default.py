@@ -86,6 +86,12 @@ def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -
     report = {} if report is None else report
     updates = {}
     for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and KERNEL_ATTR in func.attrs and not _is_scheduled(func):
+            schedule = _kernel_schedule(str(func.attrs[KERNEL_ATTR]))
+            if schedule is not None:
+                updates[gv] = schedule(func, target)
+                report[gv.name_hint] = "kernel:" + str(func.attrs[KERNEL_ATTR])
+            continue
         if not isinstance(func, tirx.PrimFunc) or KERNEL_ATTR in func.attrs or _is_scheduled(func):
             continue
         name = gv.name_hint
@@ -111,6 +117,13 @@ def _is_extern_call(func) -> bool:
     if not _has_root(sch):
         return False
     return all(not sch.get_loops(b) for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _kernel_schedule(kind: str):
+    """The CPU schedule of a bmvcc kernel, by its "bmvcc.kernel" attr (None: left to its owner)."""
+    from .norm_quant import schedule_norm_quant_cpu
+
+    return {"norm_quant": schedule_norm_quant_cpu}.get(kind)
 
 
 def _is_scheduled(func) -> bool:
