@@ -1,0 +1,356 @@
+"""bmvcc tune: MetaSchedule search over the kernels of a compiled model, recorded in a tuning database.
+
+Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (tunedb.legalize_and_fuse) -> one task per
+distinct PrimFunc. bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner
+registered in schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
+MetaSchedule's default space. Search: evolutionary with the XGBoost cost model, one task after another.
+
+Resume: MetaSchedule's search does not count what a database already holds (it seeds its population
+from it, nothing more), so each task here runs only `trials - recorded` trials, where `recorded` counts
+the task's records in the database, failed ones included. A run killed and restarted with the same
+--db therefore measures only what is missing.
+
+Measurement: locally for a target this machine can run, otherwise through an RPC tracker; builds are
+always made here (cross-compiled for remote devices) and shipped as shared libraries, so a device needs
+only the TVM runtime. All servers under the key measure in parallel; a device that dies mid-run makes
+its candidates fail (recorded as failed), and the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import BmvccError
+
+BUILD_TIMEOUT_S = 300  # a cold builder worker plus an LLVM build of one fused kernel on a busy 2-core machine
+RUN_TIMEOUT_S = 60  # one candidate on a device, including the RPC session; a dead device fails after this
+TRIALS_PER_ITER = 8  # candidates built and measured per search round
+POPULATION = 128  # evolutionary population: MetaSchedule's 512 costs minutes of cost-model time per round on 2 cores
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    target: str = "host"
+    trials: int = 64  # per task, counted over all runs into the same database
+    batch: int = 1
+    heads: int | None = None
+    image_size: int | None = None
+    trust_pickle: bool = False
+    rpc_tracker: str | None = None  # "HOST:PORT"
+    rpc_key: str | None = None
+    tasks: tuple[str, ...] = ()  # only these task names (default: all)
+    seed: int = 0
+
+
+@dataclass
+class TaskResult:
+    name: str
+    kind: str  # "bmvcc:<kernel>" or "default space"
+    weight: int  # how often the model calls it
+    default_us: float | None  # its schedule before tuning, measured like the candidates
+    best_us: float | None  # best valid record in the database
+    trials: int  # records in the database (all runs)
+    failed: int  # of which failed to build or run
+    measured_now: int  # trials this run measured
+
+    @property
+    def speedup(self) -> float | None:
+        return self.default_us / self.best_us if self.default_us and self.best_us else None
+
+
+@dataclass
+class TuneReport:
+    db: Path
+    target: str
+    devices: str
+    tasks: list[TaskResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        rows = [{**vars(t), "speedup": t.speedup} for t in self.tasks]
+        return {"db": str(self.db), "target": self.target, "devices": self.devices,
+                "seconds": round(self.seconds, 1), "tasks": rows}
+
+    def table(self) -> str:
+        head = f"{'task':<52} {'kind':<14} {'default us':>11} {'tuned us':>10} {'speedup':>8} {'trials':>7} {'failed':>6}"
+        lines = [head, "-" * len(head)]
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        for t in self.tasks:
+            lines.append(f"{t.name[:52]:<52} {t.kind[:14]:<14} {fmt(t.default_us, '11.1f'):>11} "
+                         f"{fmt(t.best_us, '10.1f'):>10} {fmt(t.speedup, '7.2f') + ('x' if t.speedup else ''):>8} "
+                         f"{t.trials:>7} {t.failed:>6}")
+        return "\n".join(lines)
+
+
+# ---- measurement: builder and runners -------------------------------------------------------------
+
+def _build(mod, target, _params):
+    """Builder worker: TVM's default build minus its import of every tensor intrinsic (~40-60 s here).
+
+    Candidates arrive already tensorized, so the intrinsics need not be registered in the worker.
+    """
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _export(cross_compiler, rt_mod) -> str:
+    """Builder worker: a shared library, linked here, so the device needs only the TVM runtime to load it."""
+    import tempfile
+
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bmvcc-tune-"), "candidate.so")
+    rt_mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler) if cross_compiler else None)
+    return path
+
+
+_CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}  # TargetSpec.cross_compiler -> C++ driver
+
+
+def _builder(spec):
+    from tvm.s_tir import meta_schedule as ms
+
+    cross = _CROSS_COMPILERS.get(spec.cross_compiler, spec.cross_compiler) if spec.cross_compiler else None
+    return ms.builder.LocalBuilder(max_workers=max(1, len(os.sched_getaffinity(0))), timeout_sec=BUILD_TIMEOUT_S,
+                                   f_build=_build, f_export=functools.partial(_export, cross))
+
+
+def _evaluator():
+    from tvm.s_tir import meta_schedule as ms
+
+    # min_repeat_ms: a few-microsecond kernel is repeated until one measurement lasts 20 ms (timer noise)
+    return ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False)
+
+
+def parse_tracker(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise BmvccError(f"--rpc-tracker '{address}' is not HOST:PORT; e.g. --rpc-tracker 127.0.0.1:9190")
+    return host, int(port)
+
+
+def tracker_devices(address: str, key: str) -> int:
+    """How many servers are registered under `key`; raises BmvccError when none or when unreachable."""
+    from tvm import rpc
+
+    host, port = parse_tracker(address)
+    try:  # connect_tracker itself retries for 60 s; fail fast on a wrong address
+        socket.create_connection((host, port), timeout=5).close()
+        summary = rpc.connect_tracker(host, port).summary()
+    except (OSError, RuntimeError) as e:
+        raise BmvccError(f"RPC tracker {address} is unreachable ({e.__class__.__name__}: {e}); start it with "
+                         f"python -m tvm.exec.rpc_tracker --host {host} --port {port}, or fix --rpc-tracker") from None
+    keys = [item["key"].split(":", 1)[-1] for item in summary.get("server_info", [])]
+    count = keys.count(key)
+    if count == 0:
+        known = ", ".join(sorted(set(keys))) or "none"
+        raise BmvccError(f"no device is registered under key '{key}' at tracker {address} (keys there: {known}); "
+                         f"start one with python -m tvm.exec.rpc_server --tracker {address} --key {key}, or fix --rpc-key")
+    return count
+
+
+def _runner(spec, options: TuneOptions):
+    """(runner, description of where candidates run)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if options.rpc_tracker or options.rpc_key:
+        if not (options.rpc_tracker and options.rpc_key):
+            raise BmvccError("--rpc-tracker and --rpc-key go together; give both (or neither, to measure on this machine)")
+        n = tracker_devices(options.rpc_tracker, options.rpc_key)
+        host, port = parse_tracker(options.rpc_tracker)
+        config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=options.rpc_key,
+                                     session_timeout_sec=RUN_TIMEOUT_S)
+        runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=_evaluator(), max_workers=n)
+        return runner, f"{n} device(s) under key '{options.rpc_key}' at {options.rpc_tracker}"
+    if spec.device != "cpu" or spec.arch != platform.machine():
+        raise BmvccError(f"target '{spec.name}' runs on another machine; measure on it through an RPC tracker with "
+                         f"--rpc-tracker HOST:PORT --rpc-key KEY (see the README, tuning section)")
+    return ms.runner.LocalRunner(evaluator_config=_evaluator(), timeout_sec=RUN_TIMEOUT_S), "this machine"
+
+
+def _measure_default(mod, target, builder, runner) -> float | None:
+    """Seconds of a task's PrimFunc as it is (its default schedule), measured like a candidate."""
+    from tvm.s_tir import meta_schedule as ms
+
+    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg:
+        return None
+    try:
+        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        device = "cpu" if target.kind.name == "llvm" else target.kind.name
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
+        result = future.result()
+    finally:
+        ms.utils.remove_build_dir(built.artifact_path)
+    if result.error_msg or not result.run_secs:
+        return None
+    return sum(float(s) for s in result.run_secs) / len(result.run_secs)
+
+
+# ---- tasks, spaces and the database ---------------------------------------------------------------
+
+def _kernel_name(mod) -> str | None:
+    attrs = mod["main"].attrs
+    return str(attrs["bmvcc.kernel"]) if attrs is not None and "bmvcc.kernel" in attrs else None
+
+
+def _space(mod, target):
+    """(space generator or None when the kernel keeps its hand schedule, kind label)."""
+    from .schedules.tuning_spaces import has_space, space_for
+
+    kernel = _kernel_name(mod)
+    if kernel is None:
+        return "post-order-apply", "default space"
+    if not has_space(kernel, target):
+        return None, f"bmvcc:{kernel} (hand)"
+    return space_for(kernel, target), f"bmvcc:{kernel}"
+
+
+def _records(db, mod) -> list:
+    """All records of this task's workload, failed ones included."""
+    import tvm
+
+    if not db.has_workload(mod):
+        return []
+    workload = db.commit_workload(mod)
+    return [r for r in db.get_all_tuning_records() if r.workload.same_as(workload)
+            or tvm.ir.structural_hash(r.workload.mod) == tvm.ir.structural_hash(mod)]
+
+
+def _seconds(record) -> float | None:
+    secs = [float(s) for s in record.run_secs] if record.run_secs is not None else []
+    return sum(secs) / len(secs) if secs and max(secs) < 1e9 else None  # MetaSchedule writes 1e10 for failures
+
+
+def _progress_callback(on_batch: Callable[[int, int], None]):
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            failed = sum(1 for b, r in zip(builder_results, runner_results) if b.error_msg or r.error_msg)
+            on_batch(len(measure_candidates), failed)
+
+    return _Progress()
+
+
+def _quiet_console() -> None:
+    """MetaSchedule's full log goes to DIR/logs/; keep only its warnings on the console, beside the bars."""
+    import logging
+
+    for handler in logging.getLogger("tvm.s_tir.meta_schedule").handlers:
+        if type(handler) is logging.StreamHandler:  # noqa: E721 (FileHandler subclasses it)
+            handler.setLevel(logging.WARNING)
+
+
+class _Bar:
+    """One progress bar per task on stderr: trials done of the task's total, failures, elapsed."""
+
+    def __init__(self, label: str, done: int, total: int, stream=sys.stderr):
+        self.label, self.done, self.total, self.failed, self.stream = label, done, total, 0, stream
+        self.start = time.perf_counter()
+        self._draw()
+
+    def advance(self, n: int, failed: int) -> None:
+        self.done, self.failed = self.done + n, self.failed + failed
+        self._draw()
+
+    def _draw(self, end: str = "") -> None:
+        width = 24
+        filled = width * min(self.done, self.total) // max(self.total, 1)
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+                          f" trials, {self.failed} failed, {time.perf_counter() - self.start:.0f} s{end}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self._draw("\n")
+
+
+def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
+               progress: Callable[[str], None] = lambda msg: None, bars: bool = True) -> TuneReport:
+    from . import frontend
+    from . import tunedb
+    from .checkpoint import sha256
+    from .passes.pipeline import run_pipeline
+    from .targets import get as get_target
+
+    if options.trials < 1:
+        raise BmvccError(f"--trials {options.trials} must be at least 1")
+    start = time.perf_counter()
+    spec = get_target(options.target)
+    db_dir = Path(db_dir)
+    runner, devices = _runner(spec, options)  # fail fast on RPC problems, before minutes of work
+    progress(f"loading {source_path}")
+    source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
+                                  trust_pickle=options.trust_pickle)
+    progress("exporting with torch.export and importing into Relax")
+    mod, _weights, _ = run_pipeline(frontend.to_relax(source, options.batch), spec)
+    target = spec.target()
+    mod = tunedb.legalize_and_fuse(mod, target)
+
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    known = {t.task_name for t in tasks}
+    unknown = [n for n in options.tasks if n not in known]
+    if unknown:
+        raise BmvccError(f"--task {unknown[0]} is not a task of this model; its tasks are: {', '.join(sorted(known))}")
+    if options.tasks:
+        tasks = [t for t in tasks if t.task_name in options.tasks]
+    db, key = tunedb.open_for_tuning(db_dir, spec)
+    model_id = f"{sha256(source.path)}:batch{options.batch}"
+    model_entry = key["models"].setdefault(model_id, {"source": source.path.name, "batch": options.batch, "tasks": {}})
+    progress(f"{len(tasks)} tasks for {spec.name}, {options.trials} trials each, measured on {devices}; "
+             f"database {db_dir}")
+
+    builder = _builder(spec)
+    report = TuneReport(db_dir, spec.name, devices)
+    loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), [t.task_name for t in tasks])
+    _quiet_console()
+    for index, (task, logger) in enumerate(zip(tasks, loggers), 1):
+        task_mod = task.dispatched[0]
+        space, kind = _space(task_mod, target)
+        entry = model_entry["tasks"].setdefault(task.task_name, {"kind": kind, "weight": int(task.weight)})
+        if "default_us" not in entry:
+            progress(f"[{index}/{len(tasks)}] measuring the default schedule of {task.task_name}")
+            default_s = _measure_default(task_mod, target, builder, runner)
+            entry["default_us"] = default_s * 1e6 if default_s else None
+            tunedb.write_key(db_dir, key)
+        recorded = len(_records(db, task_mod))
+        remaining = max(0, options.trials - recorded) if space is not None else 0
+        bar = _Bar(f"[{index}/{len(tasks)}] {task.task_name[:40]}", recorded, options.trials) if bars else None
+        if remaining:
+            context = ms.TuneContext(mod=task_mod, target=target, space_generator=space,
+                                     search_strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
+                                     task_name=task.task_name, logger=logger,
+                                     rand_state=options.seed + recorded,  # a resumed run explores new samples
+                                     num_threads=max(1, len(os.sched_getaffinity(0))))
+            callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
+            if bar:
+                callbacks.append(_progress_callback(bar.advance))
+            ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(db_dir),
+                          max_trials_global=remaining, max_trials_per_task=remaining,
+                          num_trials_per_iter=min(TRIALS_PER_ITER, remaining), builder=builder, runner=runner,
+                          database=db, cost_model=ms.cost_model.XGBModel(
+                              extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True),
+                          measure_callbacks=callbacks, task_scheduler="round-robin")
+        if bar:
+            bar.close()
+        records = _records(db, task_mod)
+        times = [s for s in map(_seconds, records) if s is not None]
+        report.tasks.append(TaskResult(task.task_name, kind, int(task.weight), entry["default_us"],
+                                       min(times) * 1e6 if times else None, len(records),
+                                       len(records) - len(times), len(records) - recorded))
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,154 @@
+"""Tuning databases: MetaSchedule's JSON database plus bmvcc's key file, and applying one at compile time.
+
+A database directory holds
+    database_workload.json, database_tuning_record.json   MetaSchedule's JSONDatabase (one line per entry)
+    bmvcc-db.json                                         the key: which exact target, which models
+    logs/                                                 MetaSchedule's per-task search logs
+
+Keying. One directory serves exactly one target: `target_key` (bmvcc target name, TVM target with mcpu,
+mtriple, mattr, num-cores, and for LLVM targets the CPU feature list LLVM derives from them) is written on
+first use and any other target is refused. So an Orin Nano 8 GB, a 4 GB and each host CPU model never share
+records. Inside a directory MetaSchedule keys every record by the structural hash of its task's PrimFunc,
+so several models (or batch sizes) of the same target can share a directory: identical kernels share
+records and each model only finds its own. bmvcc-db.json lists the models tuned into it (checkpoint
+sha256 and batch) with each task's default-schedule latency, for the reports.
+
+Tasks are the PrimFuncs of the module after bmvcc's passes, TVM's CPU legalization and fusion
+(`legalize_and_fuse`); compile with a database applies it to the same fused module and then lowers
+without fusing again (a second FuseOps re-fuses some kernels, which would orphan their records).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import BmvccError
+
+KEY_FILE = "bmvcc-db.json"
+FORMAT_VERSION = 1
+
+
+def target_key(spec) -> dict:
+    """The exact identity of a target: every field that changes generated code or measured speed."""
+    import tvm
+    from tvm.target import codegen
+
+    target = spec.target()
+    key = {"name": spec.name, "tvm": json.loads(str(target))}
+    if target.kind.name == "llvm":
+        key["llvm_features"] = sorted(str(f) for f in codegen.llvm_get_cpu_features(target))
+    key["tvm_version"] = tvm.__version__.split("+")[0]
+    return key
+
+
+def _describe(key: dict) -> str:
+    tvm_target = key.get("tvm", {})
+    return f"'{key.get('name')}' ({tvm_target.get('mcpu') or tvm_target.get('arch') or tvm_target.get('kind')})"
+
+
+def read_key(db_dir: Path) -> dict | None:
+    path = Path(db_dir) / KEY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BmvccError(f"'{path}' is not a bmvcc tuning database key ({e}); point --db at a directory made by bmvcc tune") from None
+
+
+def write_key(db_dir: Path, key: dict) -> None:
+    path = Path(db_dir) / KEY_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(key, indent=1, sort_keys=True))
+    os.replace(tmp, path)  # atomic: a run killed here leaves the old key or the new one
+
+
+def check_target(db_dir: Path, spec) -> dict:
+    """The directory's key, after refusing a database made for another target."""
+    stored, wanted = read_key(db_dir), target_key(spec)
+    if stored is None:
+        raise BmvccError(f"'{db_dir}' is not a bmvcc tuning database (no {KEY_FILE}); create it with bmvcc tune --db {db_dir}")
+    if stored.get("target") != wanted:
+        raise BmvccError(f"tuning database '{db_dir}' was made for target {_describe(stored.get('target', {}))}, "
+                         f"not {_describe(wanted)} ({_first_difference(stored.get('target', {}), wanted)}); "
+                         f"use a database tuned for this target or tune one with bmvcc tune --target {spec.name}")
+    return stored
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                return f"{k}.{_first_difference(a[k], b[k])}"
+            return f"{k} differs"
+    return "same"
+
+
+def open_for_tuning(db_dir: Path, spec):
+    """(JSONDatabase, key dict); creates the directory and key, or checks the key of an existing one."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db_dir = Path(db_dir)
+    if db_dir.exists() and not db_dir.is_dir():
+        raise BmvccError(f"--db '{db_dir}' is a file; give a directory (created if missing)")
+    if db_dir.is_dir() and read_key(db_dir) is None and any(db_dir.iterdir()):
+        raise BmvccError(f"--db '{db_dir}' is a non-empty directory without {KEY_FILE}; give a new or bmvcc-made directory")
+    db_dir.mkdir(parents=True, exist_ok=True)  # JSONDatabase does not create it
+    key = read_key(db_dir)
+    if key is None:
+        key = {"format_version": FORMAT_VERSION, "target": target_key(spec), "models": {}}
+        write_key(db_dir, key)
+    else:
+        key = check_target(db_dir, spec)
+    return open_database(db_dir), key
+
+
+def open_database(db_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+
+
+def legalize_and_fuse(mod, target):
+    """bmvcc's Relax module -> Relax calling fused TIR PrimFuncs: the tasks tuning sees and compile applies."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    with target:
+        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+
+
+def lowering_pipeline(target):
+    """The rest of TVM's CPU pipeline after `legalize_and_fuse` (no second fusion)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _lower(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
+
+    return _lower
+
+
+def apply_database(mod, spec, db_dir: Path):
+    """(fused module with tuned PrimFuncs marked tirx.is_scheduled, number of kernels from the database)."""
+    import tvm
+    from tvm import relax
+
+    check_target(db_dir, spec)
+    target = spec.target()
+    mod = legalize_and_fuse(mod, target)
+    before = _scheduled(mod)
+    with target, open_database(db_dir):
+        mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
+    return mod, len(_scheduled(mod) - before)
+
+
+def _scheduled(mod) -> set[str]:
+    import tvm
+
+    return {gv.name_hint for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)}
