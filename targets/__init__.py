@@ -5,8 +5,12 @@ from __future__ import annotations
 from ..errors import BmvccError
 from .base import TargetSpec
 from .cpu import AARCH64, host
+from .cuda import cuda_sm80, cuda_sm86, cuda_sm87
+from .jetson import jetson_orin_nano, jetson_orin_nano_4gb, jetson_orin_nano_super
 
-_FACTORIES = {"host": host, "aarch64": lambda: AARCH64}
+_FACTORIES = {"host": host, "aarch64": lambda: AARCH64, "cuda-sm80": cuda_sm80, "cuda-sm86": cuda_sm86,
+              "cuda-sm87": cuda_sm87, "jetson-orin-nano": jetson_orin_nano,
+              "jetson-orin-nano-4gb": jetson_orin_nano_4gb, "jetson-orin-nano-super": jetson_orin_nano_super}
 
 
 def names() -> list[str]:

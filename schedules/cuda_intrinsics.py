@@ -1,0 +1,213 @@
+"""The four tensor intrinsics the W2A8 CUDA schedule uses, registered on first use.
+
+`import tvm.s_tir.tensor_intrin.cuda` parses every CUDA intrinsic TVM has (about a minute); this
+module defines only what schedules/w2a8_cuda.py tensorizes, with int64 indices like w2a8_compute:
+
+- LDMATRIX_A: int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's mma_ldmatrix_i8_a.
+- MMA_DECODE: C[16,16] += A[16,32] * T[16,32]^T where T is read as *packed 2-bit codes* from shared
+  (uint8 [16, 8]) and decoded in registers straight into the mma.sync B fragment, then two
+  `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is w2a8_compute's decode expression.
+- FILL: zero a 16x16 int32 accumulator fragment.
+- STORE_DEQUANT: out[16,16] = float(C) * w_scale / x_scale[row], the dequantizing epilogue written from
+  the accumulator fragment to global memory.
+
+Fragment layouts (PTX ISA, mma.m16n8k32 .s8): thread t of the warp holds A rows t/4 and t/4+8, bytes
+4*(t%4).. of each 16-wide k half; B (k x n, "col") bytes k = 4*(t%4)+0..3 (+16 for the second
+register) of column n = t/4; C elements (t/4 (+8), 2*(t%4)+0..1) per n8 half.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+LDMATRIX_A = "bmvcc_ldmatrix_i8_a_16x32"
+MMA_DECODE = "bmvcc_mma_i8_ternary_16x16x32"
+FILL = "bmvcc_mma_fill_i32_16x16"
+STORE_DEQUANT = "bmvcc_mma_store_dequant_16x16"
+
+_I = T.int64
+
+
+def ldmatrix_16x32_layout(i, j):
+    """(row, col) of a 16x32 int8 tile -> (thread, element) of its ldmatrix.x4 fragment."""
+    return 4 * (i % 8) + (j % 16) // 4, 8 * (j // 16) + (i // 8) * 4 + j % 4
+
+
+def accum_16x16_layout(i, j):
+    """(row, col) of a 16x16 int32 accumulator -> (thread, element) of its two m16n8 fragments."""
+    return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + j % 2
+
+
+def _accum_position(tx, e):
+    """Inverse of accum_16x16_layout."""
+    return 8 * (e % 4 // 2) + tx // 4, 8 * (e // 4) + tx % 4 * 2 + e % 2
+
+
+def _decode_word(byte):
+    """One packed byte (4 codes u in {0,1,2}) -> 4 int8 (u - 1) in a uint32, code i in byte i.
+
+    Spread 2-bit field i to bit 8i, then u - 1 per byte without borrows: (u + 0x7f) ^ 0x80."""
+    x = T.Cast("uint32", byte)
+    spread = T.bitwise_and(
+        T.bitwise_or(T.bitwise_or(x, T.shift_left(x, T.uint32(6))),
+                     T.bitwise_or(T.shift_left(x, T.uint32(12)), T.shift_left(x, T.uint32(18)))),
+        T.uint32(0x03030303))
+    return T.bitwise_xor(spread + T.uint32(0x7F7F7F7F), T.uint32(0x80808080))
+
+
+@T.prim_func(s_tir=True)
+def _ldmatrix_desc(warp_h: T.handle, shared_h: T.handle) -> None:
+    shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope="shared")
+    warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
+    with T.sblock("root"):
+        T.reads(shared[0:16, 0:32])
+        T.writes(warp[0:32, 0:16])
+        for ax0, ax1 in T.grid(_I(16), _I(32)):
+            with T.sblock("shared_warp"):
+                v0, v1 = T.axis.remap("SS", [ax0, ax1])
+                t, e = T.meta_var(ldmatrix_16x32_layout(v0, v1))
+                T.reads(shared[v0, v1])
+                T.writes(warp[t, e])
+                warp[t, e] = shared[v0, v1]
+
+
+@T.prim_func(s_tir=True)
+def _ldmatrix_impl(warp_h: T.handle, shared_h: T.handle) -> None:
+    s0 = T.int64()
+    s1 = T.int64()
+    shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope="shared",
+                            strides=[s0, s1])
+    warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
+    with T.sblock("root"):
+        T.reads(shared[0:16, 0:32])
+        T.writes(warp[0:32, 0:16])
+        for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
+            # lanes 0-15 address rows 0-15 of the low k half, lanes 16-31 the high half
+            T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", warp.data, warp.elem_offset + _I(16) * tx,
+                                             shared.access_ptr("r"), s0 * (tx % 16) + 16 * (tx // 16),
+                                             dtype="int8"))
+
+
+def _decode(bp, j, k):
+    """w2a8_compute's decode of code T[j, k] from packed bytes, as an int32 in {-1, 0, 1}."""
+    code = T.bitwise_and(T.shift_right(bp[j, k // _I(4)], T.Cast("uint8", (k % _I(4)) * _I(2))), T.uint8(3))
+    return T.Cast("int32", code) - 1
+
+
+@T.prim_func(s_tir=True)
+def _mma_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+    A = T.match_buffer(a, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
+    B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared")
+    C = T.match_buffer(c, (_I(32), _I(8)), "int32", align=64, offset_factor=16, scope="warp")
+    with T.sblock("root"):
+        T.reads(C[0:32, 0:8], A[0:32, 0:16], B[0:16, 0:8])
+        T.writes(C[0:32, 0:8])
+        for i, j, k in T.grid(_I(16), _I(16), _I(32)):
+            with T.sblock("C"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                tc, ec = T.meta_var(accum_16x16_layout(vi, vj))
+                ta, ea = T.meta_var(ldmatrix_16x32_layout(vi, vk))
+                T.reads(C[tc, ec], A[ta, ea], B[vj, vk // _I(4)])
+                T.writes(C[tc, ec])
+                C[tc, ec] = C[tc, ec] + T.Cast("int32", A[ta, ea]) * _decode(B, vj, vk)
+
+
+@T.prim_func(s_tir=True)
+def _mma_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    s0 = T.int64()
+    s1 = T.int64()
+    A = T.match_buffer(a, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
+    B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared", strides=[s0, s1])
+    C = T.match_buffer(c, (_I(32), _I(8)), "int32", align=64, offset_factor=16, scope="warp")
+    with T.sblock("root"):
+        T.reads(C[0:32, 0:8], A[0:32, 0:16], B[0:16, 0:8])
+        T.writes(C[0:32, 0:8])
+        for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
+            # B fragment of n8 half h: register r holds codes k = 16r + 4(tx%4) + 0..3 of column
+            # n = 8h + tx/4, i.e. exactly packed byte [n, 4r + tx%4]
+            with T.sblock("decode"):  # a block, so that software pipelining sees the fragment buffer
+                T.reads(C[0:32, 0:8], A[0:32, 0:16], B[0:16, 0:8])
+                T.writes(C[0:32, 0:8])
+                frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                for h, r in T.grid(2, 2):
+                    frag[h * 2 + r] = _decode_word(B[_I(8) * h + tx // 4, _I(4) * r + tx % 4])
+                for h in range(2):
+                    T.evaluate(T.ptx_legacy.mma("m16n8k32", "row", "col", "int8", "int8", "int32",
+                                                A.data, A.elem_offset + tx * _I(16),
+                                                frag.data, h * 2,
+                                                C.data, C.elem_offset + tx * _I(8) + h * 4,
+                                                False, dtype="int32"))
+
+
+@T.prim_func(s_tir=True)
+def _fill_desc(c: T.handle) -> None:
+    C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp")
+    with T.sblock("root"):
+        T.reads()
+        T.writes(C[0:32, 0:8])
+        for i0, i1 in T.grid(_I(16), _I(16)):
+            with T.sblock("C_warp"):
+                i, j = T.axis.remap("SS", [i0, i1])
+                t, e = T.meta_var(accum_16x16_layout(i, j))
+                T.reads()
+                T.writes(C[t, e])
+                C[t, e] = 0
+
+
+@T.prim_func(s_tir=True)
+def _fill_impl(c: T.handle) -> None:
+    C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp", offset_factor=1)
+    with T.sblock("root"):
+        T.reads()
+        T.writes(C[0:32, 0:8])
+        for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
+            T.evaluate(T.cuda.mma_fill_legacy(8, C.data, C.elem_offset, dtype="int32"))
+
+
+@T.prim_func(s_tir=True)
+def _store_desc(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> None:
+    C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp")
+    out = T.match_buffer(o, (_I(16), _I(16)), "float32")
+    xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32")
+    ws = T.match_buffer(ws_h, (_I(1),), "float32")
+    with T.sblock("root"):
+        T.reads(C[0:32, 0:8], ws[0:1], xs[0:16, 0:1])
+        T.writes(out[0:16, 0:16])
+        for i0, i1 in T.grid(_I(16), _I(16)):
+            with T.sblock("store"):
+                i, j = T.axis.remap("SS", [i0, i1])
+                t, e = T.meta_var(accum_16x16_layout(i, j))
+                T.reads(C[t, e], ws[0], xs[i, 0])
+                T.writes(out[i, j])
+                out[i, j] = T.Cast("float32", C[t, e]) * ws[_I(0)] / xs[i, _I(0)]
+
+
+@T.prim_func(s_tir=True)
+def _store_impl(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> None:
+    so0 = T.int64()
+    so1 = T.int64()
+    sx0 = T.int64()
+    sx1 = T.int64()
+    C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp", offset_factor=1)
+    out = T.match_buffer(o, (_I(16), _I(16)), "float32", offset_factor=1, strides=[so0, so1])
+    xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32", offset_factor=1, strides=[sx0, sx1])
+    ws = T.match_buffer(ws_h, (_I(1),), "float32", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(C[0:32, 0:8], ws[0:1], xs[0:16, 0:1])
+        T.writes(out[0:16, 0:16])
+        for tx in T.thread_binding(32, "threadIdx.x"):
+            # elements 2h + c (+4 for the second n8 half) of this thread share row tx/4 + 8h: one
+            # division per row, (acc * w_scale) / x_scale becomes acc * (w_scale / x_scale), 1 ulp apart
+            for h in T.unroll(2):
+                scale = T.meta_var(ws[0] / xs[tx // 4 + 8 * h, 0])
+                for n8, c in T.grid(2, 2):
+                    out[tx // 4 + 8 * h, 8 * n8 + 2 * (tx % 4) + c] = T.Cast("float32", C[tx, 4 * n8 + 2 * h + c]) * scale
+
+
+def register() -> None:
+    """Register the four intrinsics with TVM (idempotent)."""
+    from tvm.s_tir import TensorIntrin
+
+    for name, desc, impl in ((LDMATRIX_A, _ldmatrix_desc, _ldmatrix_impl), (MMA_DECODE, _mma_desc, _mma_impl),
+                             (FILL, _fill_desc, _fill_impl), (STORE_DEQUANT, _store_desc, _store_impl)):
+        TensorIntrin.register(name, desc, impl, override=True)

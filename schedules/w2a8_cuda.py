@@ -1,0 +1,195 @@
+"""W2A8 tensor-core schedule for NVIDIA Ampere (sm_80/86/87; tuned defaults for Jetson Orin Nano).
+
+Schedules schedules/w2a8.py's `w2a8_compute` unchanged (every step is an s_tir.Schedule primitive):
+
+    global --cp.async (LDGSTS, `stages`-deep pipeline)--> shared: q tile [BM, BK] int8,
+                                                          packed tile [BN, BK/4] uint8 (2 bits/weight)
+    shared q --ldmatrix.x4--> warp A fragments
+    shared packed --LDS.U8 + 6 integer ops--> B fragments decoded in registers (cuda_intrinsics.MMA_DECODE)
+    mma.sync.m16n8k32.s8.s8.s32 -> int32 accumulators (registers)
+    epilogue: out = float(acc) * w_scale / x_scale[row], written from the registers to global.
+
+Weights therefore cross global memory and shared memory at 2 bits each; they are never expanded
+to int8 in memory. Shapes: the tensor-core tiles need M % BM == N % BN == K % BK == 0; other shapes
+are scheduled on `w2a8_compute(padded(cfg, knobs))` and the caller pads (q with 0, packed with
+code 1 = weight 0, x_scale with 1) and slices; `padded` and `pad_operands` say how.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import cuda_intrinsics as ci
+from .w2a8 import KERNEL_ATTR, W2A8Config, w2a8_compute
+
+PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
+
+
+@dataclass(frozen=True)
+class W2A8CudaKnobs:
+    """Tile sizes and pipeline depth of one kernel instance (the tuning space)."""
+
+    block_m: int = 128  # rows of out per thread block
+    block_n: int = 128  # columns of out per thread block
+    block_k: int = 64  # k per pipeline stage (multiple of 32)
+    warps_m: int = 2  # warps along M; warp tile = (block_m / warps_m) x (block_n / warps_n)
+    warps_n: int = 2
+    stages: int = 3  # shared-memory buffers in flight (cp.async pipeline depth, >= 2)
+
+    def __post_init__(self):
+        wm, wn = self.block_m // max(self.warps_m, 1), self.block_n // max(self.warps_n, 1)
+        if (self.block_k % 32 or wm % 16 or wn % 16 or wm * self.warps_m != self.block_m
+                or wn * self.warps_n != self.block_n or self.stages < 2):
+            raise ValueError(f"invalid W2A8 CUDA knobs {self}: warp tiles must be multiples of 16x16, "
+                             "block_k a multiple of 32, stages >= 2")
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+    def shared_bytes(self) -> int:
+        """Shared memory per block: `stages` copies of the q tile (rows padded by 16 B) and packed tile."""
+        return self.stages * (self.block_m * (self.block_k + 16) + self.block_n * self.block_k // 4)
+
+
+# 2x2 warps of 64x64 for large M (the ViT token GEMMs: 1024 x 2048 x 512 is 128 blocks on 8 SMs);
+# for few rows one 16-row warp strip per warp along N and a deeper pipeline, since the kernel is
+# then bound by streaming the packed weights.
+DEFAULT = W2A8CudaKnobs()
+SMALL_M = W2A8CudaKnobs(block_m=16, block_n=128, block_k=128, warps_m=1, warps_n=4, stages=4)
+
+
+def default_knobs(cfg: W2A8Config) -> W2A8CudaKnobs:
+    return SMALL_M if cfg.m <= 32 else DEFAULT
+
+
+def _round_up(v: int, q: int) -> int:
+    return -(-v // q) * q
+
+
+def padded(cfg: W2A8Config, knobs: W2A8CudaKnobs) -> W2A8Config:
+    """The tile-aligned instance the kernel computes; equals cfg when cfg is already aligned."""
+    return replace(cfg, m=_round_up(cfg.m, knobs.block_m), n=_round_up(cfg.n, knobs.block_n),
+                   k=_round_up(cfg.k, knobs.block_k))
+
+
+def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale):
+    """numpy operands of cfg -> operands of padded(cfg): padding rows/columns contribute 0."""
+    p = padded(cfg, knobs)
+    qp = np.zeros((p.m, p.k), np.int8)
+    qp[: cfg.m, : cfg.k] = q
+    wp = np.full((p.n, p.k_packed), PACKED_ZERO, np.uint8)
+    wp[: cfg.n, : cfg.k_packed] = packed
+    xp = np.ones((p.m, 1), np.float32)
+    xp[: cfg.m] = x_scale
+    return qp, wp, xp
+
+
+def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
+    """s_tir.Schedule of w2a8_compute(padded(cfg, knobs)) -> the scheduled tensor-core PrimFunc.
+
+    The returned Schedule's trace replays on w2a8_compute's own PrimFunc (see tests)."""
+    import tvm
+    from tvm import s_tir
+
+    knobs = knobs or default_knobs(cfg)
+    p = padded(cfg, knobs)
+    ci.register()
+    func = w2a8_compute(p)
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    acc, deq = sch.get_sblock("acc"), sch.get_sblock("dequant")
+    wm, wn = knobs.block_m // knobs.warps_m, knobs.block_n // knobs.warps_n
+
+    # 16x16x32 tensor-core tiles become the inner block
+    i, j, k = sch.get_loops(acc)
+    i, i_tc = sch.split(i, [None, 16])
+    j, j_tc = sch.split(j, [None, 16])
+    k, k_tc = sch.split(k, [None, 32])
+    sch.reorder(i, j, k, i_tc, j_tc, k_tc)
+    tile = sch.blockize(i_tc)
+
+    # block tile -> warps -> 16x16 fragments; k -> pipeline stages of block_k
+    i0, i1, i2 = sch.split(i, [None, knobs.warps_m, wm // 16])
+    j0, j1, j2 = sch.split(j, [None, knobs.warps_n, wn // 16])
+    k0, k1 = sch.split(k, [None, knobs.block_k // 32])
+    sch.reorder(i0, j0, i1, j1, k0, k1, i2, j2)
+    sch.bind(sch.fuse(i0, j0), "blockIdx.x")
+    warp = sch.fuse(i1, j1)
+    sch.bind(warp, "threadIdx.y")
+
+    # accumulators live in registers (warp fragments); the dequantizing epilogue reads them there
+    sch.set_scope(tile, 0, "warp")
+    sch.reverse_compute_at(deq, warp)
+
+    def to_shared(idx, vec):
+        blk = sch.cache_read(tile, idx, "shared")
+        sch.compute_at(blk, k0)
+        _, ty, tx, v = sch.split(sch.fuse(*sch.get_loops(blk)[-2:]), [None, knobs.warps_m * knobs.warps_n, 32, vec])
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        sch.vectorize(v)
+        return blk
+
+    q_s = to_shared(0, 16)
+    sch.storage_align(q_s, 0, axis=-2, factor=32, offset=16)  # 16 B row skew: conflict-free ldmatrix
+    to_shared(1, min(16, knobs.block_k // 4))
+
+    a_w = sch.cache_read(tile, 0, "warp")
+    sch.compute_at(a_w, k1)
+    r, c = sch.get_loops(a_w)[-2:]
+    r0, r1 = sch.split(r, [None, 16])
+    c0, c1 = sch.split(c, [None, 32])
+    sch.reorder(r0, c0, r1, c1)
+    sch.transform_layout(a_w, ("write", 0), lambda a, b: (a // 16, b // 32, *ci.ldmatrix_16x32_layout(a % 16, b % 32)))
+    sch.transform_layout(tile, ("write", 0), lambda a, b: (a // 16, b // 16, *ci.accum_16x16_layout(a % 16, b % 16)))
+
+    r, c = sch.get_loops(deq)[-2:]
+    r0, r1 = sch.split(r, [None, 16])
+    c0, c1 = sch.split(c, [None, 16])
+    sch.reorder(r0, c0, r1, c1)
+
+    sch.decompose_reduction(tile, k0)
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc_init"))[-2], ci.FILL)
+    sch.tensorize(r1, ci.STORE_DEQUANT)
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.MMA_DECODE)
+    sch.tensorize(sch.get_loops(a_w)[-2], ci.LDMATRIX_A)
+
+    # pipeline: k0 runs [q fill, packed fill, (k1 prologue, body, epilogue)]; fills are async
+    last = knobs.stages - 1
+    sch.annotate(k0, "software_pipeline_stage", [0, 0, last, last, last])
+    sch.annotate(k0, "software_pipeline_order", [0, 1, 2, 3, 4])
+    sch.annotate(k0, "software_pipeline_async_stages", [0])
+    sch.annotate(k1, "software_pipeline_stage", [0, 1])
+    sch.annotate(k1, "software_pipeline_order", [0, 1])
+    return sch
+
+
+def scheduled_func(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
+    return schedule(cfg, knobs).mod["main"]
+
+
+def cuda_source(func, spec) -> str:
+    """CUDA C++ of a scheduled PrimFunc for TargetSpec `spec` (cp.async enabled), kernel named w2a8_kernel."""
+    import tvm
+
+    mod = tvm.IRModule({"w2a8": func.with_attr("global_symbol", "w2a8")})
+    with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
+        ex = tvm.compile(mod, target=spec.target())
+    return ex.mod.imports[0].inspect_source("cuda")
+
+
+def modeled_seconds(cfg: W2A8Config, facts: dict) -> dict:
+    """Roofline time of one W2A8 GEMM on a GPU with `facts` (targets/): the larger of int8 tensor-core
+    time at dense peak and DRAM time for compulsory traffic (q, packed weights, x_scale, fp32 out)."""
+    ops = 2 * cfg.m * cfg.n * cfg.k
+    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n
+    compute = ops / (facts["peak_int8_tops"] * 1e12)
+    memory = nbytes / (facts["dram_bandwidth_gbs"] * 1e9)
+    return {"ops": ops, "bytes": nbytes, "compute_s": compute, "memory_s": memory, "seconds": max(compute, memory),
+            "bound": "compute" if compute >= memory else "memory"}
+
+
+__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "cuda_source", "default_knobs", "modeled_seconds",
+           "pad_operands", "padded", "schedule", "scheduled_func"]
