@@ -30,16 +30,19 @@ def compile(
     no_bitlinear: bool = typer.Option(False, "--no-bitlinear", help="keep BitLinear layers as float matmuls"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="MedMNIST data set the model was trained on (label names for predict and eval)"),
+    db: Optional[Path] = typer.Option(None, "--db", help="tuning database from bmvcc tune (same target) to apply"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Compile a checkpoint into an artifact directory (module .so, weights, metadata.json)."""
     from .driver import CompileOptions, compile_model
 
     options = CompileOptions(target=target, batch=batch, heads=heads, image_size=image_size,
-                             trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset)
+                             trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset, db=db)
     report = compile_model(source, output, options, progress=_progress)
-    summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"]}
-    typer.echo(json.dumps(summary, indent=2) if as_json else f"compiled {source} -> {report.outdir} in {report.seconds:.1f} s")
+    summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
+               "kernels_from_db": report.metadata["tuning"]["kernels_from_db"]}
+    tuned = f" ({summary['kernels_from_db']} kernels from {db})" if db else ""
+    typer.echo(json.dumps(summary, indent=2) if as_json else f"compiled {source} -> {report.outdir} in {report.seconds:.1f} s{tuned}")
 
 
 @app.command()

@@ -21,6 +21,7 @@ class CompileOptions:
     trust_pickle: bool = False
     bitlinear: bool = True  # False: keep BitLinear as float matmuls (for comparison)
     dataset: str | None = None  # MedMNIST flag the model was trained on: label names for predict/eval
+    db: Path | None = None  # tuning database directory from bmvcc tune
 
 
 @dataclass
@@ -37,6 +38,10 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
 
     start = time.perf_counter()
     spec = get_target(options.target)
+    if options.db is not None:  # refuse a database of another target before minutes of work
+        from .tunedb import check_target
+
+        check_target(options.db, spec)
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
@@ -52,9 +57,10 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     from .build import build
 
     with artifact.staging(outdir) as tmp:
-        build(mod, spec, tmp / artifact.MODULE, progress)
+        from_db = build(mod, spec, tmp / artifact.MODULE, progress, db=options.db)
         _save_weights(weights, tmp / artifact.WEIGHTS)
         metadata = _metadata(source, spec, options, pass_report, weights, dataset)
+        metadata["tuning"] = {"db": str(options.db) if options.db else None, "kernels_from_db": from_db}
         artifact.write_metadata(tmp, metadata)
     seconds = time.perf_counter() - start
     progress(f"wrote {outdir} in {seconds:.1f} s")

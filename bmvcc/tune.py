@@ -1,6 +1,6 @@
 """bmvcc tune: MetaSchedule search over the kernels of a compiled model, recorded in a tuning database.
 
-Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (tunedb.legalize_and_fuse) -> one task per
+Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (schedules/cpu_default.py) -> one task per
 distinct PrimFunc. bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner
 registered in schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
 MetaSchedule's default space. Search: evolutionary with the XGBoost cost model, one task after another.
@@ -40,7 +40,7 @@ POPULATION = 128  # evolutionary population: MetaSchedule's 512 costs minutes of
 class TuneOptions:
     target: str = "host"
     trials: int = 64  # per task, counted over all runs into the same database
-    batch: int = 1
+    batch: int | None = None  # None: 1, or an ONNX model's own static batch (as compile)
     heads: int | None = None
     image_size: int | None = None
     trust_pickle: bool = False
@@ -178,8 +178,16 @@ def _runner(spec, options: TuneOptions):
     return ms.runner.LocalRunner(evaluator_config=_evaluator(), timeout_sec=RUN_TIMEOUT_S), "this machine"
 
 
+def _default_schedule(defaults, name: str, task_mod):
+    """The task's PrimFunc as bmvcc compile schedules it without a database, as a one-function module."""
+    import tvm
+
+    func = defaults[name] if any(gv.name_hint == name for gv in defaults.functions) else task_mod["main"]
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
 def _measure_default(mod, target, builder, runner) -> float | None:
-    """Seconds of a task's PrimFunc as it is (its default schedule), measured like a candidate."""
+    """Seconds of one PrimFunc module, built and measured like a candidate."""
     from tvm.s_tir import meta_schedule as ms
 
     (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
@@ -294,10 +302,14 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
-    progress("exporting with torch.export and importing into Relax")
-    mod, _weights, _ = run_pipeline(frontend.to_relax(source, options.batch), spec)
+    batch = frontend.resolve_batch(source, options.batch)
+    progress("importing into Relax and running bmvcc passes")
+    mod, _weights, _ = run_pipeline(frontend.to_relax(source, batch), spec)
     target = spec.target()
-    mod = tunedb.legalize_and_fuse(mod, target)
+    from .schedules.cpu_default import legalize_and_fuse, schedule_cpu_module
+
+    mod = legalize_and_fuse(mod, target)
+    defaults = schedule_cpu_module(mod, target)  # what bmvcc compile builds without a database
 
     from tvm.s_tir import meta_schedule as ms
 
@@ -309,8 +321,8 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     if options.tasks:
         tasks = [t for t in tasks if t.task_name in options.tasks]
     db, key = tunedb.open_for_tuning(db_dir, spec)
-    model_id = f"{sha256(source.path)}:batch{options.batch}"
-    model_entry = key["models"].setdefault(model_id, {"source": source.path.name, "batch": options.batch, "tasks": {}})
+    model_id = f"{sha256(source.path)}:batch{batch}"
+    model_entry = key["models"].setdefault(model_id, {"source": source.path.name, "batch": batch, "tasks": {}})
     progress(f"{len(tasks)} tasks for {spec.name}, {options.trials} trials each, measured on {devices}; "
              f"database {db_dir}")
 
@@ -324,7 +336,7 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         entry = model_entry["tasks"].setdefault(task.task_name, {"kind": kind, "weight": int(task.weight)})
         if "default_us" not in entry:
             progress(f"[{index}/{len(tasks)}] measuring the default schedule of {task.task_name}")
-            default_s = _measure_default(task_mod, target, builder, runner)
+            default_s = _measure_default(_default_schedule(defaults, task.task_name, task_mod), target, builder, runner)
             entry["default_us"] = default_s * 1e6 if default_s else None
             tunedb.write_key(db_dir, key)
         recorded = len(_records(db, task_mod))

@@ -13,9 +13,10 @@ so several models (or batch sizes) of the same target can share a directory: ide
 records and each model only finds its own. bmvcc-db.json lists the models tuned into it (checkpoint
 sha256 and batch) with each task's default-schedule latency, for the reports.
 
-Tasks are the PrimFuncs of the module after bmvcc's passes, TVM's CPU legalization and fusion
-(`legalize_and_fuse`); compile with a database applies it to the same fused module and then lowers
-without fusing again (a second FuseOps re-fuses some kernels, which would orphan their records).
+Tasks are the PrimFuncs of the module after bmvcc's passes and the CPU legalization and fusion of
+schedules/cpu_default.py (`legalize_and_fuse`); compile with a database applies it to the same fused
+module (marking tuned PrimFuncs tirx.is_scheduled) before the default schedules, which skip those.
+That relies on `legalize_and_fuse` being idempotent on its own output (checked in tests/test_tune.py).
 """
 
 from __future__ import annotations
@@ -111,38 +112,18 @@ def open_database(db_dir: Path):
     return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
 
 
-def legalize_and_fuse(mod, target):
-    """bmvcc's Relax module -> Relax calling fused TIR PrimFuncs: the tasks tuning sees and compile applies."""
-    import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    with target:
-        return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
-
-
-def lowering_pipeline(target):
-    """The rest of TVM's CPU pipeline after `legalize_and_fuse` (no second fusion)."""
-    import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _lower(mod, _ctx):
-        with target:
-            return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))(mod)
-
-    return _lower
-
-
 def apply_database(mod, spec, db_dir: Path):
-    """(fused module with tuned PrimFuncs marked tirx.is_scheduled, number of kernels from the database)."""
-    import tvm
+    """bmvcc's Relax module ->
+    (fused module with tuned PrimFuncs marked tirx.is_scheduled, number of kernels from the database)."""
     from tvm import relax
+
+    from .schedules.cpu_default import legalize_and_fuse
 
     check_target(db_dir, spec)
     target = spec.target()
     mod = legalize_and_fuse(mod, target)
     before = _scheduled(mod)
-    with target, open_database(db_dir):
+    with target:
         mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
     return mod, len(_scheduled(mod) - before)
 

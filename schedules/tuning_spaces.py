@@ -10,17 +10,21 @@ instead of fixed numbers, and keeps the tensorize calls. The decisions land in t
 evolutionary search can mutate them (MutateTileSize, MutateUnroll, MutateParallel) and the database
 replays them at compile time. A kernel with no registered space keeps its hand schedule (not tuned).
 
-The w2a8 space here is for CPUs without VNNI (the AVX2 path): the reference compute of schedules/w2a8.py
-tiled over (m, n, k), the decode and multiply-accumulate vectorized over n, the dequant epilogue fused
-into each (m, n) tile. Replace it with the owner's knob-driven schedule once schedules/w2a8_cpu.py
-exposes one.
+A space must be made of schedule primitives only, applied to the kernel's PrimFunc as the passes
+emit it: the database stores the trace and replays it on that PrimFunc. A schedule that first rewrites
+the function (as schedules/w2a8_cpu.py's `_restage` does) cannot be recorded; its knobs (CpuKnobs mr,
+nt) become tunable once the restaging is expressed with primitives (pad_einsum / cache_read /
+transform_layout / blockize), or once the knob choice is stored beside MetaSchedule's database.
+Spaces register when their module is imported: list the module in `_SPACE_MODULES`.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 _SPACES: dict[tuple[str, str], Callable] = {}
+_SPACE_MODULES: tuple[str, ...] = ()  # modules of this package that register spaces, e.g. ("w2a8_cpu",)
 
 
 def tuning_space(kernel: str, device: str = "cpu"):
@@ -34,6 +38,8 @@ def tuning_space(kernel: str, device: str = "cpu"):
 
 
 def has_space(kernel: str, target) -> bool:
+    for name in _SPACE_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
     return (kernel, _device(target)) in _SPACES
 
 
@@ -47,20 +53,3 @@ def space_for(kernel: str, target):
 
 def _device(target) -> str:
     return "cuda" if target.kind.name == "cuda" else "cpu"
-
-
-@tuning_space("w2a8", device="cpu")
-def w2a8_cpu_avx2(sch, target) -> None:
-    acc, dequant = sch.get_sblock("acc"), sch.get_sblock("dequant")
-    i, j, k = sch.get_loops(acc)
-    io, ii = sch.split(i, sch.sample_perfect_tile(i, n=2, max_innermost_factor=16))
-    jo, jm, ji = sch.split(j, sch.sample_perfect_tile(j, n=3, max_innermost_factor=32))  # ji: vector lanes
-    ko, ki = sch.split(k, sch.sample_perfect_tile(k, n=2, max_innermost_factor=64))
-    sch.reorder(io, jo, ko, ii, jm, ki, ji)
-    sch.reverse_compute_at(dequant, jo)  # dequantize each (m, n) tile while its accumulators are in cache
-    root = sch.get_sblock("root")
-    cores = int(target.attrs.get("num-cores", 1))
-    sch.annotate(root, "meta_schedule.parallel", 16 * cores)
-    sch.annotate(root, "meta_schedule.vectorize", 64)
-    sch.annotate(root, "meta_schedule.unroll_explicit",
-                 sch.sample_categorical([0, 16, 64, 512], probs=[0.25, 0.25, 0.25, 0.25]))
