@@ -1,0 +1,183 @@
+"""W2A8 sm_87 tensor-core kernel: compute definition vs numpy on the CPU, the GPU schedule derived from that
+same definition, and static checks of the SASS ptxas produces (no GPU needed; GPU runs are marked gpu)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bmvcc import targets
+from bmvcc.schedules import cuda_intrinsics as ci
+from bmvcc.schedules import w2a8_cuda as wc
+from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy
+
+tvm = pytest.importorskip("tvm")
+from bmvcc.targets import cuda_toolchain as tc  # noqa: E402
+
+ORIN = targets.get("jetson-orin-nano")
+
+
+def _operands(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-128, 128, (cfg.m, cfg.k), dtype=np.int8)
+    packed = pack_ternary(rng.integers(-1, 2, (cfg.n, cfg.k)))
+    x_scale = rng.uniform(0.5, 40.0, (cfg.m, 1)).astype(np.float32)
+    return q, packed, x_scale, np.float32(0.0123)
+
+
+def _run_cpu(func, *arrays, out_shape):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.empty(out_shape, "float32", tvm.cpu())]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("m,n,k", [(16, 128, 64), (5, 24, 70)])
+def test_padded_compute_matches_numpy(m, n, k):
+    """The definition the GPU kernel computes: w2a8_compute on the tile-padded operands, sliced back,
+    equals numpy's W2A8 on the original ones (K = 70: neither a multiple of 32 nor of 4)."""
+    cfg = W2A8Config(m, n, k)
+    knobs = wc.default_knobs(cfg)
+    p = wc.padded(cfg, knobs)
+    q, packed, xs, ws = _operands(cfg)
+    qp, wp, xp = wc.pad_operands(cfg, knobs, q, packed, xs)
+    assert (unpack_ternary(wp, p.k)[cfg.n:] == 0).all() and (unpack_ternary(wp, p.k)[:, cfg.k:] == 0).all()
+    got = _run_cpu(w2a8_compute(p), qp, wp, xp, np.array([ws], np.float32), out_shape=(p.m, p.n))[:m, :n]
+    # acc is exact in both; the float epilogue is the same two fp32 roundings: 1e-6 relative
+    np.testing.assert_allclose(got, w2a8_numpy(q, packed, xs, ws, k), rtol=1e-6, atol=1e-6)
+
+
+def test_register_decode_matches_unpack():
+    """The in-register decode (one packed byte -> four int8 in a uint32) for all 256 bytes, run on the CPU
+    as TIR, equals the contract's unpack_ternary (bytes with the unused code 3 included: no borrows)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def decode(b: T.Buffer((256,), "uint8"), w: T.Buffer((256,), "uint32")):
+        for i in range(256):
+            w[i] = ci._decode_word(b[i])
+
+    got = _run_u32(decode)
+    byte = np.arange(256, dtype=np.uint8)
+    lanes = got.view(np.int8).reshape(256, 4)  # little endian: code i in byte i
+    codes = ((byte[:, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).astype(np.int8) - 1
+    np.testing.assert_array_equal(lanes, codes)
+    valid = [b for b in range(256) if all((b >> s) & 3 != 3 for s in (0, 2, 4, 6))]
+    np.testing.assert_array_equal(lanes[valid], unpack_ternary(byte[valid, None], 4))
+
+
+def _run_u32(func):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    b = tvm.runtime.tensor(np.arange(256, dtype=np.uint8))
+    w = tvm.runtime.empty((256,), "uint32", tvm.cpu())
+    lib["main"](b, w)
+    return w.numpy()
+
+
+@pytest.fixture(scope="module")
+def ffn_schedule():
+    return wc.schedule(W2A8Config(1024, 2048, 512))
+
+
+def test_schedule_derives_from_contract(ffn_schedule):
+    """Replaying the schedule's trace on a fresh w2a8_compute gives the same scheduled function: every step
+    is a schedule primitive on the contract's definition, and the interface is unchanged."""
+    from tvm import s_tir
+
+    cfg = W2A8Config(1024, 2048, 512)
+    fresh = s_tir.Schedule(tvm.IRModule({"main": w2a8_compute(cfg)}))
+    ffn_schedule.trace.apply_to_schedule(fresh, remove_postproc=False)
+    tvm.ir.assert_structural_equal(fresh.mod, ffn_schedule.mod)
+    scheduled, contract = ffn_schedule.mod["main"], w2a8_compute(cfg)
+    assert [str(p.name) for p in scheduled.params] == [str(p.name) for p in contract.params]
+    for p_s, p_c in zip(scheduled.params, contract.params):
+        assert (p_s.ty.dtype, [int(x) for x in p_s.ty.shape]) == (p_c.ty.dtype, [int(x) for x in p_c.ty.shape])
+    assert scheduled.attrs[wc.KERNEL_ATTR] == "w2a8"
+    names = [inst.kind.name for inst in ffn_schedule.trace.insts]
+    assert names.count("Tensorize") == 4 and "Blockize" in names
+
+
+def _check_sass(cfg, knobs, spec=ORIN):
+    func = wc.scheduled_func(cfg, knobs)
+    src = wc.cuda_source(func, spec)
+    assert src.count("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32") > 0 and "cp.async" in src
+    cubin = tc.compile_cuda(src, spec.facts["arch"])
+    (res,) = cubin.resources
+    ops = cubin.opcode_counts()
+    facts = spec.facts
+    assert ops.get("IMMA.16832.S8.S8", 0) > 0, ops
+    assert any(o.startswith("LDSM") for o in ops), ops
+    assert any(o.startswith("LDGSTS") for o in ops), ops
+    assert res.spill_stores == res.spill_loads == res.stack_bytes == 0, res
+    assert not any(o.startswith(("STL", "LDL")) for o in ops), ops  # no local memory at all
+    assert res.registers <= facts["max_registers_per_thread"]
+    assert res.registers * knobs.threads <= facts["registers_per_sm"]
+    assert res.shared_bytes == knobs.shared_bytes() <= facts["static_shared_bytes"]
+    # the packed weights reach shared memory as 2-bit bytes: shared traffic for B is 1 byte per 4 weights
+    assert ops.get("LDS.U8", 0) > 0
+    return res, ops
+
+
+@pytest.mark.parametrize("cfg,knobs", [(W2A8Config(1024, 2048, 512), wc.DEFAULT),
+                                       (W2A8Config(8, 512, 100), wc.SMALL_M)],
+                         ids=["ffn1-1024x2048x512", "small-m-8x512x100"])
+def test_sass_static(cfg, knobs):
+    """ptxas output for Jetson Orin Nano (sm_87): tensor-core IMMA, ldmatrix (LDSM), cp.async (LDGSTS),
+    no spills, registers and shared memory within sm_87 limits."""
+    _check_sass(cfg, knobs)
+
+
+def test_toolchain_missing_package_is_a_bmvcc_error(monkeypatch):
+    import importlib.util
+
+    from bmvcc.errors import BmvccError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nvidia.cuda_nvcc" else real(name, *a))
+    with pytest.raises(BmvccError, match="nvidia-cuda-nvcc-cu12.*pip install"):
+        tc.ptxas()
+
+
+def test_knobs_validated():
+    with pytest.raises(ValueError, match="multiples of 16x16"):
+        wc.W2A8CudaKnobs(block_m=48, warps_m=2)
+    with pytest.raises(ValueError, match="block_k"):
+        wc.W2A8CudaKnobs(block_k=48)
+
+
+def test_modeled_time_orin_nano():
+    facts = ORIN.facts
+    t = wc.modeled_seconds(W2A8Config(1024, 2048, 512), facts)
+    # 2.15 GOP at 20.48 dense TOPS = 105 us; 10 MB of traffic at 68 GB/s = 148 us: memory bound (fp32 out)
+    assert t["bound"] == "memory" and t["seconds"] == pytest.approx(t["bytes"] / 68e9)
+    assert t["compute_s"] == pytest.approx(2 * 1024 * 2048 * 512 / 20.48e12)
+
+
+def _cuda_available():
+    try:
+        return tvm.cuda(0).exist
+    except Exception:  # noqa: BLE001 - a runtime without CUDA support raises instead of returning False
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m,n,k", [(256, 256, 128), (5, 40, 70)])
+def test_gpu_matches_numpy(m, n, k):
+    """On a CUDA GPU (sm_80+): the scheduled kernel on padded operands equals numpy (exact int32
+    accumulation; the epilogue's acc * (w_scale / x_scale) is within 2 fp32 ulp of (acc * w_scale) / x_scale)."""
+    cfg = W2A8Config(m, n, k)
+    knobs = wc.default_knobs(cfg)
+    p = wc.padded(cfg, knobs)
+    q, packed, xs, ws = _operands(cfg, seed=1)
+    qp, wp, xp = wc.pad_operands(cfg, knobs, q, packed, xs)
+    dev = tvm.cuda(0)
+    arch = "sm_" + dev.compute_version.replace(".", "")
+    target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
+    mod = tvm.IRModule({"main": wc.scheduled_func(cfg, knobs).with_attr("global_symbol", "main")})
+    with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
+        lib = tvm.compile(mod, target=target)
+    args = [tvm.runtime.tensor(a, dev) for a in (qp, wp, xp, np.array([ws], np.float32))]
+    out = tvm.runtime.empty((p.m, p.n), "float32", dev)
+    lib["main"](*args, out)
+    np.testing.assert_allclose(out.numpy()[:m, :n], w2a8_numpy(q, packed, xs, ws, k), rtol=5e-7, atol=1e-6)
