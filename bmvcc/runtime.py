@@ -158,12 +158,12 @@ class CompiledModel:
         """[N, C, H, W] float32 (a single [C, H, W] image is batched); anything else is a BmvccError."""
         if not isinstance(images, np.ndarray):
             raise BmvccError(f"input is a {type(images).__name__}, not a numpy array; pass float32 NCHW images")
-        per_image = self.input_shape[1:]
+        per_image, given = self.input_shape[1:], images.shape
         if images.ndim == len(per_image):
             images = images[None]
         if images.shape[1:] != per_image or images.shape[0] == 0:
             raise BmvccError(
-                f"input has shape {images.shape}, the model takes (N, {', '.join(map(str, per_image))}) float32 images "
+                f"input has shape {given}, the model takes (N, {', '.join(map(str, per_image))}) float32 images "
                 "with N >= 1; resize or reorder to NCHW"
             )
         if images.dtype != np.dtype(self.input_dtype):
