@@ -3,11 +3,15 @@
 `load` reads and validates the file (one line per problem: corrupt or truncated file, an opset or
 operator TVM's frontend does not implement, an input that is not one float NCHW image batch);
 `to_relax` imports it with a static batch through TVM's ONNX graph importer (what `from_onnx` runs),
-with two differences that make bmvcc's passes see an exported BitLinear as they see one from a
-checkpoint: ONNX `Clip` with constant bounds becomes `relax.clip`, the spelling torch.export gives,
-where TVM's converter emits two opaque TE calls (maximum, minimum) that no Relax pattern can read;
-and every initializer constant carries its ONNX name in its span, as bmvcc.frontend gives PyTorch
-weights their parameter names (the pass reports name layers by it).
+with three differences that make bmvcc's passes see an exported BitLinear as they see one from a
+checkpoint:
+- ONNX `Clip` with constant bounds becomes `relax.clip`, the spelling torch.export gives, where TVM's
+  converter emits two opaque TE calls (maximum, minimum) that no Relax pattern can read;
+- `DequantizeLinear` of a constant with one scale and zero point (a quantized weight) becomes its
+  definition, `(astype(x, float32) - zp) * scale`, plain arithmetic that the passes evaluate at
+  compile time like a checkpoint's weight quantization (instead of `relax.dequantize`);
+- every initializer constant carries its ONNX name in its span, as bmvcc.frontend gives PyTorch
+  weights their parameter names (the pass reports name layers by it).
 """
 
 from __future__ import annotations
@@ -159,6 +163,10 @@ def to_relax(graph: OnnxGraph, batch: int):
                 self._nodes[init.name] = relax._ffi_api.MakeTensorConst(const.value, None, span)
 
         def _convert_operator(self, op_name, inputs, attrs, opset):
+            if op_name == "DequantizeLinear" and not attrs.get("block_size", 0):
+                dequantized = _per_tensor_dequantize(inputs)
+                if dequantized is not None:
+                    return self.bb.normalize(dequantized)
             if op_name == "Clip" and opset >= 11:
                 bounds = [_const_scalar(inputs[1]), _const_scalar(inputs[2])]
                 if all(b is not False for b in bounds):
@@ -180,6 +188,22 @@ def to_relax(graph: OnnxGraph, batch: int):
     out = mod.clone()
     out["main"] = main
     return out
+
+
+def _per_tensor_dequantize(inputs):
+    """(x - zp) * scale for a constant x with a one-element scale and zero point, else None."""
+    import tvm
+    from tvm import relax
+
+    x, scale, zp = inputs[0], inputs[1], inputs[2]
+    s, z = _const_scalar(scale), (0.0 if zp is None else _const_scalar(zp))
+    if not isinstance(x, tvm.ir.GenericConst) or s in (None, False) or z is False:
+        return None
+    dtype = str(scale.value.dtype)
+    w = relax.op.astype(x, dtype)
+    if z:
+        w = relax.op.subtract(w, relax.const(z, dtype))
+    return relax.op.multiply(w, scale)
 
 
 def _const_scalar(e):
