@@ -132,6 +132,7 @@ def tune(
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker (remote devices)"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key registered at the tracker"),
     task: List[str] = typer.Option([], "--task", help="tune only this task (repeatable; default: all tasks)"),
+    per_round: int = typer.Option(8, "--per-round", help="candidates built and measured per search round (saved after each)"),
     batch: int = typer.Option(1, "--batch", help="static batch size (as for bmvcc compile)"),
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
@@ -144,7 +145,7 @@ def tune(
 
     options = TuneOptions(target=target, trials=trials, batch=batch, heads=heads, image_size=image_size,
                           trust_pickle=trust_pickle, rpc_tracker=rpc_tracker, rpc_key=rpc_key, tasks=tuple(task),
-                          seed=seed)
+                          per_round=per_round, seed=seed)
     report = tune_model(source, db, options, progress=_progress)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else
                f"{report.table()}\ntuned {len(report.tasks)} tasks for {report.target} on {report.devices} "

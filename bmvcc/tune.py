@@ -32,7 +32,6 @@ from .errors import BmvccError
 
 BUILD_TIMEOUT_S = 300  # a cold builder worker plus an LLVM build of one fused kernel on a busy 2-core machine
 RUN_TIMEOUT_S = 60  # one candidate on a device, including the RPC session; a dead device fails after this
-TRIALS_PER_ITER = 8  # candidates built and measured per search round
 POPULATION = 128  # evolutionary population: MetaSchedule's 512 costs minutes of cost-model time per round on 2 cores
 
 
@@ -47,6 +46,7 @@ class TuneOptions:
     rpc_tracker: str | None = None  # "HOST:PORT"
     rpc_key: str | None = None
     tasks: tuple[str, ...] = ()  # only these task names (default: all)
+    per_round: int = 8  # candidates built and measured per search round; records are saved after each
     seed: int = 0
 
 
@@ -226,13 +226,10 @@ def _space(mod, target):
 
 def _records(db, mod) -> list:
     """All records of this task's workload, failed ones included."""
-    import tvm
+    from .tunedb import workload_id
 
-    if not db.has_workload(mod):
-        return []
-    workload = db.commit_workload(mod)
-    return [r for r in db.get_all_tuning_records() if r.workload.same_as(workload)
-            or tvm.ir.structural_hash(r.workload.mod) == tvm.ir.structural_hash(mod)]
+    wid = workload_id(mod)
+    return [r for r in db.get_all_tuning_records() if workload_id(r.workload.mod) == wid]
 
 
 def _seconds(record) -> float | None:
@@ -293,8 +290,8 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     from .passes.pipeline import run_pipeline
     from .targets import get as get_target
 
-    if options.trials < 1:
-        raise BmvccError(f"--trials {options.trials} must be at least 1")
+    if options.trials < 1 or options.per_round < 1:
+        raise BmvccError(f"--trials {options.trials} and --per-round {options.per_round} must be at least 1")
     start = time.perf_counter()
     spec = get_target(options.target)
     db_dir = Path(db_dir)
@@ -333,7 +330,8 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     for index, (task, logger) in enumerate(zip(tasks, loggers), 1):
         task_mod = task.dispatched[0]
         space, kind = _space(task_mod, target)
-        entry = model_entry["tasks"].setdefault(task.task_name, {"kind": kind, "weight": int(task.weight)})
+        entry = model_entry["tasks"].setdefault(task.task_name, {"kind": kind, "weight": int(task.weight),
+                                                                   "workload": tunedb.workload_id(task_mod)})
         if "default_us" not in entry:
             progress(f"[{index}/{len(tasks)}] measuring the default schedule of {task.task_name}")
             default_s = _measure_default(_default_schedule(defaults, task.task_name, task_mod), target, builder, runner)
@@ -353,7 +351,7 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
                 callbacks.append(_progress_callback(bar.advance))
             ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(db_dir),
                           max_trials_global=remaining, max_trials_per_task=remaining,
-                          num_trials_per_iter=min(TRIALS_PER_ITER, remaining), builder=builder, runner=runner,
+                          num_trials_per_iter=min(options.per_round, remaining), builder=builder, runner=runner,
                           database=db, cost_model=ms.cost_model.XGBModel(
                               extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True),
                           measure_callbacks=callbacks, task_scheduler="round-robin")
@@ -361,8 +359,10 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
             bar.close()
         records = _records(db, task_mod)
         times = [s for s in map(_seconds, records) if s is not None]
+        entry["best_us"] = min(times) * 1e6 if times else None
+        tunedb.write_key(db_dir, key)  # compile --db applies a task's records only if they beat its default
         report.tasks.append(TaskResult(task.task_name, kind, int(task.weight), entry["default_us"],
-                                       min(times) * 1e6 if times else None, len(records),
-                                       len(records) - len(times), len(records) - recorded))
+                                       entry["best_us"], len(records), len(records) - len(times),
+                                       len(records) - recorded))
     report.seconds = time.perf_counter() - start
     return report

@@ -119,13 +119,36 @@ def apply_database(mod, spec, db_dir: Path):
 
     from .schedules.cpu_default import legalize_and_fuse
 
-    check_target(db_dir, spec)
+    key = check_target(db_dir, spec)
     target = spec.target()
     mod = legalize_and_fuse(mod, target)
     before = _scheduled(mod)
-    with target:
-        mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
+    with target, winning_records(open_database(db_dir), key):
+        mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod, len(_scheduled(mod) - before)
+
+
+def winning_records(db, key: dict):
+    """An in-memory database with the records of the workloads whose best tuned schedule beat bmvcc's
+    default one when `bmvcc tune` measured both (a short search can lose to the rule-based schedules)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    wins = {entry["workload"] for model in key.get("models", {}).values() for entry in model["tasks"].values()
+            if entry.get("best_us") is not None and (entry.get("default_us") is None or entry["best_us"] < entry["default_us"])}
+    memory = ms.database.MemoryDatabase()
+    for record in db.get_all_tuning_records():
+        if workload_id(record.workload.mod) in wins:
+            memory.commit_workload(record.workload.mod)
+            memory.commit_tuning_record(record)
+    return memory
+
+
+def workload_id(mod) -> str:
+    """A task's identity across runs: MetaSchedule's structural hash of its one-function module."""
+    import tvm
+
+    return f"{tvm.ir.structural_hash(mod):x}"
 
 
 def _scheduled(mod) -> set[str]:
