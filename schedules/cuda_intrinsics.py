@@ -4,9 +4,9 @@
 module defines only what schedules/w2a8_cuda.py tensorizes, with int64 indices like w2a8_compute:
 
 - LDMATRIX_A: int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's mma_ldmatrix_i8_a.
-- MMA_DECODE: C[16,16] += A[16,32] * T[16,32]^T where T is read as *packed 2-bit codes* from shared
-  (uint8 [16, 8]) and decoded in registers straight into the mma.sync B fragment, then two
-  `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is w2a8_compute's decode expression.
+- MMA_DECODE (mma_decode(F)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
+  codes* from shared (uint8 [16, 8]), decoded once in registers straight into the mma.sync B fragment,
+  then 2F `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is w2a8_compute's decode expression.
 - FILL: zero a 16x16 int32 accumulator fragment.
 - STORE_DEQUANT: out[16,16] = float(C) * w_scale / x_scale[row], the dequantizing epilogue written from
   the accumulator fragment to global memory.
@@ -21,7 +21,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 LDMATRIX_A = "bmvcc_ldmatrix_i8_a_16x32"
-MMA_DECODE = "bmvcc_mma_i8_ternary_16x16x32"
+MMA_DECODE = "bmvcc_mma_i8_ternary_16x16x32"  # prefix: one intrinsic per row-fragment count (mma_decode)
 FILL = "bmvcc_mma_fill_i32_16x16"
 STORE_DEQUANT = "bmvcc_mma_store_dequant_16x16"
 
@@ -94,49 +94,67 @@ def _decode(bp, j, k):
     return T.Cast("int32", code) - 1
 
 
-@T.prim_func(s_tir=True)
-def _mma_desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-    A = T.match_buffer(a, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
-    B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared")
-    C = T.match_buffer(c, (_I(32), _I(8)), "int32", align=64, offset_factor=16, scope="warp")
-    with T.sblock("root"):
-        T.reads(C[0:32, 0:8], A[0:32, 0:16], B[0:16, 0:8])
-        T.writes(C[0:32, 0:8])
-        for i, j, k in T.grid(_I(16), _I(16), _I(32)):
-            with T.sblock("C"):
-                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
-                tc, ec = T.meta_var(accum_16x16_layout(vi, vj))
-                ta, ea = T.meta_var(ldmatrix_16x32_layout(vi, vk))
-                T.reads(C[tc, ec], A[ta, ea], B[vj, vk // _I(4)])
-                T.writes(C[tc, ec])
-                C[tc, ec] = C[tc, ec] + T.Cast("int32", A[ta, ea]) * _decode(B, vj, vk)
+def mma_decode(frags: int) -> str:
+    """Register (once) and name the intrinsic C[16F,16] += A[16F,32] * T[16,32]^T for F = `frags` row
+    fragments: the packed B tile is decoded once and feeds 2F mma.sync (decode cost / F).
 
+    A and C are a warp's fragments [F, 1, 32, elems] (row fragment, column fragment, thread, element),
+    the layouts schedules/w2a8_cuda.py gives them."""
+    from tvm.s_tir import TensorIntrin
 
-@T.prim_func(s_tir=True)
-def _mma_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
-    s0 = T.int64()
-    s1 = T.int64()
-    A = T.match_buffer(a, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
-    B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared", strides=[s0, s1])
-    C = T.match_buffer(c, (_I(32), _I(8)), "int32", align=64, offset_factor=16, scope="warp")
-    with T.sblock("root"):
-        T.reads(C[0:32, 0:8], A[0:32, 0:16], B[0:16, 0:8])
-        T.writes(C[0:32, 0:8])
-        for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
-            # B fragment of n8 half h: register r holds codes k = 16r + 4(tx%4) + 0..3 of column
-            # n = 8h + tx/4, i.e. exactly packed byte [n, 4r + tx%4]
-            with T.sblock("decode"):  # a block, so that software pipelining sees the fragment buffer
-                T.reads(C[0:32, 0:8], A[0:32, 0:16], B[0:16, 0:8])
-                T.writes(C[0:32, 0:8])
-                frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
-                for h, r in T.grid(2, 2):
-                    frag[h * 2 + r] = _decode_word(B[_I(8) * h + tx // 4, _I(4) * r + tx % 4])
-                for h in range(2):
-                    T.evaluate(T.ptx_legacy.mma("m16n8k32", "row", "col", "int8", "int8", "int32",
-                                                A.data, A.elem_offset + tx * _I(16),
-                                                frag.data, h * 2,
-                                                C.data, C.elem_offset + tx * _I(8) + h * 4,
-                                                False, dtype="int32"))
+    name = f"{MMA_DECODE}_x{frags}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    F, M = _I(frags), _I(16 * frags)
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (F, _I(1), _I(32), _I(16)), "int8", align=64, offset_factor=16, scope="warp")
+        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared")
+        C = T.match_buffer(c, (F, _I(1), _I(32), _I(8)), "int32", align=64, offset_factor=8, scope="warp")
+        with T.sblock("root"):
+            T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
+            T.writes(C[0:F, 0:1, 0:32, 0:8])
+            for i, j, k in T.grid(M, _I(16), _I(32)):
+                with T.sblock("C"):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                    tc, ec = T.meta_var(accum_16x16_layout(vi % 16, vj))
+                    ta, ea = T.meta_var(ldmatrix_16x32_layout(vi % 16, vk))
+                    T.reads(C[vi // 16, 0, tc, ec], A[vi // 16, 0, ta, ea], B[vj, vk // _I(4)])
+                    T.writes(C[vi // 16, 0, tc, ec])
+                    C[vi // 16, 0, tc, ec] = C[vi // 16, 0, tc, ec] + T.Cast("int32", A[vi // 16, 0, ta, ea]) * _decode(B, vj, vk)
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        a0, a1, a2, a3 = T.int64(), T.int64(), T.int64(), T.int64()
+        b0, b1 = T.int64(), T.int64()
+        c0, c1, c2, c3 = T.int64(), T.int64(), T.int64(), T.int64()
+        A = T.match_buffer(a, (F, _I(1), _I(32), _I(16)), "int8", align=64, offset_factor=16, scope="warp",
+                           strides=[a0, a1, a2, a3])
+        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared", strides=[b0, b1])
+        C = T.match_buffer(c, (F, _I(1), _I(32), _I(8)), "int32", align=64, offset_factor=8, scope="warp",
+                           strides=[c0, c1, c2, c3])
+        with T.sblock("root"):
+            T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
+            T.writes(C[0:F, 0:1, 0:32, 0:8])
+            for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
+                # B fragment of n8 half h: register r holds codes k = 16r + 4(tx%4) + 0..3 of column
+                # n = 8h + tx/4, i.e. exactly packed byte [n, 4r + tx%4]
+                with T.sblock("decode"):  # a block, so that software pipelining sees the fragment buffer
+                    T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
+                    T.writes(C[0:F, 0:1, 0:32, 0:8])
+                    frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                    for h, r in T.grid(2, 2):
+                        frag[h * 2 + r] = _decode_word(B[_I(8) * h + tx // 4, _I(4) * r + tx % 4])
+                    for f, h in T.grid(F, 2):
+                        T.evaluate(T.ptx_legacy.mma("m16n8k32", "row", "col", "int8", "int8", "int32",
+                                                    A.data, A.elem_offset + f * a0 + tx * _I(16),
+                                                    frag.data, h * 2,
+                                                    C.data, C.elem_offset + f * c0 + tx * _I(8) + h * 4,
+                                                    False, dtype="int32"))
+
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
 @T.prim_func(s_tir=True)
@@ -205,9 +223,9 @@ def _store_impl(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> Non
 
 
 def register() -> None:
-    """Register the four intrinsics with TVM (idempotent)."""
+    """Register the fixed-size intrinsics with TVM (idempotent); mma_decode registers per size."""
     from tvm.s_tir import TensorIntrin
 
-    for name, desc, impl in ((LDMATRIX_A, _ldmatrix_desc, _ldmatrix_impl), (MMA_DECODE, _mma_desc, _mma_impl),
-                             (FILL, _fill_desc, _fill_impl), (STORE_DEQUANT, _store_desc, _store_impl)):
+    for name, desc, impl in ((LDMATRIX_A, _ldmatrix_desc, _ldmatrix_impl), (FILL, _fill_desc, _fill_impl),
+                             (STORE_DEQUANT, _store_desc, _store_impl)):
         TensorIntrin.register(name, desc, impl, override=True)

@@ -102,19 +102,19 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
     acc, deq = sch.get_sblock("acc"), sch.get_sblock("dequant")
     wm, wn = knobs.block_m // knobs.warps_m, knobs.block_n // knobs.warps_n
 
-    # 16x16x32 tensor-core tiles become the inner block
+    # the inner block is a warp's column of tensor-core tiles, (wm x 16) x 32: one B decode feeds wm / 16 tiles
     i, j, k = sch.get_loops(acc)
-    i, i_tc = sch.split(i, [None, 16])
+    i, i_tc = sch.split(i, [None, wm])
     j, j_tc = sch.split(j, [None, 16])
     k, k_tc = sch.split(k, [None, 32])
     sch.reorder(i, j, k, i_tc, j_tc, k_tc)
     tile = sch.blockize(i_tc)
 
-    # block tile -> warps -> 16x16 fragments; k -> pipeline stages of block_k
-    i0, i1, i2 = sch.split(i, [None, knobs.warps_m, wm // 16])
+    # block tile -> warps -> 16-wide column fragments; k -> pipeline stages of block_k
+    i0, i1 = sch.split(i, [None, knobs.warps_m])
     j0, j1, j2 = sch.split(j, [None, knobs.warps_n, wn // 16])
     k0, k1 = sch.split(k, [None, knobs.block_k // 32])
-    sch.reorder(i0, j0, i1, j1, k0, k1, i2, j2)
+    sch.reorder(i0, j0, i1, j1, k0, k1, j2)
     sch.bind(sch.fuse(i0, j0), "blockIdx.x")
     warp = sch.fuse(i1, j1)
     sch.bind(warp, "threadIdx.y")
@@ -151,9 +151,10 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
     sch.reorder(r0, c0, r1, c1)
 
     sch.decompose_reduction(tile, k0)
-    sch.tensorize(sch.get_loops(sch.get_sblock("acc_init"))[-2], ci.FILL)
+    init = sch.get_sblock("acc_init")
+    sch.tensorize(sch.split(sch.get_loops(init)[-2], [None, 16])[1], ci.FILL)
     sch.tensorize(r1, ci.STORE_DEQUANT)
-    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.MMA_DECODE)
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.mma_decode(wm // 16))
     sch.tensorize(sch.get_loops(a_w)[-2], ci.LDMATRIX_A)
 
     # pipeline: k0 runs [q fill, packed fill, (k1 prologue, body, epilogue)]; fills are async
