@@ -9,8 +9,8 @@ nest is replaced by explicit stages; the epilogue blocks are kept as they are:
     qpad   qp[Mp, K4]  int8   = q zero-padded (inlined away when Mp == M and K4 == K)
     rowsum rs[Mp]      int32  = sum_k qp                    (u8 backends only)
     decode wd[Np, K4]  u8/i8  = u = T + 1 (x86, u8 x s8 instructions) or T (aarch64 sdot, generic)
-    dot    accp[Mp,Np] int32  = sum_k qp * wd
-    unpad  acc = accp[:M, :N] (- rs for u8; exact int32 = sum_k q * T), inlined into the epilogue
+    dot    accp[Mp,Np] int32  = (u8: -rs) + sum_k qp * wd   (exact int32 = sum_k q * T)
+    unpad  acc = accp[:M, :N], inlined into the epilogue, which runs per micro tile
 
 K4 = 4 * ceil(K / 4) covers the packed bytes (padding codes are T = 0); Mp, Np round M, N up to the
 micro tile so every tile is full and tensorizes. `decode` is computed per n tile (lanes * nt output
@@ -84,8 +84,8 @@ def _decode(wp, vj, vk, n, np_, unsigned):
     return val if int(np_) == int(n) else T.if_then_else(vj < n, val, T.Cast(dtype, 0))
 
 
-def _unpad(accp, rs, vi, vj, unsigned):
-    return accp[vi, vj] - rs[vi] if unsigned else accp[vi, vj]
+def _acc_init(rs, vi, unsigned):
+    return 0 - rs[vi] if unsigned else T.int32(0)
 
 
 def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool):
@@ -125,17 +125,17 @@ def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool):
         for i, j, k in T.grid(Mp, Np, K4):
             with T.sblock("dot"):
                 vi, vj, vk = T.axis.remap("SSR", [i, j, k])
-                T.reads(qp[vi, vk], wd[vj, vk])
+                T.reads(qp[vi, vk], wd[vj, vk], rs[vi])
                 T.writes(accp[vi, vj])
                 with T.init():
-                    accp[vi, vj] = 0
+                    accp[vi, vj] = _acc_init(rs, vi, unsigned)
                 accp[vi, vj] = accp[vi, vj] + T.Cast("int32", qp[vi, vk]) * T.Cast("int32", wd[vj, vk])
         for i, j in T.grid(M, N):
             with T.sblock("unpad"):
                 vi, vj = T.axis.remap("SS", [i, j])
-                T.reads(accp[vi, vj], rs[vi])
+                T.reads(accp[vi, vj])
                 T.writes(acc[vi, vj])
-                acc[vi, vj] = _unpad(accp, rs, vi, vj, unsigned)
+                acc[vi, vj] = accp[vi, vj]
 
     root = stages.body.block
     return list(root.alloc_buffers), list(root.body.seq)
@@ -201,18 +201,25 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
     k0, k1 = sch.split(kk, [None, 4])
     sch.reorder(j0, i0, k0, i1, j1, j2, k1)
     sch.parallel(j0)
+    # epilogue per micro tile, right after its accumulation: accp shrinks to one tile in L1
+    for blk in epilogue:
+        sch.reverse_compute_at(sch.get_sblock(blk), i0)
+        if mp == m and np_ == n:
+            sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
     sch.compute_at(decode, j0)  # one decoded tile (lanes * nt features x K4) per parallel iteration
     dj, dk = sch.get_loops(decode)[-2:]
     dk0, dk1 = sch.split(dk, [None, 4])
     dj0, dj1 = sch.split(dj, [None, lanes])
     sch.reorder(dj0, dk0, *((dk1, dj1) if intrin.k_major else (dj1, dk1)))
-    init = sch.decompose_reduction(dot, i0)
+    init = sch.decompose_reduction(dot, k0)
+    # rs is read by the init only (u8: acc starts at -rowsum); the update must match the intrinsic
+    reads = [r.source.name for r in sch.get(dot).reads]
+    if "rs" in reads:
+        sch.unsafe_hide_buffer_access(dot, "read", [reads.index("rs")])
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(j2, intrin.name)
     sch.unroll(i1)
     sch.unroll(j1)
-    for blk in epilogue:
-        _schedule_elementwise(sch, sch.get_sblock(blk))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -247,8 +254,3 @@ def _post_order(stmt, fvisit):
     elif isinstance(stmt, s_tir.SBlockRealize):
         _post_order(stmt.block.body, fvisit)
         fvisit(stmt.block)
-
-
-def _schedule_elementwise(sch, block):
-    loops = sch.get_loops(block)
-    sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
