@@ -112,9 +112,10 @@ def open_database(db_dir: Path):
     return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
 
 
-def apply_database(mod, spec, db_dir: Path):
-    """bmvcc's Relax module ->
-    (fused module with tuned PrimFuncs marked tirx.is_scheduled, number of kernels from the database)."""
+def apply_database(mod, spec, db_dir: Path, only_faster: bool = True):
+    """bmvcc's Relax module -> (fused module with tuned PrimFuncs marked tirx.is_scheduled, number of
+    kernels from the database). only_faster=False applies every task's best record, even one slower
+    than the default schedule."""
     from tvm import relax
 
     from .schedules.cpu_default import legalize_and_fuse
@@ -123,7 +124,8 @@ def apply_database(mod, spec, db_dir: Path):
     target = spec.target()
     mod = legalize_and_fuse(mod, target)
     before = _scheduled(mod)
-    with target, winning_records(open_database(db_dir), key):
+    db = open_database(db_dir)
+    with target, (winning_records(db, key) if only_faster else db):
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod, len(_scheduled(mod) - before)
 
