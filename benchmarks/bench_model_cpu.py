@@ -1,0 +1,171 @@
+"""Whole-model CPU benchmark: the paper-size BitMedViT compiled by bmvcc vs PyTorch eager float32.
+
+    python benchmarks/bench_model_cpu.py [--threads 2] [--repeat 5] [--variants bitlinear,float] [--json]
+
+The model is ViTConfig(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3,
+heads=8, mlp_dim=2048, multi_query=True, fp_attn=False) with random weights (seed 0), batch 1, saved
+as a state dict in a temporary directory. Each variant is compiled for target `host` through
+bmvcc.driver.compile_model (`bitlinear`: the BitLinear rewrite; `float`: --no-bitlinear, every layer a
+float matmul with TVM's default CPU schedules), its compile stages timed from the driver's progress
+messages, then loaded with bmvcc.load and timed in this process with the same thread count as
+PyTorch (best and median of --repeat calls after one warm-up). Every output is compared with the
+PyTorch logits before it is timed. A variant that fails to compile is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PAPER = dict(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3, heads=8,
+             mlp_dim=2048, multi_query=True, fp_attn=False)
+VARIANTS = {"bitlinear": True, "float": False}
+
+
+def _time(fn, repeat: int) -> dict:
+    fn()  # warm-up (first touch, thread pool start)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"best_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
+
+
+def _checkpoint(tmp: Path):
+    import torch
+
+    from bmvcc.model import BitMedViT, ViTConfig
+
+    torch.manual_seed(0)
+    model = BitMedViT(ViTConfig(**PAPER)).eval()
+    path = tmp / "paper.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def _compile(path: Path, outdir: Path, bitlinear: bool, log) -> dict:
+    """Compile one variant; returns seconds per driver stage and in total."""
+    from bmvcc.driver import CompileOptions, compile_model
+
+    marks: list[tuple[str, float]] = []
+
+    def progress(msg: str) -> None:
+        marks.append((msg, time.perf_counter()))
+        log(f"  {msg}")
+
+    start = time.perf_counter()
+    compile_model(path, outdir, CompileOptions(target="host", bitlinear=bitlinear), progress=progress)
+    end = time.perf_counter()
+    stages = {}
+    for (msg, t0), (_, t1) in zip(marks, marks[1:] + [("end", end)]):
+        if not msg.startswith("wrote"):
+            stages[_stage_name(msg)] = t1 - t0
+    return {"compile_s": end - start, "stages_s": stages}
+
+
+STAGES = [("loading", "load checkpoint"), ("importing into Relax", "torch.export + Relax import"),
+          ("exporting with", "torch.export + Relax import"),
+          ("running bmvcc passes", "bmvcc passes"), ("building for", "build setup"),
+          ("scheduling", "scheduling"), ("tvm.compile", "tvm.compile"), ("exporting", "export library + weights")]
+
+
+def _stage_name(msg: str) -> str:
+    return next((name for prefix, name in STAGES if msg.startswith(prefix)), msg)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    import torch
+
+    import bmvcc
+
+    torch.set_num_threads(args.threads)
+    # TVM's pool: TVM_NUM_THREADS, else one thread per core. Never runtime.config_threadpool here:
+    # it pins this (main) thread to one core, which would also halve PyTorch and the host target.
+    if args.threads != len(os.sched_getaffinity(0)) and os.environ.get("TVM_NUM_THREADS") != str(args.threads):
+        log(f"note: TVM uses {os.environ.get('TVM_NUM_THREADS', len(os.sched_getaffinity(0)))} threads; "
+            f"set TVM_NUM_THREADS={args.threads} to match --threads")
+    image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        model, path = _checkpoint(tmp)
+        with torch.no_grad():
+            x = torch.from_numpy(image)
+            ref = model(x).numpy()
+            log("timing PyTorch eager float32")
+            rows.append({"name": "pytorch eager fp32", **_time(lambda: model(x), args.repeat)})
+        for name in variants:
+            log(f"compiling variant '{name}'")
+            try:
+                info = _compile(path, tmp / name, VARIANTS[name], log)
+            except Exception as e:  # noqa: BLE001  (report a variant that cannot compile yet, go on)
+                rows.append({"name": f"bmvcc {name}", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            compiled = bmvcc.load(tmp / name)
+            out = compiled(image)
+            err = float(np.abs(out - ref).max())
+            log(f"timing variant '{name}'")
+            rows.append({"name": f"bmvcc {name}", **info, "max_abs_err_vs_torch": err,
+                         "argmax_matches": bool((out.argmax(-1) == ref.argmax(-1)).all()),
+                         **_time(lambda: compiled(image), args.repeat)})
+    eager = rows[0]["best_ms"]
+    for r in rows:
+        if "best_ms" in r:
+            r["speedup_vs_eager"] = eager / r["best_ms"]
+    result = {"model": PAPER, "batch": 1, "threads": args.threads, "repeat": args.repeat,
+              "cpu": _target_summary(), "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table(result))
+    return 0
+
+
+def _target_summary() -> str:
+    from bmvcc.targets import get
+
+    return get("host").description
+
+
+def _table(result: dict) -> str:
+    lines = [f"paper-size BitMedViT, batch 1, {result['threads']} threads, {result['cpu']}", "",
+             "| implementation | best ms | median ms | speedup vs eager | max abs err | compile s |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | |")
+            continue
+        err = f"{r['max_abs_err_vs_torch']:.2e}" if "max_abs_err_vs_torch" in r else ""
+        comp = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+        lines.append(f"| {r['name']} | {r['best_ms']:.1f} | {r['median_ms']:.1f} | "
+                     f"{r['speedup_vs_eager']:.2f}x | {err} | {comp} |")
+    for r in result["rows"]:
+        if "stages_s" in r:
+            lines += ["", f"compile stages, {r['name']}:", "", "| stage | s |", "|---|---|"]
+            lines += [f"| {k} | {v:.2f} |" for k, v in r["stages_s"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
