@@ -1,0 +1,100 @@
+"""Tuned vs default: the paper-size BitMedViT on this machine, in one run.
+
+    python benchmarks/bench_tune_host.py [--trials 32] [--task NAME ...] [--db DIR] [--repeat 5] [--json]
+
+The model is ViTConfig(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3,
+heads=8, mlp_dim=2048, multi_query=True, fp_attn=False) with random weights (seed 0), batch 1. Steps:
+compile for `host` without a database (bmvcc's default schedules), `bmvcc tune` its tasks locally
+(--trials per task; --task to tune only some; --db to keep or resume the database, else a temporary
+one), compile again with the database, then load both artifacts and time them in this process (best
+and median of --repeat calls after one warm-up). Both outputs are compared with the PyTorch logits
+before timing. Prints the per-task table of bmvcc tune and the whole-model latencies.
+
+Cost on a 2-core machine: about 1 minute of fixed start-up per tuning run plus 15-30 s per trial
+round of 8; all ~25 tasks at 32 trials take hours, so start with a few --task names from the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PAPER = dict(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3, heads=8,
+             mlp_dim=2048, multi_query=True, fp_attn=False)
+
+
+def _time(fn, repeat: int) -> dict:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"best_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=32)
+    ap.add_argument("--task", action="append", default=[])
+    ap.add_argument("--db", type=Path, default=None)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from bmvcc import load
+    from bmvcc.driver import CompileOptions, compile_model
+    from bmvcc.model import BitMedViT, ViTConfig
+    from bmvcc.tune import TuneOptions, tune_model
+
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="bmvcc-bench-tune-") as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        model = BitMedViT(ViTConfig(**PAPER)).eval()
+        ckpt = tmp / "paper.pth"
+        torch.save(model.state_dict(), ckpt)
+        db = args.db or tmp / "db"
+        x = np.random.default_rng(0).uniform(-1, 1, size=(1, 3, 224, 224)).astype(np.float32)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+
+        log("compiling with the default schedules")
+        compile_model(ckpt, tmp / "default", CompileOptions(target="host"), progress=log)
+        log(f"tuning ({args.trials} trials per task)")
+        report = tune_model(ckpt, db, TuneOptions(target="host", trials=args.trials, tasks=tuple(args.task)),
+                            progress=log)
+        log("compiling with the tuning database")
+        tuned = compile_model(ckpt, tmp / "tuned", CompileOptions(target="host", db=db), progress=log)
+
+        result = {"tune": report.to_dict(), "kernels_from_db": tuned.metadata["tuning"]["kernels_from_db"]}
+        scale = float(np.abs(ref).max())
+        for name in ("default", "tuned"):
+            m = load(tmp / name)
+            err = float(np.abs(m(x) - ref).max())
+            result[name] = {**_time(lambda: m(x), args.repeat), "max_abs_err_vs_torch": err, "ref_scale": scale}
+        result["speedup"] = result["default"]["best_ms"] / result["tuned"]["best_ms"]
+
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(report.table())
+    print(f"\nwhole model, batch 1, {result['kernels_from_db']} kernels from the database:")
+    for name in ("default", "tuned"):
+        r = result[name]
+        print(f"  {name:<8} best {r['best_ms']:8.2f} ms  median {r['median_ms']:8.2f} ms  "
+              f"max |logit - torch| {r['max_abs_err_vs_torch']:.2e} (|logits| <= {r['ref_scale']:.2f})")
+    print(f"  speedup {result['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
