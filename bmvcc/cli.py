@@ -157,7 +157,7 @@ def export_onnx(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth)"),
     output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write (.onnx)"),
     batch: Optional[int] = typer.Option(None, "--batch", help="static batch size (default: a dynamic batch dimension)"),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 18)"),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 20)"),
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),

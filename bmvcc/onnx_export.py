@@ -32,7 +32,7 @@ from .errors import BmvccError
 from .model import SCALE_EPS, BitLinear, BitMedViT
 
 MIN_OPSET = 17  # LayerNormalization is a standard op from 17 on
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 20  # the first with a Gelu op: below it GELU is erf arithmetic, which bmvcc's epilogue fusion skips
 EXPORTER_MIN_OPSET = 18  # torch.onnx emits opset 18 or newer; 17 is converted down with onnx's converter
 INPUT_NAME, OUTPUT_NAME = "img", "logits"
 

@@ -82,7 +82,7 @@ def _check_opset(model, path: Path) -> int:
     newest = max_supported_opset()
     if opset is None or not MIN_OPSET <= opset <= newest:
         raise BmvccError(f"'{path}' uses ONNX opset {opset}, which TVM's ONNX frontend does not support "
-                         f"(bmvcc imports opsets {MIN_OPSET}..{newest}); re-export it with --opset 18")
+                         f"(bmvcc imports opsets {MIN_OPSET}..{newest}); re-export it with --opset 20")
     converters = _converters()
     for node in model.graph.node:
         if (node.domain or "ai.onnx") != "ai.onnx":

@@ -17,6 +17,7 @@ from bmvcc.cli import main
 from bmvcc.driver import CompileOptions, compile_model
 from bmvcc.errors import BmvccError
 from bmvcc.model import SCALE_EPS, BitLinear
+from bmvcc.onnx_export import DEFAULT_OPSET
 from bmvcc.runtime import load
 
 from conftest import cli_error, small_config
@@ -57,7 +58,7 @@ def torch_logits(model, x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
-    """The CLI's exports of one checkpoint: dynamic batch (default opset 18) and batch 2 at opset 17."""
+    """The CLI's exports of one checkpoint: dynamic batch (default opset) and batch 2 at opset 17."""
     ckpt, model = checkpoint(CFG)
     root = tmp_path_factory.mktemp("onnx")
     main(["export-onnx", str(ckpt), "-o", str(root / "dyn.onnx")])
@@ -73,7 +74,7 @@ def test_export_is_valid_onnx_with_int8_ternary_weights(exported):
     _, model, root = exported
     proto = onnx.load(str(root / "dyn.onnx"))
     onnx.checker.check_model(proto, full_check=True)
-    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [DEFAULT_OPSET]
     (inp,) = proto.graph.input
     dims = inp.type.tensor_type.shape.dim
     assert not dims[0].HasField("dim_value") and [d.dim_value for d in dims[1:]] == [1, 28, 28]
@@ -94,6 +95,7 @@ def test_export_is_valid_onnx_with_int8_ternary_weights(exported):
                    for a in floats for w in latent)
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("DequantizeLinear") == len(layers)
+    assert ops.count("Gelu") == CFG.depth  # opset 20's Gelu op, imported as relax.nn.gelu
     # the causal mask is a constant: 0 on and below the diagonal, -inf above
     n = CFG.num_tokens
     mask = inits["transformer.layers.0.0.mask"]
@@ -144,6 +146,7 @@ def test_onnx_compiles_like_pth(compiled_pair, exported):
     assert rep_pth["rewritten"] == len(_bitlinears(model)), rep_pth
     assert rep_onnx["rewritten"] == rep_pth["rewritten"], rep_onnx
     assert rep_onnx["layers"] == rep_pth["layers"]  # initializers keep the PyTorch names
+    assert rep_onnx == rep_pth  # the fusions too (norm_quant, GELU / residual epilogues)
     assert onx.metadata["input"]["shape"] == [2, 1, 28, 28] and onx.metadata["num_classes"] == CFG.num_classes
     assert onx.metadata["source"]["kind"] == ".onnx"
 
@@ -152,6 +155,18 @@ def test_onnx_compiles_like_pth(compiled_pair, exported):
     from_pth, from_onnx = load(pth.outdir)(x), load(onx.outdir)(x)
     np.testing.assert_allclose(from_onnx, from_pth, rtol=0, atol=ATOL)
     np.testing.assert_allclose(from_onnx, ref, rtol=0, atol=ATOL)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "below opset 20 GELU is erf arithmetic: fuse_w2a8_epilogue only matches relax.nn.gelu, and "
+    "fuse_norm_quant refuses the next layer because relax_match.product() also expands the "
+    "RMSNorm input x = h * (0.5 * (1 + erf(h / sqrt2))) into factors; layers are rewritten all the same"))
+def test_opset17_onnx_fuses_like_pth(compiled_pair, exported, tmp_path):
+    pth, _ = compiled_pair
+    _, _, root = exported
+    old = compile_model(root / "b2.onnx", tmp_path / "o17", CompileOptions())
+    assert old.metadata["passes"]["bitlinear"]["rewritten"] == pth.metadata["passes"]["bitlinear"]["rewritten"]
+    assert old.metadata["passes"]["bitlinear"] == pth.metadata["passes"]["bitlinear"]
 
 
 def test_static_onnx_batch_is_the_models(exported, capsys, tmp_path):
