@@ -79,16 +79,19 @@ def export_checkpoint(source_path: Path, output: Path, batch: int | None = None,
     from . import frontend
 
     output = Path(output)
+    opset = DEFAULT_OPSET if opset is None else opset
     if output.suffix != ".onnx":
         raise BmvccError(f"output '{output}' must end in .onnx (bmvcc compile recognizes ONNX models by it)")
+    if not output.parent.is_dir():
+        raise BmvccError(f"the folder of '{output}' does not exist; create it first")
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=heads, image_size=image_size, trust_pickle=trust_pickle)
     if not isinstance(source.module, BitMedViT):
         raise BmvccError(f"'{source_path}' is not a BitMedViT state dict; export-onnx needs the .pth checkpoint")
     progress("exporting with torch.onnx (torch.export-based exporter)")
-    layers = export_onnx(source.module, output, batch=batch, opset=DEFAULT_OPSET if opset is None else opset)
-    return {"output": str(output), "batch": batch, "opset": DEFAULT_OPSET if opset is None else opset,
-            "bitlinear_layers": layers, "bytes": output.stat().st_size}
+    layers = export_onnx(source.module, output, batch=batch, opset=opset)
+    return {"output": str(output), "batch": batch, "opset": opset, "bitlinear_layers": layers,
+            "bytes": output.stat().st_size}
 
 
 def export_onnx(model: BitMedViT, path: Path, batch: int | None = None, opset: int = DEFAULT_OPSET) -> int:
@@ -125,8 +128,11 @@ def export_onnx(model: BitMedViT, path: Path, batch: int | None = None, opset: i
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(proto.SerializeToString())
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(proto.SerializeToString())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return sum(isinstance(m, DeployBitLinear) for m in deployed.modules())
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import BmvccError
 
-MIN_OPSET = 13  # ReduceMean/ReduceMax/Softmax semantics bmvcc relies on are those of opset 13+
+MIN_OPSET = 13  # older opsets (before ONNX 1.8; other Softmax/Reduce* semantics) are outside what bmvcc tests
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,17 @@ def load(path: Path) -> OnnxGraph:
         raise BmvccError(f"ONNX model '{path}' does not exist; check the path")
     try:
         model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except (DecodeError, onnx.checker.ValidationError, ValueError, OSError, RuntimeError) as e:
-        raise BmvccError(f"'{path}' is not a valid ONNX model, it is truncated or corrupt ({_first_line(e)}); "
+        if not model.opset_import or not model.graph.node:  # an empty file parses as an empty model
+            raise ValueError("no graph")
+    except (DecodeError, ValueError, OSError, RuntimeError) as e:
+        raise BmvccError(f"'{path}' is not an ONNX model, or it is truncated or corrupt ({_first_line(e)}); "
                          "export it again (bmvcc export-onnx)") from None
     opset = _check_opset(model, path)
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
+        raise BmvccError(f"'{path}' is not a valid ONNX model, or it is truncated or corrupt ({_first_line(e)}); "
+                         "export it again (bmvcc export-onnx)") from None
     name, shape, batch = _image_input(model, path)
     return OnnxGraph(model, opset, name, shape, batch, _num_classes(model, path))
 
@@ -82,7 +88,7 @@ def _check_opset(model, path: Path) -> int:
     newest = max_supported_opset()
     if opset is None or not MIN_OPSET <= opset <= newest:
         raise BmvccError(f"'{path}' uses ONNX opset {opset}, which TVM's ONNX frontend does not support "
-                         f"(bmvcc imports opsets {MIN_OPSET}..{newest}); re-export it with --opset 20")
+                         f"(bmvcc imports opsets {MIN_OPSET}..{newest}); export it again with --opset 20")
     converters = _converters()
     for node in model.graph.node:
         if (node.domain or "ai.onnx") != "ai.onnx":

@@ -194,7 +194,7 @@ def test_corrupt_onnx(exported, capsys, tmp_path, damage):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x07not a model" * 50, "empty": b""}[damage])
     err = cli_error(capsys, ["compile", str(bad), "-o", str(tmp_path / "o"), "--batch", "1"])
-    assert "ONNX" in err and ("truncated" in err or "not a valid" in err)
+    assert "not an ONNX model, or it is truncated or corrupt" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -213,6 +213,7 @@ def test_export_option_errors(checkpoint, capsys, tmp_path):
     assert "opset 17" in cli_error(capsys, ["export-onnx", str(ckpt), "-o", str(tmp_path / "m.onnx"), "--opset", "16"])
     assert ".onnx" in cli_error(capsys, ["export-onnx", str(ckpt), "-o", str(tmp_path / "m.bin")])
     assert "--batch" in cli_error(capsys, ["export-onnx", str(ckpt), "-o", str(tmp_path / "m.onnx"), "--batch", "0"])
+    assert "does not exist" in cli_error(capsys, ["export-onnx", str(ckpt), "-o", str(tmp_path / "no" / "m.onnx")])
     assert not list(tmp_path.iterdir())
 
 
@@ -246,6 +247,13 @@ def test_input_must_be_4d(tmp_path, capsys):
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 784])
     path = _graph_model(tmp_path / "m.onnx", inp, [helper.make_node("Relu", ["img"], ["y"])], out)
     assert "4-D" in cli_error(capsys, ["compile", str(path), "-o", str(tmp_path / "o")])
+
+
+def test_invalid_graph(tmp_path, capsys):
+    inp = helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 1, 28, 28])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])
+    path = _graph_model(tmp_path / "m.onnx", inp, [helper.make_node("Relu", ["missing"], ["y"])], out)
+    assert "not a valid ONNX model" in cli_error(capsys, ["compile", str(path), "-o", str(tmp_path / "o")])
 
 
 def test_non_standard_operator(tmp_path, capsys):
