@@ -44,10 +44,23 @@ class W2A8CudaKnobs:
                 or wn * self.warps_n != self.block_n or self.stages < 2):
             raise ValueError(f"invalid W2A8 CUDA knobs {self}: warp tiles must be multiples of 16x16, "
                              "block_k a multiple of 32, stages >= 2")
+        # every thread copies whole 16-byte vectors (8 when a packed row is 8 bytes) per cp.async round
+        if (self.block_m * self.block_k) % (16 * self.threads) or (self.block_n * self.block_k // 4) % (
+                self.packed_vector * self.threads):
+            raise ValueError(f"invalid W2A8 CUDA knobs {self}: the q and packed tiles must split into "
+                             "one 16-byte vector per thread per copy round")
 
     @property
     def threads(self) -> int:
         return 32 * self.warps_m * self.warps_n
+
+    @property
+    def packed_vector(self) -> int:
+        return min(16, self.block_k // 4)
+
+    def fits(self, facts: dict) -> bool:
+        """Within a CUDA target's static shared memory and block size (targets/cuda.py facts)."""
+        return self.shared_bytes() <= facts["static_shared_bytes"] and self.threads <= 1024
 
     def shared_bytes(self) -> int:
         """Shared memory per block: `stages` copies of the q tile (rows padded by 16 B) and packed tile."""
@@ -134,7 +147,7 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
 
     q_s = to_shared(0, 16)
     sch.storage_align(q_s, 0, axis=-2, factor=32, offset=16)  # 16 B row skew: conflict-free ldmatrix
-    to_shared(1, min(16, knobs.block_k // 4))
+    to_shared(1, knobs.packed_vector)
 
     a_w = sch.cache_read(tile, 0, "warp")
     sch.compute_at(a_w, k1)

@@ -143,6 +143,10 @@ def test_knobs_validated():
         wc.W2A8CudaKnobs(block_m=48, warps_m=2)
     with pytest.raises(ValueError, match="block_k"):
         wc.W2A8CudaKnobs(block_k=48)
+    with pytest.raises(ValueError, match="16-byte vector per thread"):
+        wc.W2A8CudaKnobs(block_m=16, block_n=64, block_k=32, warps_m=1, warps_n=4)
+    assert wc.DEFAULT.fits(ORIN.facts) and wc.SMALL_M.fits(ORIN.facts)
+    assert not wc.W2A8CudaKnobs(block_m=256, block_k=128, warps_m=4, stages=4).fits(ORIN.facts)  # 160 KB
 
 
 def test_modeled_time_orin_nano():
