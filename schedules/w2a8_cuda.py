@@ -17,6 +17,7 @@ code 1 = weight 0, x_scale with 1) and slices; `padded` and `pad_operands` say h
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -44,19 +45,25 @@ class W2A8CudaKnobs:
                 or wn * self.warps_n != self.block_n or self.stages < 2):
             raise ValueError(f"invalid W2A8 CUDA knobs {self}: warp tiles must be multiples of 16x16, "
                              "block_k a multiple of 32, stages >= 2")
-        # every thread copies whole 16-byte vectors (8 when a packed row is 8 bytes) per cp.async round
-        if (self.block_m * self.block_k) % (16 * self.threads) or (self.block_n * self.block_k // 4) % (
-                self.packed_vector * self.threads):
-            raise ValueError(f"invalid W2A8 CUDA knobs {self}: the q and packed tiles must split into "
-                             "one 16-byte vector per thread per copy round")
+        if not (self.q_vector and self.packed_vector):
+            raise ValueError(f"invalid W2A8 CUDA knobs {self}: the q and packed tiles must split into one "
+                             "4-, 8- or 16-byte cp.async vector per thread per copy round")
 
     @property
     def threads(self) -> int:
         return 32 * self.warps_m * self.warps_n
 
+    def _vector(self, tile_bytes: int, row_bytes: int) -> int:
+        """Widest cp.async size (16, 8 or 4 bytes; 0 if none) dividing a row and tiling the tile evenly."""
+        return next((v for v in (16, 8, 4) if row_bytes % v == 0 and tile_bytes % (v * self.threads) == 0), 0)
+
+    @property
+    def q_vector(self) -> int:
+        return self._vector(self.block_m * self.block_k, self.block_k)
+
     @property
     def packed_vector(self) -> int:
-        return min(16, self.block_k // 4)
+        return self._vector(self.block_n * self.block_k // 4, self.block_k // 4)
 
     def fits(self, facts: dict) -> bool:
         """Within a CUDA target's static shared memory and block size (targets/cuda.py facts)."""
@@ -75,7 +82,22 @@ SMALL_M = W2A8CudaKnobs(block_m=16, block_n=128, block_k=128, warps_m=1, warps_n
 
 
 def default_knobs(cfg: W2A8Config) -> W2A8CudaKnobs:
-    return SMALL_M if cfg.m <= 32 else DEFAULT
+    """DEFAULT (or SMALL_M for m <= 32), with tiles shrunk by powers of two until they divide M, N and K
+    (so that typical ViT shapes need no padding); DEFAULT/SMALL_M with padding if none does."""
+    base = SMALL_M if cfg.m <= 32 else DEFAULT
+
+    def sizes(v):
+        return [v >> s for s in range(4) if v >> s >= 16]
+
+    for bm, bn, bk in itertools.product(sizes(base.block_m), sizes(base.block_n), dict.fromkeys((base.block_k, 64, 32))):
+        if cfg.m % bm or cfg.n % bn or cfg.k % bk:
+            continue
+        try:
+            return replace(base, block_m=bm, block_n=bn, block_k=bk, warps_m=min(base.warps_m, bm // 16),
+                           warps_n=min(base.warps_n, bn // 16))
+        except ValueError:
+            continue
+    return base
 
 
 def _round_up(v: int, q: int) -> int:
@@ -145,7 +167,7 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
         sch.vectorize(v)
         return blk
 
-    q_s = to_shared(0, 16)
+    q_s = to_shared(0, knobs.q_vector)
     sch.storage_align(q_s, 0, axis=-2, factor=32, offset=16)  # 16 B row skew: conflict-free ldmatrix
     to_shared(1, knobs.packed_vector)
 

@@ -119,8 +119,9 @@ def _check_sass(cfg, knobs, spec=ORIN):
 
 
 @pytest.mark.parametrize("cfg,knobs", [(W2A8Config(1024, 2048, 512), wc.DEFAULT),
-                                       (W2A8Config(8, 512, 100), wc.SMALL_M)],
-                         ids=["ffn1-1024x2048x512", "small-m-8x512x100"])
+                                       (W2A8Config(8, 512, 100), wc.SMALL_M),
+                                       (W2A8Config(16, 48, 32), wc.default_knobs(W2A8Config(16, 48, 32)))],
+                         ids=["ffn1-1024x2048x512", "small-m-8x512x100", "tiny-16x48x32-one-warp"])
 def test_sass_static(cfg, knobs):
     """ptxas output for Jetson Orin Nano (sm_87): tensor-core IMMA, ldmatrix (LDSM), cp.async (LDGSTS),
     no spills, registers and shared memory within sm_87 limits."""
@@ -143,8 +144,8 @@ def test_knobs_validated():
         wc.W2A8CudaKnobs(block_m=48, warps_m=2)
     with pytest.raises(ValueError, match="block_k"):
         wc.W2A8CudaKnobs(block_k=48)
-    with pytest.raises(ValueError, match="16-byte vector per thread"):
-        wc.W2A8CudaKnobs(block_m=16, block_n=64, block_k=32, warps_m=1, warps_n=4)
+    with pytest.raises(ValueError, match="cp.async vector per thread"):
+        wc.W2A8CudaKnobs(block_m=32, block_n=16, block_k=32, warps_m=2, warps_n=1)  # 128 B for 64 threads
     assert wc.DEFAULT.fits(ORIN.facts) and wc.SMALL_M.fits(ORIN.facts)
     assert not wc.W2A8CudaKnobs(block_m=256, block_k=128, warps_m=4, stages=4).fits(ORIN.facts)  # 160 KB
 
