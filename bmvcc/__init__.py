@@ -1,10 +1,12 @@
 """bmvcc: compile ternary-weight BitMedViT vision transformers into Apache TVM modules."""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
 
-def load(outdir, device: str = "cpu"):
-    """A callable numpy -> numpy over a compiled artifact (see bmvcc.runtime)."""
+def load(outdir, device: str | None = None):
+    """A callable numpy -> numpy over a compiled artifact, on the device it was compiled for by default."""
     from .runtime import load as _load
 
     return _load(outdir, device=device)
