@@ -113,10 +113,12 @@ def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -
 
 def _is_extern_call(func) -> bool:
     """No block of `func` sits in a loop: nothing to schedule (a packed library call)."""
-    sch = s_tir.Schedule(func)
-    if not _has_root(sch):
+    body = func.body
+    if not isinstance(body, s_tir.SBlockRealize):
         return False
-    return all(not sch.get_loops(b) for b in sch.get_child_blocks(sch.get_sblock("root")))
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock(body.block.name_hint))
+    return not isinstance(body.block.body, tirx.For) and all(not sch.get_loops(b) for b in blocks)
 
 
 def _kernel_schedule(kind: str):
