@@ -122,7 +122,8 @@ def mma_decode(frags: int) -> str:
                     ta, ea = T.meta_var(ldmatrix_16x32_layout(vi % 16, vk))
                     T.reads(C[vi // 16, 0, tc, ec], A[vi // 16, 0, ta, ea], B[vj, vk // _I(4)])
                     T.writes(C[vi // 16, 0, tc, ec])
-                    C[vi // 16, 0, tc, ec] = C[vi // 16, 0, tc, ec] + T.Cast("int32", A[vi // 16, 0, ta, ea]) * _decode(B, vj, vk)
+                    C[vi // 16, 0, tc, ec] = (C[vi // 16, 0, tc, ec]
+                                              + T.Cast("int32", A[vi // 16, 0, ta, ea]) * _decode(B, vj, vk))
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -219,7 +220,8 @@ def _store_impl(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> Non
             for h in T.unroll(2):
                 scale = T.meta_var(ws[0] / xs[tx // 4 + 8 * h, 0])
                 for n8, c in T.grid(2, 2):
-                    out[tx // 4 + 8 * h, 8 * n8 + 2 * (tx % 4) + c] = T.Cast("float32", C[tx, 4 * n8 + 2 * h + c]) * scale
+                    acc = T.meta_var(T.Cast("float32", C[tx, 4 * n8 + 2 * h + c]))
+                    out[tx // 4 + 8 * h, 8 * n8 + 2 * (tx % 4) + c] = acc * scale
 
 
 def register() -> None:

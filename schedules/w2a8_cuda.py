@@ -5,14 +5,18 @@ Schedules schedules/w2a8.py's `w2a8_compute` unchanged (every step is an s_tir.S
     global --cp.async (LDGSTS, `stages`-deep pipeline)--> shared: q tile [BM, BK] int8,
                                                           packed tile [BN, BK/4] uint8 (2 bits/weight)
     shared q --ldmatrix.x4--> warp A fragments
-    shared packed --LDS.U8 + 6 integer ops--> B fragments decoded in registers (cuda_intrinsics.MMA_DECODE)
+    shared packed --LDS.U8 + ~6 integer ops per byte--> B fragment decoded in registers, once per
+        16-column strip and k step, feeding all of the warp's row fragments (cuda_intrinsics.mma_decode)
     mma.sync.m16n8k32.s8.s8.s32 -> int32 accumulators (registers)
-    epilogue: out = float(acc) * w_scale / x_scale[row], written from the registers to global.
+    epilogue: out = float(acc) * (w_scale / x_scale[row]), from the registers to global memory.
 
-Weights therefore cross global memory and shared memory at 2 bits each; they are never expanded
-to int8 in memory. Shapes: the tensor-core tiles need M % BM == N % BN == K % BK == 0; other shapes
-are scheduled on `w2a8_compute(padded(cfg, knobs))` and the caller pads (q with 0, packed with
-code 1 = weight 0, x_scale with 1) and slices; `padded` and `pad_operands` say how.
+Weights cross global and shared memory at 2 bits each; they are never expanded to int8 in memory.
+
+Shapes: the tiles need M % BM == N % BN == K % BK == 0. `default_knobs` shrinks the tiles until they
+divide the shape (ViT shapes need no padding); otherwise the kernel is `w2a8_compute(padded(cfg, knobs))`
+and the caller pads (q with 0, packed with code 1 = weight 0, x_scale with 1) and slices the output:
+`padded` and `pad_operands` define it. The epilogue reads accumulators through LowerWarpMemory, which
+emits one SHFL (to the own lane) per element.
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ def default_knobs(cfg: W2A8Config) -> W2A8CudaKnobs:
     def sizes(v):
         return [v >> s for s in range(4) if v >> s >= 16]
 
-    for bm, bn, bk in itertools.product(sizes(base.block_m), sizes(base.block_n), dict.fromkeys((base.block_k, 64, 32))):
+    block_ks = dict.fromkeys((base.block_k, 64, 32))
+    for bm, bn, bk in itertools.product(sizes(base.block_m), sizes(base.block_n), block_ks):
         if cfg.m % bm or cfg.n % bn or cfg.k % bk:
             continue
         try:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
 
 from bmvcc import targets
 from bmvcc.schedules import cuda_intrinsics as ci
 from bmvcc.schedules import w2a8_cuda as wc
 from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy
-
-tvm = pytest.importorskip("tvm")
-from bmvcc.targets import cuda_toolchain as tc  # noqa: E402
+from bmvcc.targets import cuda_toolchain as tc
 
 ORIN = targets.get("jetson-orin-nano")
 
@@ -134,7 +133,8 @@ def test_toolchain_missing_package_is_a_bmvcc_error(monkeypatch):
     from bmvcc.errors import BmvccError
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nvidia.cuda_nvcc" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nvidia.cuda_nvcc" else real(name, *a))
     with pytest.raises(BmvccError, match="nvidia-cuda-nvcc-cu12.*pip install"):
         tc.ptxas()
 
