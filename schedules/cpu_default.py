@@ -1,23 +1,24 @@
 """Default CPU schedules for the float part of a compiled model (everything but bmvcc kernels).
 
-`schedule_cpu_module(mod, target)` runs the Relax legalization and fusion of TVM's CPU backend
-(tvm/relax/backend/cpu_generic: library dispatch, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
-FuseOps, FuseTIR), then gives every PrimFunc that is neither marked `tirx.is_scheduled` nor a bmvcc
-kernel (attr "bmvcc.kernel", scheduled in schedules/w2a8_cpu.py) the first rule that applies, and
-marks it scheduled:
+`schedule_cpu_module(mod, target)` runs TVM's FastMathTransform and the Relax legalization and fusion
+of TVM's CPU backend (tvm/relax/backend/cpu_generic: library dispatch, LegalizeOps,
+AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR), then gives every PrimFunc that is neither
+marked `tirx.is_scheduled` nor a bmvcc kernel (attr "bmvcc.kernel", scheduled by its own module)
+the first rule that applies, and marks it scheduled:
 
   gemv       DLight's CPU GEMV (inner-reduction matrix x vector);
   matmul     C[b.., i, j] = sum_k A * B, with fused spatial prologue/epilogue (Linear layers, the
              batched attention matmuls): register tile MR x (NV vectors) accumulated in a local
              buffer, k directly outside the tile, row blocks sized for L2, parallel over
-             (batch, row block, column strip);
+             (batch, row block, column strip), B packed per call into contiguous column strips;
   reduction  DLight's CPU Reduction (softmax, layer/RMS norm: reductions + injective blocks that
              share leading spatial axes);
   spatial    any other function: each block's leading spatial loops fused and parallel, and for
              injective blocks the innermost loop vectorized.
 
 tvm.compile's default CPU pipeline does not fuse again, so the fused, scheduled functions are what
-gets built. A function no rule takes keeps TVM's naive loop nest (correct, slow) and is reported.
+gets built. Library calls without loops (topk -> tvm.contrib.sort) are reported as "extern". A
+function no rule takes keeps TVM's naive loop nest (correct, slow), is reported as None and logged.
 """
 
 from __future__ import annotations
@@ -144,10 +145,11 @@ def _apply_first_rule(name: str, func, target, facts: CpuFacts):
     for rule, apply in rules:
         try:
             sch = apply()
-        except (s_tir.schedule.ScheduleError, tvm.error.InternalError) as e:
+        except Exception as e:  # noqa: BLE001  (a rule bug must not fail the build; it is logged)
             # A rule that matched but could not finish is a bug in the rule: say so, then try the next.
-            log.warning("CPU rule %s failed on %s (%s); trying the next rule", rule, name,
-                        str(e).strip().splitlines()[-1][:200])
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            log.warning("CPU rule %s failed on %s (%s: %s); trying the next rule", rule, name,
+                        type(e).__name__, lines[-1][:200])
             continue
         if sch is not None:
             return rule, sch
