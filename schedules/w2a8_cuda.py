@@ -221,6 +221,18 @@ def cuda_source(func, spec) -> str:
     return ex.mod.imports[0].inspect_source("cuda")
 
 
+def kernel_report(cfg: W2A8Config, spec, knobs: W2A8CudaKnobs | None = None) -> dict:
+    """Compile the kernel for CUDA TargetSpec `spec` with the pip toolchain (targets/cuda_toolchain.py) and
+    report ptxas resources, SASS opcode counts and the roofline model; for tests and `bmvcc report`."""
+    from ..targets import cuda_toolchain
+
+    knobs = knobs or default_knobs(cfg)
+    cubin = cuda_toolchain.compile_cuda(cuda_source(scheduled_func(cfg, knobs), spec), spec.facts["arch"])
+    (res,) = cubin.resources
+    return {"config": cfg, "knobs": knobs, "padded": padded(cfg, knobs), "resources": res,
+            "sass": cubin.opcode_counts(), "model": modeled_seconds(cfg, spec.facts) if "sms" in spec.facts else None}
+
+
 def modeled_seconds(cfg: W2A8Config, facts: dict) -> dict:
     """Roofline time of one W2A8 GEMM on a GPU with `facts` (targets/): the larger of int8 tensor-core
     time at dense peak and DRAM time for compulsory traffic (q, packed weights, x_scale, fp32 out)."""
@@ -232,5 +244,5 @@ def modeled_seconds(cfg: W2A8Config, facts: dict) -> dict:
             "bound": "compute" if compute >= memory else "memory"}
 
 
-__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "cuda_source", "default_knobs", "modeled_seconds",
-           "pad_operands", "padded", "schedule", "scheduled_func"]
+__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "cuda_source", "default_knobs", "kernel_report",
+           "modeled_seconds", "pad_operands", "padded", "schedule", "scheduled_func"]
