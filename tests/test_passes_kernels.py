@@ -1,0 +1,91 @@
+"""The kernels the BitLinear passes emit, built alone on llvm, against numpy references.
+
+norm_quant: sequential float32 arithmetic in the same order as the kernel, so codes and scales are
+compared exactly; exact .5 ties must round half to even as torch.round does.
+W2A8 epilogues: w2a8_numpy (float64 math.erf for GELU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, norm_quant_numpy, schedule_norm_quant_cpu
+from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute, w2a8_numpy
+
+TARGET = tvm.target.Target({"kind": "llvm"})
+
+
+def _build(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+
+
+def _norm_quant(cfg: NormQuantConfig, x, g, scheduled: bool):
+    func = norm_quant_compute(cfg)
+    lib = _build(schedule_norm_quant_cpu(func, TARGET) if scheduled else func)
+    q = tvm.runtime.empty((cfg.m, cfg.k), "int8", tvm.cpu())
+    xs = tvm.runtime.empty((cfg.m, 1), "float32", tvm.cpu())
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(g), q, xs)
+    return q.numpy(), xs.numpy()
+
+
+def _sequential_reference(x, g, norm_eps=1e-5):
+    """norm_quant_numpy with the row sum taken left to right in float32, as the kernel's loop does."""
+    ssq = np.cumsum(x * x, axis=-1, dtype=np.float32)[:, -1:]
+    rstd = (np.float32(1) / np.sqrt(ssq / np.float32(x.shape[-1]) + np.float32(norm_eps))).astype(np.float32)
+    xn = x * rstd * g
+    xs = (np.float32(1) / np.maximum(np.abs(xn).max(-1, keepdims=True), np.float32(1e-5))) * np.float32(127)
+    return np.clip(np.rint(xn * xs), -128, 127).astype(np.int8), xs.astype(np.float32)
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_norm_quant_matches_numpy(scheduled):
+    rng = np.random.RandomState(0)
+    m, k = 12, 96
+    x = (rng.randn(m, k) * 3).astype(np.float32)
+    g = (1 + 0.3 * rng.randn(k)).astype(np.float32)
+    q, xs = _norm_quant(NormQuantConfig(m, k), x, g, scheduled)
+    q_ref, xs_ref = _sequential_reference(x, g)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(xs, xs_ref)
+    # the pairwise-summed reference may differ by an ulp in rstd: at most a 1-code flip
+    assert np.abs(q.astype(int) - norm_quant_numpy(x, g)[0]).max() <= 1
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_norm_quant_rounds_ties_half_to_even_like_torch(scheduled):
+    """Rows of 2.0 with norm_eps 0 give rstd = 0.5 exactly, so xn = gain; max |gain| = 127 makes
+    x_scale = fl(1/127) * 127 = 1 exactly and xn * x_scale = gain: exact .5 ties."""
+    k = 16
+    gain = np.array([127, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -126.5, 126.5, 4.5, -4.5, 0, 1, -1, 5.5],
+                    np.float32)
+    x = np.full((2, k), 2.0, np.float32)
+    q, xs = _norm_quant(NormQuantConfig(2, k, norm_eps=0.0), x, gain, scheduled)
+    assert np.all(xs == 1.0)
+    expected = torch.round(torch.from_numpy(gain)).to(torch.int8).numpy()  # half to even
+    np.testing.assert_array_equal(q[0], expected)
+    assert q[0, 1] == 0 and q[0, 3] == 2 and q[0, 6] == -2  # not half away from zero (1, 3, -3)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
+def test_w2a8_epilogues_match_numpy(epilogue):
+    rng = np.random.RandomState(1)
+    m, n, k = 8, 24, 36  # k not a multiple of 16: the packed row has a partial last group
+    q = rng.randint(-128, 128, (m, k)).astype(np.int8)
+    codes = rng.randint(-1, 2, (n, k))
+    packed = pack_ternary(codes)
+    xs = (127 / rng.uniform(0.5, 4, (m, 1))).astype(np.float32)
+    ws = np.array([0.03], np.float32)
+    res = rng.randn(m, n).astype(np.float32)
+    lib = _build(w2a8_compute(W2A8Config(m, n, k, epilogue)))
+    out = tvm.runtime.empty((m, n), "float32", tvm.cpu())
+    args = [tvm.runtime.tensor(a) for a in (q, packed, xs, ws)]
+    if epilogue == "residual":
+        args.append(tvm.runtime.tensor(res))
+    lib["main"](*args, out)
+    ref = w2a8_numpy(q, packed, xs, float(ws[0]), k, epilogue, res)
+    # exact int32 accumulation; the float epilogue differs by rounding only (TVM's float32 erf vs
+    # float64 math.erf for GELU): 1e-5 on outputs of magnitude <= ~5
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
