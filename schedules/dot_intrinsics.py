@@ -106,3 +106,37 @@ GENERIC = DotIntrin("bmvcc_dot_8x4_generic", 8, "int8", k_major=True)
 
 for _intrin, _dot in ((VNNI, _vpdpbusd), (AVX2, _avx2_maddubs), (SDOT, _sdot), (GENERIC, _widening_mac)):
     TensorIntrin.register(_intrin.name, _desc(_intrin), _impl(_intrin, _dot), override=True)
+
+
+# AVX2 with int16 accumulation: vpmaddubsw's pairwise int16 sums are added in int16 (vpaddw), with no
+# vpmaddwd per step. C holds lanes x 2 int16 partial sums, C[j, p] over k = 2p, 2p + 1 of each
+# 4-group. Each 4-group adds at most 2 * 2 * 128 = 512 in magnitude, so 64 groups (256 k) per chunk
+# stay in [-32768, 32512] (the schedule widens to int32 after each chunk).
+AVX2_I16 = DotIntrin("bmvcc_dot_8x4_avx2_i16", 8, "uint8")
+I16_CHUNK_K = 256
+
+
+@T.prim_func(s_tir=True)
+def _avx2_i16_desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4), "uint8", offset_factor=1),
+                   C: T.Buffer((8, 2), "int16", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8, 0:2], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8, 0:2])
+        for j, p, k in T.grid(8, 2, 2):
+            with T.sblock("update"):
+                vj, vp, vk = T.axis.remap("SSR", [j, p, k])
+                C[vj, vp] = C[vj, vp] + T.Cast("int16", A[vp * 2 + vk]) * T.Cast("int16", B[vj, vp * 2 + vk])
+
+
+@T.prim_func(s_tir=True)
+def _avx2_i16_impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4), "uint8", offset_factor=1),
+                   C: T.Buffer((8, 2), "int16", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8, 0:2], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8, 0:2])
+        C.vstore([0, 0], C.vload([0, 0], "int16x16") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), B.vload([0, 0], "uint8x32"), _bcast4(A, 8),
+            dtype="int16x16"))
+
+
+TensorIntrin.register(AVX2_I16.name, _avx2_i16_desc, _avx2_i16_impl, override=True)

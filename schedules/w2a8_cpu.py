@@ -25,20 +25,23 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
+from .dot_intrinsics import I16_CHUNK_K
 from .w2a8 import KERNEL_ATTR
 
 
 @dataclass(frozen=True)
 class CpuKnobs:
-    backend: str  # "vnni" | "avx2" | "sdot" | "generic"
+    backend: str  # code variant: "vnni" | "avx2_i16" | "avx2_i32" | "sdot" | "generic"
     mr: int  # activation rows per micro tile
     nt: int  # instruction-wide lane groups per micro tile (tile width = lanes * nt)
 
 
-# Micro tiles sized to the register files: accumulators mr * nt plus weight/broadcast registers.
+# Per select_backend() answer. Micro tiles sized to the register files: accumulators mr * nt plus
+# weight/broadcast registers. On AVX2 the int16 variant (vpmaddubsw + vpaddw, widened every 256 k)
+# beat the int32 one (vpmaddubsw + vpmaddwd + vpaddd per step) by 1.3-1.7x at the FFN shapes.
 DEFAULT_KNOBS = {
     "vnni": CpuKnobs("vnni", mr=4, nt=4),  # 16 of 32 zmm accumulate
-    "avx2": CpuKnobs("avx2", mr=4, nt=2),  # 8 of 16 ymm accumulate
+    "avx2": CpuKnobs("avx2_i16", mr=4, nt=2),  # 8 of 16 ymm accumulate (int16, widened per chunk)
     "sdot": CpuKnobs("sdot", mr=4, nt=4),  # 16 of 32 q registers accumulate
     "generic": CpuKnobs("generic", mr=4, nt=2),
 }
@@ -62,7 +65,8 @@ def select_backend(target) -> str:
 def _intrin(backend: str):
     from . import dot_intrinsics as di
 
-    return {"vnni": di.VNNI, "avx2": di.AVX2, "sdot": di.SDOT, "generic": di.GENERIC}[backend]
+    return {"vnni": di.VNNI, "avx2_i32": di.AVX2, "avx2_i16": di.AVX2_I16, "sdot": di.SDOT,
+            "generic": di.GENERIC}[backend]
 
 
 def _guarded(buf, idx, extents, padded):
@@ -77,29 +81,40 @@ def _guarded(buf, idx, extents, padded):
     return T.if_then_else(cond, val, T.Cast(buf.dtype, 0))
 
 
-def _decode(wp, vj, vk, n, np_, unsigned):
+def _decode(wp, vj, vk, padded, unsigned):
+    """Decoded code of wp at (vj, vk), 0 in the padding beyond wp's N x 4 KP codes."""
+    n, kp = wp.shape
     code = T.Cast("int32", T.bitwise_and(T.shift_right(wp[vj, vk // 4], T.Cast("uint8", (vk % 4) * 2)), T.uint8(3)))
     dtype = "uint8" if unsigned else "int8"
     val = T.Cast(dtype, code if unsigned else code - 1)
-    return val if int(np_) == int(n) else T.if_then_else(vj < n, val, T.Cast(dtype, 0))
+    conds = [c for c, e, p in ((vj < n, n, padded[0]), (vk < kp * 4, kp * 4, padded[1])) if int(e) != int(p)]
+    if not conds:
+        return val
+    return T.if_then_else(conds[0] if len(conds) == 1 else T.And(*conds), val, T.Cast(dtype, 0))
 
 
 def _acc_init(rs, vi, unsigned):
     return 0 - rs[vi] if unsigned else T.int32(0)
 
 
-def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool):
+def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool, chunk: int | None):
     """The replacement of the "acc" nest: (alloc buffers, loop nests) writing `acc` (see module doc)."""
     M, K = q.shape
     N, KP = wp.shape
-    Mp, Np, K4 = T.int64(mp), T.int64(np_), KP * 4
+    n_chunks = -(-int(KP) * 4 // chunk) if chunk else 1
+    kc = _round_up(-(-int(KP) * 4 // n_chunks), 4)  # k per int16 chunk, multiple of 4
+    Mp, Np, K4, C, KC = T.int64(mp), T.int64(np_), T.int64(n_chunks * kc if chunk else int(KP) * 4), \
+        T.int64(n_chunks), T.int64(kc)
     wdt = "uint8" if unsigned else "int8"
+    int16 = chunk is not None  # TVMScript's static if needs a bool
+    TWO = T.int64(2)
 
     @T.prim_func(private=True, s_tir=True, check_well_formed=False)
     def stages():
         qp = T.sblock_alloc_buffer((Mp, K4), "int8")
         rs = T.sblock_alloc_buffer((Mp,), "int32")
         wd = T.sblock_alloc_buffer((Np, K4), wdt)
+        acc16 = T.sblock_alloc_buffer((Mp, C, Np, TWO), "int16")
         accp = T.sblock_alloc_buffer((Mp, Np), "int32")
         for i, k in T.grid(Mp, K4):
             with T.sblock("qpad"):
@@ -112,7 +127,7 @@ def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool):
                 vj, vk = T.axis.remap("SS", [j, k])
                 T.reads(wp[vj, vk // 4])
                 T.writes(wd[vj, vk])
-                wd[vj, vk] = _decode(wp, vj, vk, N, Np, unsigned)
+                wd[vj, vk] = _decode(wp, vj, vk, (Np, K4), unsigned)
         if unsigned:
             for i, k in T.grid(Mp, K4):
                 with T.sblock("rowsum"):
@@ -122,14 +137,34 @@ def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool):
                     with T.init():
                         rs[vi] = 0
                     rs[vi] = rs[vi] + T.Cast("int32", qp[vi, vk])
-        for i, j, k in T.grid(Mp, Np, K4):
-            with T.sblock("dot"):
-                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
-                T.reads(qp[vi, vk], wd[vj, vk], rs[vi])
-                T.writes(accp[vi, vj])
-                with T.init():
-                    accp[vi, vj] = _acc_init(rs, vi, unsigned)
-                accp[vi, vj] = accp[vi, vj] + T.Cast("int32", qp[vi, vk]) * T.Cast("int32", wd[vj, vk])
+        if int16:  # int16 partial sums per (chunk c, pair p), widened to int32 per chunk
+            for i, j, c, p, kb, k2 in T.grid(Mp, Np, C, TWO, KC // 4, TWO):
+                with T.sblock("dot"):
+                    vi, vj, vc, vp, vkb, vk2 = T.axis.remap("SSSSRR", [i, j, c, p, kb, k2])
+                    T.reads(qp[vi, vc * KC + vkb * 4 + vp * 2 + vk2], wd[vj, vc * KC + vkb * 4 + vp * 2 + vk2])
+                    T.writes(acc16[vi, vc, vj, vp])
+                    with T.init():
+                        acc16[vi, vc, vj, vp] = T.int16(0)
+                    acc16[vi, vc, vj, vp] = acc16[vi, vc, vj, vp] + T.Cast(
+                        "int16", qp[vi, vc * KC + vkb * 4 + vp * 2 + vk2]) * T.Cast(
+                        "int16", wd[vj, vc * KC + vkb * 4 + vp * 2 + vk2])
+            for i, j, c, p in T.grid(Mp, Np, C, TWO):
+                with T.sblock("widen"):
+                    vi, vj, vc, vp = T.axis.remap("SSRR", [i, j, c, p])
+                    T.reads(acc16[vi, vc, vj, vp], rs[vi])
+                    T.writes(accp[vi, vj])
+                    with T.init():
+                        accp[vi, vj] = _acc_init(rs, vi, unsigned)
+                    accp[vi, vj] = accp[vi, vj] + T.Cast("int32", acc16[vi, vc, vj, vp])
+        else:
+            for i, j, k in T.grid(Mp, Np, K4):
+                with T.sblock("dot"):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                    T.reads(qp[vi, vk], wd[vj, vk], rs[vi])
+                    T.writes(accp[vi, vj])
+                    with T.init():
+                        accp[vi, vj] = _acc_init(rs, vi, unsigned)
+                    accp[vi, vj] = accp[vi, vj] + T.Cast("int32", qp[vi, vk]) * T.Cast("int32", wd[vj, vk])
         for i, j in T.grid(M, N):
             with T.sblock("unpad"):
                 vi, vj = T.axis.remap("SS", [i, j])
@@ -138,10 +173,11 @@ def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool):
                 acc[vi, vj] = accp[vi, vj]
 
     root = stages.body.block
-    return list(root.alloc_buffers), list(root.body.seq)
+    used = ("qp", "rs", "wd", "accp") + (("acc16",) if chunk else ())
+    return [b for b in root.alloc_buffers if b.name in used], list(root.body.seq)
 
 
-def _restage(func, mp: int, np_: int, unsigned: bool):
+def _restage(func, mp: int, np_: int, unsigned: bool, chunk: int | None):
     """func with its "acc" loop nest replaced by the explicit stages (epilogue nests untouched)."""
     from tvm import s_tir, tirx
 
@@ -153,7 +189,7 @@ def _restage(func, mp: int, np_: int, unsigned: bool):
     root = func.body.block
     nests = list(root.body.seq)
     pos = next(i for i, s in enumerate(nests) if s.same_as(acc_nest))
-    allocs, stages = _stages(q, wp, acc, mp, np_, unsigned)
+    allocs, stages = _stages(q, wp, acc, mp, np_, unsigned, chunk)
     body = tirx.SeqStmt(nests[:pos] + stages + nests[pos + 1:])
     new_root = s_tir.SBlock([], [], [], "root", body, alloc_buffers=list(root.alloc_buffers) + allocs)
     return func.with_body(s_tir.SBlockRealize([], True, new_root))
@@ -179,10 +215,11 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
     mr = min(knobs.mr, m)
     mp, np_ = _round_up(m, mr), _round_up(n, lanes * knobs.nt)
 
-    sch = s_tir.Schedule(_restage(func, mp, np_, unsigned))
+    chunk = I16_CHUNK_K if knobs.backend == "avx2_i16" else None
+    sch = s_tir.Schedule(_restage(func, mp, np_, unsigned, chunk))
     epilogue = _blocks_after(sch, "unpad")
     sch.compute_inline(sch.get_sblock("unpad"))
-    if mp == m and 4 * -(-k // 4) == k:
+    if mp == m and 4 * -(-k // 4) == k and sch.get(sch.get_sblock("qpad")).writes[0].region[1].extent == k:
         sch.compute_inline(sch.get_sblock("qpad"))
     else:
         sch.parallel(sch.get_loops(sch.get_sblock("qpad"))[0])
@@ -195,17 +232,33 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
         sch.transform_layout(dot, "wd", lambda j, kk: (j // lanes, kk // 4, kk % 4, j % lanes))
     else:
         sch.transform_layout(dot, "wd", lambda j, kk: (j // lanes, kk // 4, j % lanes, kk % 4))
-    i, j, kk = sch.get_loops(dot)
+    # outer structure on the int32 accumulation (dot, or widen over int16 chunks):
+    # parallel n strips (j0) > row micro tiles (i0) > k
+    outer = sch.get_sblock("widen") if chunk else dot
+    i, j, kk = sch.get_loops(outer)[:3]
     j0, j1, j2 = sch.split(j, [None, knobs.nt, lanes])
     i0, i1 = sch.split(i, [None, mr])
-    k0, k1 = sch.split(kk, [None, 4])
-    sch.reorder(j0, i0, k0, i1, j1, j2, k1)
+    if chunk:
+        c, p = sch.get_loops(outer)[-2:]
+        sch.reorder(j0, i0, c, i1, j1, j2, p)
+    else:
+        k0, k1 = sch.split(kk, [None, 4])
+        sch.reorder(j0, i0, k0, i1, j1, j2, k1)
     sch.parallel(j0)
     # epilogue per micro tile, right after its accumulation: accp shrinks to one tile in L1
     for blk in epilogue:
         sch.reverse_compute_at(sch.get_sblock(blk), i0)
         if mp == m and np_ == n:
             sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
+    if chunk:  # the int16 dot of one chunk for one micro tile, then widened into accp
+        sch.compute_at(dot, c, preserve_unit_loops=True)
+        di, dj, dc, dp, dkb, dk2 = sch.get_loops(dot)[-6:]  # dc: unit loop of the chunk
+        dj0, dj1 = sch.split(dj, [None, lanes])
+        sch.reorder(dc, dkb, di, dj0, dj1, dp, dk2)
+        k0, i1, j1, j2 = dkb, di, dj0, dj1
+        widen_init = sch.decompose_reduction(outer, c)
+        sch.vectorize(sch.get_loops(widen_init)[-1])
+        sch.unroll(sch.get_loops(outer)[-1])
     sch.compute_at(decode, j0)  # one decoded tile (lanes * nt features x K4) per parallel iteration
     dj, dk = sch.get_loops(decode)[-2:]
     dk0, dk1 = sch.split(dk, [None, 4])

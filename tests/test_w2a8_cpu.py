@@ -17,7 +17,8 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy  # noqa: E402
-from bmvcc.schedules.w2a8_cpu import DEFAULT_KNOBS, schedule_w2a8_cpu, select_backend  # noqa: E402
+from bmvcc.schedules.w2a8_cpu import _intrin  # noqa: E402
+from bmvcc.schedules.w2a8_cpu import DEFAULT_KNOBS, CpuKnobs, schedule_w2a8_cpu, select_backend  # noqa: E402
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 GENERIC = tvm.target.Target({"kind": "llvm"})  # baseline x86-64 (SSE2): runs here too
@@ -60,16 +61,42 @@ def _run(lib, cfg, q, packed, xs, ws, res):
 SHAPES = [(1, 37, 70), (5, 64, 130), (13, 33, 96), (32, 80, 255)]
 
 
+# AVX2 variants run only where the CPU has AVX2; "generic" runs on any x86-64
+HOST_VARIANTS = [None] + ([CpuKnobs("avx2_i32", 4, 2), CpuKnobs("avx2_i16", 2, 3)]
+                          if select_backend(HOST) in ("avx2", "vnni") else [])
+
+
+def _acc_exact(cfg, target, knobs, q, packed, res):
+    ones = np.ones((cfg.m, 1), np.float32)  # x_scale = w_scale = 1: out = float32(acc), exact below 2^24
+    out = _run(_build(cfg, target, knobs), cfg, q, packed, ones, np.ones(1, np.float32), res)
+    acc = q.astype(np.int64) @ unpack_ternary(packed, cfg.k).astype(np.int64).T  # independent int64 reference
+    np.testing.assert_array_equal(out, acc.astype(np.float32))
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 @pytest.mark.parametrize("target", [HOST, GENERIC], ids=["host", "generic"])
 def test_accumulators_exact(m, n, k, target):
     cfg = W2A8Config(m, n, k)
-    rng = np.random.default_rng(m * 1000 + k)
-    q, packed, _, _, res = _inputs(cfg, rng)
-    ones = np.ones((m, 1), np.float32)
-    out = _run(_build(cfg, target), cfg, q, packed, ones, np.ones(1, np.float32), res)
-    acc = q.astype(np.int64) @ unpack_ternary(packed, k).astype(np.int64).T  # independent int64 reference
-    np.testing.assert_array_equal(out, acc.astype(np.float32))
+    q, packed, _, _, res = _inputs(cfg, np.random.default_rng(m * 1000 + k))
+    _acc_exact(cfg, target, None, q, packed, res)
+
+
+@pytest.mark.parametrize("knobs", HOST_VARIANTS[1:], ids=lambda kn: f"{kn.backend}-{kn.mr}x{kn.nt}")
+def test_host_variants_exact(knobs):
+    cfg = W2A8Config(11, 40, 290)
+    q, packed, _, _, res = _inputs(cfg, np.random.default_rng(11))
+    _acc_exact(cfg, HOST, knobs, q, packed, res)
+
+
+@pytest.mark.parametrize("q_value,code", [(-128, 1), (127, 1), (-128, -1), (127, -1)])
+def test_int16_chunk_bound(q_value, code):
+    """Worst case for the int16 partial sums: every product +-256 or +-254 over whole 256-k chunks
+    (64 * -512 = -32768 is int16's minimum; the sums must not wrap)."""
+    cfg = W2A8Config(4, 16, 768)
+    q = np.full((cfg.m, cfg.k), q_value, np.int8)
+    packed = pack_ternary(np.full((cfg.n, cfg.k), code))
+    for knobs in HOST_VARIANTS:
+        _acc_exact(cfg, HOST, knobs, q, packed, None)
 
 
 @pytest.mark.parametrize("extreme", [False, True])
@@ -140,5 +167,4 @@ def test_weights_stay_packed_and_decoded_tile_is_small():
     assert any("T.parallel" in ln for ln in lines[:pos])  # allocated per parallel task
     shape = [int(v) for v in re.findall(r"T\.int64\((\d+)\)", wd)]
     knobs = DEFAULT_KNOBS[select_backend(HOST)]
-    lanes = {"vnni": 16, "avx2": 8, "sdot": 4, "generic": 8}[knobs.backend]
-    assert int(np.prod(shape)) == lanes * knobs.nt * cfg.k
+    assert int(np.prod(shape)) == _intrin(knobs.backend).lanes * knobs.nt * cfg.k
