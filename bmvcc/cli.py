@@ -43,6 +43,10 @@ def compile(
                "kernels_from_db": report.metadata["tuning"]["kernels_from_db"]}
     tuned = f" ({summary['kernels_from_db']} kernels from {db})" if db else ""
     typer.echo(json.dumps(summary, indent=2) if as_json else f"compiled {source} -> {report.outdir} in {report.seconds:.1f} s{tuned}")
+    if not as_json:
+        from .passes.pipeline import describe
+
+        typer.echo(describe(report.metadata["passes"]))
 
 
 @app.command()
@@ -189,13 +193,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+    except typer.TyperException as e:  # usage errors (typer's vendored click ClickException)
+        e.show()
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,18 @@ def _weight_bytes(mod) -> dict:
 
     _Sizes().visit_expr(mod["main"])
     return sizes
+
+
+def describe(report: dict) -> str:
+    """The report in a few lines for the compile summary."""
+    bl, wb = report["bitlinear"], report["weight_bytes"]
+    if not bl["enabled"]:
+        lines = ["BitLinear: off (--no-bitlinear): every layer runs as float matmuls"]
+    else:
+        lines = [f"BitLinear: {bl['rewritten']} layers -> int8 x 2-bit W2A8 kernels "
+                 f"({bl['norm_quant_fused']} with fused RMSNorm+quantization, epilogues: "
+                 f"{bl['epilogues']['gelu']} GELU, {bl['epilogues']['residual']} residual)"]
+        lines += [f"  not rewritten: {r['name']}: {r['reason']}" for r in bl["not_rewritten"]]
+    lines.append(f"weights: {wb['packed_2bit']:,} B 2-bit packed, {wb['float']:,} B float, "
+                 f"{wb['scalar']:,} B scalars")
+    return "\n".join(lines)
