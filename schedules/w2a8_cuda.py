@@ -208,7 +208,8 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
 
 
 def scheduled_func(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
-    return schedule(cfg, knobs).mod["main"]
+    """The scheduled PrimFunc, marked scheduled so that DLight in a GPU build leaves it alone."""
+    return schedule(cfg, knobs).mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def cuda_source(func, spec) -> str:
