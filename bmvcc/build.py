@@ -23,6 +23,11 @@ def build(mod, spec, path: Path, progress: Callable[[str], None] = lambda msg: N
     if spec.device == "cpu":
         progress("scheduling (legalize, fuse, default CPU schedules)")
         mod = schedule_cpu_module(mod, target)
+    else:  # the W2A8 CUDA kernel exists (schedules/w2a8_cuda.py); GPU scheduling of the whole model does not yet
+        from .errors import BmvccError
+
+        raise BmvccError(f"target '{spec.name}' runs on {spec.device}, and whole-model {spec.device} builds are "
+                         "not available yet; compile for 'host' or 'aarch64'")
     progress("tvm.compile")
     executable = tvm.compile(mod, target=target)
     progress(f"exporting {path.name}")
