@@ -1,22 +1,30 @@
 """CPU schedules of the W2A8 kernel (schedules/w2a8.py): int8 activations x 2-bit packed ternary weights.
 
 Entry point: `schedule_w2a8_cpu(func, target)` for every PrimFunc with attr bmvcc.kernel == "w2a8".
+The backend follows the target's features (select_backend): AVX-512 VNNI (vpdpbusd), AVX2
+(vpmaddubsw), aarch64 dot product (sdot), else generic LLVM vector code; dot_intrinsics.py has them.
 
 The reference compute has one block "acc" (dot product with the 2-bit decode inline) followed by
-epilogue block(s) that read `acc`. The decode expression cannot be tensorized, so the "acc" loop
-nest is replaced by explicit stages; the epilogue blocks are kept as they are:
+epilogue block(s) that read `acc` ("dequant", with the gelu/residual variants). The decode expression
+cannot be tensorized, so the "acc" loop nest is replaced by explicit stages; the epilogue blocks are
+kept as they are:
 
-    qpad   qp[Mp, K4]  int8   = q zero-padded (inlined away when Mp == M and K4 == K)
+    qpad   qp[Mp, K4]  int8   = q zero-padded (inlined away when nothing is padded)
     rowsum rs[Mp]      int32  = sum_k qp                    (u8 backends only)
-    decode wd[Np, K4]  u8/i8  = u = T + 1 (x86, u8 x s8 instructions) or T (aarch64 sdot, generic)
+    decode wd[Np, K4]  u8/i8  = u = T + 1 (x86: u8 x s8 instructions) or T (sdot, generic)
     dot    accp[Mp,Np] int32  = (u8: -rs) + sum_k qp * wd   (exact int32 = sum_k q * T)
-    unpad  acc = accp[:M, :N], inlined into the epilogue, which runs per micro tile
+           avx2_i16: dot sums int16 acc16[Mp, C, Np, 2] per 256-k chunk (bound in dot_intrinsics.py),
+           and "widen" adds the chunks into accp
+    unpad  acc = accp[:M, :N], inlined into the epilogue
 
-K4 = 4 * ceil(K / 4) covers the packed bytes (padding codes are T = 0); Mp, Np round M, N up to the
-micro tile so every tile is full and tensorizes. `decode` is computed per n tile (lanes * nt output
-features x K4) inside the parallel loop, into a small buffer laid out [n // L, k // 4, n % L, k % 4]
-(L = instruction lanes), and reused for all M rows: weights stay 2-bit in memory, the decoded copy
-is one tile per thread.
+K4 = 4 * ceil(K / 4) covers the packed bytes (their padding codes are T = 0), rounded up to whole
+chunks for avx2_i16; Mp, Np round M, N up to the micro tile so every tile is full and tensorizes.
+
+Loop structure: parallel over strips of lanes * nt output features; per strip, `decode` fills a small
+buffer (lanes * nt x K4 bytes, laid out [n // L, k // 4, n % L, k % 4], L = instruction lanes) that
+all M rows reuse, so weights stay 2-bit in memory and only one strip per thread is ever decoded; then
+per mr-row micro tile the k loop runs the intrinsic on mr x nt register accumulators, and the epilogue
+runs on that tile right away.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from .dot_intrinsics import I16_CHUNK_K
 from .w2a8 import KERNEL_ATTR
 
 
@@ -214,6 +221,8 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
     n = int(acc_blk.reads[1].source.shape[0])
     mr = min(knobs.mr, m)
     mp, np_ = _round_up(m, mr), _round_up(n, lanes * knobs.nt)
+
+    from .dot_intrinsics import I16_CHUNK_K  # registers the intrinsics (about 1 s), on first use only
 
     chunk = I16_CHUNK_K if knobs.backend == "avx2_i16" else None
     sch = s_tir.Schedule(_restage(func, mp, np_, unsigned, chunk))
