@@ -159,6 +159,18 @@ def tracker_devices(address: str, key: str) -> int:
     return count
 
 
+def _add_deadline(runner, workers: int) -> None:
+    """Give the RPC runner's worker pool a timeout. MetaSchedule 0.27 creates it without one, so a device
+    that hangs (still registered at the tracker, never answering) blocks the whole run; with a timeout
+    the worker is killed, RPCRunnerFuture turns the TimeoutError into a failed result, and the run
+    goes on with the other devices."""
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    inner = runner._inst  # the Python RPCRunner behind MetaSchedule's derived-object wrapper
+    inner.pool.shutdown(wait=False)
+    inner.pool = PopenPoolExecutor(max_workers=workers, timeout=RUN_TIMEOUT_S)
+
+
 def _runner(spec, options: TuneOptions):
     """(runner, description of where candidates run)."""
     from tvm.s_tir import meta_schedule as ms
@@ -171,6 +183,7 @@ def _runner(spec, options: TuneOptions):
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=options.rpc_key,
                                      session_timeout_sec=RUN_TIMEOUT_S)
         runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=_evaluator(), max_workers=n)
+        _add_deadline(runner, n)
         return runner, f"{n} device(s) under key '{options.rpc_key}' at {options.rpc_tracker}"
     if spec.device != "cpu" or spec.arch != platform.machine():
         raise BmvccError(f"target '{spec.name}' runs on another machine; measure on it through an RPC tracker with "
