@@ -28,15 +28,21 @@ METADATA = "metadata.json"
 FORMAT_VERSION = 1
 
 
-@contextlib.contextmanager
-def staging(outdir: Path):
-    """Yields a temporary directory; on success it replaces `outdir`, on any error it is removed."""
+def check_outdir(outdir: Path) -> Path:
+    """The absolute OUTDIR if an artifact can be written there (checked before compiling, and again)."""
     outdir = Path(outdir).absolute()
     if outdir.exists() and not outdir.is_dir():
         raise BmvccError(f"output '{outdir}' exists and is not a directory; choose another -o")
+    if not outdir.parent.is_dir():
+        raise BmvccError(f"output parent directory '{outdir.parent}' does not exist; create it first")
+    return outdir
+
+
+@contextlib.contextmanager
+def staging(outdir: Path):
+    """Yields a temporary directory; on success it replaces `outdir`, on any error it is removed."""
+    outdir = check_outdir(outdir)
     parent = outdir.parent
-    if not parent.is_dir():
-        raise BmvccError(f"output parent directory '{parent}' does not exist; create it first")
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=parent))
     try:
         yield tmp

@@ -38,6 +38,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
 
     start = time.perf_counter()
     spec = get_target(options.target)
+    artifact.check_outdir(outdir)  # fail before minutes of work
     if options.db is not None:  # refuse a database of another target before minutes of work
         from .tunedb import check_target
 

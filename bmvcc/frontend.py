@@ -56,7 +56,10 @@ def _load_program(path: Path) -> Source:
     with torch.no_grad():
         out = module(args[0])
     out = out[0] if isinstance(out, (tuple, list)) else out
-    return Source(module, tuple(args[0].shape[1:]), int(out.shape[-1]), path)
+    image = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == ep.graph_signature.user_inputs[0])
+    batch = image.meta["val"].shape[0]  # an int when exported without a dynamic batch dimension
+    info = {"static_batch": batch} if isinstance(batch, int) else {}
+    return Source(module, tuple(args[0].shape[1:]), int(out.shape[-1]), path, info=info)
 
 
 def _load_onnx(path: Path, heads: int | None, image_size: int | None) -> Source:
@@ -69,9 +72,14 @@ def _load_onnx(path: Path, heads: int | None, image_size: int | None) -> Source:
 
 
 def resolve_batch(source: Source, batch: int | None) -> int:
-    """The static batch to compile: --batch, else an ONNX model's own batch, else 1."""
+    """The static batch to compile: --batch, else an ONNX model's or a .pt2 program's own, else 1."""
     if source.onnx is not None:
         batch = onnx_import.resolve_batch(source.onnx, batch, source.path)
+    fixed = source.info.get("static_batch")
+    if fixed is not None and batch not in (None, fixed):
+        raise BmvccError(f"'{source.path}' was exported for a fixed batch of {fixed}; drop --batch, or export it "
+                         "with dynamic_shapes={0: torch.export.Dim('batch')} for the image")
+    batch = fixed if batch is None else batch
     return 1 if batch is None else batch
 
 

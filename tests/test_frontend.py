@@ -13,10 +13,11 @@ import torch
 from bmvcc import runtime
 from bmvcc.checkpoint import infer_config
 from bmvcc.driver import CompileOptions, compile_model
+from bmvcc.frontend import load_source, resolve_batch
 from bmvcc.errors import BmvccError
 from bmvcc.model import BitMedViT
 
-from conftest import FAMILIES, family_id, small_config
+from conftest import FAMILIES, cli_error, family_id, small_config
 
 BATCH = 2  # > 1: batch handling is part of what is checked
 IMAGES = 5  # not a multiple of BATCH: the runtime's padded last chunk is checked too
@@ -114,22 +115,38 @@ class SmallCNN(torch.nn.Module):
         return self.fc(x.flatten(1))
 
 
-def test_pt2_program_compiles_and_matches(tmp_path):
+def _cnn() -> SmallCNN:
     torch.manual_seed(0)
     cnn = SmallCNN()
     with torch.no_grad():  # non-trivial running statistics
         cnn.bn.running_mean.uniform_(-0.5, 0.5)
         cnn.bn.running_var.uniform_(0.5, 2.0)
-    cnn.eval()
-    ep = torch.export.export(cnn, (torch.zeros(1, 3, 16, 16),))
+    return cnn.eval()
+
+
+def test_pt2_program_compiles_and_matches(tmp_path):
+    cnn = _cnn()
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(cnn, (torch.zeros(3, 3, 16, 16),), dynamic_shapes=({0: batch},))
     torch.export.save(ep, tmp_path / "cnn.pt2")
-    report = _compile(tmp_path / "cnn.pt2", tmp_path / "out")
+    report = _compile(tmp_path / "cnn.pt2", tmp_path / "out")  # batch 2: a dynamic batch re-exports
     assert report.metadata["config"] is None and report.metadata["num_classes"] == 5
+    assert report.metadata["input"]["shape"] == [BATCH, 3, 16, 16]
     x = _images((3, 16, 16), seed=5)
     with torch.no_grad():
         ref = cnn(torch.from_numpy(x)).numpy()
     # No quantizers here: only fp32 reassociation (K <= 72 per conv output, 512 in fc).
     np.testing.assert_allclose(runtime.load(tmp_path / "out")(x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_pt2_static_batch(tmp_path, capsys):
+    ep = torch.export.export(_cnn(), (torch.zeros(3, 3, 16, 16),))
+    torch.export.save(ep, tmp_path / "static.pt2")
+    source = load_source(tmp_path / "static.pt2")
+    assert resolve_batch(source, None) == 3 and resolve_batch(source, 3) == 3
+    line = cli_error(capsys, ["compile", str(tmp_path / "static.pt2"), "-o", str(tmp_path / "out"), "--batch", "2"])
+    assert "fixed batch of 3" in line and "drop --batch" in line
+    assert not (tmp_path / "out").exists()
 
 
 # ---- config inference: shapes -> ViTConfig ------------------------------------------------------
