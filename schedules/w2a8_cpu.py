@@ -69,7 +69,7 @@ def select_backend(target) -> str:
     return "generic"
 
 
-def _intrin(backend: str):
+def intrin_of(backend: str):
     from . import dot_intrinsics as di
 
     return {"vnni": di.VNNI, "avx2_i32": di.AVX2, "avx2_i16": di.AVX2_I16, "sdot": di.SDOT,
@@ -213,7 +213,7 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
     if func.attrs is None or func.attrs.get(KERNEL_ATTR) != "w2a8":
         raise ValueError(f"schedule_w2a8_cpu expects a PrimFunc with attr {KERNEL_ATTR}='w2a8'")
     knobs = knobs or DEFAULT_KNOBS[select_backend(target)]
-    intrin = _intrin(knobs.backend)
+    intrin = intrin_of(knobs.backend)
     lanes, unsigned = intrin.lanes, intrin.weight_dtype == "uint8"
     ref = s_tir.Schedule(func)
     acc_blk = ref.get(ref.get_sblock("acc"))
