@@ -18,8 +18,8 @@ import tvm
 from tvm import relax
 
 from ..schedules.norm_quant import NormQuantConfig, norm_quant_compute
-from .relax_match import (REPORT_PREFIX, Bindings, Product, is_const, kernel_of, named_const, prim, product, replace_main,
-                          scalar, static_shape)
+from .relax_match import (REPORT_PREFIX, Bindings, Product, is_const, kernel_of, named_const, prim, product,
+                          replace_main, scalar, static_shape, with_report)
 
 REPORT_KEY = REPORT_PREFIX + "fuse_norm_quant"
 
@@ -38,14 +38,8 @@ def fuse_norm_quant(mod: tvm.IRModule) -> tvm.IRModule:
             plans[var] = (call, *plan)
     report = {"fused": len(plans), "unfused": unfused}
     if not plans:
-        return mod.with_attr(REPORT_KEY, _json(report))
-    return replace_main(mod, _Rewriter(mod, plans), REPORT_KEY, report)
-
-
-def _json(report):
-    import json
-
-    return json.dumps(report)
+        return with_report(mod, REPORT_KEY, report)
+    return with_report(replace_main(mod, _Rewriter(mod, plans)), REPORT_KEY, report)
 
 
 def _match(args, b: Bindings):

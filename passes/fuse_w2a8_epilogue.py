@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from ..schedules.w2a8 import W2A8Config, w2a8_compute
-from .relax_match import REPORT_PREFIX, Bindings, kernel_of, replace_main, static_shape
+from .relax_match import REPORT_PREFIX, Bindings, kernel_of, replace_main, static_shape, with_report
 
 REPORT_KEY = REPORT_PREFIX + "fuse_w2a8_epilogue"
 
@@ -43,14 +43,8 @@ def fuse_w2a8_epilogue(mod: tvm.IRModule) -> tvm.IRModule:
     for kind, _, _ in plans.values():
         report[kind] += 1
     if not plans:
-        return mod.with_attr(REPORT_KEY, _json(report))
-    return replace_main(mod, _Rewriter(mod, plans), REPORT_KEY, report)
-
-
-def _json(report):
-    import json
-
-    return json.dumps(report)
+        return with_report(mod, REPORT_KEY, report)
+    return with_report(replace_main(mod, _Rewriter(mod, plans)), REPORT_KEY, report)
 
 
 def _sole_w2a8(e, mod, b: Bindings):

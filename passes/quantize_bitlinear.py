@@ -24,8 +24,8 @@ import tvm
 from tvm import relax
 
 from ..schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute
-from .relax_match import (REPORT_PREFIX, Bindings, const_name, evaluate, is_const, named_const, prim, product, replace_main,
-                          static_shape)
+from .relax_match import (REPORT_PREFIX, Bindings, const_name, evaluate, is_const, named_const, prim, product,
+                          replace_main, static_shape, with_report)
 
 REPORT_KEY = REPORT_PREFIX + "quantize_bitlinear"
 _SIGNATURE_DEPTH = 3  # producer steps above the activation's factors searched for round / abs-max
@@ -57,8 +57,8 @@ def quantize_bitlinear(mod: tvm.IRModule) -> tvm.IRModule:
             reasons = [r for r in (act, weight) if isinstance(r, str)]
             report["not_rewritten"].append({"name": name, "reason": "; ".join(reasons)})
     if not plans:
-        return mod.with_attr(REPORT_KEY, _json(report))
-    return replace_main(mod, _Rewriter(mod, plans), REPORT_KEY, report)
+        return with_report(mod, REPORT_KEY, report)
+    return with_report(replace_main(mod, _Rewriter(mod, plans)), REPORT_KEY, report)
 
 
 def _looks_like_bitlinear(lhs, rhs, weight, b: Bindings) -> bool:
@@ -67,12 +67,6 @@ def _looks_like_bitlinear(lhs, rhs, weight, b: Bindings) -> bool:
     near = set().union(*(b.ancestors_ops(a, _SIGNATURE_DEPTH) for a in atoms)) if atoms else set()
     return bool(near & {"relax.round", "relax.topk", "relax.max"}) or isinstance(weight, tuple) or (
         "relax.round" in b.ancestors_ops(rhs, _WEIGHT_DEPTH))
-
-
-def _json(report):
-    import json
-
-    return json.dumps(report)
 
 
 def _layer_name(leaves, var) -> str:

@@ -202,16 +202,18 @@ def named_const(value: np.ndarray, name: str | None = None):
     return relax._ffi_api.MakeTensorConst(tvm.runtime.tensor(value), None, span)
 
 
-def replace_main(mod: tvm.IRModule, mutator, attr_key: str | None = None, report=None) -> tvm.IRModule:
+def replace_main(mod: tvm.IRModule, mutator) -> tvm.IRModule:
     """Run `mutator` (a PyExprMutator built on `mod`) over main; returns the new module."""
     new_main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = new_main
-    if attr_key is not None:
-        import json
-
-        out = out.with_attr(attr_key, json.dumps(report))
     return out
+
+
+def with_report(mod: tvm.IRModule, attr_key: str, report: dict) -> tvm.IRModule:
+    import json
+
+    return mod.with_attr(attr_key, json.dumps(report))
 
 
 def read_report(mod: tvm.IRModule, attr_key: str) -> dict | None:
