@@ -1,6 +1,8 @@
 """bmvcc's Relax pipeline: an explicit, ordered list of small named passes.
 
 Each entry is (name, pass); each pass is IRModule -> IRModule and documented in its own file.
+A pass with something to report leaves it as JSON in the module attr REPORT_PREFIX + its name
+here; run_pipeline collects and removes it.
 """
 
 from __future__ import annotations
