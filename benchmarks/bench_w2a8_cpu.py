@@ -5,7 +5,8 @@
 Shapes are KxN (FFN up: K=512 -> N=2048, down: K=2048 -> N=512), M rows. Every implementation runs in
 this process with the same thread count and is timed the same way (best and median of --repeat calls
 after one warm-up). Peers:
-  torch_fp32  torch.matmul float32 (torch.set_num_threads)
+  torch_fp32  torch.matmul float32 (torch.set_num_threads); torch_fp32_1t the same on one thread, since
+              torch's OpenMP threads can be slower than one thread when the cores are shared
   ort_int8    onnxruntime MatMulInteger, u8 activations (zero point 128) x s8 weights: MLAS's int8 GEMM,
               weights as int8 in memory (4x the 2-bit bytes) and no decode
 The W2A8 kernel reads 2-bit packed weights and decodes them per tile inside the kernel.
@@ -94,6 +95,7 @@ def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
     builders = {
         "w2a8_tvm": lambda: _w2a8(m, n, k, q, codes, threads),
         "torch_fp32": lambda: _torch_fp32(q, codes, threads),
+        "torch_fp32_1t": lambda: _torch_fp32(q, codes, 1),  # MKL/OpenMP can lose from threading on busy cores
         "ort_int8": lambda: _ort_int8(q, codes, threads),
     }
     for name, build in builders.items():
@@ -126,11 +128,11 @@ def main(argv=None) -> int:
         print(json.dumps({"threads": a.threads, "repeat": a.repeat, "results": rows}, indent=2))
         return 0
     print(f"W2A8 CPU kernel, {a.threads} threads, best of {a.repeat} (median in parentheses)")
-    print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<11} {'ms':>16} {'GOPS':>7} {'weights':>9}  W2A8 speedup")
+    print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<13} {'ms':>16} {'GOPS':>7} {'weights':>9}  W2A8 speedup")
     for r in rows:
         for name, s in r["impls"].items():
             sp = f"{r['speedup_vs'][name]:.2f}x" if name in r["speedup_vs"] else f"[{r['backend']}]"
-            print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {name:<11} {s['best_ms']:>7.2f} ({s['median_ms']:>6.2f})"
+            print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {name:<13} {s['best_ms']:>7.2f} ({s['median_ms']:>6.2f})"
                   f" {s['gops']:>7.1f} {s['weight_bytes'] / 1024:>7.0f}KB  {sp}")
     return 0
 
