@@ -18,6 +18,7 @@ its candidates fail (recorded as failed), and the run goes on with the others.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -80,11 +81,11 @@ class TuneReport:
                 "seconds": round(self.seconds, 1), "tasks": rows}
 
     def table(self) -> str:
-        head = f"{'task':<52} {'kind':<14} {'default us':>11} {'tuned us':>10} {'speedup':>8} {'trials':>7} {'failed':>6}"
+        head = f"{'task':<52} {'kind':<24} {'default us':>11} {'tuned us':>10} {'speedup':>8} {'trials':>7} {'failed':>6}"
         lines = [head, "-" * len(head)]
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         for t in self.tasks:
-            lines.append(f"{t.name[:52]:<52} {t.kind[:14]:<14} {fmt(t.default_us, '11.1f'):>11} "
+            lines.append(f"{t.name[:52]:<52} {t.kind[:24]:<24} {fmt(t.default_us, '11.1f'):>11} "
                          f"{fmt(t.best_us, '10.1f'):>10} {fmt(t.speedup, '7.2f') + ('x' if t.speedup else ''):>8} "
                          f"{t.trials:>7} {t.failed:>6}")
         return "\n".join(lines)
@@ -338,7 +339,8 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
 
     builder = _builder(spec)
     report = TuneReport(db_dir, spec.name, devices)
-    loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), [t.task_name for t in tasks])
+    with contextlib.redirect_stdout(sys.stderr):  # its console handler binds to sys.stdout: keep stdout for results
+        loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), [t.task_name for t in tasks])
     _quiet_console()
     for index, (task, logger) in enumerate(zip(tasks, loggers), 1):
         task_mod = task.dispatched[0]
