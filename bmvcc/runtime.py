@@ -29,6 +29,9 @@ from .errors import BmvccError
 
 _POOLED_ALLOCATOR = 2  # tvm.relax.VirtualMachine.POOLED_ALLOCATOR
 _DEVICE_TYPES = {"cpu": 1, "cuda": 2}  # DLPack device types
+# TVM allocates every tensor 64-byte aligned (kAllocAlignment) and compiled kernels rely on it: their
+# vector loads of the image are aligned loads, which fault on numpy's 16-byte aligned buffers.
+_ALIGNMENT = 64
 
 
 def _ffi():
@@ -148,7 +151,8 @@ class CompiledModel:
             n = len(chunk)
             if n < self.batch:
                 chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), chunk.dtype)])
-            res = self._main(self._to_device(self._ffi.from_dlpack(np.ascontiguousarray(chunk))), *self.weights)
+            image = self._ffi.from_dlpack(_aligned(chunk), require_alignment=_ALIGNMENT)
+            res = self._main(self._to_device(image), *self.weights)
             if not hasattr(res, "__dlpack__"):  # main returns a 1-tuple (logits,)
                 res = res[0]
             out.append(self._to_numpy(res)[:n])
@@ -170,6 +174,17 @@ class CompiledModel:
             raise BmvccError(f"input dtype is {images.dtype}, the model takes {self.input_dtype}; "
                              f"convert with .astype(np.{self.input_dtype})")
         return images
+
+
+def _aligned(array: np.ndarray) -> np.ndarray:
+    """`array` C-contiguous at a _ALIGNMENT-byte aligned address; copied only when it is not."""
+    if array.flags.c_contiguous and array.ctypes.data % _ALIGNMENT == 0:
+        return array
+    buffer = np.empty(array.nbytes + _ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % _ALIGNMENT
+    out = buffer[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
 
 
 def load(outdir, device: str | None = None) -> CompiledModel:
