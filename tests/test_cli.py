@@ -64,7 +64,7 @@ def test_run_matches_pytorch_and_labels(digits, tmp_path, capsys):
     with torch.no_grad():
         ref = model(torch.from_numpy(np.load(IMAGES))).numpy()
     # Tolerance: see RTOL_LOGITS in test_frontend.py (fp32 reassociation plus rare int8 code flips).
-    assert np.abs(logits - ref).max() <= 5e-3 * np.abs(ref).max()
+    assert np.abs(logits - ref).max() <= 1e-2 * np.abs(ref).max()
     np.testing.assert_array_equal(logits.argmax(1), ref.argmax(1))
     # The trained example gets most of its bundled test images right (test accuracy ~0.9+).
     assert (logits.argmax(1) == np.load(LABELS)).mean() >= 0.75

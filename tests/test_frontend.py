@@ -23,13 +23,15 @@ BATCH = 2  # > 1: batch handling is part of what is checked
 IMAGES = 5  # not a multiple of BATCH: the runtime's padded last chunk is checked too
 
 # Tolerance on logits, relative to the largest |logit| of the reference. The compiled graph computes
-# the same float32 math in another order (fused reductions over K <= 256 terms, rsqrt/exp/erf from
-# LLVM instead of ATen): ~1e-6 relative per op, ~1e-5 on logits. The quantizers amplify that only
-# where xn * s_x lands within ~1e-5 of a .5 rounding boundary: that int8 code then differs by one,
-# which moves that token's K-term dot product by max|xn|/127 * mean|W|, i.e. ~1/(127 sqrt(K)) ~ 1e-3
-# of its scale, damped by the following RMSNorms. 5e-3 admits a few such flips and still fails on any
-# real bug (a wrong transpose, mask, scale or rounding rule moves logits by O(1)).
-RTOL_LOGITS = 5e-3
+# the same float32 math in another order (fused reductions over K <= 256 terms, fast-math exp/erf
+# polynomials instead of ATen's): ~1e-6 relative per op, <= 1e-5 on logits without quantizers. The
+# quantizers amplify that only where xn * s_x lands within ~1e-5 of a .5 rounding boundary: that int8
+# code then differs by one, which moves that token's K-term dot product by max|xn|/127 * mean|W|,
+# ~1/(127 sqrt(K)) ~ 1e-3 of its scale. Measured over 64 random images per family (the four
+# families, integer W2A8 kernels and --no-bitlinear float path): at most 2.3e-3; without quantized
+# attention (fp_attn) 1e-4. 1e-2 keeps a 4x margin and still fails on any real bug (a wrong
+# transpose, mask, scale or rounding rule moves logits by O(1)).
+RTOL_LOGITS = 1e-2
 
 CASES = {
     **{family_id(mq, fp): small_config(mq, fp) for mq, fp in FAMILIES},
