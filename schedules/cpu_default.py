@@ -125,8 +125,9 @@ def _is_extern_call(func) -> bool:
 def _kernel_schedule(kind: str):
     """The CPU schedule of a bmvcc kernel, by its "bmvcc.kernel" attr (None: left to its owner)."""
     from .norm_quant import schedule_norm_quant_cpu
+    from .w2a8_cpu import schedule_w2a8_cpu
 
-    return {"norm_quant": schedule_norm_quant_cpu}.get(kind)
+    return {"norm_quant": schedule_norm_quant_cpu, "w2a8": schedule_w2a8_cpu}.get(kind)
 
 
 def _is_scheduled(func) -> bool:
