@@ -175,18 +175,30 @@ def test_compile_with_database_keeps_the_logits(tuned, tmp_path):
     assert np.abs(tuned_logits - plain_logits).max() <= RTOL_LOGITS * scale
 
 
-def test_apply_all_records_keeps_the_logits(tuned):
-    """With the tuned schedule forced in (even when slower), the fused module still builds and each
-    tuned kernel is marked scheduled, so the default schedules leave it alone."""
+def test_forced_tuned_kernels_keep_the_logits(tuned):
+    """With the tuned schedule applied even where it is slower, the tuned kernel is marked scheduled
+    (the default schedules leave it alone) and the whole model still matches PyTorch."""
+    import tvm
+    from tvm import relax
+
     from bmvcc import frontend
     from bmvcc.passes.pipeline import run_pipeline
+    from bmvcc.schedules.cpu_default import schedule_cpu_module
 
-    ckpt, _, db, _, _ = tuned
+    ckpt, model, db, _, _ = tuned
     spec = get_target("host")
-    mod, _, _ = run_pipeline(frontend.to_relax(frontend.load_source(ckpt), 1), spec)
+    mod, weights, _ = run_pipeline(frontend.to_relax(frontend.load_source(ckpt), 1), spec)
     applied, count = tunedb.apply_database(mod, spec, db, only_faster=False)
-    assert count == 1
-    assert applied[TASK].attrs["tirx.is_scheduled"]
+    assert count == 1 and applied[TASK].attrs["tirx.is_scheduled"]
+    tuned_func = applied[TASK]
+    scheduled = schedule_cpu_module(applied, spec.target())
+    tvm.ir.assert_structural_equal(scheduled[TASK].body, tuned_func.body)  # not rescheduled by the default rules
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target=spec.target()), tvm.cpu())
+    x = np.random.default_rng(6).uniform(-1, 1, size=(1, 1, 28, 28)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - ref).max() <= RTOL_LOGITS * float(np.abs(ref).max())
 
 
 def test_database_for_another_target_is_refused(tmp_path, capsys, checkpoint):
