@@ -104,26 +104,26 @@ def _build(mod, target, _params):
     return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
-def _export(cross_compiler, rt_mod) -> str:
-    """Builder worker: a shared library, linked here, so the device needs only the TVM runtime to load it."""
+def _export(cross_compiler: str | None, rt_mod) -> str:
+    """Builder worker: a shared library, linked here (targets/cross.py for another CPU), so the device
+    needs only the TVM runtime to load it."""
     import tempfile
 
-    from tvm.support import cc
-
     path = os.path.join(tempfile.mkdtemp(prefix="bmvcc-tune-"), "candidate.so")
-    rt_mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler) if cross_compiler else None)
+    if cross_compiler is None:
+        rt_mod.export_library(path)
+    else:
+        from .targets import cross
+
+        rt_mod.export_library(path, fcompile=cross.fcompile(cross_compiler))
     return path
-
-
-_CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}  # TargetSpec.cross_compiler -> C++ driver
 
 
 def _builder(spec):
     from tvm.s_tir import meta_schedule as ms
 
-    cross = _CROSS_COMPILERS.get(spec.cross_compiler, spec.cross_compiler) if spec.cross_compiler else None
     return ms.builder.LocalBuilder(max_workers=max(1, len(os.sched_getaffinity(0))), timeout_sec=BUILD_TIMEOUT_S,
-                                   f_build=_build, f_export=functools.partial(_export, cross))
+                                   f_build=_build, f_export=functools.partial(_export, spec.cross_compiler))
 
 
 def _evaluator():

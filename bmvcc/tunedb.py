@@ -148,9 +148,9 @@ def winning_records(db, key: dict):
 
 def workload_id(mod) -> str:
     """A task's identity across runs: MetaSchedule's structural hash of its one-function module."""
-    import tvm
+    import tvm_ffi
 
-    return f"{tvm.ir.structural_hash(mod):x}"
+    return f"{tvm_ffi.structural_hash(mod):x}"
 
 
 def _scheduled(mod) -> set[str]:
