@@ -23,13 +23,38 @@ def build(mod, spec, path: Path, progress: Callable[[str], None] = lambda msg: N
     if spec.device == "cpu":
         progress("scheduling (legalize, fuse, default CPU schedules)")
         mod = schedule_cpu_module(mod, target)
-    else:  # the W2A8 CUDA kernel exists (schedules/w2a8_cuda.py); GPU scheduling of the whole model does not yet
-        from .errors import BmvccError
-
-        raise BmvccError(f"target '{spec.name}' runs on {spec.device}, and whole-model {spec.device} builds are "
-                         "not available yet; compile for 'host' or 'aarch64'")
-    progress("tvm.compile")
-    executable = tvm.compile(mod, target=target)
-    progress(f"exporting {path.name}")
-    executable.export_library(str(path))
+        progress("tvm.compile")
+        executable = tvm.compile(mod, target=target)
+        progress(f"exporting {path.name}")
+        executable.export_library(str(path), **_link(spec))
+    else:
+        _build_cuda(mod, spec, path, progress)
     return from_db
+
+
+def _link(spec) -> dict:
+    """export_library arguments linking for spec's CPU (targets/cross.py when cross-compiling)."""
+    if spec.cross_compiler is None:
+        return {}
+    from .targets import cross
+
+    return {"fcompile": cross.fcompile(spec.cross_compiler)}
+
+
+def _build_cuda(mod, spec, path: Path, progress) -> None:
+    """GPU build (bmvcc/gpu_build.py): writes the .so with the cubin embedded, and next to it
+    gpu_build.DEVICE_BINARY (the same cubin bytes) and gpu_build.DEVICE_INFO (kernels, ptxas resources)."""
+    import tvm
+
+    from . import gpu_build
+
+    progress("scheduling (W2A8 tensor-core and norm_quant kernels; DLight for the rest)")
+    mod, kernels = gpu_build.schedule_kernels(mod, spec)
+    progress("tvm.compile")
+    with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
+        executable = tvm.compile(mod, target=spec.target())
+    progress(f"compiling device code for {spec.facts['arch']} (NVRTC, ptxas)")
+    source, cubin = gpu_build.compile_device(executable, spec.facts["arch"])
+    progress(f"exporting {path.name}")
+    executable.export_library(str(path), fpack_imports=gpu_build.pack_imports(source, cubin.data), **_link(spec))
+    gpu_build.write_device_files(path.parent, cubin, kernels)

@@ -1,0 +1,171 @@
+"""Whole-model CUDA build: bmvcc kernels scheduled for the GPU, the rest through DLight, and an
+exported .so that carries compiled device code (a cubin), not CUDA source.
+
+1. `schedule_kernels`: each W2A8 call_tir gets schedules/w2a8_cuda.py's tensor-core kernel. When a
+   GEMM shape is not a multiple of the kernel's tiles, the call is rewritten to pad its operands
+   (q with 0, packed weights with 0x55 = four zero weights, x_scale with 1, residual with 0), call the
+   kernel on the padded shape and slice the output back: the padding contributes exactly 0.
+   norm_quant gets schedules/norm_quant_cuda.py. Both are marked tirx.is_scheduled; everything else
+   (float32 attention, softmax, layer norms, patch embedding, head) is left to tvm.compile's CUDA
+   pipeline (LegalizeOps, FuseOps, FuseTIR, DLight Matmul/GEMV/Reduction/GeneralReduction/Fallback).
+2. `tvm.compile` with cp.async enabled. TVM 0.27 keeps the device module as CUDA source, compiled
+   at load time by a Python callback a device running only the TVM runtime does not have; so the
+   source is compiled here with the pip CUDA 12.6 toolchain (targets/cuda_toolchain.py) to a cubin
+   for the target's arch.
+3. Export: the serialized import tree (the blob export_library embeds) has the CUDA module's record
+   rewritten from (fmt "cuda", function table, source) to (fmt "cubin", same table, cubin), which is
+   exactly what TVM's CUDA runtime loads with cuModuleLoadData. The blob goes into a C file linked
+   with the host object by targets/cross.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import BmvccError
+
+PASS_CONFIG = {"tirx.use_async_copy": True}  # cp.async (LDGSTS) in the W2A8 pipeline
+DEVICE_BINARY = "device.cubin"  # in OUTDIR: the cubin, byte for byte as embedded in model.so
+DEVICE_INFO = "device.json"  # in OUTDIR: arch, bmvcc kernels (W2A8 configs, knobs) and ptxas resources
+
+
+def schedule_kernels(mod, spec):
+    """W2A8 (padded where needed) and norm_quant scheduled for the GPU; returns (mod, kernel table)."""
+    import tvm
+    from tvm import relax, tirx
+
+    from .schedules import w2a8_cuda
+    from .schedules.norm_quant_cuda import schedule_norm_quant_cuda
+    from .schedules.w2a8 import KERNEL_ATTR
+
+    def kind(func):
+        return str(func.attrs[KERNEL_ATTR]) if isinstance(func, tirx.PrimFunc) and func.attrs is not None \
+            and KERNEL_ATTR in func.attrs else None
+
+    table = {}
+    for gv, func in list(mod.functions_items()):
+        if kind(func) == "norm_quant":
+            mod[gv] = schedule_norm_quant_cuda(func)
+            table[gv.name_hint] = {"kernel": "norm_quant"}
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    added: dict = {}
+
+    @relax.expr_functor.mutator
+    class _W2A8(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(call_tir) or kind(mod[call.args[0]]) != "w2a8":
+                return call
+            cfg = _w2a8_config(mod[call.args[0]])
+            core = replace(cfg, epilogue="none")  # the tensor-core kernel's epilogue stores only
+            knobs = w2a8_cuda.default_knobs(core)
+            p = w2a8_cuda.padded(core, knobs)
+            if p not in added:
+                added[p] = gv = self.builder_.add_func(w2a8_cuda.scheduled_func(core, knobs),
+                                                       f"w2a8_m{p.m}_n{p.n}_k{p.k}")
+                table[gv.name_hint] = {"kernel": "w2a8", "config": vars(core), "knobs": vars(knobs)}
+            args = list(call.args[1].fields)
+            pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, w2a8_cuda.PACKED_ZERO),
+                    (p.m - cfg.m, 0, 1.0)]
+            kernel_args = [self.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
+                           if rows or cols else a for a, (rows, cols, value) in zip(args, pads)] + [args[3]]
+            out = relax.call_tir(added[p], kernel_args, relax.TensorType((p.m, p.n), "float32"))
+            if p != core:
+                out = relax.op.strided_slice(self.builder_.emit(out), axes=[0, 1], begin=[0, 0],
+                                             end=[cfg.m, cfg.n], assume_inbound=True)
+            if cfg.epilogue == "none":
+                return out
+            out = self.builder_.emit(out)  # GELU / residual as float ops after the kernel (DLight)
+            return relax.op.nn.gelu(out) if cfg.epilogue == "gelu" else relax.op.add(args[4], out)
+
+    mutator = _W2A8(mod)
+    main = mutator.visit_expr(mod["main"])
+    out = mutator.builder_.get()
+    out["main"] = main
+    out = relax.transform.DeadCodeElimination(["main"])(out)  # the unscheduled W2A8 PrimFuncs
+    return out, table
+
+
+def _w2a8_config(func):
+    """W2A8Config of a w2a8_compute PrimFunc: shapes from its "acc" block, the epilogue from its
+    signature (residual takes one more input) and body (GELU calls erf)."""
+    from tvm import s_tir
+
+    from .schedules.w2a8 import W2A8Config
+
+    sch = s_tir.Schedule(func)
+    reads = sch.get(sch.get_sblock("acc")).reads
+    m, k = (int(v) for v in reads[0].source.shape)
+    n = int(reads[1].source.shape[0])
+    epilogue = "residual" if len(func.params) == 6 else "gelu" if "T.erf(" in func.script() else "none"
+    return W2A8Config(m=m, n=n, k=k, epilogue=epilogue)
+
+
+def compile_device(executable, arch: str):
+    """The CUDA module of `executable` compiled to a cubin (and its source); exactly one is expected."""
+    from .targets import cuda_toolchain
+
+    cuda = executable.mod._collect_from_import_tree(lambda m: m.kind == "cuda")
+    if len(cuda) != 1:
+        raise BmvccError(f"expected one CUDA device module in the build, found {len(cuda)}; this is a bmvcc bug")
+    source = cuda[0].inspect_source("cuda")
+    return source, cuda_toolchain.compile_cuda(source, arch)
+
+
+def _u64(v: int) -> bytes:
+    return struct.pack("<Q", v)
+
+
+def embed_cubin(blob: bytes, source: str, cubin: bytes) -> bytes:
+    """The serialized import tree `blob` with its CUDA record turned from source into `cubin`.
+
+    Layout (TVM's ModuleSerializer; strings are u64 length + bytes): u64 size of the rest | ... |
+    "cuda" | u64 record size | record = fmt "cuda" | function table | data (the CUDA source)."""
+    src = source.encode()
+    head = _u64(4) + b"cuda"
+    starts = [m.start() for m in re.finditer(re.escape(head), blob)
+              if blob[m.end() + 8: m.end() + 20] == head]  # kind "cuda", record size, fmt "cuda"
+    if len(starts) != 1 or struct.unpack_from("<Q", blob)[0] != len(blob) - 8:
+        raise BmvccError("unexpected layout of TVM's serialized CUDA module; this is a bmvcc bug")
+    size_at = starts[0] + len(head)
+    record = size_at + 8
+    end = record + struct.unpack_from("<Q", blob, size_at)[0]
+    data_at = end - len(src) - 8
+    if struct.unpack_from("<Q", blob, data_at)[0] != len(src) or blob[data_at + 8: end] != src:
+        raise BmvccError("the serialized CUDA module does not end with its source; this is a bmvcc bug")
+    fmap = blob[record + len(head): data_at]
+    new_record = _u64(5) + b"cubin" + fmap + _u64(len(cubin)) + cubin
+    rest = blob[8:size_at] + _u64(len(new_record)) + new_record + blob[end:]
+    return _u64(len(rest)) + rest
+
+
+def pack_imports(source: str, cubin: bytes):
+    """An export_library `fpack_imports`: TVM's C packing of the import tree, with the cubin embedded."""
+    import tvm_ffi
+
+    def fpack(mod, is_system_lib, prefix, workspace_dir):
+        text = tvm_ffi.get_global_func("runtime.ModulePackImportsToC")(mod, is_system_lib, prefix)
+        blob = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy().tobytes()
+        new = embed_cubin(blob, source, cubin)
+        body = ",".join(f"0x{b:02x}" for b in new)
+        text, count = re.subn(r"\[\d+\] = \{[^}]*\};", lambda _m: f"[{len(new)}] = {{{body}}};", text, count=1)
+        if count != 1:
+            raise BmvccError("unexpected output of TVM's import packing; this is a bmvcc bug")
+        path = Path(workspace_dir) / f"{prefix}devc.c"
+        path.write_text(text)
+        return str(path)
+
+    return fpack
+
+
+def write_device_files(outdir: Path, cubin, kernels: dict) -> None:
+    """DEVICE_BINARY and DEVICE_INFO; `kernels` is schedule_kernels' table (by PrimFunc name)."""
+    (outdir / DEVICE_BINARY).write_bytes(cubin.data)
+    info = {"arch": cubin.arch, "bmvcc_kernels": kernels,
+            "resources": {r.name: vars(r) for r in cubin.resources}}
+    (outdir / DEVICE_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
