@@ -19,7 +19,7 @@ from tvm import relax
 
 from ..schedules.norm_quant import NormQuantConfig, norm_quant_compute
 from .relax_match import (REPORT_PREFIX, Bindings, Product, is_const, kernel_of, named_const, prim, product,
-                          replace_main, scalar, static_shape, with_report)
+                          rewrite_main, scalar, static_shape, with_report)
 
 REPORT_KEY = REPORT_PREFIX + "fuse_norm_quant"
 
@@ -39,7 +39,7 @@ def fuse_norm_quant(mod: tvm.IRModule) -> tvm.IRModule:
     report = {"fused": len(plans), "unfused": unfused}
     if not plans:
         return with_report(mod, REPORT_KEY, report)
-    return with_report(replace_main(mod, _Rewriter(mod, plans)), REPORT_KEY, report)
+    return with_report(rewrite_main(mod, plans, _rewrite), REPORT_KEY, report)
 
 
 def _match(args, b: Bindings):
@@ -124,30 +124,16 @@ def _rsqrt_mean_square(x, r, power: int, b: Bindings):
     return None
 
 
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, plans):
-        super().__init__(mod)
-        self.plans = plans
-        self.kernels: dict = {}
-
-    def visit_var_binding_(self, binding):
-        plan = self.plans.get(binding.var)
-        if plan is None:
-            return super().visit_var_binding_(binding)
-        call, x, gain, norm_eps, scale_eps = plan
-        gv, args = call.args[0], [self.visit_expr(a) for a in call.args[1].fields]
-        m, k = static_shape(args[0])
-        cfg = NormQuantConfig(m, k, float(np.float32(norm_eps)), float(np.float32(scale_eps)))
-        x2d = self.builder_.emit(relax.op.reshape(self.visit_expr(x), (m, k)))
-        nq = self.builder_.emit(relax.call_tir(self._kernel(cfg), [x2d, named_const(gain)],
-                                               [relax.TensorType((m, k), "int8"), relax.TensorType((m, 1), "float32")]))
-        q = self.builder_.emit(relax.TupleGetItem(nq, 0))
-        xs = self.builder_.emit(relax.TupleGetItem(nq, 1))
-        new = relax.call_tir(gv, [q, args[1], xs, *args[3:]], binding.var.ty)
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
-
-    def _kernel(self, cfg: NormQuantConfig):
-        if cfg not in self.kernels:
-            self.kernels[cfg] = self.builder_.add_func(norm_quant_compute(cfg), f"norm_quant_m{cfg.m}_k{cfg.k}")
-        return self.kernels[cfg]
+def _rewrite(rw, binding, plan):
+    """The W2A8 call now reads int8 codes and scales from one norm_quant kernel call."""
+    call, x, gain, norm_eps, scale_eps = plan
+    gv, args = call.args[0], [rw.visit_expr(a) for a in call.args[1].fields]
+    m, k = static_shape(args[0])
+    cfg = NormQuantConfig(m, k, float(np.float32(norm_eps)), float(np.float32(scale_eps)))
+    kernel = rw.kernel(cfg, norm_quant_compute, f"norm_quant_m{m}_k{k}")
+    x2d = rw.builder_.emit(relax.op.reshape(rw.visit_expr(x), (m, k)))
+    nq = rw.builder_.emit(relax.call_tir(kernel, [x2d, named_const(gain)],
+                                         [relax.TensorType((m, k), "int8"), relax.TensorType((m, 1), "float32")]))
+    q = rw.builder_.emit(relax.TupleGetItem(nq, 0))
+    xs = rw.builder_.emit(relax.TupleGetItem(nq, 1))
+    return relax.call_tir(gv, [q, args[1], xs, *args[3:]], binding.var.ty)

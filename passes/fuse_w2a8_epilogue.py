@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from ..schedules.w2a8 import W2A8Config, w2a8_compute
-from .relax_match import REPORT_PREFIX, Bindings, kernel_of, replace_main, static_shape, with_report
+from .relax_match import REPORT_PREFIX, Bindings, kernel_of, rewrite_main, static_shape, with_report
 
 REPORT_KEY = REPORT_PREFIX + "fuse_w2a8_epilogue"
 
@@ -44,7 +44,7 @@ def fuse_w2a8_epilogue(mod: tvm.IRModule) -> tvm.IRModule:
         report[kind] += 1
     if not plans:
         return with_report(mod, REPORT_KEY, report)
-    return with_report(replace_main(mod, _Rewriter(mod, plans)), REPORT_KEY, report)
+    return with_report(rewrite_main(mod, plans, _rewrite), REPORT_KEY, report)
 
 
 def _sole_w2a8(e, mod, b: Bindings):
@@ -60,30 +60,15 @@ def _sole_w2a8(e, mod, b: Bindings):
     return call
 
 
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, plans):
-        super().__init__(mod)
-        self.plans = plans
-        self.kernels: dict = {}
-
-    def visit_var_binding_(self, binding):
-        plan = self.plans.get(binding.var)
-        if plan is None:
-            return super().visit_var_binding_(binding)
-        epilogue, call, res = plan
-        args = [self.visit_expr(a) for a in call.args[1].fields]
-        (m, k), (n, _) = static_shape(args[0]), static_shape(args[1])
-        if res is not None:
-            args.append(self.builder_.emit(relax.op.reshape(self.visit_expr(res), (m, n))))
-        cfg = W2A8Config(m, n, k, epilogue)
-        y = self.builder_.emit(relax.call_tir(self._kernel(cfg), args, relax.TensorType((m, n), "float32")))
-        shape = static_shape(binding.var)
-        value = y if shape == (m, n) else relax.op.reshape(y, shape)
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
-
-    def _kernel(self, cfg: W2A8Config):
-        if cfg not in self.kernels:
-            self.kernels[cfg] = self.builder_.add_func(
-                w2a8_compute(cfg), f"w2a8_m{cfg.m}_n{cfg.n}_k{cfg.k}_{cfg.epilogue}")
-        return self.kernels[cfg]
+def _rewrite(rw, binding, plan):
+    """One W2A8 call with the epilogue (and its residual operand) replaces the call + elementwise op."""
+    epilogue, call, res = plan
+    args = [rw.visit_expr(a) for a in call.args[1].fields]
+    (m, k), (n, _) = static_shape(args[0]), static_shape(args[1])
+    if res is not None:
+        args.append(rw.builder_.emit(relax.op.reshape(rw.visit_expr(res), (m, n))))
+    cfg = W2A8Config(m, n, k, epilogue)
+    kernel = rw.kernel(cfg, w2a8_compute, f"w2a8_m{m}_n{n}_k{k}_{epilogue}")
+    y = rw.builder_.emit(relax.call_tir(kernel, args, relax.TensorType((m, n), "float32")))
+    shape = static_shape(binding.var)
+    return y if shape == (m, n) else relax.op.reshape(y, shape)

@@ -25,7 +25,7 @@ from tvm import relax
 
 from ..schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute
 from .relax_match import (REPORT_PREFIX, Bindings, const_name, evaluate, is_const, named_const, prim, product,
-                          replace_main, static_shape, with_report)
+                          rewrite_main, static_shape, with_report)
 
 REPORT_KEY = REPORT_PREFIX + "quantize_bitlinear"
 _SIGNATURE_DEPTH = 3  # producer steps above the activation's factors searched for round / abs-max
@@ -58,7 +58,7 @@ def quantize_bitlinear(mod: tvm.IRModule) -> tvm.IRModule:
             report["not_rewritten"].append({"name": name, "reason": "; ".join(reasons)})
     if not plans:
         return with_report(mod, REPORT_KEY, report)
-    return with_report(replace_main(mod, _Rewriter(mod, plans)), REPORT_KEY, report)
+    return with_report(rewrite_main(mod, plans, _rewrite), REPORT_KEY, report)
 
 
 def _looks_like_bitlinear(lhs, rhs, weight, b: Bindings) -> bool:
@@ -115,42 +115,27 @@ def _int8_codes(e, b: Bindings) -> bool:
     return lo is not None and hi is not None and -128 <= lo and hi <= 127
 
 
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, plans):
-        super().__init__(mod)
-        self.plans = plans
-        self.kernels: dict = {}
+def _rewrite(rw, binding, plan):
+    """A W2A8 call on the int8 codes and the packed 2-bit weight replaces the float matmul."""
+    (q, f, shape), (codes, a), name = plan
+    k, n = codes.shape
+    m = int(np.prod(shape[:-1]))
+    emit = rw.builder_.emit
+    q8 = emit(relax.op.astype(relax.op.reshape(rw.visit_expr(q), (m, k)), "int8"))
+    xs = emit(relax.op.reshape(_reciprocal(rw, f), (m, 1)))
+    packed = named_const(pack_ternary(codes.T), f"{name}.packed")
+    scale = named_const(np.array([a], np.float32), f"{name}.scale")
+    kernel = rw.kernel(W2A8Config(m, n, k), w2a8_compute, f"w2a8_m{m}_n{n}_k{k}")
+    value = relax.call_tir(kernel, [q8, packed, xs, scale], relax.TensorType((m, n), "float32"))
+    out_shape = static_shape(binding.var)
+    return value if out_shape == (m, n) else relax.op.reshape(emit(value), out_shape)
 
-    def visit_var_binding_(self, binding):
-        plan = self.plans.get(binding.var)
-        if plan is None:
-            return super().visit_var_binding_(binding)
-        (q, f, shape), (codes, a), name = plan
-        k, n = codes.shape
-        m = int(np.prod(shape[:-1]))
-        emit = self.builder_.emit
-        q8 = emit(relax.op.astype(relax.op.reshape(self.visit_expr(q), (m, k)), "int8"))
-        xs = emit(relax.op.reshape(self._reciprocal(f), (m, 1)))
-        packed = named_const(pack_ternary(codes.T), f"{name}.packed")
-        scale = named_const(np.array([a], np.float32), f"{name}.scale")
-        value = relax.call_tir(self._kernel(m, n, k), [q8, packed, xs, scale], relax.TensorType((m, n), "float32"))
-        out_shape = static_shape(binding.var)
-        if out_shape != (m, n):
-            value = relax.op.reshape(emit(value), out_shape)
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
 
-    def _reciprocal(self, f):
-        """1 / f as a Relax expression (x_scale from the dequantization factor)."""
-        expr = relax.const(np.float32(1.0 / f.coef))
-        for atom, power in f.factors.items():
-            atom = self.visit_expr(atom)
-            for _ in range(abs(power)):
-                expr = relax.op.divide(expr, atom) if power > 0 else relax.op.multiply(expr, atom)
-        return expr
-
-    def _kernel(self, m, n, k):
-        key = (m, n, k)
-        if key not in self.kernels:
-            self.kernels[key] = self.builder_.add_func(w2a8_compute(W2A8Config(m, n, k)), f"w2a8_m{m}_n{n}_k{k}")
-        return self.kernels[key]
+def _reciprocal(rw, f):
+    """1 / f as a Relax expression (x_scale from the dequantization factor)."""
+    expr = relax.const(np.float32(1.0 / f.coef))
+    for atom, power in f.factors.items():
+        atom = rw.visit_expr(atom)
+        for _ in range(abs(power)):
+            expr = relax.op.divide(expr, atom) if power > 0 else relax.op.multiply(expr, atom)
+    return expr

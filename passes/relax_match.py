@@ -202,8 +202,33 @@ def named_const(value: np.ndarray, name: str | None = None):
     return relax._ffi_api.MakeTensorConst(tvm.runtime.tensor(value), None, span)
 
 
-def replace_main(mod: tvm.IRModule, mutator) -> tvm.IRModule:
-    """Run `mutator` (a PyExprMutator built on `mod`) over main; returns the new module."""
+@relax.expr_functor.mutator
+class PlanRewriter(relax.PyExprMutator):
+    """Rebinds every var of main that has a plan (found by a pass's matching phase) to
+    `rewrite(self, binding, plan)`, which may emit helper bindings into `self.builder_` first;
+    other bindings are copied. `kernel` adds each TIR kernel once per config."""
+
+    def __init__(self, mod, plans: dict, rewrite):
+        super().__init__(mod)
+        self.plans, self.rewrite = plans, rewrite
+        self.kernels: dict = {}
+
+    def visit_var_binding_(self, binding):
+        plan = self.plans.get(binding.var)
+        if plan is None:
+            return super().visit_var_binding_(binding)
+        value = self.rewrite(self, binding, plan)
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
+
+    def kernel(self, cfg, make, name: str):
+        if cfg not in self.kernels:
+            self.kernels[cfg] = self.builder_.add_func(make(cfg), name)
+        return self.kernels[cfg]
+
+
+def rewrite_main(mod: tvm.IRModule, plans: dict, rewrite) -> tvm.IRModule:
+    """main with each planned binding replaced by `rewrite` (see PlanRewriter); the new module."""
+    mutator = PlanRewriter(mod, plans, rewrite)
     new_main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = new_main
