@@ -67,7 +67,7 @@ def schedule_kernels(mod, spec):
             p = w2a8_cuda.padded(core, knobs)
             if p not in added:
                 added[p] = gv = self.builder_.add_func(w2a8_cuda.scheduled_func(core, knobs),
-                                                       f"w2a8_m{p.m}_n{p.n}_k{p.k}")
+                                                       f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}")
                 table[gv.name_hint] = {"kernel": "w2a8", "config": vars(core), "knobs": vars(knobs)}
             args = list(call.args[1].fields)
             pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, w2a8_cuda.PACKED_ZERO),

@@ -135,8 +135,10 @@ def ptx_to_cubin(ptx: str, arch: str) -> Cubin:
         src, out = Path(tmp) / "kernel.ptx", Path(tmp) / "kernel.cubin"
         src.write_text(ptx)
         log = _run([str(ptxas()), "-O3", f"-arch={arch}", "-v", "-o", str(out), str(src)])
+        entries = ("Compiling entry function" + e for e in log.split("Compiling entry function")[1:])
         res = tuple(KernelResources(name=m[0], stack_bytes=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]),
-                                    registers=int(m[4]), shared_bytes=int(m[5] or 0)) for m in _RES.findall(log))
+                                    registers=int(m[4]), shared_bytes=int(m[5] or 0))
+                    for m in (_RES.search(e).groups() for e in entries))  # one entry at a time: smem is optional
         return Cubin(arch=arch, data=out.read_bytes(), resources=res)
 
 

@@ -1,0 +1,68 @@
+"""`bmvcc inspect OUTDIR`: what a GPU artifact carries: the device binary (OUTDIR/device.cubin, the
+bytes embedded in model.so), its SASS, and per kernel the ptxas resources and SASS instruction mix."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import BmvccError
+from .gpu_build import DEVICE_BINARY, DEVICE_INFO
+
+# instruction families reported in the mix (SASS mnemonic prefixes)
+MIX = ("IMMA", "HMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "SHFL", "BAR", "FFMA", "FMUL", "FADD",
+       "IMAD", "LOP3", "MUFU")
+
+
+def _cubin(outdir: Path):
+    from .targets.cuda_toolchain import Cubin
+
+    path = Path(outdir) / DEVICE_BINARY
+    info = Path(outdir) / DEVICE_INFO
+    if not path.is_file() or not info.is_file():
+        raise BmvccError(f"'{outdir}' has no {DEVICE_BINARY}: it is not a GPU artifact; compile with a CUDA "
+                         "target, e.g. bmvcc compile CKPT --target jetson-orin-nano -o OUTDIR")
+    meta = json.loads(info.read_text())
+    return Cubin(arch=meta["arch"], data=path.read_bytes(), resources=()), meta
+
+
+def sass(outdir: Path) -> str:
+    """nvdisasm's SASS of the artifact's device binary."""
+    cubin, _ = _cubin(outdir)
+    return cubin.sass()
+
+
+def kernel_mix(sass_text: str) -> dict[str, dict[str, int]]:
+    """Kernel name -> {instruction family: count} from nvdisasm output (one .text.<kernel> section each)."""
+    mix: dict[str, dict[str, int]] = {}
+    current = None
+    for line in sass_text.splitlines():
+        sec = re.match(r"\s*\.section\s+\.text\.(\w+)", line)
+        if sec:
+            current = mix.setdefault(sec.group(1), {})
+            continue
+        op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if current is not None and op:
+            family = next((f for f in MIX if op.group(1) == f or op.group(1).startswith(f)), None)
+            if family is not None:
+                current[family] = current.get(family, 0) + 1
+    return mix
+
+
+def summary(outdir: Path) -> dict:
+    cubin, meta = _cubin(outdir)
+    mix = kernel_mix(cubin.sass())
+    kernels = {name: {"resources": meta["resources"].get(name), "sass_mix": mix.get(name, {}),
+                      "bmvcc_kernel": meta["bmvcc_kernels"].get(name.removesuffix("_kernel"), {}).get("kernel")}
+               for name in sorted(set(mix) | set(meta["resources"]))}
+    return {"arch": meta["arch"], "device_binary": DEVICE_BINARY, "bytes": len(cubin.data), "kernels": kernels}
+
+
+def format_text(s: dict) -> str:
+    lines = [f"{s['device_binary']}: {s['bytes']:,} B cubin for {s['arch']}, {len(s['kernels'])} kernels"]
+    for name, k in s["kernels"].items():
+        r = k["resources"] or {}
+        mix = " ".join(f"{f}:{n}" for f, n in k["sass_mix"].items() if f in ("IMMA", "HMMA", "LDSM", "LDGSTS"))
+        lines.append(f"  {name:<48} regs {r.get('registers', '?'):>3}  smem {r.get('shared_bytes', '?'):>6} B  {mix}")
+    return "\n".join(lines)

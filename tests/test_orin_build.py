@@ -1,0 +1,63 @@
+"""Whole-model Jetson Orin Nano build (static checks; running it needs the device):
+`bmvcc compile --target jetson-orin-nano` writes an aarch64 .so that carries the sm_87 cubin saved as
+OUTDIR/device.cubin (and no CUDA source), whose SASS has the W2A8 tensor-core path."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from bmvcc import gpu_build
+from bmvcc.driver import CompileOptions, compile_model
+
+from conftest import small_config
+
+EM_AARCH64, EM_CUDA = 183, 190  # ELF e_machine values
+
+
+@pytest.fixture(scope="module")
+def orin_build(checkpoint, tmp_path_factory):
+    path, _ = checkpoint(small_config())
+    out = tmp_path_factory.mktemp("orin") / "out"
+    compile_model(path, out, CompileOptions(target="jetson-orin-nano"))
+    return out
+
+
+def _e_machine(data: bytes) -> int:
+    assert data[:4] == b"\x7fELF"
+    return struct.unpack_from("<H", data, 18)[0]
+
+
+def test_so_is_aarch64_and_embeds_the_cubin_not_source(orin_build):
+    so = (orin_build / "model.so").read_bytes()
+    cubin = (orin_build / gpu_build.DEVICE_BINARY).read_bytes()
+    assert _e_machine(so) == EM_AARCH64
+    assert _e_machine(cubin) == EM_CUDA
+    assert cubin in so  # byte for byte, as TVM's CUDA runtime gets it (fmt "cubin")
+    assert b"__global__" not in so and b"cubin" in so
+
+
+def test_sass_has_tensor_core_w2a8_and_norm_quant(orin_build):
+    from bmvcc.inspect import sass
+
+    text = sass(orin_build)
+    for op in ("IMMA.16832.S8.S8", "LDSM", "LDGSTS"):
+        assert op in text, op
+    info = json.loads((orin_build / gpu_build.DEVICE_INFO).read_text())
+    kinds = {k["kernel"] for k in info["bmvcc_kernels"].values()}
+    assert kinds == {"w2a8", "norm_quant"} and info["arch"] == "sm_87"
+    assert all(r["spill_stores"] == 0 for r in info["resources"].values())
+
+
+def test_embed_cubin_rewrites_only_the_cuda_record():
+    source, cubin = "__global__ void k() {}", b"\x7fELF-cubin"
+    fmap = struct.pack("<Q", 1) + b"fmap-bytes"
+    record = struct.pack("<Q", 4) + b"cuda" + fmap + struct.pack("<Q", len(source)) + source.encode()
+    rest = b"head" + struct.pack("<Q", 4) + b"cuda" + struct.pack("<Q", len(record)) + record + b"tail"
+    blob = struct.pack("<Q", len(rest)) + rest
+    new = gpu_build.embed_cubin(blob, source, cubin)
+    new_record = struct.pack("<Q", 5) + b"cubin" + fmap + struct.pack("<Q", len(cubin)) + cubin
+    expected = b"head" + struct.pack("<Q", 4) + b"cuda" + struct.pack("<Q", len(new_record)) + new_record + b"tail"
+    assert new == struct.pack("<Q", len(expected)) + expected
