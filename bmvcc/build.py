@@ -52,9 +52,10 @@ def _build_cuda(mod, spec, path: Path, progress) -> None:
     mod, kernels = gpu_build.schedule_kernels(mod, spec)
     progress("tvm.compile")
     with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
-        executable = tvm.compile(mod, target=spec.target())
+        mod, calls = gpu_build.lower(mod, spec)
+        executable = tvm.compile(mod, target=spec.target(), relax_pipeline=None)
     progress(f"compiling device code for {spec.facts['arch']} (NVRTC, ptxas)")
     source, cubin = gpu_build.compile_device(executable, spec.facts["arch"])
     progress(f"exporting {path.name}")
     executable.export_library(str(path), fpack_imports=gpu_build.pack_imports(source, cubin.data), **_link(spec))
-    gpu_build.write_device_files(path.parent, cubin, kernels)
+    gpu_build.write_device_files(path.parent, cubin, kernels, calls)

@@ -156,6 +156,34 @@ def tune(
                f"in {report.seconds:.0f} s; database {report.db} (use: bmvcc compile --db {report.db})")
 
 
+@app.command()
+def inspect(
+    outdir: Path = typer.Argument(..., help="artifact directory of a GPU build (bmvcc compile --target jetson-orin-nano)"),
+    sass: bool = typer.Option(False, "--sass", help="print the SASS of the device binary (OUTDIR/device.cubin)"),
+    as_json: bool = typer.Option(False, "--json", help="print the per-kernel summary as JSON"),
+):
+    """Show a GPU artifact's device binary: per kernel registers, shared memory, SASS mix; or its SASS."""
+    from . import inspect as insp
+
+    if sass:
+        typer.echo(insp.sass(outdir))
+        return
+    s = insp.summary(outdir)
+    typer.echo(json.dumps(s, indent=2) if as_json else insp.format_text(s))
+
+
+@app.command()
+def report(
+    outdir: Path = typer.Argument(..., help="artifact directory of a GPU build"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+):
+    """Per-kernel work, traffic, resources and an estimated (roofline) time on the target; model total."""
+    from . import report as rep
+
+    r = rep.report(outdir)
+    typer.echo(json.dumps(r, indent=2) if as_json else rep.format_text(r))
+
+
 @app.command("export-onnx")
 def export_onnx(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth)"),

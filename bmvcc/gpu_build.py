@@ -91,6 +91,59 @@ def schedule_kernels(mod, spec):
     return out, table
 
 
+def lower(mod, spec):
+    """tvm.compile's CUDA Relax pipeline (relax.backend.cuda), run here in two halves to record the
+    kernel calls after fusion and scheduling: returns (module for tvm.compile(relax_pipeline=None),
+    {PrimFunc name: kernel_stats}). Call under PASS_CONFIG."""
+    import tvm
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    target = spec.target()
+    with target:
+        mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target))(mod)
+        calls = kernel_calls(mod)
+        mod = tvm.transform.Sequential(cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
+    return mod, calls
+
+
+def kernel_calls(mod) -> dict:
+    """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
+    argument once: compulsory global-memory traffic), and TVM's static op count (None if unknown)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    stats: dict = {}
+
+    def nbytes(param) -> int:
+        return int(np.prod([int(d) for d in param.shape])) * tvm.DataType(param.dtype).bits // 8
+
+    @relax.expr_functor.visitor
+    class _Calls(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            if call.op.same_as(call_tir):
+                gv = call.args[0]
+                entry = stats.get(gv.name_hint)
+                if entry is None:
+                    func = mod[gv]
+                    n_in = len(call.args[1].fields)
+                    try:
+                        ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
+                    except Exception:  # noqa: BLE001  (tensorized bodies: the W2A8 MACs come from its config)
+                        ops = None
+                    entry = stats[gv.name_hint] = {
+                        "calls": 0, "ops": ops, "bytes_read": sum(nbytes(p) for p in func.params[:n_in]),
+                        "bytes_written": sum(nbytes(p) for p in func.params[n_in:])}
+                entry["calls"] += 1
+            for arg in call.args:
+                self.visit_expr(arg)
+
+    _Calls().visit_expr(mod["main"])
+    return stats
+
+
 def _w2a8_config(func):
     """W2A8Config of a w2a8_compute PrimFunc: shapes from its "acc" block, the epilogue from its
     signature (residual takes one more input) and body (GELU calls erf)."""
@@ -163,9 +216,9 @@ def pack_imports(source: str, cubin: bytes):
     return fpack
 
 
-def write_device_files(outdir: Path, cubin, kernels: dict) -> None:
-    """DEVICE_BINARY and DEVICE_INFO; `kernels` is schedule_kernels' table (by PrimFunc name)."""
+def write_device_files(outdir: Path, cubin, kernels: dict, calls: dict) -> None:
+    """DEVICE_BINARY and DEVICE_INFO; `kernels` is schedule_kernels' table, `calls` lower's (by PrimFunc name)."""
     (outdir / DEVICE_BINARY).write_bytes(cubin.data)
-    info = {"arch": cubin.arch, "bmvcc_kernels": kernels,
+    info = {"arch": cubin.arch, "bmvcc_kernels": kernels, "calls": calls,
             "resources": {r.name: vars(r) for r in cubin.resources}}
     (outdir / DEVICE_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))

@@ -26,6 +26,7 @@ ORIN_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78
              "num-cores": 6}
 INT8_DENSE_OPS_PER_SM_CLOCK = 4 * 512 * 2  # [AMP]: 4 tensor cores x 512 INT8 FMA x 2 ops
 FP16_DENSE_FLOPS_PER_SM_CLOCK = 4 * 256 * 2  # [AMP]
+FP32_FLOPS_PER_SM_CLOCK = 128 * 2  # [AMP]: 128 CUDA cores x 1 FP32 FMA x 2 ops
 
 
 def _orin_nano(name: str, description: str, sms: int, gpu_mhz: int, bandwidth_gbs: float, cpu_mhz: int,
@@ -38,6 +39,7 @@ def _orin_nano(name: str, description: str, sms: int, gpu_mhz: int, bandwidth_gb
         l2_bytes=2 * 1024 * 1024,  # [L2]
         peak_int8_tops=sms * INT8_DENSE_OPS_PER_SM_CLOCK * gpu_mhz * 1e6 / 1e12,  # dense, [AMP] x clock
         peak_fp16_tflops=sms * FP16_DENSE_FLOPS_PER_SM_CLOCK * gpu_mhz * 1e6 / 1e12,  # dense
+        peak_fp32_tflops=sms * FP32_FLOPS_PER_SM_CLOCK * gpu_mhz * 1e6 / 1e12,  # CUDA cores
         cpu="6x Cortex-A78AE (Armv8.2-A, dotprod)",  # [DS]
         cpu_clock_mhz=cpu_mhz,  # [DS] 1.5 GHz; [SUP] 1.7 GHz
         memory_gb=memory_gb,

@@ -1,0 +1,94 @@
+"""`bmvcc report OUTDIR` for a GPU build: per kernel, work, global-memory traffic, resources, SASS mix
+and a roofline ESTIMATE of its time on the target; then the model total (also an estimate).
+
+Per kernel and call:
+- W2A8 (int8 tensor cores): MACs = M x N x K of the padded GEMM, traffic and time from
+  schedules/w2a8_cuda.modeled_seconds (int8 dense peak vs DRAM bandwidth);
+- every other kernel (float32 on CUDA cores): MACs = TVM's static op count / 2
+  (tvm.s_tir.analysis.estimate_tir_flops at build time), traffic = each tensor argument read or
+  written once, time = max(2 x MACs / fp32 peak, bytes / DRAM bandwidth).
+Registers and shared memory are ptxas's; the mix counts SASS instructions in the code (static, not
+executed). Launch overheads, L2 reuse and occupancy are not modeled: real times are longer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import BmvccError
+from .gpu_build import DEVICE_INFO
+
+MIX_SHOWN = ("IMMA", "HMMA", "LDSM", "LDGSTS", "LDG", "STG", "SHFL")
+
+
+def _roofline(ops: float, nbytes: int, peak_ops: float, facts: dict) -> dict:
+    compute, memory = ops / peak_ops, nbytes / (facts["dram_bandwidth_gbs"] * 1e9)
+    return {"compute_s": compute, "memory_s": memory, "seconds": max(compute, memory),
+            "bound": "compute" if compute >= memory else "memory"}
+
+
+def report(outdir: Path) -> dict:
+    from . import inspect
+    from .schedules.w2a8 import W2A8Config
+    from .schedules.w2a8_cuda import modeled_seconds
+    from .targets import get
+
+    outdir = Path(outdir)
+    summary = inspect.summary(outdir)  # checks that OUTDIR is a GPU artifact
+    info = json.loads((outdir / DEVICE_INFO).read_text())
+    meta = json.loads((outdir / "metadata.json").read_text())
+    spec = get(meta["target"]["name"])
+    facts = spec.facts
+    if "dram_bandwidth_gbs" not in facts:
+        raise BmvccError(f"target '{spec.name}' has no performance facts for a roofline; "
+                         "report a build for a board target such as jetson-orin-nano")
+    rows = []
+    for name, call in info["calls"].items():
+        kernel = summary["kernels"].get(f"{name}_kernel", {})
+        bmvcc = info["bmvcc_kernels"].get(name, {})
+        if bmvcc.get("kernel") == "w2a8":
+            cfg = W2A8Config(**bmvcc["config"])
+            m = modeled_seconds(cfg, facts)
+            macs, nbytes, read, written = cfg.m * cfg.n * cfg.k, m["bytes"], None, None
+            model = {k: m[k] for k in ("compute_s", "memory_s", "seconds", "bound")}
+            unit = "int8 tensor cores"
+        else:
+            macs = None if call["ops"] is None else int(call["ops"] // 2)
+            read, written = call["bytes_read"], call["bytes_written"]
+            nbytes = read + written
+            model = _roofline(2 * (macs or 0), nbytes, facts["peak_fp32_tflops"] * 1e12, facts)
+            unit = "fp32 CUDA cores"
+        rows.append({"kernel": name, "calls": call["calls"], "unit": unit, "macs": macs,
+                     "bytes": nbytes, "bytes_read": read if read is not None else call["bytes_read"],
+                     "bytes_written": written if written is not None else call["bytes_written"],
+                     "registers": (kernel.get("resources") or {}).get("registers"),
+                     "shared_bytes": (kernel.get("resources") or {}).get("shared_bytes"),
+                     "sass_mix": kernel.get("sass_mix", {}),
+                     "estimate": {**model, "total_s": model["seconds"] * call["calls"]}})
+    rows.sort(key=lambda r: -r["estimate"]["total_s"])
+    total = sum(r["estimate"]["total_s"] for r in rows)
+    return {"target": spec.name, "facts": {k: facts[k] for k in ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs",
+                                                                    "peak_int8_tops", "peak_fp32_tflops")},
+            "kernels": rows, "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
+            "estimated_total_s": total,
+            "note": "estimates: roofline (max of compute at peak and compulsory DRAM traffic), no launch "
+                    "overhead, L2 reuse or occupancy; instruction mix is static SASS counts"}
+
+
+def format_text(r: dict) -> str:
+    f = r["facts"]
+    lines = [f"{r['target']}: {f['sms']} SMs at {f['gpu_clock_mhz']} MHz, {f['dram_bandwidth_gbs']} GB/s, "
+             f"{f['peak_int8_tops']:.1f} int8 TOPS dense, {f['peak_fp32_tflops']:.2f} fp32 TFLOPS",
+             f"{'kernel':<44} {'calls':>5} {'MACs/call':>13} {'bytes/call':>11} {'regs':>4} {'smem':>6} "
+             f"{'est. us/call':>12} {'bound':>7}  SASS mix (static)"]
+    for k in r["kernels"]:
+        mix = " ".join(f"{n}:{c}" for n, c in k["sass_mix"].items() if n in MIX_SHOWN)
+        macs = f"{k['macs']:,}" if k["macs"] is not None else "?"
+        lines.append(f"{k['kernel'][:44]:<44} {k['calls']:>5} {macs:>13} {k['bytes']:>11,} "
+                     f"{k['registers'] if k['registers'] is not None else '?':>4} "
+                     f"{k['shared_bytes'] if k['shared_bytes'] is not None else '?':>6} "
+                     f"{k['estimate']['seconds'] * 1e6:>12.2f} {k['estimate']['bound']:>7}  {mix}")
+    lines.append(f"model total: {r['total_macs'] / 1e9:.2f} GMAC, estimated {r['estimated_total_s'] * 1e3:.3f} ms "
+                 f"(ESTIMATE: {r['note']})")
+    return "\n".join(lines)
