@@ -61,3 +61,23 @@ def test_embed_cubin_rewrites_only_the_cuda_record():
     new_record = struct.pack("<Q", 5) + b"cubin" + fmap + struct.pack("<Q", len(cubin)) + cubin
     expected = b"head" + struct.pack("<Q", 4) + b"cuda" + struct.pack("<Q", len(new_record)) + new_record + b"tail"
     assert new == struct.pack("<Q", len(expected)) + expected
+
+
+def test_report_totals_and_w2a8_model(orin_build):
+    from bmvcc.report import format_text, report
+    from bmvcc.schedules.w2a8 import W2A8Config
+
+    r = report(orin_build)
+    rows = {k["kernel"]: k for k in r["kernels"]}
+    w2a8 = [k for k in r["kernels"] if k["unit"] == "int8 tensor cores"]
+    assert w2a8 and all(k["sass_mix"].get("IMMA", 0) > 0 and k["registers"] for k in w2a8)
+    # small_config: 2 blocks x 4 BitLinear GEMMs over 16 tokens; padded GEMM MACs = M*N*K of the config
+    info = json.loads((orin_build / gpu_build.DEVICE_INFO).read_text())
+    for name, k in info["bmvcc_kernels"].items():
+        if k["kernel"] == "w2a8":
+            cfg = W2A8Config(**k["config"])
+            assert rows[name]["macs"] == cfg.m * cfg.n * cfg.k
+    assert sum(k["calls"] for k in w2a8) == 8
+    total = sum(k["estimate"]["seconds"] * k["calls"] for k in r["kernels"])
+    assert r["estimated_total_s"] == pytest.approx(total) and total > 0
+    assert "ESTIMATE" in format_text(r)
