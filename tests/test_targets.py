@@ -51,15 +51,3 @@ def test_orin_nano_facts(name, sms, mhz, gbs, sparse_tops):
 def test_unknown_target_is_a_bmvcc_error():
     with pytest.raises(BmvccError, match="unknown target 'nope'.*choose one of"):
         targets.get("nope")
-
-
-@pytest.mark.parametrize("name", ["jetson-orin-nano", "cuda-sm86"])
-def test_cuda_whole_model_build_is_refused_cleanly(name, tmp_path):
-    """Until the GPU model build exists, a CUDA target fails with a BmvccError naming the fix, no output."""
-    import tvm
-
-    from bmvcc.build import build
-
-    with pytest.raises(BmvccError, match="whole-model cuda builds are not available yet; compile for 'host'"):
-        build(tvm.IRModule(), targets.get(name), tmp_path / "model.so")
-    assert not list(tmp_path.iterdir())
