@@ -109,7 +109,7 @@ class CompiledModel:
         ffi = self._ffi = _ffi()
         self.dev = ffi.device(self.device, 0)
         self._cpu = ffi.device("cpu", 0)
-        lib = ffi.load_module(str(self.outdir / artifact.MODULE))
+        lib = _load_private_copy(ffi, self.outdir / artifact.MODULE)
         self.vm = lib["vm_load_executable"]()
         init = [_DEVICE_TYPES[self.device], 0, _POOLED_ALLOCATOR]
         if self.device != "cpu":
@@ -185,6 +185,18 @@ def _aligned(array: np.ndarray) -> np.ndarray:
     out = buffer[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
     out[...] = array
     return out
+
+
+def _load_private_copy(ffi, path: Path):
+    """Load `path` through a fresh copy: the dynamic loader returns an already-loaded library for a
+    path it has seen, so a module recompiled into the same OUTDIR would silently run the old code."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bmvcc-") as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
+        return ffi.load_module(str(copy))  # stays mapped after the file is removed
 
 
 def load(outdir, device: str | None = None) -> CompiledModel:

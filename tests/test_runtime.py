@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import bmvcc.runtime
 from bmvcc import artifact
 from bmvcc.driver import CompileOptions, compile_model
 from bmvcc.errors import BmvccError
@@ -116,3 +117,19 @@ def test_runtime_refuses_an_artifact_for_another_cpu(built, tmp_path):
     artifact.write_metadata(other, meta)
     with pytest.raises(BmvccError, match="compiled for riscv64"):
         load(other)
+
+
+def test_recompiling_into_the_same_outdir_loads_the_new_module(built, checkpoint, tmp_path):
+    """The dynamic loader caches libraries by path: a second load of a recompiled OUTDIR in the same
+    process must still run the new module, not the first one (which would be silently wrong)."""
+    out = tmp_path / "model"
+    x = images(BATCH)
+    refs = []
+    for seed in (1, 2):
+        path, model = checkpoint(small_config(depth=1), seed=seed)
+        compile_model(path, out, CompileOptions(batch=BATCH))
+        with torch.no_grad():
+            refs.append(model(torch.from_numpy(x)).numpy())
+        # tolerance as in test_runtime_matches_pytorch_and_pads_the_last_chunk
+        np.testing.assert_allclose(bmvcc.runtime.load(out)(x), refs[-1], atol=5e-2, rtol=0)
+    assert np.abs(refs[0] - refs[1]).max() > 0.5  # the stale module would fail the check above
