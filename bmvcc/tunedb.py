@@ -89,8 +89,6 @@ def _first_difference(a: dict, b: dict) -> str:
 
 def open_for_tuning(db_dir: Path, spec):
     """(JSONDatabase, key dict); creates the directory and key, or checks the key of an existing one."""
-    from tvm.s_tir import meta_schedule as ms
-
     db_dir = Path(db_dir)
     if db_dir.exists() and not db_dir.is_dir():
         raise BmvccError(f"--db '{db_dir}' is a file; give a directory (created if missing)")
@@ -133,7 +131,6 @@ def apply_database(mod, spec, db_dir: Path, only_faster: bool = True):
 def winning_records(db, key: dict):
     """An in-memory database with the records of the workloads whose best tuned schedule beat bmvcc's
     default one when `bmvcc tune` measured both (a short search can lose to the rule-based schedules)."""
-    import tvm
     from tvm.s_tir import meta_schedule as ms
 
     wins = {entry["workload"] for model in key.get("models", {}).values() for entry in model["tasks"].values()
