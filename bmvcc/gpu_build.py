@@ -33,48 +33,69 @@ DEVICE_BINARY = "device.cubin"  # in OUTDIR: the cubin, byte for byte as embedde
 DEVICE_INFO = "device.json"  # in OUTDIR: arch, bmvcc kernels (W2A8 configs, knobs) and ptxas resources
 
 
-def schedule_kernels(mod, spec):
-    """W2A8 (padded where needed) and norm_quant scheduled for the GPU; returns (mod, kernel table)."""
-    import tvm
-    from tvm import relax, tirx
+def _kind(func):
+    """A PrimFunc's bmvcc kernel kind (attr "bmvcc.kernel"), else None."""
+    from tvm import tirx
 
-    from .schedules import w2a8_cuda
-    from .schedules.norm_quant_cuda import schedule_norm_quant_cuda
     from .schedules.w2a8 import KERNEL_ATTR
 
-    def kind(func):
-        return str(func.attrs[KERNEL_ATTR]) if isinstance(func, tirx.PrimFunc) and func.attrs is not None \
-            and KERNEL_ATTR in func.attrs else None
+    attrs = func.attrs if isinstance(func, tirx.PrimFunc) else None
+    return str(attrs[KERNEL_ATTR]) if attrs is not None and KERNEL_ATTR in attrs else None
+
+
+def schedule_kernels(mod, spec):
+    """W2A8 (padded where needed) and norm_quant scheduled for the GPU; returns (mod, kernel table)."""
+    from .schedules import w2a8_cuda
+    from .schedules.norm_quant_cuda import schedule_norm_quant_cuda
 
     table = {}
     for gv, func in list(mod.functions_items()):
-        if kind(func) == "norm_quant":
+        if _kind(func) == "norm_quant":
             mod[gv] = schedule_norm_quant_cuda(func)
             table[gv.name_hint] = {"kernel": "norm_quant"}
 
+    def tensor_core(core):
+        knobs = w2a8_cuda.default_knobs(core)
+        p = w2a8_cuda.padded(core, knobs)
+        return p, w2a8_cuda.scheduled_func(core, knobs), {"kernel": "w2a8", "config": vars(core),
+                                                          "padded": vars(p), "knobs": vars(knobs)}
+
+    mod, w2a8_table = rewrite_w2a8_calls(mod, tensor_core)
+    return mod, {**table, **w2a8_table}
+
+
+def rewrite_w2a8_calls(mod, kernel_for):
+    """Every call of a W2A8 PrimFunc -> a call of kernel_for(cfg without epilogue) = (padded cfg,
+    PrimFunc of it, table entry), with operands padded and the output sliced when the padded shape
+    differs, then the GELU / residual epilogue as Relax ops. Returns (mod, {new PrimFunc: entry})."""
+    import tvm
+    from tvm import relax
+
+    from .schedules.w2a8_cuda import PACKED_ZERO
+
     call_tir = tvm.ir.Op.get("relax.call_tir")
     added: dict = {}
+    table: dict = {}
 
     @relax.expr_functor.mutator
     class _W2A8(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not call.op.same_as(call_tir) or kind(mod[call.args[0]]) != "w2a8":
+            if not call.op.same_as(call_tir) or _kind(mod[call.args[0]]) != "w2a8":
                 return call
             cfg = _w2a8_config(mod[call.args[0]])
             core = replace(cfg, epilogue="none")  # the tensor-core kernel's epilogue stores only
-            knobs = w2a8_cuda.default_knobs(core)
-            p = w2a8_cuda.padded(core, knobs)
-            if p not in added:
-                added[p] = gv = self.builder_.add_func(w2a8_cuda.scheduled_func(core, knobs),
-                                                       f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}")
-                table[gv.name_hint] = {"kernel": "w2a8", "config": vars(core), "knobs": vars(knobs)}
+            if core not in added:
+                p, func, entry = kernel_for(core)
+                gv = self.builder_.add_func(func, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}")
+                added[core], table[gv.name_hint] = (p, gv), entry
+            p, gv = added[core]
             args = list(call.args[1].fields)
-            pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, w2a8_cuda.PACKED_ZERO),
+            pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, PACKED_ZERO),
                     (p.m - cfg.m, 0, 1.0)]
             kernel_args = [self.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
                            if rows or cols else a for a, (rows, cols, value) in zip(args, pads)] + [args[3]]
-            out = relax.call_tir(added[p], kernel_args, relax.TensorType((p.m, p.n), "float32"))
+            out = relax.call_tir(gv, kernel_args, relax.TensorType((p.m, p.n), "float32"))
             if p != core:
                 out = relax.op.strided_slice(self.builder_.emit(out), axes=[0, 1], begin=[0, 0],
                                              end=[cfg.m, cfg.n], assume_inbound=True)
@@ -87,7 +108,7 @@ def schedule_kernels(mod, spec):
     main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = main
-    out = relax.transform.DeadCodeElimination(["main"])(out)  # the unscheduled W2A8 PrimFuncs
+    out = relax.transform.DeadCodeElimination(["main"])(out)  # the replaced W2A8 PrimFuncs
     return out, table
 
 
@@ -145,18 +166,25 @@ def kernel_calls(mod) -> dict:
 
 
 def _w2a8_config(func):
-    """W2A8Config of a w2a8_compute PrimFunc: shapes from its "acc" block, the epilogue from its
-    signature (residual takes one more input) and body (GELU calls erf)."""
+    """W2A8Config of a w2a8_compute PrimFunc: the shapes from its "acc" block, the epilogue as the
+    variant of w2a8_compute it is structurally equal to."""
+    import tvm
     from tvm import s_tir
 
-    from .schedules.w2a8 import W2A8Config
+    from .schedules.w2a8 import EPILOGUES, W2A8Config, w2a8_compute
 
     sch = s_tir.Schedule(func)
     reads = sch.get(sch.get_sblock("acc")).reads
     m, k = (int(v) for v in reads[0].source.shape)
     n = int(reads[1].source.shape[0])
-    epilogue = "residual" if len(func.params) == 6 else "gelu" if "T.erf(" in func.script() else "none"
-    return W2A8Config(m=m, n=n, k=k, epilogue=epilogue)
+    for epilogue in EPILOGUES:
+        cfg = W2A8Config(m=m, n=n, k=k, epilogue=epilogue)
+        try:
+            tvm.ir.assert_structural_equal(func.body, w2a8_compute(cfg).body, map_free_vars=True)
+            return cfg
+        except (ValueError, AssertionError):
+            continue
+    raise BmvccError(f"W2A8 PrimFunc ({m}x{n}x{k}) is not a w2a8_compute variant; this is a bmvcc bug")
 
 
 def compile_device(executable, arch: str):

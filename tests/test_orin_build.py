@@ -71,13 +71,54 @@ def test_report_totals_and_w2a8_model(orin_build):
     rows = {k["kernel"]: k for k in r["kernels"]}
     w2a8 = [k for k in r["kernels"] if k["unit"] == "int8 tensor cores"]
     assert w2a8 and all(k["sass_mix"].get("IMMA", 0) > 0 and k["registers"] for k in w2a8)
-    # small_config: 2 blocks x 4 BitLinear GEMMs over 16 tokens; padded GEMM MACs = M*N*K of the config
+    # small_config: 2 blocks x 4 BitLinear GEMMs over 16 tokens; MACs = M*N*K of the (padded) GEMM run
     info = json.loads((orin_build / gpu_build.DEVICE_INFO).read_text())
     for name, k in info["bmvcc_kernels"].items():
         if k["kernel"] == "w2a8":
-            cfg = W2A8Config(**k["config"])
+            cfg = W2A8Config(**k["padded"])
             assert rows[name]["macs"] == cfg.m * cfg.n * cfg.k
     assert sum(k["calls"] for k in w2a8) == 8
     total = sum(k["estimate"]["seconds"] * k["calls"] for k in r["kernels"])
     assert r["estimated_total_s"] == pytest.approx(total) and total > 0
     assert "ESTIMATE" in format_text(r)
+
+
+def test_w2a8_call_rewrite_matches_pytorch_on_the_host():
+    """The GPU build's Relax structure around each W2A8 call (operands padded to the tile-aligned
+    shape, the output sliced, GELU / residual applied after the kernel), with the reference compute
+    of the same padded shape in place of the tensor-core kernel, compiled for and run on the host.
+    dim 40 (K, N not multiples of 32) and 25 tokens (M not a multiple of 16) force padding on every
+    axis. Tolerance 2e-3 as in test_passes_model.py (an int8 code at a .5 tie may round the other way)."""
+    import numpy as np
+    import torch
+    import tvm
+    from tvm import relax
+
+    from bmvcc import targets
+    from bmvcc.frontend import Source, to_relax
+    from bmvcc.passes.pipeline import run_pipeline
+    from bmvcc.schedules.cpu_default import schedule_cpu_module
+    from bmvcc.schedules.w2a8 import w2a8_compute
+    from bmvcc.schedules.w2a8_cuda import default_knobs, padded
+
+    from conftest import make_model
+
+    cfg = small_config(image_size=35, dim=40, mlp_dim=72)
+    model = make_model(cfg, seed=5)
+    x = np.random.RandomState(6).randn(1, 1, 35, 35).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+
+    def reference_kernel(core):
+        p = padded(core, default_knobs(core))
+        return p, w2a8_compute(p), {"padded": vars(p)}
+
+    mod, weights, _ = run_pipeline(to_relax(Source(model, (1, 35, 35), 10, None, cfg), 1), None)
+    mod, table = gpu_build.rewrite_w2a8_calls(mod, reference_kernel)
+    assert any(e["padded"]["k"] != 40 for e in table.values()) and any(e["padded"]["m"] != 25 for e in table.values())
+    target = targets.get("host").target()
+    vm = relax.VirtualMachine(tvm.compile(schedule_cpu_module(mod, target), target=target), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x), *weights)
+    out = (out[0] if isinstance(out, tvm.ir.Array) or hasattr(out, "__getitem__") and not hasattr(out, "numpy")
+           else out).numpy()
+    np.testing.assert_allclose(out, ref, atol=2e-3)
