@@ -114,16 +114,18 @@ def rewrite_w2a8_calls(mod, kernel_for):
 
 def lower(mod, spec):
     """tvm.compile's CUDA Relax pipeline (relax.backend.cuda), run here in two halves to record the
-    kernel calls after fusion and scheduling: returns (module for tvm.compile(relax_pipeline=None),
+    kernel calls after fusion (before DLight's schedules, which keep the names): returns (module for tvm.compile(relax_pipeline=None),
     {PrimFunc name: kernel_stats}). Call under PASS_CONFIG."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
     target = spec.target()
+    legalize = cuda.legalize_passes(target)  # ..., FuseOps, FuseTIR, DLight (last): ops counted before DLight
     with target:
-        mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target))(mod)
+        mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize[:-1])(mod)
         calls = kernel_calls(mod)
-        mod = tvm.transform.Sequential(cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
+        mod = tvm.transform.Sequential(legalize[-1:] + cuda.dataflow_lower_passes(target)
+                                       + cuda.finalize_passes(target))(mod)
     return mod, calls
 
 
