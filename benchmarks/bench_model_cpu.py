@@ -2,9 +2,9 @@
 
     python benchmarks/bench_model_cpu.py [--threads 2] [--repeat 5] [--variants bitlinear,float] [--json]
 
-The model is ViTConfig(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3,
-heads=8, mlp_dim=2048, multi_query=True, fp_attn=True) with random weights (seed 0), batch 1, saved
-as a state dict in a temporary directory. Each variant is compiled for target `host` through
+The model is the paper's configuration (benchmarks/common.py PAPER) with random weights (seed 0),
+batch 1, saved as a state dict in a temporary directory; ONNX Runtime runs it as exported by
+`bmvcc export-onnx`, with the same thread count. Each variant is compiled for target `host` through
 bmvcc.driver.compile_model (`bitlinear`: the BitLinear rewrite; `float`: --no-bitlinear, every layer a
 float matmul with TVM's default CPU schedules), its compile stages timed from the driver's progress
 messages, then loaded with bmvcc.load and timed in this process with the same thread count as
@@ -17,39 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import PAPER, onnxruntime_session, paper_checkpoint, time_call
 
-PAPER = dict(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3, heads=8,
-             mlp_dim=2048, multi_query=True, fp_attn=True)  # the paper's: 6,291,456 ternary (FFN) weights
 VARIANTS = {"bitlinear": True, "float": False}
 
 
-def _time(fn, repeat: int) -> dict:
-    fn()  # warm-up (first touch, thread pool start)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"best_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
 
 
-def _checkpoint(tmp: Path):
-    import torch
-
-    from bmvcc.model import BitMedViT, ViTConfig
-
-    torch.manual_seed(0)
-    model = BitMedViT(ViTConfig(**PAPER)).eval()
-    path = tmp / "paper.pth"
-    torch.save(model.state_dict(), path)
-    return model, path
 
 
 def _compile(path: Path, outdir: Path, bitlinear: bool, log) -> dict:
@@ -109,12 +89,16 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        model, path = _checkpoint(tmp)
+        model, path = paper_checkpoint(tmp)
         with torch.no_grad():
             x = torch.from_numpy(image)
             ref = model(x).numpy()
             log("timing PyTorch eager float32")
-            rows.append({"name": "pytorch eager fp32", **_time(lambda: model(x), args.repeat)})
+            rows.append({"name": "pytorch eager fp32", **time_call(lambda: model(x), args.repeat)})
+        log("exporting to ONNX and timing ONNX Runtime")
+        ort_run = onnxruntime_session(path, tmp, args.threads)
+        rows.append({"name": "onnxruntime (bmvcc export-onnx)", "max_abs_err_vs_torch": float(np.abs(ort_run(image) - ref).max()),
+                     **time_call(lambda: ort_run(image), args.repeat)})
         for name in variants:
             log(f"compiling variant '{name}'")
             try:
@@ -128,7 +112,7 @@ def main(argv=None) -> int:
             log(f"timing variant '{name}'")
             rows.append({"name": f"bmvcc {name}", **info, "max_abs_err_vs_torch": err,
                          "argmax_matches": bool((out.argmax(-1) == ref.argmax(-1)).all()),
-                         **_time(lambda: compiled(image), args.repeat)})
+                         **time_call(lambda: compiled(image), args.repeat)})
     eager = rows[0]["best_ms"]
     for r in rows:
         if "best_ms" in r:

@@ -2,13 +2,13 @@
 
     python benchmarks/bench_tune_host.py [--trials 32] [--task NAME ...] [--db DIR] [--repeat 5] [--json]
 
-The model is ViTConfig(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3,
-heads=8, mlp_dim=2048, multi_query=True, fp_attn=False) with random weights (seed 0), batch 1. Steps:
+The model is the paper's configuration (benchmarks/common.py PAPER) with random weights (seed 0), batch 1. Steps:
 compile for `host` without a database (bmvcc's default schedules), `bmvcc tune` its tasks locally
 (--trials per task; --task to tune only some; --db to keep or resume the database, else a temporary
 one), compile again with the database, then load both artifacts and time them in this process (best
 and median of --repeat calls after one warm-up). Both outputs are compared with the PyTorch logits
-before timing. Prints the per-task table of bmvcc tune and the whole-model latencies.
+before timing, and so is ONNX Runtime on the same model (bmvcc export-onnx). Prints the per-task
+table of bmvcc tune and the whole-model latencies.
 
 Cost on a 2-core machine: about 1 minute of fixed start-up per tuning run plus 15-30 s per trial
 round of 8; all ~25 tasks at 32 trials take hours, so start with a few --task names from the table.
@@ -18,27 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
-PAPER = dict(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3, heads=8,
-             mlp_dim=2048, multi_query=True, fp_attn=False)
+from common import onnxruntime_session, paper_checkpoint, time_call
 
 
-def _time(fn, repeat: int) -> dict:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"best_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
+
 
 
 def main() -> None:
@@ -54,16 +43,12 @@ def main() -> None:
 
     from bmvcc import load
     from bmvcc.driver import CompileOptions, compile_model
-    from bmvcc.model import BitMedViT, ViTConfig
     from bmvcc.tune import TaskResult, TuneReport
 
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="bmvcc-bench-tune-") as tmp:
         tmp = Path(tmp)
-        torch.manual_seed(0)
-        model = BitMedViT(ViTConfig(**PAPER)).eval()
-        ckpt = tmp / "paper.pth"
-        torch.save(model.state_dict(), ckpt)
+        model, ckpt = paper_checkpoint(tmp)
         db = args.db or tmp / "db"
         x = np.random.default_rng(0).uniform(-1, 1, size=(1, 3, 224, 224)).astype(np.float32)
         with torch.no_grad():
@@ -84,7 +69,11 @@ def main() -> None:
         for name in ("default", "tuned"):
             m = load(tmp / name)
             err = float(np.abs(m(x) - ref).max())
-            result[name] = {**_time(lambda: m(x), args.repeat), "max_abs_err_vs_torch": err, "ref_scale": scale}
+            result[name] = {**time_call(lambda: m(x), args.repeat), "max_abs_err_vs_torch": err, "ref_scale": scale}
+        log("exporting to ONNX and timing ONNX Runtime (2 threads)")
+        ort_run = onnxruntime_session(ckpt, tmp, threads=2)
+        result["onnxruntime"] = {**time_call(lambda: ort_run(x), args.repeat),
+                                 "max_abs_err_vs_torch": float(np.abs(ort_run(x) - ref).max()), "ref_scale": scale}
         result["speedup"] = result["default"]["best_ms"] / result["tuned"]["best_ms"]
 
     if args.json:
@@ -93,11 +82,12 @@ def main() -> None:
     rows = [TaskResult(**{k: v for k, v in t.items() if k != "speedup"}) for t in report["tasks"]]
     print(TuneReport(report["db"], report["target"], report["devices"], rows).table())
     print(f"\nwhole model, batch 1, {result['kernels_from_db']} kernels from the database:")
-    for name in ("default", "tuned"):
+    for name in ("default", "tuned", "onnxruntime"):
         r = result[name]
         print(f"  {name:<8} best {r['best_ms']:8.2f} ms  median {r['median_ms']:8.2f} ms  "
               f"max |logit - torch| {r['max_abs_err_vs_torch']:.2e} (|logits| <= {r['ref_scale']:.2f})")
-    print(f"  speedup {result['speedup']:.2f}x")
+    print(f"  speedup {result['speedup']:.2f}x; tuned vs ONNX Runtime "
+          f"{result['onnxruntime']['best_ms'] / result['tuned']['best_ms']:.2f}x")
 
 
 if __name__ == "__main__":

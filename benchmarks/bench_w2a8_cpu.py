@@ -17,21 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
+from common import time_call
 
 
-def _time(fn, repeat: int) -> dict:
-    fn()  # warm-up (first-touch, thread pool start)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"best_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
 
 
 def _w2a8(m, n, k, q, codes, threads):
@@ -103,7 +94,7 @@ def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
         fn, out, *extra = build()
         if not np.array_equal(np.asarray(out, np.float64), ref):
             raise SystemExit(f"{name} gives a wrong result at M={m} K={k} N={n}")
-        stats = _time(fn, repeat)
+        stats = time_call(fn, repeat)
         stats["gops"] = gop / (stats["best_ms"] / 1e3)
         stats["weight_bytes"] = extra[-1]
         if name == "w2a8_tvm":

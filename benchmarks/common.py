@@ -1,0 +1,55 @@
+"""What the benchmark scripts share: the paper-size model, a timer and the ONNX Runtime peer."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+
+# The paper's BitMedViT: its 6,291,456 ternary weights are the FFN's (attention is float, fp_attn=1).
+PAPER = dict(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, depth=3, heads=8,
+             mlp_dim=2048, multi_query=True, fp_attn=True)
+
+
+def time_call(fn, repeat: int) -> dict:
+    """Best and median wall time of `repeat` calls after one warm-up (first touch, thread pools)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"best_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
+
+
+def paper_checkpoint(directory: Path, seed: int = 0):
+    """(eval model, path of its state dict) for the paper-size configuration, random weights."""
+    import torch
+
+    from bmvcc.model import BitMedViT, ViTConfig
+
+    torch.manual_seed(seed)
+    model = BitMedViT(ViTConfig(**PAPER)).eval()
+    path = Path(directory) / "paper.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def onnxruntime_session(checkpoint: Path, directory: Path, threads: int):
+    """The checkpoint exported by `bmvcc export-onnx` in an ONNX Runtime CPU session; a callable.
+
+    QDQ fusion is off: with it ORT swaps DequantizeLinear+MatMul for its 4-bit MatMulNBits kernel,
+    which changes the results (bmvcc/onnx_export.py)."""
+    import onnxruntime as ort
+
+    from bmvcc.onnx_export import export_checkpoint
+
+    path = Path(directory) / "model.onnx"
+    export_checkpoint(checkpoint, path, batch=1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
