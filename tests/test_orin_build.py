@@ -12,7 +12,7 @@ import pytest
 from bmvcc import gpu_build
 from bmvcc.driver import CompileOptions, compile_model
 
-from conftest import small_config
+from conftest import cli_error, small_config
 
 EM_AARCH64, EM_CUDA = 183, 190  # ELF e_machine values
 
@@ -122,3 +122,18 @@ def test_w2a8_call_rewrite_matches_pytorch_on_the_host():
     out = (out[0] if isinstance(out, tvm.ir.Array) or hasattr(out, "__getitem__") and not hasattr(out, "numpy")
            else out).numpy()
     np.testing.assert_allclose(out, ref, atol=2e-3)
+
+
+def test_cli_inspect_and_report(orin_build, capsys, tmp_path):
+    from bmvcc.cli import main
+
+    def run(argv):
+        main(argv)
+        return capsys.readouterr().out
+
+    assert "IMMA.16832.S8.S8" in run(["inspect", str(orin_build), "--sass"])
+    summary = json.loads(run(["inspect", str(orin_build), "--json"]))
+    assert summary["arch"] == "sm_87" and summary["bytes"] == len((orin_build / gpu_build.DEVICE_BINARY).read_bytes())
+    report = json.loads(run(["report", str(orin_build), "--json"]))
+    assert report["estimated_total_s"] > 0 and "estimate" in report["note"]
+    assert "not a GPU artifact" in cli_error(capsys, ["inspect", str(tmp_path)])
