@@ -37,7 +37,10 @@ def load_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
     if not path.is_file():
         raise BmvccError(f"checkpoint '{path}' does not exist; check the path")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        if trust_pickle:  # the user's explicit opt-in (--trust-pickle): unpickling may run the file's code
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # weights_only refused a class or function reference
             raise BmvccError(
