@@ -33,7 +33,6 @@ class CompileReport:
 
 def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
                   progress: Callable[[str], None] = lambda msg: None) -> CompileReport:
-    from . import targets  # noqa: F401  (bmvcc.targets)
     from .targets import get as get_target
 
     start = time.perf_counter()
