@@ -89,6 +89,6 @@ def format_text(r: dict) -> str:
                      f"{k['registers'] if k['registers'] is not None else '?':>4} "
                      f"{k['shared_bytes'] if k['shared_bytes'] is not None else '?':>6} "
                      f"{k['estimate']['seconds'] * 1e6:>12.2f} {k['estimate']['bound']:>7}  {mix}")
-    lines.append(f"model total: {r['total_macs'] / 1e9:.2f} GMAC, estimated {r['estimated_total_s'] * 1e3:.3f} ms "
+    lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, estimated {r['estimated_total_s'] * 1e3:.3f} ms "
                  f"(ESTIMATE: {r['note']})")
     return "\n".join(lines)
