@@ -133,10 +133,10 @@ def test_gelu_epilogue():
 def test_host_schedule_uses_int8_dot_instructions_in_parallel():
     lib = _build(W2A8Config(16, 64, 128), HOST)
     ops = _opcodes(lib)
-    want = {"vnni": "vpdpbusd", "avx2": "vpmaddubsw"}.get(select_backend(HOST))
-    if want is None:
-        pytest.skip(f"host CPU has neither AVX2 nor AVX-512 VNNI (backend {select_backend(HOST)})")
-    assert ops[want] >= DEFAULT_KNOBS[select_backend(HOST)].mr, ops.most_common(20)
+    # the instruction each backend is built around; generic hosts get plain vector multiplies
+    want = {"vnni": ["vpdpbusd"], "avx2": ["vpmaddubsw"], "sdot": ["sdot"],
+            "generic": ["pmullw", "pmaddwd", "pmulld", "mul"]}[select_backend(HOST)]
+    assert sum(ops[w] for w in want) >= DEFAULT_KNOBS[select_backend(HOST)].mr, ops.most_common(20)
     if DEFAULT_KNOBS[select_backend(HOST)].backend == "avx2_i16":  # int16 accumulation: no vpmaddwd per step
         assert ops["vpaddw"] >= ops["vpmaddubsw"], ops.most_common(20)
     assert "TVMBackendParallelLaunch" in lib.mod.inspect_source("asm")
