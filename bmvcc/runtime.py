@@ -83,7 +83,12 @@ def _load_runtime_libraries(device: str) -> None:
         if cuda is None:
             raise BmvccError("this artifact runs on CUDA but libtvm_runtime_cuda.so was not found; "
                              "install a CUDA-enabled TVM runtime")
-        ctypes.CDLL(str(cuda), ctypes.RTLD_GLOBAL)
+        try:
+            ctypes.CDLL(str(cuda), ctypes.RTLD_GLOBAL)
+        except OSError as e:  # e.g. the PyPI wheel's libcudart.so.13 on JetPack 6 (CUDA 12.6), or no driver
+            raise BmvccError(f"{cuda} cannot be loaded ({e}); it needs the NVIDIA driver and the CUDA runtime "
+                             f"it was built against: build TVM's runtime with -DUSE_CUDA=ON on the device and "
+                             f"set TVM_LIBRARY_PATH (README: Deploying to a device)") from None
 
 
 class CompiledModel:

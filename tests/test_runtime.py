@@ -133,3 +133,14 @@ def test_recompiling_into_the_same_outdir_loads_the_new_module(built, checkpoint
         # tolerance as in test_runtime_matches_pytorch_and_pads_the_last_chunk
         np.testing.assert_allclose(bmvcc.runtime.load(out)(x), refs[-1], atol=5e-2, rtol=0)
     assert np.abs(refs[0] - refs[1]).max() > 0.5  # the stale module would fail the check above
+
+
+def test_a_cuda_runtime_that_cannot_load_is_a_one_line_error():
+    """Without the NVIDIA driver (this CI) or with a CUDA runtime the device lacks (the PyPI wheel's
+    libcudart.so.13 on JetPack 6.2), loading a GPU artifact must say what to build, not raise OSError."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda") is not None:
+        pytest.skip("this machine has an NVIDIA driver: the CUDA runtime may load")
+    with pytest.raises(BmvccError, match=r"libtvm_runtime_cuda\.so cannot be loaded .*-DUSE_CUDA=ON"):
+        bmvcc.runtime._load_runtime_libraries("cuda")
