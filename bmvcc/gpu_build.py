@@ -119,13 +119,16 @@ def lower(mod, spec):
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
+    from .schedules.wmma_intrinsics import dlight_wmma
+
     target = spec.target()
     legalize = cuda.legalize_passes(target)  # ..., FuseOps, FuseTIR, DLight (last): ops counted before DLight
     with target:
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize[:-1])(mod)
         calls = kernel_calls(mod)
-        mod = tvm.transform.Sequential(legalize[-1:] + cuda.dataflow_lower_passes(target)
-                                       + cuda.finalize_passes(target))(mod)
+        with dlight_wmma():  # DLight's fp16 tensor-core rule without TVM's minute-long intrinsic import
+            mod = tvm.transform.Sequential(legalize[-1:] + cuda.dataflow_lower_passes(target)
+                                           + cuda.finalize_passes(target))(mod)
     return mod, calls
 
 
