@@ -21,7 +21,7 @@ import sys
 import types
 from pathlib import Path
 
-_MODULE = "tvm.s_tir.tensor_intrin.cuda"
+TVM_MODULE = "tvm.s_tir.tensor_intrin.cuda"
 _PREFIX = "bmvcc_"
 _tvm: dict = {}  # TVM's get_wmma_* functions, loaded once
 
@@ -62,14 +62,14 @@ def get_wmma_intrin_group(load_scope: str, store_scope: str, in_dtype: str, out_
 @contextlib.contextmanager
 def dlight_wmma():
     """Within: DLight's import of tvm.s_tir.tensor_intrin.cuda gets this module's stand-in."""
-    if _MODULE in sys.modules:
+    if TVM_MODULE in sys.modules:
         yield
         return
-    stand_in = types.ModuleType(_MODULE, __doc__)
+    stand_in = types.ModuleType(TVM_MODULE, __doc__)
     stand_in.get_wmma_intrin_group = get_wmma_intrin_group
-    sys.modules[_MODULE] = stand_in
+    sys.modules[TVM_MODULE] = stand_in
     try:
         yield
     finally:
-        if sys.modules.get(_MODULE) is stand_in:
-            del sys.modules[_MODULE]
+        if sys.modules.get(TVM_MODULE) is stand_in:
+            del sys.modules[TVM_MODULE]

@@ -77,3 +77,26 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
     assert sum(str(w.dtype) == "float16" for w in gpu_weights) == 2 * cfg.depth + 2
     assert [w.shape for w in gpu_weights] == [w.shape for w in cpu_weights]
     assert "float16" not in cpu_mod.script() and {str(w.dtype) for w in cpu_weights} <= {"float32", "uint8"}
+
+
+def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, tmp_path):
+    """81 tokens, dim 128, head size 64: the Wqkv (81x256x128) and output (81x128x128) projections have
+    every extent above 64, DLight's threshold for its wmma rule; Q.K^T (K = 64), P.V (N = 64), the
+    patch embedding (K = 49) and the head (M = 1) stay on CUDA cores. The build must not import
+    tvm.s_tir.tensor_intrin.cuda (schedules/wmma_intrinsics.py stands in for it)."""
+    import sys
+
+    from bmvcc.driver import CompileOptions, compile_model
+    from bmvcc.report import report
+    from bmvcc.schedules.wmma_intrinsics import TVM_MODULE
+
+    imported_before = TVM_MODULE in sys.modules
+    cfg = small_config(multi_query=True, fp_attn=True, image_size=63, dim=128, heads=2, mlp_dim=128)
+    path, _ = checkpoint(cfg)
+    compile_model(path, tmp_path / "out", CompileOptions(target="jetson-orin-nano"))
+    assert imported_before or TVM_MODULE not in sys.modules
+    rows = report(tmp_path / "out")["kernels"]
+    tensor_core = [k for k in rows if k["unit"] == "fp16 tensor cores"]
+    assert len(tensor_core) == 2
+    assert all("matmul" in k["kernel"] and k["sass_mix"]["HMMA"] > 0 for k in tensor_core)
+    assert {k["calls"] for k in tensor_core} == {cfg.depth}
