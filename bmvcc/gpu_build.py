@@ -6,8 +6,9 @@ exported .so that carries compiled device code (a cubin), not CUDA source.
    (q with 0, packed weights with 0x55 = four zero weights, x_scale with 1, residual with 0), call the
    kernel on the padded shape and slice the output back: the padding contributes exactly 0.
    norm_quant gets schedules/norm_quant_cuda.py. Both are marked tirx.is_scheduled; everything else
-   (float32 attention, softmax, layer norms, patch embedding, head) is left to tvm.compile's CUDA
-   pipeline (LegalizeOps, FuseOps, FuseTIR, DLight Matmul/GEMV/Reduction/GeneralReduction/Fallback).
+   (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands, passes/fp16_matmuls.py)
+   is left to tvm.compile's CUDA pipeline (LegalizeOps, FuseOps, FuseTIR, DLight Matmul/GEMV/Reduction/
+   GeneralReduction/Fallback).
 2. `tvm.compile` with cp.async enabled. TVM 0.27 keeps the device module as CUDA source, compiled
    at load time by a Python callback a device running only the TVM runtime does not have; so the
    source is compiled here with the pip CUDA 12.6 toolchain (targets/cuda_toolchain.py) to a cubin
@@ -119,13 +120,16 @@ def lower(mod, spec):
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
+    from .schedules.wmma_intrinsics import dlight_wmma
+
     target = spec.target()
     legalize = cuda.legalize_passes(target)  # ..., FuseOps, FuseTIR, DLight (last): ops counted before DLight
     with target:
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize[:-1])(mod)
         calls = kernel_calls(mod)
-        mod = tvm.transform.Sequential(legalize[-1:] + cuda.dataflow_lower_passes(target)
-                                       + cuda.finalize_passes(target))(mod)
+        with dlight_wmma():  # DLight's fp16 tensor-core rule without TVM's minute-long intrinsic import
+            mod = tvm.transform.Sequential(legalize[-1:] + cuda.dataflow_lower_passes(target)
+                                           + cuda.finalize_passes(target))(mod)
     return mod, calls
 
 

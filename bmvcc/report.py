@@ -4,9 +4,11 @@ and a roofline ESTIMATE of its time on the target; then the model total (also an
 Per kernel and call:
 - W2A8 (int8 tensor cores): MACs = M x N x K of the padded GEMM, traffic and time from
   schedules/w2a8_cuda.modeled_seconds (int8 dense peak vs DRAM bandwidth);
-- every other kernel (float32 on CUDA cores): MACs = TVM's static op count / 2
-  (tvm.s_tir.analysis.estimate_tir_flops at build time), traffic = each tensor argument read or
-  written once, time = max(2 x MACs / fp32 peak, bytes / DRAM bandwidth).
+- every other kernel: MACs = TVM's static op count / 2 (tvm.s_tir.analysis.estimate_tir_flops at
+  build time), traffic = each tensor argument read or written once at its dtype's size (fp16 operands
+  of passes/fp16_matmuls.py: 2 bytes), time = max(2 x MACs / peak, bytes / DRAM bandwidth); the peak
+  is the fp16 tensor-core one for a kernel whose SASS has HMMA (DLight's wmma schedule), else the
+  fp32 CUDA-core one (also for fp16 loads: DLight's other schedules compute in fp32).
 Registers and shared memory are ptxas's; the mix counts SASS instructions in the code (static, not
 executed). Launch overheads, L2 reuse and occupancy are not modeled: real times are longer.
 """
@@ -57,8 +59,10 @@ def report(outdir: Path) -> dict:
             macs = None if call["ops"] is None else int(call["ops"] // 2)
             read, written = call["bytes_read"], call["bytes_written"]
             nbytes = read + written
-            model = _roofline(2 * (macs or 0), nbytes, facts["peak_fp32_tflops"] * 1e12, facts)
-            unit = "fp32 CUDA cores"
+            tensor_cores = kernel.get("sass_mix", {}).get("HMMA", 0) > 0
+            peak = facts["peak_fp16_tflops" if tensor_cores else "peak_fp32_tflops"]
+            model = _roofline(2 * (macs or 0), nbytes, peak * 1e12, facts)
+            unit = "fp16 tensor cores" if tensor_cores else "fp32 CUDA cores"
         rows.append({"kernel": name, "calls": call["calls"], "unit": unit, "macs": macs,
                      "bytes": nbytes, "bytes_read": read if read is not None else call["bytes_read"],
                      "bytes_written": written if written is not None else call["bytes_written"],
@@ -69,7 +73,8 @@ def report(outdir: Path) -> dict:
     rows.sort(key=lambda r: -r["estimate"]["total_s"])
     total = sum(r["estimate"]["total_s"] for r in rows)
     return {"target": spec.name, "facts": {k: facts[k] for k in ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs",
-                                                                    "peak_int8_tops", "peak_fp32_tflops")},
+                                                                    "peak_int8_tops", "peak_fp16_tflops",
+                                                                    "peak_fp32_tflops")},
             "kernels": rows, "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
             "estimated_total_s": total,
             "note": "estimates: roofline (max of compute at peak and compulsory DRAM traffic), no launch "
@@ -79,7 +84,8 @@ def report(outdir: Path) -> dict:
 def format_text(r: dict) -> str:
     f = r["facts"]
     lines = [f"{r['target']}: {f['sms']} SMs at {f['gpu_clock_mhz']} MHz, {f['dram_bandwidth_gbs']} GB/s, "
-             f"{f['peak_int8_tops']:.1f} int8 TOPS dense, {f['peak_fp32_tflops']:.2f} fp32 TFLOPS",
+             f"{f['peak_int8_tops']:.1f} int8 TOPS dense, {f['peak_fp16_tflops']:.1f} fp16 TFLOPS dense, "
+             f"{f['peak_fp32_tflops']:.2f} fp32 TFLOPS",
              f"{'kernel':<44} {'calls':>5} {'MACs/call':>13} {'bytes/call':>11} {'regs':>4} {'smem':>6} "
              f"{'est. us/call':>12} {'bound':>7}  SASS mix (static)"]
     for k in r["kernels"]:

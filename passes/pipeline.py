@@ -12,13 +12,14 @@ from tvm import relax
 
 from .drop_training_outputs import drop_training_outputs
 from .externalize_weights import externalize_weights
+from .fp16_matmuls import fp16_matmuls
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from .quantize_bitlinear import quantize_bitlinear
 from .relax_match import REPORT_PREFIX, read_report
 
 
-def passes(bitlinear: bool = True) -> list[tuple[str, object]]:
+def passes(bitlinear: bool = True, gpu: bool = False) -> list[tuple[str, object]]:
     bitlinear_passes = [
         # Phase 2: BitLinear -> int8 x 2-bit kernels (weights ternarized and packed at compile time)
         ("quantize_bitlinear", quantize_bitlinear),
@@ -31,6 +32,8 @@ def passes(bitlinear: bool = True) -> list[tuple[str, object]]:
         ("canonicalize_bindings", relax.transform.CanonicalizeBindings()),
         ("drop_dead_outputs", relax.transform.DeadCodeElimination(["main"])),
         *(bitlinear_passes if bitlinear else []),
+        # GPU only: float matmuls on fp16 operands (before fold_constants, which casts their weights)
+        *([("fp16_matmuls", fp16_matmuls)] if gpu else []),
         # Phase 3: fold what is known at compile time (weight quantization of float paths)
         ("drop_dead_weights", relax.transform.DeadCodeElimination(["main"])),
         ("fold_constants", relax.transform.FoldConstant()),
@@ -45,7 +48,7 @@ def run_pipeline(mod, spec, bitlinear: bool = True):
     not (with reasons) and the weight bytes by kind.
     """
     reports: dict = {}
-    for name, p in passes(bitlinear):
+    for name, p in passes(bitlinear, gpu=spec is not None and spec.device == "cuda"):
         mod = p(mod)
         key = REPORT_PREFIX + name
         if mod.attrs is not None and key in mod.attrs:

@@ -1,0 +1,102 @@
+"""passes/fp16_matmuls.py: in CUDA builds the float matmuls take fp16 operands (fp32 accumulation).
+
+Its semantics are checked without a GPU: the module the GPU pipeline produces (W2A8 as its reference
+compute) is built for and run on the host, against the PyTorch model in float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from bmvcc import targets
+from bmvcc.frontend import Source, to_relax
+from bmvcc.passes.pipeline import run_pipeline
+
+from conftest import FAMILIES, family_id, make_model, small_config
+
+U16 = 2.0**-11  # fp16 unit roundoff
+BATCH = 4
+
+
+def _pipeline(model, cfg, target: str):
+    source = Source(model, (cfg.channels, cfg.image_size, cfg.image_size), cfg.num_classes, None, cfg)
+    return run_pipeline(to_relax(source, BATCH), targets.get(target))
+
+
+def _matmuls(mod) -> list:
+    found = []
+
+    @relax.expr_functor.visitor
+    class _Find(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul":
+                found.append(call)
+            super().visit_call_(call)
+
+    _Find().visit_expr(mod["main"])
+    return found
+
+
+@pytest.mark.parametrize("multi_query,fp_attn", FAMILIES, ids=[family_id(*f) for f in FAMILIES])
+def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_attn):
+    """Tolerance: each float matmul rounds both operands to fp16 (relative u = 2^-11 each; fp32
+    accumulation adds nothing comparable). On the way to the logits there are 10 such matmuls in
+    sequence (patch embedding; per block of 2: Q/K/V projection, Q.K^T, P.V, output projection; head),
+    so a first-order budget of 2 x 10 x u ~ 1e-2 of the logit scale. In the BitLinear-attention
+    families, the perturbed attention output can also move an int8 activation code across a .5 tie
+    (1/127 of that row's absmax, averaged by the next matmul). Observed: at most 4.0e-3 of the scale."""
+    from bmvcc.schedules.cpu_default import schedule_cpu_module
+
+    cfg = small_config(multi_query=multi_query, fp_attn=fp_attn)
+    model = make_model(cfg, seed=3)
+    x = np.random.RandomState(4).randn(BATCH, 1, 28, 28).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    mod, weights, _ = _pipeline(model, cfg, "jetson-orin-nano")
+    calls = _matmuls(mod)
+    assert calls and all(a.ty.dtype == "float16" for c in calls for a in c.args)
+    assert all(c.ty.dtype == "float32" for c in calls)
+    host = targets.get("host").target()
+    vm = relax.VirtualMachine(tvm.compile(schedule_cpu_module(mod, host), target=host), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2 * 10 * U16 * scale)
+    assert np.abs(out - ref).max() > 1e-5 * scale  # fp16 rounding did happen (float32 builds: ~2e-7)
+    np.testing.assert_array_equal(out.argmax(1), ref.argmax(1))
+
+
+def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchanged():
+    cfg = small_config(multi_query=True, fp_attn=True)
+    model = make_model(cfg)
+    gpu_mod, gpu_weights, _ = _pipeline(model, cfg, "jetson-orin-nano")
+    cpu_mod, cpu_weights, _ = _pipeline(model, cfg, "host")
+    # per block: Wqkv, out_proj; plus patch embedding and head: 2 * 2 + 2 float weight matrices
+    assert sum(str(w.dtype) == "float16" for w in gpu_weights) == 2 * cfg.depth + 2
+    assert [w.shape for w in gpu_weights] == [w.shape for w in cpu_weights]
+    assert "float16" not in cpu_mod.script() and {str(w.dtype) for w in cpu_weights} <= {"float32", "uint8"}
+
+
+def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, tmp_path):
+    """81 tokens, dim 128, head size 64: the Wqkv (81x256x128) and output (81x128x128) projections have
+    every extent above 64, DLight's threshold for its wmma rule; Q.K^T (K = 64), P.V (N = 64), the
+    patch embedding (K = 49) and the head (M = 1) stay on CUDA cores. The build must not import
+    tvm.s_tir.tensor_intrin.cuda (schedules/wmma_intrinsics.py stands in for it)."""
+    import sys
+
+    from bmvcc.driver import CompileOptions, compile_model
+    from bmvcc.report import report
+    from bmvcc.schedules.wmma_intrinsics import TVM_MODULE
+
+    imported_before = TVM_MODULE in sys.modules
+    cfg = small_config(multi_query=True, fp_attn=True, image_size=63, dim=128, heads=2, mlp_dim=128)
+    path, _ = checkpoint(cfg)
+    compile_model(path, tmp_path / "out", CompileOptions(target="jetson-orin-nano"))
+    assert imported_before or TVM_MODULE not in sys.modules
+    rows = report(tmp_path / "out")["kernels"]
+    tensor_core = [k for k in rows if k["unit"] == "fp16 tensor cores"]
+    assert len(tensor_core) == 2
+    assert all("matmul" in k["kernel"] and k["sass_mix"]["HMMA"] > 0 for k in tensor_core)
+    assert {k["calls"] for k in tensor_core} == {cfg.depth}
