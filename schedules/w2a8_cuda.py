@@ -8,14 +8,15 @@ Schedules schedules/w2a8.py's `w2a8_compute` unchanged (every step is an s_tir.S
     shared packed --LDS.U8 + ~6 integer ops per byte--> B fragment decoded in registers, once per
         16-column strip and k step, feeding all of the warp's row fragments (cuda_intrinsics.mma_decode)
     mma.sync.m16n8k32.s8.s8.s32 -> int32 accumulators (registers)
-    epilogue: out = float(acc) * (w_scale / x_scale[row]), from the registers to global memory.
+    epilogue: out = float(acc) * (w_scale / x_scale[row]), then GELU (in registers) or + residual[row, col]
+        (read from global memory) per the config, from the registers to global memory in one store.
 
 Weights cross global and shared memory at 2 bits each; they are never expanded to int8 in memory.
 
 Shapes: the tiles need M % BM == N % BN == K % BK == 0. `default_knobs` shrinks the tiles until they
 divide the shape (ViT shapes need no padding); otherwise the kernel is `w2a8_compute(padded(cfg, knobs))`
-and the caller pads (q with 0, packed with code 1 = weight 0, x_scale with 1) and slices the output:
-`padded` and `pad_operands` define it. The epilogue reads accumulators through LowerWarpMemory, which
+and the caller pads (q with 0, packed with code 1 = weight 0, x_scale with 1, residual with 0) and slices
+the output: `padded` and `pad_operands` define it. The epilogue reads accumulators through LowerWarpMemory, which
 emits one SHFL (to the own lane) per element.
 """
 
@@ -115,16 +116,19 @@ def padded(cfg: W2A8Config, knobs: W2A8CudaKnobs) -> W2A8Config:
                    k=_round_up(cfg.k, knobs.block_k))
 
 
-def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale):
-    """numpy operands of cfg -> operands of padded(cfg): padding rows/columns contribute 0."""
+def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale, residual=None):
+    """numpy operands of cfg -> operands of padded(cfg): padding rows/columns contribute 0 (the residual,
+    given for the "residual" epilogue, is padded with 0 and comes last)."""
     p = padded(cfg, knobs)
-    qp = np.zeros((p.m, p.k), np.int8)
-    qp[: cfg.m, : cfg.k] = q
-    wp = np.full((p.n, p.k_packed), PACKED_ZERO, np.uint8)
-    wp[: cfg.n, : cfg.k_packed] = packed
-    xp = np.ones((p.m, 1), np.float32)
-    xp[: cfg.m] = x_scale
-    return qp, wp, xp
+
+    def pad(a, shape, dtype, value):
+        out = np.full(shape, value, dtype)
+        out[tuple(slice(0, d) for d in a.shape)] = a
+        return out
+
+    ops = [pad(q, (p.m, p.k), np.int8, 0), pad(packed, (p.n, p.k_packed), np.uint8, PACKED_ZERO),
+           pad(x_scale, (p.m, 1), np.float32, 1.0)]
+    return tuple(ops if residual is None else ops + [pad(residual, (p.m, p.n), np.float32, 0.0)])
 
 
 def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
@@ -136,9 +140,17 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
 
     knobs = knobs or default_knobs(cfg)
     p = padded(cfg, knobs)
+    sch = s_tir.Schedule(tvm.IRModule({"main": w2a8_compute(p)}))
+    apply(sch, p, knobs)
+    return sch
+
+
+def apply(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
+    """Schedule `sch`, which holds w2a8_compute(cfg) with cfg a multiple of the knobs' tiles, in place:
+    schedule primitives only, so the trace replays on the unscheduled function (the tuning database)."""
+    if padded(cfg, knobs) != cfg:
+        raise ValueError(f"W2A8 {cfg} is not a multiple of the tiles of {knobs}; schedule padded(cfg, knobs)")
     ci.register()
-    func = w2a8_compute(p)
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     acc, deq = sch.get_sblock("acc"), sch.get_sblock("dequant")
     wm, wn = knobs.block_m // knobs.warps_m, knobs.block_n // knobs.warps_n
 
@@ -189,11 +201,16 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
     r0, r1 = sch.split(r, [None, 16])
     c0, c1 = sch.split(c, [None, 16])
     sch.reorder(r0, c0, r1, c1)
+    # accumulators stay in registers only if every index into them is a constant after unrolling; TIR's own
+    # unrolling would leave LowerWarpMemory indices it cannot simplify, so nvcc unrolls (#pragma unroll)
+    for loop in (r0, c0):
+        sch.unroll(loop)
+        sch.annotate(loop, "pragma_unroll_explicit", 0)
 
     sch.decompose_reduction(tile, k0)
     init = sch.get_sblock("acc_init")
     sch.tensorize(sch.split(sch.get_loops(init)[-2], [None, 16])[1], ci.FILL)
-    sch.tensorize(r1, ci.STORE_DEQUANT)
+    sch.tensorize(r1, ci.store_dequant(cfg.epilogue))
     sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.mma_decode(wm // 16))
     sch.tensorize(sch.get_loops(a_w)[-2], ci.LDMATRIX_A)
 
@@ -204,7 +221,6 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
     sch.annotate(k0, "software_pipeline_async_stages", [0])
     sch.annotate(k1, "software_pipeline_stage", [0, 1])
     sch.annotate(k1, "software_pipeline_order", [0, 1])
-    return sch
 
 
 def scheduled_func(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
@@ -236,14 +252,17 @@ def kernel_report(cfg: W2A8Config, spec, knobs: W2A8CudaKnobs | None = None) -> 
 
 def modeled_seconds(cfg: W2A8Config, facts: dict) -> dict:
     """Roofline time of one W2A8 GEMM on a GPU with `facts` (targets/): the larger of int8 tensor-core
-    time at dense peak and DRAM time for compulsory traffic (q, packed weights, x_scale, fp32 out)."""
+    time at dense peak and DRAM time for compulsory traffic (q, packed weights, x_scale, fp32 out, and the
+    fp32 residual read by the "residual" epilogue). The GELU epilogue's ~25 fp32 instructions per output
+    are not counted (on Orin they take less time than that output's 4 bytes of DRAM traffic)."""
     ops = 2 * cfg.m * cfg.n * cfg.k
-    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n
+    mn_tensors = 2 if cfg.epilogue == "residual" else 1  # out (and the residual)
+    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n * mn_tensors
     compute = ops / (facts["peak_int8_tops"] * 1e12)
     memory = nbytes / (facts["dram_bandwidth_gbs"] * 1e9)
     return {"ops": ops, "bytes": nbytes, "compute_s": compute, "memory_s": memory, "seconds": max(compute, memory),
             "bound": "compute" if compute >= memory else "memory"}
 
 
-__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "cuda_source", "default_knobs", "kernel_report",
-           "modeled_seconds", "pad_operands", "padded", "schedule", "scheduled_func"]
+__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "apply", "cuda_source", "default_knobs",
+           "kernel_report", "modeled_seconds", "pad_operands", "padded", "schedule", "scheduled_func"]
