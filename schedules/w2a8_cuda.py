@@ -28,7 +28,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import cuda_intrinsics as ci
-from .w2a8 import KERNEL_ATTR, W2A8Config, w2a8_compute
+from .tuning_spaces import tuning_space
+from .w2a8 import KERNEL_ATTR, W2A8Config, config_of, w2a8_compute
 
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
 
@@ -104,6 +105,71 @@ def default_knobs(cfg: W2A8Config) -> W2A8CudaKnobs:
         except ValueError:
             continue
     return base
+
+
+# The tuning space (tuning_knobs): per dimension the two largest of these warp-tile edges that divide it
+# (mma fragments are 16; the accumulators of a 64x64 tile already take 128 of 255 registers), 1-8 warps,
+# k steps of 32-128 and 2-4 pipeline stages with at least 128 of k in flight. The cp.async vector widths
+# follow from the tiles (W2A8CudaKnobs.q_vector / packed_vector: the widest that fits).
+WARP_TILES = (16, 32, 64)
+WARP_COUNTS = (1, 2, 4)
+BLOCK_KS = (32, 64, 128)
+STAGE_COUNTS = (2, 3, 4)
+MIN_K_IN_FLIGHT = 128
+MAX_TUNING_THREADS = 256
+
+
+def estimated_registers(knobs: W2A8CudaKnobs) -> int:
+    """Registers per thread, estimated: the int32 accumulators (one per 32 of the warp tile), the A fragments
+    of one k step (4 per 16 rows), the decoded B fragment (4) and 48 for addresses and the pipeline (ptxas
+    gives 183-191 for 64x64 warp tiles, estimated 196)."""
+    wm, wn = knobs.block_m // knobs.warps_m, knobs.block_n // knobs.warps_n
+    return wm * wn // 32 + 4 * (wm // 16) + 4 + 48
+
+
+def tuning_knobs(cfg: W2A8Config, facts: dict) -> list[W2A8CudaKnobs]:
+    """Every knob set of the tuning space that computes cfg without padding (tiles divide M, N, K) and fits
+    a CUDA target with `facts` (targets/cuda.py: static shared memory, registers per thread and per SM);
+    default_knobs(cfg) first when it divides cfg, so that tuning starts from what compile builds."""
+    def edges(dim):
+        return [e for e in WARP_TILES if dim % e == 0][-2:]
+
+    found = []
+    for wm, wn, warps_m, warps_n, block_k, stages in itertools.product(edges(cfg.m), edges(cfg.n), WARP_COUNTS,
+                                                                          WARP_COUNTS, BLOCK_KS, STAGE_COUNTS):
+        if warps_m * warps_n * 32 > MAX_TUNING_THREADS or block_k * stages < min(MIN_K_IN_FLIGHT, cfg.k):
+            continue
+        try:
+            knobs = W2A8CudaKnobs(block_m=wm * warps_m, block_n=wn * warps_n, block_k=block_k, warps_m=warps_m,
+                                  warps_n=warps_n, stages=stages)
+        except ValueError:  # no cp.async vector width splits the tiles evenly over the threads
+            continue
+        regs = estimated_registers(knobs)
+        if (padded(cfg, knobs) == cfg and knobs.fits(facts) and regs <= facts["max_registers_per_thread"]
+                and regs * knobs.threads <= facts["registers_per_sm"]):
+            found.append(knobs)
+    default = default_knobs(cfg)
+    return ([default] if padded(cfg, default) == cfg else []) + [k for k in found if k != default]
+
+
+@tuning_space("w2a8", device="cuda")
+def design_spaces(sch, target) -> list:
+    """MetaSchedule design spaces of the W2A8 PrimFunc in `sch` for a CUDA target: one schedule per knob
+    set of tuning_knobs, each fully determined (no sampled decisions: MetaSchedule samples a population by
+    replaying a design space's trace with fresh random decisions, so a knob chosen in Python from a sampled
+    value would not replay). The search therefore picks among these schedules by measurement."""
+    from ..targets.cuda import limits
+
+    cfg = config_of(sch.mod["main"])
+    knobs = tuning_knobs(cfg, limits(str(target.attrs["arch"])))
+    if not knobs:
+        raise ValueError(f"no W2A8 CUDA knob set divides {cfg}; tune the padded kernel (w2a8_cuda.padded)")
+    spaces = []
+    for k in knobs:
+        candidate = sch.copy()
+        apply(candidate, cfg, k)
+        spaces.append(candidate)
+    return spaces
 
 
 def _round_up(v: int, q: int) -> int:
@@ -265,4 +331,5 @@ def modeled_seconds(cfg: W2A8Config, facts: dict) -> dict:
 
 
 __all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "apply", "cuda_source", "default_knobs",
-           "kernel_report", "modeled_seconds", "pad_operands", "padded", "schedule", "scheduled_func"]
+           "design_spaces", "estimated_registers", "kernel_report", "modeled_seconds", "pad_operands", "padded",
+           "schedule", "scheduled_func", "tuning_knobs"]

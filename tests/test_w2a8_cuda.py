@@ -197,3 +197,49 @@ def test_gpu_matches_numpy(m, n, k, epilogue):
     # GELU: the rational erf adds 1e-7 * |x| (see test_padded_compute_matches_numpy)
     np.testing.assert_allclose(out.numpy()[:m, :n], w2a8_numpy(q, packed, xs, ws, k, epilogue, res),
                                rtol=1e-6 if epilogue == "gelu" else 5e-7, atol=1e-6)
+
+
+def test_tuning_knobs_fit_orin():
+    """The tuning space for the paper model's FFN GEMM: every knob set divides the shape (no padding) and fits
+    sm_87's static shared memory, registers and block size; the default schedule comes first."""
+    cfg = W2A8Config(1024, 2048, 512, "gelu")
+    knobs, facts = wc.tuning_knobs(cfg, ORIN.facts), ORIN.facts
+    assert knobs[0] == wc.default_knobs(cfg) and len(set(knobs)) == len(knobs) > 100
+    for k in knobs:
+        assert wc.padded(cfg, k) == cfg and k.shared_bytes() <= facts["static_shared_bytes"] and k.threads <= 256
+        assert wc.estimated_registers(k) * k.threads <= facts["registers_per_sm"]
+    assert {k.stages for k in knobs} == {2, 3, 4} and {k.block_k for k in knobs} == {32, 64, 128}
+    assert {k.block_m // k.warps_m for k in knobs} == {32, 64} and {k.threads for k in knobs} == {32, 64, 128, 256}
+    assert not wc.tuning_knobs(W2A8Config(25, 40, 70), facts)  # unaligned: the GPU build tunes the padded kernel
+
+
+def test_tuning_space_builds_for_orin():
+    """MetaSchedule's design spaces from the registered CUDA space (schedules/tuning_spaces.py): one schedule
+    per knob set with no sampled decision (the search replays traces with fresh decisions), each replaying on
+    the unscheduled kernel and passing the target's postprocessors; three of them built for sm_87 have
+    the tensor-core path in their SASS, no spills and no local memory."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from bmvcc.schedules.tuning_spaces import has_space, space_for
+
+    cfg = W2A8Config(16, 128, 64, "gelu")  # the example model's FFN1
+    target = ORIN.target()
+    mod = tvm.IRModule({"main": w2a8_compute(cfg)})
+    assert has_space("w2a8", target)
+    ctx = ms.TuneContext(mod=mod, target=target, space_generator=space_for("w2a8", target), task_name="w2a8")
+    spaces = ctx.generate_design_space()
+    knobs = wc.tuning_knobs(cfg, ORIN.facts)
+    assert len(spaces) == len(knobs) > 10
+    assert not [i for s in spaces for i in s.trace.insts if i.kind.name.startswith("Sample")]
+    for index in (0, len(spaces) // 2, len(spaces) - 1):
+        # as the search does: replay the trace on the task's module, then the postprocessors
+        sch = tvm.s_tir.Schedule(mod)
+        spaces[index].trace.apply_to_schedule(sch, remove_postproc=True)
+        assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
+        tvm.ir.assert_structural_equal(sch.mod, wc.schedule(cfg, knobs[index]).mod)
+        cubin = tc.compile_cuda(wc.cuda_source(sch.mod["main"], ORIN), "sm_87")
+        (res,), ops = cubin.resources, cubin.opcode_counts()
+        assert ops.get("IMMA.16832.S8.S8", 0) > 0 and any(o.startswith("LDSM") for o in ops), (knobs[index], ops)
+        assert any(o.startswith("LDGSTS") for o in ops), (knobs[index], ops)
+        assert res.spill_stores == res.spill_loads == res.stack_bytes == 0, (knobs[index], res)
+        assert res.shared_bytes == knobs[index].shared_bytes() and res.registers * knobs[index].threads <= 65536
