@@ -159,3 +159,42 @@ def test_cli_inspect_and_report(orin_build, capsys, tmp_path):
     report = json.loads(run(["report", str(orin_build), "--json"]))
     assert report["estimated_total_s"] > 0 and "estimate" in report["note"]
     assert "not a GPU artifact" in cli_error(capsys, ["inspect", str(tmp_path)])
+
+
+def _embedded_cubin(so: bytes) -> bytes:
+    """The one ELF of e_machine EM_CUDA inside a shared library; TVM's serialized import tree (embedded as
+    data) stores it after its u64 length."""
+    found = []
+    for start in (i for i in range(8, len(so)) if so.startswith(b"\x7fELF", i)):
+        if struct.unpack_from("<H", so, start + 18)[0] == EM_CUDA:
+            found.append(so[start: start + struct.unpack_from("<Q", so, start - 8)[0]])
+    assert len(found) == 1, len(found)
+    return found[0]
+
+
+def test_tune_builds_cuda_candidates_as_aarch64_so_with_the_cubin():
+    """`bmvcc tune --target jetson-orin-nano`'s builder (run as MetaSchedule runs it, in its worker pool) turns
+    a candidate, here the default schedule of the W2A8 GELU design space, into an aarch64 .so carrying
+    the sm_87 cubin (the device has only the TVM runtime: no CUDA source, no compiler). Measuring it needs
+    the device over RPC."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from bmvcc.schedules import w2a8_cuda as wc
+    from bmvcc.schedules.w2a8 import W2A8Config
+    from bmvcc.targets import cuda_toolchain, get
+    from bmvcc.tune import _builder
+
+    spec = get("jetson-orin-nano")
+    mod = tvm.IRModule({"main": wc.scheduled_func(W2A8Config(16, 128, 64, "gelu")).with_attr("global_symbol", "main")})
+    (built,) = _builder(spec).build([ms.builder.BuilderInput(mod, spec.target())])
+    assert built.error_msg is None, built.error_msg
+    try:
+        so = open(built.artifact_path, "rb").read()
+    finally:
+        ms.utils.remove_build_dir(built.artifact_path)
+    assert _e_machine(so) == EM_AARCH64 and b"__global__" not in so and b"cubin" in so
+    cubin = cuda_toolchain.Cubin("sm_87", _embedded_cubin(so), ())
+    ops = cubin.opcode_counts()
+    assert ops.get("IMMA.16832.S8.S8", 0) > 0 and any(o.startswith("LDGSTS") for o in ops), ops
+    assert "EF_CUDA_SM87" in cubin.sass()  # the arch in the ELF header flags
