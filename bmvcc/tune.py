@@ -320,6 +320,9 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         raise BmvccError(f"--trials {options.trials} and --per-round {options.per_round} must be at least 1")
     start = time.perf_counter()
     spec = get_target(options.target)
+    if spec.device != "cpu":  # the builder is ready (_export); the rest of the flow is the CPU one
+        raise BmvccError(f"tuning the GPU kernels of '{spec.name}' is not supported yet (tasks, default schedules "
+                         "and compile --db follow the CPU build); tune its CPU with --target aarch64")
     db_dir = Path(db_dir)
     runner, devices = _runner(spec, options)  # fail fast on RPC problems, before minutes of work
     progress(f"loading {source_path}")
