@@ -3,8 +3,9 @@
 `import tvm.s_tir.tensor_intrin.cuda` parses every CUDA intrinsic TVM has (about a minute); this
 module defines only what schedules/w2a8_cuda.py tensorizes, with int64 indices like w2a8_compute:
 
-- LDMATRIX_A: int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's mma_ldmatrix_i8_a.
-- MMA_DECODE (mma_decode(F)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
+- LDMATRIX_A (ldmatrix_a(scope)): int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's
+  mma_ldmatrix_i8_a, from static or dynamic shared memory.
+- MMA_DECODE (mma_decode(F, scope)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
   codes* from shared (uint8 [16, 8]), decoded once in registers straight into the mma.sync B fragment,
   then 2F `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is w2a8_compute's decode expression.
 - FILL: zero a 16x16 int32 accumulator fragment.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-LDMATRIX_A = "bmvcc_ldmatrix_i8_a_16x32"
+LDMATRIX_A = "bmvcc_ldmatrix_i8_a_16x32"  # prefix: one intrinsic per shared scope (ldmatrix_a)
 MMA_DECODE = "bmvcc_mma_i8_ternary_16x16x32"  # prefix: one intrinsic per row-fragment count (mma_decode)
 FILL = "bmvcc_mma_fill_i32_16x16"
 STORE_DEQUANT = "bmvcc_mma_store_dequant_16x16"  # prefix: one intrinsic per epilogue (store_dequant)
@@ -55,37 +56,48 @@ def _decode_word(byte):
     return T.bitwise_xor(spread + T.uint32(0x7F7F7F7F), T.uint32(0x80808080))
 
 
-@T.prim_func(s_tir=True)
-def _ldmatrix_desc(warp_h: T.handle, shared_h: T.handle) -> None:
-    shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope="shared")
-    warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
-    with T.sblock("root"):
-        T.reads(shared[0:16, 0:32])
-        T.writes(warp[0:32, 0:16])
-        for ax0, ax1 in T.grid(_I(16), _I(32)):
-            with T.sblock("shared_warp"):
-                v0, v1 = T.axis.remap("SS", [ax0, ax1])
-                t, e = T.meta_var(ldmatrix_16x32_layout(v0, v1))
-                T.reads(shared[v0, v1])
-                T.writes(warp[t, e])
-                warp[t, e] = shared[v0, v1]
+def ldmatrix_a(scope: str = "shared") -> str:
+    """Register (once) and name LDMATRIX_A reading from shared memory of `scope` ("shared" for static
+    arrays, "shared.dyn" for dynamic shared memory, which may exceed 48 KB per block)."""
+    from tvm.s_tir import TensorIntrin
 
+    name = f"{LDMATRIX_A}_{scope}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
 
-@T.prim_func(s_tir=True)
-def _ldmatrix_impl(warp_h: T.handle, shared_h: T.handle) -> None:
-    s0 = T.int64()
-    s1 = T.int64()
-    shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope="shared",
-                            strides=[s0, s1])
-    warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
-    with T.sblock("root"):
-        T.reads(shared[0:16, 0:32])
-        T.writes(warp[0:32, 0:16])
-        for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
-            # lanes 0-15 address rows 0-15 of the low k half, lanes 16-31 the high half
-            T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", warp.data, warp.elem_offset + _I(16) * tx,
-                                             shared.access_ptr("r"), s0 * (tx % 16) + 16 * (tx // 16),
-                                             dtype="int8"))
+    @T.prim_func(s_tir=True)
+    def desc(warp_h: T.handle, shared_h: T.handle) -> None:
+        shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope=scope)
+        warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
+        with T.sblock("root"):
+            T.reads(shared[0:16, 0:32])
+            T.writes(warp[0:32, 0:16])
+            for ax0, ax1 in T.grid(_I(16), _I(32)):
+                with T.sblock("shared_warp"):
+                    v0, v1 = T.axis.remap("SS", [ax0, ax1])
+                    t, e = T.meta_var(ldmatrix_16x32_layout(v0, v1))
+                    T.reads(shared[v0, v1])
+                    T.writes(warp[t, e])
+                    warp[t, e] = shared[v0, v1]
+
+    @T.prim_func(s_tir=True)
+    def impl(warp_h: T.handle, shared_h: T.handle) -> None:
+        s0 = T.int64()
+        s1 = T.int64()
+        shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope=scope,
+                                strides=[s0, s1])
+        warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
+        with T.sblock("root"):
+            T.reads(shared[0:16, 0:32])
+            T.writes(warp[0:32, 0:16])
+            for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
+                # lanes 0-15 address rows 0-15 of the low k half, lanes 16-31 the high half
+                T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", warp.data, warp.elem_offset + _I(16) * tx,
+                                                 shared.access_ptr("r"), s0 * (tx % 16) + 16 * (tx // 16),
+                                                 dtype="int8"))
+
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
 def _decode(bp, j, k):
@@ -94,7 +106,7 @@ def _decode(bp, j, k):
     return T.Cast("int32", code) - 1
 
 
-def mma_decode(frags: int) -> str:
+def mma_decode(frags: int, scope: str = "shared") -> str:
     """Register (once) and name the intrinsic C[16F,16] += A[16F,32] * T[16,32]^T for F = `frags` row
     fragments: the packed B tile is decoded once and feeds 2F mma.sync (decode cost / F).
 
@@ -102,7 +114,7 @@ def mma_decode(frags: int) -> str:
     the layouts schedules/w2a8_cuda.py gives them."""
     from tvm.s_tir import TensorIntrin
 
-    name = f"{MMA_DECODE}_x{frags}"
+    name = f"{MMA_DECODE}_x{frags}_{scope}"
     if TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     F, M = _I(frags), _I(16 * frags)
@@ -110,7 +122,7 @@ def mma_decode(frags: int) -> str:
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (F, _I(1), _I(32), _I(16)), "int8", align=64, offset_factor=16, scope="warp")
-        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared")
+        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope=scope)
         C = T.match_buffer(c, (F, _I(1), _I(32), _I(8)), "int32", align=64, offset_factor=8, scope="warp")
         with T.sblock("root"):
             T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
@@ -132,7 +144,7 @@ def mma_decode(frags: int) -> str:
         c0, c1, c2, c3 = T.int64(), T.int64(), T.int64(), T.int64()
         A = T.match_buffer(a, (F, _I(1), _I(32), _I(16)), "int8", align=64, offset_factor=16, scope="warp",
                            strides=[a0, a1, a2, a3])
-        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared", strides=[b0, b1])
+        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope=scope, strides=[b0, b1])
         C = T.match_buffer(c, (F, _I(1), _I(32), _I(8)), "int32", align=64, offset_factor=8, scope="warp",
                            strides=[c0, c1, c2, c3])
         with T.sblock("root"):
@@ -271,9 +283,7 @@ def store_dequant(epilogue: str) -> str:
 
 
 def register() -> None:
-    """Register the fixed-size intrinsics with TVM (idempotent); mma_decode and store_dequant register
-    per variant."""
+    """Register FILL with TVM (idempotent); the other intrinsics register per variant when named."""
     from tvm.s_tir import TensorIntrin
 
-    for name, desc, impl in ((LDMATRIX_A, _ldmatrix_desc, _ldmatrix_impl), (FILL, _fill_desc, _fill_impl)):
-        TensorIntrin.register(name, desc, impl, override=True)
+    TensorIntrin.register(FILL, _fill_desc, _fill_impl, override=True)

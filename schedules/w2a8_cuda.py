@@ -12,6 +12,8 @@ Schedules schedules/w2a8.py's `w2a8_compute` unchanged (every step is an s_tir.S
         (read from global memory) per the config, from the registers to global memory in one store.
 
 Weights cross global and shared memory at 2 bits each; they are never expanded to int8 in memory.
+Tiles of up to 48 KB live in static __shared__ arrays; larger ones (tuning candidates, up to the 163 KB
+per block sm_87 allows) in dynamic shared memory, whose limit TVM's CUDA runtime raises at launch.
 
 Shapes: the tiles need M % BM == N % BN == K % BK == 0. `default_knobs` shrinks the tiles until they
 divide the shape (ViT shapes need no padding); otherwise the kernel is `w2a8_compute(padded(cfg, knobs))`
@@ -27,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..targets.cuda import STATIC_SHARED_BYTES
 from . import cuda_intrinsics as ci
 from .tuning_spaces import tuning_space
 from .w2a8 import KERNEL_ATTR, W2A8Config, config_of, w2a8_compute
@@ -72,8 +75,8 @@ class W2A8CudaKnobs:
         return self._vector(self.block_n * self.block_k // 4, self.block_k // 4)
 
     def fits(self, facts: dict) -> bool:
-        """Within a CUDA target's static shared memory and block size (targets/cuda.py facts)."""
-        return self.shared_bytes() <= facts["static_shared_bytes"] and self.threads <= 1024
+        """Within a CUDA target's shared memory per block (opt-in) and block size (targets/cuda.py facts)."""
+        return self.shared_bytes() <= facts["max_shared_bytes_per_block"] and self.threads <= 1024
 
     def shared_bytes(self) -> int:
         """Shared memory per block: `stages` copies of the q tile (rows padded by 16 B) and packed tile."""
@@ -129,7 +132,8 @@ def estimated_registers(knobs: W2A8CudaKnobs) -> int:
 
 def tuning_knobs(cfg: W2A8Config, facts: dict) -> list[W2A8CudaKnobs]:
     """Every knob set of the tuning space that computes cfg without padding (tiles divide M, N, K) and fits
-    a CUDA target with `facts` (targets/cuda.py: static shared memory, registers per thread and per SM);
+    a CUDA target with `facts` (targets/cuda.py: shared memory per block with opt-in, registers per thread
+    and per SM);
     default_knobs(cfg) first when it divides cfg, so that tuning starts from what compile builds."""
     def edges(dim):
         return [e for e in WARP_TILES if dim % e == 0][-2:]
@@ -241,8 +245,11 @@ def apply(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
     sch.set_scope(tile, 0, "warp")
     sch.reverse_compute_at(deq, warp)
 
+    # above ptxas's 48 KB of static __shared__ arrays, dynamic shared memory (TVM's runtime opts in at launch)
+    scope = "shared.dyn" if knobs.shared_bytes() > STATIC_SHARED_BYTES else "shared"
+
     def to_shared(idx, vec):
-        blk = sch.cache_read(tile, idx, "shared")
+        blk = sch.cache_read(tile, idx, scope)
         sch.compute_at(blk, k0)
         _, ty, tx, v = sch.split(sch.fuse(*sch.get_loops(blk)[-2:]), [None, knobs.warps_m * knobs.warps_n, 32, vec])
         sch.bind(ty, "threadIdx.y")
@@ -277,8 +284,8 @@ def apply(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
     init = sch.get_sblock("acc_init")
     sch.tensorize(sch.split(sch.get_loops(init)[-2], [None, 16])[1], ci.FILL)
     sch.tensorize(r1, ci.store_dequant(cfg.epilogue))
-    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.mma_decode(wm // 16))
-    sch.tensorize(sch.get_loops(a_w)[-2], ci.LDMATRIX_A)
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.mma_decode(wm // 16, scope))
+    sch.tensorize(sch.get_loops(a_w)[-2], ci.ldmatrix_a(scope))
 
     # pipeline: k0 runs [q fill, packed fill, (k1 prologue, body, epilogue)]; fills are async
     last = knobs.stages - 1

@@ -103,9 +103,10 @@ def test_schedule_derives_from_contract(epilogue):
                                        (W2A8Config(1024, 512, 2048, "residual"), wc.DEFAULT),
                                        (W2A8Config(8, 512, 100), wc.SMALL_M),
                                        (W2A8Config(8, 512, 100, "residual"), wc.SMALL_M),
-                                       (W2A8Config(16, 48, 32), wc.default_knobs(W2A8Config(16, 48, 32)))],
+                                       (W2A8Config(16, 48, 32), wc.default_knobs(W2A8Config(16, 48, 32))),
+                                       (W2A8Config(1024, 2048, 512, "residual"), wc.W2A8CudaKnobs(256, 128, 64, 4, 2, 3))],
                          ids=["ffn1-1024x2048x512", "ffn1-gelu", "ffn2-residual-1024x512x2048", "small-m-8x512x100",
-                              "small-m-residual", "tiny-16x48x32-one-warp"])
+                              "small-m-residual", "tiny-16x48x32-one-warp", "dynamic-smem-66KB-8-warps"])
 def test_sass_static(cfg, knobs):
     """ptxas output for Jetson Orin Nano (sm_87): tensor-core IMMA, ldmatrix (LDSM), cp.async (LDGSTS),
     no spills and no local memory (the fused GELU / residual epilogue keeps the accumulators in registers),
@@ -119,7 +120,11 @@ def test_sass_static(cfg, knobs):
     assert not any(o.startswith(("STL", "LDL")) for o in ops), ops  # no local memory at all
     assert res.registers <= facts["max_registers_per_thread"]
     assert res.registers * knobs.threads <= facts["registers_per_sm"]
-    assert res.shared_bytes == knobs.shared_bytes() <= facts["static_shared_bytes"]
+    assert knobs.shared_bytes() <= facts["max_shared_bytes_per_block"]
+    # up to 48 KB static __shared__ arrays (ptxas counts them); above, dynamic shared memory (TVM's CUDA
+    # runtime raises the kernel's limit at launch), which ptxas does not count
+    static = knobs.shared_bytes() <= facts["static_shared_bytes"]
+    assert res.shared_bytes == (knobs.shared_bytes() if static else 0)
     # B reaches registers as packed bytes (1 byte = 4 weights), never as an int8 tile
     assert ops.get("LDS.U8", 0) > 0
     # one store per output element, as in the plain kernel: the epilogue does not write and re-read out
@@ -151,7 +156,9 @@ def test_knobs_validated():
     with pytest.raises(ValueError, match="cp.async vector per thread"):
         wc.W2A8CudaKnobs(block_m=32, block_n=16, block_k=32, warps_m=2, warps_n=1)  # 128 B for 64 threads
     assert wc.DEFAULT.fits(ORIN.facts) and wc.SMALL_M.fits(ORIN.facts)
-    assert not wc.W2A8CudaKnobs(block_m=256, block_k=128, warps_m=4, stages=4).fits(ORIN.facts)  # 160 KB
+    big = wc.W2A8CudaKnobs(block_m=256, block_k=128, warps_m=4, stages=4)  # 160 KB: sm_87's opt-in is 163 KB
+    assert big.fits(ORIN.facts) and not big.fits(targets.get("cuda-sm86").facts)  # sm_86: 99 KB
+    assert not wc.W2A8CudaKnobs(block_m=256, block_n=256, block_k=128, warps_m=4, warps_n=2, stages=4).fits(ORIN.facts)
 
 
 def test_modeled_time_orin_nano():
@@ -201,14 +208,15 @@ def test_gpu_matches_numpy(m, n, k, epilogue):
 
 def test_tuning_knobs_fit_orin():
     """The tuning space for the paper model's FFN GEMM: every knob set divides the shape (no padding) and fits
-    sm_87's static shared memory, registers and block size; the default schedule comes first."""
+    sm_87's shared memory (163 KB opt-in), registers and block size; the default schedule comes first."""
     cfg = W2A8Config(1024, 2048, 512, "gelu")
     knobs, facts = wc.tuning_knobs(cfg, ORIN.facts), ORIN.facts
     assert knobs[0] == wc.default_knobs(cfg) and len(set(knobs)) == len(knobs) > 100
     for k in knobs:
-        assert wc.padded(cfg, k) == cfg and k.shared_bytes() <= facts["static_shared_bytes"] and k.threads <= 256
+        assert wc.padded(cfg, k) == cfg and k.shared_bytes() <= facts["max_shared_bytes_per_block"] and k.threads <= 256
         assert wc.estimated_registers(k) * k.threads <= facts["registers_per_sm"]
     assert {k.stages for k in knobs} == {2, 3, 4} and {k.block_k for k in knobs} == {32, 64, 128}
+    assert max(k.shared_bytes() for k in knobs) > facts["static_shared_bytes"]  # dynamic shared memory
     assert {k.block_m // k.warps_m for k in knobs} == {32, 64} and {k.threads for k in knobs} == {32, 64, 128, 256}
     assert not wc.tuning_knobs(W2A8Config(25, 40, 70), facts)  # unaligned: the GPU build tunes the padded kernel
 
@@ -242,4 +250,4 @@ def test_tuning_space_builds_for_orin():
         assert ops.get("IMMA.16832.S8.S8", 0) > 0 and any(o.startswith("LDSM") for o in ops), (knobs[index], ops)
         assert any(o.startswith("LDGSTS") for o in ops), (knobs[index], ops)
         assert res.spill_stores == res.spill_loads == res.stack_bytes == 0, (knobs[index], res)
-        assert res.shared_bytes == knobs[index].shared_bytes() and res.registers * knobs[index].threads <= 65536
+        assert res.registers * knobs[index].threads <= 65536
