@@ -113,7 +113,7 @@ def rewrite_w2a8_calls(mod, kernel_for):
 def lower(mod, spec):
     """tvm.compile's CUDA Relax pipeline (relax.backend.cuda), run here in two halves to record the
     kernel calls after fusion (before DLight's schedules, which keep the names): returns (module for tvm.compile(relax_pipeline=None),
-    {PrimFunc name: kernel_stats}). Call under PASS_CONFIG."""
+    {PrimFunc name: kernel_stats} of the kernels the lowered main launches). Call under PASS_CONFIG."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
