@@ -4,7 +4,8 @@ exported .so that carries compiled device code (a cubin), not CUDA source.
 1. `schedule_kernels`: each W2A8 call_tir gets schedules/w2a8_cuda.py's tensor-core kernel. When a
    GEMM shape is not a multiple of the kernel's tiles, the call is rewritten to pad its operands
    (q with 0, packed weights with 0x55 = four zero weights, x_scale with 1, residual with 0), call the
-   kernel on the padded shape and slice the output back: the padding contributes exactly 0.
+   kernel on the padded shape and slice the output back: the padding contributes exactly 0. The
+   kernel's epilogue applies GELU / adds the residual before its single store.
    norm_quant gets schedules/norm_quant_cuda.py. Both are marked tirx.is_scheduled; everything else
    (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands, passes/fp16_matmuls.py)
    is left to tvm.compile's CUDA pipeline (LegalizeOps, FuseOps, FuseTIR, DLight Matmul/GEMV/Reduction/
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import replace
 from pathlib import Path
 
 from .errors import BmvccError
@@ -55,23 +55,24 @@ def schedule_kernels(mod, spec):
             mod[gv] = schedule_norm_quant_cuda(func)
             table[gv.name_hint] = {"kernel": "norm_quant"}
 
-    def tensor_core(core):
-        knobs = w2a8_cuda.default_knobs(core)
-        p = w2a8_cuda.padded(core, knobs)
-        return p, w2a8_cuda.scheduled_func(core, knobs), {"kernel": "w2a8", "config": vars(core),
-                                                          "padded": vars(p), "knobs": vars(knobs)}
+    def tensor_core(cfg):
+        knobs = w2a8_cuda.default_knobs(cfg)
+        p = w2a8_cuda.padded(cfg, knobs)
+        return p, w2a8_cuda.scheduled_func(cfg, knobs), {"kernel": "w2a8", "config": vars(cfg),
+                                                         "padded": vars(p), "knobs": vars(knobs)}
 
     mod, w2a8_table = rewrite_w2a8_calls(mod, tensor_core)
     return mod, {**table, **w2a8_table}
 
 
 def rewrite_w2a8_calls(mod, kernel_for):
-    """Every call of a W2A8 PrimFunc -> a call of kernel_for(cfg without epilogue) = (padded cfg,
-    PrimFunc of it, table entry), with operands padded and the output sliced when the padded shape
-    differs, then the GELU / residual epilogue as Relax ops. Returns (mod, {new PrimFunc: entry})."""
+    """Every call of a W2A8 PrimFunc -> a call of kernel_for(cfg) = (padded cfg, PrimFunc of it, table
+    entry), with operands padded and the output sliced when the padded shape differs. The kernel applies
+    the epilogue (GELU, + residual) itself. Returns (mod, {new PrimFunc: entry})."""
     import tvm
     from tvm import relax
 
+    from .schedules.w2a8 import config_of
     from .schedules.w2a8_cuda import PACKED_ZERO
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
@@ -84,26 +85,23 @@ def rewrite_w2a8_calls(mod, kernel_for):
             call = super().visit_call_(call)
             if not call.op.same_as(call_tir) or _kind(mod[call.args[0]]) != "w2a8":
                 return call
-            cfg = _w2a8_config(mod[call.args[0]])
-            core = replace(cfg, epilogue="none")  # the tensor-core kernel's epilogue stores only
-            if core not in added:
-                p, func, entry = kernel_for(core)
-                gv = self.builder_.add_func(func, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}")
-                added[core], table[gv.name_hint] = (p, gv), entry
-            p, gv = added[core]
-            args = list(call.args[1].fields)
+            cfg = config_of(mod[call.args[0]])
+            if cfg not in added:
+                p, func, entry = kernel_for(cfg)
+                suffix = "" if cfg.epilogue == "none" else f"_{cfg.epilogue}"
+                gv = self.builder_.add_func(func, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}{suffix}")
+                added[cfg], table[gv.name_hint] = (p, gv), entry
+            p, gv = added[cfg]
+            # (rows, cols, value) of padding per operand: q, packed, x_scale, w_scale (none), residual
             pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, PACKED_ZERO),
-                    (p.m - cfg.m, 0, 1.0)]
+                    (p.m - cfg.m, 0, 1.0), (0, 0, None), (p.m - cfg.m, p.n - cfg.n, 0.0)]
             kernel_args = [self.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
-                           if rows or cols else a for a, (rows, cols, value) in zip(args, pads)] + [args[3]]
+                           if rows or cols else a for a, (rows, cols, value) in zip(call.args[1].fields, pads)]
             out = relax.call_tir(gv, kernel_args, relax.TensorType((p.m, p.n), "float32"))
-            if p != core:
-                out = relax.op.strided_slice(self.builder_.emit(out), axes=[0, 1], begin=[0, 0],
-                                             end=[cfg.m, cfg.n], assume_inbound=True)
-            if cfg.epilogue == "none":
+            if p == cfg:
                 return out
-            out = self.builder_.emit(out)  # GELU / residual as float ops after the kernel (DLight)
-            return relax.op.nn.gelu(out) if cfg.epilogue == "gelu" else relax.op.add(args[4], out)
+            return relax.op.strided_slice(self.builder_.emit(out), axes=[0, 1], begin=[0, 0], end=[cfg.m, cfg.n],
+                                          assume_inbound=True)
 
     mutator = _W2A8(mod)
     main = mutator.visit_expr(mod["main"])
@@ -116,7 +114,7 @@ def rewrite_w2a8_calls(mod, kernel_for):
 def lower(mod, spec):
     """tvm.compile's CUDA Relax pipeline (relax.backend.cuda), run here in two halves to record the
     kernel calls after fusion (before DLight's schedules, which keep the names): returns (module for tvm.compile(relax_pipeline=None),
-    {PrimFunc name: kernel_stats}). Call under PASS_CONFIG."""
+    {PrimFunc name: kernel_stats} of the kernels the lowered main launches). Call under PASS_CONFIG."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
@@ -130,7 +128,27 @@ def lower(mod, spec):
         with dlight_wmma():  # DLight's fp16 tensor-core rule without TVM's minute-long intrinsic import
             mod = tvm.transform.Sequential(legalize[-1:] + cuda.dataflow_lower_passes(target)
                                            + cuda.finalize_passes(target))(mod)
-    return mod, calls
+    launched = _launched(mod)  # reshape kernels became views (vm.builtin.reshape) in between: no launch
+    return mod, {name: stats for name, stats in calls.items() if name in launched}
+
+
+def _launched(mod) -> set:
+    """Names of the PrimFuncs the lowered main calls."""
+    import tvm
+    from tvm import relax, tirx
+
+    names = set()
+
+    @relax.expr_functor.visitor
+    class _Calls(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            if isinstance(call.op, tvm.ir.GlobalVar) and isinstance(mod[call.op], tirx.PrimFunc):
+                names.add(call.op.name_hint)
+            for arg in call.args:
+                self.visit_expr(arg)
+
+    _Calls().visit_expr(mod["main"])
+    return names
 
 
 def kernel_calls(mod) -> dict:
@@ -169,28 +187,6 @@ def kernel_calls(mod) -> dict:
 
     _Calls().visit_expr(mod["main"])
     return stats
-
-
-def _w2a8_config(func):
-    """W2A8Config of a w2a8_compute PrimFunc: the shapes from its "acc" block, the epilogue as the
-    variant of w2a8_compute it is structurally equal to."""
-    import tvm
-    from tvm import s_tir
-
-    from .schedules.w2a8 import EPILOGUES, W2A8Config, w2a8_compute
-
-    sch = s_tir.Schedule(func)
-    reads = sch.get(sch.get_sblock("acc")).reads
-    m, k = (int(v) for v in reads[0].source.shape)
-    n = int(reads[1].source.shape[0])
-    for epilogue in EPILOGUES:
-        cfg = W2A8Config(m=m, n=n, k=k, epilogue=epilogue)
-        try:
-            tvm.ir.assert_structural_equal(func.body, w2a8_compute(cfg).body, map_free_vars=True)
-            return cfg
-        except (ValueError, AssertionError):
-            continue
-    raise BmvccError(f"W2A8 PrimFunc ({m}x{n}x{k}) is not a w2a8_compute variant; this is a bmvcc bug")
 
 
 def compile_device(executable, arch: str):

@@ -1,15 +1,16 @@
-"""The four tensor intrinsics the W2A8 CUDA schedule uses, registered on first use.
+"""The tensor intrinsics the W2A8 CUDA schedule uses, registered on first use.
 
 `import tvm.s_tir.tensor_intrin.cuda` parses every CUDA intrinsic TVM has (about a minute); this
 module defines only what schedules/w2a8_cuda.py tensorizes, with int64 indices like w2a8_compute:
 
-- LDMATRIX_A: int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's mma_ldmatrix_i8_a.
-- MMA_DECODE (mma_decode(F)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
+- LDMATRIX_A (ldmatrix_a(scope)): int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's
+  mma_ldmatrix_i8_a, from static or dynamic shared memory.
+- MMA_DECODE (mma_decode(F, scope)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
   codes* from shared (uint8 [16, 8]), decoded once in registers straight into the mma.sync B fragment,
   then 2F `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is w2a8_compute's decode expression.
 - FILL: zero a 16x16 int32 accumulator fragment.
-- STORE_DEQUANT: out[16,16] = float(C) * w_scale / x_scale[row], the dequantizing epilogue written from
-  the accumulator fragment to global memory.
+- STORE_DEQUANT (store_dequant(epilogue)): out[16,16] = epilogue(float(C) * w_scale / x_scale[row]), the
+  dequantizing epilogue (none, GELU, + residual) written from the accumulator fragment to global memory.
 
 Fragment layouts (PTX ISA, mma.m16n8k32 .s8): thread t of the warp holds A rows t/4 and t/4+8, bytes
 4*(t%4).. of each 16-wide k half; B (k x n, "col") bytes k = 4*(t%4)+0..3 (+16 for the second
@@ -20,10 +21,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-LDMATRIX_A = "bmvcc_ldmatrix_i8_a_16x32"
+LDMATRIX_A = "bmvcc_ldmatrix_i8_a_16x32"  # prefix: one intrinsic per shared scope (ldmatrix_a)
 MMA_DECODE = "bmvcc_mma_i8_ternary_16x16x32"  # prefix: one intrinsic per row-fragment count (mma_decode)
 FILL = "bmvcc_mma_fill_i32_16x16"
-STORE_DEQUANT = "bmvcc_mma_store_dequant_16x16"
+STORE_DEQUANT = "bmvcc_mma_store_dequant_16x16"  # prefix: one intrinsic per epilogue (store_dequant)
 
 _I = T.int64
 
@@ -55,37 +56,48 @@ def _decode_word(byte):
     return T.bitwise_xor(spread + T.uint32(0x7F7F7F7F), T.uint32(0x80808080))
 
 
-@T.prim_func(s_tir=True)
-def _ldmatrix_desc(warp_h: T.handle, shared_h: T.handle) -> None:
-    shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope="shared")
-    warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
-    with T.sblock("root"):
-        T.reads(shared[0:16, 0:32])
-        T.writes(warp[0:32, 0:16])
-        for ax0, ax1 in T.grid(_I(16), _I(32)):
-            with T.sblock("shared_warp"):
-                v0, v1 = T.axis.remap("SS", [ax0, ax1])
-                t, e = T.meta_var(ldmatrix_16x32_layout(v0, v1))
-                T.reads(shared[v0, v1])
-                T.writes(warp[t, e])
-                warp[t, e] = shared[v0, v1]
+def ldmatrix_a(scope: str = "shared") -> str:
+    """Register (once) and name LDMATRIX_A reading from shared memory of `scope` ("shared" for static
+    arrays, "shared.dyn" for dynamic shared memory, which may exceed 48 KB per block)."""
+    from tvm.s_tir import TensorIntrin
 
+    name = f"{LDMATRIX_A}_{scope}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
 
-@T.prim_func(s_tir=True)
-def _ldmatrix_impl(warp_h: T.handle, shared_h: T.handle) -> None:
-    s0 = T.int64()
-    s1 = T.int64()
-    shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope="shared",
-                            strides=[s0, s1])
-    warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
-    with T.sblock("root"):
-        T.reads(shared[0:16, 0:32])
-        T.writes(warp[0:32, 0:16])
-        for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
-            # lanes 0-15 address rows 0-15 of the low k half, lanes 16-31 the high half
-            T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", warp.data, warp.elem_offset + _I(16) * tx,
-                                             shared.access_ptr("r"), s0 * (tx % 16) + 16 * (tx // 16),
-                                             dtype="int8"))
+    @T.prim_func(s_tir=True)
+    def desc(warp_h: T.handle, shared_h: T.handle) -> None:
+        shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope=scope)
+        warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
+        with T.sblock("root"):
+            T.reads(shared[0:16, 0:32])
+            T.writes(warp[0:32, 0:16])
+            for ax0, ax1 in T.grid(_I(16), _I(32)):
+                with T.sblock("shared_warp"):
+                    v0, v1 = T.axis.remap("SS", [ax0, ax1])
+                    t, e = T.meta_var(ldmatrix_16x32_layout(v0, v1))
+                    T.reads(shared[v0, v1])
+                    T.writes(warp[t, e])
+                    warp[t, e] = shared[v0, v1]
+
+    @T.prim_func(s_tir=True)
+    def impl(warp_h: T.handle, shared_h: T.handle) -> None:
+        s0 = T.int64()
+        s1 = T.int64()
+        shared = T.match_buffer(shared_h, (_I(16), _I(32)), "int8", align=64, offset_factor=32, scope=scope,
+                                strides=[s0, s1])
+        warp = T.match_buffer(warp_h, (_I(32), _I(16)), "int8", align=64, offset_factor=32, scope="warp")
+        with T.sblock("root"):
+            T.reads(shared[0:16, 0:32])
+            T.writes(warp[0:32, 0:16])
+            for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
+                # lanes 0-15 address rows 0-15 of the low k half, lanes 16-31 the high half
+                T.evaluate(T.ptx_legacy.ldmatrix(False, 4, ".b16", warp.data, warp.elem_offset + _I(16) * tx,
+                                                 shared.access_ptr("r"), s0 * (tx % 16) + 16 * (tx // 16),
+                                                 dtype="int8"))
+
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
 def _decode(bp, j, k):
@@ -94,7 +106,7 @@ def _decode(bp, j, k):
     return T.Cast("int32", code) - 1
 
 
-def mma_decode(frags: int) -> str:
+def mma_decode(frags: int, scope: str = "shared") -> str:
     """Register (once) and name the intrinsic C[16F,16] += A[16F,32] * T[16,32]^T for F = `frags` row
     fragments: the packed B tile is decoded once and feeds 2F mma.sync (decode cost / F).
 
@@ -102,7 +114,7 @@ def mma_decode(frags: int) -> str:
     the layouts schedules/w2a8_cuda.py gives them."""
     from tvm.s_tir import TensorIntrin
 
-    name = f"{MMA_DECODE}_x{frags}"
+    name = f"{MMA_DECODE}_x{frags}_{scope}"
     if TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     F, M = _I(frags), _I(16 * frags)
@@ -110,7 +122,7 @@ def mma_decode(frags: int) -> str:
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (F, _I(1), _I(32), _I(16)), "int8", align=64, offset_factor=16, scope="warp")
-        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared")
+        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope=scope)
         C = T.match_buffer(c, (F, _I(1), _I(32), _I(8)), "int32", align=64, offset_factor=8, scope="warp")
         with T.sblock("root"):
             T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
@@ -132,7 +144,7 @@ def mma_decode(frags: int) -> str:
         c0, c1, c2, c3 = T.int64(), T.int64(), T.int64(), T.int64()
         A = T.match_buffer(a, (F, _I(1), _I(32), _I(16)), "int8", align=64, offset_factor=16, scope="warp",
                            strides=[a0, a1, a2, a3])
-        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope="shared", strides=[b0, b1])
+        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope=scope, strides=[b0, b1])
         C = T.match_buffer(c, (F, _I(1), _I(32), _I(8)), "int32", align=64, offset_factor=8, scope="warp",
                            strides=[c0, c1, c2, c3])
         with T.sblock("root"):
@@ -183,51 +195,95 @@ def _fill_impl(c: T.handle) -> None:
             T.evaluate(T.cuda.mma_fill_legacy(8, C.data, C.elem_offset, dtype="int32"))
 
 
-@T.prim_func(s_tir=True)
-def _store_desc(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> None:
-    C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp")
-    out = T.match_buffer(o, (_I(16), _I(16)), "float32")
-    xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32")
-    ws = T.match_buffer(ws_h, (_I(1),), "float32")
-    with T.sblock("root"):
-        T.reads(C[0:32, 0:8], ws[0:1], xs[0:16, 0:1])
-        T.writes(out[0:16, 0:16])
-        for i0, i1 in T.grid(_I(16), _I(16)):
-            with T.sblock("store"):
-                i, j = T.axis.remap("SS", [i0, i1])
-                t, e = T.meta_var(accum_16x16_layout(i, j))
-                T.reads(C[t, e], ws[0], xs[i, 0])
-                T.writes(out[i, j])
-                out[i, j] = T.Cast("float32", C[t, e]) * ws[_I(0)] / xs[i, _I(0)]
+def store_dequant(epilogue: str) -> str:
+    """Register (once) and name the intrinsic out[16,16] = epilogue(float(C) * w_scale / x_scale[row]),
+    the dequantizing epilogue written from the accumulator fragment to global memory. The epilogue is
+    schedules/w2a8.py's `apply_epilogue`: GELU in registers, or + residual[16,16] read from global."""
+    from tvm.s_tir import TensorIntrin
 
+    from .w2a8 import apply_epilogue
 
-@T.prim_func(s_tir=True)
-def _store_impl(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> None:
-    so0 = T.int64()
-    so1 = T.int64()
-    sx0 = T.int64()
-    sx1 = T.int64()
-    C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp", offset_factor=1)
-    out = T.match_buffer(o, (_I(16), _I(16)), "float32", offset_factor=1, strides=[so0, so1])
-    xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32", offset_factor=1, strides=[sx0, sx1])
-    ws = T.match_buffer(ws_h, (_I(1),), "float32", offset_factor=1)
-    with T.sblock("root"):
-        T.reads(C[0:32, 0:8], ws[0:1], xs[0:16, 0:1])
-        T.writes(out[0:16, 0:16])
-        for tx in T.thread_binding(32, "threadIdx.x"):
-            # elements 2h + c (+4 for the second n8 half) of this thread share row tx/4 + 8h: one
-            # division per row, (acc * w_scale) / x_scale becomes acc * (w_scale / x_scale), 1 ulp apart
-            for h in T.unroll(2):
-                scale = T.meta_var(ws[0] / xs[tx // 4 + 8 * h, 0])
-                for n8, c in T.grid(2, 2):
-                    acc = T.meta_var(T.Cast("float32", C[tx, 4 * n8 + 2 * h + c]))
-                    out[tx // 4 + 8 * h, 8 * n8 + 2 * (tx % 4) + c] = acc * scale
+    name = f"{STORE_DEQUANT}_{epilogue}"
+    if TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+
+    def reads(C, xs, ws, res):  # in the order the epilogue expression loads them
+        return ([] if res is None else [res[0:16, 0:16]]) + [C[0:32, 0:8], ws[0:1], xs[0:16, 0:1]]
+
+    @T.macro
+    def desc_body(C, out, xs, ws, res):
+        with T.sblock("root"):
+            T.reads(reads(C, xs, ws, res))
+            T.writes(out[0:16, 0:16])
+            for i0, i1 in T.grid(_I(16), _I(16)):
+                with T.sblock("store"):
+                    i, j = T.axis.remap("SS", [i0, i1])
+                    t, e = T.meta_var(accum_16x16_layout(i, j))
+                    out[i, j] = apply_epilogue(epilogue, T.Cast("float32", C[t, e]) * ws[_I(0)] / xs[i, _I(0)],
+                                               res, i, j)
+
+    @T.macro
+    def impl_body(C, out, xs, ws, res):
+        with T.sblock("root"):
+            T.reads(reads(C, xs, ws, res))
+            T.writes(out[0:16, 0:16])
+            for tx in T.thread_binding(32, "threadIdx.x"):
+                # elements 2h + c (+4 for the second n8 half) of this thread share row tx/4 + 8h: one
+                # division per row, (acc * w_scale) / x_scale becomes acc * (w_scale / x_scale), 1 ulp apart
+                for h in T.unroll(2):
+                    scale = T.meta_var(ws[0] / xs[tx // 4 + 8 * h, 0])
+                    for n8 in T.unroll(2):
+                        for c in T.unroll(2):
+                            row, col = T.meta_var((tx // 4 + 8 * h, 8 * n8 + 2 * (tx % 4) + c))
+                            acc = T.meta_var(T.Cast("float32", C[tx, 4 * n8 + 2 * h + c]))
+                            out[row, col] = apply_epilogue(epilogue, acc * scale, res, row, col)
+
+    if epilogue != "residual":
+
+        @T.prim_func(s_tir=True)
+        def desc(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> None:
+            C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp")
+            out = T.match_buffer(o, (_I(16), _I(16)), "float32")
+            xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32")
+            ws = T.match_buffer(ws_h, (_I(1),), "float32")
+            desc_body(C, out, xs, ws, None)
+
+        @T.prim_func(s_tir=True)
+        def impl(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> None:
+            so0, so1, sx0, sx1 = T.int64(), T.int64(), T.int64(), T.int64()
+            C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp", offset_factor=1)
+            out = T.match_buffer(o, (_I(16), _I(16)), "float32", offset_factor=1, strides=[so0, so1])
+            xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32", offset_factor=1, strides=[sx0, sx1])
+            ws = T.match_buffer(ws_h, (_I(1),), "float32", offset_factor=1)
+            impl_body(C, out, xs, ws, None)
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def desc(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle, r: T.handle) -> None:
+            C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp")
+            out = T.match_buffer(o, (_I(16), _I(16)), "float32")
+            xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32")
+            ws = T.match_buffer(ws_h, (_I(1),), "float32")
+            res = T.match_buffer(r, (_I(16), _I(16)), "float32")
+            desc_body(C, out, xs, ws, res)
+
+        @T.prim_func(s_tir=True)
+        def impl(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle, r: T.handle) -> None:
+            so0, so1, sx0, sx1, sr0, sr1 = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            C = T.match_buffer(c, (_I(32), _I(8)), "int32", scope="warp", offset_factor=1)
+            out = T.match_buffer(o, (_I(16), _I(16)), "float32", offset_factor=1, strides=[so0, so1])
+            xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32", offset_factor=1, strides=[sx0, sx1])
+            ws = T.match_buffer(ws_h, (_I(1),), "float32", offset_factor=1)
+            res = T.match_buffer(r, (_I(16), _I(16)), "float32", offset_factor=1, strides=[sr0, sr1])
+            impl_body(C, out, xs, ws, res)
+
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
 def register() -> None:
-    """Register the fixed-size intrinsics with TVM (idempotent); mma_decode registers per size."""
+    """Register FILL with TVM (idempotent); the other intrinsics register per variant when named."""
     from tvm.s_tir import TensorIntrin
 
-    for name, desc, impl in ((LDMATRIX_A, _ldmatrix_desc, _ldmatrix_impl), (FILL, _fill_desc, _fill_impl),
-                             (STORE_DEQUANT, _store_desc, _store_impl)):
-        TensorIntrin.register(name, desc, impl, override=True)
+    TensorIntrin.register(FILL, _fill_desc, _fill_impl, override=True)

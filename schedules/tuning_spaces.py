@@ -24,7 +24,7 @@ import importlib
 from typing import Callable
 
 _SPACES: dict[tuple[str, str], Callable] = {}
-_SPACE_MODULES: tuple[str, ...] = ()  # modules of this package that register spaces, e.g. ("w2a8_cpu",)
+_SPACE_MODULES: tuple[str, ...] = ("w2a8_cuda",)  # modules of this package that register spaces
 
 
 def tuning_space(kernel: str, device: str = "cpu"):

@@ -90,6 +90,19 @@ def _fast_erf(T, x):
     return x * p / q
 
 
+def apply_epilogue(epilogue: str, v, res, vi, vj):
+    """The "dequant" block's value from the dequantized accumulator v (a TIR expression) at [vi, vj]:
+    erf GELU spelled as Relax legalizes nn.gelu, or res[vi, vj] + v. Schedules' tensor intrinsics
+    build their descriptions with it, so they match the block structurally."""
+    from tvm.script import tirx as T
+
+    if epilogue == "gelu":
+        return v * (T.float32(0.5) + _fast_erf(T, v * T.float32(0.7071067811865476)) * T.float32(0.5))
+    if epilogue == "residual":
+        return res[vi, vj] + v
+    return v
+
+
 def w2a8_compute(cfg: W2A8Config):
     """Unscheduled TIR PrimFunc (q, packed, x_scale, w_scale[, residual]) -> out float32[M, N].
 
@@ -108,13 +121,6 @@ def w2a8_compute(cfg: W2A8Config):
         code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", (vk % T.int64(4)) * T.int64(2))), T.uint8(3))
         return T.Cast("int32", code) - 1
 
-    def epilogue(v, res, vi, vj):  # v = the dequantized float accumulator
-        if cfg.epilogue == "gelu":  # erf GELU, spelled as Relax legalizes nn.gelu
-            return v * (T.float32(0.5) + _fast_erf(T, v * T.float32(0.7071067811865476)) * T.float32(0.5))
-        if cfg.epilogue == "residual":
-            return res[vi, vj] + v
-        return v
-
     @T.macro
     def body(q, wp, xs, ws, res, out):
         acc = T.sblock_alloc_buffer((M, N), "int32")
@@ -127,7 +133,8 @@ def w2a8_compute(cfg: W2A8Config):
         for i, j in T.grid(M, N):
             with T.sblock("dequant"):
                 vi, vj = T.axis.remap("SS", [i, j])
-                out[vi, vj] = epilogue(T.Cast("float32", acc[vi, vj]) * ws[T.int64(0)] / xs[vi, T.int64(0)], res, vi, vj)
+                out[vi, vj] = apply_epilogue(cfg.epilogue, T.Cast("float32", acc[vi, vj]) * ws[T.int64(0)]
+                                             / xs[vi, T.int64(0)], res, vi, vj)
 
     if cfg.epilogue not in EPILOGUES:
         raise ValueError(f"unknown W2A8 epilogue {cfg.epilogue!r}; use one of {EPILOGUES}")
@@ -150,3 +157,25 @@ def w2a8_compute(cfg: W2A8Config):
         body(q, wp, xs, ws, res, out)
 
     return w2a8_residual
+
+
+def config_of(func) -> W2A8Config:
+    """W2A8Config of a w2a8_compute PrimFunc: the shapes from its "acc" block, the epilogue as the
+    variant of w2a8_compute it is structurally equal to."""
+    import tvm
+    from tvm import s_tir
+
+    from ..errors import BmvccError
+
+    sch = s_tir.Schedule(func)
+    reads = sch.get(sch.get_sblock("acc")).reads
+    m, k = (int(v) for v in reads[0].source.shape)
+    n = int(reads[1].source.shape[0])
+    for epilogue in EPILOGUES:
+        cfg = W2A8Config(m=m, n=n, k=k, epilogue=epilogue)
+        try:
+            tvm.ir.assert_structural_equal(func.body, w2a8_compute(cfg).body, map_free_vars=True)
+            return cfg
+        except (ValueError, AssertionError):
+            continue
+    raise BmvccError(f"W2A8 PrimFunc ({m}x{n}x{k}) is not a w2a8_compute variant; this is a bmvcc bug")

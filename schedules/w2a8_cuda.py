@@ -8,14 +8,17 @@ Schedules schedules/w2a8.py's `w2a8_compute` unchanged (every step is an s_tir.S
     shared packed --LDS.U8 + ~6 integer ops per byte--> B fragment decoded in registers, once per
         16-column strip and k step, feeding all of the warp's row fragments (cuda_intrinsics.mma_decode)
     mma.sync.m16n8k32.s8.s8.s32 -> int32 accumulators (registers)
-    epilogue: out = float(acc) * (w_scale / x_scale[row]), from the registers to global memory.
+    epilogue: out = float(acc) * (w_scale / x_scale[row]), then GELU (in registers) or + residual[row, col]
+        (read from global memory) per the config, from the registers to global memory in one store.
 
 Weights cross global and shared memory at 2 bits each; they are never expanded to int8 in memory.
+Tiles of up to 48 KB live in static __shared__ arrays; larger ones (tuning candidates, up to the 163 KB
+per block sm_87 allows) in dynamic shared memory, whose limit TVM's CUDA runtime raises at launch.
 
 Shapes: the tiles need M % BM == N % BN == K % BK == 0. `default_knobs` shrinks the tiles until they
 divide the shape (ViT shapes need no padding); otherwise the kernel is `w2a8_compute(padded(cfg, knobs))`
-and the caller pads (q with 0, packed with code 1 = weight 0, x_scale with 1) and slices the output:
-`padded` and `pad_operands` define it. The epilogue reads accumulators through LowerWarpMemory, which
+and the caller pads (q with 0, packed with code 1 = weight 0, x_scale with 1, residual with 0) and slices
+the output: `padded` and `pad_operands` define it. The epilogue reads accumulators through LowerWarpMemory, which
 emits one SHFL (to the own lane) per element.
 """
 
@@ -26,8 +29,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..targets.cuda import STATIC_SHARED_BYTES
 from . import cuda_intrinsics as ci
-from .w2a8 import KERNEL_ATTR, W2A8Config, w2a8_compute
+from .tuning_spaces import tuning_space
+from .w2a8 import KERNEL_ATTR, W2A8Config, config_of, w2a8_compute
 
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
 
@@ -70,8 +75,8 @@ class W2A8CudaKnobs:
         return self._vector(self.block_n * self.block_k // 4, self.block_k // 4)
 
     def fits(self, facts: dict) -> bool:
-        """Within a CUDA target's static shared memory and block size (targets/cuda.py facts)."""
-        return self.shared_bytes() <= facts["static_shared_bytes"] and self.threads <= 1024
+        """Within a CUDA target's shared memory per block (opt-in) and block size (targets/cuda.py facts)."""
+        return self.shared_bytes() <= facts["max_shared_bytes_per_block"] and self.threads <= 1024
 
     def shared_bytes(self) -> int:
         """Shared memory per block: `stages` copies of the q tile (rows padded by 16 B) and packed tile."""
@@ -105,6 +110,72 @@ def default_knobs(cfg: W2A8Config) -> W2A8CudaKnobs:
     return base
 
 
+# The tuning space (tuning_knobs): per dimension the two largest of these warp-tile edges that divide it
+# (mma fragments are 16; the accumulators of a 64x64 tile already take 128 of 255 registers), 1-8 warps,
+# k steps of 32-128 and 2-4 pipeline stages with at least 128 of k in flight. The cp.async vector widths
+# follow from the tiles (W2A8CudaKnobs.q_vector / packed_vector: the widest that fits).
+WARP_TILES = (16, 32, 64)
+WARP_COUNTS = (1, 2, 4)
+BLOCK_KS = (32, 64, 128)
+STAGE_COUNTS = (2, 3, 4)
+MIN_K_IN_FLIGHT = 128
+MAX_TUNING_THREADS = 256
+
+
+def estimated_registers(knobs: W2A8CudaKnobs) -> int:
+    """Registers per thread, estimated: the int32 accumulators (one per 32 of the warp tile), the A fragments
+    of one k step (4 per 16 rows), the decoded B fragment (4) and 48 for addresses and the pipeline (ptxas
+    gives 183-191 for 64x64 warp tiles, estimated 196)."""
+    wm, wn = knobs.block_m // knobs.warps_m, knobs.block_n // knobs.warps_n
+    return wm * wn // 32 + 4 * (wm // 16) + 4 + 48
+
+
+def tuning_knobs(cfg: W2A8Config, facts: dict) -> list[W2A8CudaKnobs]:
+    """Every knob set of the tuning space that computes cfg without padding (tiles divide M, N, K) and fits
+    a CUDA target with `facts` (targets/cuda.py: shared memory per block with opt-in, registers per thread
+    and per SM);
+    default_knobs(cfg) first when it divides cfg, so that tuning starts from what compile builds."""
+    def edges(dim):
+        return [e for e in WARP_TILES if dim % e == 0][-2:]
+
+    found = []
+    for wm, wn, warps_m, warps_n, block_k, stages in itertools.product(edges(cfg.m), edges(cfg.n), WARP_COUNTS,
+                                                                          WARP_COUNTS, BLOCK_KS, STAGE_COUNTS):
+        if warps_m * warps_n * 32 > MAX_TUNING_THREADS or block_k * stages < min(MIN_K_IN_FLIGHT, cfg.k):
+            continue
+        try:
+            knobs = W2A8CudaKnobs(block_m=wm * warps_m, block_n=wn * warps_n, block_k=block_k, warps_m=warps_m,
+                                  warps_n=warps_n, stages=stages)
+        except ValueError:  # no cp.async vector width splits the tiles evenly over the threads
+            continue
+        regs = estimated_registers(knobs)
+        if (padded(cfg, knobs) == cfg and knobs.fits(facts) and regs <= facts["max_registers_per_thread"]
+                and regs * knobs.threads <= facts["registers_per_sm"]):
+            found.append(knobs)
+    default = default_knobs(cfg)
+    return ([default] if padded(cfg, default) == cfg else []) + [k for k in found if k != default]
+
+
+@tuning_space("w2a8", device="cuda")
+def design_spaces(sch, target) -> list:
+    """MetaSchedule design spaces of the W2A8 PrimFunc in `sch` for a CUDA target: one schedule per knob
+    set of tuning_knobs, each fully determined (no sampled decisions: MetaSchedule samples a population by
+    replaying a design space's trace with fresh random decisions, so a knob chosen in Python from a sampled
+    value would not replay). The search therefore picks among these schedules by measurement."""
+    from ..targets.cuda import limits
+
+    cfg = config_of(sch.mod["main"])
+    knobs = tuning_knobs(cfg, limits(str(target.attrs["arch"])))
+    if not knobs:
+        raise ValueError(f"no W2A8 CUDA knob set divides {cfg}; tune the padded kernel (w2a8_cuda.padded)")
+    spaces = []
+    for k in knobs:
+        candidate = sch.copy()
+        apply(candidate, cfg, k)
+        spaces.append(candidate)
+    return spaces
+
+
 def _round_up(v: int, q: int) -> int:
     return -(-v // q) * q
 
@@ -115,16 +186,19 @@ def padded(cfg: W2A8Config, knobs: W2A8CudaKnobs) -> W2A8Config:
                    k=_round_up(cfg.k, knobs.block_k))
 
 
-def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale):
-    """numpy operands of cfg -> operands of padded(cfg): padding rows/columns contribute 0."""
+def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale, residual=None):
+    """numpy operands of cfg -> operands of padded(cfg): padding rows/columns contribute 0 (the residual,
+    given for the "residual" epilogue, is padded with 0 and comes last)."""
     p = padded(cfg, knobs)
-    qp = np.zeros((p.m, p.k), np.int8)
-    qp[: cfg.m, : cfg.k] = q
-    wp = np.full((p.n, p.k_packed), PACKED_ZERO, np.uint8)
-    wp[: cfg.n, : cfg.k_packed] = packed
-    xp = np.ones((p.m, 1), np.float32)
-    xp[: cfg.m] = x_scale
-    return qp, wp, xp
+
+    def pad(a, shape, dtype, value):
+        out = np.full(shape, value, dtype)
+        out[tuple(slice(0, d) for d in a.shape)] = a
+        return out
+
+    ops = [pad(q, (p.m, p.k), np.int8, 0), pad(packed, (p.n, p.k_packed), np.uint8, PACKED_ZERO),
+           pad(x_scale, (p.m, 1), np.float32, 1.0)]
+    return tuple(ops if residual is None else ops + [pad(residual, (p.m, p.n), np.float32, 0.0)])
 
 
 def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
@@ -136,9 +210,17 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
 
     knobs = knobs or default_knobs(cfg)
     p = padded(cfg, knobs)
+    sch = s_tir.Schedule(tvm.IRModule({"main": w2a8_compute(p)}))
+    apply(sch, p, knobs)
+    return sch
+
+
+def apply(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
+    """Schedule `sch`, which holds w2a8_compute(cfg) with cfg a multiple of the knobs' tiles, in place:
+    schedule primitives only, so the trace replays on the unscheduled function (the tuning database)."""
+    if padded(cfg, knobs) != cfg:
+        raise ValueError(f"W2A8 {cfg} is not a multiple of the tiles of {knobs}; schedule padded(cfg, knobs)")
     ci.register()
-    func = w2a8_compute(p)
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     acc, deq = sch.get_sblock("acc"), sch.get_sblock("dequant")
     wm, wn = knobs.block_m // knobs.warps_m, knobs.block_n // knobs.warps_n
 
@@ -163,8 +245,11 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
     sch.set_scope(tile, 0, "warp")
     sch.reverse_compute_at(deq, warp)
 
+    # above ptxas's 48 KB of static __shared__ arrays, dynamic shared memory (TVM's runtime opts in at launch)
+    scope = "shared.dyn" if knobs.shared_bytes() > STATIC_SHARED_BYTES else "shared"
+
     def to_shared(idx, vec):
-        blk = sch.cache_read(tile, idx, "shared")
+        blk = sch.cache_read(tile, idx, scope)
         sch.compute_at(blk, k0)
         _, ty, tx, v = sch.split(sch.fuse(*sch.get_loops(blk)[-2:]), [None, knobs.warps_m * knobs.warps_n, 32, vec])
         sch.bind(ty, "threadIdx.y")
@@ -189,13 +274,18 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
     r0, r1 = sch.split(r, [None, 16])
     c0, c1 = sch.split(c, [None, 16])
     sch.reorder(r0, c0, r1, c1)
+    # accumulators stay in registers only if every index into them is a constant after unrolling; TIR's own
+    # unrolling would leave LowerWarpMemory indices it cannot simplify, so nvcc unrolls (#pragma unroll)
+    for loop in (r0, c0):
+        sch.unroll(loop)
+        sch.annotate(loop, "pragma_unroll_explicit", 0)
 
     sch.decompose_reduction(tile, k0)
     init = sch.get_sblock("acc_init")
     sch.tensorize(sch.split(sch.get_loops(init)[-2], [None, 16])[1], ci.FILL)
-    sch.tensorize(r1, ci.STORE_DEQUANT)
-    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.mma_decode(wm // 16))
-    sch.tensorize(sch.get_loops(a_w)[-2], ci.LDMATRIX_A)
+    sch.tensorize(r1, ci.store_dequant(cfg.epilogue))
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.mma_decode(wm // 16, scope))
+    sch.tensorize(sch.get_loops(a_w)[-2], ci.ldmatrix_a(scope))
 
     # pipeline: k0 runs [q fill, packed fill, (k1 prologue, body, epilogue)]; fills are async
     last = knobs.stages - 1
@@ -204,7 +294,6 @@ def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
     sch.annotate(k0, "software_pipeline_async_stages", [0])
     sch.annotate(k1, "software_pipeline_stage", [0, 1])
     sch.annotate(k1, "software_pipeline_order", [0, 1])
-    return sch
 
 
 def scheduled_func(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
@@ -236,14 +325,18 @@ def kernel_report(cfg: W2A8Config, spec, knobs: W2A8CudaKnobs | None = None) -> 
 
 def modeled_seconds(cfg: W2A8Config, facts: dict) -> dict:
     """Roofline time of one W2A8 GEMM on a GPU with `facts` (targets/): the larger of int8 tensor-core
-    time at dense peak and DRAM time for compulsory traffic (q, packed weights, x_scale, fp32 out)."""
+    time at dense peak and DRAM time for compulsory traffic (q, packed weights, x_scale, fp32 out, and the
+    fp32 residual read by the "residual" epilogue). The GELU epilogue's ~25 fp32 instructions per output
+    are not counted (on Orin they take less time than that output's 4 bytes of DRAM traffic)."""
     ops = 2 * cfg.m * cfg.n * cfg.k
-    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n
+    mn_tensors = 2 if cfg.epilogue == "residual" else 1  # out (and the residual)
+    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n * mn_tensors
     compute = ops / (facts["peak_int8_tops"] * 1e12)
     memory = nbytes / (facts["dram_bandwidth_gbs"] * 1e9)
     return {"ops": ops, "bytes": nbytes, "compute_s": compute, "memory_s": memory, "seconds": max(compute, memory),
             "bound": "compute" if compute >= memory else "memory"}
 
 
-__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "cuda_source", "default_knobs", "kernel_report",
-           "modeled_seconds", "pad_operands", "padded", "schedule", "scheduled_func"]
+__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "apply", "cuda_source", "default_knobs",
+           "design_spaces", "estimated_registers", "kernel_report", "modeled_seconds", "pad_operands", "padded",
+           "schedule", "scheduled_func", "tuning_knobs"]

@@ -51,6 +51,26 @@ def test_sass_has_tensor_core_w2a8_and_norm_quant(orin_build):
     assert all(r["spill_stores"] == 0 for r in info["resources"].values())
 
 
+def test_epilogues_run_inside_the_w2a8_kernels(orin_build):
+    """small_config's GELUs and residual adds run in the W2A8 kernels' epilogues: no GELU or residual-add
+    kernel is launched, and the recorded launches are the lowered module's (reshapes are views, not kernels)."""
+    import re
+
+    info = json.loads((orin_build / gpu_build.DEVICE_INFO).read_text())
+    calls, kernels = info["calls"], info["bmvcc_kernels"]
+    epilogues = {}
+    for name, k in kernels.items():
+        if k["kernel"] == "w2a8":
+            epilogues[k["config"]["epilogue"]] = epilogues.get(k["config"]["epilogue"], 0) + calls[name]["calls"]
+    assert epilogues == {"none": 2, "gelu": 2, "residual": 4}  # per block: Wqkv; FFN1; attention out, FFN2
+    assert not [n for n in calls if "gelu" in n and n not in kernels]
+    # adds left: matmul biases, the attention scale/mask (divide_add) and the one position-embedding add
+    adds = {n: c["calls"] for n, c in calls.items() if re.search(r"(^|_)add\d*(_|$)", n)
+            and "matmul" not in n and "divide" not in n}
+    assert list(adds.values()) == [1], adds
+    assert not [n for n in calls if re.fullmatch(r"reshape\d*", n)]
+
+
 def test_embed_cubin_rewrites_only_the_cuda_record():
     source, cubin = "__global__ void k() {}", b"\x7fELF-cubin"
     fmap = struct.pack("<Q", 1) + b"fmap-bytes"
@@ -84,9 +104,9 @@ def test_report_totals_and_w2a8_model(orin_build):
 
 
 def test_w2a8_call_rewrite_matches_pytorch_on_the_host():
-    """The GPU build's Relax structure around each W2A8 call (operands padded to the tile-aligned
-    shape, the output sliced, GELU / residual applied after the kernel), with the reference compute
-    of the same padded shape in place of the tensor-core kernel, compiled for and run on the host.
+    """The GPU build's Relax structure around each W2A8 call (operands, the residual included, padded to
+    the tile-aligned shape, the output sliced; GELU / residual inside the kernel), with the reference
+    compute of the same padded shape in place of the tensor-core kernel, compiled for and run on the host.
     dim 40 (K, N not multiples of 32) and 25 tokens (M not a multiple of 16) force padding on every
     axis. Tolerance 2e-3 as in test_passes_model.py (an int8 code at a .5 tie may round the other way)."""
     import numpy as np
@@ -116,6 +136,8 @@ def test_w2a8_call_rewrite_matches_pytorch_on_the_host():
     mod, weights, _ = run_pipeline(to_relax(Source(model, (1, 35, 35), 10, None, cfg), 1), None)
     mod, table = gpu_build.rewrite_w2a8_calls(mod, reference_kernel)
     assert any(e["padded"]["k"] != 40 for e in table.values()) and any(e["padded"]["m"] != 25 for e in table.values())
+    assert {e["padded"]["epilogue"] for e in table.values()} == {"none", "gelu", "residual"}
+    assert "R.nn.gelu" not in mod["main"].script()  # applied by the kernels
     target = targets.get("host").target()
     vm = relax.VirtualMachine(tvm.compile(schedule_cpu_module(mod, target), target=target), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x), *weights)
@@ -137,3 +159,42 @@ def test_cli_inspect_and_report(orin_build, capsys, tmp_path):
     report = json.loads(run(["report", str(orin_build), "--json"]))
     assert report["estimated_total_s"] > 0 and "estimate" in report["note"]
     assert "not a GPU artifact" in cli_error(capsys, ["inspect", str(tmp_path)])
+
+
+def _embedded_cubin(so: bytes) -> bytes:
+    """The one ELF of e_machine EM_CUDA inside a shared library; TVM's serialized import tree (embedded as
+    data) stores it after its u64 length."""
+    found = []
+    for start in (i for i in range(8, len(so)) if so.startswith(b"\x7fELF", i)):
+        if struct.unpack_from("<H", so, start + 18)[0] == EM_CUDA:
+            found.append(so[start: start + struct.unpack_from("<Q", so, start - 8)[0]])
+    assert len(found) == 1, len(found)
+    return found[0]
+
+
+def test_tune_builds_cuda_candidates_as_aarch64_so_with_the_cubin():
+    """`bmvcc tune --target jetson-orin-nano`'s builder (run as MetaSchedule runs it, in its worker pool) turns
+    a candidate, here the default schedule of the W2A8 GELU design space, into an aarch64 .so carrying
+    the sm_87 cubin (the device has only the TVM runtime: no CUDA source, no compiler). Measuring it needs
+    the device over RPC."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from bmvcc.schedules import w2a8_cuda as wc
+    from bmvcc.schedules.w2a8 import W2A8Config
+    from bmvcc.targets import cuda_toolchain, get
+    from bmvcc.tune import _builder
+
+    spec = get("jetson-orin-nano")
+    mod = tvm.IRModule({"main": wc.scheduled_func(W2A8Config(16, 128, 64, "gelu")).with_attr("global_symbol", "main")})
+    (built,) = _builder(spec).build([ms.builder.BuilderInput(mod, spec.target())])
+    assert built.error_msg is None, built.error_msg
+    try:
+        so = open(built.artifact_path, "rb").read()
+    finally:
+        ms.utils.remove_build_dir(built.artifact_path)
+    assert _e_machine(so) == EM_AARCH64 and b"__global__" not in so and b"cubin" in so
+    cubin = cuda_toolchain.Cubin("sm_87", _embedded_cubin(so), ())
+    ops = cubin.opcode_counts()
+    assert ops.get("IMMA.16832.S8.S8", 0) > 0 and any(o.startswith("LDGSTS") for o in ops), ops
+    assert "EF_CUDA_SM87" in cubin.sass()  # the arch in the ELF header flags

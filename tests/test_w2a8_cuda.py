@@ -3,6 +3,8 @@ same definition, and static checks of the SASS ptxas produces (no GPU needed; GP
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import tvm
@@ -31,19 +33,22 @@ def _run_cpu(func, *arrays, out_shape):
     return args[-1].numpy()
 
 
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
 @pytest.mark.parametrize("m,n,k", [(16, 128, 64), (5, 24, 70)])
-def test_padded_compute_matches_numpy(m, n, k):
-    """The definition the GPU kernel computes: w2a8_compute on the tile-padded operands, sliced back,
-    equals numpy's W2A8 on the original ones (K = 70: neither a multiple of 32 nor of 4)."""
-    cfg = W2A8Config(m, n, k)
+def test_padded_compute_matches_numpy(m, n, k, epilogue):
+    """The definition the GPU kernel computes: w2a8_compute on the tile-padded operands (the residual padded
+    with 0), sliced back, equals numpy's W2A8 on the original ones (K = 70: neither a multiple of 32 nor of 4)."""
+    cfg = W2A8Config(m, n, k, epilogue)
     knobs = wc.default_knobs(cfg)
     p = wc.padded(cfg, knobs)
     q, packed, xs, ws = _operands(cfg)
-    qp, wp, xp = wc.pad_operands(cfg, knobs, q, packed, xs)
+    res = np.random.default_rng(3).normal(0.0, 4.0, (m, n)).astype(np.float32) if epilogue == "residual" else None
+    qp, wp, xp, *rp = wc.pad_operands(cfg, knobs, q, packed, xs, res)
     assert (unpack_ternary(wp, p.k)[cfg.n:] == 0).all() and (unpack_ternary(wp, p.k)[:, cfg.k:] == 0).all()
-    got = _run_cpu(w2a8_compute(p), qp, wp, xp, np.array([ws], np.float32), out_shape=(p.m, p.n))[:m, :n]
-    # acc is exact in both; the float epilogue is the same two fp32 roundings: 1e-6 relative
-    np.testing.assert_allclose(got, w2a8_numpy(q, packed, xs, ws, k), rtol=1e-6, atol=1e-6)
+    got = _run_cpu(w2a8_compute(p), qp, wp, xp, np.array([ws], np.float32), *rp, out_shape=(p.m, p.n))[:m, :n]
+    # acc is exact in both; the dequantization is the same two fp32 roundings (1e-6 relative); GELU's
+    # rational erf is within 2e-7 of math.erf, i.e. 1e-7 * |x| on GELU(x), plus a few fp32 roundings
+    np.testing.assert_allclose(got, w2a8_numpy(q, packed, xs, ws, k, epilogue, res), rtol=1e-6, atol=1e-6)
 
 
 def test_register_decode_matches_unpack():
@@ -73,36 +78,39 @@ def _run_u32(func):
     return w.numpy()
 
 
-@pytest.fixture(scope="module")
-def ffn_schedule():
-    return wc.schedule(W2A8Config(1024, 2048, 512))
-
-
-def test_schedule_derives_from_contract(ffn_schedule):
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
+def test_schedule_derives_from_contract(epilogue):
     """Replaying the schedule's trace on a fresh w2a8_compute gives the same scheduled function: every step
     is a schedule primitive on the contract's definition, and the interface is unchanged."""
     from tvm import s_tir
 
-    cfg = W2A8Config(1024, 2048, 512)
+    cfg = W2A8Config(1024, 2048, 512, epilogue)
+    sch = wc.schedule(cfg)
     fresh = s_tir.Schedule(tvm.IRModule({"main": w2a8_compute(cfg)}))
-    ffn_schedule.trace.apply_to_schedule(fresh, remove_postproc=False)
-    tvm.ir.assert_structural_equal(fresh.mod, ffn_schedule.mod)
-    scheduled, contract = ffn_schedule.mod["main"], w2a8_compute(cfg)
+    sch.trace.apply_to_schedule(fresh, remove_postproc=False)
+    tvm.ir.assert_structural_equal(fresh.mod, sch.mod)
+    scheduled, contract = sch.mod["main"], w2a8_compute(cfg)
     assert [str(p.name) for p in scheduled.params] == [str(p.name) for p in contract.params]
     for p_s, p_c in zip(scheduled.params, contract.params):
         assert (p_s.ty.dtype, [int(x) for x in p_s.ty.shape]) == (p_c.ty.dtype, [int(x) for x in p_c.ty.shape])
     assert scheduled.attrs[wc.KERNEL_ATTR] == "w2a8"
-    names = [inst.kind.name for inst in ffn_schedule.trace.insts]
+    names = [inst.kind.name for inst in sch.trace.insts]
     assert names.count("Tensorize") == 4 and "Blockize" in names
 
 
 @pytest.mark.parametrize("cfg,knobs", [(W2A8Config(1024, 2048, 512), wc.DEFAULT),
+                                       (W2A8Config(1024, 2048, 512, "gelu"), wc.DEFAULT),
+                                       (W2A8Config(1024, 512, 2048, "residual"), wc.DEFAULT),
                                        (W2A8Config(8, 512, 100), wc.SMALL_M),
-                                       (W2A8Config(16, 48, 32), wc.default_knobs(W2A8Config(16, 48, 32)))],
-                         ids=["ffn1-1024x2048x512", "small-m-8x512x100", "tiny-16x48x32-one-warp"])
+                                       (W2A8Config(8, 512, 100, "residual"), wc.SMALL_M),
+                                       (W2A8Config(16, 48, 32), wc.default_knobs(W2A8Config(16, 48, 32))),
+                                       (W2A8Config(1024, 2048, 512, "residual"), wc.W2A8CudaKnobs(256, 128, 64, 4, 2, 3))],
+                         ids=["ffn1-1024x2048x512", "ffn1-gelu", "ffn2-residual-1024x512x2048", "small-m-8x512x100",
+                              "small-m-residual", "tiny-16x48x32-one-warp", "dynamic-smem-66KB-8-warps"])
 def test_sass_static(cfg, knobs):
     """ptxas output for Jetson Orin Nano (sm_87): tensor-core IMMA, ldmatrix (LDSM), cp.async (LDGSTS),
-    no spills, registers and shared memory within sm_87 limits."""
+    no spills and no local memory (the fused GELU / residual epilogue keeps the accumulators in registers),
+    registers and shared memory within sm_87 limits."""
     report = wc.kernel_report(cfg, ORIN, knobs)
     res, ops, facts = report["resources"], report["sass"], ORIN.facts
     assert ops.get("IMMA.16832.S8.S8", 0) > 0, ops
@@ -112,9 +120,20 @@ def test_sass_static(cfg, knobs):
     assert not any(o.startswith(("STL", "LDL")) for o in ops), ops  # no local memory at all
     assert res.registers <= facts["max_registers_per_thread"]
     assert res.registers * knobs.threads <= facts["registers_per_sm"]
-    assert res.shared_bytes == knobs.shared_bytes() <= facts["static_shared_bytes"]
+    assert knobs.shared_bytes() <= facts["max_shared_bytes_per_block"]
+    # up to 48 KB static __shared__ arrays (ptxas counts them); above, dynamic shared memory (TVM's CUDA
+    # runtime raises the kernel's limit at launch), which ptxas does not count
+    static = knobs.shared_bytes() <= facts["static_shared_bytes"]
+    assert res.shared_bytes == (knobs.shared_bytes() if static else 0)
     # B reaches registers as packed bytes (1 byte = 4 weights), never as an int8 tile
     assert ops.get("LDS.U8", 0) > 0
+    # one store per output element, as in the plain kernel: the epilogue does not write and re-read out
+    plain = wc.kernel_report(replace(cfg, epilogue="none"), ORIN, knobs)["sass"] if cfg.epilogue != "none" else ops
+    assert ops["STG.E"] == plain["STG.E"]
+    if cfg.epilogue == "gelu":  # the rational erf's division, in registers
+        assert ops.get("MUFU.RCP", 0) > plain.get("MUFU.RCP", 0)
+    if cfg.epilogue == "residual":  # the residual is read from global memory (once per element)
+        assert ops.get("LDG.E.CONSTANT", 0) >= plain.get("LDG.E.CONSTANT", 0) + ops["STG.E"]
 
 
 def test_toolchain_missing_package_is_a_bmvcc_error(monkeypatch):
@@ -137,7 +156,9 @@ def test_knobs_validated():
     with pytest.raises(ValueError, match="cp.async vector per thread"):
         wc.W2A8CudaKnobs(block_m=32, block_n=16, block_k=32, warps_m=2, warps_n=1)  # 128 B for 64 threads
     assert wc.DEFAULT.fits(ORIN.facts) and wc.SMALL_M.fits(ORIN.facts)
-    assert not wc.W2A8CudaKnobs(block_m=256, block_k=128, warps_m=4, stages=4).fits(ORIN.facts)  # 160 KB
+    big = wc.W2A8CudaKnobs(block_m=256, block_k=128, warps_m=4, stages=4)  # 160 KB: sm_87's opt-in is 163 KB
+    assert big.fits(ORIN.facts) and not big.fits(targets.get("cuda-sm86").facts)  # sm_86: 99 KB
+    assert not wc.W2A8CudaKnobs(block_m=256, block_n=256, block_k=128, warps_m=4, warps_n=2, stages=4).fits(ORIN.facts)
 
 
 def test_modeled_time_orin_nano():
@@ -146,6 +167,9 @@ def test_modeled_time_orin_nano():
     # 2.15 GOP at 20.48 dense TOPS = 105 us; 10 MB of traffic at 68 GB/s = 148 us: memory bound (fp32 out)
     assert t["bound"] == "memory" and t["seconds"] == pytest.approx(t["bytes"] / 68e9)
     assert t["compute_s"] == pytest.approx(2 * 1024 * 2048 * 512 / 20.48e12)
+    # the residual epilogue reads one more fp32 [M, N] tensor
+    r = wc.modeled_seconds(W2A8Config(1024, 2048, 512, "residual"), facts)
+    assert r["bytes"] - t["bytes"] == 4 * 1024 * 2048
 
 
 def _cuda_available():
@@ -157,22 +181,73 @@ def _cuda_available():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
 @pytest.mark.parametrize("m,n,k", [(256, 256, 128), (5, 40, 70)])
-def test_gpu_matches_numpy(m, n, k):
-    """On a CUDA GPU (sm_80+): the scheduled kernel on padded operands equals numpy (exact int32
+def test_gpu_matches_numpy(m, n, k, epilogue):
+    """On a CUDA GPU (sm_80+): the scheduled kernel (each epilogue) on padded operands equals numpy (exact int32
     accumulation; the epilogue's acc * (w_scale / x_scale) is within 2 fp32 ulp of (acc * w_scale) / x_scale)."""
-    cfg = W2A8Config(m, n, k)
+    cfg = W2A8Config(m, n, k, epilogue)
     knobs = wc.default_knobs(cfg)
     p = wc.padded(cfg, knobs)
     q, packed, xs, ws = _operands(cfg, seed=1)
-    qp, wp, xp = wc.pad_operands(cfg, knobs, q, packed, xs)
+    res = np.random.default_rng(3).normal(0.0, 4.0, (m, n)).astype(np.float32) if epilogue == "residual" else None
+    operands = wc.pad_operands(cfg, knobs, q, packed, xs, res)
     dev = tvm.cuda(0)
     arch = "sm_" + dev.compute_version.replace(".", "")
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
     mod = tvm.IRModule({"main": wc.scheduled_func(cfg, knobs).with_attr("global_symbol", "main")})
     with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
         lib = tvm.compile(mod, target=target)
-    args = [tvm.runtime.tensor(a, dev) for a in (qp, wp, xp, np.array([ws], np.float32))]
+    args = [tvm.runtime.tensor(a, dev) for a in (*operands[:3], np.array([ws], np.float32), *operands[3:])]
     out = tvm.runtime.empty((p.m, p.n), "float32", dev)
     lib["main"](*args, out)
-    np.testing.assert_allclose(out.numpy()[:m, :n], w2a8_numpy(q, packed, xs, ws, k), rtol=5e-7, atol=1e-6)
+    # GELU: the rational erf adds 1e-7 * |x| (see test_padded_compute_matches_numpy)
+    np.testing.assert_allclose(out.numpy()[:m, :n], w2a8_numpy(q, packed, xs, ws, k, epilogue, res),
+                               rtol=1e-6 if epilogue == "gelu" else 5e-7, atol=1e-6)
+
+
+def test_tuning_knobs_fit_orin():
+    """The tuning space for the paper model's FFN GEMM: every knob set divides the shape (no padding) and fits
+    sm_87's shared memory (163 KB opt-in), registers and block size; the default schedule comes first."""
+    cfg = W2A8Config(1024, 2048, 512, "gelu")
+    knobs, facts = wc.tuning_knobs(cfg, ORIN.facts), ORIN.facts
+    assert knobs[0] == wc.default_knobs(cfg) and len(set(knobs)) == len(knobs) > 100
+    for k in knobs:
+        assert wc.padded(cfg, k) == cfg and k.shared_bytes() <= facts["max_shared_bytes_per_block"] and k.threads <= 256
+        assert wc.estimated_registers(k) * k.threads <= facts["registers_per_sm"]
+    assert {k.stages for k in knobs} == {2, 3, 4} and {k.block_k for k in knobs} == {32, 64, 128}
+    assert max(k.shared_bytes() for k in knobs) > facts["static_shared_bytes"]  # dynamic shared memory
+    assert {k.block_m // k.warps_m for k in knobs} == {32, 64} and {k.threads for k in knobs} == {32, 64, 128, 256}
+    assert not wc.tuning_knobs(W2A8Config(25, 40, 70), facts)  # unaligned: the GPU build tunes the padded kernel
+
+
+def test_tuning_space_builds_for_orin():
+    """MetaSchedule's design spaces from the registered CUDA space (schedules/tuning_spaces.py): one schedule
+    per knob set with no sampled decision (the search replays traces with fresh decisions), each replaying on
+    the unscheduled kernel and passing the target's postprocessors; three of them built for sm_87 have
+    the tensor-core path in their SASS, no spills and no local memory."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from bmvcc.schedules.tuning_spaces import has_space, space_for
+
+    cfg = W2A8Config(16, 128, 64, "gelu")  # the example model's FFN1
+    target = ORIN.target()
+    mod = tvm.IRModule({"main": w2a8_compute(cfg)})
+    assert has_space("w2a8", target)
+    ctx = ms.TuneContext(mod=mod, target=target, space_generator=space_for("w2a8", target), task_name="w2a8")
+    spaces = ctx.generate_design_space()
+    knobs = wc.tuning_knobs(cfg, ORIN.facts)
+    assert len(spaces) == len(knobs) > 10
+    assert not [i for s in spaces for i in s.trace.insts if i.kind.name.startswith("Sample")]
+    for index in (0, len(spaces) // 2, len(spaces) - 1):
+        # as the search does: replay the trace on the task's module, then the postprocessors
+        sch = tvm.s_tir.Schedule(mod)
+        spaces[index].trace.apply_to_schedule(sch, remove_postproc=True)
+        assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
+        tvm.ir.assert_structural_equal(sch.mod, wc.schedule(cfg, knobs[index]).mod)
+        cubin = tc.compile_cuda(wc.cuda_source(sch.mod["main"], ORIN), "sm_87")
+        (res,), ops = cubin.resources, cubin.opcode_counts()
+        assert ops.get("IMMA.16832.S8.S8", 0) > 0 and any(o.startswith("LDSM") for o in ops), (knobs[index], ops)
+        assert any(o.startswith("LDGSTS") for o in ops), (knobs[index], ops)
+        assert res.spill_stores == res.spill_loads == res.stack_bytes == 0, (knobs[index], res)
+        assert res.registers * knobs[index].threads <= 65536
