@@ -6,8 +6,10 @@ mask, lifted by torch.export or exported to ONNX), X = c * S for a constant c (a
 chain: S / sqrt(d) or S * (1 / sqrt(d))) and S, through reshape, `matmul(Q, Kt)`; Q and V [.., N, D]
 and Kt [.., D, N] with the same leading dims (multi-query models broadcast their K/V head before the
 matmuls), all float32, and nothing but P V reads the softmax (else it would be computed twice).
-Produces `call_tir(attention, [Q, Kt, V] as [G, N, D], [G, D, N], [G, N, D])` (schedules/attention_cpu.py,
+Produces `call_tir(attention, [Q, Kt, V] as [G, N, D], [Gk, D, N], [Gk, N, D])` (schedules/attention_cpu.py,
 which skips the masked half), reshaped to the matmul's shape; scores, softmax and mask become dead.
+K and V enter before their broadcast (Gk < G) when it only repeats trailing leading dims (a multi-query
+head broadcast over the query heads: [B, 1, ..] -> [B, H, ..]).
 Other attention (no mask, another mask, shapes the kernel does not take) is left as it is.
 Report (module attr REPORT_KEY, JSON): {"fused": n}.
 """
@@ -64,11 +66,29 @@ def _match(pv, b: Bindings):
         if any(s is None or len(s) < 3 for s in shapes) or any(str(t.ty.dtype) != "float32" for t in (q, kt, v)):
             continue
         (*lead, n, d), kt_shape, v_shape = shapes
-        cfg = AttentionConfig(math.prod(lead), n, d, scaled.coef)
+        g = math.prod(lead)
+        (kt_src, gk), (v_src, gv) = _unbroadcast(kt, b), _unbroadcast(v, b)
+        if gk != gv:
+            (kt_src, gk), v_src = (kt, g), v
+        cfg = AttentionConfig(g, gk, n, d, scaled.coef)
         if (tuple(kt_shape) == (*lead, d, n) and tuple(v_shape) == (*lead, n, d) and mask.value.shape[-1] == n
-                and math.prod(static_shape(probs)) == cfg.groups * n * n and cfg.supported()):
-            return q, kt, v, cfg
+                and math.prod(static_shape(probs)) == g * n * n and cfg.supported()):
+            return q, kt_src, v_src, cfg
     return None
+
+
+def _unbroadcast(e, b: Bindings):
+    """(x, K/V groups of x) when `e` is reshape(broadcast_to(x)) repeating only trailing leading dims
+    (x [*a, 1, .., 1, r, c] -> [*a, *h, r, c]), else (e, leading elements of e)."""
+    shape = static_shape(e)
+    flat = b.call(e, "relax.reshape")
+    bcast = b.call(flat.args[0] if flat is not None else e, "relax.broadcast_to")
+    src = static_shape(bcast.args[0]) if bcast is not None else None
+    if src is not None and (dst := static_shape(bcast)) is not None and len(src) == len(dst) and src[-2:] == dst[-2:]:
+        t = next((i for i, (x, y) in enumerate(zip(src[:-2], dst[:-2])) if x != y), len(src) - 2)
+        if all(x == 1 for x in src[t:-2]):
+            return b.root(bcast.args[0]), math.prod(src[:-2])
+    return e, math.prod(shape[:-2])
 
 
 def _is_causal(mask: np.ndarray) -> bool:
@@ -82,9 +102,9 @@ def _is_causal(mask: np.ndarray) -> bool:
 
 def _rewrite(rw, binding, plan):
     q, kt, v, cfg = plan
-    g, n, d = cfg.groups, cfg.tokens, cfg.head_dim
+    g, gk, n, d = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     args = [rw.builder_.emit(relax.op.reshape(rw.visit_expr(t), shape))
-            for t, shape in ((q, (g, n, d)), (kt, (g, d, n)), (v, (g, n, d)))]
-    kernel = rw.kernel(cfg, attention_cpu, f"causal_attention_g{g}_n{n}_d{d}")
+            for t, shape in ((q, (g, n, d)), (kt, (gk, d, n)), (v, (gk, n, d)))]
+    kernel = rw.kernel(cfg, attention_cpu, f"causal_attention_g{g}_kv{gk}_n{n}_d{d}")
     out = rw.builder_.emit(relax.call_tir(kernel, args, relax.TensorType((g, n, d), "float32")))
     return relax.op.reshape(out, static_shape(binding.var))

@@ -1,11 +1,12 @@
 """Causal attention as one CPU kernel: O = softmax(scale * Q K^T + causal mask) V, row block by row block.
 
-For q [G, N, D], kt [G, D, N] (K transposed) and v [G, N, D] float32, G = batch x heads (multi-query
-models pass their one K/V head broadcast to every query head), out [G, N, D]: query i attends to
-keys j <= i (the mask the BitMedViT attention adds: 0 on and below the diagonal, -inf above).
+For q [G, N, D], kt [Gk, D, N] (K transposed) and v [Gk, N, D] float32, G = batch x heads, out
+[G, N, D]: query group g reads K/V group g // (G / Gk) (multi-query: Gk = batch, one K/V head for
+all query heads, read once instead of broadcast), and query i attends to keys j <= i (the mask the
+BitMedViT attention adds: 0 on and below the diagonal, -inf above).
 
 Per (g, block of R query rows starting at i0), in parallel, only the keys j < i0 + R are touched:
-  pack   Kp[g, j // NR, d, j % NR] = kt[g, d, j] once per call (column strips contiguous; kt's rows
+  pack   Kp[gk, j // NR, d, j % NR] = kt[gk, d, j] once per call (column strips contiguous; kt's rows
          are N floats apart, which maps a whole strip onto one L1 set)
   scores s[r, j] = scale * q[i0 + r] . K[j] for j < i0 + R (MR x NR register tiles); j > i0 + r -> -big
   softmax per row: max, e = exp(s - max) (0 where j > i0 + r), sum; e stays in s (R x N floats, L2)
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
+from .w2a8 import KERNEL_ATTR
+
 LANES = 8
 MASKED = -3.0e38  # score of a masked key: below any real score, finite so that s - max stays finite
 
@@ -30,12 +33,13 @@ MASKED = -3.0e38  # score of a masked key: below any real score, finite so that 
 @dataclass(frozen=True)
 class AttentionConfig:
     groups: int  # G = batch x heads
+    kv_groups: int  # Gk: K/V groups, dividing G (query group g reads K/V group g // (G / Gk))
     tokens: int  # N
     head_dim: int  # D
     scale: float  # 1 / sqrt(D) for BitMedViT
 
     def supported(self) -> bool:
-        return self.tokens % LANES == 0 and self.head_dim % LANES == 0
+        return self.tokens % LANES == 0 and self.head_dim % LANES == 0 and self.groups % self.kv_groups == 0
 
 
 @dataclass(frozen=True)
@@ -69,24 +73,27 @@ def _fast_exp(x):
 
 
 def attention_cpu(cfg: AttentionConfig):
-    """The scheduled PrimFunc (q, kt, v, out); marked tirx.is_scheduled (the default CPU rules skip it)."""
-    G, N, D = cfg.groups, cfg.tokens, cfg.head_dim
+    """The scheduled PrimFunc (q, kt, v, out): tirx.is_scheduled (the default CPU rules skip it) and
+    bmvcc.kernel "attention" (bmvcc tune measures it as a hand-scheduled kernel, no search)."""
+    G, GK, N, D = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
+    H = G // GK  # query groups per K/V group
     t = Tiles.of(cfg)
     R, MR, NR, MR2, NC = t.rows, t.mr, t.nr, t.mr2, t.nc
     NB = N // R
     scale = T.float32(cfg.scale)
 
     @T.prim_func(private=True)
-    def attention(q: T.Buffer((G, N, D), "float32"), kt: T.Buffer((G, D, N), "float32"),
-                  v: T.Buffer((G, N, D), "float32"), out: T.Buffer((G, N, D), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-        kp = T.alloc_buffer((G, N // NR, D, NR), "float32")
-        for gd in T.parallel(G * D):
+    def attention(q: T.Buffer((G, N, D), "float32"), kt: T.Buffer((GK, D, N), "float32"),
+                  v: T.Buffer((GK, N, D), "float32"), out: T.Buffer((G, N, D), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, KERNEL_ATTR: "attention"})
+        kp = T.alloc_buffer((GK, N // NR, D, NR), "float32")
+        for gd in T.parallel(GK * D):
             for jt in range(N // NR):
                 for c in T.vectorized(NR):
                     kp[gd // D, jt, gd % D, c] = kt[gd // D, gd % D, jt * NR + c]
         for task in T.parallel(G * NB):
             g = task // NB
+            gk = g // H
             i0 = task % NB * R
             s = T.alloc_buffer((R, N), "float32")
             rmax = T.alloc_buffer((LANES,), "float32", scope="local")
@@ -103,7 +110,7 @@ def attention_cpu(cfg: AttentionConfig):
                     for d in range(D):
                         for r in T.unroll(MR):
                             for c in T.vectorized(NR):
-                                acc[r, c] = acc[r, c] + q[g, i0 + it * MR + r, d] * kp[g, jt, d, c]
+                                acc[r, c] = acc[r, c] + q[g, i0 + it * MR + r, d] * kp[gk, jt, d, c]
                     for r in T.unroll(MR):
                         for c in T.vectorized(NR):
                             s[it * MR + r, jt * NR + c] = T.Select(jt * NR + c <= i0 + it * MR + r,
@@ -134,7 +141,7 @@ def attention_cpu(cfg: AttentionConfig):
                     for j in range(i0 + it * MR2 + MR2):
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
-                                acc2[r, c] = acc2[r, c] + s[it * MR2 + r, j] * v[g, j, ct * NC + c]
+                                acc2[r, c] = acc2[r, c] + s[it * MR2 + r, j] * v[gk, j, ct * NC + c]
                     for r in T.unroll(MR2):
                         for c in T.vectorized(NC):
                             out[g, i0 + it * MR2 + r, ct * NC + c] = acc2[r, c] / rsum[it * MR2 + r]

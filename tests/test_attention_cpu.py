@@ -43,18 +43,21 @@ def _close(out, ref):
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=RTOL * np.abs(ref).max())
 
 
-# (G, N, D): the paper model's layer (32 blocks of 32 rows, 32-column output tiles), a small model's
-# (one block of 16 tokens, head_dim 8), and 3 blocks of 8 rows with 8-wide tiles (N = 24, D = 24)
-@pytest.mark.parametrize("g, n, d", [(8, 1024, 64), (4, 16, 8), (3, 24, 24)])
-def test_kernel_matches_numpy(target, g, n, d):
+# (G, Gk, N, D): the paper model's layer (8 query heads on one K/V head, 32 blocks of 32 rows, 32-column
+# output tiles), a small multi-head model's (one block of 16 tokens, head_dim 8), and 3 blocks of 8
+# rows with 8-wide tiles, 3 query groups per K/V group (N = 24, D = 24)
+@pytest.mark.parametrize("g, gk, n, d", [(8, 1, 1024, 64), (4, 4, 16, 8), (6, 2, 24, 24)])
+def test_kernel_matches_numpy(target, g, gk, n, d):
     rng = np.random.default_rng(n + d)
-    q, k, v = (rng.standard_normal((g, n, d)).astype("float32") for _ in range(3))
+    q = rng.standard_normal((g, n, d)).astype("float32")
+    k, v = (rng.standard_normal((gk, n, d)).astype("float32") for _ in range(2))
     scale = 3.0 / math.sqrt(d)  # peaky rows: the max subtraction matters
-    cfg = AttentionConfig(g, n, d, scale)
+    cfg = AttentionConfig(g, gk, n, d, scale)
     lib = tvm.compile(tvm.IRModule({"main": attention_cpu(cfg).with_attr("global_symbol", "main")}), target=target)
     args = [tvm.runtime.tensor(a) for a in (q, np.ascontiguousarray(np.swapaxes(k, 1, 2)), v)]
     out = tvm.runtime.empty((g, n, d), "float32", tvm.cpu())
     lib(*args, out)
+    k, v = (np.repeat(t, g // gk, axis=0) for t in (k, v))  # query group i reads K/V group i // (G / Gk)
     _close(out.numpy(), _reference(q, k, v, scale, _causal(n)))
 
 
@@ -93,7 +96,8 @@ def test_pass_fuses_causal_attention(target, scale_op):
     assert _fused(mod) == 1
     mod = relax.transform.DeadCodeElimination(["main"])(mod.without_attr(REPORT_KEY))
     text = mod["main"].script()
-    assert "causal_attention" in text and "softmax" not in text and "R.matmul" not in text, text
+    # one kernel reading the single K/V head (not its broadcast copies); scores and softmax are gone
+    assert "causal_attention_g4_kv1_n32_d16" in text and "softmax" not in text and "R.matmul" not in text, text
     rng = np.random.default_rng(5)
     q = rng.standard_normal((1, heads, n, d)).astype("float32")
     k, v = (rng.standard_normal((1, 1, n, d)).astype("float32") for _ in range(2))
