@@ -10,8 +10,9 @@ Per (g, block of R query rows starting at i0), in parallel, only the keys j < i0
          are N floats apart, which maps a whole strip onto one L1 set)
   scores s[r, j] = scale * q[i0 + r] . K[j] for j < i0 + R (MR x NR register tiles); j > i0 + r -> -big
   softmax per row: max, e = exp(s - max) (0 where j > i0 + r), sum; e stays in s (R x N floats, L2)
-  output out[g, i0 + r, :] = (sum_j e[r, j] v[j, :]) / sum (MR2 x NC register tiles; the k loop stops
-         at the tile's last row)
+  output out[g, i0 + r, :] = (sum_j e[r, j] v[j, :]) / sum, key block by key block of R (that block
+         of V and of e stays in L1 across all MR2 x NC register tiles, whose sums carry over in
+         o[R, D]; the diagonal block stops at each tile's last row)
 so the masked half of Q K^T, softmax and P V is never computed and the N x N scores never reach
 memory (unfused: 4 passes over G x N x N floats). exp is TVM's fast_exp polynomial (topi
 fast_exp_float32, the one FastMathTransform uses elsewhere; <= 1.1e-6 relative), in 8-lane vectors.
@@ -101,6 +102,7 @@ def attention_cpu(cfg: AttentionConfig):
             rsum = T.alloc_buffer((R,), "float32")
             acc = T.alloc_buffer((MR, NR), "float32", scope="local")
             acc2 = T.alloc_buffer((MR2, NC), "float32", scope="local")
+            o = T.alloc_buffer((R, D), "float32")
             # scores of keys [0, i0 + R): column strip outside, row tiles inside (strip stays in L1)
             for jt in range((i0 + R) // NR):
                 for it in range(R // MR):
@@ -133,17 +135,24 @@ def attention_cpu(cfg: AttentionConfig):
                 rsum[r] = rvec[0]
                 for l in range(1, LANES):
                     rsum[r] = rsum[r] + rvec[l]
-            for it in range(R // MR2):
-                for ct in range(D // NC):
-                    for r in T.unroll(MR2):
-                        for c in T.vectorized(NC):
-                            acc2[r, c] = T.float32(0)
-                    for j in range(i0 + it * MR2 + MR2):
+            for i in range(R):
+                for c in T.vectorized(D):
+                    o[i, c] = T.float32(0)
+            for jb in range((i0 + R) // R):  # key blocks
+                for it in range(R // MR2):
+                    for ct in range(D // NC):
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
-                                acc2[r, c] = acc2[r, c] + s[it * MR2 + r, j] * v[gk, j, ct * NC + c]
-                    for r in T.unroll(MR2):
-                        for c in T.vectorized(NC):
-                            out[g, i0 + it * MR2 + r, ct * NC + c] = acc2[r, c] / rsum[it * MR2 + r]
+                                acc2[r, c] = o[it * MR2 + r, ct * NC + c]
+                        for j in range(T.min(R, i0 + it * MR2 + MR2 - jb * R)):
+                            for r in T.unroll(MR2):
+                                for c in T.vectorized(NC):
+                                    acc2[r, c] = acc2[r, c] + s[it * MR2 + r, jb * R + j] * v[gk, jb * R + j, ct * NC + c]
+                        for r in T.unroll(MR2):
+                            for c in T.vectorized(NC):
+                                o[it * MR2 + r, ct * NC + c] = acc2[r, c]
+            for i in range(R):
+                for c in T.vectorized(D):
+                    out[g, i0 + i, c] = o[i, c] / rsum[i]
 
     return attention
