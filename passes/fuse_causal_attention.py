@@ -3,13 +3,14 @@
 Matches `matmul(P, V)` where P is, through reshape/broadcast_to, `softmax(X + M, axis=-1)` (or M + X),
 M a constant [.., N, N] that is 0 on and below the diagonal and -inf above it (BitMedViT's causal
 mask, lifted by torch.export or exported to ONNX), X = c * S for a constant c (any multiply/divide
-chain: S / sqrt(d) or S * (1 / sqrt(d))) and S, through reshape, `matmul(Q, Kt)`; Q and V [.., N, D]
-and Kt [.., D, N] with the same leading dims (multi-query models broadcast their K/V head before the
-matmuls), all float32, and nothing but P V reads the softmax (else it would be computed twice).
+chain: S / sqrt(d) or S * (1 / sqrt(d))) and S, through reshape, `matmul(Q, Kt)`; Q [.., N, D],
+Kt [.., D, N] and V [.., N, D] all float32, and nothing but P V reads the softmax (else it would be
+computed twice).
 Produces `call_tir(attention, [Q, Kt, V] as [G, N, D], [Gk, D, N], [Gk, N, D])` (schedules/attention_cpu.py,
 which skips the masked half), reshaped to the matmul's shape; scores, softmax and mask become dead.
-K and V enter before their broadcast (Gk < G) when it only repeats trailing leading dims (a multi-query
-head broadcast over the query heads: [B, 1, ..] -> [B, H, ..]).
+K and V may broadcast over the query heads (explicit broadcast_to, or matmul's own broadcast as the
+ONNX import leaves it) when that repeats trailing leading dims only (a multi-query head: [B, 1, ..] ->
+[B, H, ..]); they enter the kernel before it (Gk = B groups).
 Other attention (no mask, another mask, shapes the kernel does not take) is left as it is.
 Report (module attr REPORT_KEY, JSON): {"fused": n}.
 """
@@ -65,30 +66,37 @@ def _match(pv, b: Bindings):
         shapes = [static_shape(t) for t in (q, kt, v)]
         if any(s is None or len(s) < 3 for s in shapes) or any(str(t.ty.dtype) != "float32" for t in (q, kt, v)):
             continue
-        (*lead, n, d), kt_shape, v_shape = shapes
-        g = math.prod(lead)
-        (kt_src, gk), (v_src, gv) = _unbroadcast(kt, b), _unbroadcast(v, b)
-        if gk != gv:
-            (kt_src, gk), v_src = (kt, g), v
-        cfg = AttentionConfig(g, gk, n, d, scaled.coef)
-        if (tuple(kt_shape) == (*lead, d, n) and tuple(v_shape) == (*lead, n, d) and mask.value.shape[-1] == n
-                and math.prod(static_shape(probs)) == g * n * n and cfg.supported()):
+        *lead, n, d = shapes[0]
+        (kt_src, gk), (v_src, gv) = _kv_source(kt, lead, b), _kv_source(v, lead, b)
+        cfg = AttentionConfig(math.prod(lead), gk, n, d, scaled.coef)
+        if (gk is not None and gk == gv and static_shape(kt_src)[-2:] == (d, n) and static_shape(v_src)[-2:] == (n, d)
+                and mask.value.shape[-1] == n and math.prod(static_shape(probs)) == cfg.groups * n * n
+                and cfg.supported()):
             return q, kt_src, v_src, cfg
     return None
 
 
-def _unbroadcast(e, b: Bindings):
-    """(x, K/V groups of x) when `e` is reshape(broadcast_to(x)) repeating only trailing leading dims
-    (x [*a, 1, .., 1, r, c] -> [*a, *h, r, c]), else (e, leading elements of e)."""
-    shape = static_shape(e)
+def _kv_source(e, lead, b: Bindings):
+    """(x, K/V groups) for a K or V operand of queries with leading dims `lead`: x = e, or the tensor
+    before e's reshape(broadcast_to(.)); groups = x's leading elements when x repeats per query group
+    only over trailing leading dims (matmul's own broadcast or the explicit one); else (e, None)."""
     flat = b.call(e, "relax.reshape")
     bcast = b.call(flat.args[0] if flat is not None else e, "relax.broadcast_to")
-    src = static_shape(bcast.args[0]) if bcast is not None else None
-    if src is not None and (dst := static_shape(bcast)) is not None and len(src) == len(dst) and src[-2:] == dst[-2:]:
-        t = next((i for i, (x, y) in enumerate(zip(src[:-2], dst[:-2])) if x != y), len(src) - 2)
-        if all(x == 1 for x in src[t:-2]):
-            return b.root(bcast.args[0]), math.prod(src[:-2])
-    return e, math.prod(shape[:-2])
+    if bcast is not None:
+        src, dst = static_shape(bcast.args[0]), static_shape(bcast)
+        if (src is not None and dst is not None and src[-2:] == dst[-2:] and math.prod(dst[:-2]) == math.prod(lead)
+                and (groups := _groups(src[:-2], dst[:-2])) is not None):
+            return b.root(bcast.args[0]), groups
+    return e, _groups(static_shape(e)[:-2], tuple(lead))
+
+
+def _groups(src: tuple, dst: tuple) -> int | None:
+    """Elements of `src` when it broadcasts to `dst` by repeating trailing dims only ([*a, 1, .., 1]
+    -> [*a, *h]: query group g reads K/V group g // prod(h)), else None."""
+    if len(src) != len(dst):
+        return None
+    t = next((i for i, (x, y) in enumerate(zip(src, dst)) if x != y), len(src))
+    return math.prod(src) if all(x == 1 for x in src[t:]) else None
 
 
 def _is_causal(mask: np.ndarray) -> bool:

@@ -61,8 +61,10 @@ def test_kernel_matches_numpy(target, g, gk, n, d):
     _close(out.numpy(), _reference(q, k, v, scale, _causal(n)))
 
 
-def _attention_module(heads, n, d, mask, scale_op):
-    """softmax(scale(q k^T) + mask) v with one k/v head broadcast to `heads` (as the frontend emits)."""
+def _attention_module(heads, n, d, mask, scale_op, explicit=True):
+    """softmax(scale(q k^T) + mask) v with one k/v head for `heads` query heads, broadcast as the torch
+    frontend emits it (explicit: broadcast_to, then 3-D matmuls) or as the ONNX import does (4-D
+    matmuls broadcasting k and v themselves)."""
     bb = relax.BlockBuilder()
     q = relax.Var("q", relax.TensorType((1, heads, n, d), "float32"))
     k = relax.Var("k", relax.TensorType((1, 1, n, d), "float32"))
@@ -70,14 +72,22 @@ def _attention_module(heads, n, d, mask, scale_op):
     op = relax.op
     with bb.function("main", [q, k, v]):
         with bb.dataflow():
-            kt = op.broadcast_to(op.permute_dims(k, [0, 1, 3, 2]), (1, heads, d, n))
-            s = bb.emit(op.matmul(op.reshape(q, (heads, n, d)), op.reshape(kt, (heads, d, n))))
-            s = scale_op(op.reshape(s, (1, heads, n, n)))
+            kt = op.permute_dims(k, [0, 1, 3, 2])
+            if explicit:
+                s = op.matmul(op.reshape(q, (heads, n, d)), op.reshape(op.broadcast_to(kt, (1, heads, d, n)), (heads, d, n)))
+                s = op.reshape(bb.emit(s), (1, heads, n, n))
+            else:
+                s = op.matmul(q, kt)
+            s = scale_op(s)
             if mask is not None:
                 s = op.add(s, relax.const(mask))
-            p = op.reshape(op.nn.softmax(s, axis=-1), (heads, n, n))
-            out = op.matmul(p, op.reshape(op.broadcast_to(v, (1, heads, n, d)), (heads, n, d)))
-            out = bb.emit_output(op.reshape(out, (1, heads, n, d)))
+            p = op.nn.softmax(s, axis=-1)
+            if explicit:
+                out = op.matmul(op.reshape(p, (heads, n, n)), op.reshape(op.broadcast_to(v, (1, heads, n, d)), (heads, n, d)))
+                out = op.reshape(out, (1, heads, n, d))
+            else:
+                out = op.matmul(p, v)
+            out = bb.emit_output(out)
         bb.emit_func_output(out)
     return bb.get()
 
@@ -86,13 +96,14 @@ def _fused(mod) -> int:
     return read_report(mod, REPORT_KEY)["fused"]
 
 
+@pytest.mark.parametrize("explicit", [True, False], ids=["broadcast_to", "matmul-broadcast"])
 @pytest.mark.parametrize("scale_op", [
     lambda s: relax.op.divide(s, relax.const(4.0, "float32")),
     lambda s: relax.op.multiply(relax.const(0.25, "float32"), s),
 ], ids=["divide", "multiply"])
-def test_pass_fuses_causal_attention(target, scale_op):
+def test_pass_fuses_causal_attention(target, scale_op, explicit):
     heads, n, d = 4, 32, 16
-    mod = fuse_causal_attention(_attention_module(heads, n, d, _causal(n), scale_op))
+    mod = fuse_causal_attention(_attention_module(heads, n, d, _causal(n), scale_op, explicit))
     assert _fused(mod) == 1
     mod = relax.transform.DeadCodeElimination(["main"])(mod.without_attr(REPORT_KEY))
     text = mod["main"].script()
