@@ -210,7 +210,10 @@ def _row_reduction_rule(func, facts: CpuFacts):
     for b, st in zip(blocks, stmts):
         if _is_reduction(st):
             _, lane = sch.split(sch.get_loops(b)[-1], [None, lanes])
-            partials.append(sch.rfactor(lane, rows))
+            try:
+                partials.append(sch.rfactor(lane, rows))
+            except s_tir.ScheduleError:  # a reducer rfactor does not know (e.g. argmax's tuple): not ours
+                return None
     row_loops = sch.get_loops(blocks[-1])
     row = sch.fuse(*row_loops[:rows]) if rows > 1 else row_loops[0]
     if _product(extents[:-1]) >= 2 and _product(extents) >= MIN_PARALLEL_WORK:
@@ -222,12 +225,12 @@ def _row_reduction_rule(func, facts: CpuFacts):
             st = sch.get(b)  # rfactor's block: partial[rows.., lane] over iters (lane, rows.., k // lanes)
             lane_var = st.writes[0].region[rows].min
             lane = _loop_of_iter(sch, b, next(i for i, iv in enumerate(st.iter_vars) if iv.var.same_as(lane_var)))
-            red = _loop_of_iter(sch, b, next(i for i, iv in enumerate(st.iter_vars) if _is_reduce_iter(iv)))
+            red = _loop_of_iter(sch, b, next(i for i, iv in enumerate(st.iter_vars) if _is_reduce(iv)))
             sch.reorder(red, lane)
             sch.vectorize(lane)
             sch.decompose_reduction(b, red)
         elif _is_reduction(sch.get(b)):  # the final reduction of `lanes` partial results
-            sch.unroll(sch.get_loops(b)[-1])
+            sch.unroll(_loop_of_iter(sch, b, next(i for i, iv in enumerate(sch.get(b).iter_vars) if _is_reduce(iv))))
         elif len(sch.get(b).iter_vars) > rows:
             _, vec = sch.split(sch.get_loops(b)[-1], [None, lanes])
             sch.vectorize(vec)
@@ -243,10 +246,6 @@ def _trivially_bound(sch, block) -> bool:
     """Each block iter var is bound to its own loop, in order."""
     loops, values = sch.get_loops(block), _realize(sch, block).iter_values
     return len(loops) == len(values) and all(sch.get(lp).loop_var.same_as(v) for lp, v in zip(loops, values))
-
-
-def _is_reduce_iter(iv) -> bool:
-    return iv.iter_type == tirx.IterVar.CommReduce
 
 
 def _same_block(sch, a, b) -> bool:
@@ -306,15 +305,18 @@ def _has_root(sch) -> bool:
 
 
 def _is_reduction(block) -> bool:
-    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars)
+    return any(_is_reduce(iv) for iv in block.iter_vars)
+
+
+def _is_reduce(iv) -> bool:
+    return iv.iter_type == tirx.IterVar.CommReduce
 
 
 def _analyze_matmul(sch, block) -> _Matmul | None:
     """A _Matmul if `block` is C[s_0..s_n] += X * Y over one reduction axis with a trivial loop binding."""
     stmt = sch.get(block)
     loops = sch.get_loops(block)
-    values = _realize(sch, block).iter_values
-    if len(loops) != len(stmt.iter_vars) or not all(sch.get(lp).loop_var.same_as(v) for lp, v in zip(loops, values)):
+    if not _trivially_bound(sch, block):
         return None
     kinds = [iv.iter_type for iv in stmt.iter_vars]
     if kinds[-1] != tirx.IterVar.CommReduce or kinds[:-1] != [tirx.IterVar.DataPar] * (len(kinds) - 1) or len(kinds) < 3:
@@ -475,10 +477,7 @@ def _schedule_spatial_block(sch, block, facts: CpuFacts) -> None:
     block's innermost loop when its extent is a multiple of the vector lanes."""
     loops = sch.get_loops(block)
     stmt = sch.get(block)
-    if not loops or len(loops) != len(stmt.iter_vars):
-        return
-    values = _realize(sch, block).iter_values
-    if not all(sch.get(lp).loop_var.same_as(v) for lp, v in zip(loops, values)):
+    if not loops or not _trivially_bound(sch, block):
         return
     extents = [iv.dom.extent for iv in stmt.iter_vars]
     if not all(isinstance(e, tirx.IntImm) for e in extents):
