@@ -13,13 +13,15 @@ from tvm import relax
 from .drop_training_outputs import drop_training_outputs
 from .externalize_weights import externalize_weights
 from .fp16_matmuls import fp16_matmuls
+from .fuse_causal_attention import fuse_causal_attention
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from .quantize_bitlinear import quantize_bitlinear
 from .relax_match import REPORT_PREFIX, read_report
 
 
-def passes(bitlinear: bool = True, gpu: bool = False) -> list[tuple[str, object]]:
+def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str, object]]:
+    """The ordered passes; `device` ("cpu" / "cuda", the target's): passes that exist for one kind only."""
     bitlinear_passes = [
         # Phase 2: BitLinear -> int8 x 2-bit kernels (weights ternarized and packed at compile time)
         ("quantize_bitlinear", quantize_bitlinear),
@@ -33,10 +35,12 @@ def passes(bitlinear: bool = True, gpu: bool = False) -> list[tuple[str, object]
         ("drop_dead_outputs", relax.transform.DeadCodeElimination(["main"])),
         *(bitlinear_passes if bitlinear else []),
         # GPU only: float matmuls on fp16 operands (before fold_constants, which casts their weights)
-        *([("fp16_matmuls", fp16_matmuls)] if gpu else []),
+        *([("fp16_matmuls", fp16_matmuls)] if device == "cuda" else []),
         # Phase 3: fold what is known at compile time (weight quantization of float paths)
         ("drop_dead_weights", relax.transform.DeadCodeElimination(["main"])),
         ("fold_constants", relax.transform.FoldConstant()),
+        # Phase 4 (CPU): attention with a constant causal mask -> one kernel that skips the masked half
+        *([("fuse_causal_attention", fuse_causal_attention)] if device == "cpu" else []),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
     ]
 
@@ -48,13 +52,14 @@ def run_pipeline(mod, spec, bitlinear: bool = True):
     not (with reasons) and the weight bytes by kind.
     """
     reports: dict = {}
-    for name, p in passes(bitlinear, gpu=spec is not None and spec.device == "cuda"):
+    for name, p in passes(bitlinear, spec.device if spec is not None else None):
         mod = p(mod)
         key = REPORT_PREFIX + name
         if mod.attrs is not None and key in mod.attrs:
             reports[name] = read_report(mod, key)
             mod = mod.without_attr(key)
     report = _bitlinear_report(reports, bitlinear)
+    report["causal_attention_fused"] = reports.get("fuse_causal_attention", {"fused": 0})["fused"]
     report["weight_bytes"] = _weight_bytes(mod)
     mod, weights = externalize_weights(mod)
     return mod, weights, report
@@ -105,6 +110,8 @@ def describe(report: dict) -> str:
                  f"({bl['norm_quant_fused']} with fused RMSNorm+quantization, epilogues: "
                  f"{bl['epilogues']['gelu']} GELU, {bl['epilogues']['residual']} residual)"]
         lines += [f"  not rewritten: {r['name']}: {r['reason']}" for r in bl["not_rewritten"]]
+    if report["causal_attention_fused"]:
+        lines.append(f"causal attention: {report['causal_attention_fused']} layers -> one kernel each")
     lines.append(f"weights: {wb['packed_2bit']:,} B 2-bit packed, {wb['float']:,} B float, "
                  f"{wb['scalar']:,} B scalars")
     return "\n".join(lines)

@@ -98,16 +98,22 @@ def test_multi_query_attention_broadcast_kv(target):
     p = np.exp(s - s.max(-1, keepdims=True))
     _close(out, (p / p.sum(-1, keepdims=True)) @ v)
     assert len(_funcs_by_rule(scheduled, report, "matmul")) == 2, report  # q k^T and p v
-    assert "reduction" in report.values(), report  # the softmax
+    assert "rows" in report.values(), report  # the softmax
     assert None not in report.values(), report
 
 
 def test_softmax(target):
     x = np.random.default_rng(2).standard_normal((4, 8, 256)).astype("float32") * 4
-    out, _, report = _run(_module({"x": x.shape}, lambda bb, x_: bb.emit(relax.op.nn.softmax(x_, axis=-1))), target, x)
+    out, scheduled, report = _run(_module({"x": x.shape}, lambda bb, x_: bb.emit(relax.op.nn.softmax(x_, axis=-1))), target, x)
     e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
     _close(out, e / e.sum(-1, keepdims=True))
-    assert list(report.values()) == ["reduction"], report
+    assert list(report.values()) == ["rows"], report
+    (func,) = _funcs_by_rule(scheduled, report, "rows").values()
+    text = func.script()
+    # max and sum as vector partial results (rfactor buffers "..._rf"; init and update vectorized),
+    # exp and normalization vectorized, the final reductions of the partial results unrolled
+    assert text.count("_rf = T.sblock_alloc_buffer") == 2 and text.count("T.vectorized(") == 6, text
+    assert text.count("T.unroll(T.int64(8))") == 2, text
 
 
 def test_layer_norm(target):
@@ -119,7 +125,7 @@ def test_layer_norm(target):
     x64 = x.astype(np.float64)
     ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * g + b
     _close(out, ref)
-    assert list(report.values()) == ["reduction"], report
+    assert list(report.values()) == ["rows"], report
 
 
 def test_kernels_and_scheduled_functions_are_left_alone(target):

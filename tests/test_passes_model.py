@@ -57,6 +57,8 @@ def test_compiled_logits_match_pytorch(tmp_path, multi_query, fp_attn):
     assert bl["not_rewritten"] == [] and bl["norm_quant_fused"] == len(bitlinear)
     # FFN output + residual always; out_proj + residual when out_proj is a BitLinear
     assert bl["epilogues"] == {"gelu": cfg.depth, "residual": (1 if fp_attn else 2) * cfg.depth}
+    # multi-query attention is causal: one fused kernel per layer on the host (multi-head has no mask)
+    assert passes["causal_attention_fused"] == (cfg.depth if multi_query else 0)
     ternary = sum(w.size for w in bitlinear.values())
     assert passes["weight_bytes"]["packed_2bit"] == ternary // 4
 
