@@ -5,6 +5,8 @@ compute) is built for and run on the host, against the PyTorch model in float32.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -75,7 +77,10 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
     cpu_mod, cpu_weights, _ = _pipeline(model, cfg, "host")
     # per block: Wqkv, out_proj; plus patch embedding and head: 2 * 2 + 2 float weight matrices
     assert sum(str(w.dtype) == "float16" for w in gpu_weights) == 2 * cfg.depth + 2
-    assert [w.shape for w in gpu_weights] == [w.shape for w in cpu_weights]
+    # the same matrices, cast: every fp16 weight is a float32 weight of the CPU build (which also drops
+    # the causal masks: fuse_causal_attention)
+    shapes = lambda ws, dtype: Counter(tuple(w.shape) for w in ws if str(w.dtype) == dtype)  # noqa: E731
+    assert shapes(gpu_weights, "float16") <= shapes(cpu_weights, "float32")
     assert "float16" not in cpu_mod.script() and {str(w.dtype) for w in cpu_weights} <= {"float32", "uint8"}
 
 
