@@ -1,8 +1,9 @@
 """bmvcc tune: MetaSchedule search over the kernels of a compiled model, recorded in a tuning database.
 
-Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (schedules/cpu_default.py) -> one task per
-distinct PrimFunc. bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner
-registered in schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
+Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (schedules/cpu_default.py; for a GPU,
+bmvcc/gpu_build.py's `fuse`, W2A8 on its padded compute definition) -> one task per distinct PrimFunc.
+bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner registered in
+schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
 MetaSchedule's default space. Search: evolutionary with the XGBoost cost model, one task after another.
 
 Resume: MetaSchedule's search does not count what a database already holds (it seeds its population
@@ -250,6 +251,43 @@ def _space(mod, target):
     return space_for(kernel, target), f"bmvcc:{kernel}"
 
 
+def _fused_and_defaults(mod, spec):
+    """(bmvcc's Relax module legalized and fused as the target's build does it, whose PrimFuncs are the
+    tasks; the same module scheduled as `bmvcc compile` schedules it without a database)."""
+    import tvm
+
+    target = spec.target()
+    if spec.device == "cuda":  # bmvcc/gpu_build.py: W2A8 on its padded compute definition, hand schedules + DLight
+        from . import gpu_build
+
+        with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
+            mod, kernels = gpu_build.fuse(mod, spec)
+            return mod, gpu_build.schedule_rest(gpu_build.schedule_kernels(mod, kernels)[0], spec)
+    from .schedules.cpu_default import legalize_and_fuse, schedule_cpu_module
+
+    mod = legalize_and_fuse(mod, target)
+    return mod, schedule_cpu_module(mod, target)
+
+
+@contextlib.contextmanager
+def _without_tvm_intrinsics(target):
+    """For a CUDA task: TuneContext's `import tvm.s_tir.tensor_intrin` (every TVM intrinsic, about a minute
+    here) answered by an empty stand-in. bmvcc's W2A8 space registers its own intrinsics
+    (schedules/cuda_intrinsics.py) and MetaSchedule's default CUDA space tensorizes nothing."""
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if target.kind.name != "cuda" or name in sys.modules:
+        yield
+        return
+    stand_in = sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+
+
 def _records(db, mod) -> list:
     """All records of this task's workload, failed ones included."""
     from .tunedb import workload_id
@@ -320,9 +358,6 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         raise BmvccError(f"--trials {options.trials} and --per-round {options.per_round} must be at least 1")
     start = time.perf_counter()
     spec = get_target(options.target)
-    if spec.device != "cpu":  # the builder is ready (_export); the rest of the flow is the CPU one
-        raise BmvccError(f"tuning the GPU kernels of '{spec.name}' is not supported yet (tasks, default schedules "
-                         "and compile --db follow the CPU build); tune its CPU with --target aarch64")
     db_dir = Path(db_dir)
     runner, devices = _runner(spec, options)  # fail fast on RPC problems, before minutes of work
     progress(f"loading {source_path}")
@@ -332,10 +367,7 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     progress("importing into Relax and running bmvcc passes")
     mod, _weights, _ = run_pipeline(frontend.to_relax(source, batch), spec)
     target = spec.target()
-    from .schedules.cpu_default import legalize_and_fuse, schedule_cpu_module
-
-    mod = legalize_and_fuse(mod, target)
-    defaults = schedule_cpu_module(mod, target)  # what bmvcc compile builds without a database
+    mod, defaults = _fused_and_defaults(mod, spec)
 
     from tvm.s_tir import meta_schedule as ms
 
@@ -371,11 +403,12 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         remaining = max(0, options.trials - recorded) if space is not None else 0
         bar = _Bar(f"[{index}/{len(tasks)}] {task.task_name[:40]}", recorded, options.trials) if bars else None
         if remaining:
-            context = ms.TuneContext(mod=task_mod, target=target, space_generator=space,
-                                     search_strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
-                                     task_name=task.task_name, logger=logger,
-                                     rand_state=options.seed + recorded,  # a resumed run explores new samples
-                                     num_threads=max(1, len(os.sched_getaffinity(0))))
+            with _without_tvm_intrinsics(target):
+                context = ms.TuneContext(mod=task_mod, target=target, space_generator=space,
+                                         search_strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
+                                         task_name=task.task_name, logger=logger,
+                                         rand_state=options.seed + recorded,  # a resumed run explores new samples
+                                         num_threads=max(1, len(os.sched_getaffinity(0))))
             callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
             if bar:
                 callbacks.append(_progress_callback(bar.advance))
