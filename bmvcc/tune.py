@@ -62,6 +62,7 @@ class TaskResult:
     trials: int  # records in the database (all runs)
     failed: int  # of which failed to build or run
     measured_now: int  # trials this run measured
+    error: str | None = None  # why this run's last failed candidate failed (one line; full log in DB/logs/)
 
     @property
     def speedup(self) -> float | None:
@@ -89,6 +90,7 @@ class TuneReport:
             lines.append(f"{t.name[:52]:<52} {t.kind[:24]:<24} {fmt(t.default_us, '11.1f'):>11} "
                          f"{fmt(t.best_us, '10.1f'):>10} {fmt(t.speedup, '7.2f') + ('x' if t.speedup else ''):>8} "
                          f"{t.trials:>7} {t.failed:>6}")
+        lines += [f"{t.name}: {t.failed} of {t.trials} failed; last: {t.error}" for t in self.tasks if t.error]
         return "\n".join(lines)
 
 
@@ -269,23 +271,14 @@ def _fused_and_defaults(mod, spec):
     return mod, schedule_cpu_module(mod, target)
 
 
-@contextlib.contextmanager
-def _without_tvm_intrinsics(target):
-    """For a CUDA task: TuneContext's `import tvm.s_tir.tensor_intrin` (every TVM intrinsic, about a minute
-    here) answered by an empty stand-in. bmvcc's W2A8 space registers its own intrinsics
-    (schedules/cuda_intrinsics.py) and MetaSchedule's default CUDA space tensorizes nothing."""
-    import types
+def _context_imports(target):
+    """What a TuneContext for `target` is created within: for CUDA, without TVM's minute-long import of every
+    intrinsic (schedules/wmma_intrinsics.py); bmvcc's W2A8 space registers its own intrinsics."""
+    if target.kind.name != "cuda":
+        return contextlib.nullcontext()
+    from .schedules.wmma_intrinsics import metaschedule_cuda
 
-    name = "tvm.s_tir.tensor_intrin"
-    if target.kind.name != "cuda" or name in sys.modules:
-        yield
-        return
-    stand_in = sys.modules[name] = types.ModuleType(name)
-    try:
-        yield
-    finally:
-        if sys.modules.get(name) is stand_in:
-            del sys.modules[name]
+    return metaschedule_cuda()
 
 
 def _records(db, mod) -> list:
@@ -301,15 +294,23 @@ def _seconds(record) -> float | None:
     return sum(secs) / len(secs) if secs and max(secs) < 1e9 else None  # MetaSchedule writes 1e10 for failures
 
 
-def _progress_callback(on_batch: Callable[[int, int], None]):
+def _failure(message: str) -> str:
+    """The one line that says why a candidate failed: the last line of the error before the IR that
+    MetaSchedule appends (a build's or the device's exception message)."""
+    lines = [line.strip() for line in message.split("\n# from tvm.script")[0].splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "unknown error"
+
+
+def _progress_callback(on_batch: Callable[[int, int, str | None], None]):
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
     @derived_object
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            failed = sum(1 for b, r in zip(builder_results, runner_results) if b.error_msg or r.error_msg)
-            on_batch(len(measure_candidates), failed)
+            errors = [f"build: {_failure(b.error_msg)}" if b.error_msg else f"run: {_failure(r.error_msg)}"
+                      for b, r in zip(builder_results, runner_results) if b.error_msg or r.error_msg]
+            on_batch(len(measure_candidates), len(errors), errors[-1] if errors else None)
 
     return _Progress()
 
@@ -402,16 +403,22 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         recorded = len(_records(db, task_mod))
         remaining = max(0, options.trials - recorded) if space is not None else 0
         bar = _Bar(f"[{index}/{len(tasks)}] {task.task_name[:40]}", recorded, options.trials) if bars else None
+        last_error: list[str] = []
         if remaining:
-            with _without_tvm_intrinsics(target):
+            with _context_imports(target):
                 context = ms.TuneContext(mod=task_mod, target=target, space_generator=space,
                                          search_strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
                                          task_name=task.task_name, logger=logger,
                                          rand_state=options.seed + recorded,  # a resumed run explores new samples
                                          num_threads=max(1, len(os.sched_getaffinity(0))))
             callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-            if bar:
-                callbacks.append(_progress_callback(bar.advance))
+
+            def on_batch(n: int, failed: int, error: str | None, bar=bar, last_error=last_error) -> None:
+                last_error[:] = [error] if error else last_error
+                if bar:
+                    bar.advance(n, failed)
+
+            callbacks.append(_progress_callback(on_batch))
             ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(db_dir),
                           max_trials_global=remaining, max_trials_per_task=remaining,
                           num_trials_per_iter=min(options.per_round, remaining), builder=builder, runner=runner,
@@ -426,6 +433,6 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         tunedb.write_key(db_dir, key)  # compile --db applies a task's records only if they beat its default
         report.tasks.append(TaskResult(task.task_name, kind, int(task.weight), entry["default_us"],
                                        entry["best_us"], len(records), len(records) - len(times),
-                                       len(records) - recorded))
+                                       len(records) - recorded, last_error[0] if last_error else None))
     report.seconds = time.perf_counter() - start
     return report
