@@ -105,7 +105,15 @@ def open_for_tuning(db_dir: Path, spec):
 
 
 def open_database(db_dir: Path):
+    """MetaSchedule's JSONDatabase of the directory. It decodes every record by replaying its trace, so for a
+    CUDA target bmvcc's intrinsics, which W2A8 traces tensorize with, are registered first."""
     from tvm.s_tir import meta_schedule as ms
+
+    key = read_key(db_dir)
+    if key is not None and key.get("target", {}).get("tvm", {}).get("kind") == "cuda":
+        from .schedules.w2a8_cuda import register_intrinsics
+
+        register_intrinsics()
 
     return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
 
@@ -126,10 +134,6 @@ def apply_to_fused(mod, spec, db_dir: Path, only_faster: bool = True):
 
     key = check_target(db_dir, spec)
     target = spec.target()
-    if target.kind.name == "cuda":  # W2A8 traces tensorize with bmvcc's intrinsics, registered when named
-        from .schedules.w2a8_cuda import register_intrinsics
-
-        register_intrinsics()
     before = _scheduled(mod)
     db = open_database(db_dir)
     with target, (winning_records(db, key) if only_faster else db):
