@@ -39,7 +39,8 @@ def _fused(ckpt):
 
 @pytest.fixture(scope="module")
 def gpu_tuned(tmp_path_factory, checkpoint, rpc_tracker):  # noqa: F811
-    """Tunes the FFN's padded W2A8 GELU kernel: (checkpoint, fused module, task name, db, finished process)."""
+    """Tunes the FFN's padded W2A8 GELU kernel: (checkpoint, fused module, kernel table, task name, db,
+    finished process)."""
     tracker, _ = rpc_tracker
     ckpt, _ = checkpoint(CFG, seed=3)
     fused, table = _fused(ckpt)
@@ -50,11 +51,11 @@ def gpu_tuned(tmp_path_factory, checkpoint, rpc_tracker):  # noqa: F811
                            "--trials", str(TRIALS), "--per-round", str(TRIALS), "--task", task,
                            "--rpc-tracker", tracker, "--rpc-key", KEY, "--json"],
                           capture_output=True, text=True, timeout=400)
-    return ckpt, fused, task, db, done
+    return ckpt, fused, table, task, db, done
 
 
 def test_w2a8_task_is_tuned_in_its_space_and_candidates_fail_on_a_non_gpu_device(gpu_tuned):
-    _, _, task, db, done = gpu_tuned
+    _, _, _, task, db, done = gpu_tuned
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     (row,) = json.loads(done.stdout)["tasks"]
     assert row["name"] == task and row["kind"] == "bmvcc:w2a8"
@@ -68,7 +69,7 @@ def test_w2a8_task_is_tuned_in_its_space_and_candidates_fail_on_a_non_gpu_device
 
 
 def test_compile_with_a_database_of_failed_records_applies_nothing(gpu_tuned, tmp_path):
-    ckpt, _, task, db, _ = gpu_tuned
+    ckpt, _, _, task, db, _ = gpu_tuned
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "bmvcc.cli", "compile", str(ckpt), "--target", TARGET, "-o", str(out),
                            "--db", str(db), "--json"], capture_output=True, text=True, timeout=400)
@@ -78,18 +79,19 @@ def test_compile_with_a_database_of_failed_records_applies_nothing(gpu_tuned, tm
     assert "knobs" in kernels[task] and "from_db" not in kernels[task]  # the hand schedule
 
 
-def test_database_record_replays_on_the_task_to_a_tensor_core_kernel(gpu_tuned):
+def test_database_record_replays_on_the_task_and_builds_into_the_model(gpu_tuned):
     """What compile --db does with a valid record, on one that failed only for want of a GPU: found by the
     task's workload in the GPU build's fused module, its trace replayed there (bmvcc's intrinsics
-    registered by tunedb.open_database), the result built for sm_87 with IMMA in its SASS."""
+    registered by tunedb.open_database), put in place as MetaScheduleApplyDatabase does (marked
+    tirx.is_scheduled), left alone by the hand schedules and built with the whole model for sm_87, with the
+    W2A8 tensor-core path (IMMA) in the SASS."""
     import tvm
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from bmvcc.schedules import w2a8_cuda
-    from bmvcc.targets import cuda_toolchain
+    from bmvcc import gpu_build
 
-    _, fused, task, db, _ = gpu_tuned
+    _, fused, table, task, db, _ = gpu_tuned
     spec = get_target(TARGET)
     (extracted,) = [t for t in ms.relax_integration.extract_tasks(fused, spec.target()) if t.task_name == task]
     workload = extracted.dispatched[0]
@@ -99,5 +101,14 @@ def test_database_record_replays_on_the_task_to_a_tensor_core_kernel(gpu_tuned):
     sch = s_tir.Schedule(workload)
     records[0].trace.apply_to_schedule(sch, remove_postproc=False)
     tvm.ir.assert_structural_equal(sch.mod, records[0].as_measure_candidate().sch.mod)
-    cubin = cuda_toolchain.compile_cuda(w2a8_cuda.cuda_source(sch.mod["main"], spec), "sm_87")
+
+    applied = fused.clone()
+    applied[task] = sch.mod["main"].with_attrs({"global_symbol": task, "tirx.is_scheduled": True})
+    with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
+        scheduled, kernels = gpu_build.schedule_kernels(applied, table)
+        assert kernels[task].get("from_db") and "knobs" not in kernels[task]
+        tvm.ir.assert_structural_equal(scheduled[task], applied[task])  # not rescheduled by hand
+        lowered, _ = gpu_build.lower(scheduled, spec)
+        executable = tvm.compile(lowered, target=spec.target(), relax_pipeline=None)
+    _, cubin = gpu_build.compile_device(executable, "sm_87")
     assert cubin.opcode_counts().get("IMMA.16832.S8.S8", 0) > 0
