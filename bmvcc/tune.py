@@ -414,7 +414,8 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
             callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
 
             def on_batch(n: int, failed: int, error: str | None, bar=bar, last_error=last_error) -> None:
-                last_error[:] = [error] if error else last_error
+                if error:
+                    last_error[:] = [error]
                 if bar:
                     bar.advance(n, failed)
 
