@@ -15,7 +15,7 @@ def build(mod, spec, path: Path, progress: Callable[[str], None] = lambda msg: N
 
     target = spec.target()
     from_db = 0
-    if db is not None:  # tuned PrimFuncs are marked tirx.is_scheduled: the default schedules skip them
+    if db is not None and spec.device == "cpu":  # tuned PrimFuncs are marked tirx.is_scheduled: the default schedules skip them
         from .tunedb import apply_database
 
         progress(f"applying tuning database {db}")
@@ -28,7 +28,7 @@ def build(mod, spec, path: Path, progress: Callable[[str], None] = lambda msg: N
         progress(f"exporting {path.name}")
         executable.export_library(str(path), **_link(spec))
     else:
-        _build_cuda(mod, spec, path, progress)
+        from_db = _build_cuda(mod, spec, path, progress, db)
     return from_db
 
 
@@ -41,17 +41,26 @@ def _link(spec) -> dict:
     return {"fcompile": cross.fcompile(spec.cross_compiler)}
 
 
-def _build_cuda(mod, spec, path: Path, progress) -> None:
+def _build_cuda(mod, spec, path: Path, progress, db: Path | None) -> int:
     """GPU build (bmvcc/gpu_build.py): writes the .so with the cubin embedded, and next to it
-    gpu_build.DEVICE_BINARY (the same cubin bytes) and gpu_build.DEVICE_INFO (kernels, ptxas resources)."""
+    gpu_build.DEVICE_BINARY (the same cubin bytes) and gpu_build.DEVICE_INFO (kernels, ptxas resources).
+    Returns how many kernels came from the tuning database `db`."""
     import tvm
 
     from . import gpu_build
 
-    progress("scheduling (W2A8 tensor-core and norm_quant kernels; DLight for the rest)")
-    mod, kernels = gpu_build.schedule_kernels(mod, spec)
-    progress("tvm.compile")
+    from_db = 0
     with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
+        progress("legalizing and fusing (W2A8 calls on the tensor-core kernel's tiles)")
+        mod, kernels = gpu_build.fuse(mod, spec)
+        if db is not None:  # tuned PrimFuncs are marked tirx.is_scheduled: the hand schedules and DLight skip them
+            from .tunedb import apply_to_fused
+
+            progress(f"applying tuning database {db}")
+            mod, from_db = apply_to_fused(mod, spec, db)
+        progress("scheduling (W2A8 tensor-core and norm_quant kernels; DLight for the rest)")
+        mod, kernels = gpu_build.schedule_kernels(mod, kernels)
+        progress("tvm.compile")
         mod, calls = gpu_build.lower(mod, spec)
         executable = tvm.compile(mod, target=spec.target(), relax_pipeline=None)
     progress(f"compiling device code for {spec.facts['arch']} (NVRTC, ptxas)")
@@ -59,3 +68,4 @@ def _build_cuda(mod, spec, path: Path, progress) -> None:
     progress(f"exporting {path.name}")
     executable.export_library(str(path), fpack_imports=gpu_build.pack_imports(source, cubin.data), **_link(spec))
     gpu_build.write_device_files(path.parent, cubin, kernels, calls)
+    return from_db

@@ -1,15 +1,17 @@
 """Whole-model CUDA build: bmvcc kernels scheduled for the GPU, the rest through DLight, and an
 exported .so that carries compiled device code (a cubin), not CUDA source.
 
-1. `schedule_kernels`: each W2A8 call_tir gets schedules/w2a8_cuda.py's tensor-core kernel. When a
-   GEMM shape is not a multiple of the kernel's tiles, the call is rewritten to pad its operands
-   (q with 0, packed weights with 0x55 = four zero weights, x_scale with 1, residual with 0), call the
-   kernel on the padded shape and slice the output back: the padding contributes exactly 0. The
-   kernel's epilogue applies GELU / adds the residual before its single store.
-   norm_quant gets schedules/norm_quant_cuda.py. Both are marked tirx.is_scheduled; everything else
-   (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands, passes/fp16_matmuls.py)
-   is left to tvm.compile's CUDA pipeline (LegalizeOps, FuseOps, FuseTIR, DLight Matmul/GEMV/Reduction/
-   GeneralReduction/Fallback).
+1. `fuse`: each W2A8 call_tir is rewritten to call schedules/w2a8.py's compute definition on a shape that
+   is a multiple of the tensor-core kernel's tiles: when the GEMM is not, its operands are padded
+   (q with 0, packed weights with 0x55 = four zero weights, x_scale with 1, residual with 0) and the
+   output sliced back: the padding contributes exactly 0. The kernel's epilogue applies GELU / adds the
+   residual before its single store. Then tvm.compile's CUDA legalization and fusion (LegalizeOps,
+   FuseOps, FuseTIR). The result's PrimFuncs are the tuning tasks (bmvcc/tune.py); `compile --db`
+   applies a database to them here (bmvcc/tunedb.py).
+   `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
+   schedule, norm_quant schedules/norm_quant_cuda.py; both are marked tirx.is_scheduled. Everything
+   else (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands,
+   passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `lower`.
 2. `tvm.compile` with cp.async enabled. TVM 0.27 keeps the device module as CUDA source, compiled
    at load time by a Python callback a device running only the TVM runtime does not have; so the
    source is compiled here with the pip CUDA 12.6 toolchain (targets/cuda_toolchain.py) to a cubin
@@ -44,25 +46,68 @@ def _kind(func):
     return str(attrs[KERNEL_ATTR]) if attrs is not None and KERNEL_ATTR in attrs else None
 
 
-def schedule_kernels(mod, spec):
-    """W2A8 (padded where needed) and norm_quant scheduled for the GPU; returns (mod, kernel table)."""
+def fuse(mod, spec):
+    """bmvcc's Relax module -> (fused module, kernel table {PrimFunc name: entry}): every W2A8 call on the
+    compute definition of its kernel, padded to the default knobs' tiles (w2a8_cuda.padded) and
+    unscheduled, then tvm.compile's CUDA library dispatch, legalization and fusion (relax.backend.cuda's
+    legalize passes but the last, DLight). Nothing is scheduled yet: these PrimFuncs are `bmvcc tune`'s
+    tasks and what `compile --db` applies a tuning database to, before `schedule_kernels` and DLight."""
+    import tvm
+    from tvm.relax.backend.cuda import pipeline as cuda
+
     from .schedules import w2a8_cuda
-    from .schedules.norm_quant_cuda import schedule_norm_quant_cuda
+    from .schedules.w2a8 import w2a8_compute
 
-    table = {}
-    for gv, func in list(mod.functions_items()):
-        if _kind(func) == "norm_quant":
-            mod[gv] = schedule_norm_quant_cuda(func)
-            table[gv.name_hint] = {"kernel": "norm_quant"}
-
-    def tensor_core(cfg):
+    def definition(cfg):
         knobs = w2a8_cuda.default_knobs(cfg)
         p = w2a8_cuda.padded(cfg, knobs)
-        return p, w2a8_cuda.scheduled_func(cfg, knobs), {"kernel": "w2a8", "config": vars(cfg),
-                                                         "padded": vars(p), "knobs": vars(knobs)}
+        return p, w2a8_compute(p), {"kernel": "w2a8", "config": vars(cfg), "padded": vars(p), "knobs": vars(knobs)}
 
-    mod, w2a8_table = rewrite_w2a8_calls(mod, tensor_core)
-    return mod, {**table, **w2a8_table}
+    mod, table = rewrite_w2a8_calls(mod, definition)
+    table.update({gv.name_hint: {"kernel": "norm_quant"} for gv, f in mod.functions_items() if _kind(f) == "norm_quant"})
+    target = spec.target()
+    with target:
+        mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target)[:-1])(mod)
+    return mod, table
+
+
+def schedule_kernels(mod, table):
+    """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their hand schedules: W2A8 with
+    its table knobs (schedules/w2a8_cuda.py), norm_quant (schedules/norm_quant_cuda.py); all marked
+    tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a tuning
+    database: its entry says so instead of naming knobs. Returns (mod, table)."""
+    from tvm import s_tir
+
+    from .schedules import w2a8_cuda
+    from .schedules.norm_quant_cuda import schedule_norm_quant_cuda
+    from .schedules.w2a8 import W2A8Config
+
+    mod, table = mod.clone(), dict(table)
+    for gv, func in list(mod.functions_items()):
+        entry = table.get(gv.name_hint)
+        if entry is None:
+            continue
+        if func.attrs.get("tirx.is_scheduled", False):
+            table[gv.name_hint] = {**{k: v for k, v in entry.items() if k != "knobs"}, "from_db": True}
+        elif entry["kernel"] == "norm_quant":
+            mod[gv] = schedule_norm_quant_cuda(func)
+        else:
+            sch = s_tir.Schedule(func)
+            w2a8_cuda.apply(sch, W2A8Config(**entry["padded"]), w2a8_cuda.W2A8CudaKnobs(**entry["knobs"]))
+            mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return mod, table
+
+
+def schedule_rest(mod, spec):
+    """DLight's default GPU schedules (relax.backend.cuda's last legalize pass) for every PrimFunc not
+    scheduled yet, its fp16 tensor-core rule without TVM's minute-long intrinsic import."""
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    from .schedules.wmma_intrinsics import dlight_wmma
+
+    target = spec.target()
+    with target, dlight_wmma():
+        return cuda.legalize_passes(target)[-1](mod)
 
 
 def rewrite_w2a8_calls(mod, kernel_for):
@@ -112,22 +157,18 @@ def rewrite_w2a8_calls(mod, kernel_for):
 
 
 def lower(mod, spec):
-    """tvm.compile's CUDA Relax pipeline (relax.backend.cuda), run here in two halves to record the
-    kernel calls after fusion (before DLight's schedules, which keep the names): returns (module for tvm.compile(relax_pipeline=None),
-    {PrimFunc name: kernel_stats} of the kernels the lowered main launches). Call under PASS_CONFIG."""
+    """The rest of tvm.compile's CUDA Relax pipeline (relax.backend.cuda) for a `fuse`d module whose bmvcc
+    kernels are scheduled: DLight, dataflow lowering, finalization. Returns (module for
+    tvm.compile(relax_pipeline=None), {PrimFunc name: kernel_stats} of the kernels the lowered main
+    launches, counted before DLight, which keeps the names). Call under PASS_CONFIG."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
-    from .schedules.wmma_intrinsics import dlight_wmma
-
     target = spec.target()
-    legalize = cuda.legalize_passes(target)  # ..., FuseOps, FuseTIR, DLight (last): ops counted before DLight
+    calls = kernel_calls(mod)
+    mod = schedule_rest(mod, spec)
     with target:
-        mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize[:-1])(mod)
-        calls = kernel_calls(mod)
-        with dlight_wmma():  # DLight's fp16 tensor-core rule without TVM's minute-long intrinsic import
-            mod = tvm.transform.Sequential(legalize[-1:] + cuda.dataflow_lower_passes(target)
-                                           + cuda.finalize_passes(target))(mod)
+        mod = tvm.transform.Sequential(cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
     launched = _launched(mod)  # reshape kernels became views (vm.builtin.reshape) in between: no launch
     return mod, {name: stats for name, stats in calls.items() if name in launched}
 

@@ -1,8 +1,9 @@
 """bmvcc tune: MetaSchedule search over the kernels of a compiled model, recorded in a tuning database.
 
-Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (schedules/cpu_default.py) -> one task per
-distinct PrimFunc. bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner
-registered in schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
+Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (schedules/cpu_default.py; for a GPU,
+bmvcc/gpu_build.py's `fuse`, W2A8 on its padded compute definition) -> one task per distinct PrimFunc.
+bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner registered in
+schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
 MetaSchedule's default space. Search: evolutionary with the XGBoost cost model, one task after another.
 
 Resume: MetaSchedule's search does not count what a database already holds (it seeds its population
@@ -61,6 +62,7 @@ class TaskResult:
     trials: int  # records in the database (all runs)
     failed: int  # of which failed to build or run
     measured_now: int  # trials this run measured
+    error: str | None = None  # why this run's last failed candidate failed (one line; full log in DB/logs/)
 
     @property
     def speedup(self) -> float | None:
@@ -88,6 +90,7 @@ class TuneReport:
             lines.append(f"{t.name[:52]:<52} {t.kind[:24]:<24} {fmt(t.default_us, '11.1f'):>11} "
                          f"{fmt(t.best_us, '10.1f'):>10} {fmt(t.speedup, '7.2f') + ('x' if t.speedup else ''):>8} "
                          f"{t.trials:>7} {t.failed:>6}")
+        lines += [f"{t.name}: {t.failed} of {t.trials} failed; last: {t.error}" for t in self.tasks if t.error]
         return "\n".join(lines)
 
 
@@ -250,6 +253,34 @@ def _space(mod, target):
     return space_for(kernel, target), f"bmvcc:{kernel}"
 
 
+def _fused_and_defaults(mod, spec):
+    """(bmvcc's Relax module legalized and fused as the target's build does it, whose PrimFuncs are the
+    tasks; the same module scheduled as `bmvcc compile` schedules it without a database)."""
+    import tvm
+
+    target = spec.target()
+    if spec.device == "cuda":  # bmvcc/gpu_build.py: W2A8 on its padded compute definition, hand schedules + DLight
+        from . import gpu_build
+
+        with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
+            mod, kernels = gpu_build.fuse(mod, spec)
+            return mod, gpu_build.schedule_rest(gpu_build.schedule_kernels(mod, kernels)[0], spec)
+    from .schedules.cpu_default import legalize_and_fuse, schedule_cpu_module
+
+    mod = legalize_and_fuse(mod, target)
+    return mod, schedule_cpu_module(mod, target)
+
+
+def _context_imports(target):
+    """What a TuneContext for `target` is created within: for CUDA, without TVM's minute-long import of every
+    intrinsic (schedules/wmma_intrinsics.py); bmvcc's W2A8 space registers its own intrinsics."""
+    if target.kind.name != "cuda":
+        return contextlib.nullcontext()
+    from .schedules.wmma_intrinsics import metaschedule_cuda
+
+    return metaschedule_cuda()
+
+
 def _records(db, mod) -> list:
     """All records of this task's workload, failed ones included."""
     from .tunedb import workload_id
@@ -263,15 +294,23 @@ def _seconds(record) -> float | None:
     return sum(secs) / len(secs) if secs and max(secs) < 1e9 else None  # MetaSchedule writes 1e10 for failures
 
 
-def _progress_callback(on_batch: Callable[[int, int], None]):
+def _failure(message: str) -> str:
+    """The one line that says why a candidate failed: the last line of the error before the IR that
+    MetaSchedule appends (a build's or the device's exception message)."""
+    lines = [line.strip() for line in message.split("\n# from tvm.script")[0].splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "unknown error"
+
+
+def _progress_callback(on_batch: Callable[[int, int, str | None], None]):
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
     @derived_object
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-            failed = sum(1 for b, r in zip(builder_results, runner_results) if b.error_msg or r.error_msg)
-            on_batch(len(measure_candidates), failed)
+            errors = [f"build: {_failure(b.error_msg)}" if b.error_msg else f"run: {_failure(r.error_msg)}"
+                      for b, r in zip(builder_results, runner_results) if b.error_msg or r.error_msg]
+            on_batch(len(measure_candidates), len(errors), errors[-1] if errors else None)
 
     return _Progress()
 
@@ -320,9 +359,6 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         raise BmvccError(f"--trials {options.trials} and --per-round {options.per_round} must be at least 1")
     start = time.perf_counter()
     spec = get_target(options.target)
-    if spec.device != "cpu":  # the builder is ready (_export); the rest of the flow is the CPU one
-        raise BmvccError(f"tuning the GPU kernels of '{spec.name}' is not supported yet (tasks, default schedules "
-                         "and compile --db follow the CPU build); tune its CPU with --target aarch64")
     db_dir = Path(db_dir)
     runner, devices = _runner(spec, options)  # fail fast on RPC problems, before minutes of work
     progress(f"loading {source_path}")
@@ -332,10 +368,7 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     progress("importing into Relax and running bmvcc passes")
     mod, _weights, _ = run_pipeline(frontend.to_relax(source, batch), spec)
     target = spec.target()
-    from .schedules.cpu_default import legalize_and_fuse, schedule_cpu_module
-
-    mod = legalize_and_fuse(mod, target)
-    defaults = schedule_cpu_module(mod, target)  # what bmvcc compile builds without a database
+    mod, defaults = _fused_and_defaults(mod, spec)
 
     from tvm.s_tir import meta_schedule as ms
 
@@ -370,15 +403,23 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         recorded = len(_records(db, task_mod))
         remaining = max(0, options.trials - recorded) if space is not None else 0
         bar = _Bar(f"[{index}/{len(tasks)}] {task.task_name[:40]}", recorded, options.trials) if bars else None
+        last_error: list[str] = []
         if remaining:
-            context = ms.TuneContext(mod=task_mod, target=target, space_generator=space,
-                                     search_strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
-                                     task_name=task.task_name, logger=logger,
-                                     rand_state=options.seed + recorded,  # a resumed run explores new samples
-                                     num_threads=max(1, len(os.sched_getaffinity(0))))
+            with _context_imports(target):
+                context = ms.TuneContext(mod=task_mod, target=target, space_generator=space,
+                                         search_strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
+                                         task_name=task.task_name, logger=logger,
+                                         rand_state=options.seed + recorded,  # a resumed run explores new samples
+                                         num_threads=max(1, len(os.sched_getaffinity(0))))
             callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
-            if bar:
-                callbacks.append(_progress_callback(bar.advance))
+
+            def on_batch(n: int, failed: int, error: str | None, bar=bar, last_error=last_error) -> None:
+                if error:
+                    last_error[:] = [error]
+                if bar:
+                    bar.advance(n, failed)
+
+            callbacks.append(_progress_callback(on_batch))
             ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(db_dir),
                           max_trials_global=remaining, max_trials_per_task=remaining,
                           num_trials_per_iter=min(options.per_round, remaining), builder=builder, runner=runner,
@@ -393,6 +434,6 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         tunedb.write_key(db_dir, key)  # compile --db applies a task's records only if they beat its default
         report.tasks.append(TaskResult(task.task_name, kind, int(task.weight), entry["default_us"],
                                        entry["best_us"], len(records), len(records) - len(times),
-                                       len(records) - recorded))
+                                       len(records) - recorded, last_error[0] if last_error else None))
     report.seconds = time.perf_counter() - start
     return report

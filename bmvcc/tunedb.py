@@ -14,8 +14,8 @@ records and each model only finds its own. bmvcc-db.json lists the models tuned 
 sha256 and batch) with each task's default-schedule latency, for the reports.
 
 Tasks are the PrimFuncs of the module after bmvcc's passes and the CPU legalization and fusion of
-schedules/cpu_default.py (`legalize_and_fuse`); compile with a database applies it to the same fused
-module (marking tuned PrimFuncs tirx.is_scheduled) before the default schedules, which skip those.
+schedules/cpu_default.py (`legalize_and_fuse`), or for a GPU target bmvcc/gpu_build.py's `fuse`;
+compile with a database applies it to the same fused module (marking tuned PrimFuncs tirx.is_scheduled) before the default schedules, which skip those.
 That relies on `legalize_and_fuse` being idempotent on its own output (checked in tests/test_tune.py).
 """
 
@@ -105,22 +105,35 @@ def open_for_tuning(db_dir: Path, spec):
 
 
 def open_database(db_dir: Path):
+    """MetaSchedule's JSONDatabase of the directory. It decodes every record by replaying its trace, so for a
+    CUDA target bmvcc's intrinsics, which W2A8 traces tensorize with, are registered first."""
     from tvm.s_tir import meta_schedule as ms
+
+    key = read_key(db_dir)
+    if key is not None and key.get("target", {}).get("tvm", {}).get("kind") == "cuda":
+        from .schedules.w2a8_cuda import register_intrinsics
+
+        register_intrinsics()
 
     return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
 
 
 def apply_database(mod, spec, db_dir: Path, only_faster: bool = True):
     """bmvcc's Relax module -> (fused module with tuned PrimFuncs marked tirx.is_scheduled, number of
-    kernels from the database). only_faster=False applies every task's best record, even one slower
-    than the default schedule."""
-    from tvm import relax
-
+    kernels from the database), for a CPU target (schedules/cpu_default.py's legalize_and_fuse)."""
     from .schedules.cpu_default import legalize_and_fuse
+
+    return apply_to_fused(legalize_and_fuse(mod, spec.target()), spec, db_dir, only_faster)
+
+
+def apply_to_fused(mod, spec, db_dir: Path, only_faster: bool = True):
+    """apply_database on a module already fused as `bmvcc tune` fuses it for spec (CPU: legalize_and_fuse;
+    GPU: gpu_build.fuse). only_faster=False applies every task's best record, even one slower than the
+    default schedule."""
+    from tvm import relax
 
     key = check_target(db_dir, spec)
     target = spec.target()
-    mod = legalize_and_fuse(mod, target)
     before = _scheduled(mod)
     db = open_database(db_dir)
     with target, (winning_records(db, key) if only_faster else db):

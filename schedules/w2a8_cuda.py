@@ -32,7 +32,7 @@ import numpy as np
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import cuda_intrinsics as ci
 from .tuning_spaces import tuning_space
-from .w2a8 import KERNEL_ATTR, W2A8Config, config_of, w2a8_compute
+from .w2a8 import EPILOGUES, KERNEL_ATTR, W2A8Config, config_of, w2a8_compute
 
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
 
@@ -174,6 +174,18 @@ def design_spaces(sch, target) -> list:
         apply(candidate, cfg, k)
         spaces.append(candidate)
     return spaces
+
+
+def register_intrinsics() -> None:
+    """Register every intrinsic a schedule of the tuning space can name (all epilogues, fragment counts
+    and shared scopes), so that a database trace replays in a process that never generated the space."""
+    ci.register()
+    for epilogue in EPILOGUES:
+        ci.store_dequant(epilogue)
+    for scope in ("shared", "shared.dyn"):
+        ci.ldmatrix_a(scope)
+        for edge in WARP_TILES:
+            ci.mma_decode(edge // 16, scope)
 
 
 def _round_up(v: int, q: int) -> int:

@@ -23,20 +23,54 @@ from pathlib import Path
 
 TVM_MODULE = "tvm.s_tir.tensor_intrin.cuda"
 _PREFIX = "bmvcc_"
-_tvm: dict = {}  # TVM's get_wmma_* functions, loaded once
+PACKAGE = "tvm.s_tir.tensor_intrin"  # imported by MetaSchedule's TuneContext: every target's intrinsics
+# The intrinsics TVM 0.27's ScheduleRule::DefaultCUDATensorCore names (MetaSchedule's default space for a
+# CUDA target with tensor cores), which a TuneContext for such a target needs registered.
+METASCHEDULE_TENSOR_CORE = tuple(
+    [f"wmma_fill_16x16x16_{t}" for t in ("f32", "f16", "s32")]
+    + [f"wmma_load_16x16x16_{t}_{ab}_shared_dyn" for t in ("f16", "s8") for ab in ("a", "b", "b_trans")]
+    + [f"wmma_sync_16x16x16_{op}{trans}" for op in ("f16f16f32", "f16f16f16", "s8s8s32") for trans in ("", "_trans")]
+    + [f"wmma_store_16x16x16_{t}_shared_dyn" for t in ("f32", "f16", "s32")]
+    + [f"mma_init_m16n8k8_{t}" for t in ("f16", "f32")] + [f"mma_load_m16n8k8_f16_{ab}_shared_dyn" for ab in "AB"]
+    + [f"mma_sync_m16n8k8_f16f16{t}" for t in ("f16", "f32")] + [f"mma_store_m16n8k8_{t}_global" for t in ("f16", "f32")])
+_tvm: dict = {}  # namespace of TVM's cuda.py without its registrations (_tvm_generators), loaded once
+
+
+def _tvm_source() -> tuple[ast.Module, str]:
+    import tvm.s_tir
+
+    path = Path(tvm.s_tir.__file__).parent / "tensor_intrin" / "cuda.py"
+    return ast.parse(path.read_text(), str(path)), str(path)
+
+
+def _is_registration(node) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "TensorIntrin.register"
 
 
 def _tvm_generators() -> dict:
+    """The namespace of TVM's tensor_intrin/cuda.py without its module-level registrations (its imports,
+    constants and generator functions; the generators parse their TVMScript only when called)."""
     if not _tvm:
-        import tvm.s_tir
-
-        path = Path(tvm.s_tir.__file__).parent / "tensor_intrin" / "cuda.py"
-        tree = ast.parse(path.read_text(), str(path))
-        keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
-                or isinstance(n, ast.FunctionDef) and n.name.startswith("get_wmma_")]
+        tree, path = _tvm_source()
+        keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.Assign))]
         # compiled under the file's own name: TVMScript reads each prim_func's source from it
-        exec(compile(ast.Module(keep, type_ignores=[]), str(path), "exec"), _tvm)
+        exec(compile(ast.Module(keep, type_ignores=[]), path, "exec"), _tvm)
     return _tvm
+
+
+def register_tvm_intrinsics(names) -> None:
+    """Register those of TVM's CUDA intrinsics `names` (TVM's own names) that are not registered yet, by
+    running only their registrations from tensor_intrin/cuda.py. For a process that never imports that
+    module (the real import would find these names taken)."""
+    from tvm.s_tir import TensorIntrin
+
+    missing = {n for n in names if TensorIntrin.get(n, allow_missing=True) is None}
+    if not missing:
+        return
+    g = _tvm_generators()
+    tree, path = _tvm_source()
+    wanted = [n for n in tree.body if _is_registration(n) and eval(compile(ast.Expression(n.value.args[0]), path, "eval"), g) in missing]
+    exec(compile(ast.Module(wanted, type_ignores=[]), path, "exec"), g)
 
 
 def get_wmma_intrin_group(load_scope: str, store_scope: str, in_dtype: str, out_dtype: str,
@@ -73,3 +107,20 @@ def dlight_wmma():
     finally:
         if sys.modules.get(TVM_MODULE) is stand_in:
             del sys.modules[TVM_MODULE]
+
+
+@contextlib.contextmanager
+def metaschedule_cuda():
+    """Within: a MetaSchedule TuneContext for a CUDA target is created without importing PACKAGE (TVM's
+    intrinsics for every target, about a minute here): an empty stand-in answers the import, and the
+    intrinsics its default tensor-core space names are registered from TVM's own generators."""
+    register_tvm_intrinsics(METASCHEDULE_TENSOR_CORE)
+    if PACKAGE in sys.modules:
+        yield
+        return
+    stand_in = sys.modules[PACKAGE] = types.ModuleType(PACKAGE)
+    try:
+        yield
+    finally:
+        if sys.modules.get(PACKAGE) is stand_in:
+            del sys.modules[PACKAGE]
