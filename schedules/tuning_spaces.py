@@ -4,17 +4,20 @@ MetaSchedule's default space would drop what makes these kernels fast (tensoriza
 the packed 2-bit decode placement), so each kernel's schedule owner registers a *space function*:
     @tuning_space("w2a8", device="cpu")
     def space(sch: s_tir.Schedule, target) -> None
-It applies the kernel's hand schedule to the unscheduled PrimFunc in `sch`, drawing every knob (tiles,
-pipeline stages, vector width, unroll) from `sch.sample_perfect_tile` / `sch.sample_categorical`
-instead of fixed numbers, and keeps the tensorize calls. The decisions land in the trace, so the
-evolutionary search can mutate them (MutateTileSize, MutateUnroll, MutateParallel) and the database
-replays them at compile time. A kernel with no registered space keeps its hand schedule (not tuned).
+It applies the kernel's hand schedule to the PrimFunc in `sch` (the tuning task), drawing its knobs
+from `sch.sample_perfect_tile` (tiles: mutated by MutateTileSize) and `sch.sample_categorical`
+annotated on the root block as "meta_schedule.unroll_explicit" (auto-unroll step: MutateUnroll, applied
+by the RewriteParallelVectorizeUnroll postprocessor), and keeps the tensorize calls.
 
-A space must be made of schedule primitives only, applied to the kernel's PrimFunc as the passes
-emit it: the database stores the trace and replays it on that PrimFunc. A schedule that first rewrites
-the function (as schedules/w2a8_cpu.py's `_restage` does) cannot be recorded; its knobs (CpuKnobs mr,
-nt) become tunable once the restaging is expressed with primitives (pad_einsum / cache_read /
-transform_layout / blockize), or once the knob choice is stored beside MetaSchedule's database.
+A space is made of schedule primitives only, applied to the task's PrimFunc: MetaSchedule runs the
+function once for the design-space trace, then samples and mutates by *replaying* that trace with new
+decisions, and the database replays the best trace at compile time. So no Python branch may depend on
+a sampled value, and a kernel whose schedule rewrites the function first must do that rewrite before
+task extraction (schedules/w2a8_cpu.py stages its kernels in cpu_default.legalize_and_fuse, which
+tuning and compile both run). A kernel with no registered space keeps its hand schedule (not tuned).
+The target's default postprocessors run on the sampled traces; on the llvm W2A8 space they add only
+the unroll pragmas and a decomposition of the rowsum reduction (RewriteReductionBlock), and leave the
+tensorized blocks alone (RewriteLayout finds no layout-free buffer).
 Spaces register when their module is imported: list the module in `_SPACE_MODULES`.
 """
 
@@ -24,7 +27,7 @@ import importlib
 from typing import Callable
 
 _SPACES: dict[tuple[str, str], Callable] = {}
-_SPACE_MODULES: tuple[str, ...] = ()  # modules of this package that register spaces, e.g. ("w2a8_cpu",)
+_SPACE_MODULES: tuple[str, ...] = ("w2a8_cpu",)  # modules of this package that register spaces
 
 
 def tuning_space(kernel: str, device: str = "cpu"):
