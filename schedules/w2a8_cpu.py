@@ -186,8 +186,8 @@ def _schedule(sch, tile) -> None:
         sch.reorder(j0, i0, k0, i1, j1, j2, k1)
     sch.parallel(j0)
     # epilogue per micro tile, right after its accumulation: accp shrinks to one tile in L1
-    for blk in epilogue:
-        sch.reverse_compute_at(sch.get_sblock(blk), i0)
+    for blk in epilogue:  # unit loops kept (here and below): loop counts must not depend on sampled tiles
+        sch.reverse_compute_at(sch.get_sblock(blk), i0, preserve_unit_loops=True)
         if not padded:
             sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
     if chunk:  # the int16 dot of one chunk for one micro tile, then widened into accp
@@ -199,7 +199,7 @@ def _schedule(sch, tile) -> None:
         widen_init = sch.decompose_reduction(outer, c)
         sch.vectorize(sch.get_loops(widen_init)[-1])
         sch.unroll(sch.get_loops(outer)[-1])
-    sch.compute_at(decode, j0)  # one decoded tile (lanes * nt features x K4) per parallel iteration
+    sch.compute_at(decode, j0, preserve_unit_loops=True)  # one decoded tile (lanes * nt features x K4) per parallel iteration
     dj, dk = sch.get_loops(decode)[-2:]
     dk0, dk1 = sch.split(dk, [None, 4])
     dj0, dj1 = sch.split(dj, [None, lanes])
