@@ -126,6 +126,8 @@ def open_for_tuning(db_dir: Path, spec):
 def open_database(db_dir: Path):
     from tvm.s_tir import meta_schedule as ms
 
+    from .schedules import dot_intrinsics  # noqa: F401  loading replays each trace, W2A8 ones tensorize with these
+
     return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
 
 
