@@ -242,8 +242,8 @@ def test_shipped_database_is_applied_for_its_exact_target(tuned, tmp_path):
 
 
 def test_forced_tuned_kernels_keep_the_logits(tuned):
-    """With the tuned schedule applied even where it is slower, the tuned kernel is marked scheduled
-    (the default schedules leave it alone) and the whole model still matches PyTorch."""
+    """With the tuned schedules applied even where they are slower, both tuned kernels (float and W2A8)
+    are marked scheduled (the default schedules leave them alone) and the whole model still matches PyTorch."""
     import tvm
     from tvm import relax
 
