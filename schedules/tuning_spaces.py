@@ -5,9 +5,8 @@ the packed 2-bit decode placement), so each kernel's schedule owner registers a 
     @tuning_space("w2a8", device="cpu")
     def space(sch: s_tir.Schedule, target) -> None
 It applies the kernel's hand schedule to the PrimFunc in `sch` (the tuning task), drawing its knobs
-from `sch.sample_perfect_tile` (tiles: mutated by MutateTileSize) and `sch.sample_categorical`
-annotated on the root block as "meta_schedule.unroll_explicit" (auto-unroll step: MutateUnroll, applied
-by the RewriteParallelVectorizeUnroll postprocessor), and keeps the tensorize calls.
+from `sch.sample_perfect_tile` (tiles: mutated by MutateTileSize) and `sample_unroll` below (the
+auto-unroll step: MutateUnroll), and keeps the tensorize calls.
 
 A space is made of schedule primitives only, applied to the task's PrimFunc: MetaSchedule runs the
 function once for the design-space trace, then samples and mutates by *replaying* that trace with new
@@ -27,7 +26,8 @@ import importlib
 from typing import Callable
 
 _SPACES: dict[tuple[str, str], Callable] = {}
-_SPACE_MODULES: tuple[str, ...] = ("w2a8_cpu",)  # modules of this package that register spaces
+_SPACE_MODULES: tuple[str, ...] = ("w2a8_cpu", "norm_quant")  # modules of this package that register spaces
+UNROLL_STEPS = (0, 16, 64, 512)  # auto-unroll step candidates (0: loops as scheduled)
 
 
 def tuning_space(kernel: str, device: str = "cpu"):
@@ -38,6 +38,13 @@ def tuning_space(kernel: str, device: str = "cpu"):
         return fn
 
     return register
+
+
+def sample_unroll(sch) -> None:
+    """Draw the auto-unroll step of every loop nest from UNROLL_STEPS (the RewriteParallelVectorizeUnroll
+    postprocessor turns it into pragma_auto_unroll_max_step; MutateUnroll mutates it)."""
+    step = sch.sample_categorical(list(UNROLL_STEPS), [1 / len(UNROLL_STEPS)] * len(UNROLL_STEPS))
+    sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", step)
 
 
 def has_space(kernel: str, target) -> bool:

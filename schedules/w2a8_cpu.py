@@ -21,7 +21,7 @@ per mr-row micro tile the k loop runs the intrinsic on mr x nt register accumula
 runs on that tile right away.
 
 Tuned knobs: mr (sample_perfect_tile, up to MAX_MR), nt (up to MAX_NT) and the auto-unroll step of
-each nest (UNROLL_STEPS, applied by the RewriteParallelVectorizeUnroll postprocessor). The backend is
+each nest (tuning_spaces.sample_unroll). The backend is
 fixed by the staging (the staged function differs per backend).
 """
 
@@ -29,13 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tuning_spaces import tuning_space
+from .tuning_spaces import sample_unroll, tuning_space
 from .w2a8 import KERNEL_ATTR
 from .w2a8_cpu_stages import restage, round_up
 
 STAGED_ATTR = "bmvcc.w2a8_backend"  # on a staged kernel: the backend its stages were built for
 MAX_MR, MAX_NT = 8, 4  # tuning range of the micro tile (rows, lane groups)
-UNROLL_STEPS = (0, 16, 64, 512)  # pragma_auto_unroll_max_step candidates (0: loops as scheduled)
 
 
 @dataclass(frozen=True)
@@ -143,8 +142,7 @@ def w2a8_space(sch, target) -> None:
         raise ValueError("the W2A8 tuning space expects a staged kernel (stage_w2a8_kernels)")
     caps = {"mr": MAX_MR, "nt": MAX_NT}
     _schedule(sch, lambda loop, knob: sch.sample_perfect_tile(loop, n=2, max_innermost_factor=caps[knob]))
-    step = sch.sample_categorical(list(UNROLL_STEPS), [1 / len(UNROLL_STEPS)] * len(UNROLL_STEPS))
-    sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", step)
+    sample_unroll(sch)
 
 
 def _schedule(sch, tile) -> None:

@@ -1,4 +1,4 @@
-"""The W2A8 CPU tuning space (schedules/w2a8_cpu.py, registered in schedules/tuning_spaces.py).
+"""The CPU tuning spaces of bmvcc's kernels: W2A8 (schedules/w2a8_cpu.py) and norm_quant (norm_quant.py).
 
 MetaSchedule samples a design space by replaying its trace with new random decisions, and mutates
 by replaying it with changed ones; the samples checked here are made that way. Exactness: as in tests/test_w2a8_cpu.py, int32 accumulators
@@ -15,7 +15,15 @@ tvm = pytest.importorskip("tvm")
 
 from bmvcc.schedules.tuning_spaces import has_space  # noqa: E402
 from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute, w2a8_numpy  # noqa: E402
-from bmvcc.schedules.w2a8_cpu import DEFAULT_KNOBS, STAGED_ATTR, intrin_of, select_backend, stage_w2a8  # noqa: E402
+from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, norm_quant_space  # noqa: E402
+from bmvcc.schedules.w2a8_cpu import (  # noqa: E402
+    DEFAULT_KNOBS,
+    STAGED_ATTR,
+    intrin_of,
+    select_backend,
+    stage_w2a8,
+    w2a8_space,
+)
 from bmvcc.targets import get  # noqa: E402
 
 HOST = get("host").target()
@@ -28,17 +36,15 @@ def _task(cfg: W2A8Config):
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
 
 
-def _samples(mod, seed: int):
+def _samples(mod, space, seed: int):
     """SAMPLES schedules of the space, made as MetaSchedule's ReplayTrace makes them: the design-space
     trace replayed on the task with fresh random decisions, then the postprocessor that applies the
     sampled unroll step. (A TuneContext would import every TVM tensor intrinsic first, ~1 min here.)"""
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from bmvcc.schedules.w2a8_cpu import w2a8_space
-
     design = s_tir.Schedule(mod, seed=seed)
-    w2a8_space(design, HOST)
+    space(design, HOST)
     out = []
     for i in range(SAMPLES):
         sch = s_tir.Schedule(mod, seed=seed * SAMPLES + i + 1)
@@ -58,7 +64,7 @@ def test_sampled_schedules_are_exact(m, n, k):
     """Replayed samples draw different tiles and unroll steps; each builds and matches numpy exactly."""
     assert has_space("w2a8", HOST)
     cfg = W2A8Config(m, n, k, epilogue="residual")
-    scheds = _samples(_task(cfg), seed=m)
+    scheds = _samples(_task(cfg), w2a8_space, seed=m)
     distinct = {_decisions(s): s for s in scheds}
     assert len(scheds) == SAMPLES and len(distinct) >= 3, list(distinct)  # every replay succeeded, and they differ
     rng = np.random.default_rng(k)
@@ -84,3 +90,37 @@ def test_staging_pads_rows_only_beyond_four():
         shapes = {b.name: [int(d) for d in b.shape] for b in staged.body.block.alloc_buffers}
         width = intrin_of(knobs.backend).lanes * knobs.nt
         assert shapes["accp"] == [mp, -(-37 // width) * width], shapes
+
+
+def test_norm_quant_samples_are_exact():
+    """The norm_quant space's samples (quant vector widths) give the default schedule's codes and
+    scales bit for bit (a vector width reorders no float operation), and the sequential float32
+    reference's within one code and a few float32 ulps of the scale: on this host LLVM contracts the row
+    sums into FMAs, which the numpy reference does not (bit-exact on a target without FMA:
+    tests/test_passes_kernels.py)."""
+    from test_passes_kernels import _sequential_reference
+
+    from bmvcc.schedules.norm_quant import schedule_norm_quant_cpu
+
+    assert has_space("norm_quant", HOST)
+    cfg = NormQuantConfig(12, 96)
+    func = norm_quant_compute(cfg).with_attr("global_symbol", "main")
+    distinct = {_decisions(s): s for s in _samples(tvm.IRModule({"main": func}), norm_quant_space, seed=5)}
+    assert len(distinct) >= 3, list(distinct)
+    rng = np.random.RandomState(2)
+    x = (rng.randn(cfg.m, cfg.k) * 3).astype(np.float32)
+    g = (1 + 0.3 * rng.randn(cfg.k)).astype(np.float32)
+
+    def run(mod):
+        q, xs = tvm.runtime.empty((cfg.m, cfg.k), "int8", tvm.cpu()), tvm.runtime.empty((cfg.m, 1), "float32", tvm.cpu())
+        tvm.compile(mod, target=HOST)["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(g), q, xs)
+        return q.numpy(), xs.numpy()
+
+    q_def, xs_def = run(tvm.IRModule({"main": schedule_norm_quant_cpu(func, HOST)}))
+    q_ref, xs_ref = _sequential_reference(x, g)
+    assert np.abs(q_def.astype(int) - q_ref).max() <= 1
+    np.testing.assert_allclose(xs_def, xs_ref, rtol=2 ** -21, atol=0)  # an ulp of rstd: a few ulps of the scale
+    for sch in list(distinct.values())[:BUILDS]:
+        q, xs = run(sch.mod)
+        np.testing.assert_array_equal(q, q_def, err_msg=_decisions(sch))
+        np.testing.assert_array_equal(xs, xs_def, err_msg=_decisions(sch))
