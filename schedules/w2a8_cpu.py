@@ -21,8 +21,8 @@ per mr-row micro tile the k loop runs the intrinsic on mr x nt register accumula
 runs on that tile right away.
 
 Tuned knobs: mr (sample_perfect_tile, up to MAX_MR), nt (up to MAX_NT) and the auto-unroll step of
-each nest (tuning_spaces.sample_unroll). The backend is
-fixed by the staging (the staged function differs per backend).
+each nest (tuning_spaces.sample_unroll). The backend is fixed by the staging (the staged function
+differs per backend). Unit loops are kept throughout: loop counts must not depend on sampled tiles.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _schedule(sch, tile) -> None:
         sch.reorder(j0, i0, k0, i1, j1, j2, k1)
     sch.parallel(j0)
     # epilogue per micro tile, right after its accumulation: accp shrinks to one tile in L1
-    for blk in epilogue:  # unit loops kept (here and below): loop counts must not depend on sampled tiles
+    for blk in epilogue:
         sch.reverse_compute_at(sch.get_sblock(blk), i0, preserve_unit_loops=True)
         if not padded:
             sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
