@@ -41,7 +41,9 @@ def compile(
     report = compile_model(source, output, options, progress=_progress)
     summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
                "kernels_from_db": report.metadata["tuning"]["kernels_from_db"]}
-    tuned = f" ({summary['kernels_from_db']} kernels from {db})" if db else ""
+    tuning = report.metadata["tuning"]
+    source_db = f"shipped database {Path(tuning['db']).name}" if tuning["shipped"] else tuning["db"]
+    tuned = f" ({tuning['kernels_from_db']} kernels from {source_db})" if tuning["db"] else ""
     typer.echo(json.dumps(summary, indent=2) if as_json else f"compiled {source} -> {report.outdir} in {report.seconds:.1f} s{tuned}")
     if not as_json:
         from .passes.pipeline import describe

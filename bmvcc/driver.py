@@ -22,6 +22,7 @@ class CompileOptions:
     bitlinear: bool = True  # False: keep BitLinear as float matmuls (for comparison)
     dataset: str | None = None  # MedMNIST flag the model was trained on: label names for predict/eval
     db: Path | None = None  # tuning database directory from bmvcc tune
+    shipped_databases: Path | None = None  # where shipped databases are found (None: tunedb.SHIPPED_DATABASES)
 
 
 @dataclass
@@ -38,10 +39,15 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     start = time.perf_counter()
     spec = get_target(options.target)
     artifact.check_outdir(outdir)  # fail before minutes of work
-    if options.db is not None:  # refuse a database of another target before minutes of work
-        from .tunedb import check_target
+    from . import tunedb
 
-        check_target(options.db, spec)
+    db = options.db
+    if db is not None:  # refuse a database of another target before minutes of work
+        tunedb.check_target(db, spec)
+    else:  # the database shipped for exactly this target, if any
+        db = tunedb.shipped_database(spec, options.shipped_databases or tunedb.SHIPPED_DATABASES)
+        if db is not None:
+            progress(f"using the shipped tuning database {db.name}")
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
@@ -57,10 +63,11 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     from .build import build
 
     with artifact.staging(outdir) as tmp:
-        from_db = build(mod, spec, tmp / artifact.MODULE, progress, db=options.db)
+        from_db = build(mod, spec, tmp / artifact.MODULE, progress, db=db)
         _save_weights(weights, tmp / artifact.WEIGHTS)
         metadata = _metadata(source, spec, options, pass_report, weights, dataset)
-        metadata["tuning"] = {"db": str(options.db) if options.db else None, "kernels_from_db": from_db}
+        metadata["tuning"] = {"db": str(db) if db else None, "shipped": db is not None and options.db is None,
+                              "kernels_from_db": from_db}
         artifact.write_metadata(tmp, metadata)
     seconds = time.perf_counter() - start
     progress(f"wrote {outdir} in {seconds:.1f} s")

@@ -17,18 +17,25 @@ Tasks are the PrimFuncs of the module after bmvcc's passes and the CPU legalizat
 schedules/cpu_default.py (`legalize_and_fuse`), or for a GPU target bmvcc/gpu_build.py's `fuse`;
 compile with a database applies it to the same fused module (marking tuned PrimFuncs tirx.is_scheduled) before the default schedules, which skip those.
 That relies on `legalize_and_fuse` being idempotent on its own output (checked in tests/test_tune.py).
+
+Shipped databases: SHIPPED_DATABASES/<shipped_name(spec)>/ (package data under schedules/databases/,
+its JSON files only) is applied by compile when no --db is given; the folder name carries a hash of
+the exact target key, so only that target ever finds it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
+from . import schedules
 from .errors import BmvccError
 
 KEY_FILE = "bmvcc-db.json"
 FORMAT_VERSION = 1
+SHIPPED_DATABASES = Path(schedules.__file__).parent / "databases"
 
 
 def target_key(spec) -> dict:
@@ -42,6 +49,18 @@ def target_key(spec) -> dict:
         key["llvm_features"] = sorted(str(f) for f in codegen.llvm_get_cpu_features(target))
     key["tvm_version"] = tvm.__version__.split("+")[0]
     return key
+
+
+def shipped_name(spec) -> str:
+    """The folder of spec's shipped database: its name and the first 12 hex digits of sha256(target key)."""
+    digest = hashlib.sha256(json.dumps(target_key(spec), sort_keys=True).encode()).hexdigest()
+    return f"{spec.name}-{digest[:12]}"
+
+
+def shipped_database(spec, root: Path = SHIPPED_DATABASES) -> Path | None:
+    """The database shipped for exactly this target under `root`, or None."""
+    path = Path(root) / shipped_name(spec)
+    return path if (path / KEY_FILE).is_file() else None
 
 
 def _describe(key: dict) -> str:
@@ -114,6 +133,8 @@ def open_database(db_dir: Path):
         from .schedules.w2a8_cuda import register_intrinsics
 
         register_intrinsics()
+    else:
+        from .schedules import dot_intrinsics  # noqa: F401  CPU W2A8 traces tensorize with these
 
     return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
 

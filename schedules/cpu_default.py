@@ -74,7 +74,8 @@ class CpuFacts:
 
 def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
     """TVM's CPU library dispatch, legalization and fusion (as relax.backend.cpu_generic runs them),
-    after swapping transcendental functions for TVM's vectorizable fast-math versions."""
+    after swapping transcendental functions for TVM's vectorizable fast-math versions; then the W2A8
+    kernels' staging (w2a8_cpu.py), so tuning tasks and compiled kernels are the same functions."""
     from tvm.relax.backend import cpu_generic
 
     with target:
@@ -84,7 +85,10 @@ def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
         # so a -inf attention mask still gives a (denormal, ~1e-38) zero weight.
         seq = [relax.transform.FastMathTransform()]
         seq += cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
-        return tvm.transform.Sequential(seq)(mod)
+        mod = tvm.transform.Sequential(seq)(mod)
+    from .w2a8_cpu import stage_w2a8_kernels
+
+    return stage_w2a8_kernels(mod, target)  # W2A8 kernels in their explicit stages: the tuning tasks
 
 
 def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -> tvm.IRModule:

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .tuning_spaces import tuning_space
 from .w2a8 import KERNEL_ATTR
+
+MAX_VECTOR = 64  # widest quant-loop vector the space samples (LLVM splits it into register-wide parts)
 
 
 @dataclass(frozen=True)
@@ -73,18 +76,33 @@ def norm_quant_compute(cfg: NormQuantConfig):
 
 
 def schedule_norm_quant_cpu(func, target):
-    """Rows in parallel, the quant loop vectorized (the reductions stay scalar per row)."""
+    """Rows in parallel, the quant loop vectorized by 16, 8 or 4 lanes (the reductions stay scalar per row)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
+
+    def lanes(loop):
+        k = int(sch.get(loop).extent)
+        return [None, next((v for v in (16, 8, 4) if k % v == 0), 1)]
+
+    _schedule(sch, lanes)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+@tuning_space("norm_quant", device="cpu")
+def norm_quant_space(sch, target) -> None:
+    """MetaSchedule design space (schedules/tuning_spaces.py): the quant loop's vector width sampled.
+    No unroll knob: unrolling the row reductions moved x_scale by an ulp (LLVM contracts the unrolled
+    sums differently), and a tuned kernel must give the default one's results bit for bit."""
+    _schedule(sch, lambda loop: sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_VECTOR))
+
+
+def _schedule(sch, tile) -> None:
+    """Schedule primitives only; tile(loop) gives the [outer, vector] split of the quant loop."""
     row, col = sch.get_loops(sch.get_sblock("quant"))
     sch.parallel(row)
-    k = int(sch.get(col).extent)
-    lanes = next((v for v in (16, 8, 4) if k % v == 0), 1)
-    if lanes > 1:
-        _, inner = sch.split(col, [None, lanes])
-        sch.vectorize(inner)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    _, inner = sch.split(col, tile(col))
+    sch.vectorize(inner)
 
 
 def norm_quant_numpy(x: np.ndarray, g: np.ndarray, norm_eps: float = 1e-5, scale_eps: float = 1e-5):

@@ -4,17 +4,19 @@ MetaSchedule's default space would drop what makes these kernels fast (tensoriza
 the packed 2-bit decode placement), so each kernel's schedule owner registers a *space function*:
     @tuning_space("w2a8", device="cpu")
     def space(sch: s_tir.Schedule, target) -> None
-It applies the kernel's hand schedule to the unscheduled PrimFunc in `sch`, drawing every knob (tiles,
-pipeline stages, vector width, unroll) from `sch.sample_perfect_tile` / `sch.sample_categorical`
-instead of fixed numbers, and keeps the tensorize calls. The decisions land in the trace, so the
-evolutionary search can mutate them (MutateTileSize, MutateUnroll, MutateParallel) and the database
-replays them at compile time. A kernel with no registered space keeps its hand schedule (not tuned).
+It applies the kernel's hand schedule to the PrimFunc in `sch` (the tuning task), drawing its knobs
+from `sch.sample_perfect_tile` (tiles: mutated by MutateTileSize) and `sample_unroll` below (the
+auto-unroll step: MutateUnroll), and keeps the tensorize calls.
 
-A space must be made of schedule primitives only, applied to the kernel's PrimFunc as the passes
-emit it: the database stores the trace and replays it on that PrimFunc. A schedule that first rewrites
-the function (as schedules/w2a8_cpu.py's `_restage` does) cannot be recorded; its knobs (CpuKnobs mr,
-nt) become tunable once the restaging is expressed with primitives (pad_einsum / cache_read /
-transform_layout / blockize), or once the knob choice is stored beside MetaSchedule's database.
+A space is made of schedule primitives only, applied to the task's PrimFunc: MetaSchedule runs the
+function once for the design-space trace, then samples and mutates by *replaying* that trace with new
+decisions, and the database replays the best trace at compile time. So no Python branch may depend on
+a sampled value, and a kernel whose schedule rewrites the function first must do that rewrite before
+task extraction (schedules/w2a8_cpu.py stages its kernels in cpu_default.legalize_and_fuse, which
+tuning and compile both run). A kernel with no registered space keeps its hand schedule (not tuned).
+The target's default postprocessors run on the sampled traces; on the llvm W2A8 space they add only
+the unroll pragmas and a decomposition of the rowsum reduction (RewriteReductionBlock), and leave the
+tensorized blocks alone (RewriteLayout finds no layout-free buffer).
 Spaces register when their module is imported: list the module in `_SPACE_MODULES`.
 """
 
@@ -24,7 +26,8 @@ import importlib
 from typing import Callable
 
 _SPACES: dict[tuple[str, str], Callable] = {}
-_SPACE_MODULES: tuple[str, ...] = ("w2a8_cuda",)  # modules of this package that register spaces
+_SPACE_MODULES: tuple[str, ...] = ("w2a8_cpu", "norm_quant", "w2a8_cuda")  # modules of this package that register spaces
+UNROLL_STEPS = (0, 16, 64, 512)  # auto-unroll step candidates (0: loops as scheduled)
 
 
 def tuning_space(kernel: str, device: str = "cpu"):
@@ -35,6 +38,13 @@ def tuning_space(kernel: str, device: str = "cpu"):
         return fn
 
     return register
+
+
+def sample_unroll(sch) -> None:
+    """Draw the auto-unroll step of every loop nest from UNROLL_STEPS (the RewriteParallelVectorizeUnroll
+    postprocessor turns it into pragma_auto_unroll_max_step; MutateUnroll mutates it)."""
+    step = sch.sample_categorical(list(UNROLL_STEPS), [1 / len(UNROLL_STEPS)] * len(UNROLL_STEPS))
+    sch.annotate(sch.get_sblock("root"), "meta_schedule.unroll_explicit", step)
 
 
 def has_space(kernel: str, target) -> bool:

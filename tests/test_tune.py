@@ -1,7 +1,8 @@
 """bmvcc tune: real MetaSchedule search through a real TVM RPC tracker and servers on 127.0.0.1.
 
 Tuning is the slowest thing bmvcc does (each tuning process imports TVM's tensor intrinsics, ~1 min
-here), so the search runs twice in this file, on one small task with a few trials: a run killed after
+here), so the search runs twice in this file, on two small tasks with a few trials (a float one in
+MetaSchedule's default space, a W2A8 one in bmvcc's space, schedules/w2a8_cpu.py): a run killed after
 its first round and its resumption, during which one of the two servers hangs. Every other check
 reuses that database. The rest (user errors) needs no search.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +28,8 @@ from bmvcc.targets import get as get_target
 from conftest import cli_error, small_config
 
 TASK = "fused_matmul_add"  # patch embedding (Linear + bias) of small_config(): a float task, default space
+W2A8_TASK = "w2a8_m16_n32_k64_residual"  # an MLP down-projection: bmvcc's W2A8 space
+TASKS = (TASK, W2A8_TASK)
 TRIALS, PER_ROUND = 8, 4  # two rounds: the first is recorded before the kill, the second after the resume
 KEY = "bmvcc-test"
 # Same reasoning and bound as tests/test_frontend.py: a different float summation order moves logits
@@ -79,13 +83,13 @@ def _record_lines(db: Path) -> int:
 
 def _tune_cmd(ckpt: Path, db: Path, tracker: str) -> list[str]:
     return [sys.executable, "-m", "bmvcc.cli", "tune", str(ckpt), "--target", "host", "--db", str(db),
-            "--trials", str(TRIALS), "--per-round", str(PER_ROUND), "--task", TASK,
+            "--trials", str(TRIALS), "--per-round", str(PER_ROUND), *(a for t in TASKS for a in ("--task", t)),
             "--rpc-tracker", tracker, "--rpc-key", KEY, "--json"]
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, checkpoint, rpc_tracker):
-    """Tune TASK through the tracker: killed after its first round, then resumed with one server hung.
+    """Tune TASKS through the tracker: killed after its first round, then resumed with one server hung.
 
     Returns (checkpoint path, model, db, JSON report of the resumed run, records after the kill).
     """
@@ -102,7 +106,7 @@ def tuned(tmp_path_factory, checkpoint, rpc_tracker):
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     after_kill = _record_lines(db)
-    assert PER_ROUND <= after_kill < TRIALS
+    assert PER_ROUND <= after_kill < len(TASKS) * TRIALS
 
     # A device that stops answering mid-run: still registered at the tracker, its sessions time out.
     os.killpg(servers[0].pid, signal.SIGSTOP)
@@ -114,30 +118,45 @@ def tuned(tmp_path_factory, checkpoint, rpc_tracker):
     return ckpt, model, db, json.loads(resumed.stdout), after_kill
 
 
+def _tasks(report) -> dict:
+    return {t["name"]: t for t in report["tasks"]}
+
+
 def test_resume_measures_only_the_missing_trials(tuned):
     _, _, db, report, after_kill = tuned
-    (task,) = report["tasks"]
-    assert task["name"] == TASK and task["kind"] == "default space"
-    assert _record_lines(db) == TRIALS  # nothing measured twice: the resumed run added TRIALS - after_kill
-    assert task["trials"] == TRIALS and task["measured_now"] == TRIALS - after_kill
-    assert task["best_us"] is not None and task["best_us"] > 0
+    tasks = _tasks(report)
+    assert sorted(tasks) == sorted(TASKS)
+    assert tasks[TASK]["kind"] == "default space" and tasks[W2A8_TASK]["kind"] == "bmvcc:w2a8"
+    # nothing measured twice: the resumed run added what the killed one had not
+    assert _record_lines(db) == len(TASKS) * TRIALS
+    assert all(t["trials"] == TRIALS for t in tasks.values())
+    assert sum(t["measured_now"] for t in tasks.values()) == len(TASKS) * TRIALS - after_kill
+    assert all(t["best_us"] is not None and t["best_us"] > 0 for t in tasks.values())
 
 
 def test_hung_device_fails_its_candidates_and_the_run_goes_on(tuned):
     _, _, db, report, _ = tuned
-    (task,) = report["tasks"]
-    assert task["failed"] >= 1  # the hung server's session timed out: recorded as a failed candidate
-    assert task["trials"] - task["failed"] >= 1  # the other server measured the rest
+    tasks = _tasks(report).values()
+    assert sum(t["failed"] for t in tasks) >= 1  # the hung server's session timed out: a failed candidate
+    assert all(t["trials"] - t["failed"] >= 1 for t in tasks)  # the other server measured the rest
     assert "2 device(s)" in report["devices"]
 
 
+def _valid_records(db, kernel: str | None) -> list:
+    """The database's measured records (read back from its JSON files) of float tasks (kernel None)
+    or of bmvcc kernel `kernel`."""
+    records = tunedb.open_database(db).get_all_tuning_records()
+    return [r for r in records if r.run_secs and max(float(s) for s in r.run_secs) < 1e9
+            and (r.workload.mod["main"].attrs or {}).get("bmvcc.kernel") == kernel]
+
+
 def test_recorded_schedules_compute_the_same_function(tuned):
-    """Every valid record, replayed on its workload and built, matches numpy on random inputs."""
+    """Valid float records, replayed on their workload and built, match TVM's unscheduled build."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
     _, _, db, _, _ = tuned
-    records = [r for r in tunedb.open_database(db).get_all_tuning_records() if r.run_secs and max(float(s) for s in r.run_secs) < 1e9]
+    records = _valid_records(db, None)
     assert records
     target = get_target("host").target()
     rng = np.random.default_rng(0)
@@ -153,6 +172,33 @@ def test_recorded_schedules_compute_the_same_function(tuned):
         np.testing.assert_allclose(args[-1].numpy(), ref_args[-1].numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_recorded_w2a8_schedules_are_exact(tuned):
+    """Every valid W2A8 record (different sampled tiles), replayed from the JSON database on its task
+    and built, matches numpy bit for bit (int32 accumulators, the reference's fp32 dequant and residual add)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from bmvcc.schedules.w2a8 import pack_ternary, w2a8_numpy
+
+    _, _, db, _, _ = tuned
+    records = _valid_records(db, "w2a8")
+    decisions = {str([r.trace.decisions[i] for i in r.trace.insts if i in r.trace.decisions]) for r in records}
+    assert len(records) >= 2 and len(decisions) >= 2, decisions
+    q_info, wp_info = ms.arg_info.ArgInfo.from_prim_func(records[0].workload.mod["main"])[:2]
+    (m, k), n = (int(d) for d in q_info.shape), int(wp_info.shape[0])
+    rng = np.random.default_rng(1)
+    q = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    packed = pack_ternary(rng.integers(-1, 2, (n, k)))
+    xs, ws = rng.uniform(0.5, 3.0, (m, 1)).astype(np.float32), np.array([0.05], np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float32)
+    ref = w2a8_numpy(q, packed, xs, float(ws[0]), k, "residual", res)
+    for record in records:
+        lib = tvm.compile(record.as_measure_candidate().sch.mod, target=get_target("host").target())
+        out = tvm.runtime.empty((m, n), "float32", tvm.cpu())
+        lib["main"](*[tvm.runtime.tensor(a) for a in (q, packed, xs, ws, res)], out)
+        np.testing.assert_array_equal(out.numpy(), ref)
+
+
 def test_compile_with_database_keeps_the_logits(tuned, tmp_path):
     from bmvcc import runtime
 
@@ -163,9 +209,8 @@ def test_compile_with_database_keeps_the_logits(tuned, tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((out_db / "metadata.json").read_text())["tuning"]
-    (task,) = report["tasks"]
-    wins = int(task["best_us"] < task["default_us"]) if task["default_us"] else 1
-    assert meta["kernels_from_db"] == wins  # applied exactly when tuning beat the default schedule
+    assert meta["kernels_from_db"] == _wins(report)  # applied exactly when tuning beat the default schedule
+    assert not meta["shipped"]
     x = np.random.default_rng(5).uniform(-1, 1, size=(3, 1, 28, 28)).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
@@ -175,9 +220,30 @@ def test_compile_with_database_keeps_the_logits(tuned, tmp_path):
     assert np.abs(tuned_logits - plain_logits).max() <= RTOL_LOGITS * scale
 
 
+def _wins(report) -> int:
+    return sum(int(t["best_us"] < t["default_us"]) if t["default_us"] else 1 for t in report["tasks"])
+
+
+def test_shipped_database_is_applied_for_its_exact_target(tuned, tmp_path):
+    """compile without --db applies the database under root/<shipped_name(target)>, and only that one."""
+    from bmvcc.driver import CompileOptions, compile_model
+
+    ckpt, _, db, report, _ = tuned
+    host, aarch64 = get_target("host"), get_target("aarch64")
+    root = tmp_path / "databases"
+    shutil.copytree(db, root / tunedb.shipped_name(host), ignore=shutil.ignore_patterns("logs"))
+    assert tunedb.shipped_database(host, root) == root / tunedb.shipped_name(host)
+    assert tunedb.shipped_database(aarch64, root) is None and tunedb.shipped_name(aarch64) != tunedb.shipped_name(host)
+    messages = []
+    done = compile_model(ckpt, tmp_path / "out", CompileOptions(shipped_databases=root), progress=messages.append)
+    assert done.metadata["tuning"] == {"db": str(root / tunedb.shipped_name(host)), "shipped": True,
+                                       "kernels_from_db": _wins(report)}
+    assert f"using the shipped tuning database {tunedb.shipped_name(host)}" in messages
+
+
 def test_forced_tuned_kernels_keep_the_logits(tuned):
-    """With the tuned schedule applied even where it is slower, the tuned kernel is marked scheduled
-    (the default schedules leave it alone) and the whole model still matches PyTorch."""
+    """With the tuned schedules applied even where they are slower, both tuned kernels (float and W2A8)
+    are marked scheduled (the default schedules leave them alone) and the whole model still matches PyTorch."""
     import tvm
     from tvm import relax
 
@@ -189,10 +255,10 @@ def test_forced_tuned_kernels_keep_the_logits(tuned):
     spec = get_target("host")
     mod, weights, _ = run_pipeline(frontend.to_relax(frontend.load_source(ckpt), 1), spec)
     applied, count = tunedb.apply_database(mod, spec, db, only_faster=False)
-    assert count == 1 and applied[TASK].attrs["tirx.is_scheduled"]
-    tuned_func = applied[TASK]
+    assert count == len(TASKS) and all(applied[t].attrs["tirx.is_scheduled"] for t in TASKS)
     scheduled = schedule_cpu_module(applied, spec.target())
-    tvm.ir.assert_structural_equal(scheduled[TASK].body, tuned_func.body)  # not rescheduled by the default rules
+    for t in TASKS:  # not rescheduled by the default rules
+        tvm.ir.assert_structural_equal(scheduled[t].body, applied[t].body)
     vm = relax.VirtualMachine(tvm.compile(scheduled, target=spec.target()), tvm.cpu())
     x = np.random.default_rng(6).uniform(-1, 1, size=(1, 1, 28, 28)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
