@@ -113,7 +113,9 @@ def dlight_wmma():
 def metaschedule_cuda():
     """Within: a MetaSchedule TuneContext for a CUDA target is created without importing PACKAGE (TVM's
     intrinsics for every target, about a minute here): an empty stand-in answers the import, and the
-    intrinsics its default tensor-core space names are registered from TVM's own generators."""
+    intrinsics its default tensor-core space names are registered from TVM's own generators. Those names
+    are then taken, so the real PACKAGE can no longer be imported in this process: every TuneContext for
+    CUDA must be created within this (bmvcc tune: tune._context_imports)."""
     register_tvm_intrinsics(METASCHEDULE_TENSOR_CORE)
     if PACKAGE in sys.modules:
         yield

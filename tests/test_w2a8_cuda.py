@@ -229,12 +229,16 @@ def test_tuning_space_builds_for_orin():
     from tvm.s_tir import meta_schedule as ms
 
     from bmvcc.schedules.tuning_spaces import has_space, space_for
+    from bmvcc.schedules.wmma_intrinsics import metaschedule_cuda
 
     cfg = W2A8Config(16, 128, 64, "gelu")  # the example model's FFN1
     target = ORIN.target()
     mod = tvm.IRModule({"main": w2a8_compute(cfg)})
     assert has_space("w2a8", target)
-    ctx = ms.TuneContext(mod=mod, target=target, space_generator=space_for("w2a8", target), task_name="w2a8")
+    # as bmvcc tune creates it (tune._context_imports): TVM's own intrinsics, once registered by
+    # metaschedule_cuda in this process (tests/test_tune_gpu.py), cannot be imported again
+    with metaschedule_cuda():
+        ctx = ms.TuneContext(mod=mod, target=target, space_generator=space_for("w2a8", target), task_name="w2a8")
     spaces = ctx.generate_design_space()
     knobs = wc.tuning_knobs(cfg, ORIN.facts)
     assert len(spaces) == len(knobs) > 10
