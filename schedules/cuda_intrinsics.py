@@ -39,11 +39,6 @@ def accum_16x16_layout(i, j):
     return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + j % 2
 
 
-def _accum_position(tx, e):
-    """Inverse of accum_16x16_layout."""
-    return 8 * (e % 4 // 2) + tx // 4, 8 * (e // 4) + tx % 4 * 2 + e % 2
-
-
 def _decode_word(byte):
     """One packed byte (4 codes u in {0,1,2}) -> 4 int8 (u - 1) in a uint32, code i in byte i.
 
