@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from . import scratch
 from .errors import BmvccError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,13 +33,15 @@ def compile(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="MedMNIST data set the model was trained on (label names for predict and eval)"),
     db: Optional[Path] = typer.Option(None, "--db", help="tuning database from bmvcc tune (same target) to apply"),
+    force: bool = typer.Option(False, "--force", help="replace OUTDIR even if it is not a bmvcc artifact (its files are deleted)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Compile a checkpoint into an artifact directory (module .so, weights, metadata.json)."""
     from .driver import CompileOptions, compile_model
 
     options = CompileOptions(target=target, batch=batch, heads=heads, image_size=image_size,
-                             trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset, db=db)
+                             trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset, db=db,
+                             force=force)
     report = compile_model(source, output, options, progress=_progress)
     summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
                "kernels_from_db": report.metadata["tuning"]["kernels_from_db"]}
@@ -60,15 +64,21 @@ def run(
     """Run a compiled artifact on images with the TVM runtime and print or save the logits."""
     import numpy as np
 
+    from .artifact import check_output_file, write_error
     from .runtime import load, load_npy
 
+    if output is not None:
+        check_output_file(output)
     model = load(outdir)
     logits = model(load_npy(input))
     if output is None:
         np.set_printoptions(precision=5, suppress=True, linewidth=120)
         typer.echo(str(logits))
     else:
-        np.save(output, logits)
+        try:
+            np.save(output, logits)
+        except OSError as e:
+            raise write_error(e, output) from None
         typer.echo(f"saved logits {logits.shape} to {output}")
 
 
@@ -195,13 +205,14 @@ def export_onnx(
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),
+    force: bool = typer.Option(False, "--force", help="replace the output file even if bmvcc did not export it"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Export the deployment forward (int8 ternary weights) as a standard ONNX model."""
     from .onnx_export import export_checkpoint
 
     info = export_checkpoint(source, output, batch=batch, opset=opset, heads=heads, image_size=image_size,
-                             trust_pickle=trust_pickle, progress=_progress)
+                             trust_pickle=trust_pickle, force=force, progress=_progress)
     typer.echo(json.dumps(info, indent=2) if as_json else
                f"exported {source} -> {output} (opset {info['opset']}, {info['bitlinear_layers']} BitLinear layers)")
 
@@ -215,17 +226,42 @@ def targets():
         typer.echo(get(name).summary())
 
 
+class _Interrupted(BaseException):
+    """Raised by SIGINT / SIGTERM: unwinds like KeyboardInterrupt, so every staging and temporary
+    folder is removed on the way out, but is not turned into an Abort by the command-line parser."""
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    received: List[str] = []  # the signal, recorded even when TVM turns the exception into its own error
+
+    def interrupt(signum, _frame):
+        received.append(signal.Signals(signum).name)
+        if len(received) == 1:  # a second signal must not cut short the cleanup the first one started
+            raise _Interrupted
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app(args=argv, standalone_mode=False)
-    except BmvccError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except typer.TyperException as e:  # usage errors (typer's vendored click ClickException)
-        e.show()
+        with scratch.process_tempdir():
+            app(args=argv, prog_name="bmvcc", standalone_mode=False)
+    except BaseException as e:  # noqa: BLE001  sorted below; anything else is re-raised
+        if received:
+            typer.echo(f"error: interrupted by {received[0]}; unfinished output was removed, run the command again", err=True)
+            sys.exit(130)
+        if isinstance(e, BmvccError):
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        if not isinstance(e, typer.TyperException):  # typer's vendored click ClickException: usage errors
+            raise
+        message = e.format_message().strip().rstrip(".").replace("\n", " ")
+        if not message:  # `bmvcc` without arguments: the help
+            e.show()
+        else:
+            command = e.ctx.command_path if getattr(e, "ctx", None) else "bmvcc"
+            typer.echo(f"error: {message[:1].lower()}{message[1:]}; see '{command} --help'", err=True)
         sys.exit(2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

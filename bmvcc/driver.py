@@ -23,6 +23,7 @@ class CompileOptions:
     dataset: str | None = None  # MedMNIST flag the model was trained on: label names for predict/eval
     db: Path | None = None  # tuning database directory from bmvcc tune
     shipped_databases: Path | None = None  # where shipped databases are found (None: tunedb.SHIPPED_DATABASES)
+    force: bool = False  # replace an existing OUTDIR that is not a bmvcc artifact (artifact.check_outdir)
 
 
 @dataclass
@@ -38,7 +39,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
 
     start = time.perf_counter()
     spec = get_target(options.target)
-    artifact.check_outdir(outdir)  # fail before minutes of work
+    artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
     from . import tunedb
 
     db = options.db
@@ -62,7 +63,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     progress(f"building for {spec.name} ({spec.tvm_target})")
     from .build import build
 
-    with artifact.staging(outdir) as tmp:
+    with artifact.staging(outdir, options.force, source_path) as tmp:
         from_db = build(mod, spec, tmp / artifact.MODULE, progress, db=db)
         _save_weights(weights, tmp / artifact.WEIGHTS)
         metadata = _metadata(source, spec, options, pass_report, weights, dataset)

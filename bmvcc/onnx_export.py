@@ -28,6 +28,8 @@ from torch import nn
 from torch.ao.quantization.fx import _decomposed  # noqa: F401  (registers quantized_decomposed ops)
 from torch.nn import functional as F
 
+from . import __version__
+from .artifact import check_output_file, write_error
 from .errors import BmvccError
 from .model import SCALE_EPS, BitLinear, BitMedViT, MultiQueryAttention
 
@@ -35,6 +37,7 @@ MIN_OPSET = 17  # LayerNormalization is a standard op from 17 on
 DEFAULT_OPSET = 20  # the first with a Gelu op: below it GELU is erf arithmetic, which bmvcc's epilogue fusion skips
 EXPORTER_MIN_OPSET = 18  # torch.onnx emits opset 18 or newer; 17 is converted down with onnx's converter
 INPUT_NAME, OUTPUT_NAME = "img", "logits"
+PRODUCER_KEY = "bmvcc_version"  # metadata_props entry of every export
 
 
 class DeployBitLinear(nn.Module):
@@ -79,16 +82,19 @@ def deployment_model(model: BitMedViT) -> BitMedViT:
 
 def export_checkpoint(source_path: Path, output: Path, batch: int | None = None, opset: int | None = None,
                       heads: int | None = None, image_size: int | None = None, trust_pickle: bool = False,
-                      progress: Callable[[str], None] = lambda msg: None) -> dict:
-    """Load a BitMedViT state dict as `bmvcc compile` does and write its ONNX export to `output`."""
+                      force: bool = False, progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Load a BitMedViT state dict as `bmvcc compile` does and write its ONNX export to `output`, which
+    may replace an existing file only when bmvcc exported it, or with `force`."""
     from . import frontend
 
     output = Path(output)
     opset = DEFAULT_OPSET if opset is None else opset
     if output.suffix != ".onnx":
         raise BmvccError(f"output '{output}' must end in .onnx (bmvcc compile recognizes ONNX models by it)")
-    if not output.parent.is_dir():
-        raise BmvccError(f"the folder of '{output}' does not exist; create it first")
+    check_output_file(output)
+    if output.exists() and not force and not _exported_by_bmvcc(output):
+        raise BmvccError(f"output '{output}' exists and was not exported by bmvcc; choose another -o, "
+                         "or pass --force to replace it")
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=heads, image_size=image_size, trust_pickle=trust_pickle)
     if not isinstance(source.module, BitMedViT):
@@ -131,14 +137,27 @@ def export_onnx(model: BitMedViT, path: Path, batch: int | None = None, opset: i
     if exported != opset:
         raise BmvccError(f"torch.onnx wrote opset {exported} instead of {opset}; pass --opset {DEFAULT_OPSET}")
     onnx.checker.check_model(proto, full_check=True)
+    proto.metadata_props.add(key=PRODUCER_KEY, value=__version__)  # marks the file as one bmvcc may replace
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_bytes(proto.SerializeToString())
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(e, path) from None
     finally:
         tmp.unlink(missing_ok=True)
     return sum(isinstance(m, DeployBitLinear) for m in deployed.modules())
+
+
+def _exported_by_bmvcc(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  not an ONNX model: onnx raises protobuf's DecodeError and others
+        return False
+    return any(prop.key == PRODUCER_KEY for prop in model.metadata_props)
 
 
 def _convert_down(proto, opset: int):

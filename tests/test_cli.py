@@ -28,13 +28,19 @@ IMAGES = EXAMPLES / "digits_test.npy"
 LABELS = EXAMPLES / "digits_test_labels.npy"
 
 
+def previous_artifact(out: Path) -> None:
+    """An older artifact in `out`, which a compile into `out` may replace (its metadata.json is bmvcc's)."""
+    out.mkdir()
+    (out / artifact.MODULE).write_text("previous artifact")
+    (out / artifact.METADATA).write_text(json.dumps({"bmvcc_version": "0.0.1"}))
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """The Quick start's compile through the CLI, into an existing OUTDIR, with the JSON summary:
     `bmvcc compile examples/bitmedvit_digits.pth -o OUT --batch 4 --json` -> (OUT, summary)."""
     out = tmp_path_factory.mktemp("cli") / "digits"
-    out.mkdir()
-    (out / "stale.txt").write_text("an older artifact")
+    previous_artifact(out)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         main(["compile", str(CKPT), "-o", str(out), "--batch", "4", "--json"])
@@ -116,26 +122,25 @@ def test_run_not_an_artifact(tmp_path, capsys):
 
 def test_failed_compile_leaves_existing_outdir_untouched(tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous artifact")
+    previous_artifact(out)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00" * 100)
-    cli_error(capsys, ["compile", str(bad), "-o", str(out)])
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "previous artifact"
+    assert "is not a" in cli_error(capsys, ["compile", str(bad), "-o", str(out)])  # the checkpoint's error
+    assert sorted(p.name for p in out.iterdir()) == [artifact.METADATA, artifact.MODULE]
+    assert (out / artifact.MODULE).read_text() == "previous artifact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "out"]
 
 
 def test_staging_failure_inside_build_keeps_outdir(tmp_path):
     # A failure while the artifact is being written (e.g. the build) removes the staging directory.
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous artifact")
-    with pytest.raises(BmvccError):
+    previous_artifact(out)
+    with pytest.raises(BmvccError, match="build failed"):
         with artifact.staging(out) as tmp:
             (tmp / artifact.MODULE).write_bytes(b"partial")
             raise BmvccError("build failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / artifact.MODULE).read_text() == "previous artifact"
 
 
 def test_output_is_a_file(tmp_path, capsys):
