@@ -124,7 +124,7 @@ def _replace(tmp: Path, outdir: Path) -> None:
         os.rename(outdir, old / "x")
         try:
             os.rename(tmp, outdir)
-        except OSError:
+        except BaseException:  # an error, or a signal between the two renames: the previous one goes back
             os.rename(old / "x", outdir)
             raise
     finally:
