@@ -3,14 +3,11 @@ unwritable and full disks, usage errors; each a one-line error (exit 2) or, inte
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,31 +48,41 @@ def ckpt(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def after_kill(ckpt, tmp_path_factory):
-    """A compile with --force into an OUTDIR holding a user's file, killed (kill -9) in its build,
-    then the same compile in-process to the end; -> (root, the dead run's leftovers)."""
+def killed_then_interrupted(ckpt, tmp_path_factory):
+    """A compile killed (kill -9) in its build, then the same compile stopped by SIGTERM in its build;
+    -> (root, what the killed run left, the interrupted run's exit status and stderr)."""
     root = tmp_path_factory.mktemp("killed")
-    (root / "out").mkdir()
-    (root / "out" / "notes.txt").write_text("the user's")
-    proc = start_compile(ckpt, root / "out", root / "tmp", "--force")
+    proc = start_compile(ckpt, root / "out", root / "tmp")
     proc.kill()
     proc.wait()
     leftovers = sorted(p.name for p in root.glob(".out.*")) + sorted(p.name for p in (root / "tmp").iterdir())
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
-        mp.setattr(tempfile, "tempdir", str(root / "tmp"))
-        main(["compile", str(ckpt), "-o", str(root / "out"), "--force"])
-    return root, leftovers
+    proc = start_compile(ckpt, root / "out", root / "tmp")
+    proc.send_signal(signal.SIGTERM)
+    status = proc.wait(timeout=120)
+    return root, leftovers, status, proc.stderr.read()
 
 
-def test_next_run_removes_what_a_killed_run_left(after_kill):
-    root, leftovers = after_kill
+def test_next_run_removes_what_a_killed_run_left(killed_then_interrupted):
+    root, leftovers, _, _ = killed_then_interrupted
     assert len(leftovers) == 2, leftovers  # its staging folder and its temporary folder
-    assert sorted(p.name for p in root.iterdir()) == ["out", "tmp"] and not any((root / "tmp").iterdir())
+    assert sorted(p.name for p in root.iterdir()) == ["tmp"] and not any((root / "tmp").iterdir())
 
 
-def test_force_replaces_a_foreign_outdir(after_kill):
-    out = after_kill[0] / "out"
-    assert sorted(p.name for p in out.iterdir()) == [artifact.METADATA, artifact.MODULE, artifact.WEIGHTS]
+def test_sigterm_cleans_up_and_exits_130(killed_then_interrupted):
+    root, _, status, stderr = killed_then_interrupted
+    assert status == 130
+    assert error_lines(stderr) == ["error: interrupted by SIGTERM; unfinished output was removed, run the command again"]
+    assert sorted(p.name for p in root.iterdir()) == ["tmp"] and not any((root / "tmp").iterdir())
+
+
+def test_force_replaces_a_foreign_outdir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with artifact.staging(out, force=True) as tmp:
+        (tmp / artifact.MODULE).write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == [artifact.MODULE]
 
 
 def test_foreign_outdir_refused(tmp_path, ckpt, capsys):
@@ -103,15 +110,6 @@ def test_outdir_never_holds_the_source(tmp_path, ckpt, capsys, monkeypatch, forc
     line = cli_error(capsys, ["compile", "m.pth", "-o", where.format(dir=tmp_path / "m", ckpt=source), *force])
     assert "contains the source 'm.pth', which writing the artifact would delete; choose another -o" in line, line
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["m", "m.pth"]
-
-
-def test_sigterm_cleans_up_and_exits_130(ckpt, tmp_path):
-    proc = start_compile(ckpt, tmp_path / "out", tmp_path / "tmp")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 130
-    assert error_lines(proc.stderr.read()) == [
-        "error: interrupted by SIGTERM; unfinished output was removed, run the command again"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"] and not any((tmp_path / "tmp").iterdir())
 
 
 def in_tmpfs(folder: Path, mount_options: str, argv: list[str]) -> subprocess.CompletedProcess:
@@ -156,9 +154,8 @@ def test_usage_error_is_one_line(capsys, argv, expected):
     assert cli_error(capsys, argv) == expected
 
 
-def test_run_output_folder_missing(after_kill, tmp_path, capsys):
-    out = after_kill[0] / "out"
-    line = cli_error(capsys, ["run", str(out), "-i", "x.npy", "-o", str(tmp_path / "no" / "logits.npy")])
+def test_run_output_folder_missing(tmp_path, capsys):
+    line = cli_error(capsys, ["run", str(tmp_path), "-i", "x.npy", "-o", str(tmp_path / "no" / "logits.npy")])
     assert line == f"error: output parent directory '{tmp_path / 'no'}' does not exist; create it first"
 
 
