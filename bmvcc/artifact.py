@@ -81,9 +81,10 @@ def _foreign_files(outdir: Path) -> list[str]:
     except OSError as e:
         raise BmvccError(f"cannot read output '{outdir}' ({e.strerror}); choose another -o") from None
     try:
-        ours = "bmvcc_version" in json.loads((outdir / METADATA).read_text())
-    except (OSError, ValueError, TypeError):
-        ours = False
+        meta = json.loads((outdir / METADATA).read_text())
+    except (OSError, ValueError):
+        meta = None
+    ours = isinstance(meta, dict) and "bmvcc_version" in meta
     own = {MODULE, WEIGHTS, METADATA, DEVICE_BINARY, DEVICE_INFO} if ours else set()
     return [name for name in names if name not in own]
 
