@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 from bmvcc import artifact
@@ -22,11 +23,11 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 BUILDING = "[bmvcc] scheduling"  # printed inside artifact.staging: the staging folder exists
 
 
-def start_compile(ckpt: Path, out: Path, scratch: Path, *options: str) -> subprocess.Popen:
+def start_compile(ckpt: Path, out: Path, scratch: Path) -> subprocess.Popen:
     """`python -m bmvcc.cli compile CKPT -o OUT`, its system temp folder `scratch`, stopped in the
     build (the staging folder beside OUT exists); returns the running process."""
     scratch.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "bmvcc.cli", "compile", str(ckpt), "-o", str(out), *options],
+    proc = subprocess.Popen([sys.executable, "-m", "bmvcc.cli", "compile", str(ckpt), "-o", str(out)],
                             stderr=subprocess.PIPE, text=True, env={**ENV, "TMPDIR": str(scratch)})
     seen = []
     for line in proc.stderr:
@@ -168,8 +169,6 @@ def test_export_onnx_replaces_only_its_own_file(ckpt, tmp_path, capsys):
     assert model.read_text() == "the user's"
     main(["export-onnx", str(ckpt), "-o", str(model), "--force"])
     main(["export-onnx", str(ckpt), "-o", str(model), "--batch", "1"])  # its own export: replaced without --force
-    import onnx
-
     assert onnx.load(str(model)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     (tmp_path / "d.onnx").mkdir()
     line = cli_error(capsys, ["export-onnx", str(ckpt), "-o", str(tmp_path / "d.onnx")])
