@@ -18,8 +18,8 @@ exported .so that carries compiled device code (a cubin), not CUDA source.
    for the target's arch.
 3. Export: the serialized import tree (the blob export_library embeds) has the CUDA module's record
    rewritten from (fmt "cuda", function table, source) to (fmt "cubin", same table, cubin), which is
-   exactly what TVM's CUDA runtime loads with cuModuleLoadData. The blob goes into a C file linked
-   with the host object by targets/cross.py.
+   exactly what TVM's CUDA runtime loads with cuModuleLoadData. The blob goes into an LLVM object
+   linked with the host object by targets/cross.py.
 """
 
 from __future__ import annotations
@@ -269,19 +269,18 @@ def embed_cubin(blob: bytes, source: str, cubin: bytes) -> bytes:
 
 
 def pack_imports(source: str, cubin: bytes):
-    """An export_library `fpack_imports`: TVM's C packing of the import tree, with the cubin embedded."""
+    """An export_library `fpack_imports`: TVM's LLVM packing of the import tree (the object export_library
+    makes without one), with the cubin embedded. An object, not C: a C compiler would record the build's
+    directories (debug info names the source file and the cwd) in the .so."""
     import tvm_ffi
 
     def fpack(mod, is_system_lib, prefix, workspace_dir):
-        text = tvm_ffi.get_global_func("runtime.ModulePackImportsToC")(mod, is_system_lib, prefix)
         blob = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(mod).numpy().tobytes()
-        new = embed_cubin(blob, source, cubin)
-        body = ",".join(f"0x{b:02x}" for b in new)
-        text, count = re.subn(r"\[\d+\] = \{[^}]*\};", lambda _m: f"[{len(new)}] = {{{body}}};", text, count=1)
-        if count != 1:
-            raise BmvccError("unexpected output of TVM's import packing; this is a bmvcc bug")
-        path = Path(workspace_dir) / f"{prefix}devc.c"
-        path.write_text(text)
+        host = next(m for m in mod._collect_dso_modules() if m.kind == "llvm")
+        obj = tvm_ffi.get_global_func("codegen.codegen_blob")(
+            embed_cubin(blob, source, cubin), is_system_lib, host.get_function("_get_target_string")(), prefix)
+        path = Path(workspace_dir) / f"{prefix}devc.o"
+        obj.write_to_file(str(path))
         return str(path)
 
     return fpack
