@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__, artifact, frontend
-from .checkpoint import sha256
+from .artifact import sha256
 from .errors import BmvccError
 
 
@@ -108,6 +108,7 @@ def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights,
         "preprocessing": REFERENCE,
         "dataset": dataset.to_dict() if dataset else None,
         "num_weights": len(weights),
+        "weights": [{"shape": [int(d) for d in w.shape], "dtype": str(w.dtype)} for w in weights],
         "passes": pass_report,
     }
 

@@ -351,7 +351,7 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
                progress: Callable[[str], None] = lambda msg: None, bars: bool = True) -> TuneReport:
     from . import frontend
     from . import tunedb
-    from .checkpoint import sha256
+    from .artifact import sha256
     from .passes.pipeline import run_pipeline
     from .targets import get as get_target
 
