@@ -196,7 +196,7 @@ def check_weights(params, meta: dict, outdir: Path) -> None:
     expected = {f"w{i}": (tuple(w["shape"]), w["dtype"]) for i, w in enumerate(meta["weights"])}
     found = {str(name): (tuple(int(d) for d in t.shape), str(t.dtype)) for name, t in params.items()}
     if found != expected:
-        name = next((n for n in sorted(expected.keys() | found.keys()) if expected.get(n) != found.get(n)))
+        name = next(n for n in sorted(expected.keys() | found.keys()) if expected.get(n) != found.get(n))
         have = "missing" if name not in found else f"{found[name][1]} {list(found[name][0])}"
         want = "no such weight" if name not in expected else f"{expected[name][1]} {list(expected[name][0])}"
         raise BmvccError(f"'{Path(outdir) / WEIGHTS}' does not hold this model's weights ({name}: {have}, expected "
