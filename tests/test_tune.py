@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ import torch
 
 from bmvcc import tunedb
 from bmvcc.cli import main
+from bmvcc.errors import BmvccError
 from bmvcc.targets import get as get_target
 from conftest import cli_error, small_config
 
@@ -358,8 +360,8 @@ def test_corrupt_database_is_one_line(tmp_path, capsys, checkpoint):
     assert cli_error(capsys, ["tune", str(ckpt), "--db", str(db), "--trials", "1"]) == expected
 
     (db / RECORDS).write_bytes(b'[0, [[], [1e-4], {}, []]]\n' + second + b"\n")  # JSON, not a record
-    err = cli_error(capsys, ["compile", str(ckpt), "-o", str(tmp_path / "out"), "--db", str(db)])
-    assert err.startswith(f"error: tuning database '{db}' is damaged (") and err.endswith("tune into a new --db directory")
+    with pytest.raises(BmvccError, match=f"^tuning database '{re.escape(str(db))}' is damaged \\(.*; tune into a new --db directory$"):
+        tunedb.open_database(db)
 
     for key in ('{"target": ', '["not", "a", "key"]', '{"target": {}, "models": {"m": {"tasks": [1]}}}'):
         (db / tunedb.KEY_FILE).write_text(key)
