@@ -49,6 +49,7 @@ def bench(outdir: Path, repeat: int = 50, tracker: str | None = None, key: str |
     dev = (session.device(target["device"]) if session else tvm.device(target["device"]))
     vm = relax.VirtualMachine(lib, dev)
     params = tvm.runtime.load_param_dict_from_file(str(outdir / artifact.WEIGHTS))
+    artifact.check_weights(params, meta, outdir)
     weights = [tvm.runtime.tensor(params[f"w{i}"].numpy(), dev) for i in range(meta["num_weights"])]
     shape = meta["input"]["shape"]
     x = np.random.default_rng(0).standard_normal(shape).astype(meta["input"]["dtype"])

@@ -19,7 +19,7 @@ def build(mod, spec, path: Path, progress: Callable[[str], None] = lambda msg: N
         from .tunedb import apply_database
 
         progress(f"applying tuning database {db}")
-        mod, from_db = apply_database(mod, spec, db)
+        mod, from_db = apply_database(mod, spec, db, progress=progress)
     if spec.device == "cpu":
         progress("scheduling (legalize, fuse, default CPU schedules)")
         mod = schedule_cpu_module(mod, target)
@@ -57,7 +57,7 @@ def _build_cuda(mod, spec, path: Path, progress, db: Path | None) -> int:
             from .tunedb import apply_to_fused
 
             progress(f"applying tuning database {db}")
-            mod, from_db = apply_to_fused(mod, spec, db)
+            mod, from_db = apply_to_fused(mod, spec, db, progress=progress)
         progress("scheduling (W2A8 tensor-core and norm_quant kernels; DLight for the rest)")
         mod, kernels = gpu_build.schedule_kernels(mod, kernels)
         progress("tvm.compile")

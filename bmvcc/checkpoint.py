@@ -7,7 +7,6 @@ for multi-query checkpoints, heads. Heads of a multi-head checkpoint must be giv
 
 from __future__ import annotations
 
-import hashlib
 import math
 import pickle
 import re
@@ -21,14 +20,6 @@ from .model import BitMedViT, ViTConfig
 
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 _WRAPPERS = ("state_dict", "model_state_dict", "model")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ def compile(
     summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
                "kernels_from_db": report.metadata["tuning"]["kernels_from_db"]}
     tuning = report.metadata["tuning"]
-    source_db = f"shipped database {Path(tuning['db']).name}" if tuning["shipped"] else tuning["db"]
+    source_db = f"shipped database {tuning['db']}" if tuning["shipped"] else tuning["db"]
     tuned = f" ({tuning['kernels_from_db']} kernels from {source_db})" if tuning["db"] else ""
     typer.echo(json.dumps(summary, indent=2) if as_json else f"compiled {source} -> {report.outdir} in {report.seconds:.1f} s{tuned}")
     if not as_json:

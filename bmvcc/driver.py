@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__, artifact, frontend
-from .checkpoint import sha256
+from .artifact import sha256
 from .errors import BmvccError
 
 
@@ -67,8 +67,8 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
         from_db = build(mod, spec, tmp / artifact.MODULE, progress, db=db)
         _save_weights(weights, tmp / artifact.WEIGHTS)
         metadata = _metadata(source, spec, options, pass_report, weights, dataset)
-        metadata["tuning"] = {"db": str(db) if db else None, "shipped": db is not None and options.db is None,
-                              "kernels_from_db": from_db}
+        metadata["tuning"] = {"db": db.name if db else None,  # the name only: builds record no directory
+                              "shipped": db is not None and options.db is None, "kernels_from_db": from_db}
         artifact.write_metadata(tmp, metadata)
     seconds = time.perf_counter() - start
     progress(f"wrote {outdir} in {seconds:.1f} s")
@@ -109,6 +109,7 @@ def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights,
         "preprocessing": REFERENCE,
         "dataset": dataset.to_dict() if dataset else None,
         "num_weights": len(weights),
+        "weights": [{"shape": [int(d) for d in w.shape], "dtype": str(w.dtype)} for w in weights],
         "passes": pass_report,
     }
 

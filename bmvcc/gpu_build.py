@@ -29,11 +29,10 @@ import re
 import struct
 from pathlib import Path
 
+from .artifact import DEVICE_BINARY, DEVICE_INFO
 from .errors import BmvccError
 
 PASS_CONFIG = {"tirx.use_async_copy": True}  # cp.async (LDGSTS) in the W2A8 pipeline
-DEVICE_BINARY = "device.cubin"  # in OUTDIR: the cubin, byte for byte as embedded in model.so
-DEVICE_INFO = "device.json"  # in OUTDIR: arch, bmvcc kernels (W2A8 configs, knobs) and ptxas resources
 
 
 def _kind(func):

@@ -7,8 +7,9 @@ import json
 import re
 from pathlib import Path
 
+from . import artifact
+from .artifact import DEVICE_BINARY, DEVICE_INFO
 from .errors import BmvccError
-from .gpu_build import DEVICE_BINARY, DEVICE_INFO
 
 # instruction families reported in the mix (SASS mnemonic prefixes)
 MIX = ("IMMA", "HMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "SHFL", "BAR", "FFMA", "FMUL", "FADD",
@@ -20,7 +21,7 @@ def _cubin(outdir: Path):
 
     path = Path(outdir) / DEVICE_BINARY
     info = Path(outdir) / DEVICE_INFO
-    if not path.is_file() or not info.is_file():
+    if DEVICE_BINARY not in artifact.read_metadata(outdir)["files"]:  # which checks the recorded files
         raise BmvccError(f"'{outdir}' has no {DEVICE_BINARY}: it is not a GPU artifact; compile with a CUDA "
                          "target, e.g. bmvcc compile CKPT --target jetson-orin-nano -o OUTDIR")
     meta = json.loads(info.read_text())

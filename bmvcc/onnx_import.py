@@ -1,7 +1,8 @@
 """ONNX models -> Relax through TVM's ONNX frontend (tvm.relax.frontend.onnx).
 
-`load` reads and validates the file (one line per problem: corrupt or truncated file, an opset or
-operator TVM's frontend does not implement, an input that is not one float NCHW image batch);
+`load` reads and validates the file (one line per problem: corrupt or truncated file, external data
+that is missing or outside the model's folder, an opset or operator TVM's frontend does not implement,
+an input that is not one float NCHW image batch);
 `to_relax` imports it with a static batch through TVM's ONNX graph importer (what `from_onnx` runs),
 with three differences that make bmvcc's passes see an exported BitLinear as they see one from a
 checkpoint:
@@ -47,12 +48,13 @@ def load(path: Path) -> OnnxGraph:
     if not path.is_file():
         raise BmvccError(f"ONNX model '{path}' does not exist; check the path")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
         if not model.opset_import or not model.graph.node:  # an empty file parses as an empty model
             raise ValueError("no graph")
     except (DecodeError, ValueError, OSError, RuntimeError) as e:
         raise BmvccError(f"'{path}' is not an ONNX model, or it is truncated or corrupt ({_first_line(e)}); "
                          "export it again (bmvcc export-onnx)") from None
+    _load_external_data(model, path)
     opset = _check_opset(model, path)
     try:
         onnx.checker.check_model(model)
@@ -61,6 +63,32 @@ def load(path: Path) -> OnnxGraph:
                          "export it again (bmvcc export-onnx)") from None
     name, shape, batch = _image_input(model, path)
     return OnnxGraph(model, opset, name, shape, batch, _num_classes(model, path))
+
+
+def _load_external_data(model, path: Path) -> None:
+    """Reads the tensors the model keeps in external data files into it. Each file must be inside the
+    model's folder: a location that leaves it (absolute, through '..' or a link) is refused before
+    anything is read."""
+    import onnx
+    from onnx import external_data_helper as external
+
+    folder = path.parent.resolve()
+    tensors = [t for t in external._get_all_tensors(model) if external.uses_external_data(t)]
+    for tensor in tensors:
+        location = external.ExternalDataInfo(tensor).location
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise BmvccError(f"'{path}' keeps tensor '{tensor.name}' in '{location}', outside the model's folder; "
+                             "refused: keep external data files next to the model (onnx.save with a relative location)")
+        if not target.is_file():
+            raise BmvccError(f"'{path}' keeps tensor '{tensor.name}' in '{location}', which is missing; "
+                             f"copy that file into '{path.parent}' beside the model")
+    if tensors:
+        try:
+            external.load_external_data_for_model(model, str(folder))
+        except (onnx.checker.ValidationError, ValueError, OSError) as e:
+            raise BmvccError(f"the external data of '{path}' cannot be read ({_first_line(e)}); "
+                             "export the model again") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import artifact
+from .artifact import DEVICE_INFO
 from .errors import BmvccError
-from .gpu_build import DEVICE_INFO
 
 MIX_SHOWN = ("IMMA", "HMMA", "LDSM", "LDGSTS", "LDG", "STG", "SHFL")
 
@@ -37,9 +38,9 @@ def report(outdir: Path) -> dict:
     from .targets import get
 
     outdir = Path(outdir)
-    summary = inspect.summary(outdir)  # checks that OUTDIR is a GPU artifact
+    summary = inspect.summary(outdir)  # checks that OUTDIR is a GPU artifact, its files as compiled
     info = json.loads((outdir / DEVICE_INFO).read_text())
-    meta = json.loads((outdir / "metadata.json").read_text())
+    meta = artifact.read_metadata(outdir)
     spec = get(meta["target"]["name"])
     facts = spec.facts
     if "dram_bandwidth_gbs" not in facts:

@@ -122,6 +122,7 @@ class CompiledModel:
         self.vm["vm_initialization"](*init)
         self._main = self.vm["main"]
         params = ffi.get_global_func("runtime.LoadParamsFromFile")(str(self.outdir / artifact.WEIGHTS))
+        artifact.check_weights(params, self.metadata, self.outdir)
         self.weights = [self._to_device(params[f"w{i}"]) for i in range(self.metadata["num_weights"])]
 
     @property

@@ -351,7 +351,7 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
                progress: Callable[[str], None] = lambda msg: None, bars: bool = True) -> TuneReport:
     from . import frontend
     from . import tunedb
-    from .checkpoint import sha256
+    from .artifact import sha256
     from .passes.pipeline import run_pipeline
     from .targets import get as get_target
 
@@ -379,7 +379,8 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
         raise BmvccError(f"--task {unknown[0]} is not a task of this model; its tasks are: {', '.join(sorted(known))}")
     if options.tasks:
         tasks = [t for t in tasks if t.task_name in options.tasks]
-    db, key = tunedb.open_for_tuning(db_dir, spec)
+    tables, key = tunedb.open_for_tuning(db_dir, spec, progress)
+    db = tables.db
     model_id = f"{sha256(source.path)}:batch{batch}"
     model_entry = key["models"].setdefault(model_id, {"source": source.path.name, "batch": batch, "tasks": {}})
     progress(f"{len(tasks)} tasks for {spec.name}, {options.trials} trials each, measured on {devices}; "
@@ -414,6 +415,7 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
             callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
 
             def on_batch(n: int, failed: int, error: str | None, bar=bar, last_error=last_error) -> None:
+                tables.save()  # the round's records, committed to the scratch tables just before
                 if error:
                     last_error[:] = [error]
                 if bar:

@@ -18,6 +18,13 @@ schedules/cpu_default.py (`legalize_and_fuse`), or for a GPU target bmvcc/gpu_bu
 compile with a database applies it to the same fused module (marking tuned PrimFuncs tirx.is_scheduled) before the default schedules, which skip those.
 That relies on `legalize_and_fuse` being idempotent on its own output (checked in tests/test_tune.py).
 
+Durability. MetaSchedule's JSONDatabase appends each entry with two unsynchronised writes (the line, then
+its newline): a run killed in between leaves a torn line, which the next append would run into. So its
+JSONDatabase only ever works on scratch copies of the tables (`_load`), and `bmvcc tune` puts them back
+after every round (`TuningTables.save`): each table written whole to a temporary file, fsynced and renamed
+over the old one, so a run killed at any moment leaves the tables of its last round. Reading, a torn last
+line (a database written by MetaSchedule itself) is dropped with a warning; any other damage is an error.
+
 Shipped databases: SHIPPED_DATABASES/<shipped_name(spec)>/ (package data under schedules/databases/,
 its JSON files only) is applied by compile when no --db is given; the folder name carries a hash of
 the exact target key, so only that target ever finds it.
@@ -28,12 +35,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
+from typing import Callable
 
 from . import schedules
 from .errors import BmvccError
 
 KEY_FILE = "bmvcc-db.json"
+TABLES = ("database_workload.json", "database_tuning_record.json")  # MetaSchedule's, one JSON entry per line
 FORMAT_VERSION = 1
 SHIPPED_DATABASES = Path(schedules.__file__).parent / "databases"
 
@@ -73,16 +85,39 @@ def read_key(db_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        key = json.loads(path.read_bytes())
+        _check_key(key)
     except (OSError, ValueError) as e:
-        raise BmvccError(f"'{path}' is not a bmvcc tuning database key ({e}); point --db at a directory made by bmvcc tune") from None
+        raise BmvccError(f"'{path}' is not a bmvcc tuning database key ({str(e)[:100]}); point --db at a directory "
+                         "made by bmvcc tune") from None
+    return key
+
+
+def _check_key(key) -> None:
+    """ValueError unless `key` has the structure bmvcc tune writes (what compile and tune read of it)."""
+    if not isinstance(key, dict) or not isinstance(key.get("target"), dict) or not isinstance(key.get("models"), dict):
+        raise ValueError("not an object with a target and models")
+    for model in key["models"].values():
+        tasks = model.get("tasks") if isinstance(model, dict) else None
+        if not isinstance(tasks, dict) or not all(
+                isinstance(t, dict) and isinstance(t.get("workload"), str)
+                and all(t.get(k) is None or type(t[k]) in (int, float) for k in ("default_us", "best_us"))
+                for t in tasks.values()):
+            raise ValueError("a model's tasks are not as bmvcc tune records them")
 
 
 def write_key(db_dir: Path, key: dict) -> None:
-    path = Path(db_dir) / KEY_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(key, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a run killed here leaves the old key or the new one
+    _replace(Path(db_dir) / KEY_FILE, json.dumps(key, indent=1, sort_keys=True).encode())
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """`path` holds `data`, or (killed at any moment) its old content: a synced temporary file renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def check_target(db_dir: Path, spec) -> dict:
@@ -106,8 +141,8 @@ def _first_difference(a: dict, b: dict) -> str:
     return "same"
 
 
-def open_for_tuning(db_dir: Path, spec):
-    """(JSONDatabase, key dict); creates the directory and key, or checks the key of an existing one."""
+def open_for_tuning(db_dir: Path, spec, progress: Callable[[str], None] = lambda msg: None):
+    """(TuningTables, key dict); creates the directory and key, or checks the key of an existing one."""
     db_dir = Path(db_dir)
     if db_dir.exists() and not db_dir.is_dir():
         raise BmvccError(f"--db '{db_dir}' is a file; give a directory (created if missing)")
@@ -120,14 +155,38 @@ def open_for_tuning(db_dir: Path, spec):
         write_key(db_dir, key)
     else:
         key = check_target(db_dir, spec)
-    return open_database(db_dir), key
+    return TuningTables(db_dir, progress), key
 
 
-def open_database(db_dir: Path):
-    """MetaSchedule's JSONDatabase of the directory. It decodes every record by replaying its trace, so for a
-    CUDA target bmvcc's intrinsics, which W2A8 traces tensorize with, are registered first."""
+class TuningTables:
+    """A database directory open for tuning: `db`, MetaSchedule's JSONDatabase on scratch copies of the
+    tables; `save()` puts them back (see Durability above). The copies go when this object does."""
+
+    def __init__(self, db_dir: Path, progress: Callable[[str], None] = lambda msg: None):
+        self.dir = Path(db_dir)
+        self._scratch = Path(tempfile.mkdtemp(prefix="bmvcc-db-"))
+        weakref.finalize(self, shutil.rmtree, self._scratch, True)
+        self.db = _load(self.dir, self._scratch, progress)
+
+    def save(self) -> None:
+        for name in TABLES:
+            _replace(self.dir / name, (self._scratch / name).read_bytes())
+
+
+def open_database(db_dir: Path, progress: Callable[[str], None] = lambda msg: None):
+    """MetaSchedule's JSONDatabase of the directory, read into memory (for reading: it writes nowhere)."""
+    with tempfile.TemporaryDirectory(prefix="bmvcc-db-") as scratch:
+        return _load(Path(db_dir), Path(scratch), progress)
+
+
+def _load(db_dir: Path, scratch: Path, progress: Callable[[str], None]):
+    """MetaSchedule's JSONDatabase of checked copies of db_dir's tables, made in `scratch`. It decodes every
+    record by replaying its trace, so for a CUDA target bmvcc's intrinsics, which W2A8 traces tensorize
+    with, are registered first."""
     from tvm.s_tir import meta_schedule as ms
 
+    for name in TABLES:
+        (scratch / name).write_bytes(_checked_lines(db_dir / name, progress))
     key = read_key(db_dir)
     if key is not None and key.get("target", {}).get("tvm", {}).get("kind") == "cuda":
         from .schedules.w2a8_cuda import register_intrinsics
@@ -136,18 +195,44 @@ def open_database(db_dir: Path):
     else:
         from .schedules import dot_intrinsics  # noqa: F401  CPU W2A8 traces tensorize with these
 
-    return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+    try:
+        return ms.database.JSONDatabase(work_dir=str(scratch), module_equality="structural")
+    except (RuntimeError, ValueError) as e:  # lines that are JSON but not MetaSchedule entries
+        raise BmvccError(f"tuning database '{db_dir}' is damaged ({str(e).strip().splitlines()[0][:120]}); "
+                         "tune into a new --db directory") from None
 
 
-def apply_database(mod, spec, db_dir: Path, only_faster: bool = True):
+def _checked_lines(path: Path, progress: Callable[[str], None]) -> bytes:
+    """A table's content with every line JSON: a torn last line is dropped with a warning (its entry was
+    never complete), any other line that is not JSON is an error naming the file."""
+    if not path.is_file():
+        return b""
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            if number < len(lines):
+                raise BmvccError(f"tuning database file '{path}' is damaged at line {number} of {len(lines)}; "
+                                 "tune into a new --db directory") from None
+            progress(f"warning: '{path}' ends in a torn line (a run killed while writing it); ignoring that entry")
+            lines.pop()
+    return b"".join(line + b"\n" for line in lines)
+
+
+def apply_database(mod, spec, db_dir: Path, only_faster: bool = True,
+                   progress: Callable[[str], None] = lambda msg: None):
     """bmvcc's Relax module -> (fused module with tuned PrimFuncs marked tirx.is_scheduled, number of
     kernels from the database), for a CPU target (schedules/cpu_default.py's legalize_and_fuse)."""
     from .schedules.cpu_default import legalize_and_fuse
 
-    return apply_to_fused(legalize_and_fuse(mod, spec.target()), spec, db_dir, only_faster)
+    return apply_to_fused(legalize_and_fuse(mod, spec.target()), spec, db_dir, only_faster, progress)
 
 
-def apply_to_fused(mod, spec, db_dir: Path, only_faster: bool = True):
+def apply_to_fused(mod, spec, db_dir: Path, only_faster: bool = True,
+                   progress: Callable[[str], None] = lambda msg: None):
     """apply_database on a module already fused as `bmvcc tune` fuses it for spec (CPU: legalize_and_fuse;
     GPU: gpu_build.fuse). only_faster=False applies every task's best record, even one slower than the
     default schedule."""
@@ -156,7 +241,7 @@ def apply_to_fused(mod, spec, db_dir: Path, only_faster: bool = True):
     key = check_target(db_dir, spec)
     target = spec.target()
     before = _scheduled(mod)
-    db = open_database(db_dir)
+    db = open_database(db_dir, progress)
     with target, (winning_records(db, key) if only_faster else db):
         mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod, len(_scheduled(mod) - before)

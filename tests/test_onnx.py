@@ -289,3 +289,48 @@ def test_heads_option_rejected_for_onnx(exported):
     _, _, root = exported
     with pytest.raises(BmvccError, match="--heads"):
         frontend.load_source(root / "dyn.onnx", heads=4)
+
+
+def _with_external_data(exported, folder, location: str | None = None):
+    """dyn.onnx saved into `folder` with every initializer in the external file 'weights.data', then (if
+    given) each tensor's location rewritten to `location`. Returns the model's path."""
+    from onnx import external_data_helper
+
+    folder.mkdir()
+    path = folder / "m.onnx"
+    onnx.save(onnx.load(str(exported[2] / "dyn.onnx")), str(path), save_as_external_data=True,
+              location="weights.data", size_threshold=0)
+    if location is not None:
+        proto = onnx.load(str(path), load_external_data=False)
+        for tensor in external_data_helper._get_all_tensors(proto):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save(proto, str(path))
+    return path
+
+
+def test_external_data_is_read_from_the_models_folder(exported, tmp_path):
+    path = _with_external_data(exported, tmp_path / "ext")
+    assert (tmp_path / "ext" / "weights.data").stat().st_size > 0
+    inline = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(exported[2] / "dyn.onnx")).graph.initializer}
+    loaded = {t.name: onnx.numpy_helper.to_array(t) for t in onnx_import.load(path).model.graph.initializer}
+    assert inline.keys() == loaded.keys() and all(np.array_equal(inline[k], loaded[k]) for k in inline)
+
+
+def test_missing_external_data_is_one_line(exported, tmp_path, capsys):
+    path = _with_external_data(exported, tmp_path / "ext")
+    (tmp_path / "ext" / "weights.data").unlink()
+    err = cli_error(capsys, ["compile", str(path), "-o", str(tmp_path / "o"), "--batch", "1"])
+    assert f"'{path}' keeps tensor " in err and "in 'weights.data', which is missing; copy that file into" in err
+
+
+@pytest.mark.parametrize("outside", ["../outside.data", "ABSOLUTE"])
+def test_external_data_outside_the_models_folder_is_refused(exported, tmp_path, capsys, outside):
+    """Refused before reading, even where the file outside exists and holds the right bytes."""
+    _with_external_data(exported, tmp_path / "orig")
+    (tmp_path / "orig" / "weights.data").rename(tmp_path / "outside.data")
+    location = str(tmp_path / "outside.data") if outside == "ABSOLUTE" else outside
+    path = _with_external_data(exported, tmp_path / "ext", location)
+    err = cli_error(capsys, ["compile", str(path), "-o", str(tmp_path / "o"), "--batch", "1"])
+    assert f"in '{location}', outside the model's folder; refused" in err

@@ -158,7 +158,7 @@ def test_cli_inspect_and_report(orin_build, capsys, tmp_path):
     assert summary["arch"] == "sm_87" and summary["bytes"] == len((orin_build / gpu_build.DEVICE_BINARY).read_bytes())
     report = json.loads(run(["report", str(orin_build), "--json"]))
     assert report["estimated_total_s"] > 0 and "estimate" in report["note"]
-    assert "not a GPU artifact" in cli_error(capsys, ["inspect", str(tmp_path)])
+    assert "not a bmvcc artifact" in cli_error(capsys, ["inspect", str(tmp_path)])  # no metadata.json
 
 
 def _embedded_cubin(so: bytes) -> bytes:

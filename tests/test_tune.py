@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,8 @@ import pytest
 import torch
 
 from bmvcc import tunedb
+from bmvcc.cli import main
+from bmvcc.errors import BmvccError
 from bmvcc.targets import get as get_target
 from conftest import cli_error, small_config
 
@@ -236,7 +239,7 @@ def test_shipped_database_is_applied_for_its_exact_target(tuned, tmp_path):
     assert tunedb.shipped_database(aarch64, root) is None and tunedb.shipped_name(aarch64) != tunedb.shipped_name(host)
     messages = []
     done = compile_model(ckpt, tmp_path / "out", CompileOptions(shipped_databases=root), progress=messages.append)
-    assert done.metadata["tuning"] == {"db": str(root / tunedb.shipped_name(host)), "shipped": True,
+    assert done.metadata["tuning"] == {"db": tunedb.shipped_name(host), "shipped": True,
                                        "kernels_from_db": _wins(report)}
     assert f"using the shipped tuning database {tunedb.shipped_name(host)}" in messages
 
@@ -298,3 +301,69 @@ def test_unreachable_tracker_and_unknown_key(capsys, tmp_path, checkpoint, rpc_t
     err = cli_error(capsys, ["tune", str(ckpt), "--db", str(tmp_path / "db"), "--target", "aarch64"])
     assert "--rpc-tracker" in err
     assert not (tmp_path / "db").exists()  # nothing written before the checks
+
+
+def _small_database(db: Path) -> Path:
+    """A database made by MetaSchedule's own JSONDatabase (through bmvcc's tables) without a search: one
+    workload (an 8x8 elementwise PrimFunc) and two measured records of it, each table ending in a newline."""
+    import tvm
+    from tvm import s_tir, te
+    from tvm.s_tir import meta_schedule as ms
+
+    spec = get_target("host")
+    tables, _ = tunedb.open_for_tuning(db, spec)
+    a = te.placeholder((8, 8), name="a")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((8, 8), lambda i, j: a[i, j] * 2.0, name="b")])})
+    for factor in (2, 4):
+        sch = s_tir.Schedule(mod)
+        sch.split(sch.get_loops(sch.get_sblock("b"))[1], [None, factor])
+        workload = tables.db.commit_workload(mod)
+        tables.db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, run_secs=[1e-4 * factor], target=spec.target(),
+            args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    tables.save()
+    return db
+
+
+RECORDS = "database_tuning_record.json"
+
+
+def test_torn_last_line_is_dropped_with_a_warning(tmp_path, capsys, checkpoint):
+    """A run killed while MetaSchedule appended a record leaves half a line: compile --db warns and goes on,
+    and the next tuning run's first save writes the table back without it."""
+    db = _small_database(tmp_path / "db")
+    whole = (db / RECORDS).read_bytes()
+    (db / RECORDS).write_bytes(whole + whole[:100])  # a third record, torn
+    ckpt, _ = checkpoint(small_config(depth=1))
+    main(["compile", str(ckpt), "-o", str(tmp_path / "out"), "--db", str(db)])
+    err = capsys.readouterr().err
+    assert f"[bmvcc] warning: '{db / RECORDS}' ends in a torn line" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "metadata.json").is_file()
+
+    messages = []
+    tables, _ = tunedb.open_for_tuning(db, get_target("host"), messages.append)
+    assert len(tables.db.get_all_tuning_records()) == 2 and "torn line" in messages[0]
+    tables.save()
+    assert (db / RECORDS).read_bytes() == whole
+
+
+def test_corrupt_database_is_one_line(tmp_path, capsys, checkpoint):
+    """Damage before the last line (or a bad bmvcc-db.json) cannot be a torn append: compile --db and tune
+    refuse it in one line naming the file."""
+    ckpt, _ = checkpoint(small_config(depth=1))
+    db = _small_database(tmp_path / "db")
+    first, second = (db / RECORDS).read_bytes().splitlines()
+    (db / RECORDS).write_bytes(first[:50] + b"\n" + second + b"\n")
+    expected = f"error: tuning database file '{db / RECORDS}' is damaged at line 1 of 2; tune into a new --db directory"
+    assert cli_error(capsys, ["compile", str(ckpt), "-o", str(tmp_path / "out"), "--db", str(db)]) == expected
+    assert not (tmp_path / "out").exists()
+    assert cli_error(capsys, ["tune", str(ckpt), "--db", str(db), "--trials", "1"]) == expected
+
+    (db / RECORDS).write_bytes(b'[0, [[], [1e-4], {}, []]]\n' + second + b"\n")  # JSON, not a record
+    with pytest.raises(BmvccError, match=f"^tuning database '{re.escape(str(db))}' is damaged \\(.*; tune into a new --db directory$"):
+        tunedb.open_database(db)
+
+    for key in ('{"target": ', '["not", "a", "key"]', '{"target": {}, "models": {"m": {"tasks": [1]}}}'):
+        (db / tunedb.KEY_FILE).write_text(key)
+        err = cli_error(capsys, ["compile", str(ckpt), "-o", str(tmp_path / "out"), "--db", str(db)])
+        assert err.startswith(f"error: '{db / tunedb.KEY_FILE}' is not a bmvcc tuning database key (")
