@@ -7,6 +7,7 @@ for multi-query checkpoints, heads. Heads of a multi-head checkpoint must be giv
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import math
@@ -87,14 +88,14 @@ def _unsafe_globals(path: Path) -> list[str]:
 def _pickle_globals(stream) -> Iterator[str]:
     """`module.name` of every GLOBAL, INST and STACK_GLOBAL in the first pickles of `stream`, up to
     damage; a STACK_GLOBAL whose two strings are not plainly pushed yields 'a computed global'."""
-    memo, stack = {}, []  # stack: the string each opcode pushed, None for anything else
+    memo, stack = {}, collections.deque(maxlen=2)  # the last two pushes: their strings, None for anything else
     for _ in range(_PICKLES_SCANNED):
         try:
             for op, arg, _pos in pickletools.genops(stream):
                 if op.name in ("GLOBAL", "INST"):
                     yield arg.replace(" ", ".")
                 elif op.name == "STACK_GLOBAL":
-                    module, name = (stack[-2:] if len(stack) >= 2 else [None, None])
+                    module, name = stack if len(stack) == 2 else (None, None)
                     yield f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else "a computed global"
                 if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
                     memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1] if stack else None

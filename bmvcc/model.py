@@ -42,8 +42,8 @@ class ViTConfig:
                  "channels": self.channels}
         empty = [f"{value} {name}" for name, value in sizes.items() if value < 1]
         if empty:
-            raise BmvccError(f"degenerate BitMedViT configuration ({', '.join(empty)}): every size must be at least 1; "
-                             "the checkpoint is not a trained model")
+            raise BmvccError(f"degenerate BitMedViT configuration ({', '.join(empty)}): every size must be at least 1 "
+                             "for the model to have logits and finite values; the checkpoint is not a trained model")
         if self.dim % self.heads or self.image_size % self.patch_size:
             raise BmvccError(f"degenerate BitMedViT configuration: {self.heads} heads must divide dim {self.dim} and "
                              f"patch size {self.patch_size} the image size {self.image_size}; the checkpoint is not a trained model")

@@ -182,7 +182,7 @@ def test_non_float_weights_are_refused_by_name(capsys, tmp_path, state, dtype):
 def test_degenerate_configurations_are_refused(capsys, tmp_path, state, key, rows, needle):
     state[key] = torch.zeros(rows, state[key].shape[1])
     line = _compile_error(capsys, tmp_path, _save(tmp_path, state))
-    assert f"degenerate BitMedViT configuration {needle}: every size must be at least 1" in line
+    assert f"degenerate BitMedViT configuration {needle}: every size must be at least 1 for the model to have logits" in line
 
 
 def test_a_config_whose_heads_do_not_divide_dim_is_refused():
