@@ -45,6 +45,7 @@ def load_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
     path = Path(path)
     if not path.is_file():
         raise BmvccError(f"checkpoint '{path}' does not exist; check the path")
+    _check_unpacked_size(path)
     try:
         with warnings.catch_warnings():  # e.g. torch's note on a pickle protocol it does not expect
             warnings.simplefilter("ignore", UserWarning)
@@ -66,6 +67,19 @@ def load_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
             ) from None
         raise _unreadable(path, e) from None
     return _unwrap(obj, path)
+
+
+def _check_unpacked_size(path: Path) -> None:
+    """torch.load unpacks each record of a zip checkpoint to the size its directory declares (a
+    deflated one too: 4 MB can declare 4 GB); refuse declarations beyond this machine's memory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, EOFError):  # not a zip, or a damaged one: torch.load reports it
+        return
+    if declared > resources.machine_memory():
+        raise BmvccError(f"'{path}' unpacks to {resources.human(declared)} of tensor data, this machine has "
+                         f"{resources.human(resources.machine_memory())} of memory; it cannot be loaded here")
 
 
 def _unsafe_globals(path: Path) -> list[str]:

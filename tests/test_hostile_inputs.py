@@ -265,3 +265,16 @@ def test_a_truncated_legacy_checkpoint_is_still_corrupt(capsys, tmp_path, state)
     path = _save(tmp_path, state, _use_new_zipfile_serialization=False)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert "truncated or corrupt" in _compile_error(capsys, tmp_path, path)
+
+
+def test_a_zip_declaring_more_than_memory_is_refused_before_unpacking(capsys, tmp_path, state):
+    # Deflated records inflate to the size the zip directory declares (about 1000x for zeros); this
+    # one declares 100 TB for a 3 kB record, as a deflate bomb would.
+    path = _save(tmp_path, state)
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp_path / "bomb.pth", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        record = next(info for info in dst.filelist if "/data/" in info.filename)
+        record.file_size = 10**14  # the central directory is written from filelist on close
+    line = _compile_error(capsys, tmp_path, tmp_path / "bomb.pth")
+    assert "bomb.pth' unpacks to 100 TB of tensor data, this machine has" in line
