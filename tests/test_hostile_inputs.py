@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from bmvcc import resources
-from bmvcc.checkpoint import load_state_dict
 from bmvcc.cli import main
 from bmvcc.frontend import load_source
 from bmvcc.model import BitMedViT, ViTConfig
