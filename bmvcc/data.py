@@ -78,6 +78,8 @@ def load_split(data_dir: Path, ds: Dataset, size: int, split: str) -> tuple[np.n
     if channels != ds.channels or images.dtype != np.uint8 or images.shape[1:3] != (size, size):
         raise BmvccError(f"'{path}' holds {images.dtype} images of shape {images.shape[1:]}, MedMNIST {ds.name} at size "
                          f"{size} has uint8 {size}x{size}x{ds.channels}; use the file from MedMNIST")
+    if len(images) == 0:
+        raise BmvccError(f"'{path}' has no {split} images; evaluate another --split, or download the file again")
     if len(labels) != len(images):
         raise BmvccError(f"'{path}' has {len(images)} {split} images but {len(labels)} labels; download it again")
     return images, labels

@@ -3,6 +3,7 @@ ONNX model (.onnx, imported by TVM's ONNX frontend)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, onnx_import
+from . import checkpoint, onnx_import, resources
 from .errors import BmvccError
 from .model import BitMedViT, ViTConfig
 
@@ -108,10 +109,21 @@ def to_relax(source: Source, batch: int):
 
     if batch < 1:
         raise BmvccError(f"--batch {batch} must be at least 1")
+    _check_memory(source, batch)
     if source.onnx is not None:
         return onnx_import.to_relax(source.onnx, batch)
     ep = export(source, batch)
     return _bind_named_params(from_exported_program(ep, keep_params_as_input=True), ep)
+
+
+def _check_memory(source: Source, batch: int) -> None:
+    """Refuses a compile at `batch` that this machine's memory cannot hold (bmvcc.resources)."""
+    if source.onnx is not None:
+        weights = sum(math.prod(t.dims) for t in source.onnx.model.graph.initializer)
+    else:
+        weights = sum(t.numel() for t in source.module.state_dict().values())
+    activations = resources.bitmedvit_activations(source.config) if source.config else 0
+    resources.check_compile(weights, source.input_shape, batch, activations)
 
 
 def _bind_named_params(mod, ep):

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import BmvccError
+
 NORM_EPS = 1e-5  # RMSNorm eps inside BitLinear
 SCALE_EPS = 1e-5  # lower clamp of both quantization scales' denominators
 
@@ -31,6 +33,20 @@ class ViTConfig:
     multi_query: bool
     fp_attn: bool
     matcher_dim: int = 0  # rows of the training-only matcher head; 0 = absent
+
+    def __post_init__(self):
+        """Refuses what no BitMedViT can be: an empty dimension (0 classes make a head without logits,
+        0 MLP or dim features an RMSNorm over nothing, NaN) or heads / patches that do not tile."""
+        sizes = {"classes": self.num_classes, "dim": self.dim, "depth": self.depth, "heads": self.heads,
+                 "MLP width": self.mlp_dim, "patch size": self.patch_size, "image size": self.image_size,
+                 "channels": self.channels}
+        empty = [f"{value} {name}" for name, value in sizes.items() if value < 1]
+        if empty:
+            raise BmvccError(f"degenerate BitMedViT configuration ({', '.join(empty)}): every size must be at least 1 "
+                             "for the model to have logits and finite values; the checkpoint is not a trained model")
+        if self.dim % self.heads or self.image_size % self.patch_size:
+            raise BmvccError(f"degenerate BitMedViT configuration: {self.heads} heads must divide dim {self.dim} and "
+                             f"patch size {self.patch_size} the image size {self.image_size}; the checkpoint is not a trained model")
 
     @property
     def grid(self) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.ao.quantization.fx import _decomposed  # noqa: F401  (registers quantized_decomposed ops)
 from torch.nn import functional as F
 
-from . import __version__
+from . import __version__, resources
 from .artifact import check_output_file, write_error
 from .errors import BmvccError
 from .model import SCALE_EPS, BitLinear, BitMedViT, MultiQueryAttention
@@ -117,6 +117,8 @@ def export_onnx(model: BitMedViT, path: Path, batch: int | None = None, opset: i
     if batch is not None and batch < 1:
         raise BmvccError(f"--batch {batch} must be at least 1")
     cfg = model.cfg
+    resources.check_compile(sum(p.numel() for p in model.parameters()), (cfg.channels, cfg.image_size, cfg.image_size),
+                            batch or 2, resources.bitmedvit_activations(cfg), action="exporting")
     deployed = deployment_model(model)
     example = torch.zeros(batch or 2, cfg.channels, cfg.image_size, cfg.image_size)
     dynamic = None if batch else ({0: torch.export.Dim("batch")},)

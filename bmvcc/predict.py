@@ -8,6 +8,7 @@ MedMNIST data set recorded at compile time (--dataset); without one, classes are
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,14 @@ def read_image(path: Path, meta: dict) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            pixels = np.asarray(im.convert("L" if meta["input"]["shape"][1] == 1 else "RGB"))
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                pixels = np.asarray(im.convert("L" if meta["input"]["shape"][1] == 1 else "RGB"))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        size = meta["input"]["shape"][2]
+        raise BmvccError(f"'{path}' has more than {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's limit against "
+                         f"decompression bombs); downscale it, the model takes {size}x{size}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise BmvccError(f"'{path}' is not a readable image ({str(e)[:80]}); check the file") from None
     return preprocess.to_input(pixels[None], meta)[0]
