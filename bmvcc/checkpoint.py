@@ -17,6 +17,7 @@ from typing import Mapping
 import torch
 
 from .errors import BmvccError
+from .sources import check_exists
 from .model import BitMedViT, ViTConfig
 
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
@@ -33,9 +34,7 @@ def sha256(path: Path) -> str:
 
 def load_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True unless the user opted in; every failure is a BmvccError."""
-    path = Path(path)
-    if not path.is_file():
-        raise BmvccError(f"checkpoint '{path}' does not exist; check the path")
+    path = check_exists(path)
     try:
         if trust_pickle:  # the user's explicit opt-in (--trust-pickle): unpickling may run the file's code
             obj = torch.load(path, map_location="cpu", weights_only=False)

@@ -21,6 +21,20 @@ def _progress(msg: str) -> None:
     typer.echo(f"[bmvcc] {msg}", err=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"bmvcc {version('bmvcc')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    """Each command imports torch and TVM only when it needs them, after checking its arguments."""
+
+
 @app.command()
 def compile(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth), torch.export program (.pt2) or ONNX model (.onnx)"),
@@ -209,6 +223,9 @@ def export_onnx(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Export the deployment forward (int8 ternary weights) as a standard ONNX model."""
+    from .sources import check_exists
+
+    check_exists(source)  # before the seconds importing torch takes
     from .onnx_export import export_checkpoint
 
     info = export_checkpoint(source, output, batch=batch, opset=opset, heads=heads, image_size=image_size,

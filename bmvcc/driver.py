@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, artifact, frontend
-from .checkpoint import sha256
+from . import __version__, artifact
 from .errors import BmvccError
+from .sources import check_exists
 
 
 @dataclass
@@ -40,7 +40,8 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     start = time.perf_counter()
     spec = get_target(options.target)
     artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
-    from . import tunedb
+    check_exists(source_path)  # and before the seconds importing torch and TVM take
+    from . import frontend, tunedb
 
     db = options.db
     if db is not None:  # refuse a database of another target before minutes of work
@@ -60,7 +61,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
 
     progress(f"running bmvcc passes for {spec.name}")
     mod, weights, pass_report = run_pipeline(mod, spec, bitlinear=options.bitlinear)
-    progress(f"building for {spec.name} ({spec.tvm_target})")
+    progress(f"building for {spec.name}: {spec.description}")
     from .build import build
 
     with artifact.staging(outdir, options.force, source_path) as tmp:
@@ -71,7 +72,6 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
                               "kernels_from_db": from_db}
         artifact.write_metadata(tmp, metadata)
     seconds = time.perf_counter() - start
-    progress(f"wrote {outdir} in {seconds:.1f} s")
     return CompileReport(Path(outdir), seconds, metadata)
 
 
@@ -95,6 +95,7 @@ def _dataset(name: str | None, source):
 def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights, dataset) -> dict:
     import tvm
 
+    from .checkpoint import sha256
     from .preprocess import REFERENCE
 
     return {

@@ -12,6 +12,7 @@ import torch
 
 from . import checkpoint, onnx_import
 from .errors import BmvccError
+from .sources import check_exists
 from .model import BitMedViT, ViTConfig
 
 
@@ -43,8 +44,7 @@ def load_source(path: Path, heads: int | None = None, image_size: int | None = N
 
 
 def _load_program(path: Path) -> Source:
-    if not path.is_file():
-        raise BmvccError(f"program '{path}' does not exist; check the path")
+    check_exists(path)
     try:
         ep = torch.export.load(path)
     except (RuntimeError, zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as e:

@@ -32,12 +32,13 @@ def _roofline(ops: float, nbytes: int, peak_ops: float, facts: dict) -> dict:
 
 def report(outdir: Path) -> dict:
     from . import inspect
-    from .schedules.w2a8 import W2A8Config
-    from .schedules.w2a8_cuda import modeled_seconds
     from .targets import get
 
     outdir = Path(outdir)
     summary = inspect.summary(outdir)  # checks that OUTDIR is a GPU artifact
+    from .schedules.w2a8 import W2A8Config  # imports TVM: after the check
+    from .schedules.w2a8_cuda import modeled_seconds
+
     info = json.loads((outdir / DEVICE_INFO).read_text())
     meta = json.loads((outdir / "metadata.json").read_text())
     spec = get(meta["target"]["name"])

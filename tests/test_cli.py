@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from bmvcc import artifact
+import bmvcc
+from bmvcc import artifact, targets
 from bmvcc.checkpoint import build_model, infer_config, load_state_dict
 from bmvcc.cli import main
 from bmvcc.errors import BmvccError
@@ -81,10 +82,45 @@ def test_run_prints_logits(digits, capsys):
     assert capsys.readouterr().out.count("[") >= 16  # one row per image
 
 
-def test_targets_lists_host(capsys):
+def test_targets_lists_every_target(capsys):
     main(["targets"])
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert "host" in names and "aarch64" in names
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
+    assert [row[0] for row in rows] == targets.names() and len(rows) == 8
+    assert all(row[1] in ("cpu", "cuda") and row[2] in ("x86_64", "aarch64") for row in rows)
+
+
+# ---- answers at once: neither torch nor TVM imported (benchmarks/bench_cli_startup.py times them) ----
+
+
+LIGHT = {
+    "help": ["--help"],
+    "version": ["--version"],
+    "targets": ["targets"],
+    "unknown-option": ["targets", "--bogus"],
+    "missing-checkpoint": ["compile", "{tmp}/missing.pth", "-o", "{tmp}/out"],
+    "unknown-target": ["compile", "{tmp}/missing.onnx", "-o", "{tmp}/out", "-t", "nope"],
+    "tune-missing-checkpoint": ["tune", "{tmp}/missing.pth", "--db", "{tmp}/db"],
+    "export-missing-checkpoint": ["export-onnx", "{tmp}/missing.pth", "-o", "{tmp}/m.onnx"],
+    "bench-not-an-artifact": ["bench", "{tmp}"],
+    "report-not-an-artifact": ["report", "{tmp}"],
+}
+
+
+@pytest.mark.parametrize("args", LIGHT.values(), ids=LIGHT.keys())
+def test_answers_without_torch_or_tvm(tmp_path, args):
+    argv = [a.format(tmp=tmp_path) for a in args]
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # -X importtime: one stderr line per module imported
+    proc = subprocess.run([sys.executable, "-m", "bmvcc.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=60)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "typer" in imported and not imported & {"torch", "tvm", "tvm_ffi"}
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == (0 if len(args) == 1 else 2) and len(errors) == (0 if len(args) == 1 else 1), proc.stderr
+
+
+def test_version_from_package_metadata(capsys):
+    main(["--version"])  # pyproject.toml's version, which must match the package's
+    assert capsys.readouterr().out == f"bmvcc {bmvcc.__version__}\n"
 
 
 # ---- user errors of `bmvcc run` ---------------------------------------------------------------
