@@ -86,14 +86,25 @@ def run(
     model = load(outdir)
     logits = model(load_npy(input))
     if output is None:
-        np.set_printoptions(precision=5, suppress=True, linewidth=120)
-        typer.echo(str(logits))
+        typer.echo(_logits_table(logits))
     else:
         try:
             np.save(output, logits)
         except OSError as e:
             raise write_error(e, output) from None
         typer.echo(f"saved logits {logits.shape} to {output}")
+
+
+def _logits_table(logits) -> str:
+    """One row per image: the winning class, its logit and its margin over the runner-up."""
+    import numpy as np
+
+    ranked = -np.sort(-logits, axis=1)
+    second = min(1, logits.shape[1] - 1)
+    rows = [f"{'image':>5}  {'argmax':>6}  {'logit':>9}  {'margin':>9}"]
+    rows += [f"{i:>5}  {c:>6}  {r[0]:>9.4f}  {r[0] - r[second]:>9.4f}"
+             for i, (c, r) in enumerate(zip(logits.argmax(1), ranked))]
+    return "\n".join(rows + [f"logits {logits.shape}: save them all with -o FILE.npy"])
 
 
 @app.command("eval")

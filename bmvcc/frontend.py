@@ -111,7 +111,10 @@ def to_relax(source: Source, batch: int):
     if source.onnx is not None:
         return onnx_import.to_relax(source.onnx, batch)
     ep = export(source, batch)
-    return _bind_named_params(from_exported_program(ep, keep_params_as_input=True), ep)
+    with warnings.catch_warnings():  # torch's run_decompositions deep-copies a LeafSpec, which warns (torch 2.13)
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+        mod = from_exported_program(ep, keep_params_as_input=True)
+    return _bind_named_params(mod, ep)
 
 
 def _bind_named_params(mod, ep):

@@ -78,7 +78,7 @@ def report(outdir: Path) -> dict:
                                                                     "peak_fp32_tflops")},
             "kernels": rows, "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
             "estimated_total_s": total,
-            "note": "estimates: roofline (max of compute at peak and compulsory DRAM traffic), no launch "
+            "note": "roofline estimate: max of compute at peak and compulsory DRAM traffic; no launch "
                     "overhead, L2 reuse or occupancy; instruction mix is static SASS counts"}
 
 
@@ -97,5 +97,5 @@ def format_text(r: dict) -> str:
                      f"{k['shared_bytes'] if k['shared_bytes'] is not None else '?':>6} "
                      f"{k['estimate']['seconds'] * 1e6:>12.2f} {k['estimate']['bound']:>7}  {mix}")
     lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, estimated {r['estimated_total_s'] * 1e3:.3f} ms "
-                 f"(ESTIMATE: {r['note']})")
+                 f"({r['note']})")
     return "\n".join(lines)

@@ -77,9 +77,16 @@ def test_run_matches_pytorch_and_labels(digits, tmp_path, capsys):
     assert (logits.argmax(1) == np.load(LABELS)).mean() >= 0.75
 
 
-def test_run_prints_logits(digits, capsys):
+def test_run_prints_a_table(digits, tmp_path, capsys):
+    main(["run", str(digits[0]), "-i", str(IMAGES), "-o", str(tmp_path / "logits.npy")])
     main(["run", str(digits[0]), "-i", str(IMAGES)])
-    assert capsys.readouterr().out.count("[") >= 16  # one row per image
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines[0].split() == ["image", "argmax", "logit", "margin"] and "-o FILE.npy" in lines[-1]
+    logits = np.load(tmp_path / "logits.npy")
+    rows = np.array([line.split() for line in lines[1:-1]], dtype=float)
+    top2 = np.sort(logits, axis=1)[:, ::-1][:, :2]
+    np.testing.assert_array_equal(rows[:, :2], np.c_[np.arange(16), logits.argmax(1)])
+    np.testing.assert_allclose(rows[:, 2:], np.c_[top2[:, 0], top2[:, 0] - top2[:, 1]], atol=1e-4)  # 4 decimals
 
 
 def test_targets_lists_every_target(capsys):
