@@ -1,6 +1,6 @@
 """Read a BitMedViT state dict safely and infer its configuration from tensor shapes.
 
-What is inferable (../shared/docs/bitmedvit.md): dim, depth, mlp_dim, channels and patch size
+What is inferable (docs/bitmedvit.md): dim, depth, mlp_dim, channels and patch size
 (P*P*C has one solution with C in {1, 3}), tokens hence image size, classes, multi_query, fp_attn and,
 for multi-query checkpoints, heads. Heads of a multi-head checkpoint must be given.
 """

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -96,6 +97,16 @@ def test_targets_lists_every_target(capsys):
     assert all(row[1] in ("cpu", "cuda") and row[2] in ("x86_64", "aarch64") for row in rows)
 
 
+def test_readme_lists_the_targets_as_printed(capsys):
+    main(["targets"])
+    printed = [line.split(None, 3) for line in capsys.readouterr().out.splitlines()]
+    this = {"arch": os.uname().machine, "cores": str(len(os.sched_getaffinity(0)))}
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| (cpu|cuda) \| ([^|]+) \| ([^|]+) \|$", readme, re.M)
+    assert [[name, device, arch.strip().replace("this machine", this["arch"]),
+             text.strip().replace("N cores", f"{this['cores']} cores")] for name, device, arch, text in rows] == printed
+
+
 # ---- answers at once: neither torch nor TVM imported (benchmarks/bench_cli_startup.py times them) ----
 
 
@@ -128,6 +139,34 @@ def test_answers_without_torch_or_tvm(tmp_path, args):
 def test_version_from_package_metadata(capsys):
     main(["--version"])  # pyproject.toml's version, which must match the package's
     assert capsys.readouterr().out == f"bmvcc {bmvcc.__version__}\n"
+
+
+# ---- the README's accuracy on the 450 held-out digits -------------------------------------------
+
+
+def test_shipped_holdout_is_train_examples_split(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from accuracy import HOLDOUT, to_model_input
+    from train_example import split
+
+    data = load_digits()
+    _, test = split(data.target)
+    holdout = np.load(HOLDOUT)
+    assert holdout["images"].dtype == np.uint8 and holdout["images"].shape == (450, 8, 8)
+    np.testing.assert_array_equal(holdout["images"], data.images[test])
+    np.testing.assert_array_equal(holdout["labels"], data.target[test])
+    np.testing.assert_array_equal(to_model_input(holdout["images"][:16]), np.load(IMAGES))  # the Quick start's 16
+
+
+def test_compiled_example_reaches_the_readmes_accuracy(digits):
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    figure, correct, total = re.search(r"\*\*(0\.\d+)\*\* \((\d+) of (\d+)\)", readme).groups()
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "accuracy.py"), str(digits[0])], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"accuracy {figure} ({correct} of {total} held-out digits)\n"
 
 
 # ---- user errors of `bmvcc run` ---------------------------------------------------------------
