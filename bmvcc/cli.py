@@ -78,13 +78,14 @@ def run(
     """Run a compiled artifact on images with the TVM runtime and print or save the logits."""
     import numpy as np
 
-    from .artifact import check_output_file, write_error
+    from .artifact import check_output_file, read_metadata, write_error
     from .runtime import load, load_npy
 
     if output is not None:
         check_output_file(output)
-    model = load(outdir)
-    logits = model(load_npy(input))
+    read_metadata(outdir)  # the artifact and the input checked before loading the runtime (seconds)
+    images = load_npy(input)
+    logits = load(outdir)(images)
     if output is None:
         typer.echo(_logits_table(logits))
     else:

@@ -50,15 +50,16 @@ def read_image(path: Path, meta: dict) -> np.ndarray:
 
 def predict(outdir: Path, images: list[Path], top: int = 3) -> list[dict]:
     """[{"image": path, "top": [{"class": i, "label": name or None, "probability": p}, ...]}, ...]."""
+    from .artifact import read_metadata
     from .runtime import load
 
     if not images:
         raise BmvccError("no images given; pass one or more PNG, JPEG or .npy files")
-    model = load(outdir)
-    meta = model.metadata
+    meta = read_metadata(outdir)
     if top < 1:
         raise BmvccError(f"--top {top} must be at least 1")
-    batches = [read_image(p, meta) for p in images]
+    batches = [read_image(p, meta) for p in images]  # every file checked before loading the runtime (seconds)
+    model = load(outdir)
     names = [f"{p}[{i}]" if len(b) > 1 else str(p) for p, b in zip(images, batches) for i in range(len(b))]
     x = np.concatenate(batches)
     dataset = meta.get("dataset") or {}
