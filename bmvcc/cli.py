@@ -40,7 +40,7 @@ def compile(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth), torch.export program (.pt2) or ONNX model (.onnx)"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
     target: str = typer.Option("host", "--target", "-t", help="compile target (bmvcc targets lists them)"),
-    batch: Optional[int] = typer.Option(None, "--batch", help="static batch size of the compiled module (default 1, or an ONNX model's own)"),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="static batch size of the compiled module (default 1, or an ONNX model's own)"),
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
     no_bitlinear: bool = typer.Option(False, "--no-bitlinear", help="keep BitLinear layers as float matmuls"),
@@ -226,7 +226,7 @@ def report(
 def export_onnx(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth)"),
     output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write (.onnx)"),
-    batch: Optional[int] = typer.Option(None, "--batch", help="static batch size (default: a dynamic batch dimension)"),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="static batch size (default: a dynamic batch dimension)"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 20)"),
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__, artifact
+from .data import dataset as medmnist_dataset
 from .errors import BmvccError
 from .sources import check_exists
 
@@ -41,6 +42,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     spec = get_target(options.target)
     artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
     check_exists(source_path)  # and before the seconds importing torch and TVM take
+    dataset = medmnist_dataset(options.dataset) if options.dataset else None
     from . import frontend, tunedb
 
     db = options.db
@@ -53,7 +55,8 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
-    dataset = _dataset(options.dataset, source)
+    if dataset:
+        dataset.check_model(source.input_shape[0], source.num_classes)
     options = replace(options, batch=frontend.resolve_batch(source, options.batch))
     progress("importing into Relax")
     mod = frontend.to_relax(source, options.batch)
@@ -79,17 +82,6 @@ def _save_weights(weights, path: Path) -> None:
     import tvm
 
     tvm.runtime.save_param_dict_to_file({f"w{i}": w for i, w in enumerate(weights)}, str(path))
-
-
-def _dataset(name: str | None, source):
-    """The MedMNIST data set named by --dataset, checked against the model's channels and classes."""
-    if name is None:
-        return None
-    from .data import dataset
-
-    ds = dataset(name)
-    ds.check_model(source.input_shape[0], source.num_classes)
-    return ds
 
 
 def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights, dataset) -> dict:

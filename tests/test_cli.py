@@ -119,6 +119,8 @@ LIGHT = {
     "unknown-target": ["compile", "{tmp}/missing.onnx", "-o", "{tmp}/out", "-t", "nope"],
     "tune-missing-checkpoint": ["tune", "{tmp}/missing.pth", "--db", "{tmp}/db"],
     "export-missing-checkpoint": ["export-onnx", "{tmp}/missing.pth", "-o", "{tmp}/m.onnx"],
+    "compile-batch-0": ["compile", "{tmp}/missing.pth", "-o", "{tmp}/out", "--batch", "0"],
+    "eval-not-an-artifact": ["eval", "{tmp}", "--dataset", "pathmnist", "--data-dir", "{tmp}"],
     "bench-not-an-artifact": ["bench", "{tmp}"],
     "run-missing-input": ["run", "{tmp}/artifact", "-i", "{tmp}/missing.npy"],
     "predict-missing-image": ["predict", "{tmp}/artifact", "{tmp}/missing.png"],
