@@ -32,7 +32,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                           help="print the version and exit")) -> None:
-    """Each command imports torch and TVM only when it needs them, after checking its arguments."""
+    """Options that come before the command (--version)."""
 
 
 @app.command()
