@@ -26,14 +26,14 @@ def parse_tracker(address: str) -> tuple[str, int]:
 
 def bench(outdir: Path, repeat: int = 50, tracker: str | None = None, key: str | None = None,
           session_timeout: int = 600) -> dict:
-    import tvm
-    from tvm import relax
-
     meta = artifact.read_metadata(outdir)
     if repeat < 1:
         raise BmvccError(f"--repeat {repeat} must be at least 1")
     if (tracker is None) != (key is None):
         raise BmvccError("--rpc-tracker and --rpc-key go together; pass both to bench on a device, neither for this machine")
+    import tvm
+    from tvm import relax
+
     outdir = Path(outdir)
     target = meta["target"]
     if tracker is None:

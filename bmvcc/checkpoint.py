@@ -1,6 +1,6 @@
 """Read a BitMedViT state dict safely and infer its configuration from tensor shapes.
 
-What is inferable (../shared/docs/bitmedvit.md): dim, depth, mlp_dim, channels and patch size
+What is inferable (docs/bitmedvit.md): dim, depth, mlp_dim, channels and patch size
 (P*P*C has one solution with C in {1, 3}), tokens hence image size, classes, multi_query, fp_attn and,
 for multi-query checkpoints, heads. Heads of a multi-head checkpoint must be given.
 """
@@ -22,6 +22,7 @@ import torch
 
 from . import resources
 from .errors import BmvccError
+from .sources import check_exists
 from .model import BitMedViT, ViTConfig
 
 _LAYER = re.compile(r"^transformer\.layers\.(\d{1,9})\.")  # longer indices are no layer: unexpected keys
@@ -33,9 +34,7 @@ _PICKLES_SCANNED = 4  # a legacy torch.save file: magic number, protocol, sys in
 
 def load_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True unless the user opted in; every failure is a BmvccError."""
-    path = Path(path)
-    if not path.is_file():
-        raise BmvccError(f"checkpoint '{path}' does not exist; check the path")
+    path = check_exists(path)
     _check_unpacked_size(path)
     try:
         with warnings.catch_warnings():  # e.g. torch's note on a pickle protocol it does not expect

@@ -21,12 +21,26 @@ def _progress(msg: str) -> None:
     typer.echo(f"[bmvcc] {msg}", err=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"bmvcc {version('bmvcc')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
+    """Options that come before the command (--version)."""
+
+
 @app.command()
 def compile(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth), torch.export program (.pt2) or ONNX model (.onnx)"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
     target: str = typer.Option("host", "--target", "-t", help="compile target (bmvcc targets lists them)"),
-    batch: Optional[int] = typer.Option(None, "--batch", help="static batch size of the compiled module (default 1, or an ONNX model's own)"),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="static batch size of the compiled module (default 1, or an ONNX model's own)"),
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
     no_bitlinear: bool = typer.Option(False, "--no-bitlinear", help="keep BitLinear layers as float matmuls"),
@@ -64,22 +78,34 @@ def run(
     """Run a compiled artifact on images with the TVM runtime and print or save the logits."""
     import numpy as np
 
-    from .artifact import check_output_file, write_error
+    from .artifact import check_output_file, read_metadata, write_error
     from .runtime import load, load_npy
 
     if output is not None:
         check_output_file(output)
-    model = load(outdir)
-    logits = model(load_npy(input))
+    read_metadata(outdir)  # the artifact and the input checked before loading the runtime (seconds)
+    images = load_npy(input)
+    logits = load(outdir)(images)
     if output is None:
-        np.set_printoptions(precision=5, suppress=True, linewidth=120)
-        typer.echo(str(logits))
+        typer.echo(_logits_table(logits))
     else:
         try:
             np.save(output, logits)
         except OSError as e:
             raise write_error(e, output) from None
         typer.echo(f"saved logits {logits.shape} to {output}")
+
+
+def _logits_table(logits) -> str:
+    """One row per image: the winning class, its logit and its margin over the runner-up."""
+    import numpy as np
+
+    ranked = -np.sort(-logits, axis=1)
+    second = min(1, logits.shape[1] - 1)
+    rows = [f"{'image':>5}  {'argmax':>6}  {'logit':>9}  {'margin':>9}"]
+    rows += [f"{i:>5}  {c:>6}  {r[0]:>9.4f}  {r[0] - r[second]:>9.4f}"
+             for i, (c, r) in enumerate(zip(logits.argmax(1), ranked))]
+    return "\n".join(rows + [f"logits {logits.shape}: save them all with -o FILE.npy"])
 
 
 @app.command("eval")
@@ -200,7 +226,7 @@ def report(
 def export_onnx(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth)"),
     output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write (.onnx)"),
-    batch: Optional[int] = typer.Option(None, "--batch", help="static batch size (default: a dynamic batch dimension)"),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="static batch size (default: a dynamic batch dimension)"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 20)"),
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
@@ -209,6 +235,9 @@ def export_onnx(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Export the deployment forward (int8 ternary weights) as a standard ONNX model."""
+    from .sources import check_exists
+
+    check_exists(source)  # before the seconds importing torch takes
     from .onnx_export import export_checkpoint
 
     info = export_checkpoint(source, output, batch=batch, opset=opset, heads=heads, image_size=image_size,

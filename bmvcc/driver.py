@@ -7,9 +7,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, artifact, frontend
+from . import __version__, artifact
 from .artifact import sha256
+from .data import dataset as medmnist_dataset
 from .errors import BmvccError
+from .sources import check_exists
 
 
 @dataclass
@@ -40,7 +42,9 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     start = time.perf_counter()
     spec = get_target(options.target)
     artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
-    from . import tunedb
+    check_exists(source_path)  # and before the seconds importing torch and TVM take
+    dataset = medmnist_dataset(options.dataset) if options.dataset else None
+    from . import frontend, tunedb
 
     db = options.db
     if db is not None:  # refuse a database of another target before minutes of work
@@ -52,7 +56,8 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
-    dataset = _dataset(options.dataset, source)
+    if dataset:
+        dataset.check_model(source.input_shape[0], source.num_classes)
     options = replace(options, batch=frontend.resolve_batch(source, options.batch))
     progress("importing into Relax")
     mod = frontend.to_relax(source, options.batch)
@@ -60,7 +65,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
 
     progress(f"running bmvcc passes for {spec.name}")
     mod, weights, pass_report = run_pipeline(mod, spec, bitlinear=options.bitlinear)
-    progress(f"building for {spec.name} ({spec.tvm_target})")
+    progress(f"building for {spec.name}: {spec.description}")
     from .build import build
 
     with artifact.staging(outdir, options.force, source_path) as tmp:
@@ -71,7 +76,6 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
                               "shipped": db is not None and options.db is None, "kernels_from_db": from_db}
         artifact.write_metadata(tmp, metadata)
     seconds = time.perf_counter() - start
-    progress(f"wrote {outdir} in {seconds:.1f} s")
     return CompileReport(Path(outdir), seconds, metadata)
 
 
@@ -79,17 +83,6 @@ def _save_weights(weights, path: Path) -> None:
     import tvm
 
     tvm.runtime.save_param_dict_to_file({f"w{i}": w for i, w in enumerate(weights)}, str(path))
-
-
-def _dataset(name: str | None, source):
-    """The MedMNIST data set named by --dataset, checked against the model's channels and classes."""
-    if name is None:
-        return None
-    from .data import dataset
-
-    ds = dataset(name)
-    ds.check_model(source.input_shape[0], source.num_classes)
-    return ds
 
 
 def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights, dataset) -> dict:

@@ -36,8 +36,6 @@ def default_size(image_size: int) -> int:
 def evaluate(outdir: Path, dataset_name: str, data_dir: Path, split: str = "test", size: int | None = None,
              ckpt: Path | None = None, progress=None) -> dict:
     """`progress(length=, label=)`: a context manager with .update(n) (typer.progressbar), or None."""
-    from medmnist import Evaluator
-
     from .runtime import load
 
     meta = artifact.read_metadata(outdir)
@@ -52,6 +50,8 @@ def evaluate(outdir: Path, dataset_name: str, data_dir: Path, split: str = "test
         raise BmvccError(f"--data-dir '{data_dir}' is not a directory; pass the folder holding the MedMNIST npz files")
     size = default_size(image_size) if size is None else size
     images, labels = data.load_split(data_dir, ds, size, split)
+    from medmnist import Evaluator  # imports torch: after the checks
+
     model = load(outdir)
     reference = _reference(ckpt, meta) if ckpt is not None else None
 

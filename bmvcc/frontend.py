@@ -13,6 +13,7 @@ import torch
 
 from . import checkpoint, onnx_import, resources
 from .errors import BmvccError
+from .sources import check_exists
 from .model import BitMedViT, ViTConfig
 
 
@@ -44,8 +45,7 @@ def load_source(path: Path, heads: int | None = None, image_size: int | None = N
 
 
 def _load_program(path: Path) -> Source:
-    if not path.is_file():
-        raise BmvccError(f"program '{path}' does not exist; check the path")
+    check_exists(path)
     try:
         ep = torch.export.load(path)
     except (RuntimeError, zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as e:
@@ -113,7 +113,10 @@ def to_relax(source: Source, batch: int):
     if source.onnx is not None:
         return onnx_import.to_relax(source.onnx, batch)
     ep = export(source, batch)
-    return _bind_named_params(from_exported_program(ep, keep_params_as_input=True), ep)
+    with warnings.catch_warnings():  # torch's run_decompositions deep-copies a LeafSpec, which warns (torch 2.13)
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+        mod = from_exported_program(ep, keep_params_as_input=True)
+    return _bind_named_params(mod, ep)
 
 
 def _check_memory(source: Source, batch: int) -> None:

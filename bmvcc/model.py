@@ -1,4 +1,4 @@
-"""BitMedViT in plain PyTorch, with the deployment semantics of ../shared/docs/bitmedvit.md.
+"""BitMedViT in plain PyTorch, with the deployment semantics of docs/bitmedvit.md.
 
 Module and parameter names mirror the authors' OneBitViT so that its state dicts load unchanged.
 In eval mode every quantizer computes its integer codes exactly; in training mode the same math

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BmvccError
+from .sources import check_exists
 
 MIN_OPSET = 13  # older opsets (before ONNX 1.8; other Softmax/Reduce* semantics) are outside what bmvcc tests
 
@@ -44,9 +45,7 @@ def load(path: Path) -> OnnxGraph:
     import onnx
     from google.protobuf.message import DecodeError
 
-    path = Path(path)
-    if not path.is_file():
-        raise BmvccError(f"ONNX model '{path}' does not exist; check the path")
+    path = check_exists(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
         if not model.opset_import or not model.graph.node:  # an empty file parses as an empty model

@@ -33,12 +33,13 @@ def _roofline(ops: float, nbytes: int, peak_ops: float, facts: dict) -> dict:
 
 def report(outdir: Path) -> dict:
     from . import inspect
-    from .schedules.w2a8 import W2A8Config
-    from .schedules.w2a8_cuda import modeled_seconds
     from .targets import get
 
     outdir = Path(outdir)
     summary = inspect.summary(outdir)  # checks that OUTDIR is a GPU artifact, its files as compiled
+    from .schedules.w2a8 import W2A8Config  # imports TVM: after the check
+    from .schedules.w2a8_cuda import modeled_seconds
+
     info = json.loads((outdir / DEVICE_INFO).read_text())
     meta = artifact.read_metadata(outdir)
     spec = get(meta["target"]["name"])
@@ -78,7 +79,7 @@ def report(outdir: Path) -> dict:
                                                                     "peak_fp32_tflops")},
             "kernels": rows, "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
             "estimated_total_s": total,
-            "note": "estimates: roofline (max of compute at peak and compulsory DRAM traffic), no launch "
+            "note": "roofline estimate: max of compute at peak and compulsory DRAM traffic; no launch "
                     "overhead, L2 reuse or occupancy; instruction mix is static SASS counts"}
 
 
@@ -97,5 +98,5 @@ def format_text(r: dict) -> str:
                      f"{k['shared_bytes'] if k['shared_bytes'] is not None else '?':>6} "
                      f"{k['estimate']['seconds'] * 1e6:>12.2f} {k['estimate']['bound']:>7}  {mix}")
     lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, estimated {r['estimated_total_s'] * 1e3:.3f} ms "
-                 f"(ESTIMATE: {r['note']})")
+                 f"({r['note']})")
     return "\n".join(lines)

@@ -349,16 +349,18 @@ class _Bar:
 
 def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
                progress: Callable[[str], None] = lambda msg: None, bars: bool = True) -> TuneReport:
-    from . import frontend
-    from . import tunedb
-    from .artifact import sha256
-    from .passes.pipeline import run_pipeline
+    from .sources import check_exists
     from .targets import get as get_target
 
     if options.trials < 1 or options.per_round < 1:
         raise BmvccError(f"--trials {options.trials} and --per-round {options.per_round} must be at least 1")
     start = time.perf_counter()
     spec = get_target(options.target)
+    check_exists(source_path)  # before the seconds importing torch and TVM take
+    from . import frontend, tunedb
+    from .artifact import sha256
+    from .passes.pipeline import run_pipeline
+
     db_dir = Path(db_dir)
     runner, devices = _runner(spec, options)  # fail fast on RPC problems, before minutes of work
     progress(f"loading {source_path}")

@@ -11,6 +11,7 @@ are exactly what bmvcc compiles. Writes, next to this script:
     bitmedvit_digits.pth        the state dict (what `bmvcc compile` takes)
     digits_test.npy             the first 16 test images, float32 [16, 1, 28, 28] (NCHW)
     digits_test_labels.npy      their labels, int64 [16]
+    digits_holdout.npz          all 450 test images as scikit-learn ships them (accuracy.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn import functional as F
 
+from accuracy import to_model_input
 from bmvcc.model import BitMedViT, ViTConfig
 
 HERE = Path(__file__).resolve().parent
@@ -33,13 +35,9 @@ CONFIG = ViTConfig(image_size=28, patch_size=7, channels=1, num_classes=10, dim=
                    mlp_dim=128, multi_query=True, fp_attn=False)
 
 
-def digits_28() -> tuple[np.ndarray, np.ndarray]:
-    """All digits as float32 [N, 1, 28, 28] normalized like MedMNIST's reference, and labels."""
-    data = load_digits()
-    x = torch.from_numpy(data.images.astype(np.float32) / 16.0)[:, None]  # [0, 1]
-    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(0, 1)
-    x = (x - 0.5) / 0.5
-    return x.numpy(), data.target.astype(np.int64)
+def split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and the held-out digits: stratified 75/25, fixed seed."""
+    return train_test_split(np.arange(len(labels)), test_size=0.25, random_state=SEED, stratify=labels)
 
 
 def accuracy(model: BitMedViT, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -56,9 +54,10 @@ def main() -> None:
 
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
-    x, y = digits_28()
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=SEED, stratify=y)
-    x_tr, y_tr, x_te, y_te = map(torch.from_numpy, (x_tr, y_tr, x_te, y_te))
+    data = load_digits()
+    x, y = to_model_input(data.images), data.target.astype(np.int64)
+    train, test = split(y)
+    x_tr, y_tr, x_te, y_te = map(torch.from_numpy, (x[train], y[train], x[test], y[test]))
 
     model = BitMedViT(CONFIG)
     steps_per_epoch = (len(x_tr) + 63) // 64
@@ -87,9 +86,12 @@ def main() -> None:
     torch.save(model.state_dict(), ckpt)
     np.save(args.out / "digits_test.npy", x_te[:16].numpy().astype(np.float32))
     np.save(args.out / "digits_test_labels.npy", y_te[:16].numpy())
+    np.savez_compressed(args.out / "digits_holdout.npz", images=data.images[test].astype(np.uint8),
+                        labels=y[test].astype(np.uint8))
     print(f"test accuracy of the eval-mode (ternary weights, int8 activations) model: {acc:.4f} "
           f"on {len(x_te)} images")
-    print(f"saved {ckpt} ({ckpt.stat().st_size / 1024:.0f} KiB), digits_test.npy, digits_test_labels.npy")
+    print(f"saved {ckpt} ({ckpt.stat().st_size / 1024:.0f} KiB), digits_test.npy, digits_test_labels.npy, "
+          "digits_holdout.npz")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """norm_quant: BitLinear's RMSNorm and per-token int8 activation quantization in one kernel.
 
-For x float32[M, K] and gain g float32[K], per row m (the math of ../shared/docs/bitmedvit.md):
+For x float32[M, K] and gain g float32[K], per row m (the math of docs/bitmedvit.md):
     xn       = x * rsqrt(sum_k(x^2) / K + norm_eps) * g
     x_scale  = (1 / max(max_k |xn|, scale_eps)) * 127     (reciprocal then multiply, as PyTorch's
                                                             127 / t does, so scales agree bit for bit)

@@ -45,7 +45,7 @@ def generic(arch: str, aarch64_host: bool = False) -> TargetSpec:
     return TargetSpec(
         name=f"cuda-{arch.replace('_', '')}",
         description=f"NVIDIA GPU {arch} (CUDA 12), host {host_spec.name}",
-        tvm_target=cuda_tvm_target(arch, host_spec.tvm_target),
+        make_tvm_target=lambda: cuda_tvm_target(arch, host_spec.tvm_target),
         arch=host_spec.arch,
         device="cuda",
         cross_compiler=host_spec.cross_compiler,

@@ -44,7 +44,7 @@ def _orin_nano(name: str, description: str, sms: int, gpu_mhz: int, bandwidth_gb
         cpu_clock_mhz=cpu_mhz,  # [DS] 1.5 GHz; [SUP] 1.7 GHz
         memory_gb=memory_gb,
     )
-    return TargetSpec(name=name, description=description, tvm_target=cuda_tvm_target("sm_87", ORIN_HOST),
+    return TargetSpec(name=name, description=description, make_tvm_target=lambda: cuda_tvm_target("sm_87", ORIN_HOST),
                       arch="aarch64", device="cuda", cross_compiler="aarch64", facts=facts)
 
 

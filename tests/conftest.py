@@ -18,7 +18,7 @@ import torch
 
 from bmvcc.model import BitMedViT, ViTConfig
 
-# (multi_query, fp_attn): the four attention families of ../shared/docs/bitmedvit.md
+# (multi_query, fp_attn): the four attention families of docs/bitmedvit.md
 FAMILIES = [(True, False), (True, True), (False, False), (False, True)]
 
 

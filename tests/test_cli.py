@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from bmvcc import artifact
+import bmvcc
+from bmvcc import artifact, targets
 from bmvcc.checkpoint import build_model, infer_config, load_state_dict
 from bmvcc.cli import main
 from bmvcc.errors import BmvccError
@@ -76,15 +78,101 @@ def test_run_matches_pytorch_and_labels(digits, tmp_path, capsys):
     assert (logits.argmax(1) == np.load(LABELS)).mean() >= 0.75
 
 
-def test_run_prints_logits(digits, capsys):
+def test_run_prints_a_table(digits, tmp_path, capsys):
+    main(["run", str(digits[0]), "-i", str(IMAGES), "-o", str(tmp_path / "logits.npy")])
     main(["run", str(digits[0]), "-i", str(IMAGES)])
-    assert capsys.readouterr().out.count("[") >= 16  # one row per image
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert lines[0].split() == ["image", "argmax", "logit", "margin"] and "-o FILE.npy" in lines[-1]
+    logits = np.load(tmp_path / "logits.npy")
+    rows = np.array([line.split() for line in lines[1:-1]], dtype=float)
+    top2 = np.sort(logits, axis=1)[:, ::-1][:, :2]
+    np.testing.assert_array_equal(rows[:, :2], np.c_[np.arange(16), logits.argmax(1)])
+    np.testing.assert_allclose(rows[:, 2:], np.c_[top2[:, 0], top2[:, 0] - top2[:, 1]], atol=1e-4)  # 4 decimals
 
 
-def test_targets_lists_host(capsys):
+def test_targets_lists_every_target(capsys):
     main(["targets"])
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert "host" in names and "aarch64" in names
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
+    assert [row[0] for row in rows] == targets.names() and len(rows) == 8
+    assert all(row[1] in ("cpu", "cuda") and row[2] in ("x86_64", "aarch64") for row in rows)
+
+
+def test_readme_lists_the_targets_as_printed(capsys):
+    main(["targets"])
+    printed = [line.split(None, 3) for line in capsys.readouterr().out.splitlines()]
+    this = {"arch": os.uname().machine, "cores": str(len(os.sched_getaffinity(0)))}
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| (cpu|cuda) \| ([^|]+) \| ([^|]+) \|$", readme, re.M)
+    assert [[name, device, arch.strip().replace("this machine", this["arch"]),
+             text.strip().replace("N cores", f"{this['cores']} cores")] for name, device, arch, text in rows] == printed
+
+
+# ---- answers at once: neither torch nor TVM imported (benchmarks/bench_cli_startup.py times them) ----
+
+
+LIGHT = {
+    "help": ["--help"],
+    "version": ["--version"],
+    "targets": ["targets"],
+    "unknown-option": ["targets", "--bogus"],
+    "missing-checkpoint": ["compile", "{tmp}/missing.pth", "-o", "{tmp}/out"],
+    "unknown-target": ["compile", "{tmp}/missing.onnx", "-o", "{tmp}/out", "-t", "nope"],
+    "tune-missing-checkpoint": ["tune", "{tmp}/missing.pth", "--db", "{tmp}/db"],
+    "export-missing-checkpoint": ["export-onnx", "{tmp}/missing.pth", "-o", "{tmp}/m.onnx"],
+    "compile-batch-0": ["compile", "{tmp}/missing.pth", "-o", "{tmp}/out", "--batch", "0"],
+    "eval-not-an-artifact": ["eval", "{tmp}", "--dataset", "pathmnist", "--data-dir", "{tmp}"],
+    "bench-not-an-artifact": ["bench", "{tmp}"],
+    "run-missing-input": ["run", "{tmp}/artifact", "-i", "{tmp}/missing.npy"],
+    "predict-missing-image": ["predict", "{tmp}/artifact", "{tmp}/missing.png"],
+    "report-not-an-artifact": ["report", "{tmp}"],
+}
+
+
+@pytest.mark.parametrize("args", LIGHT.values(), ids=LIGHT.keys())
+def test_answers_without_torch_or_tvm(tmp_path, args):
+    argv = [a.format(tmp=tmp_path) for a in args]
+    (tmp_path / "artifact").mkdir()  # metadata enough to pass for an artifact until the runtime loads it
+    (tmp_path / "artifact" / artifact.METADATA).write_text(json.dumps({"format_version": artifact.FORMAT_VERSION}))
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # -X importtime: one stderr line per module imported
+    proc = subprocess.run([sys.executable, "-m", "bmvcc.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=60)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "typer" in imported and not imported & {"torch", "tvm", "tvm_ffi"}
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == (0 if len(args) == 1 else 2) and len(errors) == (0 if len(args) == 1 else 1), proc.stderr
+
+
+def test_version_from_package_metadata(capsys):
+    main(["--version"])  # pyproject.toml's version, which must match the package's
+    assert capsys.readouterr().out == f"bmvcc {bmvcc.__version__}\n"
+
+
+# ---- the README's accuracy on the 450 held-out digits -------------------------------------------
+
+
+def test_shipped_holdout_is_train_examples_split(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from accuracy import HOLDOUT, to_model_input
+    from train_example import split
+
+    data = load_digits()
+    _, test = split(data.target)
+    holdout = np.load(HOLDOUT)
+    assert holdout["images"].dtype == np.uint8 and holdout["images"].shape == (450, 8, 8)
+    np.testing.assert_array_equal(holdout["images"], data.images[test])
+    np.testing.assert_array_equal(holdout["labels"], data.target[test])
+    np.testing.assert_array_equal(to_model_input(holdout["images"][:16]), np.load(IMAGES))  # the Quick start's 16
+
+
+def test_compiled_example_reaches_the_readmes_accuracy(digits):
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    figure, correct, total = re.search(r"\*\*(0\.\d+)\*\* \((\d+) of (\d+)\)", readme).groups()
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "accuracy.py"), str(digits[0])], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"accuracy {figure} ({correct} of {total} held-out digits)\n"
 
 
 # ---- user errors of `bmvcc run` ---------------------------------------------------------------

@@ -81,6 +81,19 @@ def test_predict_resizes_and_takes_preprocessed_float_npy(organ, tmp_path, capsy
     assert pre["top"][0]["class"] == int(ref.argmax())
 
 
+def test_predict_takes_a_batch_npy_as_n_images(organ, tmp_path, capsys):
+    out, model = organ
+    pixels = [blob(), blob().T.copy(), blob()[::-1].copy()]
+    np.save(tmp_path / "batch.npy", np.stack([((p.astype(np.float32) / 255 - 0.5) / 0.5)[None] for p in pixels]))
+    main(["predict", str(out), str(tmp_path / "batch.npy"), "--json"])
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results] == [f"{tmp_path / 'batch.npy'}[{i}]" for i in range(3)]
+    for r, p in zip(results, pixels):
+        ref = torch_probabilities(model, p)
+        assert r["top"][0]["class"] == int(ref.argmax())
+        np.testing.assert_allclose(r["top"][0]["probability"], ref.max(), atol=1e-2)  # as in the PNG test
+
+
 def test_predict_without_a_recorded_data_set_uses_indices(organ, tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(organ[0], bare)

@@ -285,7 +285,7 @@ def test_key_changes_with_any_target_detail():
     from dataclasses import replace
 
     host = get_target("host")
-    other = replace(host, tvm_target={**host.tvm_target, "num-cores": host.tvm_target["num-cores"] + 1})
+    other = replace(host, make_tvm_target=lambda: {**host.tvm_target, "num-cores": host.tvm_target["num-cores"] + 1})
     assert tunedb.target_key(host) == tunedb.target_key(get_target("host"))
     assert tunedb.target_key(host) != tunedb.target_key(other)
 
