@@ -150,4 +150,4 @@ def test_unknown_target(capsys, tmp_path, checkpoint):
 
 def test_bad_batch(capsys, tmp_path, checkpoint):
     path, _ = checkpoint(MQ)
-    _expect(capsys, tmp_path, [path, "--batch", "0"], "--batch 0")
+    _expect(capsys, tmp_path, [path, "--batch", "0"], "invalid value for '--batch'")
