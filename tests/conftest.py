@@ -5,18 +5,89 @@ freshly initialized: every weight matrix randn-distributed (so each BitLinear ha
 codes), every norm gain and bias away from its init (1 and 0), a non-trivial position embedding.
 `save_checkpoint(path, cfg, seed)` writes its state dict. The `checkpoint` fixture caches one file
 per (config, seed) for the session.
+
+A test run must leave no process of its own running: at the end of the session, any process the run
+started that is still alive (see `pytest_sessionfinish`) fails the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from bmvcc.model import BitMedViT, ViTConfig
+
+RUN_TAG = "BMVCC_TEST_RUN"  # environment variable every process started by this test run inherits
+EXIT_GRACE_S = 10  # how long processes left at the end of the run get to exit by themselves
+
+
+def leftover_processes(tag_variable: str, tag: str, grace_s: float = EXIT_GRACE_S) -> list:
+    """Processes other than this one still alive after `grace_s` that carry `tag_variable`=`tag` in
+    their environment: whatever a process started with that environment left running, orphans (whose
+    parent died) included, along with this process's own children."""
+    found = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    found.update((p.pid, p) for p in tagged_processes(tag_variable, tag))
+    _, alive = psutil.wait_procs(list(found.values()), timeout=grace_s)
+    return [p for p in alive if _running(p)]
+
+
+def tagged_processes(tag_variable: str, tag: str) -> list:
+    """Live processes other than this one with `tag_variable`=`tag` in their environment."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(tag_variable) == tag:
+                found.append(p)
+        except psutil.Error:  # exited, a zombie, or not ours to read
+            pass
+    return found
+
+
+def _running(process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def describe(processes) -> str:
+    lines = []
+    for p in processes:
+        try:
+            lines.append(f"  pid {p.pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:300]}")
+        except psutil.Error:
+            lines.append(f"  pid {p.pid}: exited")
+    return "\n".join(lines)
+
+
+def pytest_configure(config):
+    os.environ.setdefault(RUN_TAG, uuid.uuid4().hex)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the run when processes it started are still running (listed, then killed)."""
+    left = leftover_processes(RUN_TAG, os.environ[RUN_TAG])
+    if not left:
+        return
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"{len(left)} process(es) started by the tests are still running:\n{describe(left)}"
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(message, red=True)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:  # gone meanwhile
+            pass
+
 
 # (multi_query, fp_attn): the four attention families of ../shared/docs/bitmedvit.md
 FAMILIES = [(True, False), (True, True), (False, False), (False, True)]

@@ -9,6 +9,7 @@ reuses that database. The rest (user errors) needs no search.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,15 +18,17 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
 from bmvcc import tunedb
 from bmvcc.targets import get as get_target
-from conftest import cli_error, small_config
+from conftest import cli_error, describe, leftover_processes, small_config, tagged_processes
 
 TASK = "fused_matmul_add"  # patch embedding (Linear + bias) of small_config(): a float task, default space
 W2A8_TASK = "w2a8_m16_n32_k64_residual"  # an MLP down-projection: bmvcc's W2A8 space
@@ -298,3 +301,42 @@ def test_unreachable_tracker_and_unknown_key(capsys, tmp_path, checkpoint, rpc_t
     err = cli_error(capsys, ["tune", str(ckpt), "--db", str(tmp_path / "db"), "--target", "aarch64"])
     assert "--rpc-tracker" in err
     assert not (tmp_path / "db").exists()  # nothing written before the checks
+
+
+def test_tune_leaves_no_process_behind(tmp_path, checkpoint):
+    """`bmvcc tune` measuring on this machine, run to the end, then interrupted (SIGINT, what Ctrl-C
+    sends) while its builder's workers build the default schedule: afterwards no process it started is
+    alive. Its processes are found by an environment variable they inherit, so orphans count too."""
+    ckpt, _ = checkpoint(small_config(), seed=3)
+    tag_variable, tag = "BMVCC_TEST_TUNE", uuid.uuid4().hex
+    env = {**os.environ, tag_variable: tag}
+
+    def tune(db: str) -> list[str]:
+        return [sys.executable, "-m", "bmvcc.cli", "tune", str(ckpt), "--db", str(tmp_path / db),
+                "--trials", "1", "--per-round", "1", "--task", TASK]
+
+    done = subprocess.run(tune("finished"), env=env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    left = leftover_processes(tag_variable, tag)
+    assert not left, describe(left)
+
+    log = tmp_path / "interrupted.log"
+    with open(log, "w") as stderr:
+        interrupted = subprocess.Popen(tune("interrupted"), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 300
+    # the runner's worker and a builder worker are up, building the default schedule
+    while "measuring the default schedule" not in log.read_text() or _popen_workers(tag_variable, tag) < 2:
+        assert interrupted.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    interrupted.send_signal(signal.SIGINT)
+    assert interrupted.wait(timeout=120) == 130, log.read_text()[-3000:]
+    left = leftover_processes(tag_variable, tag)
+    assert not left, describe(left)
+
+
+def _popen_workers(tag_variable: str, tag: str) -> int:
+    count = 0
+    for p in tagged_processes(tag_variable, tag):
+        with contextlib.suppress(psutil.Error):  # exited meanwhile
+            count += "tvm.exec.popen_worker" in p.cmdline()
+    return count
