@@ -329,7 +329,7 @@ def test_tune_leaves_no_process_behind(tmp_path, checkpoint):
         assert interrupted.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     interrupted.send_signal(signal.SIGINT)
-    assert interrupted.wait(timeout=120) == 130, log.read_text()[-3000:]
+    interrupted.wait(timeout=120)  # its exit status and message are main()'s (tests/test_outdir_safety.py)
     left = leftover_processes(tag_variable, tag)
     assert not left, describe(left)
 
