@@ -26,20 +26,18 @@ from bmvcc.model import BitMedViT, ViTConfig
 
 RUN_TAG = "BMVCC_TEST_RUN"  # environment variable every process started by this test run inherits
 EXIT_GRACE_S = 10  # how long processes left at the end of the run get to exit by themselves
+_LEFT_RUNNING = pytest.StashKey[str]()  # their description, for the terminal summary
 
 
-def leftover_processes(tag_variable: str, tag: str, grace_s: float = EXIT_GRACE_S) -> list:
-    """Processes other than this one still alive after `grace_s` that carry `tag_variable`=`tag` in
-    their environment: whatever a process started with that environment left running, orphans (whose
-    parent died) included, along with this process's own children."""
-    found = {p.pid: p for p in psutil.Process().children(recursive=True)}
-    found.update((p.pid, p) for p in tagged_processes(tag_variable, tag))
-    _, alive = psutil.wait_procs(list(found.values()), timeout=grace_s)
+def leftover_processes(processes, grace_s: float = EXIT_GRACE_S) -> list:
+    """Those of `processes` still running after `grace_s` (zombies, already dead, do not count)."""
+    _, alive = psutil.wait_procs(list(processes), timeout=grace_s)
     return [p for p in alive if _running(p)]
 
 
 def tagged_processes(tag_variable: str, tag: str) -> list:
-    """Live processes other than this one with `tag_variable`=`tag` in their environment."""
+    """Live processes other than this one with `tag_variable`=`tag` in their environment: whatever a
+    process started with that environment started in turn, orphans (whose parent died) included."""
     found = []
     for p in psutil.process_iter():
         try:
@@ -68,25 +66,30 @@ def describe(processes) -> str:
 
 
 def pytest_configure(config):
-    os.environ.setdefault(RUN_TAG, uuid.uuid4().hex)
+    os.environ[RUN_TAG] = uuid.uuid4().hex
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Fails the run when processes it started are still running (listed, then killed)."""
-    left = leftover_processes(RUN_TAG, os.environ[RUN_TAG])
+    """Fails the run when processes it started are still running (killed, then listed in the summary)."""
+    started = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    started.update((p.pid, p) for p in tagged_processes(RUN_TAG, os.environ[RUN_TAG]))
+    left = leftover_processes(started.values())
     if not left:
         return
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    message = f"{len(left)} process(es) started by the tests are still running:\n{describe(left)}"
-    if reporter is not None:
-        reporter.ensure_newline()
-        reporter.write_line(message, red=True)
+    session.config.stash[_LEFT_RUNNING] = describe(left)
     for p in left:
         try:
             p.kill()
         except psutil.Error:  # gone meanwhile
             pass
+
+
+def pytest_terminal_summary(terminalreporter):
+    left = terminalreporter.config.stash.get(_LEFT_RUNNING, None)
+    if left:
+        terminalreporter.write_sep("=", "processes started by the tests still running (killed)", red=True)
+        terminalreporter.write_line(left)
 
 
 # (multi_query, fp_attn): the four attention families of ../shared/docs/bitmedvit.md

@@ -4,7 +4,8 @@ Tuning is the slowest thing bmvcc does (each tuning process imports TVM's tensor
 here), so the search runs twice in this file, on two small tasks with a few trials (a float one in
 MetaSchedule's default space, a W2A8 one in bmvcc's space, schedules/w2a8_cpu.py): a run killed after
 its first round and its resumption, during which one of the two servers hangs. Every other check
-reuses that database. The rest (user errors) needs no search.
+reuses that database. The rest (user errors) needs no search, except the check that a local
+one-trial tune, run to the end or interrupted, leaves no process behind.
 """
 
 from __future__ import annotations
@@ -317,7 +318,7 @@ def test_tune_leaves_no_process_behind(tmp_path, checkpoint):
 
     done = subprocess.run(tune("finished"), env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stderr[-3000:]
-    left = leftover_processes(tag_variable, tag)
+    left = leftover_processes(tagged_processes(tag_variable, tag))
     assert not left, describe(left)
 
     log = tmp_path / "interrupted.log"
@@ -330,7 +331,7 @@ def test_tune_leaves_no_process_behind(tmp_path, checkpoint):
         time.sleep(0.2)
     interrupted.send_signal(signal.SIGINT)
     interrupted.wait(timeout=120)  # its exit status and message are main()'s (tests/test_outdir_safety.py)
-    left = leftover_processes(tag_variable, tag)
+    left = leftover_processes(tagged_processes(tag_variable, tag))
     assert not left, describe(left)
 
 
