@@ -187,6 +187,30 @@ def _add_deadline(runner, workers: int) -> None:
     inner.pool = PopenPoolExecutor(max_workers=workers, timeout=RUN_TIMEOUT_S)
 
 
+@contextlib.contextmanager
+def _closing_worker_pools():
+    """Within the block, MetaSchedule's builder and runner pools start TVM popen_worker processes (the
+    runner's pool lives until its workers are killed; a builder pool interrupted by an error or Ctrl-C
+    is never shut down). When the block ends, however it ends, every popen_worker this process
+    started in it is killed with its own children: a `bmvcc tune` that ends leaves no process behind."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    try:
+        yield
+    finally:
+        for worker in me.children():
+            try:
+                if worker.pid in before or "tvm.exec.popen_worker" not in worker.cmdline():
+                    continue
+                for p in [*worker.children(recursive=True), worker]:
+                    p.kill()
+                worker.wait(timeout=10)
+            except psutil.Error:  # exited meanwhile
+                pass
+
+
 def _runner(spec, options: TuneOptions):
     """(runner, description of where candidates run)."""
     from tvm.s_tir import meta_schedule as ms
@@ -347,6 +371,7 @@ class _Bar:
         self._draw("\n")
 
 
+@_closing_worker_pools()
 def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
                progress: Callable[[str], None] = lambda msg: None, bars: bool = True) -> TuneReport:
     from .sources import check_exists

@@ -16,7 +16,8 @@ Per (g, block of R query rows starting at i0), in parallel, only the keys j < i0
 so the masked half of Q K^T, softmax and P V is never computed and the N x N scores never reach
 memory (unfused: 4 passes over G x N x N floats). exp is TVM's fast_exp polynomial (topi
 fast_exp_float32, the one FastMathTransform uses elsewhere; <= 1.1e-6 relative), in 8-lane vectors.
-Vectors are 8 floats (one AVX2 register; LLVM splits them on narrower SIMD).
+Vectors are 8 floats whatever the CPU (one AVX2 register, half an AVX-512 one; LLVM splits them on
+narrower SIMD): passes/fuse_causal_attention.py emits the kernel before a target is chosen.
 """
 
 from __future__ import annotations

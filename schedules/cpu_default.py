@@ -9,8 +9,9 @@ the first rule that applies, and marks it scheduled:
   gemv       DLight's CPU GEMV (inner-reduction matrix x vector);
   matmul     C[b.., i, j] = sum_k A * B, with fused spatial prologue/epilogue (Linear layers, the
              batched attention matmuls): register tile MR x (NV vectors) accumulated in a local
-             buffer, k directly outside the tile, row blocks sized for L2, parallel over
-             (batch, row block, column strip), B packed per call into contiguous column strips;
+             buffer, k directly outside the tile, row blocks sized for L2 and small enough
+             that (batch, row block, column strip), the parallel loop, has a task for every core
+             (where M allows), B packed per call into contiguous column strips;
   rows       row-wise reductions over the innermost axis (softmax, layer/RMS norm: reductions,
              per-row values and injective blocks that share the leading spatial axes): parallel
              over rows, each reduction split into `lanes` vector partial results (rfactor) and a
@@ -43,6 +44,7 @@ KERNEL_ATTR = "bmvcc.kernel"  # hand-scheduled kernels (schedules/w2a8_cpu.py): 
 A_BLOCK_BYTES = 128 * 1024  # budget for the A row block (MC x K) reused across column strips: half a small L2
 MIN_PARALLEL_WORK = 4096  # fewer elements than this are not worth waking the thread pool
 MAX_ROW_BLOCK = 256
+DEFAULT_CORES = 8  # a target without num-cores (a cross target): enough parallel tasks for an 8-core device
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class CpuFacts:
 
     vector_bits: int  # SIMD register width
     vector_registers: int  # architectural SIMD registers (register-tile budget)
+    cores: int  # threads the parallel loops should keep busy (the target's num-cores)
 
     @staticmethod
     def of(target) -> "CpuFacts":
@@ -58,15 +61,17 @@ class CpuFacts:
         # so x86 widths come from the CPU features instead.
         if target.kind.name != "llvm":
             raise ValueError(f"CPU schedules need an llvm target, got {target.kind.name}")
+        cores = int(target.attrs.get("num-cores") or DEFAULT_CORES)
         if codegen.target_has_features("avx512f", target):
-            return CpuFacts(512, 32)
+            return CpuFacts(512, 32, cores)
         if codegen.target_has_features("avx", target):
-            return CpuFacts(256, 16)
+            return CpuFacts(256, 16, cores)
         if codegen.target_has_features("sse2", target):
-            return CpuFacts(128, 16)
+            return CpuFacts(128, 16, cores)
         # aarch64 NEON (and others): LLVM's answer is right there; NEON has 32 registers.
         width = codegen.llvm_get_vector_width(target)
-        return CpuFacts(width if width > 0 else 128, 32 if "aarch64" in str(target.attrs.get("mtriple", "")) else 16)
+        registers = 32 if "aarch64" in str(target.attrs.get("mtriple", "")) else 16
+        return CpuFacts(width if width > 0 else 128, registers, cores)
 
     def lanes(self, dtype: str) -> int:
         return max(self.vector_bits // tvm.DataType(dtype).bits, 1)
@@ -375,19 +380,20 @@ def _register_tile(m: int, n: int, lanes: int, registers: int, contiguous_j: boo
     return max(r for r in rows if r <= 4), 0, cols
 
 
-def _row_block(m: int, k: int, mr: int, a_bytes: int) -> int:
-    """MC: rows of A kept in L2 while the column strips stream past (a multiple of MR dividing M)."""
-    best = mr
-    for mc in range(mr, min(m, MAX_ROW_BLOCK) + 1, mr):
-        if m % mc == 0 and mc * k * a_bytes <= A_BLOCK_BYTES:
-            best = mc
-    return best
+def _row_block(m: int, k: int, mr: int, a_bytes: int, strips: int, cores: int) -> int:
+    """MC: rows of A kept in L2 while the column strips stream past (a multiple of MR dividing M),
+    the largest that still gives each of `cores` threads a task: strips x M / MC >= cores (`strips`:
+    batch x column strips), or MR where even that gives fewer (e.g. one register tile covers N)."""
+    fits = [mc for mc in range(mr, min(m, MAX_ROW_BLOCK) + 1, mr) if m % mc == 0 and mc * k * a_bytes <= A_BLOCK_BYTES]
+    busy = [mc for mc in fits if strips * (m // mc) >= cores]
+    return max(busy) if busy else mr
 
 
 def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
     lanes = facts.lanes(mm.dtype)
     mr, nv, nr = _register_tile(mm.m, mm.n, lanes, facts.vector_registers, mm.contiguous_j)
-    mc = _row_block(mm.m, mm.k_extent, mr, mm.a_bytes)
+    strips = _product(sch.get(lp).extent for lp in mm.batch) * (mm.n // nr)
+    mc = _row_block(mm.m, mm.k_extent, mr, mm.a_bytes, strips, facts.cores)
     if nv and mm.b_buffer is not None and mm.n > nr:
         _pack_columns(sch, mm, nr)
     i0, i1, i2 = sch.split(mm.i, [None, mc // mr, mr])

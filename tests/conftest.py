@@ -5,18 +5,92 @@ freshly initialized: every weight matrix randn-distributed (so each BitLinear ha
 codes), every norm gain and bias away from its init (1 and 0), a non-trivial position embedding.
 `save_checkpoint(path, cfg, seed)` writes its state dict. The `checkpoint` fixture caches one file
 per (config, seed) for the session.
+
+A test run must leave no process of its own running: at the end of the session, any process the run
+started that is still alive (see `pytest_sessionfinish`) fails the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from bmvcc.model import BitMedViT, ViTConfig
+
+RUN_TAG = "BMVCC_TEST_RUN"  # environment variable every process started by this test run inherits
+EXIT_GRACE_S = 10  # how long processes left at the end of the run get to exit by themselves
+_LEFT_RUNNING = pytest.StashKey[str]()  # their description, for the terminal summary
+
+
+def leftover_processes(processes, grace_s: float = EXIT_GRACE_S) -> list:
+    """Those of `processes` still running after `grace_s` (zombies, already dead, do not count)."""
+    _, alive = psutil.wait_procs(list(processes), timeout=grace_s)
+    return [p for p in alive if _running(p)]
+
+
+def tagged_processes(tag_variable: str, tag: str) -> list:
+    """Live processes other than this one with `tag_variable`=`tag` in their environment: whatever a
+    process started with that environment started in turn, orphans (whose parent died) included."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(tag_variable) == tag:
+                found.append(p)
+        except psutil.Error:  # exited, a zombie, or not ours to read
+            pass
+    return found
+
+
+def _running(process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def describe(processes) -> str:
+    lines = []
+    for p in processes:
+        try:
+            lines.append(f"  pid {p.pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:300]}")
+        except psutil.Error:
+            lines.append(f"  pid {p.pid}: exited")
+    return "\n".join(lines)
+
+
+def pytest_configure(config):
+    os.environ[RUN_TAG] = uuid.uuid4().hex
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the run when processes it started are still running (killed, then listed in the summary)."""
+    started = {p.pid: p for p in psutil.Process().children(recursive=True)}
+    started.update((p.pid, p) for p in tagged_processes(RUN_TAG, os.environ[RUN_TAG]))
+    left = leftover_processes(started.values())
+    if not left:
+        return
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    session.config.stash[_LEFT_RUNNING] = describe(left)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:  # gone meanwhile
+            pass
+
+
+def pytest_terminal_summary(terminalreporter):
+    left = terminalreporter.config.stash.get(_LEFT_RUNNING, None)
+    if left:
+        terminalreporter.write_sep("=", "processes started by the tests still running (killed)", red=True)
+        terminalreporter.write_line(left)
+
 
 # (multi_query, fp_attn): the four attention families of docs/bitmedvit.md
 FAMILIES = [(True, False), (True, True), (False, False), (False, True)]

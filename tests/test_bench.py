@@ -6,6 +6,8 @@ Only the shape of the report is checked (no timed assertions): speed belongs to 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +43,7 @@ def rpc_device():
     tracker_port, server_port = free_port(), free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                 "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     server = None
     try:
         deadline = time.monotonic() + 120  # both import tvm: tens of seconds on a loaded 2-core CI machine
@@ -55,15 +57,15 @@ def rpc_device():
         server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{tracker_port}",
                                    "--key", "bmvcc-test", "--host", "127.0.0.1",
                                    "--port", str(server_port), "--port-end", str(server_port + 1)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         while "bmvcc-test" not in rpc.connect_tracker("127.0.0.1", tracker_port).summary()["queue_info"]:
             assert time.monotonic() < deadline and server.poll() is None, "RPC server did not register"
             time.sleep(0.5)
         yield f"127.0.0.1:{tracker_port}"
     finally:
-        for proc in (server, tracker):
+        for proc in (server, tracker):  # each runs its server in a popen_worker child: stop the whole group
             if proc is not None:
-                proc.terminate()
+                os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=30)
 
 

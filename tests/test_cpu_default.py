@@ -13,12 +13,16 @@ import math
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax
 
-from bmvcc.schedules.cpu_default import KERNEL_ATTR, schedule_cpu_module
+from bmvcc.schedules.cpu_default import KERNEL_ATTR, CpuFacts, schedule_cpu_module
 from bmvcc.targets import get as get_target
 
 RTOL = 1e-5
+# CPUs of the CI machines (and this one's): (mcpu, cores, SIMD bits). Schedules for them are built here,
+# not run: Zen 2 has AVX2 only, Skylake-SP AVX-512 (16 float lanes), Sapphire Rapids AVX-512 VNNI and AMX.
+CPUS = [("znver2", 2, 256), ("skylake-avx512", 2, 512), ("sapphirerapids", 16, 512)]
 
 
 @pytest.fixture(scope="module")
@@ -52,30 +56,66 @@ def _funcs_by_rule(mod, report, rule):
     return {gv.name_hint: f for gv, f in mod.functions_items() if report.get(gv.name_hint) == rule}
 
 
+def _loop_extents(func, kind) -> list[int]:
+    """Extents of `func`'s loops of `kind` (tvm.tirx.ForKind), in visiting order."""
+    loops = []
+    tvm_ffi.structural_walk(func.body, [(tvm.tirx.For, loops.append)], order="pre")
+    return [int(lp.extent) for lp in loops if lp.kind == kind]
+
+
+def _two_linears(x, w, b, w2):
+    """gelu(x w + b) w2: a matmul fused with bias and gelu, N = 48 (one AVX-512 register tile covers
+    it: the row blocks must give the cores their tasks), then a plain one with N = 128 (wider than any
+    register tile: B packed into column strips). M = 128: at least 16 register tiles of <= 8 rows."""
+    def body(bb, x_, w_, b_, w2_):
+        return bb.emit(relax.op.matmul(relax.op.nn.gelu(relax.op.add(relax.op.matmul(x_, w_), b_)), w2_))
+
+    return _module({"x": x.shape, "w": w.shape, "b": b.shape, "w2": w2.shape}, body)
+
+
+TWO_LINEARS = [(128, 96), (96, 48), (48,), (48, 128)]
+
+
+def _assert_matmul_schedules(mod, report, lanes: int, cores: int):
+    """Each matmul of _two_linears has the rule's signature (parallel outer loop, vectorized register
+    tile, local accumulator, B packed where N spans several strips), vectors `lanes` wide and in
+    every parallel loop a task for every core; bias add and gelu are folded into the accumulator write-back (no
+    full-size intermediate buffer)."""
+    matmuls = _funcs_by_rule(mod, report, "matmul")
+    assert len(matmuls) == 2, report
+    for name, func in matmuls.items():
+        assert func.attrs["tirx.is_scheduled"]
+        text = func.script()
+        packed = "gelu" not in name  # the N = 128 matmul
+        for marker in ("T.parallel(", "T.vectorized(", 'scope="local"') + (("_global",) if packed else ()):
+            assert marker in text, f"{marker} missing from the scheduled matmul:\n{text}"
+        allocs = [line for line in text.splitlines() if "sblock_alloc_buffer" in line]
+        assert all('scope="local"' in a or "_global" in a for a in allocs), text
+        parallel = _loop_extents(func, tvm.tirx.ForKind.PARALLEL)  # the tiles' loop, and B's packing
+        assert parallel and min(parallel) >= cores, text
+        assert set(_loop_extents(func, tvm.tirx.ForKind.VECTORIZED)) == {lanes}, text
+
+
+def _assert_softmax_schedule(func, lanes: int):
+    """max and sum as `lanes` vector partial results (rfactor buffers "..._rf"; init and update
+    vectorized), exp and normalization vectorized, the final reductions of the partial results unrolled."""
+    text = func.script()
+    assert text.count("_rf = T.sblock_alloc_buffer") == 2, text
+    assert _loop_extents(func, tvm.tirx.ForKind.VECTORIZED) == [lanes] * 6, text
+    assert _loop_extents(func, tvm.tirx.ForKind.UNROLLED) == [lanes] * 2, text
+
+
 def _gelu(x):
     return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
 
-def test_matmul_bias_gelu_is_tiled_parallel_vectorized(target):
+def test_matmuls_are_tiled_parallel_vectorized(target):
     rng = np.random.default_rng(0)
-    x, w, b = (rng.standard_normal(s).astype("float32") for s in [(128, 96), (96, 48), (48,)])
-    mod = _module({"x": x.shape, "w": w.shape, "b": b.shape},
-                  lambda bb, x_, w_, b_: bb.emit(relax.op.nn.gelu(relax.op.add(relax.op.matmul(x_, w_), b_))))
-    out, scheduled, report = _run(mod, target, x, w, b)
-    ref = x.astype(np.float64) @ w + b
-    _close(out, _gelu(ref))
-    matmuls = _funcs_by_rule(scheduled, report, "matmul")
-    assert len(matmuls) == 1, report  # matmul, bias add and gelu fused into one scheduled function
-    (func,) = matmuls.values()
-    assert func.attrs["tirx.is_scheduled"]
-    text = func.script()
-    # the rule's signature: parallel outer loop, vectorized register tile, local accumulator,
-    # column-packed B; if the rule silently stops applying, these disappear
-    for marker in ("T.parallel(", "T.vectorized(", 'scope="local"', "_global"):
-        assert marker in text, f"{marker} missing from the scheduled matmul:\n{text}"
-    # bias add and gelu folded into the accumulator write-back: the only buffers are the local
-    # accumulator and packed B, no full-size intermediate
-    assert text.count("sblock_alloc_buffer") == 2, text
+    x, w, b, w2 = (rng.standard_normal(s).astype("float32") for s in TWO_LINEARS)
+    out, scheduled, report = _run(_two_linears(x, w, b, w2), target, x, w, b, w2)
+    _close(out, _gelu(x.astype(np.float64) @ w + b) @ w2)
+    facts = CpuFacts.of(target)
+    _assert_matmul_schedules(scheduled, report, facts.lanes("float32"), facts.cores)
 
 
 def test_multi_query_attention_broadcast_kv(target):
@@ -109,11 +149,27 @@ def test_softmax(target):
     _close(out, e / e.sum(-1, keepdims=True))
     assert list(report.values()) == ["rows"], report
     (func,) = _funcs_by_rule(scheduled, report, "rows").values()
-    text = func.script()
-    # max and sum as vector partial results (rfactor buffers "..._rf"; init and update vectorized),
-    # exp and normalization vectorized, the final reductions of the partial results unrolled
-    assert text.count("_rf = T.sblock_alloc_buffer") == 2 and text.count("T.vectorized(") == 6, text
-    assert text.count("T.unroll(T.int64(8))") == 2, text
+    _assert_softmax_schedule(func, CpuFacts.of(target).lanes("float32"))
+
+
+@pytest.mark.parametrize("mcpu, cores, bits", CPUS, ids=[c[0] for c in CPUS])
+def test_schedules_follow_the_target_cpu(mcpu, cores, bits):
+    """Scheduled and built (not run) for the CI machines' CPUs: vectors as wide as the target's SIMD
+    registers (zmm code for AVX-512, ymm for AVX2), a parallel task per core, whatever this machine is."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": cores})
+    lanes = bits // 32
+    assert CpuFacts.of(target).lanes("float32") == lanes and CpuFacts.of(target).cores == cores
+    report: dict = {}
+    matmuls = schedule_cpu_module(_two_linears(*(np.zeros(s, "float32") for s in TWO_LINEARS)), target, report)
+    _assert_matmul_schedules(matmuls, report, lanes, cores)
+    report = {}
+    softmax = schedule_cpu_module(_module({"x": (4, 8, 256)}, lambda bb, x_: bb.emit(relax.op.nn.softmax(x_, axis=-1))),
+                                  target, report)
+    (func,) = _funcs_by_rule(softmax, report, "rows").values()
+    _assert_softmax_schedule(func, lanes)
+    (llvm,) = [m for m in tvm.compile(matmuls, target=target).mod.imports if m.kind == "llvm"]
+    asm = llvm.inspect_source("asm")
+    assert ("%zmm" in asm) == (bits == 512) and "%ymm" in asm
 
 
 def test_layer_norm(target):

@@ -4,11 +4,13 @@ Tuning is the slowest thing bmvcc does (each tuning process imports TVM's tensor
 here), so the search runs twice in this file, on two small tasks with a few trials (a float one in
 MetaSchedule's default space, a W2A8 one in bmvcc's space, schedules/w2a8_cpu.py): a run killed after
 its first round and its resumption, during which one of the two servers hangs. Every other check
-reuses that database. The rest (user errors) needs no search.
+reuses that database. The rest (user errors) needs no search, except the check that a local
+one-trial tune, run to the end or interrupted, leaves no process behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,9 +20,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -28,7 +32,7 @@ from bmvcc import tunedb
 from bmvcc.cli import main
 from bmvcc.errors import BmvccError
 from bmvcc.targets import get as get_target
-from conftest import cli_error, small_config
+from conftest import cli_error, describe, leftover_processes, small_config, tagged_processes
 
 TASK = "fused_matmul_add"  # patch embedding (Linear + bias) of small_config(): a float task, default space
 W2A8_TASK = "w2a8_m16_n32_k64_residual"  # an MLP down-projection: bmvcc's W2A8 space
@@ -367,3 +371,42 @@ def test_corrupt_database_is_one_line(tmp_path, capsys, checkpoint):
         (db / tunedb.KEY_FILE).write_text(key)
         err = cli_error(capsys, ["compile", str(ckpt), "-o", str(tmp_path / "out"), "--db", str(db)])
         assert err.startswith(f"error: '{db / tunedb.KEY_FILE}' is not a bmvcc tuning database key (")
+
+
+def test_tune_leaves_no_process_behind(tmp_path, checkpoint):
+    """`bmvcc tune` measuring on this machine, run to the end, then interrupted (SIGINT, what Ctrl-C
+    sends) while its builder's workers build the default schedule: afterwards no process it started is
+    alive. Its processes are found by an environment variable they inherit, so orphans count too."""
+    ckpt, _ = checkpoint(small_config(), seed=3)
+    tag_variable, tag = "BMVCC_TEST_TUNE", uuid.uuid4().hex
+    env = {**os.environ, tag_variable: tag}
+
+    def tune(db: str) -> list[str]:
+        return [sys.executable, "-m", "bmvcc.cli", "tune", str(ckpt), "--db", str(tmp_path / db),
+                "--trials", "1", "--per-round", "1", "--task", TASK]
+
+    done = subprocess.run(tune("finished"), env=env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    left = leftover_processes(tagged_processes(tag_variable, tag))
+    assert not left, describe(left)
+
+    log = tmp_path / "interrupted.log"
+    with open(log, "w") as stderr:
+        interrupted = subprocess.Popen(tune("interrupted"), env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 300
+    # the runner's worker and a builder worker are up, building the default schedule
+    while "measuring the default schedule" not in log.read_text() or _popen_workers(tag_variable, tag) < 2:
+        assert interrupted.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    interrupted.send_signal(signal.SIGINT)
+    interrupted.wait(timeout=120)  # its exit status and message are main()'s (tests/test_outdir_safety.py)
+    left = leftover_processes(tagged_processes(tag_variable, tag))
+    assert not left, describe(left)
+
+
+def _popen_workers(tag_variable: str, tag: str) -> int:
+    count = 0
+    for p in tagged_processes(tag_variable, tag):
+        with contextlib.suppress(psutil.Error):  # exited meanwhile
+            count += "tvm.exec.popen_worker" in p.cmdline()
+    return count
