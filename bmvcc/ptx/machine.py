@@ -51,6 +51,7 @@ class Buffer:
     base: int
     data: np.ndarray  # uint8 view of the caller's array (writes go through)
     name: str
+    written: np.ndarray | None = None  # bool per byte: stored by a kernel
 
 
 class GlobalMemory:
@@ -59,12 +60,15 @@ class GlobalMemory:
     def __init__(self):
         self.buffers: list[Buffer] = []
         self.next = GLOBAL_BASE
+        self.written: dict[int, np.ndarray] = {}  # id(caller's array) -> bool per byte stored by the kernel
 
     def add(self, array: np.ndarray, name: str) -> int:
         if not array.flags.c_contiguous:
             raise ValueError(f"global buffer {name} must be C-contiguous")
         base = self.next
         self.buffers.append(Buffer(base, array.reshape(-1).view(np.uint8), name))
+        self.written.setdefault(id(array), np.zeros(array.nbytes, bool))
+        self.buffers[-1].written = self.written[id(array)]
         self.next = base + -(-max(array.nbytes, 1) // 256) * 256 + GLOBAL_GAP
         return base
 
@@ -126,6 +130,7 @@ class State:
         self.local = np.zeros(n * max(ctx.local_bytes, 1), np.uint8)
         self.async_open: list = []  # cp.async copies issued since the last commit_group
         self.async_groups: list[list] = []  # committed groups, oldest first
+        self.last_buffer: Buffer | None = None  # the global buffer of the latest global access
 
     def where(self, line: int, thread: int) -> str:
         """'kernel K, PTX line L, CTA (x, y, z), thread (x, y, z)' of a thread index of the batch."""
@@ -281,13 +286,14 @@ _DECODED: dict[int, tuple] = {}
 
 
 def run_kernel(kernel: Kernel, launch: Launch, ctas: list[tuple[int, int, int]] | None = None,
-               batch_threads: int = 4096) -> Result:
-    """Executes `launch` (all CTAs, or the given ones) in batches of about batch_threads threads."""
+               batch_threads: int = 4096, memory: GlobalMemory | None = None) -> Result:
+    """Executes `launch` (all CTAs, or the given ones) in batches of about batch_threads threads; `memory`
+    (reused across launches) records which bytes of each argument array the kernel stored."""
     key = id(kernel)
     if key not in _DECODED or _DECODED[key][0] is not kernel:
         _DECODED[key] = (kernel, *decode(kernel))
     _, ctx, code = _DECODED[key]
-    memory = GlobalMemory()
+    memory = memory or GlobalMemory()
     if len(launch.args) != len(kernel.params):
         raise ValueError(f"{kernel.name} takes {len(kernel.params)} arguments, got {len(launch.args)}")
     params = np.zeros(max(ctx.param_bytes, 1), np.uint8)

@@ -16,6 +16,8 @@ float64, summed there and rounded once to f32/f16 (the ISA leaves the accumulati
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .machine import active, write
@@ -25,6 +27,7 @@ from .ops_mem import _byte_index
 _ELEM = {"s8": (np.int8, 4), "u8": (np.uint8, 4), "f16": (np.float16, 2)}
 
 
+@functools.cache
 def fragment_index(kind: str, k: int, e: int):
     """(lanes, elements, rows, cols) arrays of one operand's fragment layout (see the module docstring)."""
     lanes, elems, rows, cols = [], [], [], []

@@ -40,6 +40,7 @@ def _byte_index(st, line, space, addr, rows, nbytes):
                     st.fail(line, rows[i], f"out-of-bounds global access of {nbytes} bytes at {int(a):#x}")
         buf, off = hit
         _aligned(st, line, rows, off, nbytes)
+        st.last_buffer = buf
         return buf.data, off[:, None] + width
     if space in ("shared", "local"):
         size = st.shared_size if space == "shared" else st.ctx.local_bytes
@@ -126,6 +127,8 @@ def _st(ctx, ins, parts):
         mem, idx, rows = access(st, ins.line, space, addr(st), m, nbytes, write_=True)
         data = np.stack([np.broadcast_to(v(st), (st.n,))[rows] for v in vals], axis=1).astype(dt)
         mem[idx] = data.view(np.uint8).reshape(idx.shape)
+        if space in ("global", "generic") and mem is st.last_buffer.data:
+            st.last_buffer.written[idx] = True
     return st_
 
 

@@ -101,6 +101,7 @@ def _emit(text, start, end, line):
 def parse_ptx(text: str) -> dict[str, Kernel]:
     """All `.entry` kernels of a PTX module by name; a construct outside the subset raises BmvccError."""
     kernels: dict[str, Kernel] = {}
+    module_shared = []  # module-scope .extern .shared arrays: dynamic shared memory of every kernel
     cur: Kernel | None = None
     depth = 0
     header = None
@@ -127,10 +128,16 @@ def parse_ptx(text: str) -> dict[str, Kernel]:
                     header.params.append((pm.group(2), pm.group(1)))
             elif header is not None and stmt.startswith((".maxntid", ".reqntid", ".minnctapersm", ".maxnreg")):
                 pass
+            elif stmt.startswith(".extern .shared"):
+                module = Kernel("")
+                _body_statement(module, line, stmt)
+                module_shared += module.shared
             elif re.match(r"(?:\.visible\s+|\.extern\s+)?\.func", stmt):
                 raise BmvccError(f"PTX line {line}: device functions (.func) are not emulated; this is a bmvcc bug")
             continue  # .version/.target/.address_size/.global variables
         _body_statement(cur, line, stmt)
+    for k in kernels.values():
+        k.shared += module_shared
     return kernels
 
 
