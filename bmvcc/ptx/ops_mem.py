@@ -59,7 +59,7 @@ def _byte_index(st, line, space, addr, rows, nbytes):
 
 
 def _aligned(st, line, rows, off, nbytes):
-    bad = off % min(nbytes, 16) != 0
+    bad = off % min(nbytes & -nbytes, 16) != 0  # natural alignment (vectors: their whole size)
     if bad.any():
         i = int(np.argmax(bad))
         st.fail(line, rows[i], f"misaligned access of {nbytes} bytes at offset {int(off[i])}")

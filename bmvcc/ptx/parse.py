@@ -38,6 +38,7 @@ class Kernel:
 
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 _VAR = re.compile(r"\.(shared|local|global)\s+(?:\.align\s+(\d+)\s+)?\.(\w+)\s+([\w$]+)(?:\[(\d*)\])?")
+_HEADER = re.compile(r"^(\s*\.(?:version|target|address_size)\b[^\n;]*)$", re.M)
 _REG = re.compile(r"\.reg\s+\.(\w+)\s+(%?[\w$]+)(?:<(\d+)>)?")
 _TYPE_BYTES = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "b32": 4, "u32": 4, "s32": 4,
                "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
@@ -64,6 +65,7 @@ def split_operands(text: str) -> tuple[str, ...]:
 def _statements(text: str):
     """(line, statement) pairs: the text split at ';', '{' and '}', comments blanked (lines kept)."""
     text = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
+    text = _HEADER.sub(r"\1;", text)  # module directives end at the line, without ';'
     line, start = 1, 0
     for i, ch in enumerate(text):
         if ch in "{}" and not _inside_operand(text, start, i):
