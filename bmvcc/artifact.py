@@ -5,6 +5,11 @@
       weights.bin     the weights, a TVM param dict (tvm.runtime.load_param_dict): w0, w1, ... in
                       the order main takes them after the image
       metadata.json   config, input shape and dtype, classes, versions, target, source sha256, ...
+    and for CUDA targets (bmvcc/gpu_build.py; listed in metadata.json's "device_files"):
+      device.cubin    the cubin embedded in model.so
+      device.json     arch, bmvcc kernels, ptxas resources, each launched PrimFunc's kernel launches
+      device.ptx      the PTX that ptxas compiled into device.cubin (bmvcc verify emulates it)
+      device_definitions.json  the launched PrimFuncs' compute definitions (unscheduled TIR, tvm.ir.save_json)
 
 Written atomically: everything goes to a temporary sibling directory that is renamed into place
 only when complete, so a failure leaves no OUTDIR and an existing OUTDIR stays untouched until the
@@ -25,6 +30,11 @@ from .errors import BmvccError
 MODULE = "model.so"
 WEIGHTS = "weights.bin"
 METADATA = "metadata.json"
+DEVICE_BINARY = "device.cubin"
+DEVICE_INFO = "device.json"
+DEVICE_PTX = "device.ptx"
+DEVICE_DEFINITIONS = "device_definitions.json"
+DEVICE_FILES = (DEVICE_BINARY, DEVICE_INFO, DEVICE_PTX, DEVICE_DEFINITIONS)
 FORMAT_VERSION = 1
 
 

@@ -68,6 +68,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
         metadata = _metadata(source, spec, options, pass_report, weights, dataset)
         metadata["tuning"] = {"db": str(db) if db else None, "shipped": db is not None and options.db is None,
                               "kernels_from_db": from_db}
+        metadata["device_files"] = [n for n in artifact.DEVICE_FILES if (tmp / n).exists()]
         artifact.write_metadata(tmp, metadata)
     seconds = time.perf_counter() - start
     progress(f"wrote {outdir} in {seconds:.1f} s")

@@ -180,7 +180,7 @@ def run_batch(code: list, st: State) -> None:
                 if pc in groups:
                     groups[pc] |= mask
                 else:
-                    groups[pc] = mask
+                    groups[pc] = mask.copy()
                 break
             r = code[pc](st, m)
             if r is None:
@@ -194,7 +194,7 @@ def run_batch(code: list, st: State) -> None:
             if target == EXIT:
                 st.alive &= ~taken
             elif taken.any():
-                groups[target] = groups[target] | taken if target in groups else taken
+                groups[target] = groups[target] | taken if target in groups else taken.copy()
             mask = mask & ~taken
             if not mask.any():
                 break

@@ -1,8 +1,9 @@
 """Floating-point instructions (PTX ISA 8.5 §9.7.3-9.7.4): f32/f64, f16 and f16x2 (two halves of a b32).
 
 Exact ones round to nearest even like IEEE 754: numpy's float32/float64 arithmetic is correctly rounded, and
-its float16 arithmetic (through float32, 24 >= 2*11+2 bits) too. fma.rn.f32 is rounded once: the product is
-exact in float64, the sum is rounded to odd there (TwoSum and one ulp step), then to float32 (53 >= 2*24+2).
+its float16 arithmetic (through float32, 24 >= 2*11+2 bits) too. fma.f32 is rounded once, in every rounding
+mode (.rn/.rz/.rm/.rp, also add/sub/mul.f32): the product is exact in float64, the sum is rounded to odd there
+(TwoSum and one ulp step), then to float32 in the instruction's mode (correct since 53 >= 2*24+2).
 A mul/add/sub without a rounding modifier is executed as .rn (ptxas may contract it into an fma on the GPU,
 which the ISA allows; comparisons of float kernels therefore use a tolerance).
 `.approx` instructions return the correctly rounded result, within every ISA bound (ex2.approx.f32:
@@ -39,8 +40,6 @@ def _halves(typ):
 
 
 def _wrap(parts, typ, fn):
-    if _ROUNDING & set(parts):
-        raise ValueError("directed rounding (.rz/.rm/.rp) is not emulated")
     view, unview = _halves(typ)
     ftz, sat = "ftz" in parts, "sat" in parts
 
@@ -61,6 +60,13 @@ def _wrap(parts, typ, fn):
 def float_binary(parts, typ):
     """The float form of add/sub/mul/div/min/max/neg/abs (ops_int registers the opcode for both)."""
     name = parts[0]
+    mode = next((r for r in _ROUNDING if r in parts), None)
+    if mode and (typ != "f32" or name not in ("add", "sub", "mul")):
+        raise ValueError(f"{name}.{mode}.{typ} is not emulated")
+    if mode:
+        ops = {"add": lambda a, b: exact_f32(mode, a, b, op="add"), "mul": lambda a, b: exact_f32(mode, a, b, op="mul"),
+               "sub": lambda a, b: exact_f32(mode, a, -np.asarray(b), op="add")}
+        return _wrap(parts, typ, ops[name])
     fns = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": _div(parts, typ),
            "min": np.fmin, "max": np.fmax, "neg": np.negative, "abs": np.abs}
     return _wrap(parts, typ, fns[name])
@@ -73,22 +79,51 @@ def _div(parts, typ):
     return np.divide
 
 
-def fma_rn(a, b, c):
-    """Single-rounded a * b + c for float32 arrays (round to odd in float64, then to float32)."""
-    a, b, c = (np.asarray(x, np.float64) for x in (a, b, c))
-    p = a * b
+def _sum_to_odd(p, c):
+    """p + c (float64 arrays, p exact) rounded to odd in float64: exact, or with the last bit set (sticky)."""
     s = p + c
     bb = s - p
-    err = (p - (s - bb)) + (c - bb)
+    err = (p - (s - bb)) + (c - bb)  # TwoSum: p + c = s + err exactly
     bits = np.asarray(s).view(np.uint64)
     inexact = np.isfinite(s) & (err != 0) & ((bits & np.uint64(1)) == 0)
-    s = np.where(inexact, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
-    return s.astype(np.float32)
+    return np.where(inexact, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+
+
+def _to_f32(s, mode: str):
+    """float64 rounded to odd -> float32 with rounding `mode` (rn, rz, rm, rp): correct since 53 >= 2*24+2."""
+    f = s.astype(np.float32)
+    if mode == "rn":
+        return f
+    f64 = f.astype(np.float64)
+    down = np.nextafter(f, np.float32(-np.inf))
+    up = np.nextafter(f, np.float32(np.inf))
+    if mode == "rm":
+        return np.where(f64 > s, down, f)
+    if mode == "rp":
+        return np.where(f64 < s, up, f)
+    return np.where(np.abs(f64) > np.abs(s), np.where(s > 0, down, up), f)  # rz
+
+
+def exact_f32(mode: str, a, b, c=None, op="fma"):
+    """a * b + c, a * b or a + b of float32 arrays, rounded once with `mode`."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if op == "add":
+        return _to_f32(_sum_to_odd(a, b), mode)
+    p = a * b  # exact: 48 significant bits
+    return _to_f32(p if c is None else _sum_to_odd(p, np.asarray(c, np.float64)), mode)
+
+
+def fma_rn(a, b, c):
+    """Single-rounded a * b + c for float32 arrays (round to odd in float64, then to float32)."""
+    return exact_f32("rn", a, b, c)
 
 
 def fma(parts, typ):
+    mode = next((r for r in _ROUNDING if r in parts), "rn")
     if typ == "f32":
-        return _wrap(parts, typ, fma_rn)
+        return _wrap(parts, typ, lambda a, b, c: exact_f32(mode, a, b, c))
+    if mode != "rn":
+        raise ValueError(f"fma.{mode}.{typ} is not emulated")
     if typ == "f64":
         raise ValueError("fma.f64 is not emulated")
     return _wrap(parts, typ, lambda a, b, c: (np.asarray(a, np.float64) * b + c).astype(np.float16))  # exact in f64

@@ -352,11 +352,11 @@ def _cvt(ctx, ins, parts):
             write(st, d, v.astype(ddt), m)
         return f2i
     if atyp.startswith("f") and dtyp.startswith("f"):
+        sat = "sat" in mods
+        if rnd in ("rni", "rzi", "rmi", "rpi"):  # round to an integral value, same type
+            rf = _ROUND[rnd]
+            return lambda st, m: write(st, d, _sat(rf(np.asarray(a(st))).astype(ddt), sat), m)
         if rnd in ("rn", None) or ddt.itemsize > np.dtype(DTYPES[atyp]).itemsize:
-            if rnd in ("rni", "rzi", "rmi", "rpi"):
-                rf = _ROUND[rnd]
-                return lambda st, m: write(st, d, rf(a(st)).astype(ddt), m)
-            sat = "sat" in mods
             return lambda st, m: write(st, d, _sat(np.asarray(a(st)).astype(ddt), sat), m)
         raise ValueError(f"cvt rounding .{rnd} between floats is not emulated")
     if dtyp.startswith("f"):  # int -> float, round to nearest even

@@ -1,8 +1,9 @@
-"""The W2A8 tensor-core kernel's PTX (NVRTC, as shipped to the Orin) executed by bmvcc's PTX emulator against its
-TIR compute definition built for llvm: every epilogue, the small-M variant and tuning-space knob sets (one with
-> 48 KB of dynamic shared memory), at shapes with a partial tile (padding) and at least 4 k tiles through
-the cp.async pipeline's steady state. Negative controls: mutated PTX that a GPU would run silently wrong
-must be caught (wrong ldmatrix layout, a missing bar.sync, a cp.async.wait_group that waits too little)."""
+"""bmvcc's GPU kernels (W2A8 tensor-core, norm_quant): their PTX (NVRTC, as shipped to the Orin) executed by
+bmvcc's PTX emulator against their TIR compute definitions built for llvm. W2A8: every epilogue, the small-M
+variant and tuning-space knob sets (one with > 48 KB of dynamic shared memory), at shapes with a partial tile
+(padding) and at least 4 k tiles through the cp.async pipeline's steady state. Negative controls: mutated PTX
+that a GPU would run silently wrong must be caught (wrong ldmatrix layout, a missing bar.sync, a
+cp.async.wait_group that waits too little)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,22 @@ def test_short_wait_group_is_caught():
     res, out, ref = _emulate(NEG_CFG, NEG_KNOBS, _mutate(r"cp\.async\.wait_group 2;", "cp.async.wait_group 3;", 2))
     assert any("still pending" in r for r in res.race_reports), res.race_reports
     assert not np.allclose(out, ref, rtol=5e-7, atol=1e-6)  # the stale stage's bytes were used
+
+
+@pytest.mark.parametrize("m,k", [(16, 64), (16, 128), (5, 200)])
+def test_norm_quant_kernel(m, k):
+    """norm_quant's GPU kernel (one CTA per row, warp-shuffle and shared-memory reductions) against its definition:
+    q exactly, x_scale within the reductions' reordering. Before x_scale went through shared memory, threads
+    other than 0 read it from global memory before thread 0 stored it, and q was wrong."""
+    from bmvcc.ptx.verify import build_scheduled, random_arguments, run_definition
+    from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute
+    from bmvcc.schedules.norm_quant_cuda import schedule_norm_quant_cuda
+
+    definition = norm_quant_compute(NormQuantConfig(m, k))
+    kernels, launches = build_scheduled(tvm.IRModule({"nq": schedule_norm_quant_cuda(definition)}), ORIN)
+    arrays = random_arguments(definition, np.random.default_rng(0))
+    reference = run_definition(definition, arrays)
+    res = emulate(kernels, launches["nq"], arrays)
+    assert res.races == 0 and res.ctas_run == m
+    np.testing.assert_array_equal(arrays[2], reference[2])  # q, int8
+    np.testing.assert_allclose(arrays[3], reference[3], rtol=1e-5)  # x_scale: sum of squares reordered
