@@ -296,3 +296,25 @@ def test_cp_async_lands_at_wait_with_zero_fill():
     for t in range(32):
         want[t, t % 4:] = 0
     np.testing.assert_array_equal(out.reshape(32, 4), want)
+
+
+def test_wmma_m16n16k16_f16_f32():
+    """wmma.load (row A, column-major B, row C) / mma / store round trip: D = A B + C rounded once to f32. The
+    ISA leaves the fragments' lane layout unspecified, so only the stored matrix is checked."""
+    a = RNG.normal(0, 1, (16, 16)).astype(np.float16)
+    b = RNG.normal(0, 1, (16, 16)).astype(np.float16)
+    c = RNG.normal(0, 1, (16, 16)).astype(np.float32)
+    regs = lambda n, base: "{" + ", ".join(f"%r{base + i}" for i in range(n)) + "}"  # noqa: E731
+    fregs = lambda n, base: "{" + ", ".join(f"%f{base + i}" for i in range(n)) + "}"  # noqa: E731
+    body = f"""wmma.load.a.sync.aligned.row.m16n16k16.global.f16 {regs(8, 10)}, [%rd1], 16;
+ wmma.load.b.sync.aligned.col.m16n16k16.global.f16 {regs(8, 20)}, [%rd2], 16;
+ wmma.load.c.sync.aligned.row.m16n16k16.global.f32 {fregs(8, 0)}, [%rd3], 16;
+ wmma.mma.sync.aligned.row.col.m16n16k16.f32.f32 {fregs(8, 8)}, {regs(8, 10)}, {regs(8, 20)}, {fregs(8, 0)};
+ wmma.store.d.sync.aligned.row.m16n16k16.global.f32 [%rd8], {fregs(8, 8)}, 16;
+"""
+    text = HEAD.replace(" ld.global.u32 %r2, [%rd5]; ld.global.u32 %r3, [%rd6]; ld.global.u32 %r5, [%rd9];\n", "") \
+        + body + " ret;\n}\n"
+    d = np.zeros((16, 16), np.float32)
+    run_kernel(parse_ptx(text)["k"], Launch("k", (1, 1, 1), (32, 1, 1), [a, np.ascontiguousarray(b.T), c, d]))
+    want = (a.astype(np.float64) @ b.astype(np.float64) + c).astype(np.float32)
+    np.testing.assert_array_equal(d, want)

@@ -135,3 +135,102 @@ def _mma(ctx, ins, parts):
             full[warps.reshape(-1)] = words[:, :, i].reshape(-1)
             write(st, d, full, m)
     return mma
+
+
+# wmma (§9.7.14.4): the ISA leaves the fragments' distribution over the lanes unspecified ("the layout of the
+# fragments held by different threads is unspecified"); a program may only load, mma, store and fill them.
+# The emulator's distribution: element e of lane l is element (l E + e) mod (rows x cols) of the row-major
+# matrix, with E elements per lane (a matrix with fewer elements than the 32 E slots is held twice).
+_WMMA_SHAPES = {"m16n16k16": (16, 16, 16), "m32n8k16": (32, 8, 16), "m8n32k16": (8, 32, 16)}
+_WMMA_TYPES = {"f16": np.float16, "f32": np.float32, "s32": np.int32, "s8": np.int8, "u8": np.uint8}
+
+
+def _wmma_dims(shape: str, operand: str):
+    m, n, k = _WMMA_SHAPES[shape]
+    return {"a": (m, k), "b": (k, n), "c": (m, n), "d": (m, n)}[operand]
+
+
+def _wmma_slots(rows: int, cols: int, per_lane: int):
+    """(rows, cols) of every (lane, element) slot of a fragment."""
+    flat = (np.arange(32)[:, None] * per_lane + np.arange(per_lane)[None, :]) % (rows * cols)
+    return flat // cols, flat % cols
+
+
+@op("wmma.load", "wmma.store")
+def _wmma_memory(ctx, ins, parts):
+    load = parts[1] == "load"
+    operand = parts[2]
+    layout = next(p for p in parts if p in ("row", "col"))
+    shape = next(p for p in parts if p in _WMMA_SHAPES)
+    dt = np.dtype(_WMMA_TYPES[parts[-1]])
+    space = next((p for p in parts if p in ("shared", "global")), "generic")
+    regs, addr_text = (ins.operands[0], ins.operands[1]) if load else (ins.operands[1], ins.operands[0])
+    regs = [dest(ctx, r) for r in vector(regs)] if load else [src(ctx, r, "b32") for r in vector(regs)]
+    rows, cols = _wmma_dims(shape, operand)
+    per_lane = len(regs) * 4 // dt.itemsize
+    r_idx, c_idx = _wmma_slots(rows, cols, per_lane)
+    stride_get = src(ctx, ins.operands[2], "u32") if len(ins.operands) > 2 else None
+    g, _, off = address(ctx, addr_text)
+    o = np.uint64(off)
+
+    def wmma_mem(st, m):
+        warps = _warps(st, m, ins.line)
+        lead = np.broadcast_to(g(st), (st.n,))[warps[:, 0]] + o  # the warp's matrix address (uniform)
+        stride = np.asarray(stride_get(st) if stride_get else (cols if layout == "row" else rows)).astype(np.int64)
+        stride = np.broadcast_to(stride, (st.n,))[warps[:, 0]]
+        elem = (r_idx * stride[:, None, None] + c_idx) if layout == "row" else (c_idx * stride[:, None, None] + r_idx)
+        addr = (lead[:, None, None] + (elem * dt.itemsize).astype(np.uint64)).reshape(-1)
+        thr = np.repeat(warps.reshape(-1), per_lane)
+        mem, idx = _byte_index(st, ins.line, space, addr, thr, dt.itemsize)
+        if mem is st.shared:
+            st.races.access(idx, st.warp_bit[thr], not load, lambda r: st.where(ins.line, thr[r]))
+        if load:
+            words = mem[idx].reshape(warps.shape[0], 32, per_lane * dt.itemsize).view(np.uint32)
+            for i, d in enumerate(regs):
+                full = np.zeros(st.n, np.uint32)
+                full[warps.reshape(-1)] = words[:, :, i].reshape(-1)
+                write(st, d, full, m)
+        else:
+            words = np.stack([np.broadcast_to(r(st), (st.n,))[warps] for r in regs], axis=-1).astype(np.uint32)
+            mem[idx] = np.ascontiguousarray(words).view(np.uint8).reshape(idx.shape)
+            if space in ("global", "generic") and st.last_buffer is not None and mem is st.last_buffer.data:
+                st.last_buffer.written[idx] = True
+    return wmma_mem
+
+
+@op("wmma.mma")
+def _wmma_mma(ctx, ins, parts):
+    """wmma.mma.sync.aligned.alayout.blayout.shape.dtype.ctype d, a, b, c: D = A B + C, products exact, the
+    sum in float64 rounded once (integers: exact, int32 wrap)."""
+    shape = next(p for p in parts if p in _WMMA_SHAPES)
+    m_, n_, k_ = _WMMA_SHAPES[shape]
+    dtype, ctype = parts[-2], parts[-1]
+    d_regs = [dest(ctx, t) for t in vector(ins.operands[0])]
+    srcs = [[src(ctx, t, "b32") for t in vector(x)] for x in ins.operands[1:4]]
+    atype = "f16" if dtype in ("f16", "f32") else "s8"
+    specs = [(srcs[0], atype, m_, k_), (srcs[1], atype, k_, n_), (srcs[2], ctype, m_, n_)]
+
+    def matrix(st, warps, regs, typ, rows, cols):
+        dt = np.dtype(_WMMA_TYPES[typ])
+        words = np.stack([np.broadcast_to(r(st), (st.n,))[warps] for r in regs], axis=-1).astype(np.uint32)
+        vals = np.ascontiguousarray(words).view(dt).reshape(warps.shape[0], 32, -1)
+        r_idx, c_idx = _wmma_slots(rows, cols, vals.shape[2])
+        out = np.zeros((warps.shape[0], rows, cols), np.float64)
+        out[:, r_idx, c_idx] = vals  # duplicated slots hold equal values
+        return out
+
+    def wmma_mma(st, m):
+        warps = _warps(st, m, ins.line)
+        a, b, c = (matrix(st, warps, *spec) for spec in specs)
+        acc = a @ b + c
+        dt = np.dtype(_WMMA_TYPES[dtype])
+        res = acc.astype(np.int64).astype(np.uint64).astype(np.uint32).view(np.int32) if dt.kind == "i" \
+            else acc.astype(dt)
+        per_lane = len(d_regs) * 4 // dt.itemsize
+        r_idx, c_idx = _wmma_slots(m_, n_, per_lane)
+        words = np.ascontiguousarray(res[:, r_idx, c_idx]).view(np.uint32).reshape(warps.shape[0], 32, -1)
+        for i, d in enumerate(d_regs):
+            full = np.zeros(st.n, np.uint32)
+            full[warps.reshape(-1)] = words[:, :, i].reshape(-1)
+            write(st, d, full, m)
+    return wmma_mma
