@@ -231,6 +231,39 @@ def test_mma_m16n8k32_s8():
     np.testing.assert_array_equal(d.reshape(32, 4), want_frag)
 
 
+def _fragments_m16n8k16_f16(a, b, c):
+    """Per-lane registers of mma.m16n8k16 .f16 x .f16 + .f32 from the ISA's tables: a_i at row g + 8 for
+    i in {2, 3, 6, 7}, col 2t + (i & 1) + 8 for i >= 4; b_i at row 2t + (i & 1) + 8 for i >= 2, col g; c as m16n8k32."""
+    fa, fb, fc = np.zeros((32, 8), np.float16), np.zeros((32, 4), np.float16), np.zeros((32, 4), np.float32)
+    for lane in range(32):
+        g, t = lane >> 2, lane % 4
+        for i in range(8):
+            fa[lane, i] = a[g + (8 if i in (2, 3, 6, 7) else 0), 2 * t + (i & 1) + (8 if i >= 4 else 0)]
+        for i in range(4):
+            fb[lane, i] = b[2 * t + (i & 1) + (8 if i >= 2 else 0), g]
+            fc[lane, i] = c[g + (8 if i >= 2 else 0), t * 2 + (i & 1)]
+    return fa.view(np.uint32), fb.view(np.uint32), fc.view(np.uint32)
+
+
+def test_mma_m16n8k16_f16_f32():
+    a = RNG.normal(0, 1, (16, 16)).astype(np.float16)
+    b = RNG.normal(0, 1, (16, 8)).astype(np.float16)
+    c = RNG.normal(0, 1, (16, 8)).astype(np.float32)
+    words = np.concatenate(_fragments_m16n8k16_f16(a, b, c), axis=1)  # [lane, 4 + 2 + 4]
+    body = "mul.wide.u32 %rd12, %r1, 40; add.s64 %rd10, %rd1, %rd12; mul.wide.u32 %rd12, %r1, 16; " \
+           "add.s64 %rd11, %rd8, %rd12;\n" + "".join(f"ld.global.u32 %r{10 + i}, [%rd10+{4 * i}];\n" for i in range(10)) \
+        + """mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%r20, %r21, %r22, %r23}, {%r10, %r11, %r12, %r13}, {%r14, %r15}, {%r16, %r17, %r18, %r19};
+ st.global.v4.u32 [%rd11], {%r20, %r21, %r22, %r23};
+"""
+    text = HEAD.replace(" ld.global.u32 %r2, [%rd5]; ld.global.u32 %r3, [%rd6]; ld.global.u32 %r5, [%rd9];\n", "") \
+        + body + " ret;\n}\n"
+    d = np.zeros(32 * 4, np.uint32)
+    run_kernel(parse_ptx(text)["k"], Launch("k", (1, 1, 1), (32, 1, 1),
+                                            [words.reshape(-1).copy(), np.zeros(1, np.uint32), np.zeros(32, np.uint32), d]))
+    want = (a.astype(np.float64) @ b.astype(np.float64) + c).astype(np.float32)  # exact products, one rounding
+    np.testing.assert_array_equal(d.reshape(32, 4), _fragments_m16n8k16_f16(a, b, want)[2])
+
+
 @pytest.mark.parametrize("trans", [False, True])
 def test_ldmatrix_x4(trans):
     """ldmatrix.x4 (§9.7.14.5.15): lanes 8i..8i+7 address the rows of matrix i; lane l gets row l/4, elements
