@@ -18,6 +18,7 @@ PTX line, CTA and thread.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -228,9 +229,15 @@ def decode(kernel: Kernel) -> tuple[Ctx, list]:
         off += size
     ctx.local_bytes = off
     code = []
-    for ins in kernel.instrs:
-        fn = _decode_one(ctx, ins, OPS)
-        code.append(_guarded(ctx, ins, fn) if ins.guard else fn)
+    collect = gc.isenabled()
+    gc.disable()  # tens of thousands of closures: the cyclic collector would triple the decode time
+    try:
+        for ins in kernel.instrs:
+            fn = _decode_one(ctx, ins, OPS)
+            code.append(_guarded(ctx, ins, fn) if ins.guard else fn)
+    finally:
+        if collect:
+            gc.enable()
     return ctx, code
 
 

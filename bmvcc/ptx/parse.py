@@ -39,6 +39,10 @@ class Kernel:
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
 _VAR = re.compile(r"\.(shared|local|global)\s+(?:\.align\s+(\d+)\s+)?\.(\w+)\s+([\w$]+)(?:\[(\d*)\])?")
 _HEADER = re.compile(r"^(\s*\.(?:version|target|address_size)\b[^\n;]*)$", re.M)
+_TOP_COMMA = re.compile(r",(?![^{\[]*[}\]])")
+_LABEL = re.compile(r"([$\w]+):\s*")
+_GUARD = re.compile(r"@(!?)(%[\w$]+)\s+")
+_OPCODE = re.compile(r"([a-z][\w.:]*)\s*(.*)", re.S)
 _REG = re.compile(r"\.reg\s+\.(\w+)\s+(%?[\w$]+)(?:<(\d+)>)?")
 _TYPE_BYTES = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "b32": 4, "u32": 4, "s32": 4,
                "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
@@ -46,20 +50,7 @@ _TYPE_BYTES = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2
 
 def split_operands(text: str) -> tuple[str, ...]:
     """Top-level comma split (commas inside {} and [] belong to one operand)."""
-    out, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        out.append("".join(cur).strip())
-    return tuple(out)
+    return tuple(t.strip() for t in _TOP_COMMA.split(text) if t.strip())
 
 
 def _statements(text: str):
@@ -67,7 +58,8 @@ def _statements(text: str):
     text = _COMMENT.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
     text = _HEADER.sub(r"\1;", text)  # module directives end at the line, without ';'
     line, start = 1, 0
-    for i, ch in enumerate(text):
+    for sep in re.finditer(r"[;{}]", text):
+        i, ch = sep.start(), sep.group()
         if ch in "{}" and not _inside_operand(text, start, i):
             yield from _emit(text, start, i, line)
             yield _line(text, start, i, line), ch
@@ -145,7 +137,7 @@ def parse_ptx(text: str) -> dict[str, Kernel]:
 
 def _body_statement(k: Kernel, line: int, stmt: str) -> None:
     while True:  # leading labels
-        m = re.match(r"([$\w]+):\s*", stmt)
+        m = _LABEL.match(stmt)
         if not m:
             break
         k.labels[m.group(1)] = len(k.instrs)
@@ -173,11 +165,11 @@ def _body_statement(k: Kernel, line: int, stmt: str) -> None:
     if stmt.startswith(".pragma"):
         return
     guard = None
-    m = re.match(r"@(!?)(%[\w$]+)\s+", stmt)
+    m = _GUARD.match(stmt)
     if m:
         guard = (m.group(2), m.group(1) == "!")
         stmt = stmt[m.end():]
-    m = re.match(r"([a-z][\w.:]*)\s*(.*)", stmt, re.S)
+    m = _OPCODE.match(stmt)
     if m is None:
         raise BmvccError(f"PTX line {line}: cannot parse {stmt!r}; this is a bmvcc bug")
     k.instrs.append(Instr(line, m.group(1), split_operands(" ".join(m.group(2).split())), guard))
