@@ -351,3 +351,14 @@ def test_wmma_m16n16k16_f16_f32():
     run_kernel(parse_ptx(text)["k"], Launch("k", (1, 1, 1), (32, 1, 1), [a, np.ascontiguousarray(b.T), c, d]))
     want = (a.astype(np.float64) @ b.astype(np.float64) + c).astype(np.float32)
     np.testing.assert_array_equal(d, want)
+
+
+def test_divergent_barrier_is_an_error():
+    body = """setp.lt.u32 %p1, %r1, 40;
+ @%p1 bra SKIP;
+ bar.sync 0;
+SKIP:
+ mov.u32 %r4, 0;
+"""
+    with pytest.raises(EmulationError, match=r"bar.sync not reached by every thread .* thread \(0, 0, 0\)"):
+        run(body, np.zeros(64), np.zeros(64), threads=64)

@@ -17,7 +17,8 @@ from ..errors import BmvccError
 
 _CALL = re.compile(r'T\.call_ffi_kernel\("([\w$]+)", (.*?), launch_params=\[(.*?)\]')
 _HANDLE = re.compile(r"(\w+)_handle: T\.let\[T\.handle\] = .*?T\.tvm_struct_get\(args, (\d+), 15")
-_DECL = re.compile(r"(\w+) = T\.decl_buffer\(.*?data=(?:T\.reinterpret\(.*?T\.tvm_struct_get\((\w+)_handle|(\w+)\.data)")
+_DECL = re.compile(r"(\w+) = T\.decl_buffer\(.*?data="
+                   r"(?:T\.reinterpret\(.*?T\.tvm_struct_get\((\w+)_handle|(\w+)\.data)")
 _INT = re.compile(r"^(?:T\.int(?:32|64)\()?(\d+)\)?$")
 
 

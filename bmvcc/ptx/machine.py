@@ -100,20 +100,18 @@ class Ctx:
 class State:
     """Registers and memories of one batch of CTAs."""
 
-    def __init__(self, ctx: Ctx, ctas: list[tuple[int, int, int]], grid, block, params: dict, memory: GlobalMemory,
-                 dynamic_shared: int):
+    def __init__(self, ctx: Ctx, ctas: list[tuple[int, int, int]], grid, block, params: np.ndarray,
+                 memory: GlobalMemory, dynamic_shared: int):
         bx, by, bz = block
-        self.ctx, self.ctas, self.memory, self.params = ctx, ctas, memory, params  # params: uint8 bytes
+        self.ctx, self.ctas, self.memory, self.params = ctx, ctas, memory, params  # params: the .param bytes
         self.cta_threads = bx * by * bz
         self.padded = -(-self.cta_threads // 32) * 32  # threads per CTA incl. padding lanes
-        self.warps_per_cta = self.padded // 32
         n = self.n = len(ctas) * self.padded
         t = np.arange(n)
         local = t % self.padded
         self.cta_of = t // self.padded
         self.alive = local < self.cta_threads
-        self.warp = (local // 32).astype(np.int64)
-        self.warp_bit = (np.uint32(1) << self.warp.astype(np.uint32)).astype(np.uint32)
+        self.warp_bit = (np.uint32(1) << (local // 32).astype(np.uint32)).astype(np.uint32)  # the CTA's warp
         self.lane = (local % 32).astype(np.uint32)
         u32 = np.uint32
         cta = np.array(ctas, np.uint32).reshape(-1, 3)[self.cta_of]

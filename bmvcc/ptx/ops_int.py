@@ -218,7 +218,8 @@ def _bfe(ctx, ins, parts):
         p = np.minimum(np.asarray(pos(st)).astype(np.int64) & 0xFF, bits - 1)
         n = np.asarray(ln(st)).astype(np.int64) & 0xFF
         p_u = p.astype(np.uint64)
-        field = (v.astype(np.uint64) >> p_u) & np.where(n >= 64, ~np.uint64(0), (np.uint64(1) << n.astype(np.uint64)) - 1)
+        ones = np.where(n >= 64, ~np.uint64(0), (np.uint64(1) << n.astype(np.uint64)) - 1)
+        field = (v.astype(np.uint64) >> p_u) & ones
         if typ[0] == "s":
             top = np.minimum(p + n, bits) - 1  # the sign bit: the field's last bit inside the operand
             sign = (v.astype(np.uint64) >> top.astype(np.uint64)) & np.uint64(1)

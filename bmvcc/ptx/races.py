@@ -30,7 +30,8 @@ class SharedRaces:
         bits = np.broadcast_to(warp_bits[:, None], idx.shape)
         if self.pending[idx].any():
             row = int(np.nonzero(self.pending[idx].any(axis=1))[0][0])
-            self._report(f"{'write to' if write else 'read of'} shared bytes whose cp.async is still pending", where(row))
+            what = "write to" if write else "read of"
+            self._report(f"{what} shared bytes whose cp.async is still pending", where(row))
         if write:
             np.bitwise_or.at(self.written, idx, bits)
             clash = (self.written[idx] | self.read[idx]) & ~bits

@@ -188,7 +188,8 @@ def build_scheduled(scheduled, spec):
     from .launches import kernel_launches
     from .parse import parse_ptx
 
-    mod = tvm.IRModule({gv.name_hint: f.with_attr("global_symbol", gv.name_hint) for gv, f in scheduled.functions_items()})
+    mod = tvm.IRModule({gv.name_hint: f.with_attr("global_symbol", gv.name_hint)
+                        for gv, f in scheduled.functions_items()})
     with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
         ex = tvm.compile(mod, target=spec.target())
     ptx = cuda_to_ptx(ex.mod.imports[0].inspect_source("cuda"), spec.facts["arch"])
