@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from ..errors import BmvccError
-
 _CALL = re.compile(r'T\.call_ffi_kernel\("([\w$]+)", (.*?), launch_params=\[(.*?)\]')
 _HANDLE = re.compile(r"(\w+)_handle: T\.let\[T\.handle\] = .*?T\.tvm_struct_get\(args, (\d+), 15")
 _DECL = re.compile(r"(\w+) = T\.decl_buffer\(.*?data="
@@ -25,10 +23,18 @@ _INT = re.compile(r"^(?:T\.int(?:32|64)\()?(\d+)\)?$")
 @dataclass(frozen=True)
 class KernelLaunch:
     kernel: str  # the __global__ function's name
-    args: tuple[int, ...]  # per kernel parameter: the index of the PrimFunc parameter it is
-    grid: tuple[int, int, int]
-    block: tuple[int, int, int]
-    dynamic_shared: int
+    args: tuple[int | None, ...]  # per kernel parameter: the index of the PrimFunc parameter it is (None: another
+    grid: tuple[int | None, ...]  # buffer, e.g. a workspace); extents: None if not a constant
+    block: tuple[int | None, ...]
+    dynamic_shared: int | None
+
+    def unsupported(self) -> str | None:
+        """Why the emulator cannot run this launch from the artifact alone, or None."""
+        if None in self.args:
+            return f"kernel {self.kernel} takes a buffer that is not a parameter of its PrimFunc (a workspace)"
+        if None in (*self.grid, *self.block, self.dynamic_shared):
+            return f"kernel {self.kernel} has a launch extent that is not a constant"
+        return None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -53,7 +59,7 @@ def kernel_launches(mod, target) -> dict[str, list[KernelLaunch]]:
         text = func.script()
         root = {name: int(i) for name, i in _HANDLE.findall(text)}
         for name, handle, parent in _DECL.findall(text):
-            root[name] = root[handle] if handle else root.get(parent)
+            root[name] = root.get(handle) if handle else root.get(parent)
         name = str(gv.name_hint).removeprefix("__tvm_ffi_")
         found[name] = [_launch(root, m) for m in _CALL.finditer(text)]
     return found
@@ -63,17 +69,7 @@ def _launch(root: dict, m) -> KernelLaunch:
     args = [a.strip() for a in m.group(2).split(",")]
     params = [p.strip().strip('"') for p in m.group(3).split(",")]
     values, buffers = args[len(args) - len(params):], args[:len(args) - len(params)]
-    dims = {}
-    for p, v in zip(params, values):
-        im = _INT.match(v)
-        if im is None:
-            raise BmvccError(f"kernel {m.group(1)} has a launch extent {p} = {v} that is not a constant; "
-                             "this is a bmvcc bug")
-        dims[p] = int(im.group(1))
-    indices = []
-    for b in buffers:
-        if not b.endswith(".data") or root.get(b[:-5]) is None:
-            raise BmvccError(f"kernel {m.group(1)} takes {b}, which is not a parameter buffer; this is a bmvcc bug")
-        indices.append(root[b[:-5]])
+    dims = {p: int(im.group(1)) if (im := _INT.match(v)) else None for p, v in zip(params, values)}
+    indices = [root.get(b[:-5]) if b.endswith(".data") else None for b in buffers]
     return KernelLaunch(m.group(1), tuple(indices), tuple(dims.get(f"blockIdx.{a}", 1) for a in "xyz"),
                         tuple(dims.get(f"threadIdx.{a}", 1) for a in "xyz"), dims.get("tirx.use_dyn_shared_memory", 0))

@@ -134,12 +134,18 @@ def _st(ctx, ins, parts):
 
 @op("cp.async.ca", "cp.async.cg")
 def _cp_async(ctx, ins, parts):
-    """cp.async.{ca,cg}.shared.global [dst], [src], cp-size[, src-size]: bytes past src-size are zero."""
+    """cp.async.{ca,cg}.shared.global [dst], [src], cp-size[, src-size | ignore-src][, cache-policy]: bytes past
+    src-size are zero; a true ignore-src predicate copies zeros."""
     dst = _addr_getter(ctx, ins.operands[0], "shared")
     srca = _addr_getter(ctx, ins.operands[1], "global")
     size = int(ins.operands[2])
-    src_size = src(ctx, ins.operands[3], "u32") if len(ins.operands) > 3 and not ins.operands[3].startswith("%rd") \
-        else None
+    extra = ins.operands[3:len(ins.operands) - ("L2::cache_hint" in ins.opcode)]
+    src_size = None
+    if extra and ctx.kernel.registers.get(extra[0].lstrip("!")) == "pred":
+        ignore = src(ctx, extra[0], "pred")
+        src_size = lambda st: np.where(ignore(st), np.uint32(0), np.uint32(size))  # noqa: E731
+    elif extra:
+        src_size = src(ctx, extra[0], "u32")
     if size not in (4, 8, 16):
         raise ValueError(f"cp.async size {size}")
 

@@ -153,6 +153,9 @@ def verify_artifact(outdir, max_ctas: int = 64, seed: int = 0, progress=None) ->
         row = {"primfunc": name, "kernels": [f.kernel for f in found], "ctas_run": 0,
                "ctas_total": int(np.prod(found[-1].grid)) if found else 0, "max_error": None, "races": 0}
         try:
+            why = next((w for w in (f.unsupported() for f in found) if w), None)
+            if why:
+                raise EmulationError(f"{why}; bmvcc verify does not emulate it")
             reference = run_definition(func, arrays)
             res = emulate(kernels, found, arrays, max_ctas=max_ctas)
             err, agree = compare(arrays, reference, res.written, res.ctas_run == res.ctas_total)
