@@ -20,7 +20,7 @@ def _wide(typ: str) -> str:
     return {"u16": "u32", "s16": "s32", "u32": "u64", "s32": "s64"}[typ]
 
 
-def _elementwise(n_src: int, fn, out_type=None):
+def _elementwise(n_src: int, fn):
     """Decoder of `opcode d, a[, b[, c]]` computing fn(*sources) in the instruction's type."""
     def decoder(ctx, ins, parts):
         typ = type_of(parts)
@@ -40,7 +40,7 @@ def _elementwise(n_src: int, fn, out_type=None):
     return decoder
 
 
-def _int_mul(parts, typ, extra=None):
+def _int_mul(parts, typ):
     dt = DTYPES[typ]
     if "wide" in parts:
         wt = DTYPES[_wide(typ)]
@@ -66,15 +66,17 @@ def _int_or_float(int_fn):
 def _div(parts, typ):
     dt = DTYPES[typ]
 
+    wide = np.int64 if typ[0] == "s" else np.uint64
+
     def div(a, b):
-        if np.any(b == 0):
-            raise ZeroDivisionError("integer division by zero")
-        a64, b64 = np.asarray(a).astype(np.int64 if typ[0] == "s" else np.uint64), np.asarray(b).astype(
-            np.int64 if typ[0] == "s" else np.uint64)
+        """Truncating division; by zero (undefined, and computed on inactive lanes too) gives all ones."""
+        a64, b64 = np.asarray(a).astype(wide), np.asarray(b).astype(wide)
+        zero = b64 == 0
+        b64 = np.where(zero, wide(1), b64)
         q = a64 // b64
         if typ[0] == "s":
             q = q + ((q < 0) & (q * b64 != a64))  # truncate toward zero
-        return q.astype(dt)
+        return np.where(zero, np.array(-1).astype(dt), q.astype(dt))
     return div
 
 
