@@ -33,8 +33,11 @@ def sample_ctas(grid: tuple[int, int, int], limit: int) -> list[tuple[int, int, 
     total = gx * gy * gz
     if total <= limit:
         return None
-    picks = {0, total - 1, gx - 1, gx * (gy - 1), gx * gy * (gz - 1)}
-    picks |= {int(i) for i in np.linspace(0, total - 1, max(limit - len(picks), 2))}
+    picks = set(list(dict.fromkeys((0, total - 1, gx - 1, gx * (gy - 1), gx * gy * (gz - 1))))[:limit])
+    for i in np.linspace(0, total - 1, limit + 2):
+        if len(picks) == limit:
+            break
+        picks.add(int(i))
     return [(i % gx, i // gx % gy, i // (gx * gy)) for i in sorted(picks)]
 
 
@@ -132,6 +135,8 @@ def verify_artifact(outdir, max_ctas: int = 64, seed: int = 0, progress=None) ->
     from .machine import EmulationError
     from .parse import parse_ptx
 
+    if max_ctas < 1:
+        raise BmvccError(f"--max-ctas {max_ctas} runs no CTA; pass 1 or more")
     outdir = Path(outdir)
     meta = artifact.read_metadata(outdir)
     missing = [n for n in (artifact.DEVICE_PTX, artifact.DEVICE_INFO, artifact.DEVICE_DEFINITIONS)
