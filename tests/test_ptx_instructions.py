@@ -362,3 +362,22 @@ SKIP:
 """
     with pytest.raises(EmulationError, match=r"bar.sync not reached by every thread .* thread \(0, 0, 0\)"):
         run(body, np.zeros(64), np.zeros(64), threads=64)
+
+
+def test_local_array_through_generic_addresses():
+    """A per-thread .local array (NVRTC's __local_depot) written and read back through cvta.local generic
+    addresses with a per-thread index: each thread sees only its own array."""
+    text = HEAD.replace(".shared .align 16 .b8 sm[4096];", ".local .align 8 .b8 depot[32]; .reg .b64 %SP, %SPL;")
+    body = """mov.u64 %SPL, depot;
+ cvta.local.u64 %SP, %SPL;
+ st.u32 [%SP], %r2;
+ st.u32 [%SP+4], %r3;
+ and.b32 %r6, %r1, 1;
+ mul.wide.u32 %rd12, %r6, 4;
+ add.s64 %rd13, %SP, %rd12;
+ ld.u32 %r4, [%rd13];
+"""
+    text = text + body + " st.global.u32 [%rd7], %r4;\n ret;\n}\n"
+    c = np.zeros(32, np.uint32)
+    run_kernel(parse_ptx(text)["k"], Launch("k", (1, 1, 1), (32, 1, 1), [A32, B32, c, np.zeros(32, np.uint32)]))
+    np.testing.assert_array_equal(c, np.where(np.arange(32) % 2, B32, A32))

@@ -90,8 +90,9 @@ def src(ctx, text: str, typ: str):
     c = constant(text, typ)
     if c is not None:
         return lambda st: c
-    if text in ctx.shared_offsets:
-        c = np.array(ctx.shared_offsets[text], dt)
+    offsets = ctx.shared_offsets if text in ctx.shared_offsets else ctx.local_offsets
+    if text in offsets:  # a variable's address in its state space's window
+        c = np.array(offsets[text], dt)
         return lambda st: c
     raise ValueError(f"unsupported operand {text!r}")
 
