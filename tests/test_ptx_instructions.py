@@ -381,3 +381,46 @@ def test_local_array_through_generic_addresses():
     c = np.zeros(32, np.uint32)
     run_kernel(parse_ptx(text)["k"], Launch("k", (1, 1, 1), (32, 1, 1), [A32, B32, c, np.zeros(32, np.uint32)]))
     np.testing.assert_array_equal(c, np.where(np.arange(32) % 2, B32, A32))
+
+
+@pytest.mark.parametrize("between,store,races", [("", "%r2", 1), ("bar.sync 0;", "%r2", 0), ("", "same", 0)],
+                         ids=["no-barrier", "barrier", "replicated-value"])
+def test_global_race_detector(between, store, races):
+    """norm_quant's old bug: thread 0 stores a value to global memory that the other threads load with no
+    barrier between (a race, and the loads read stale bytes); with bar.sync it is ordered; every thread storing
+    the same value first (a replicated result) is not a race."""
+    if store == "same":
+        body = "mov.u32 %r6, 7; st.global.u32 [%rd3], %r6; ld.global.u32 %r4, [%rd3];"
+    else:
+        body = f"""setp.ne.u32 %p1, %r1, 0;
+ @%p1 bra READ;
+ st.global.u32 [%rd3], {store};
+READ:
+ {between}
+ ld.global.u32 %r4, [%rd3];"""
+    text = HEAD + body + "\n st.global.u32 [%rd9], %r4;\n ret;\n}\n"
+    d = np.zeros(64, np.uint32)
+    res = run_kernel(parse_ptx(text)["k"], Launch("k", (1, 1, 1), (64, 1, 1), [A32.repeat(2), B32.repeat(2),
+                                                                              np.zeros(1, np.uint32), d]))
+    assert res.races == races, res.race_reports
+    if races:
+        assert "race: global read" in res.race_reports[0] and "PTX line 16" in res.race_reports[0]
+
+
+def test_global_race_across_ctas():
+    """Thread 0 of CTA 0 stores, CTA 1 loads the same word in one launch: no barrier orders CTAs."""
+    body = """mov.u32 %r6, %ctaid.x;
+ setp.ne.u32 %p1, %r6, 0;
+ @%p1 bra READ;
+ setp.ne.u32 %p2, %r1, 0;
+ @%p2 bra DONE;
+ st.global.u32 [%rd3], %r2;
+ bra DONE;
+READ:
+ ld.global.u32 %r4, [%rd3];
+DONE:
+ mov.u32 %r4, 0;"""
+    text = HEAD + body + "\n ret;\n}\n"
+    res = run_kernel(parse_ptx(text)["k"], Launch("k", (2, 1, 1), (32, 1, 1), [A32, B32, np.zeros(1, np.uint32),
+                                                                             np.zeros(32, np.uint32)]))
+    assert res.races > 0 and "CTA (1, 0, 0)" in " ".join(res.race_reports)

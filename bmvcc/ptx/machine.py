@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import BmvccError
 from .parse import Instr, Kernel
-from .races import SharedRaces
+from .races import GlobalRaces, SharedRaces
 
 DTYPES = {"b8": np.uint8, "u8": np.uint8, "s8": np.int8, "b16": np.uint16, "u16": np.uint16, "s16": np.int16,
           "f16": np.float16, "b32": np.uint32, "u32": np.uint32, "s32": np.int32, "f32": np.float32,
@@ -101,7 +101,7 @@ class State:
     """Registers and memories of one batch of CTAs."""
 
     def __init__(self, ctx: Ctx, ctas: list[tuple[int, int, int]], grid, block, params: np.ndarray,
-                 memory: GlobalMemory, dynamic_shared: int):
+                 memory: GlobalMemory, dynamic_shared: int, global_races: GlobalRaces):
         bx, by, bz = block
         self.ctx, self.ctas, self.memory, self.params = ctx, ctas, memory, params  # params: the .param bytes
         self.cta_threads = bx * by * bz
@@ -130,6 +130,10 @@ class State:
         self.async_open: list = []  # cp.async copies issued since the last commit_group
         self.async_groups: list[list] = []  # committed groups, oldest first
         self.last_buffer: Buffer | None = None  # the global buffer of the latest global access
+        self.global_races = global_races
+        linear = np.array([x + grid[0] * (y + grid[1] * z) for x, y, z in ctas], np.int64)
+        self.thread_id = linear[self.cta_of] * self.padded + local  # unique in the launch
+        self.epoch = np.zeros(len(ctas), np.int64)  # bar.syncs each CTA passed
 
     def where(self, line: int, thread: int) -> str:
         """'kernel K, PTX line L, CTA (x, y, z), thread (x, y, z)' of a thread index of the batch."""
@@ -313,9 +317,11 @@ def run_kernel(kernel: Kernel, launch: Launch, ctas: list[tuple[int, int, int]] 
     per_cta = -(-int(np.prod(launch.block)) // 32) * 32
     step = max(1, batch_threads // per_cta)
     races, reports = 0, []
+    global_races = GlobalRaces(per_cta)
     for i in range(0, len(ctas), step):
-        st = State(ctx, ctas[i:i + step], launch.grid, launch.block, params, memory, launch.dynamic_shared)
+        st = State(ctx, ctas[i:i + step], launch.grid, launch.block, params, memory, launch.dynamic_shared,
+                   global_races)
         run_batch(code, st)
         races += st.races.count
         reports += st.races.reports[:max(0, 20 - len(reports))]
-    return Result(len(ctas), races, reports)
+    return Result(len(ctas), races + global_races.count, reports + global_races.reports[:max(0, 20 - len(reports))])

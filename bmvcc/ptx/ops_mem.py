@@ -40,7 +40,7 @@ def _byte_index(st, line, space, addr, rows, nbytes):
                     st.fail(line, rows[i], f"out-of-bounds global access of {nbytes} bytes at {int(a):#x}")
         buf, off = hit
         _aligned(st, line, rows, off, nbytes)
-        st.last_buffer = buf
+        st.last_buffer = buf  # the global buffer of this access
         return buf.data, off[:, None] + width
     if space in ("shared", "local"):
         size = st.shared_size if space == "shared" else st.ctx.local_bytes
@@ -82,13 +82,22 @@ def _addr_getter(ctx, text, space):
     return lambda st: np.full(st.n, c, np.uint64)
 
 
-def access(st, line, space, addr_all, m, nbytes, write_=False):
-    """(memory, flat byte indices, thread indices) of the active threads' access; shared ones race-checked."""
+def access(st, line, space, addr_all, m, nbytes, new=None):
+    """(memory, flat byte indices, thread indices) of the active threads' load, or store of the bytes `new`
+    ([threads, nbytes]: a function of the thread indices); shared and global accesses are race-checked."""
     rows = active(st, m)
     addr = addr_all if m is None else addr_all[rows]
     mem, idx = _byte_index(st, line, space, addr, rows, nbytes)
+    data = None if new is None else new(rows)
     if mem is st.shared:
-        st.races.access(idx, st.warp_bit[rows], write_, lambda r: st.where(line, rows[r]))
+        st.races.access(idx, st.warp_bit[rows], new is not None, lambda r: st.where(line, rows[r]))
+    elif st.last_buffer is not None and mem is st.last_buffer.data:
+        st.global_races.access(mem, idx, st.thread_id[rows], st.epoch[st.cta_of[rows]], data,
+                               lambda r: st.where(line, rows[r]))
+        if data is not None:
+            st.last_buffer.written[idx] = True
+    if data is not None:
+        mem[idx] = data
     return mem, idx, rows
 
 
@@ -124,11 +133,10 @@ def _st(ctx, ins, parts):
     nbytes = dt.itemsize * nvec
 
     def st_(st, m):
-        mem, idx, rows = access(st, ins.line, space, addr(st), m, nbytes, write_=True)
-        data = np.stack([np.broadcast_to(v(st), (st.n,))[rows] for v in vals], axis=1).astype(dt)
-        mem[idx] = data.view(np.uint8).reshape(idx.shape)
-        if space in ("global", "generic") and mem is st.last_buffer.data:
-            st.last_buffer.written[idx] = True
+        def data(rows):
+            words = np.stack([np.broadcast_to(v(st), (st.n,))[rows] for v in vals], axis=1).astype(dt)
+            return words.view(np.uint8).reshape(rows.size, nbytes)
+        access(st, ins.line, space, addr(st), m, nbytes, new=data)
     return st_
 
 

@@ -24,6 +24,7 @@ def _bar(ctx, ins, parts):
     def bar(st, m):
         if m is None:
             st.races.barrier(None)
+            st.epoch += 1
             return
         ctas = np.unique(st.cta_of[m])
         waiting = st.alive & np.isin(st.cta_of, ctas) & ~m
@@ -31,6 +32,7 @@ def _bar(ctx, ins, parts):
             st.fail(ins.line, int(np.argmax(waiting)), "bar.sync not reached by every thread of the CTA "
                                                       "(divergent barrier)")
         st.races.barrier(ctas)
+        st.epoch[ctas] += 1
     return bar
 
 

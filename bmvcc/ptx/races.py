@@ -71,3 +71,62 @@ class SharedRaces:
         self.count += 1
         if len(self.reports) < MAX_REPORTED:
             self.reports.append(f"race: {what} at {where}")
+
+
+class GlobalRaces:
+    """Global-memory race detector of one kernel launch (all its CTA batches).
+
+    Every global byte remembers its last writer and last reader (thread ids of the launch) with the barrier
+    epoch of their CTA at the time. An access conflicts with one by another thread that nothing orders
+    before it: a thread of another CTA (a launch has no grid-wide barrier) or of the same CTA since its last
+    `bar.sync`, when one of the two writes and the write changes the bytes. Several threads of one
+    instruction storing the same bytes (a replicated result) mark them as written by all, which no read
+    conflicts with.
+    """
+
+    REPLICATED = -2
+
+    def __init__(self, threads_per_cta: int):
+        self.per_cta = threads_per_cta
+        self.state: dict[int, tuple] = {}  # id(buffer bytes) -> writer, writer epoch, reader, reader epoch
+        self.count = 0
+        self.reports: list[str] = []
+
+    def _arrays(self, mem: np.ndarray):
+        if id(mem) not in self.state:
+            self.state[id(mem)] = tuple(np.full(mem.size, -1, np.int64) for _ in range(4))
+        return self.state[id(mem)]
+
+    def _unordered(self, other, other_epoch, tid, epoch):
+        return (other >= 0) & (other != tid) & ((other // self.per_cta != tid // self.per_cta) | (other_epoch == epoch))
+
+    def access(self, mem, idx, tid, epoch, new, where) -> None:
+        """idx [n, width] byte indices into `mem` by threads tid [n] in barrier epochs epoch [n]; new: the bytes
+        a store writes ([n, width], before they are stored), None for a load."""
+        writer, w_epoch, reader, r_epoch = self._arrays(mem)
+        t, e = tid[:, None], epoch[:, None]
+        clash = self._unordered(writer[idx], w_epoch[idx], t, e)
+        if new is None:
+            reader[idx], r_epoch[idx] = t, e
+        else:
+            changes = new != mem[idx]
+            clash = (clash | self._unordered(reader[idx], r_epoch[idx], t, e)) & changes
+            flat = idx.reshape(-1)
+            order = np.argsort(flat, kind="stable")
+            dup = np.zeros(flat.size, bool)
+            same = flat[order][1:] == flat[order][:-1]
+            dup[order[1:][same]] = dup[order[:-1][same]] = True
+            replicated = dup.reshape(idx.shape)
+            if replicated.any():  # several threads store these bytes: the same value (benign) or a race
+                vals = new.reshape(-1)[order]
+                differ = np.zeros(flat.size, bool)
+                differ[order[1:][same & (vals[1:] != vals[:-1])]] = True
+                clash |= differ.reshape(idx.shape)
+            writer[idx], w_epoch[idx] = np.where(replicated, self.REPLICATED, t), e
+        if clash.any():
+            row = int(np.nonzero(clash.any(axis=1))[0][0])
+            self.count += 1
+            if len(self.reports) < MAX_REPORTED:
+                kind = "write" if new is not None else "read"
+                self.reports.append(f"race: global {kind} of bytes another thread accesses without a barrier "
+                                    f"between (another CTA, or the same CTA since its last bar.sync) at {where(row)}")
