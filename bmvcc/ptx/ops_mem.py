@@ -2,7 +2,8 @@
 
 Every access is checked: it must lie inside one global buffer / the CTA's shared memory / the thread's local
 memory and be aligned to its size; otherwise EmulationError names kernel, PTX line, CTA and thread.
-Shared accesses feed the race detector (races.py). cp.async reads its source at issue (the operands are
+Shared and global accesses feed the race detectors (races.py); the active lanes of one generic access must
+all address one state space. cp.async reads its source at issue (the operands are
 not written during a kernel) and writes shared memory only when a `cp.async.wait_group N` / `wait_all`
 completes its commit group, so a kernel that waits too little reads the old bytes.
 """
@@ -38,6 +39,8 @@ def _byte_index(st, line, space, addr, rows, nbytes):
             for i, a in enumerate(addr):
                 if st.memory.locate(a[None], nbytes) is None:
                     st.fail(line, rows[i], f"out-of-bounds global access of {nbytes} bytes at {int(a):#x}")
+            raise EmulationError(f"one access of several global buffers (PTX line {line}) is not emulated; "
+                                 "add it to bmvcc/ptx")
         buf, off = hit
         _aligned(st, line, rows, off, nbytes)
         st.last_buffer = buf  # the global buffer of this access
@@ -54,7 +57,10 @@ def _byte_index(st, line, space, addr, rows, nbytes):
         base = st.cta_of[rows] * size if space == "shared" else rows * size
         return (st.shared if space == "shared" else st.local), (base + off)[:, None] + width
     if space == "param":
-        return st.params, addr.astype(np.int64)[:, None] + width
+        off = addr.astype(np.int64)
+        if ((off < 0) | (off + nbytes > st.params.size)).any():
+            st.fail(line, rows[0], f"out-of-bounds .param access of {nbytes} bytes at offset {int(off.max())}")
+        return st.params, off[:, None] + width
     raise EmulationError(f"the emulator has no .{space} state space (PTX line {line}); add it to bmvcc/ptx")
 
 
