@@ -111,7 +111,7 @@ def compare(emulated: list[np.ndarray], reference: list[np.ndarray], written: li
             diff = np.where(same_nan, 0.0, np.nan_to_num(np.abs(e64 - r64), nan=np.inf))
             finite = np.abs(r64[np.isfinite(r64)])
             scale = float(finite.max()) if finite.size else 1.0
-            bound = RTOL[str(e.dtype)] * np.abs(r64) + ATOL[str(e.dtype)] * scale
+            bound = RTOL.get(str(e.dtype), 1e-4) * np.abs(r64) + ATOL.get(str(e.dtype), 1e-5) * scale
             worst = max(worst, float(diff.max()) / (scale or 1.0))
             agree &= bool(np.all((diff <= bound) | same_nan))
         else:
