@@ -3,7 +3,8 @@
     python benchmarks/bench_verify.py [--outdir DIR] [--paper] [--max-ctas 64] [--json]
 
 1. The bundled example's Jetson Orin Nano build (examples/bitmedvit_digits.pth, compiled into a temporary
-   directory unless --outdir names an existing build): wall time of verify_artifact, every launched kernel.
+   directory), or the existing GPU build --outdir names (e.g. the paper-size model's): wall time of
+   verify_artifact over every launched kernel.
 2. --paper: the paper-size model's W2A8 kernels (FFN up 1024x2048x512 with GELU, FFN down 1024x512x2048 with
    the residual; default knobs, 128 CTAs each), --max-ctas of them run (first, last, edge tiles, spread):
    build (TVM + NVRTC), reference (the definition on llvm) and emulation timed separately.
@@ -67,7 +68,7 @@ def _paper_w2a8(max_ctas: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--outdir", type=Path, help="an existing Orin build of the example (default: compile one)")
+    ap.add_argument("--outdir", type=Path, help="an existing GPU build (default: compile the example)")
     ap.add_argument("--paper", action="store_true", help="also the paper-size model's W2A8 kernels")
     ap.add_argument("--max-ctas", type=int, default=64)
     ap.add_argument("--json", action="store_true")
@@ -79,7 +80,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
     else:
         e = result["example"]
-        print(f"example Orin build: {e['kernels']} kernels, {e['ctas_run']} CTAs, verify {e['verify_s']:.1f} s, "
+        print(f"{args.outdir or 'example'} Orin build: {e['kernels']} kernels, {e['ctas_run']} CTAs, verify {e['verify_s']:.1f} s, "
               f"{'all agree' if e['all_ok'] else 'DISAGREE'}")
         for r in result.get("paper_w2a8", []):
             print(f"paper W2A8 {r['config']}: {r['ctas_run']}/{r['ctas_total']} CTAs, build {r['build_s']:.1f} s, "
