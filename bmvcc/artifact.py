@@ -4,9 +4,13 @@
       model.so        the compiled Relax VM executable (TVM runtime module; host code + kernels)
       weights.bin     the weights, a TVM param dict (tvm.runtime.load_param_dict): w0, w1, ... in
                       the order main takes them after the image
-      device.cubin, device.json   GPU builds only (bmvcc/gpu_build.py)
       metadata.json   config, input shape and dtype, classes, weight shapes and dtypes, versions,
                       target, source sha256, ..., and the size and sha256 of every other file
+    and for CUDA targets (bmvcc/gpu_build.py):
+      device.cubin    the cubin embedded in model.so
+      device.json     arch, bmvcc kernels, ptxas resources, each launched PrimFunc's kernel launches
+      device.ptx      the PTX that ptxas compiled into device.cubin (bmvcc verify emulates it)
+      device_definitions.json  the launched PrimFuncs' compute definitions (unscheduled TIR, tvm.ir.save_json)
 
 Readers go through `read_metadata`, which checks metadata.json's schema and every recorded file's size
 and sha256 before anything loads model.so (native code: a damaged library can crash the process).
@@ -33,9 +37,12 @@ MODULE = "model.so"
 WEIGHTS = "weights.bin"
 METADATA = "metadata.json"
 FORMAT_VERSION = 2  # 2: "files" (size and sha256 of each file) and "weights" (shape and dtype of each)
-DEVICE_BINARY = "device.cubin"  # GPU builds: the cubin, byte for byte as embedded in model.so
-DEVICE_INFO = "device.json"  # GPU builds: arch, bmvcc kernels (W2A8 configs, knobs) and ptxas resources
-RECORDED_FILES = (MODULE, WEIGHTS, DEVICE_BINARY, DEVICE_INFO)  # metadata.json records those present
+DEVICE_BINARY = "device.cubin"
+DEVICE_INFO = "device.json"
+DEVICE_PTX = "device.ptx"
+DEVICE_DEFINITIONS = "device_definitions.json"
+DEVICE_FILES = (DEVICE_BINARY, DEVICE_INFO, DEVICE_PTX, DEVICE_DEFINITIONS)
+RECORDED_FILES = (MODULE, WEIGHTS, *DEVICE_FILES)  # metadata.json records those present
 _ELF_MACHINES = {3: "i386", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64"}  # e_machine -> uname -m
 
 

@@ -53,6 +53,7 @@ def _build_cuda(mod, spec, path: Path, progress, db: Path | None) -> int:
     with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
         progress("legalizing and fusing (W2A8 calls on the tensor-core kernel's tiles)")
         mod, kernels = gpu_build.fuse(mod, spec)
+        definitions = mod  # unscheduled: the compute definitions bmvcc verify checks the kernels against
         if db is not None:  # tuned PrimFuncs are marked tirx.is_scheduled: the hand schedules and DLight skip them
             from .tunedb import apply_to_fused
 
@@ -62,10 +63,11 @@ def _build_cuda(mod, spec, path: Path, progress, db: Path | None) -> int:
         mod, kernels = gpu_build.schedule_kernels(mod, kernels)
         progress("tvm.compile")
         mod, calls = gpu_build.lower(mod, spec)
+        launches, definitions = gpu_build.device_launches(mod, definitions, calls, spec)
         executable = tvm.compile(mod, target=spec.target(), relax_pipeline=None)
     progress(f"compiling device code for {spec.facts['arch']} (NVRTC, ptxas)")
     source, cubin = gpu_build.compile_device(executable, spec.facts["arch"])
     progress(f"exporting {path.name}")
     executable.export_library(str(path), fpack_imports=gpu_build.pack_imports(source, cubin.data), **_link(spec))
-    gpu_build.write_device_files(path.parent, cubin, kernels, calls)
+    gpu_build.write_device_files(path.parent, cubin, kernels, calls, launches, definitions)
     return from_db

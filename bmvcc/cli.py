@@ -222,6 +222,27 @@ def report(
     typer.echo(json.dumps(r, indent=2) if as_json else rep.format_text(r))
 
 
+@app.command()
+def verify(
+    outdir: Path = typer.Argument(..., help="artifact directory of a GPU build"),
+    max_ctas: int = typer.Option(64, "--max-ctas", help="CTAs run per kernel at most (first, last, edge tiles and spread ones)"),
+    as_json: bool = typer.Option(False, "--json", help="print the per-kernel results as JSON"),
+):
+    """Run every GPU kernel the artifact launches through bmvcc's PTX emulator (on the CPU) against its compute
+    definition; exit status 1 if one disagrees, races or fails."""
+    from .ptx.verify import format_table, verify_artifact
+
+    def bar(done: int, total: int, name: str) -> None:
+        filled = 30 * done // max(total, 1)
+        typer.echo(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {name[:40]:<40}", err=True,
+                   nl=done == total)
+
+    rows = verify_artifact(outdir, max_ctas=max_ctas, progress=bar)
+    typer.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    if any(r["verdict"] != "ok" for r in rows):
+        sys.exit(1)
+
+
 @app.command("export-onnx")
 def export_onnx(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth)"),

@@ -29,7 +29,7 @@ import re
 import struct
 from pathlib import Path
 
-from .artifact import DEVICE_BINARY, DEVICE_INFO
+from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX  # noqa: F401 (OUTDIR's files)
 from .errors import BmvccError
 
 PASS_CONFIG = {"tirx.use_async_copy": True}  # cp.async (LDGSTS) in the W2A8 pipeline
@@ -285,9 +285,27 @@ def pack_imports(source: str, cubin: bytes):
     return fpack
 
 
-def write_device_files(outdir: Path, cubin, kernels: dict, calls: dict) -> None:
-    """DEVICE_BINARY and DEVICE_INFO; `kernels` is schedule_kernels' table, `calls` lower's (by PrimFunc name)."""
+def write_device_files(outdir: Path, cubin, kernels: dict, calls: dict, launches: dict, definitions) -> None:
+    """DEVICE_BINARY, DEVICE_PTX, DEVICE_DEFINITIONS (an IRModule) and DEVICE_INFO; `kernels` is schedule_kernels'
+    table, `calls` lower's and `launches` device_launches' (by PrimFunc name)."""
+    import tvm
+
     (outdir / DEVICE_BINARY).write_bytes(cubin.data)
-    info = {"arch": cubin.arch, "bmvcc_kernels": kernels, "calls": calls,
+    (outdir / DEVICE_PTX).write_text(cubin.ptx)
+    (outdir / DEVICE_DEFINITIONS).write_text(tvm.ir.save_json(definitions))
+    info = {"arch": cubin.arch, "bmvcc_kernels": kernels, "calls": calls, "launches": launches,
             "resources": {r.name: vars(r) for r in cubin.resources}}
     (outdir / DEVICE_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
+
+
+def device_launches(lowered, definitions, calls: dict, spec):
+    """({PrimFunc name: its kernel launches as JSON}, IRModule of their compute definitions) for the PrimFuncs
+    `lower` reports launched: `lowered` holds them scheduled, `definitions` (fuse's output) unscheduled."""
+    import tvm
+
+    from .ptx.launches import kernel_launches
+
+    scheduled = tvm.IRModule({name: lowered[name].with_attr("global_symbol", name) for name in calls})
+    launches = {name: [launch.to_json() for launch in found]
+                for name, found in kernel_launches(scheduled, spec.target()).items()}
+    return launches, tvm.IRModule({name: definitions[name] for name in calls})

@@ -26,4 +26,8 @@ def schedule_norm_quant_cuda(func, threads: int = THREADS):
         sch.bind(inner, "threadIdx.x")
     for name in ("sumsq", "rstd", "absmax"):  # per-row statistics: shared by the row's threads
         sch.set_scope(sch.get_sblock(name), 0, "shared")
+    # x_scale goes through shared memory (one thread computes it, a barrier, every thread stores the same value
+    # to global and reads its own store). Written to global by one thread only, the other threads read it
+    # before it was written: no barrier orders global memory (found by bmvcc verify's PTX emulator).
+    sch.cache_write(sch.get_sblock("scale"), 0, "shared")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -16,7 +16,7 @@ import importlib.util
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import BmvccError
@@ -103,6 +103,7 @@ class Cubin:
     arch: str
     data: bytes
     resources: tuple[KernelResources, ...]
+    ptx: str = ""  # the PTX ptxas compiled (compile_cuda), which bmvcc/ptx emulates
 
     def sass(self) -> str:
         with tempfile.TemporaryDirectory() as tmp:
@@ -143,4 +144,5 @@ def ptx_to_cubin(ptx: str, arch: str) -> Cubin:
 
 
 def compile_cuda(source: str, arch: str) -> Cubin:
-    return ptx_to_cubin(cuda_to_ptx(source, arch), arch)
+    ptx = cuda_to_ptx(source, arch)
+    return replace(ptx_to_cubin(ptx, arch), ptx=ptx)

@@ -161,6 +161,36 @@ def test_cli_inspect_and_report(orin_build, capsys, tmp_path):
     assert "not a bmvcc artifact" in cli_error(capsys, ["inspect", str(tmp_path)])  # no metadata.json
 
 
+def test_cli_verify_emulates_every_launched_kernel(orin_build, capsys, tmp_path):
+    """`bmvcc verify` runs every PrimFunc the artifact launches (device.json) through the PTX emulator against its
+    compute definition: all agree and race-free; with max.f32 turned into min.f32 in device.ptx (softmax and
+    GELU clamps) those kernels disagree and the exit status is 1; a CPU artifact is a user error."""
+    import shutil
+
+    from bmvcc import artifact
+    from bmvcc.cli import main
+
+    assert set(json.loads((orin_build / artifact.METADATA).read_text())["files"]) == {artifact.MODULE, artifact.WEIGHTS, *artifact.DEVICE_FILES}
+    main(["verify", str(orin_build), "--json", "--max-ctas", "8"])
+    rows = json.loads(capsys.readouterr().out)
+    launched = json.loads((orin_build / gpu_build.DEVICE_INFO).read_text())["calls"]
+    assert {r["primfunc"] for r in rows} == set(launched)
+    assert all(r["verdict"] == "ok" and r["races"] == 0 and r["ctas_run"] == min(r["ctas_total"], 8) for r in rows), rows
+    assert any(r["ctas_total"] > 8 for r in rows)  # sampled: compared on what the CTAs run wrote
+    bad = tmp_path / "bad"
+    shutil.copytree(orin_build, bad)
+    ptx = bad / artifact.DEVICE_PTX
+    ptx.write_text(ptx.read_text().replace("max.f32", "min.f32"))
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(bad)])
+    table = capsys.readouterr().out
+    assert e.value.code == 1 and "disagree" in table
+    assert any(line.startswith("fused_softmax") and line.endswith("mismatch") for line in table.splitlines())
+    (bad / artifact.DEVICE_PTX).unlink()
+    assert "has no device.ptx" in cli_error(capsys, ["verify", str(bad)])
+    assert "--max-ctas 0 runs no CTA" in cli_error(capsys, ["verify", str(orin_build), "--max-ctas", "0"])
+
+
 def _embedded_cubin(so: bytes) -> bytes:
     """The one ELF of e_machine EM_CUDA inside a shared library; TVM's serialized import tree (embedded as
     data) stores it after its u64 length."""
