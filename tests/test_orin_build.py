@@ -181,13 +181,15 @@ def test_cli_verify_emulates_every_launched_kernel(orin_build, capsys, tmp_path)
     shutil.copytree(orin_build, bad)
     ptx = bad / artifact.DEVICE_PTX
     ptx.write_text(ptx.read_text().replace("max.f32", "min.f32"))
+    assert "device.ptx' is damaged or was replaced" in cli_error(capsys, ["verify", str(bad)])
+    artifact.write_metadata(bad, artifact.read_metadata(orin_build))  # the changed PTX recorded as compiled
     with pytest.raises(SystemExit) as e:
         main(["verify", str(bad)])
     table = capsys.readouterr().out
     assert e.value.code == 1 and "disagree" in table
     assert any(line.startswith("fused_softmax") and line.endswith("mismatch") for line in table.splitlines())
     (bad / artifact.DEVICE_PTX).unlink()
-    assert "has no device.ptx" in cli_error(capsys, ["verify", str(bad)])
+    assert "device.ptx' is missing; compile the model again" in cli_error(capsys, ["verify", str(bad)])
     assert "--max-ctas 0 runs no CTA" in cli_error(capsys, ["verify", str(orin_build), "--max-ctas", "0"])
 
 
