@@ -43,7 +43,8 @@ def _link(spec) -> dict:
 
 def _build_cuda(mod, spec, path: Path, progress, db: Path | None) -> int:
     """GPU build (bmvcc/gpu_build.py): writes the .so with the cubin embedded, and next to it
-    gpu_build.DEVICE_BINARY (the same cubin bytes) and gpu_build.DEVICE_INFO (kernels, ptxas resources).
+    gpu_build.DEVICE_BINARY (the same cubin bytes), DEVICE_INFO (kernels, ptxas resources, launches), DEVICE_PTX
+    and DEVICE_DEFINITIONS (what bmvcc verify emulates and checks against).
     Returns how many kernels came from the tuning database `db`."""
     import tvm
 
