@@ -257,7 +257,7 @@ _SCHEMA = {
     "config": (lambda v: v is None or isinstance(v, dict), "null or an object"),
     "files": (lambda v: isinstance(v, dict) and set(v) in ({MODULE, WEIGHTS}, set(RECORDED_FILES)) and all(
         isinstance(r, dict) and _is_count(r.get("bytes")) and isinstance(r.get("sha256"), str) for r in v.values()),
-              f"{{bytes, sha256}} of {MODULE} and {WEIGHTS}, and of {DEVICE_BINARY} and {DEVICE_INFO} in a GPU build"),
+              f"{{bytes, sha256}} of {MODULE} and {WEIGHTS}, and of {', '.join(DEVICE_FILES)} in a GPU build"),
 }
 
 

@@ -26,6 +26,7 @@ def _start_compile(target: str, root, source: str, output: str, hash_seed: str) 
                             cwd=root / "cwd", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["host", "aarch64", "jetson-orin-nano"])
 def test_builds_in_different_folders_are_byte_identical(target, checkpoint, tmp_path):
     ckpt, _ = checkpoint(small_config())

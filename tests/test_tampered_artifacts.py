@@ -173,10 +173,12 @@ def test_every_command_that_reads_an_artifact_checks_it(copy, capsys, tmp_path):
 
 
 def _as_gpu_artifact(out):
-    """The copy with a device binary and device info recorded as a GPU build records them."""
+    """The copy with the device files of a GPU build, recorded as a GPU build records them."""
     (out / artifact.DEVICE_BINARY).write_bytes(b"\x7fELF" + bytes(60))
     (out / artifact.DEVICE_INFO).write_text(json.dumps({"arch": "sm_87", "bmvcc_kernels": {}, "calls": {},
                                                         "resources": {}}))
+    (out / artifact.DEVICE_PTX).write_text("//\n")
+    (out / artifact.DEVICE_DEFINITIONS).write_text("{}")
     artifact.write_metadata(out, {k: v for k, v in _meta(out).items() if k != "files"})
 
 

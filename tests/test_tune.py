@@ -129,6 +129,7 @@ def _tasks(report) -> dict:
     return {t["name"]: t for t in report["tasks"]}
 
 
+@pytest.mark.slow
 def test_resume_measures_only_the_missing_trials(tuned):
     _, _, db, report, after_kill = tuned
     tasks = _tasks(report)
@@ -141,6 +142,7 @@ def test_resume_measures_only_the_missing_trials(tuned):
     assert all(t["best_us"] is not None and t["best_us"] > 0 for t in tasks.values())
 
 
+@pytest.mark.slow
 def test_hung_device_fails_its_candidates_and_the_run_goes_on(tuned):
     _, _, db, report, _ = tuned
     tasks = _tasks(report).values()
@@ -157,6 +159,7 @@ def _valid_records(db, kernel: str | None) -> list:
             and (r.workload.mod["main"].attrs or {}).get("bmvcc.kernel") == kernel]
 
 
+@pytest.mark.slow
 def test_recorded_schedules_compute_the_same_function(tuned):
     """Valid float records, replayed on their workload and built, match TVM's unscheduled build."""
     import tvm
@@ -179,6 +182,7 @@ def test_recorded_schedules_compute_the_same_function(tuned):
         np.testing.assert_allclose(args[-1].numpy(), ref_args[-1].numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_recorded_w2a8_schedules_are_exact(tuned):
     """Every valid W2A8 record (different sampled tiles), replayed from the JSON database on its task
     and built, matches numpy bit for bit (int32 accumulators, the reference's fp32 dequant and residual add)."""
@@ -206,6 +210,7 @@ def test_recorded_w2a8_schedules_are_exact(tuned):
         np.testing.assert_array_equal(out.numpy(), ref)
 
 
+@pytest.mark.slow
 def test_compile_with_database_keeps_the_logits(tuned, tmp_path):
     from bmvcc import runtime
 
@@ -231,6 +236,7 @@ def _wins(report) -> int:
     return sum(int(t["best_us"] < t["default_us"]) if t["default_us"] else 1 for t in report["tasks"])
 
 
+@pytest.mark.slow
 def test_shipped_database_is_applied_for_its_exact_target(tuned, tmp_path):
     """compile without --db applies the database under root/<shipped_name(target)>, and only that one."""
     from bmvcc.driver import CompileOptions, compile_model
@@ -248,6 +254,7 @@ def test_shipped_database_is_applied_for_its_exact_target(tuned, tmp_path):
     assert f"using the shipped tuning database {tunedb.shipped_name(host)}" in messages
 
 
+@pytest.mark.slow
 def test_forced_tuned_kernels_keep_the_logits(tuned):
     """With the tuned schedules applied even where they are slower, both tuned kernels (float and W2A8)
     are marked scheduled (the default schedules leave them alone) and the whole model still matches PyTorch."""
@@ -373,6 +380,7 @@ def test_corrupt_database_is_one_line(tmp_path, capsys, checkpoint):
         assert err.startswith(f"error: '{db / tunedb.KEY_FILE}' is not a bmvcc tuning database key (")
 
 
+@pytest.mark.slow
 def test_tune_leaves_no_process_behind(tmp_path, checkpoint):
     """`bmvcc tune` measuring on this machine, run to the end, then interrupted (SIGINT, what Ctrl-C
     sends) while its builder's workers build the default schedule: afterwards no process it started is
@@ -399,7 +407,8 @@ def test_tune_leaves_no_process_behind(tmp_path, checkpoint):
         assert interrupted.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     interrupted.send_signal(signal.SIGINT)
-    interrupted.wait(timeout=120)  # its exit status and message are main()'s (tests/test_outdir_safety.py)
+    assert interrupted.wait(timeout=120) == 130
+    assert "error: interrupted by SIGINT; unfinished output was removed, run the command again" in log.read_text()
     left = leftover_processes(tagged_processes(tag_variable, tag))
     assert not left, describe(left)
 

@@ -54,6 +54,7 @@ def gpu_tuned(tmp_path_factory, checkpoint, rpc_tracker):  # noqa: F811
     return ckpt, fused, table, task, db, done
 
 
+@pytest.mark.slow
 def test_w2a8_task_is_tuned_in_its_space_and_candidates_fail_on_a_non_gpu_device(gpu_tuned):
     _, _, _, task, db, done = gpu_tuned
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -68,6 +69,7 @@ def test_w2a8_task_is_tuned_in_its_space_and_candidates_fail_on_a_non_gpu_device
     assert len(records) == TRIALS and all(min(float(s) for s in r.run_secs) >= 1e9 for r in records)
 
 
+@pytest.mark.slow
 def test_compile_with_a_database_of_failed_records_applies_nothing(gpu_tuned, tmp_path):
     ckpt, _, _, task, db, _ = gpu_tuned
     out = tmp_path / "out"
@@ -79,6 +81,7 @@ def test_compile_with_a_database_of_failed_records_applies_nothing(gpu_tuned, tm
     assert "knobs" in kernels[task] and "from_db" not in kernels[task]  # the hand schedule
 
 
+@pytest.mark.slow
 def test_database_record_replays_on_the_task_and_builds_into_the_model(gpu_tuned):
     """What compile --db does with a valid record, on one that failed only for want of a GPU: found by the
     task's workload in the GPU build's fused module, its trace replayed there (bmvcc's intrinsics
