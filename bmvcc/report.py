@@ -76,7 +76,8 @@ def report(outdir: Path) -> dict:
                      "estimate": {**model, "total_s": model["seconds"] * call["calls"]}})
     rows.sort(key=lambda r: -r["estimate"]["total_s"])
     total = sum(r["estimate"]["total_s"] for r in rows)
-    return {"source": meta["source"]["name"], "batch": meta["input"]["shape"][0], "target": spec.name, "facts": {k: facts[k] for k in ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs",
+    return {"source": meta["source"]["name"], "batch": meta["input"]["shape"][0],
+            "target": spec.name, "facts": {k: facts[k] for k in ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs",
                                                                     "peak_int8_tops", "peak_fp16_tflops",
                                                                     "peak_fp32_tflops")},
             "kernels": rows, "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),

@@ -29,7 +29,8 @@ def check_plot_path(path: Path) -> Path:
     """The absolute `path` if a plot can be written there: an image suffix and a writable folder."""
     path = check_output_file(path, option="--plot")
     if path.suffix.lower() not in FORMATS:
-        raise BmvccError(f"plot '{path}' is not a {', '.join(FORMATS)} file; name one with --plot, e.g. --plot report.png")
+        raise BmvccError(f"plot '{path}' is not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file; "
+                         "name one with --plot, e.g. --plot report.png")
     return path
 
 
@@ -50,6 +51,7 @@ def plot_roofline(kernels: list[dict], roofs: dict, title: str, path: Path, top:
 
 
 def roofline_figure(kernels: list[dict], roofs: dict, title: str, top: int = TOP):
+    """The chart as a matplotlib Figure on an Agg canvas (no pyplot: no global state, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -84,7 +86,7 @@ def _roofline(ax, named: list[dict], kernels: list[dict], roofs: dict, colors: d
     peaks = {name: ops / GIGA for name, ops in compute.items()}
     top_peak, top_bw = max(peaks.values(), default=None), max(memory.values(), default=None)
     ridges = [p * GIGA / top_bw for p in peaks.values()] if top_bw else []
-    x_lo, x_hi = _decades(xs + ridges, 1.0)
+    x_lo, x_hi = _decades(xs + ridges)
     y_lo, y_hi = _decades(ys + list(peaks.values()) + ([top_bw * x_lo / GIGA] if top_bw else []), 100.0)
     ax.set(xscale="log", yscale="log", xlim=(x_lo, x_hi), ylim=(y_lo, y_hi),
            xlabel="arithmetic intensity (ops/byte)", ylabel="throughput (ops/s)", title="roofline")
@@ -115,15 +117,20 @@ def _roofline(ax, named: list[dict], kernels: list[dict], roofs: dict, colors: d
         if _plotted(k):
             x, y = k["ops"] / k["bytes"], k["ops"] / k["seconds"] / GIGA
             near = [lb for lb in labels if max(abs(math.log10(x / lb[0])), abs(math.log10(y / lb[1]))) < 1 / 15]
-            near[0][2].append(str(rank)) if near else labels.append((x, y, [str(rank)]))
+            if near:
+                near[0][2].append(str(rank))
+            else:
+                labels.append((x, y, [str(rank)]))
     for x, y, numbers in labels:
         ax.annotate(",".join(numbers), (x, y), xytext=(6, -4), textcoords="offset points", fontsize=9, weight="bold")
-    ax.legend(loc="lower right", fontsize=8)
+    for handle in ax.legend(loc="lower right", fontsize=8).legend_handles:
+        handle.set_sizes([40])  # not the first kernel's size
     off = [k for k in kernels if not _plotted(k)]
     if off:
         t = sum(k["seconds"] * k["calls"] for k in off)
-        ax.text(0.01, 0.99, f"not shown: {len(off)} kernels without counted arithmetic (copies), "
-                f"{_us(t)}, {100 * t / total:.0f}% of the time (light grey bars)", transform=ax.transAxes, va="top", fontsize=8)
+        ax.text(0.01, 0.99, f"not shown: {len(off)} kernel{'s' * (len(off) > 1)} without counted arithmetic "
+                f"(copies), {_us(t)}, {100 * t / total:.0f}% of the time (light grey bars)", transform=ax.transAxes,
+                va="top", fontsize=8)
 
 
 def _time_bar(ax, ranked: list[dict], top: int, colors: dict) -> None:
@@ -143,7 +150,7 @@ def _time_bar(ax, ranked: list[dict], top: int, colors: dict) -> None:
     ax.set(xlabel="time per run (µs)", title=f"where the time goes: {_us(sum(times))} in {len(ranked)} kernels")
 
 
-def _decades(values: list[float], span: float) -> tuple[float, float]:
+def _decades(values: list[float], span: float = 1.0) -> tuple[float, float]:
     """Whole decades around `values` with some room, at least `span` wide (a ratio)."""
     values = [v for v in values if v > 0] or [1.0]
     lo, hi = math.floor(math.log10(min(values) / 2)), math.ceil(math.log10(max(values) * 2))
