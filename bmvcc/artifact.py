@@ -68,20 +68,21 @@ def check_outdir(outdir: Path, force: bool = False, source: Path | None = None) 
     return outdir
 
 
-def check_output_file(path: Path) -> Path:
-    """The absolute `path` if a file can be written there (before the work that produces it)."""
+def check_output_file(path: Path, option: str = "-o") -> Path:
+    """The absolute `path` if a file can be written there (before the work that produces it); errors name
+    `option`, the command-line option that gave the path."""
     path = Path(os.path.abspath(path))
     if path.is_dir():
-        raise BmvccError(f"output '{path}' is a directory; name a file with -o")
-    _check_parent(path)
+        raise BmvccError(f"output '{path}' is a directory; name a file with {option}")
+    _check_parent(path, option)
     return path
 
 
-def _check_parent(path: Path) -> None:
+def _check_parent(path: Path, option: str = "-o") -> None:
     if not path.parent.is_dir():
         raise BmvccError(f"output parent directory '{path.parent}' does not exist; create it first")
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise BmvccError(f"cannot write in '{path.parent}' (permission denied or read-only); choose another -o")
+        raise BmvccError(f"cannot write in '{path.parent}' (permission denied or read-only); choose another {option}")
 
 
 def _contains(folder: Path, path: Path) -> bool:
@@ -147,11 +148,11 @@ def _replace(tmp: Path, outdir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_error(e: OSError, path: Path) -> BmvccError:
-    """The one-line error for an OSError while writing `path`."""
+def write_error(e: OSError, path: Path, option: str = "-o") -> BmvccError:
+    """The one-line error for an OSError while writing `path` (given by `option`)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return BmvccError(f"no space left on device while writing '{path}'; free some space or choose another -o")
-    return BmvccError(f"cannot write '{path}' ({e.strerror or e}); choose another -o")
+        return BmvccError(f"no space left on device while writing '{path}'; free some space or choose another {option}")
+    return BmvccError(f"cannot write '{path}' ({e.strerror or e}); choose another {option}")
 
 
 def _umask() -> int:

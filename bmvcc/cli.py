@@ -213,13 +213,22 @@ def inspect(
 @app.command()
 def report(
     outdir: Path = typer.Argument(..., help="artifact directory of a GPU build"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also draw a roofline chart and a bar of where the time goes into this .png, .svg or .pdf file"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Per-kernel work, traffic, resources and an estimated (roofline) time on the target; model total."""
     from . import report as rep
 
+    if plot is not None:
+        from .roofline_plot import check_plot_path
+
+        plot = check_plot_path(plot)
     r = rep.report(outdir)
+    if plot is not None:
+        rep.plot(r, plot)
     typer.echo(json.dumps(r, indent=2) if as_json else rep.format_text(r))
+    if plot is not None and not as_json:
+        typer.echo(f"plot: {plot}")
 
 
 @app.command()

@@ -23,6 +23,8 @@ from .artifact import DEVICE_INFO
 from .errors import BmvccError
 
 MIX_SHOWN = ("IMMA", "HMMA", "LDSM", "LDGSTS", "LDG", "STG", "SHFL")
+ROOFS = {"int8 tensor cores": "peak_int8_tops", "fp16 tensor cores": "peak_fp16_tflops",
+         "fp32 CUDA cores": "peak_fp32_tflops"}  # a kernel's "unit" -> its compute roof's fact (in T ops/s)
 
 
 def _roofline(ops: float, nbytes: int, peak_ops: float, facts: dict) -> dict:
@@ -74,7 +76,8 @@ def report(outdir: Path) -> dict:
                      "estimate": {**model, "total_s": model["seconds"] * call["calls"]}})
     rows.sort(key=lambda r: -r["estimate"]["total_s"])
     total = sum(r["estimate"]["total_s"] for r in rows)
-    return {"target": spec.name, "facts": {k: facts[k] for k in ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs",
+    return {"source": meta["source"]["name"], "batch": meta["input"]["shape"][0],
+            "target": spec.name, "facts": {k: facts[k] for k in ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs",
                                                                     "peak_int8_tops", "peak_fp16_tflops",
                                                                     "peak_fp32_tflops")},
             "kernels": rows, "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
@@ -100,3 +103,18 @@ def format_text(r: dict) -> str:
     lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, estimated {r['estimated_total_s'] * 1e3:.3f} ms "
                  f"({r['note']})")
     return "\n".join(lines)
+
+
+def plot(r: dict, path: Path):
+    """Writes report `r` as a roofline chart beside a bar of where the time goes (bmvcc/roofline_plot.py);
+    returns the matplotlib Figure."""
+    from .roofline_plot import plot_roofline
+
+    f = r["facts"]
+    kernels = [{"name": k["kernel"], "calls": k["calls"], "ops": 2 * k["macs"] if k["macs"] is not None else None,
+                "bytes": k["bytes"], "seconds": k["estimate"]["seconds"], "unit": k["unit"]} for k in r["kernels"]]
+    roofs = {"compute": {unit: f[fact] * 1e12 for unit, fact in ROOFS.items()},
+             "memory": {"DRAM": f["dram_bandwidth_gbs"] * 1e9}}
+    title = (f"{r['source']} (batch {r['batch']}) on {r['target']}: estimated times (roofline model, "
+             "no launch overhead or cache reuse)")
+    return plot_roofline(kernels, roofs, title, path)
