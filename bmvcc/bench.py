@@ -75,7 +75,7 @@ def bench(outdir: Path, repeat: int = 50, tracker: str | None = None, key: str |
               "throughput_images_per_s": float(batch / (np.median(samples) / 1e3))}
     if profile:
         if session is None:
-            calls = _record(vm, repeat)
+            calls = _record(vm, dev, repeat)
         else:  # TVM cannot pass the instrument callback over RPC: record here, time each kernel there
             calls = _time_remotely(_record_locally(outdir, target, meta, x, params), lib, dev, repeat)
         peak = _host_peak(target) if session is None else None
@@ -84,11 +84,12 @@ def bench(outdir: Path, repeat: int = 50, tracker: str | None = None, key: str |
     return result
 
 
-def _record(vm, repeat: int) -> list[tuple[str, float, list]]:
+def _record(vm, dev, repeat: int) -> list[tuple[str, float, list]]:
     """(symbol, seconds, [(shape, dtype) of each tensor argument]) of every VM call in `repeat` calls of `main`."""
     calls, started = [], [0.0]
 
     def instrument(func, symbol, before, ret, *args):
+        dev.sync()  # a GPU kernel is only launched by its call: wait for it (a no-op on the CPU)
         now = time.perf_counter()
         if before:
             started[0] = now
@@ -112,11 +113,11 @@ def _record_locally(outdir: Path, target: dict, meta: dict, x: np.ndarray, param
     if target["arch"] != platform.machine():
         raise BmvccError(f"--profile over RPC records the kernel calls on this machine, which cannot run a "
                          f"{target['arch']} artifact; run bmvcc bench --profile on the device itself")
-    dev = tvm.cpu()
+    dev = tvm.device(target["device"])
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / artifact.MODULE)), dev)
     weights = [tvm.runtime.tensor(params[f"w{i}"].numpy(), dev) for i in range(meta["num_weights"])]
     vm.set_input("main", tvm.runtime.tensor(x, dev), *weights)
-    return _record(vm, 1)
+    return _record(vm, dev, 1)
 
 
 def _time_remotely(calls: list, lib, dev, repeat: int) -> list:
