@@ -10,6 +10,12 @@ float matmul with TVM's default CPU schedules), its compile stages timed from th
 messages, then loaded with bmvcc.load and timed in this process with the same thread count as
 PyTorch (best and median of --repeat calls after one warm-up). Every output is compared with the
 PyTorch logits before it is timed. A variant that fails to compile is reported, not fatal.
+
+The machine's bound is printed beside the figures: the model's int8 and float32 MACs
+(common.model_macs) at this CPU's int8 and fp32 peaks (targets/cpu_peak.py: MACs per cycle per
+core of its vector units, times the cores and the clock), one after the other; each median's
+ratio to it and to ONNX Runtime's median are in the table. The load average is printed too:
+the figures of a shared machine are only comparable within one run.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import PAPER, onnxruntime_session, paper_checkpoint, time_call
+from common import PAPER, model_macs, onnxruntime_session, paper_checkpoint, time_call
 
 VARIANTS = {"bitlinear": True, "float": False}
 
@@ -113,17 +119,33 @@ def main(argv=None) -> int:
             rows.append({"name": f"bmvcc {name}", **info, "max_abs_err_vs_torch": err,
                          "argmax_matches": bool((out.argmax(-1) == ref.argmax(-1)).all()),
                          **time_call(lambda: compiled(image), args.repeat)})
-    eager = rows[0]["best_ms"]
+    eager, ort = rows[0]["best_ms"], rows[1]["median_ms"]
+    bound = _bound(args.threads)
     for r in rows:
         if "best_ms" in r:
             r["speedup_vs_eager"] = eager / r["best_ms"]
+            r["median_vs_onnxruntime"] = r["median_ms"] / ort
+            if bound["ms"]:
+                r["median_vs_bound"] = r["median_ms"] / bound["ms"]
     result = {"model": PAPER, "batch": 1, "threads": args.threads, "repeat": args.repeat,
-              "cpu": _target_summary(), "rows": rows}
+              "cpu": _target_summary(), "bound": bound, "load_average": os.getloadavg(), "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(_table(result))
     return 0
+
+
+def _bound(threads: int) -> dict:
+    """The model's MACs at this CPU's peaks on `threads` cores (ms None for a CPU family not in targets/cpu_peak.py)."""
+    from tvm.target import codegen
+
+    from bmvcc.targets.cpu_peak import host_peak
+
+    int8, fp32 = model_macs(PAPER)
+    peak = host_peak(str(codegen.llvm_get_system_cpu()), threads)
+    return {"int8_macs": int8, "fp32_macs": fp32, "peak": peak.describe() if peak else None,
+            "ms": peak.bound_ms(int8, fp32) if peak else None}
 
 
 def _target_summary() -> str:
@@ -133,17 +155,22 @@ def _target_summary() -> str:
 
 
 def _table(result: dict) -> str:
-    lines = [f"paper-size BitMedViT, batch 1, {result['threads']} threads, {result['cpu']}", "",
-             "| implementation | best ms | median ms | speedup vs eager | max abs err | compile s |",
-             "|---|---|---|---|---|---|"]
+    b = result["bound"]
+    bound = (f"{b['ms']:.1f} ms: {b['int8_macs'] / 1e9:.2f} G int8 + {b['fp32_macs'] / 1e9:.2f} G fp32 MACs at {b['peak']}"
+             if b["ms"] else "unknown (this CPU family is not in targets/cpu_peak.py)")
+    lines = [f"paper-size BitMedViT, batch 1, {result['threads']} threads, {result['cpu']}",
+             f"machine bound: {bound}", "load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in result["load_average"]), "",
+             "| implementation | best ms | median ms | speedup vs eager | median / ORT | median / bound | max abs err | compile s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | |")
             continue
         err = f"{r['max_abs_err_vs_torch']:.2e}" if "max_abs_err_vs_torch" in r else ""
         comp = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
-        lines.append(f"| {r['name']} | {r['best_ms']:.1f} | {r['median_ms']:.1f} | "
-                     f"{r['speedup_vs_eager']:.2f}x | {err} | {comp} |")
+        vs_bound = f"{r['median_vs_bound']:.2f}x" if "median_vs_bound" in r else ""
+        lines.append(f"| {r['name']} | {r['best_ms']:.1f} | {r['median_ms']:.1f} | {r['speedup_vs_eager']:.2f}x | "
+                     f"{r['median_vs_onnxruntime']:.2f} | {vs_bound} | {err} | {comp} |")
     for r in result["rows"]:
         if "stages_s" in r:
             lines += ["", f"compile stages, {r['name']}:", "", "| stage | s |", "|---|---|"]

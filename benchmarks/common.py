@@ -12,6 +12,20 @@ PAPER = dict(image_size=224, patch_size=7, channels=3, num_classes=9, dim=512, d
              mlp_dim=2048, multi_query=True, fp_attn=True)
 
 
+def model_macs(cfg: dict) -> tuple[int, int]:
+    """(int8, float) multiply-accumulates of one image through the multi-query, float-attention BitMedViT
+    (PAPER): the ternary FFN is int8; the patch embedding, Q/K/V/out projections, head and the causal
+    attention (Q K^T and P V over the unmasked half, the diagonal included) are float."""
+    assert cfg["multi_query"] and cfg["fp_attn"], "counts written for the paper's multi-query float attention"
+    n = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    dim, head_dim = cfg["dim"], cfg["dim"] // cfg["heads"]
+    ffn = 2 * n * dim * cfg["mlp_dim"]
+    projections = n * (2 * dim * dim + 2 * dim * head_dim)  # Q and out dim x dim, K and V one head each
+    attention = 2 * cfg["heads"] * head_dim * n * (n + 1) // 2
+    embed = n * cfg["channels"] * cfg["patch_size"] ** 2 * dim
+    return cfg["depth"] * ffn, embed + cfg["depth"] * (projections + attention) + dim * cfg["num_classes"]
+
+
 def time_call(fn, repeat: int) -> dict:
     """Best and median wall time of `repeat` calls after one warm-up (first touch, thread pools)."""
     fn()

@@ -156,12 +156,13 @@ def bench(
     repeat: int = typer.Option(50, "--repeat", help="timed runs (one call each, after one warm-up)"),
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: bench on a remote device"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key registered with the tracker"),
+    profile: bool = typer.Option(False, "--profile", help="also each kernel's share of one call (ms, %, GB/s, GOP/s vs the CPU's peak)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
     """Latency (min, p50, p90) and throughput on this machine or on a device over TVM RPC."""
     from .bench import bench as run_bench, format_text
 
-    result = run_bench(outdir, repeat=repeat, tracker=rpc_tracker, key=rpc_key)
+    result = run_bench(outdir, repeat=repeat, tracker=rpc_tracker, key=rpc_key, profile=profile)
     typer.echo(json.dumps(result, indent=2) if as_json else format_text(result))
 
 

@@ -106,7 +106,9 @@ def _build(mod, target, _params):
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     from .gpu_build import PASS_CONFIG
+    from .schedules.norm_quant import vectorizable_nearbyint
 
+    vectorizable_nearbyint()  # as in the compiling process, or the norm_quant candidates measure scalar code
     with tvm.transform.PassContext(config=PASS_CONFIG if target.kind.name == "cuda" else {}):
         return tvm.compile(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 

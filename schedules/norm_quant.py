@@ -37,6 +37,7 @@ def norm_quant_compute(cfg: NormQuantConfig):
     """
     from tvm.script import tirx as T
 
+    vectorizable_nearbyint()
     M, K = T.int64(cfg.m), T.int64(cfg.k)
     norm_eps, scale_eps, kf = T.float32(cfg.norm_eps), T.float32(cfg.scale_eps), T.float32(cfg.k)
 
@@ -99,10 +100,23 @@ def norm_quant_space(sch, target) -> None:
 
 def _schedule(sch, tile) -> None:
     """Schedule primitives only; tile(loop) gives the [outer, vector] split of the quant loop."""
+    vectorizable_nearbyint()
     row, col = sch.get_loops(sch.get_sblock("quant"))
     sch.parallel(row)
     _, inner = sch.split(col, tile(col))
     sch.vectorize(inner)
+
+
+def vectorizable_nearbyint() -> None:
+    """TVM 0.27 marks round, floor, ... TVectorizable but not nearbyint, so its vectorizer scalarized
+    the quant loop (16 scalar roundings and byte stores per vector, which LLVM then re-vectorized
+    across vectors with gathers: the kernel 3x slower). nearbyint is elementwise: llvm.nearbyint takes
+    vectors. Needed wherever the kernel is compiled: the compute (each compile), the schedule, tune's builder."""
+    import tvm
+
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    if op.get_attr("TVectorizable") is None:
+        op.set_attr("TVectorizable", True)
 
 
 def norm_quant_numpy(x: np.ndarray, g: np.ndarray, norm_eps: float = 1e-5, scale_eps: float = 1e-5):

@@ -76,6 +76,21 @@ def check_report(result: dict, repeat: int, batch: int) -> None:
     assert result["throughput_images_per_s"] == pytest.approx(batch / (lat["p50"] / 1e3), rel=1e-9)
 
 
+def check_profile(result: dict, built) -> None:
+    """Every BitLinear layer shows up as one W2A8 call with an int8 op rate; the shares add up to the call."""
+    import math
+
+    from bmvcc import artifact
+
+    kernels = result["profile"]["kernels"]
+    layers = artifact.read_metadata(built)["passes"]["bitlinear"]["rewritten"]
+    w2a8 = [k for k in kernels if k["name"].startswith("w2a8_")]
+    assert layers > 0 and sum(k["calls"] for k in w2a8) == layers
+    assert all(k["ops_kind"] == "int8" and k["gop_per_s"] > 0 for k in w2a8)
+    assert math.isclose(sum(k["percent"] for k in kernels), 100, rel_tol=1e-6)
+    assert [k["ms"] for k in kernels] == sorted((k["ms"] for k in kernels), reverse=True)
+
+
 def test_bench_on_the_host(built, capsys):
     main(["bench", str(built), "--repeat", "5", "--json"])
     result = json.loads(capsys.readouterr().out)
@@ -85,11 +100,25 @@ def test_bench_on_the_host(built, capsys):
     assert "latency min" in capsys.readouterr().out
 
 
+def test_bench_profile_on_the_host(built, capsys):
+    main(["bench", str(built), "--repeat", "3", "--profile", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    check_report(result, repeat=3, batch=2)
+    check_profile(result, built)
+    main(["bench", str(built), "--repeat", "2", "--profile"])
+    text = capsys.readouterr().out
+    assert "peak:" in text and "w2a8_" in text and "GOP/s" in text
+
+
 def test_bench_over_rpc(built, rpc_device, capsys):
     main(["bench", str(built), "--repeat", "3", "--rpc-tracker", rpc_device, "--rpc-key", "bmvcc-test", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["where"] == f"rpc:bmvcc-test@{rpc_device}"
     check_report(result, repeat=3, batch=2)
+    main(["bench", str(built), "--repeat", "2", "--profile", "--rpc-tracker", rpc_device, "--rpc-key", "bmvcc-test", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    check_profile(result, built)
+    assert result["profile"]["peak"] is None  # the device's clock is not known here
 
 
 def test_bench_rpc_user_errors(built, rpc_device, capsys):

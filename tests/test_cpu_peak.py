@@ -1,0 +1,39 @@
+"""targets/cpu_peak.py and benchmarks/common.model_macs: the machine bound bench_model_cpu.py prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bmvcc.model import BitMedViT, ViTConfig
+from bmvcc.targets.cpu_peak import FAMILIES, CpuPeak, host_peak
+
+from conftest import small_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import model_macs  # noqa: E402
+
+
+def test_model_macs_match_torch_flop_counter():
+    """torch counts 2 FLOPs per MAC of every matmul and linear, the attention's masked half included:
+    its total is the int8 + float count plus the masked half of Q K^T and P V."""
+    cfg = small_config(fp_attn=True)
+    model = BitMedViT(cfg).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, cfg.channels, cfg.image_size, cfg.image_size))
+    int8, fp32 = model_macs(vars(cfg))
+    n, head_dim = (cfg.image_size // cfg.patch_size) ** 2, cfg.dim // cfg.heads
+    masked = cfg.depth * 2 * cfg.heads * head_dim * (n * n - n * (n + 1) // 2)
+    assert counter.get_total_flops() == 2 * (int8 + fp32 + masked)
+    assert int8 == cfg.depth * 2 * n * cfg.dim * cfg.mlp_dim
+
+
+def test_bound_adds_the_int8_and_fp32_times():
+    peak = CpuPeak("znver4", *FAMILIES["znver4"], ghz=2.5, cores=2)
+    assert peak.int8_ops_per_s() == 2 * 64 * 2 * 2.5e9 and peak.fp32_ops_per_s() == 2 * 16 * 2 * 2.5e9
+    assert peak.bound_ms(640e9, 0) == 1e3 * 2 * 640e9 / 640e9
+    assert peak.bound_ms(6.4e9, 1.6e9) == 1e3 * (2 * 6.4e9 / 640e9 + 2 * 1.6e9 / 160e9)
+    assert host_peak("no-such-cpu", 2) is None
