@@ -149,6 +149,16 @@ def checkpoint(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def orin_build(checkpoint, tmp_path_factory):
+    """The small config compiled for jetson-orin-nano once per session (tests copy it before changing it)."""
+    from bmvcc.driver import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("orin") / "out"
+    compile_model(checkpoint(small_config())[0], out, CompileOptions(target="jetson-orin-nano"))
+    return out
+
+
 def cli_error(capsys, argv: list[str]) -> str:
     """Runs `bmvcc ARGV` in-process, expecting a user error; returns its one stderr line.
 

@@ -17,14 +17,6 @@ from conftest import cli_error, small_config
 EM_AARCH64, EM_CUDA = 183, 190  # ELF e_machine values
 
 
-@pytest.fixture(scope="module")
-def orin_build(checkpoint, tmp_path_factory):
-    path, _ = checkpoint(small_config())
-    out = tmp_path_factory.mktemp("orin") / "out"
-    compile_model(path, out, CompileOptions(target="jetson-orin-nano"))
-    return out
-
-
 def _e_machine(data: bytes) -> int:
     assert data[:4] == b"\x7fELF"
     return struct.unpack_from("<H", data, 18)[0]

@@ -14,7 +14,6 @@ from bmvcc.roofline_plot import DPI, FIGSIZE, TOP, plot_roofline
 from bmvcc.targets import get
 
 from conftest import cli_error
-from test_orin_build import orin_build  # noqa: F401  the same small Orin build (a fixture)
 
 
 def _points(ax) -> np.ndarray:
