@@ -391,7 +391,7 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
-    batch = frontend.resolve_batch(source, options.batch)
+    batch = frontend.resolve_batch(source, options.batch, progress)
     progress("importing into Relax and running bmvcc passes")
     mod, _weights, _ = run_pipeline(frontend.to_relax(source, batch), spec)
     target = spec.target()
