@@ -170,7 +170,7 @@ def tune(
     source: Path = typer.Argument(..., help="BitMedViT state dict (.pth) or torch.export program (.pt2)"),
     db: Path = typer.Option(..., "--db", help="tuning database directory (created; rerun with the same one to resume)"),
     target: str = typer.Option("host", "--target", "-t", help="target to tune for (bmvcc targets lists them)"),
-    trials: int = typer.Option(64, "--trials", help="measured candidates per task, counted over all runs into --db"),
+    trials: int = typer.Option(64, "--trials", help="measured candidates per task on average (budget: trials x tasks), counted over all runs into --db"),
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker (remote devices)"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key registered at the tracker"),
     task: List[str] = typer.Option([], "--task", help="tune only this task (repeatable; default: all tasks)"),
