@@ -173,7 +173,7 @@ def tune(
     trials: int = typer.Option(64, "--trials", help="measured candidates per task on average (budget: trials x tasks), counted over all runs into --db"),
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker (remote devices)"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key registered at the tracker"),
-    task: List[str] = typer.Option([], "--task", help="tune only this task (repeatable; default: all tasks)"),
+    task: List[str] = typer.Option([], "--task", help="tune exactly this task (repeatable; default: the kernels worth tuning)"),
     per_round: int = typer.Option(8, "--per-round", help="candidates built and measured per search round (saved after each)"),
     batch: int = typer.Option(1, "--batch", help="static batch size (as for bmvcc compile)"),
     heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
