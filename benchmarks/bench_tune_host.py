@@ -4,14 +4,14 @@
 
 The model is the paper's configuration (benchmarks/common.py PAPER) with random weights (seed 0), batch 1. Steps:
 compile for `host` without a database (bmvcc's default schedules), `bmvcc tune` its tasks locally
-(--trials per task; --task to tune only some; --db to keep or resume the database, else a temporary
+(the kernels worth tuning; --trials on average per task; --task to tune exactly some; --db to keep or resume the database, else a temporary
 one), compile again with the database, then load both artifacts and time them in this process (best
 and median of --repeat calls after one warm-up). Both outputs are compared with the PyTorch logits
 before timing, and so is ONNX Runtime on the same model (bmvcc export-onnx). Prints the per-task
 table of bmvcc tune and the whole-model latencies.
 
 Cost on a 2-core machine: about 1 minute of fixed start-up per tuning run plus 15-30 s per trial
-round of 8; all ~25 tasks at 32 trials take hours, so start with a few --task names from the table.
+round of 8, for --trials x tasks trials.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
 
         log("compiling with the default schedules")
         compile_model(ckpt, tmp / "default", CompileOptions(target="host"), progress=log)
-        log(f"tuning ({args.trials} trials per task) with bmvcc tune")
+        log(f"tuning ({args.trials} trials per task on average) with bmvcc tune")
         # a process of its own, as users run it (a compile in the process that tuned has crashed in TVM)
         cmd = [sys.executable, "-m", "bmvcc.cli", "tune", str(ckpt), "--target", "host", "--db", str(db),
                "--trials", str(args.trials), "--json", *[a for t in args.task for a in ("--task", t)]]
@@ -80,7 +80,9 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     rows = [TaskResult(**{k: v for k, v in t.items() if k != "speedup"}) for t in report["tasks"]]
-    print(TuneReport(report["db"], report["target"], report["devices"], rows).table())
+    before, after = report["model_us_before"], report["model_us_after"]
+    print(TuneReport(report["db"], report["target"], report["devices"], rows, report["skipped"],
+                     (before, after) if before else None).table())
     print(f"\nwhole model, batch 1, {result['kernels_from_db']} kernels from the database:")
     for name in ("default", "tuned", "onnxruntime"):
         r = result[name]

@@ -51,10 +51,8 @@ def paper_checkpoint(directory: Path, seed: int = 0):
 
 
 def onnxruntime_session(checkpoint: Path, directory: Path, threads: int):
-    """The checkpoint exported by `bmvcc export-onnx` in an ONNX Runtime CPU session; a callable.
-
-    QDQ fusion is off: with it ORT swaps DequantizeLinear+MatMul for its 4-bit MatMulNBits kernel,
-    which changes the results (bmvcc/onnx_export.py)."""
+    """The checkpoint exported by `bmvcc export-onnx` in an ONNX Runtime CPU session (default graph
+    optimizations); a callable."""
     import onnxruntime as ort
 
     from bmvcc.onnx_export import export_checkpoint
@@ -63,7 +61,6 @@ def onnxruntime_session(checkpoint: Path, directory: Path, threads: int):
     export_checkpoint(checkpoint, path, batch=1)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]

@@ -58,7 +58,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
                                   trust_pickle=options.trust_pickle)
     if dataset:
         dataset.check_model(source.input_shape[0], source.num_classes)
-    options = replace(options, batch=frontend.resolve_batch(source, options.batch))
+    options = replace(options, batch=frontend.resolve_batch(source, options.batch, progress))
     progress("importing into Relax")
     mod = frontend.to_relax(source, options.batch)
     from .passes.pipeline import run_pipeline

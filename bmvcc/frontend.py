@@ -8,6 +8,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -72,10 +73,13 @@ def _load_onnx(path: Path, heads: int | None, image_size: int | None) -> Source:
     return Source(None, graph.input_shape, graph.num_classes, path, onnx=graph)
 
 
-def resolve_batch(source: Source, batch: int | None) -> int:
-    """The static batch to compile: --batch, else an ONNX model's or a .pt2 program's own, else 1."""
+def resolve_batch(source: Source, batch: int | None, progress: Callable[[str], None] = lambda msg: None) -> int:
+    """The static batch to compile: --batch, else an ONNX model's or a .pt2 program's own, else 1
+    (said through `progress` for an ONNX model with a dynamic batch)."""
     if source.onnx is not None:
         batch = onnx_import.resolve_batch(source.onnx, batch, source.path)
+        if batch is None:
+            progress(f"'{source.path.name}' has a dynamic batch dimension; using batch 1 (pass --batch N for another)")
     fixed = source.info.get("static_batch")
     if fixed is not None and batch not in (None, fixed):
         raise BmvccError(f"'{source.path}' was exported for a fixed batch of {fixed}; drop --batch, or export it "

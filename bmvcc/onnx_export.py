@@ -1,16 +1,17 @@
 """Export a BitMedViT checkpoint as a standard ONNX model of its deployment forward.
 
-Each BitLinear becomes `DeployBitLinear`: its ternary codes are an int8 constant read through
-`DequantizeLinear(codes, 1/s_w, 0)`, ONNX's standard spelling of a quantized weight (which ONNX
-optimizers keep rather than fold back to float), so the graph carries the quantized model rather
-than the latent float weights. The activation quantization is the same math as
+Each BitLinear becomes `DeployBitLinear`: its ternary codes are an int8 initializer read as
+`Cast(codes, float) * (1/s_w)`, so the graph carries the quantized model rather than the latent
+float weights. The activation quantization is the same math as
 bmvcc.model.BitLinear (RMSNorm, per-token absmax to int8 with round-half-even). The causal mask of
 multi-query attention is a constant. Everything else is bmvcc.model itself, exported by torch.onnx's
 torch.export-based exporter (which needs onnxscript).
 
-ONNX Runtime's default graph optimizations rewrite DequantizeLinear+MatMul into its own
-MatMulNBits kernel, which changes the numerics (logits off by ~1e-2); with the session option
-"session.disable_quant_qdq" = "1" it computes the ONNX graph as written and matches PyTorch.
+The exporter writes the weight as `DequantizeLinear(codes, 1/s_w, 0)` (torch would constant-fold
+a Cast into a float initializer); `_dequantize_as_cast` then spells it as Cast+Mul, the same values:
+ONNX Runtime's default graph optimizations rewrite DequantizeLinear+MatMul into its MatMulNBits
+kernel, whose arithmetic moves the logits by ~1e-2, while Cast+Mul of constants it folds to the
+exact float weight, so default sessions match PyTorch. bmvcc's ONNX import reads both spellings.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def export_onnx(model: BitMedViT, path: Path, batch: int | None = None, opset: i
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             raise BmvccError(f"torch.onnx could not export opset {opset} ({first}); pass --opset {DEFAULT_OPSET}") from None
     proto = program.model_proto
+    _dequantize_as_cast(proto)
     if opset < EXPORTER_MIN_OPSET:
         proto = _convert_down(proto, opset)
     exported = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -160,6 +162,29 @@ def _exported_by_bmvcc(path: Path) -> bool:
     except Exception:  # noqa: BLE001  not an ONNX model: onnx raises protobuf's DecodeError and others
         return False
     return any(prop.key == PRODUCER_KEY for prop in model.metadata_props)
+
+
+def _dequantize_as_cast(proto) -> None:
+    """Replace each `DequantizeLinear(codes, step, 0)` (zero point 0, see DeployBitLinear) by
+    `Mul(Cast(codes, float), step)` in place, dropping the zero-point initializers left unused."""
+    from onnx import TensorProto, helper
+
+    nodes, zero_points = [], set()
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear":
+            nodes.append(node)
+            continue
+        codes, step, *zero_point = node.input
+        zero_points.update(zero_point)
+        cast = f"{node.output[0]}_codes"
+        nodes += [helper.make_node("Cast", [codes], [cast], name=f"{node.name}_cast", to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [cast, step], list(node.output), name=node.name)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in proto.graph.initializer if t.name not in zero_points or t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
 
 
 def _convert_down(proto, opset: int):

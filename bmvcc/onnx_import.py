@@ -11,6 +11,9 @@ checkpoint:
 - `DequantizeLinear` of a constant with one scale and zero point (a quantized weight) becomes its
   definition, `(astype(x, float32) - zp) * scale`, plain arithmetic that the passes evaluate at
   compile time like a checkpoint's weight quantization (instead of `relax.dequantize`);
+- `Cast` of an int8 weight constant (bmvcc export-onnx's `Cast(codes) * step`) stays `astype`, where
+  TVM's converter folds it (and the Mul after it) into an anonymous float constant: the weight keeps
+  its name and reads as the same dequantization;
 - every initializer constant carries its ONNX name in its span, as bmvcc.frontend gives PyTorch
   weights their parameter names (the pass reports name layers by it).
 """
@@ -169,11 +172,9 @@ def _num_classes(model, path: Path) -> int:
     return dims[1]
 
 
-def resolve_batch(graph: OnnxGraph, batch: int | None, path: Path) -> int:
-    """The static batch to compile: the model's own, or --batch where the model's is dynamic."""
+def resolve_batch(graph: OnnxGraph, batch: int | None, path: Path) -> int | None:
+    """The static batch to compile: the model's own, or --batch (None if not given) where the model's is dynamic."""
     if graph.batch is None:
-        if batch is None:
-            raise BmvccError(f"'{path}' has a dynamic batch dimension; pass --batch N to compile it for N images")
         return batch
     if batch is not None and batch != graph.batch:
         raise BmvccError(f"'{path}' was exported for batch {graph.batch}; drop --batch or pass --batch {graph.batch} "
@@ -185,7 +186,7 @@ def to_relax(graph: OnnxGraph, batch: int):
     """Relax IRModule with `main(img[batch, C, H, W]) -> logits`, every weight a constant."""
     import tvm
     from tvm import relax
-    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter
+    from tvm.relax.frontend.onnx.onnx_frontend import ONNXGraphImporter, get_type
 
     class _Importer(ONNXGraphImporter):
         def _parse_graph_initializers(self, onnx_graph):
@@ -200,6 +201,8 @@ def to_relax(graph: OnnxGraph, batch: int):
                 dequantized = _per_tensor_dequantize(inputs)
                 if dequantized is not None:
                     return self.bb.normalize(dequantized)
+            if op_name == "Cast" and _is_int8_weight(inputs[0]):
+                return self.bb.normalize(relax.op.astype(inputs[0], get_type(attrs["to"])))
             if op_name == "Clip" and opset >= 11:
                 bounds = [_const_scalar(inputs[1]), _const_scalar(inputs[2])]
                 if all(b is not False for b in bounds):
@@ -237,6 +240,12 @@ def _per_tensor_dequantize(inputs):
     if z:
         w = relax.op.subtract(w, relax.const(z, dtype))
     return relax.op.multiply(w, scale)
+
+
+def _is_int8_weight(e) -> bool:
+    import tvm
+
+    return isinstance(e, tvm.ir.GenericConst) and str(e.value.dtype) == "int8" and len(e.value.shape) >= 2
 
 
 def _const_scalar(e):

@@ -4,12 +4,19 @@ Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (schedules/cpu_defa
 bmvcc/gpu_build.py's `fuse`, W2A8 on its padded compute definition) -> one task per distinct PrimFunc.
 bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner registered in
 schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
-MetaSchedule's default space. Search: evolutionary with the XGBoost cost model, one task after another.
+MetaSchedule's default space.
+
+Selection: a kernel without arithmetic (a reshape or copy: no floating-point or integer operation)
+is not a task, and neither is one whose calls take under MIN_SHARE of the model's kernel time (the sum
+over its arithmetic kernels of calls x default-schedule latency); `--task` names tasks outright.
+Search: evolutionary with the XGBoost cost model, all tasks under MetaSchedule's gradient task
+scheduler, which gives each round to the task whose weighted latency is expected to drop most; the
+budget is `trials` x tasks.
 
 Resume: MetaSchedule's search does not count what a database already holds (it seeds its population
-from it, nothing more), so each task here runs only `trials - recorded` trials, where `recorded` counts
-the task's records in the database, failed ones included. A run killed and restarted with the same
---db therefore measures only what is missing.
+from it, nothing more), so a run measures only the budget minus the tasks' records in the database,
+failed ones included. Default latencies are recorded in the key, so a run killed and restarted with
+the same --db selects the same tasks and measures only what is missing.
 
 Measurement: locally for a target this machine can run, otherwise through an RPC tracker; builds are
 always made here (cross-compiled for remote devices) and shipped as shared libraries, so a device needs
@@ -35,12 +42,14 @@ from .errors import BmvccError
 BUILD_TIMEOUT_S = 300  # a cold builder worker plus an LLVM build of one fused kernel on a busy 2-core machine
 RUN_TIMEOUT_S = 60  # one candidate on a device, including the RPC session; a dead device fails after this
 POPULATION = 128  # evolutionary population: MetaSchedule's 512 costs minutes of cost-model time per round on 2 cores
+MIN_SHARE = 0.10  # a kernel under this share of the model's kernel time is not worth a task: it bounds the gain
+MODEL_REPEATS, MODEL_MIN_REPEAT_MS = 20, 50  # whole-model timing: the fastest of 20 repeats of at least 50 ms each
 
 
 @dataclass(frozen=True)
 class TuneOptions:
     target: str = "host"
-    trials: int = 64  # per task, counted over all runs into the same database
+    trials: int = 64  # per task on average (budget: trials x tasks), counted over all runs into the same database
     batch: int | None = None  # None: 1, or an ONNX model's own static batch (as compile)
     heads: int | None = None
     image_size: int | None = None
@@ -75,12 +84,16 @@ class TuneReport:
     target: str
     devices: str
     tasks: list[TaskResult] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # kernel -> why it is not a task
+    model_us: tuple[float, float] | None = None  # whole model before and after (as compile --db builds it)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         rows = [{**vars(t), "speedup": t.speedup} for t in self.tasks]
+        before, after = self.model_us or (None, None)
         return {"db": str(self.db), "target": self.target, "devices": self.devices,
-                "seconds": round(self.seconds, 1), "tasks": rows}
+                "seconds": round(self.seconds, 1), "tasks": rows, "skipped": self.skipped,
+                "model_us_before": before, "model_us_after": after}
 
     def table(self) -> str:
         head = f"{'task':<52} {'kind':<24} {'default us':>11} {'tuned us':>10} {'speedup':>8} {'trials':>7} {'failed':>6}"
@@ -91,7 +104,23 @@ class TuneReport:
                          f"{fmt(t.best_us, '10.1f'):>10} {fmt(t.speedup, '7.2f') + ('x' if t.speedup else ''):>8} "
                          f"{t.trials:>7} {t.failed:>6}")
         lines += [f"{t.name}: {t.failed} of {t.trials} failed; last: {t.error}" for t in self.tasks if t.error]
+        if self.skipped:
+            lines.append(skipped_line(self.skipped))
+        if self.model_us:
+            before, after = self.model_us
+            lines.append(f"whole model: {before:.1f} us before, {after:.1f} us after ({before / after:.2f}x; "
+                         "as bmvcc compile builds it without and with --db)")
+        else:
+            lines.append("whole model: not timed on a remote device; bmvcc compile --db, then bmvcc bench --rpc-tracker")
         return "\n".join(lines)
+
+
+def skipped_line(skipped: dict[str, str]) -> str:
+    """One line counting the kernels that are not tasks, by reason."""
+    reasons: dict[str, int] = {}
+    for why in skipped.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    return f"skipped {len(skipped)} kernels: " + ", ".join(f"{n} {why}" for why, n in reasons.items())
 
 
 # ---- measurement: builder and runners -------------------------------------------------------------
@@ -241,23 +270,66 @@ def _default_schedule(defaults, name: str, task_mod):
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
 
 
-def _measure_default(mod, target, builder, runner) -> float | None:
-    """Seconds of one PrimFunc module, built and measured like a candidate."""
+def _measure_defaults(mods: list, target, builder, runner) -> list[float | None]:
+    """Seconds of each one-PrimFunc module (None where it failed), built in parallel and measured like
+    candidates."""
     from tvm.s_tir import meta_schedule as ms
 
-    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
-    if built.error_msg:
-        return None
+    built = list(builder.build([ms.builder.BuilderInput(mod, target) for mod in mods]))
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    ok = [i for i, b in enumerate(built) if not b.error_msg]
+    seconds: list[float | None] = [None] * len(mods)
     try:
-        args = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
-        device = "cpu" if target.kind.name == "llvm" else target.kind.name
-        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args)])
-        result = future.result()
+        futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device,
+                                                    ms.arg_info.ArgInfo.from_prim_func(mods[i]["main"])) for i in ok])
+        for i, future in zip(ok, futures):
+            r = future.result()
+            if not r.error_msg and r.run_secs:
+                seconds[i] = sum(map(float, r.run_secs)) / len(r.run_secs)
     finally:
-        ms.utils.remove_build_dir(built.artifact_path)
-    if result.error_msg or not result.run_secs:
-        return None
-    return sum(float(s) for s in result.run_secs) / len(result.run_secs)
+        for i in ok:
+            ms.utils.remove_build_dir(built[i].artifact_path)
+    return seconds
+
+
+def has_arithmetic(mod) -> bool:
+    """Whether the one-PrimFunc module computes anything (a reshape, transpose or copy does not)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    return estimate_tir_flops(mod) > 0
+
+
+def select_tasks(kernels: dict[str, tuple[bool, int, float | None]],
+                 min_share: float = MIN_SHARE) -> tuple[list[str], dict[str, str]]:
+    """(names worth tuning, {name: why not}) of kernels given as name -> (has arithmetic, calls per
+    model, default latency or None when it could not be measured). A kernel's share is its calls x
+    latency over the sum of that over every measured arithmetic kernel; an unmeasured one is kept."""
+    times = {n: calls * us for n, (arith, calls, us) in kernels.items() if arith and us is not None}
+    total = sum(times.values())
+    chosen, skipped = [], {}
+    for name, (arith, _, _) in kernels.items():
+        if not arith:
+            skipped[name] = "without arithmetic (reshapes, copies)"
+        elif name in times and times[name] < min_share * total:
+            skipped[name] = f"each under {min_share:.0%} of the model's kernel time"
+        else:
+            chosen.append(name)
+    return chosen, skipped
+
+
+def _model_us(mod, weights, target) -> float:
+    """Microseconds of one call of a scheduled Relax module (what bmvcc compile builds), built here and
+    timed on this machine: the fastest of MODEL_REPEATS repeats, each of at least MODEL_MIN_REPEAT_MS,
+    as the least disturbed by other processes (on a shared machine the median moves by 20%)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    shape = [int(d) for d in mod["main"].params[0].ty.shape]
+    x = tvm.runtime.tensor(np.random.default_rng(0).uniform(-1, 1, shape).astype("float32"))
+    timer = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=MODEL_REPEATS, min_repeat_ms=MODEL_MIN_REPEAT_MS)
+    return float(timer(x, *weights).min) * 1e6
 
 
 # ---- tasks, spaces and the database ---------------------------------------------------------------
@@ -297,14 +369,44 @@ def _fused_and_defaults(mod, spec):
     return mod, schedule_cpu_module(mod, target)
 
 
-def _context_imports(target):
-    """What a TuneContext for `target` is created within: for CUDA, without TVM's minute-long import of every
-    intrinsic (schedules/wmma_intrinsics.py); bmvcc's W2A8 space registers its own intrinsics."""
-    if target.kind.name != "cuda":
-        return contextlib.nullcontext()
-    from .schedules.wmma_intrinsics import metaschedule_cuda
+_CPU_INTRINSICS = {"x86_64": "x86", "aarch64": "arm_cpu"}  # the tvm.s_tir.tensor_intrin module of a CPU's default space
 
-    return metaschedule_cuda()
+
+def _context_imports(target, arch: str):
+    """What a TuneContext for `target` is created within: without TVM's import of every target's
+    intrinsics (one to three minutes on 2 cores, mostly CUDA's). For CUDA, schedules/wmma_intrinsics.py;
+    for a CPU, only the module of its ISA, which its default space's dot-product rules name (about 1 s
+    for x86). bmvcc's own spaces register their own intrinsics."""
+    if target.kind.name == "cuda":
+        from .schedules.wmma_intrinsics import metaschedule_cuda
+
+        return metaschedule_cuda()
+    if arch not in _CPU_INTRINSICS:
+        return contextlib.nullcontext()
+    return _intrinsics_of(_CPU_INTRINSICS[arch])
+
+
+@contextlib.contextmanager
+def _intrinsics_of(module: str):
+    """Within: `import tvm.s_tir.tensor_intrin` (what TuneContext does) gets a stand-in package that has
+    imported only `module` of it; the real package is untouched when it was imported already."""
+    import importlib
+    import types
+
+    import tvm.s_tir
+
+    package = "tvm.s_tir.tensor_intrin"
+    if package in sys.modules:
+        yield
+        return
+    stand_in = sys.modules[package] = types.ModuleType(package)
+    stand_in.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+    try:
+        importlib.import_module(f"{package}.{module}")
+        yield
+    finally:
+        if sys.modules.get(package) is stand_in:
+            del sys.modules[package]
 
 
 def _records(db, mod) -> list:
@@ -327,7 +429,7 @@ def _failure(message: str) -> str:
     return lines[-1][:300] if lines else "unknown error"
 
 
-def _progress_callback(on_batch: Callable[[int, int, str | None], None]):
+def _progress_callback(on_batch: Callable[[int, int, int, str | None], None]):
     from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
 
@@ -336,7 +438,7 @@ def _progress_callback(on_batch: Callable[[int, int, str | None], None]):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             errors = [f"build: {_failure(b.error_msg)}" if b.error_msg else f"run: {_failure(r.error_msg)}"
                       for b, r in zip(builder_results, runner_results) if b.error_msg or r.error_msg]
-            on_batch(len(measure_candidates), len(errors), errors[-1] if errors else None)
+            on_batch(task_id, len(measure_candidates), len(errors), errors[-1] if errors else None)
 
     return _Progress()
 
@@ -351,7 +453,7 @@ def _quiet_console() -> None:
 
 
 class _Bar:
-    """One progress bar per task on stderr: trials done of the task's total, failures, elapsed."""
+    """A progress bar on stderr: trials done of the budget, failures, elapsed."""
 
     def __init__(self, label: str, done: int, total: int, stream=sys.stderr):
         self.label, self.done, self.total, self.failed, self.stream = label, done, total, 0, stream
@@ -393,11 +495,11 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)
-    batch = frontend.resolve_batch(source, options.batch)
+    batch = frontend.resolve_batch(source, options.batch, progress)
     progress("importing into Relax and running bmvcc passes")
-    mod, _weights, _ = run_pipeline(frontend.to_relax(source, batch), spec)
+    relax_mod, weights, _ = run_pipeline(frontend.to_relax(source, batch), spec)
     target = spec.target()
-    mod, defaults = _fused_and_defaults(mod, spec)
+    mod, defaults = _fused_and_defaults(relax_mod, spec)
 
     from tvm.s_tir import meta_schedule as ms
 
@@ -412,59 +514,79 @@ def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
     db = tables.db
     model_id = f"{sha256(source.path)}:batch{batch}"
     model_entry = key["models"].setdefault(model_id, {"source": source.path.name, "batch": batch, "tasks": {}})
-    progress(f"{len(tasks)} tasks for {spec.name}, {options.trials} trials each, measured on {devices}; "
-             f"database {db_dir}")
-
     builder = _builder(spec)
     report = TuneReport(db_dir, spec.name, devices)
-    with contextlib.redirect_stdout(sys.stderr):  # its console handler binds to sys.stdout: keep stdout for results
-        loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), [t.task_name for t in tasks])
-    _quiet_console()
-    for index, (task, logger) in enumerate(zip(tasks, loggers), 1):
-        task_mod = task.dispatched[0]
-        space, kind = _space(task_mod, target)
-        entry = model_entry["tasks"].setdefault(task.task_name, {"kind": kind, "weight": int(task.weight),
-                                                                   "workload": tunedb.workload_id(task_mod)})
-        if "default_us" not in entry:
-            progress(f"[{index}/{len(tasks)}] measuring the default schedule of {task.task_name}")
-            default_s = _measure_default(_default_schedule(defaults, task.task_name, task_mod), target, builder, runner)
-            entry["default_us"] = default_s * 1e6 if default_s else None
-            tunedb.write_key(db_dir, key)
-        recorded = len(_records(db, task_mod))
-        remaining = max(0, options.trials - recorded) if space is not None else 0
-        bar = _Bar(f"[{index}/{len(tasks)}] {task.task_name[:40]}", recorded, options.trials) if bars else None
-        last_error: list[str] = []
-        if remaining:
-            with _context_imports(target):
-                context = ms.TuneContext(mod=task_mod, target=target, space_generator=space,
-                                         search_strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
-                                         task_name=task.task_name, logger=logger,
-                                         rand_state=options.seed + recorded,  # a resumed run explores new samples
-                                         num_threads=max(1, len(os.sched_getaffinity(0))))
-            callbacks = list(ms.measure_callback.MeasureCallback.create("default"))
 
-            def on_batch(n: int, failed: int, error: str | None, bar=bar, last_error=last_error) -> None:
-                tables.save()  # the round's records, committed to the scratch tables just before
-                if error:
-                    last_error[:] = [error]
-                if bar:
-                    bar.advance(n, failed)
+    arithmetic = {t.task_name: has_arithmetic(t.dispatched[0]) for t in tasks}
+    spaces = {t.task_name: _space(t.dispatched[0], target) for t in tasks}  # (generator or None, kind)
+    entries = {t.task_name: model_entry["tasks"].setdefault(t.task_name, {
+        "kind": spaces[t.task_name][1], "weight": int(t.weight), "workload": tunedb.workload_id(t.dispatched[0])})
+        for t in tasks if arithmetic[t.task_name] or options.tasks}
+    unmeasured = [t for t in tasks if t.task_name in entries and "default_us" not in entries[t.task_name]]
+    if unmeasured:
+        progress(f"measuring the default schedules of {len(unmeasured)} kernels on {devices}")
+        seconds = _measure_defaults([_default_schedule(defaults, t.task_name, t.dispatched[0]) for t in unmeasured],
+                                    target, builder, runner)
+        for t, sec in zip(unmeasured, seconds):
+            entries[t.task_name]["default_us"] = sec * 1e6 if sec else None
+        tunedb.write_key(db_dir, key)
+    if not options.tasks:  # the defaults are recorded: a resumed run selects the same tasks
+        chosen, report.skipped = select_tasks({t.task_name: (arithmetic[t.task_name], int(t.weight),
+                                                             entries.get(t.task_name, {}).get("default_us"))
+                                               for t in tasks})
+        tasks = [t for t in tasks if t.task_name in chosen]
+    searched = [t for t in tasks if spaces[t.task_name][0] is not None]
+    recorded = {t.task_name: len(_records(db, t.dispatched[0])) for t in tasks}
+    budget = options.trials * len(searched)
+    remaining = max(0, budget - sum(recorded[t.task_name] for t in searched))
+    progress(f"{len(tasks)} tasks for {spec.name}" + (f" ({skipped_line(report.skipped)})" if report.skipped else "")
+             + f"; {options.trials} trials x {len(searched)} searched = {budget}, {remaining} to measure, on {devices};"
+             f" database {db_dir}")
 
-            callbacks.append(_progress_callback(on_batch))
-            ms.tune_tasks(tasks=[context], task_weights=[1.0], work_dir=str(db_dir),
-                          max_trials_global=remaining, max_trials_per_task=remaining,
-                          num_trials_per_iter=min(options.per_round, remaining), builder=builder, runner=runner,
-                          database=db, cost_model=ms.cost_model.XGBModel(
-                              extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True),
-                          measure_callbacks=callbacks, task_scheduler="round-robin")
+    last_error: dict[str, str] = {}  # task -> why its last failed candidate failed
+    if remaining:
+        with contextlib.redirect_stdout(sys.stderr):  # its console handler binds to sys.stdout: keep stdout for results
+            loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), [t.task_name for t in searched])
+        _quiet_console()
+        with _context_imports(target, spec.arch):
+            contexts = [ms.TuneContext(mod=t.dispatched[0], target=target, space_generator=spaces[t.task_name][0],
+                                       search_strategy=ms.search_strategy.EvolutionarySearch(population_size=POPULATION),
+                                       task_name=t.task_name, logger=logger,
+                                       rand_state=options.seed + recorded[t.task_name],  # a resumed run explores new samples
+                                       num_threads=max(1, len(os.sched_getaffinity(0))))
+                        for t, logger in zip(searched, loggers)]
+        bar = _Bar(f"tuning {len(searched)} tasks", budget - remaining, budget) if bars else None
+
+        def on_batch(task_id: int, n: int, failed: int, error: str | None) -> None:
+            tables.save()  # the round's records, committed to the scratch tables just before
+            if error:
+                last_error[searched[task_id].task_name] = error
+            if bar:
+                bar.advance(n, failed)
+
+        ms.tune_tasks(tasks=contexts, task_weights=[float(t.weight) for t in searched], work_dir=str(db_dir),
+                      max_trials_global=remaining, max_trials_per_task=remaining,
+                      num_trials_per_iter=min(options.per_round, remaining), builder=builder, runner=runner,
+                      database=db, cost_model=ms.cost_model.XGBModel(
+                          extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True),
+                      measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                         _progress_callback(on_batch)],
+                      task_scheduler=ms.task_scheduler.GradientBased(seed=options.seed))
         if bar:
             bar.close()
-        records = _records(db, task_mod)
+    for t in tasks:
+        entry, records = entries[t.task_name], _records(db, t.dispatched[0])
         times = [s for s in map(_seconds, records) if s is not None]
         entry["best_us"] = min(times) * 1e6 if times else None
-        tunedb.write_key(db_dir, key)  # compile --db applies a task's records only if they beat its default
-        report.tasks.append(TaskResult(task.task_name, kind, int(task.weight), entry["default_us"],
-                                       entry["best_us"], len(records), len(records) - len(times),
-                                       len(records) - recorded, last_error[0] if last_error else None))
+        report.tasks.append(TaskResult(t.task_name, entry["kind"], int(t.weight), entry["default_us"], entry["best_us"],
+                                       len(records), len(records) - len(times), len(records) - recorded[t.task_name],
+                                       last_error.get(t.task_name)))
+    tunedb.write_key(db_dir, key)  # compile --db applies a task's records only if they beat its default
+    if not (options.rpc_tracker or options.rpc_key):
+        progress("timing the whole model as bmvcc compile builds it, without and with the database")
+        from .schedules.cpu_default import schedule_cpu_module
+
+        tuned, _ = tunedb.apply_database(relax_mod, spec, db_dir)
+        report.model_us = (_model_us(defaults, weights, target), _model_us(schedule_cpu_module(tuned, target), weights, target))
     report.seconds = time.perf_counter() - start
     return report

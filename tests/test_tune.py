@@ -135,9 +135,11 @@ def test_resume_measures_only_the_missing_trials(tuned):
     tasks = _tasks(report)
     assert sorted(tasks) == sorted(TASKS)
     assert tasks[TASK]["kind"] == "default space" and tasks[W2A8_TASK]["kind"] == "bmvcc:w2a8"
-    # nothing measured twice: the resumed run added what the killed one had not
+    # nothing measured twice: the resumed run added what the killed one had not; the budget is
+    # TRIALS x tasks, spread by the gradient scheduler, whose warm-up gives each task a round
     assert _record_lines(db) == len(TASKS) * TRIALS
-    assert all(t["trials"] == TRIALS for t in tasks.values())
+    assert sum(t["trials"] for t in tasks.values()) == len(TASKS) * TRIALS
+    assert all(t["trials"] >= PER_ROUND for t in tasks.values())
     assert sum(t["measured_now"] for t in tasks.values()) == len(TASKS) * TRIALS - after_kill
     assert all(t["best_us"] is not None and t["best_us"] > 0 for t in tasks.values())
 
@@ -149,6 +151,40 @@ def test_hung_device_fails_its_candidates_and_the_run_goes_on(tuned):
     assert sum(t["failed"] for t in tasks) >= 1  # the hung server's session timed out: a failed candidate
     assert all(t["trials"] - t["failed"] >= 1 for t in tasks)  # the other server measured the rest
     assert "2 device(s)" in report["devices"]
+    assert report["skipped"] == {} and report["model_us_before"] is None  # --task; not timed remotely
+
+
+def test_kernels_without_arithmetic_are_not_tasks(checkpoint):
+    """The small model's kernels, as tune extracts them: reshapes and transposes compute nothing,
+    the patch embedding and the W2A8 kernel do."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from bmvcc import frontend
+    from bmvcc.passes.pipeline import run_pipeline
+    from bmvcc.schedules.cpu_default import legalize_and_fuse
+    from bmvcc.tune import has_arithmetic
+
+    ckpt, _ = checkpoint(small_config(), seed=3)
+    spec = get_target("host")
+    mod, _, _ = run_pipeline(frontend.to_relax(frontend.load_source(ckpt), 1), spec)
+    tasks = {t.task_name: t.dispatched[0] for t in ms.relax_integration.extract_tasks(
+        legalize_and_fuse(mod, spec.target()), spec.target())}
+    moves = [n for n in tasks if re.fullmatch(r"(reshape|transpose)\d*", n)]
+    assert moves and not any(has_arithmetic(tasks[n]) for n in moves)
+    assert all(has_arithmetic(tasks[n]) for n in TASKS)
+
+
+def test_task_selection_by_share_of_model_time():
+    from bmvcc.tune import MIN_SHARE, select_tasks, skipped_line
+
+    # name -> (arithmetic, calls, default us); kernel time 90 + 2x2 + 1 = 95 us, 10% of it 9.5 us
+    kernels = {"attn": (True, 1, 90.0), "norm": (True, 2, 2.0), "copy": (False, 4, 0.1),
+               "bias": (True, 1, 1.0), "broken": (True, 1, None)}
+    chosen, skipped = select_tasks(kernels)
+    assert MIN_SHARE == 0.10 and chosen == ["attn", "broken"]  # an unmeasured kernel is kept
+    assert skipped_line(skipped) == ("skipped 3 kernels: 2 each under 10% of the model's kernel time, "
+                                     "1 without arithmetic (reshapes, copies)")
+    assert select_tasks(kernels, min_share=0.04)[0] == ["attn", "norm", "broken"]  # 4 us is 4.2%
 
 
 def _valid_records(db, kernel: str | None) -> list:
@@ -395,6 +431,8 @@ def test_tune_leaves_no_process_behind(tmp_path, checkpoint):
 
     done = subprocess.run(tune("finished"), env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stderr[-3000:]
+    before, after = re.search(r"whole model: ([\d.]+) us before, ([\d.]+) us after", done.stdout).groups()
+    assert 0 < float(before) and 0 < float(after)
     left = leftover_processes(tagged_processes(tag_variable, tag))
     assert not left, describe(left)
 
