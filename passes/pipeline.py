@@ -107,7 +107,7 @@ def describe(report: dict) -> str:
         lines = ["BitLinear: off (--no-bitlinear): every layer runs as float matmuls"]
     else:
         lines = [f"BitLinear: {bl['rewritten']} layers -> int8 x 2-bit W2A8 kernels "
-                 f"({bl['norm_quant_fused']} with fused RMSNorm+quantization, epilogues: "
+                 f"({bl['norm_quant_fused']} with fused norm+quantization, epilogues: "
                  f"{bl['epilogues']['gelu']} GELU, {bl['epilogues']['residual']} residual)"]
         lines += [f"  not rewritten: {r['name']}: {r['reason']}" for r in bl["not_rewritten"]]
     if report["causal_attention_fused"]:

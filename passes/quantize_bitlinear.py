@@ -40,7 +40,7 @@ def quantize_bitlinear(mod: tvm.IRModule) -> tvm.IRModule:
         call = b.call(var, "relax.matmul")
         if call is None:
             continue
-        lhs, rhs = call.args
+        lhs, rhs = call.args[0], _unbatched(call.args[1], b)
         leaves = b.leaves(rhs)
         if not leaves or not all(is_const(x) for x in leaves):
             continue  # activation x activation (attention scores): not a Linear
@@ -69,6 +69,12 @@ def _looks_like_bitlinear(lhs, rhs, weight, b: Bindings) -> bool:
         "relax.round" in b.ancestors_ops(rhs, _WEIGHT_DEPTH))
 
 
+def _unbatched(rhs, b: Bindings):
+    """The 2-D weight itself when a batched matmul broadcasts it over leading dimensions."""
+    bc = b.call(rhs, "relax.broadcast_to")
+    return b.root(bc.args[0]) if bc is not None and len(static_shape(bc.args[0]) or ()) == 2 else rhs
+
+
 def _layer_name(leaves, var) -> str:
     for leaf in leaves:
         name = const_name(leaf)
@@ -90,7 +96,7 @@ def _ternary(w: np.ndarray):
 
 def _activation(lhs, b: Bindings):
     """(Q, per-row Product f, A's shape) with A = Q * f, else the reason as a string."""
-    inner = b.strip(lhs, "relax.reshape")
+    inner = b.through_ste(b.strip(lhs, "relax.reshape", "relax.broadcast_to"))
     shape, outer = static_shape(inner), static_shape(lhs)
     if shape is None or outer is None:
         return "the activation shape is not static"
