@@ -108,7 +108,8 @@ def describe(report: dict) -> str:
     else:
         lines = [f"BitLinear: {bl['rewritten']} layers -> int8 x 2-bit W2A8 kernels "
                  f"({bl['norm_quant_fused']} with fused norm+quantization, epilogues: "
-                 f"{bl['epilogues']['gelu']} GELU, {bl['epilogues']['residual']} residual)"]
+                 f"{bl['epilogues']['gelu']} GELU, {bl['epilogues']['gelu_tanh']} tanh GELU, "
+                 f"{bl['epilogues']['residual']} residual, {bl['epilogues']['bias']} bias)"]
         lines += [f"  not rewritten: {r['name']}: {r['reason']}" for r in bl["not_rewritten"]]
     if report["causal_attention_fused"]:
         lines.append(f"causal attention: {report['causal_attention_fused']} layers -> one kernel each")
