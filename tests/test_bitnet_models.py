@@ -161,3 +161,29 @@ def test_readme_example(tmp_path, monkeypatch):
     with torch.no_grad():
         ref = model(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(np.load("logits.npy"), ref, atol=1e-3)  # see the module docstring
+
+
+def test_onnx_export_compiles_like_the_pt2(compiled, tmp_path):
+    """torch.onnx.export (its default exporter; opset 20, the first with a Gelu op) of the b1.58 ViT: the
+    exporter folds each weight's straight-through estimator w + (q - w) into a constant within float
+    rounding of q; every BitLinear is still rewritten (named by the exporter's initializers) with the
+    same fusions as from the .pt2, and the logits match PyTorch's."""
+    import contextlib
+    import io
+    import warnings
+
+    model, _, metadata = compiled("b158_ste", "vit")
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(BATCH, 1, 28, 28),), str(path), opset_version=20)
+    report = compile_model(path, tmp_path / "out", CompileOptions()).metadata["passes"]["bitlinear"]
+    assert report["rewritten"] == len(_bitlinears(model)) and report["not_rewritten"] == [], report
+    pt2 = metadata["passes"]["bitlinear"]
+    assert (report["norm_quant_fused"], report["epilogues"]) == (pt2["norm_quant_fused"], pt2["epilogues"])
+    x = _images((1, 28, 28))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = bmvcc.load(tmp_path / "out")(x)
+    np.testing.assert_allclose(got, ref, atol=1e-3)  # see the module docstring
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
