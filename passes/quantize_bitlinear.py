@@ -94,15 +94,13 @@ def _ternary(w: np.ndarray):
     if w.ndim != 2 or w.dtype != np.float32:
         return f"the weight is {w.dtype}{list(w.shape)}, not a float32 matrix"
     a = np.float32(np.abs(w).max(initial=0.0))
-    codes = np.rint(w / a) if a > 0 else np.zeros_like(w)
-    if np.abs(codes).max(initial=0) <= 1 and not np.array_equal(codes.astype(np.float32) * a, w) and a > 0:
+    codes = np.rint(w / a) if a > 0 else np.zeros_like(w)  # |w / a| <= 1: codes in {-1, 0, 1}
+    if not np.array_equal(codes.astype(np.float32) * a, w):
         # an exporter that folded the straight-through estimator w + (q - w) leaves q within float rounding
         # (a few ulp of max |w|): the codes times their mean magnitude are the q it meant
         a = np.float32(np.abs(w[codes != 0]).mean())
-        if np.abs(codes * a - w).max() > _STE_ROUNDING * np.float32(np.abs(w).max()):
-            a = None
-    if a is None or np.abs(codes).max(initial=0) > 1:
-        return "the weight constant is not ternary codes times one scale (not folded BitLinear weight quantization)"
+        if np.abs(codes * a - w).max() > _STE_ROUNDING * np.abs(w).max():
+            return "the weight constant is not ternary codes times one scale (not folded BitLinear weight quantization)"
     return codes.astype(np.int8), a
 
 

@@ -109,6 +109,12 @@ def test_orin_build_runs_every_bitlinear_on_tensor_cores(compiled, spelling, arc
     assert launches == {"bias": qkv * blocks, gelu: blocks, "residual": 2 * blocks,
                         "norm_quant": len(_bitlinears(model))}, launches
     assert "IMMA.16832.S8.S8" in sass(out)
+    # the new kernel variants (bias epilogues, LayerNorm norm_quant) emulated from their PTX (bmvcc verify)
+    # agree with their compute definitions
+    from bmvcc.ptx.verify import verify_artifact
+
+    ours = [r for r in verify_artifact(out, max_ctas=4) if r["primfunc"] in info["bmvcc_kernels"]]
+    assert len(ours) == len(info["bmvcc_kernels"]) and all(r["verdict"] == "ok" for r in ours), ours
 
 
 def test_a_look_alike_layer_is_a_warning_in_the_summary(tmp_path):
