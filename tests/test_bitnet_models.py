@@ -25,6 +25,7 @@ import bmvcc
 from bmvcc.driver import CompileOptions, compile_model
 
 from bitnet_models import SPELLINGS, ViT, deit, randomized
+from conftest import cli_error
 
 ARCHS = {"vit": (ViT, (1, 28, 28)), "deit": (deit, (3, 32, 32))}
 BATCH = 2
@@ -140,6 +141,20 @@ def test_a_look_alike_layer_is_a_warning_in_the_summary(tmp_path):
     assert report["bitlinear"]["rewritten"] == 3
     assert re.search(r"^warning: blocks\.0\.fc1 looks like a BitLinear but is not rewritten \(it runs in float\): "
                      r".*not ternary codes times one scale", text, re.M), text
+
+
+def test_an_operator_tvm_cannot_import_is_one_error_line(tmp_path, capsys):
+    """A .pt2 using an operator TVM's PyTorch frontend has no converter for (aten.i0): one error line naming
+    it, no traceback, no output directory."""
+
+    class Bessel(torch.nn.Module):
+        def forward(self, img):
+            return torch.special.i0(img).mean((2, 3))
+
+    source = _export(Bessel(), (1, 4, 4), tmp_path / "bessel.pt2")
+    line = cli_error(capsys, ["compile", str(source), "-o", str(tmp_path / "out")])
+    assert "TVM's PyTorch frontend cannot import" in line and "i0.default" in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def _readme_example() -> tuple[str, str]:
