@@ -54,8 +54,9 @@ def fuse_w2a8_epilogue(mod: tvm.IRModule) -> tvm.IRModule:
             plans[var] = ("bias", *found, None)
     report = {"gelu": 0, "gelu_tanh": 0, "residual": 0, "bias": 0}
     for kind, _, bias, _ in plans.values():
-        report[kind.removeprefix("bias_") if kind != "bias" else "bias"] += 1
-        report["bias"] += kind != "bias" and bias is not None
+        if kind != "bias":
+            report[kind.removeprefix("bias_")] += 1
+        report["bias"] += bias is not None
     if not plans:
         return with_report(mod, REPORT_KEY, report)
     return with_report(rewrite_main(mod, plans, _rewrite), REPORT_KEY, report)
