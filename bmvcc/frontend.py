@@ -119,8 +119,26 @@ def to_relax(source: Source, batch: int):
     ep = export(source, batch)
     with warnings.catch_warnings():  # torch's run_decompositions deep-copies a LeafSpec, which warns (torch 2.13)
         warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-        mod = from_exported_program(ep, keep_params_as_input=True)
+        try:
+            mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=_CONVERTERS)
+        except AssertionError as e:  # TVM's frontend asserts on operators it has no converter for
+            raise BmvccError(f"TVM's PyTorch frontend cannot import '{source.path}' ({str(e)[:160]}); "
+                             "export the model without those operators") from None
     return _bind_named_params(mod, ep)
+
+
+def _amax(node, importer):
+    """aten.amax (x.amax(dim), how absmax quantizers are often written) -> relax.max; TVM 0.27 has no converter."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    axis = [dim] if isinstance(dim, int) else list(dim)
+    return importer.block_builder.emit(relax.op.max(x, axis=axis or None, keepdims=bool(keepdim)))
+
+
+_CONVERTERS = {"amax.default": _amax}
 
 
 def _check_memory(source: Source, batch: int) -> None:

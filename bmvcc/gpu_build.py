@@ -116,7 +116,7 @@ def rewrite_w2a8_calls(mod, kernel_for):
     import tvm
     from tvm import relax
 
-    from .schedules.w2a8 import config_of
+    from .schedules.w2a8 import config_of, epilogue_operand
     from .schedules.w2a8_cuda import PACKED_ZERO
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
@@ -136,9 +136,10 @@ def rewrite_w2a8_calls(mod, kernel_for):
                 gv = self.builder_.add_func(func, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}{suffix}")
                 added[cfg], table[gv.name_hint] = (p, gv), entry
             p, gv = added[cfg]
-            # (rows, cols, value) of padding per operand: q, packed, x_scale, w_scale (none), residual
+            # (rows, cols, value) of padding per operand: q, packed, x_scale, w_scale (none), residual or bias
+            extra_rows = 0 if epilogue_operand(cfg.epilogue) == "bias" else p.m - cfg.m  # a bias is one row
             pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, PACKED_ZERO),
-                    (p.m - cfg.m, 0, 1.0), (0, 0, None), (p.m - cfg.m, p.n - cfg.n, 0.0)]
+                    (p.m - cfg.m, 0, 1.0), (0, 0, None), (extra_rows, p.n - cfg.n, 0.0)]
             kernel_args = [self.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
                            if rows or cols else a for a, (rows, cols, value) in zip(call.args[1].fields, pads)]
             out = relax.call_tir(gv, kernel_args, relax.TensorType((p.m, p.n), "float32"))

@@ -1,8 +1,9 @@
-"""fuse_norm_quant: BitLinear's RMSNorm + int8 activation quantization -> one norm_quant kernel.
+"""fuse_norm_quant: BitLinear's RMSNorm or LayerNorm + int8 activation quantization -> one norm_quant kernel.
 
 Matches the activation side of every W2A8 call_tir (as quantize_bitlinear leaves it):
-    q  = int8(clip(round(xn * s), -128, 127)),   s = 127 / clip(absmax(xn), eps_s, inf)
+    q  = int8(clip(round(xn * s), -128, 127)),   s = 127 / clip(absmax(xn), eps_s, inf)  (or 127 / absmax(xn))
     xn = x * rsqrt(mean(x^2, -1) + eps) * g      (or x / sqrt(.); g a constant [K], optional)
+    xn = layer_norm(x, g, beta, axis -1, eps)    (constant g and beta: the kernel's LayerNorm variant)
 where absmax is max(|xn|, -1) or topk(|xn|, k=1)[0] (how torch.export spells .max(dim).values) and
 every product may be spelled in any order (x / s or x * (1 / s)).
 Produces `(q, s) = call_tir(norm_quant, [x[M, K], g])` (schedules/norm_quant.py) feeding the W2A8 call;
@@ -53,17 +54,19 @@ def _match(args, b: Bindings):
     if len(scale.factors) != 1 or abs(scale.coef - 127.0) > 1e-4:
         return None
     (denom, power), = scale.factors.items()
-    absmax = b.call(denom, "relax.clip")
-    if power != -1 or absmax is None or prim(absmax.args[2]) != float("inf"):
-        return None
-    y = _abs_max_input(absmax.args[0], b)
+    scale_eps, clamp = 0.0, b.call(denom, "relax.clip")  # absmax with or without an epsilon clamp
+    if clamp is not None:
+        if prim(clamp.args[2]) != float("inf"):
+            return None
+        denom, scale_eps = clamp.args[0], prim(clamp.args[1])
+    y = None if power != -1 else _abs_max_input(denom, b)
     if y is None:
         return None
     xn = product(y, b)
     if not product(rnd.args[0], b).same(xn.times(scale)):
         return None
-    norm = _rms_norm(xn, b)
-    return None if norm is None else (*norm, prim(absmax.args[1]))
+    norm = _rms_norm(xn, b) or _layer_norm(xn, b)
+    return None if norm is None else (*norm, scale_eps)
 
 
 def _abs_max_input(e, b: Bindings):
@@ -103,6 +106,23 @@ def _rms_norm(xn: Product, b: Bindings):
     return None
 
 
+def _layer_norm(xn: Product, b: Bindings):
+    """(x, gain [K], eps, beta [K]) when xn = c * layer_norm(x, gamma, beta) over the last axis (c folded in)."""
+    if len(xn.factors) != 1 or next(iter(xn.factors.values())) != 1:
+        return None
+    ln = b.call(next(iter(xn.factors)), "relax.nn.layer_norm")
+    if ln is None or [int(a) for a in ln.attrs.axes] not in ([-1], [len(static_shape(ln.args[0])) - 1]):
+        return None
+    x, gamma, beta = ln.args
+    k = static_shape(x)[-1]
+    if not (is_const(gamma) or not ln.attrs.scale) or not (is_const(beta) or not ln.attrs.center):
+        return None
+    gain = gamma.value.numpy().astype(np.float32).reshape(k) if ln.attrs.scale else np.ones(k, np.float32)
+    shift = beta.value.numpy().astype(np.float32).reshape(k) if ln.attrs.center else np.zeros(k, np.float32)
+    c = np.float32(xn.coef)
+    return x, gain * c, float(ln.attrs.epsilon), shift * c
+
+
 def _rsqrt_mean_square(x, r, power: int, b: Bindings):
     """eps when r ** power == 1 / sqrt(mean(x^2, -1) + eps), else None."""
     root = b.call(r, "relax.rsqrt") if power == 1 else b.call(r, "relax.sqrt") if power == -1 else None
@@ -126,13 +146,13 @@ def _rsqrt_mean_square(x, r, power: int, b: Bindings):
 
 def _rewrite(rw, binding, plan):
     """The W2A8 call now reads int8 codes and scales from one norm_quant kernel call."""
-    call, x, gain, norm_eps, scale_eps = plan
+    call, x, gain, norm_eps, *beta, scale_eps = plan
     gv, args = call.args[0], [rw.visit_expr(a) for a in call.args[1].fields]
     m, k = static_shape(args[0])
-    cfg = NormQuantConfig(m, k, float(np.float32(norm_eps)), float(np.float32(scale_eps)))
-    kernel = rw.kernel(cfg, norm_quant_compute, f"norm_quant_m{m}_k{k}")
+    cfg = NormQuantConfig(m, k, float(np.float32(norm_eps)), float(np.float32(scale_eps)), layer_norm=bool(beta))
+    kernel = rw.kernel(cfg, norm_quant_compute, f"{'layer_' if beta else ''}norm_quant_m{m}_k{k}")
     x2d = rw.builder_.emit(relax.op.reshape(rw.visit_expr(x), (m, k)))
-    nq = rw.builder_.emit(relax.call_tir(kernel, [x2d, named_const(gain)],
+    nq = rw.builder_.emit(relax.call_tir(kernel, [x2d, *(named_const(v) for v in (gain, *beta))],
                                          [relax.TensorType((m, k), "int8"), relax.TensorType((m, 1), "float32")]))
     q = rw.builder_.emit(relax.TupleGetItem(nq, 0))
     xs = rw.builder_.emit(relax.TupleGetItem(nq, 1))

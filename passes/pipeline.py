@@ -107,9 +107,11 @@ def describe(report: dict) -> str:
         lines = ["BitLinear: off (--no-bitlinear): every layer runs as float matmuls"]
     else:
         lines = [f"BitLinear: {bl['rewritten']} layers -> int8 x 2-bit W2A8 kernels "
-                 f"({bl['norm_quant_fused']} with fused RMSNorm+quantization, epilogues: "
-                 f"{bl['epilogues']['gelu']} GELU, {bl['epilogues']['residual']} residual)"]
-        lines += [f"  not rewritten: {r['name']}: {r['reason']}" for r in bl["not_rewritten"]]
+                 f"({bl['norm_quant_fused']} with fused norm+quantization, epilogues: "
+                 f"{bl['epilogues']['gelu']} GELU, {bl['epilogues']['gelu_tanh']} tanh GELU, "
+                 f"{bl['epilogues']['residual']} residual, {bl['epilogues']['bias']} bias)"]
+        lines += [f"warning: {r['name']} looks like a BitLinear but is not rewritten (it runs in float): {r['reason']}"
+                  for r in bl["not_rewritten"]]
     if report["causal_attention_fused"]:
         lines.append(f"causal attention: {report['causal_attention_fused']} layers -> one kernel each")
     lines.append(f"weights: {wb['packed_2bit']:,} B 2-bit packed, {wb['float']:,} B float, "

@@ -3,7 +3,10 @@
 Matches every `y = matmul(A, W)` in main where
 - W is computed from constants only: the latent weight with its absmean ternarization still spelled
   out, or that math already folded. It is evaluated at compile time (FoldConstant) and must be
-  exactly codes * a, codes in {-1, 0, 1}, one float a per tensor; anything else is refused;
+  exactly codes * a, codes in {-1, 0, 1}, one float a per tensor (binary sign weights included), or
+  within float rounding of it where an exporter folded a straight-through estimator w + (q - w);
+  anything else is refused. A straight-through estimator x + (q - x) still in the graph (torch.export
+  drops the detach) stands for q;
 - A (optionally reshaped, merging leading dimensions) is Q times a per-row factor, where
   Q = clip(round(.), lo, hi) with [lo, hi] inside [-128, 127] (int8 codes), however spelled:
   Q / s, Q * (1 / s), ...
@@ -30,6 +33,7 @@ from .relax_match import (REPORT_PREFIX, Bindings, const_name, evaluate, is_cons
 REPORT_KEY = REPORT_PREFIX + "quantize_bitlinear"
 _SIGNATURE_DEPTH = 3  # producer steps above the activation's factors searched for round / abs-max
 _WEIGHT_DEPTH = 12  # producer steps of the weight math searched for round
+_STE_ROUNDING = 1e-6  # relative deviation from codes * scale of a weight folded from w + (q - w)
 
 
 def quantize_bitlinear(mod: tvm.IRModule) -> tvm.IRModule:
@@ -40,7 +44,7 @@ def quantize_bitlinear(mod: tvm.IRModule) -> tvm.IRModule:
         call = b.call(var, "relax.matmul")
         if call is None:
             continue
-        lhs, rhs = call.args
+        lhs, rhs = call.args[0], _unbatched(call.args[1], b)
         leaves = b.leaves(rhs)
         if not leaves or not all(is_const(x) for x in leaves):
             continue  # activation x activation (attention scores): not a Linear
@@ -63,18 +67,26 @@ def quantize_bitlinear(mod: tvm.IRModule) -> tvm.IRModule:
 
 def _looks_like_bitlinear(lhs, rhs, weight, b: Bindings) -> bool:
     """Round/abs-max next to the activation's factors, round in the weight math, or ternary weights."""
-    atoms = product(b.strip(lhs, "relax.reshape"), b).factors
+    atoms = product(_codes_side(lhs, b), b).factors
     near = set().union(*(b.ancestors_ops(a, _SIGNATURE_DEPTH) for a in atoms)) if atoms else set()
     return bool(near & {"relax.round", "relax.topk", "relax.max"}) or isinstance(weight, tuple) or (
         "relax.round" in b.ancestors_ops(rhs, _WEIGHT_DEPTH))
 
 
+def _unbatched(rhs, b: Bindings):
+    """The 2-D weight itself when a batched matmul broadcasts it over leading dimensions."""
+    bc = b.call(rhs, "relax.broadcast_to")
+    return b.root(bc.args[0]) if bc is not None and len(static_shape(bc.args[0]) or ()) == 2 else rhs
+
+
 def _layer_name(leaves, var) -> str:
-    for leaf in leaves:
-        name = const_name(leaf)
-        if name is not None and len(leaf.value.shape) == 2:
+    """The weight matrix's PyTorch name without ".weight", else the module of any named leaf (a
+    scale beside codes the frontend left unnamed), else the matmul's variable."""
+    named = [(leaf, name) for leaf in leaves if (name := const_name(leaf)) is not None]
+    for leaf, name in named:
+        if len(leaf.value.shape) == 2:
             return name.removesuffix(".weight")
-    return f"matmul '{var.name}'"
+    return named[0][1].rpartition(".")[0] or named[0][1] if named else f"matmul '{var.name}'"
 
 
 def _ternary(w: np.ndarray):
@@ -82,15 +94,19 @@ def _ternary(w: np.ndarray):
     if w.ndim != 2 or w.dtype != np.float32:
         return f"the weight is {w.dtype}{list(w.shape)}, not a float32 matrix"
     a = np.float32(np.abs(w).max(initial=0.0))
-    codes = np.rint(w / a) if a > 0 else np.zeros_like(w)
-    if np.abs(codes).max(initial=0) > 1 or not np.array_equal(codes.astype(np.float32) * a, w):
-        return "the weight constant is not ternary codes times one scale (not folded BitLinear weight quantization)"
+    codes = np.rint(w / a) if a > 0 else np.zeros_like(w)  # |w / a| <= 1: codes in {-1, 0, 1}
+    if not np.array_equal(codes.astype(np.float32) * a, w):
+        # an exporter that folded the straight-through estimator w + (q - w) leaves q within float rounding
+        # (a few ulp of max |w|): the codes times their mean magnitude are the q it meant
+        a = np.float32(np.abs(w[codes != 0]).mean())
+        if np.abs(codes * a - w).max() > _STE_ROUNDING * np.abs(w).max():
+            return "the weight constant is not ternary codes times one scale (not folded BitLinear weight quantization)"
     return codes.astype(np.int8), a
 
 
 def _activation(lhs, b: Bindings):
     """(Q, per-row Product f, A's shape) with A = Q * f, else the reason as a string."""
-    inner = b.strip(lhs, "relax.reshape")
+    inner = _codes_side(lhs, b)
     shape, outer = static_shape(inner), static_shape(lhs)
     if shape is None or outer is None:
         return "the activation shape is not static"
@@ -105,6 +121,12 @@ def _activation(lhs, b: Bindings):
     if any(static_shape(a) not in (row, (1,) * len(row)) for a in f.factors):
         return "the activation scale is not one value per token"
     return codes[0], f, shape
+
+
+def _codes_side(lhs, b: Bindings):
+    """The matmul's activation operand without its reshapes and batch broadcast, and the quantized
+    value itself where a straight-through estimator wraps it."""
+    return b.through_ste(b.strip(lhs, "relax.reshape", "relax.broadcast_to"))
 
 
 def _int8_codes(e, b: Bindings) -> bool:

@@ -56,6 +56,16 @@ class Bindings:
             e = c.args[0]
         return self.root(e)
 
+    def through_ste(self, e):
+        """q when `e` is a straight-through estimator x + (q - x) (torch.export drops the detach of
+        x + (q - x).detach(); the sum is q up to float rounding, so q itself is what the layer means), else e."""
+        add = self.call(e, "relax.add")
+        for x, diff in ((add.args, add.args[::-1]) if add is not None else ()):
+            sub = self.call(diff, "relax.subtract")
+            if sub is not None and self.root(sub.args[1]).same_as(self.root(x)):
+                return self.root(sub.args[0])
+        return self.root(e)
+
     def item(self, e):
         """(tuple producer, index) when `e` is t[i], looking through a repacked tuple (a, b)[0]."""
         v = self.value(e)
@@ -256,7 +266,7 @@ _REDUCE = {"relax.mean": np.mean, "relax.sum": np.sum, "relax.max": np.max, "rel
 def evaluate(e, b: Bindings):
     """Value of a constant-only expression as a numpy array (float32 math, round half to even, as
     TVM's legalized ops compute it), or a string naming the operator it cannot evaluate."""
-    e = b.value(e)
+    e = b.value(b.through_ste(e))
     if is_const(e):
         return e.value.numpy()
     if not (isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op)):
@@ -285,4 +295,6 @@ def evaluate(e, b: Bindings):
             return args[0].reshape([int(d) for d in e.args[1].values])
         if name == "relax.astype":
             return args[0].astype(str(e.attrs.dtype))
+        if name == "relax.broadcast_to":
+            return np.broadcast_to(args[0], [int(d) for d in e.args[1].values])
     return f"{name} in the weight math is not evaluated at compile time"

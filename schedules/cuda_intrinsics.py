@@ -193,17 +193,21 @@ def _fill_impl(c: T.handle) -> None:
 def store_dequant(epilogue: str) -> str:
     """Register (once) and name the intrinsic out[16,16] = epilogue(float(C) * w_scale / x_scale[row]),
     the dequantizing epilogue written from the accumulator fragment to global memory. The epilogue is
-    schedules/w2a8.py's `apply_epilogue`: GELU in registers, or + residual[16,16] read from global."""
+    schedules/w2a8.py's `apply_epilogue`: GELU in registers, + residual[16,16] or + bias[1,16] read from global."""
     from tvm.s_tir import TensorIntrin
 
-    from .w2a8 import apply_epilogue
+    from .w2a8 import apply_epilogue, epilogue_operand
 
     name = f"{STORE_DEQUANT}_{epilogue}"
     if TensorIntrin.get(name, allow_missing=True) is not None:
         return name
 
+    operand = epilogue_operand(epilogue)
+    rows = 1 if operand == "bias" else 16  # of the extra operand's tile
+
     def reads(C, xs, ws, res):  # in the order the epilogue expression loads them
-        return ([] if res is None else [res[0:16, 0:16]]) + [C[0:32, 0:8], ws[0:1], xs[0:16, 0:1]]
+        acc = [C[0:32, 0:8], ws[0:1], xs[0:16, 0:1]]
+        return acc if res is None else [res[0:16, 0:16], *acc] if operand == "residual" else [*acc, res[0:1, 0:16]]
 
     @T.macro
     def desc_body(C, out, xs, ws, res):
@@ -233,7 +237,7 @@ def store_dequant(epilogue: str) -> str:
                             acc = T.meta_var(T.Cast("float32", C[tx, 4 * n8 + 2 * h + c]))
                             out[row, col] = apply_epilogue(epilogue, acc * scale, res, row, col)
 
-    if epilogue != "residual":
+    if operand is None:
 
         @T.prim_func(s_tir=True)
         def desc(c: T.handle, o: T.handle, xs_h: T.handle, ws_h: T.handle) -> None:
@@ -260,7 +264,7 @@ def store_dequant(epilogue: str) -> str:
             out = T.match_buffer(o, (_I(16), _I(16)), "float32")
             xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32")
             ws = T.match_buffer(ws_h, (_I(1),), "float32")
-            res = T.match_buffer(r, (_I(16), _I(16)), "float32")
+            res = T.match_buffer(r, (_I(rows), _I(16)), "float32")
             desc_body(C, out, xs, ws, res)
 
         @T.prim_func(s_tir=True)
@@ -270,7 +274,7 @@ def store_dequant(epilogue: str) -> str:
             out = T.match_buffer(o, (_I(16), _I(16)), "float32", offset_factor=1, strides=[so0, so1])
             xs = T.match_buffer(xs_h, (_I(16), _I(1)), "float32", offset_factor=1, strides=[sx0, sx1])
             ws = T.match_buffer(ws_h, (_I(1),), "float32", offset_factor=1)
-            res = T.match_buffer(r, (_I(16), _I(16)), "float32", offset_factor=1, strides=[sr0, sr1])
+            res = T.match_buffer(r, (_I(rows), _I(16)), "float32", offset_factor=1, strides=[sr0, sr1])
             impl_body(C, out, xs, ws, res)
 
     TensorIntrin.register(name, desc, impl)

@@ -1,7 +1,9 @@
 """norm_quant: BitLinear's RMSNorm and per-token int8 activation quantization in one kernel.
 
 For x float32[M, K] and gain g float32[K], per row m (the math of docs/bitmedvit.md):
-    xn       = x * rsqrt(sum_k(x^2) / K + norm_eps) * g
+    xn       = x * rsqrt(sum_k(x^2) / K + norm_eps) * g                                  (RMSNorm)
+    xn       = (x - mu) * rsqrt(sum_k((x - mu)^2) / K + norm_eps) * g + beta,  mu = sum_k(x) / K
+                                                       (the LayerNorm variant, with a shift beta[K])
     x_scale  = (1 / max(max_k |xn|, scale_eps)) * 127     (reciprocal then multiply, as PyTorch's
                                                             127 / t does, so scales agree bit for bit)
     q        = int8(clip(round_half_even(xn * x_scale), -128, 127))
@@ -26,14 +28,15 @@ class NormQuantConfig:
     m: int  # rows (tokens x batch)
     k: int  # features
     norm_eps: float = 1e-5
-    scale_eps: float = 1e-5
+    scale_eps: float = 1e-5  # 0: absmax without an epsilon (max(|xn|, 0) is |xn|'s max)
+    layer_norm: bool = False  # LayerNorm (mean removed, shift beta) instead of RMSNorm
 
 
 def norm_quant_compute(cfg: NormQuantConfig):
-    """Unscheduled TIR PrimFunc (x, gain) -> (q, x_scale); int64 indices, opaque (op_pattern 8).
+    """Unscheduled TIR PrimFunc (x, gain[, beta]) -> (q, x_scale); int64 indices, opaque (op_pattern 8).
 
-    One loop over rows holds the blocks "sumsq" (row sum of squares), "rstd", "absmax" (row max
-    |xn|), "scale" (x_scale) and "quant".
+    One loop over rows holds the blocks ("sum" for LayerNorm) "sumsq" (row sum of squares),
+    "rstd", "absmax" (row max |xn|), "scale" (x_scale) and "quant".
     """
     from tvm.script import tirx as T
 
@@ -41,20 +44,32 @@ def norm_quant_compute(cfg: NormQuantConfig):
     M, K = T.int64(cfg.m), T.int64(cfg.k)
     norm_eps, scale_eps, kf = T.float32(cfg.norm_eps), T.float32(cfg.scale_eps), T.float32(cfg.k)
 
-    @T.prim_func(private=True, s_tir=True)
-    def norm_quant(x: T.Buffer((M, K), "float32"), g: T.Buffer((K,), "float32"),
-                   q: T.Buffer((M, K), "int8"), xs: T.Buffer((M, T.int64(1)), "float32")):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "norm_quant"})
+    def centered(x, total, vi, vk):
+        return x[vi, vk] - total[vi] / kf if cfg.layer_norm else x[vi, vk]
+
+    def normed(x, total, rstd, g, beta, vi, vk):
+        xn = centered(x, total, vi, vk) * rstd[vi] * g[vk]
+        return xn + beta[vk] if cfg.layer_norm else xn
+
+    @T.macro
+    def body(x, g, beta, total, q, xs):
         ssq = T.sblock_alloc_buffer((M,), "float32")
         rstd = T.sblock_alloc_buffer((M,), "float32")
         amax = T.sblock_alloc_buffer((M,), "float32")
         for i in range(M):  # one row at a time: every block below is per row
+            if cfg.layer_norm:
+                for k in range(K):
+                    with T.sblock("sum"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        with T.init():
+                            total[vi] = T.float32(0)
+                        total[vi] = total[vi] + x[vi, vk]
             for k in range(K):
                 with T.sblock("sumsq"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     with T.init():
                         ssq[vi] = T.float32(0)
-                    ssq[vi] = ssq[vi] + x[vi, vk] * x[vi, vk]
+                    ssq[vi] = ssq[vi] + centered(x, total, vi, vk) * centered(x, total, vi, vk)
             with T.sblock("rstd"):
                 vi = T.axis.remap("S", [i])
                 rstd[vi] = T.rsqrt(ssq[vi] / kf + norm_eps)
@@ -63,7 +78,7 @@ def norm_quant_compute(cfg: NormQuantConfig):
                     vi, vk = T.axis.remap("SR", [i, k])
                     with T.init():
                         amax[vi] = T.min_value("float32")  # max identity (|xn| >= 0: same result as 0)
-                    amax[vi] = T.max(amax[vi], T.fabs(x[vi, vk] * rstd[vi] * g[vk]))
+                    amax[vi] = T.max(amax[vi], T.fabs(normed(x, total, rstd, g, beta, vi, vk)))
             with T.sblock("scale"):
                 vi = T.axis.remap("S", [i])
                 xs[vi, T.int64(0)] = T.float32(1) / T.max(amax[vi], scale_eps) * T.float32(127)
@@ -71,9 +86,26 @@ def norm_quant_compute(cfg: NormQuantConfig):
                 with T.sblock("quant"):
                     vi, vk = T.axis.remap("SS", [i, k])
                     q[vi, vk] = T.Cast("int8", T.max(T.min(T.nearbyint(
-                        x[vi, vk] * rstd[vi] * g[vk] * xs[vi, T.int64(0)]), T.float32(127)), T.float32(-128)))
+                        normed(x, total, rstd, g, beta, vi, vk) * xs[vi, T.int64(0)]), T.float32(127)), T.float32(-128)))
 
-    return norm_quant
+    if not cfg.layer_norm:
+
+        @T.prim_func(private=True, s_tir=True)
+        def norm_quant(x: T.Buffer((M, K), "float32"), g: T.Buffer((K,), "float32"),
+                       q: T.Buffer((M, K), "int8"), xs: T.Buffer((M, T.int64(1)), "float32")):
+            T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "norm_quant"})
+            body(x, g, None, None, q, xs)
+
+        return norm_quant
+
+    @T.prim_func(private=True, s_tir=True)
+    def layer_norm_quant(x: T.Buffer((M, K), "float32"), g: T.Buffer((K,), "float32"), beta: T.Buffer((K,), "float32"),
+                         q: T.Buffer((M, K), "int8"), xs: T.Buffer((M, T.int64(1)), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "norm_quant"})
+        total = T.sblock_alloc_buffer((M,), "float32")  # row sum (the mean is total / K)
+        body(x, g, beta, total, q, xs)
+
+    return layer_norm_quant
 
 
 def schedule_norm_quant_cpu(func, target):
@@ -119,12 +151,16 @@ def vectorizable_nearbyint() -> None:
         op.set_attr("TVectorizable", True)
 
 
-def norm_quant_numpy(x: np.ndarray, g: np.ndarray, norm_eps: float = 1e-5, scale_eps: float = 1e-5):
-    """Independent float32 reference of the kernel's math: (q int8[M, K], x_scale float32[M, 1])."""
+def norm_quant_numpy(x: np.ndarray, g: np.ndarray, norm_eps: float = 1e-5, scale_eps: float = 1e-5,
+                     beta: np.ndarray | None = None):
+    """Independent float32 reference of the kernel's math: (q int8[M, K], x_scale float32[M, 1]);
+    with `beta` the LayerNorm variant."""
     x = x.astype(np.float32)
+    if beta is not None:
+        x = x - x.mean(-1, keepdims=True, dtype=np.float32)
     rstd = (1.0 / np.sqrt((x * x).sum(-1, keepdims=True, dtype=np.float32) / np.float32(x.shape[-1])
                           + np.float32(norm_eps))).astype(np.float32)
-    xn = x * rstd * g.astype(np.float32)
+    xn = x * rstd * g.astype(np.float32) + (0 if beta is None else beta.astype(np.float32))
     xs = (np.float32(1) / np.maximum(np.abs(xn).max(-1, keepdims=True), np.float32(scale_eps))) * np.float32(127)
     q = np.clip(np.rint(xn * xs), -128, 127).astype(np.int8)
     return q, xs.astype(np.float32)

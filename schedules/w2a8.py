@@ -13,6 +13,9 @@ K is padded to a multiple of 4 with u = 1 (T = 0), which adds nothing to the dot
 
 Math: acc[m, n] = sum_k q[m, k] * T[n, k] (exact in int32), out[m, n] = acc * w_scale / x_scale[m]
 where x_scale = 127 / max|xn| per token and w_scale = mean|W| (= 1 / s_w) per tensor.
+Epilogues (applied to out before its one store): "gelu" (erf), "gelu_tanh", "residual" (+ res[m, n]),
+and "bias", "bias_gelu", "bias_gelu_tanh": + bias[0, n] first (a Linear's bias; with a residual add
+after it the pass folds the bias into the residual operand instead).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 KERNEL_ATTR = "bmvcc.kernel"  # PrimFunc attribute naming a bmvcc kernel; schedules dispatch on it
-EPILOGUES = ("none", "gelu", "residual")
+EPILOGUES = ("none", "gelu", "gelu_tanh", "residual", "bias", "bias_gelu", "bias_gelu_tanh")
+
+
+def epilogue_operand(epilogue: str) -> str | None:
+    """The extra input an epilogue reads after x_scale and w_scale: "residual" (float32[M, N]),
+    "bias" (float32[1, N]) or None."""
+    return "bias" if epilogue.startswith("bias") else "residual" if epilogue == "residual" else None
 
 
 def pack_ternary(codes: np.ndarray) -> np.ndarray:
@@ -59,12 +68,18 @@ class W2A8Config:
 
 def w2a8_numpy(q: np.ndarray, packed: np.ndarray, x_scale: np.ndarray, w_scale: float, k: int,
                epilogue: str = "none", residual: np.ndarray | None = None) -> np.ndarray:
-    """Reference: q int8[M, K], packed uint8[N, K/4], x_scale float32[M, 1] -> float32[M, N]."""
+    """Reference: q int8[M, K], packed uint8[N, K/4], x_scale float32[M, 1] -> float32[M, N];
+    `residual` is the epilogue's extra operand (the residual, or the bias [1, N])."""
     acc = q.astype(np.int64) @ unpack_ternary(packed, k).astype(np.int64).T
     out = (acc.astype(np.float32) * np.float32(w_scale)) / x_scale.astype(np.float32)
-    if epilogue == "gelu":
+    if epilogue.startswith("bias"):
+        out = out + residual.astype(np.float32)
+    if epilogue.endswith("gelu"):
         erf = np.vectorize(math.erf)(out.astype(np.float64) / math.sqrt(2.0))
         return (0.5 * out * (1.0 + erf)).astype(np.float32)
+    if epilogue.endswith("gelu_tanh"):
+        o = out.astype(np.float64)
+        return (0.5 * o * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (o + 0.044715 * o**3)))).astype(np.float32)
     if epilogue == "residual":
         return residual.astype(np.float32) + out
     return out
@@ -92,12 +107,18 @@ def _fast_erf(T, x):
 
 def apply_epilogue(epilogue: str, v, res, vi, vj):
     """The "dequant" block's value from the dequantized accumulator v (a TIR expression) at [vi, vj]:
-    erf GELU spelled as Relax legalizes nn.gelu, or res[vi, vj] + v. Schedules' tensor intrinsics
-    build their descriptions with it, so they match the block structurally."""
+    + bias res[0, vj] first for the bias epilogues, then erf GELU spelled as Relax legalizes nn.gelu,
+    tanh GELU as it legalizes nn.gelu_tanh, or res[vi, vj] + v. Schedules' tensor intrinsics build
+    their descriptions with it, so they match the block structurally."""
     from tvm.script import tirx as T
 
-    if epilogue == "gelu":
+    if epilogue.startswith("bias"):
+        v = v + res[vi * 0, vj]  # row 0 of the [1, N] bias (vi * 0 keeps the index's dtype)
+    if epilogue.endswith("gelu"):
         return v * (T.float32(0.5) + _fast_erf(T, v * T.float32(0.7071067811865476)) * T.float32(0.5))
+    if epilogue.endswith("gelu_tanh"):
+        return T.float32(0.5) * v * (T.float32(1) + T.tanh(T.float32(0.7978845608028654) * v * (
+            T.float32(1) + T.float32(0.044715) * v * v)))
     if epilogue == "residual":
         return res[vi, vj] + v
     return v
@@ -107,7 +128,7 @@ def w2a8_compute(cfg: W2A8Config):
     """Unscheduled TIR PrimFunc (q, packed, x_scale, w_scale[, residual]) -> out float32[M, N].
 
     Two blocks in every variant: "acc" (int32 reduction) then "dequant", which applies the
-    epilogue in place: "gelu" (erf) or "residual" (adds the extra [M, N] input).
+    epilogue in place (see EPILOGUES; "residual" and the bias epilogues read an extra input).
 
     Indices are int64 throughout and the function is opaque (op_pattern 8), so Relax fusion and
     DLight leave it to bmvcc's schedules.
@@ -138,7 +159,8 @@ def w2a8_compute(cfg: W2A8Config):
 
     if cfg.epilogue not in EPILOGUES:
         raise ValueError(f"unknown W2A8 epilogue {cfg.epilogue!r}; use one of {EPILOGUES}")
-    if cfg.epilogue != "residual":
+    operand = epilogue_operand(cfg.epilogue)
+    if operand is None:
 
         @T.prim_func(private=True, s_tir=True)
         def w2a8(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
@@ -149,10 +171,12 @@ def w2a8_compute(cfg: W2A8Config):
 
         return w2a8
 
+    rows = M if operand == "residual" else T.int64(1)
+
     @T.prim_func(private=True, s_tir=True)
     def w2a8_residual(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
                       xs: T.Buffer((M, T.int64(1)), "float32"), ws: T.Buffer((T.int64(1),), "float32"),
-                      res: T.Buffer((M, N), "float32"), out: T.Buffer((M, N), "float32")):
+                      res: T.Buffer((rows, N), "float32"), out: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
         body(q, wp, xs, ws, res, out)
 

@@ -32,7 +32,7 @@ import numpy as np
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import cuda_intrinsics as ci
 from .tuning_spaces import tuning_space
-from .w2a8 import EPILOGUES, KERNEL_ATTR, W2A8Config, config_of, w2a8_compute
+from .w2a8 import EPILOGUES, KERNEL_ATTR, W2A8Config, config_of, epilogue_operand, w2a8_compute
 
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
 
@@ -200,7 +200,7 @@ def padded(cfg: W2A8Config, knobs: W2A8CudaKnobs) -> W2A8Config:
 
 def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale, residual=None):
     """numpy operands of cfg -> operands of padded(cfg): padding rows/columns contribute 0 (the residual,
-    given for the "residual" epilogue, is padded with 0 and comes last)."""
+    given for the "residual" epilogue, or the [1, N] bias of a bias epilogue, is padded with 0 and comes last)."""
     p = padded(cfg, knobs)
 
     def pad(a, shape, dtype, value):
@@ -210,7 +210,8 @@ def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale, resi
 
     ops = [pad(q, (p.m, p.k), np.int8, 0), pad(packed, (p.n, p.k_packed), np.uint8, PACKED_ZERO),
            pad(x_scale, (p.m, 1), np.float32, 1.0)]
-    return tuple(ops if residual is None else ops + [pad(residual, (p.m, p.n), np.float32, 0.0)])
+    rows = 1 if epilogue_operand(cfg.epilogue) == "bias" else p.m
+    return tuple(ops if residual is None else ops + [pad(residual, (rows, p.n), np.float32, 0.0)])
 
 
 def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
@@ -342,7 +343,8 @@ def modeled_seconds(cfg: W2A8Config, facts: dict) -> dict:
     are not counted (on Orin they take less time than that output's 4 bytes of DRAM traffic)."""
     ops = 2 * cfg.m * cfg.n * cfg.k
     mn_tensors = 2 if cfg.epilogue == "residual" else 1  # out (and the residual)
-    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n * mn_tensors
+    bias = 4 * cfg.n if epilogue_operand(cfg.epilogue) == "bias" else 0
+    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n * mn_tensors + bias
     compute = ops / (facts["peak_int8_tops"] * 1e12)
     memory = nbytes / (facts["dram_bandwidth_gbs"] * 1e9)
     return {"ops": ops, "bytes": nbytes, "compute_s": compute, "memory_s": memory, "seconds": max(compute, memory),

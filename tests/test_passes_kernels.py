@@ -13,7 +13,7 @@ import torch
 import tvm
 
 from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, norm_quant_numpy, schedule_norm_quant_cpu
-from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute, w2a8_numpy
+from bmvcc.schedules.w2a8 import EPILOGUES, W2A8Config, epilogue_operand, pack_ternary, w2a8_compute, w2a8_numpy
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 
@@ -69,7 +69,7 @@ def test_norm_quant_rounds_ties_half_to_even_like_torch(scheduled):
     assert q[0, 1] == 0 and q[0, 3] == 2 and q[0, 6] == -2  # not half away from zero (1, 3, -3)
 
 
-@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_w2a8_epilogues_match_numpy(epilogue):
     rng = np.random.RandomState(1)
     m, n, k = 8, 24, 36  # k not a multiple of 16: the packed row has a partial last group
@@ -82,7 +82,9 @@ def test_w2a8_epilogues_match_numpy(epilogue):
     lib = _build(w2a8_compute(W2A8Config(m, n, k, epilogue)))
     out = tvm.runtime.empty((m, n), "float32", tvm.cpu())
     args = [tvm.runtime.tensor(a) for a in (q, packed, xs, ws)]
-    if epilogue == "residual":
+    operand = epilogue_operand(epilogue)
+    if operand is not None:
+        res = res[:1] if operand == "bias" else res  # a bias is one row [1, N]
         args.append(tvm.runtime.tensor(res))
     lib["main"](*args, out)
     ref = w2a8_numpy(q, packed, xs, float(ws[0]), k, epilogue, res)

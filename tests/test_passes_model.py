@@ -56,7 +56,7 @@ def test_compiled_logits_match_pytorch(tmp_path, multi_query, fp_attn):
     assert sorted(bl["layers"]) == sorted(bitlinear) and bl["rewritten"] == len(bitlinear)
     assert bl["not_rewritten"] == [] and bl["norm_quant_fused"] == len(bitlinear)
     # FFN output + residual always; out_proj + residual when out_proj is a BitLinear
-    assert bl["epilogues"] == {"gelu": cfg.depth, "residual": (1 if fp_attn else 2) * cfg.depth}
+    assert bl["epilogues"] == {"gelu": cfg.depth, "gelu_tanh": 0, "residual": (1 if fp_attn else 2) * cfg.depth, "bias": 0}
     # multi-query attention is causal: one fused kernel per layer on the host (multi-head has no mask)
     assert passes["causal_attention_fused"] == (cfg.depth if multi_query else 0)
     ternary = sum(w.size for w in bitlinear.values())

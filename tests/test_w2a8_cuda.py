@@ -12,7 +12,7 @@ import tvm
 from bmvcc import targets
 from bmvcc.schedules import cuda_intrinsics as ci
 from bmvcc.schedules import w2a8_cuda as wc
-from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy
+from bmvcc.schedules.w2a8 import W2A8Config, epilogue_operand, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy
 from bmvcc.targets import cuda_toolchain as tc
 
 ORIN = targets.get("jetson-orin-nano")
@@ -33,7 +33,13 @@ def _run_cpu(func, *arrays, out_shape):
     return args[-1].numpy()
 
 
-@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
+def _extra_operand(cfg: W2A8Config):
+    """The epilogue's extra input: the residual [M, N], a bias [1, N] or None."""
+    rows = {"residual": cfg.m, "bias": 1}.get(epilogue_operand(cfg.epilogue))
+    return None if rows is None else np.random.default_rng(3).normal(0.0, 4.0, (rows, cfg.n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual", "bias_gelu_tanh"])
 @pytest.mark.parametrize("m,n,k", [(16, 128, 64), (5, 24, 70)])
 def test_padded_compute_matches_numpy(m, n, k, epilogue):
     """The definition the GPU kernel computes: w2a8_compute on the tile-padded operands (the residual padded
@@ -42,7 +48,7 @@ def test_padded_compute_matches_numpy(m, n, k, epilogue):
     knobs = wc.default_knobs(cfg)
     p = wc.padded(cfg, knobs)
     q, packed, xs, ws = _operands(cfg)
-    res = np.random.default_rng(3).normal(0.0, 4.0, (m, n)).astype(np.float32) if epilogue == "residual" else None
+    res = _extra_operand(cfg)
     qp, wp, xp, *rp = wc.pad_operands(cfg, knobs, q, packed, xs, res)
     assert (unpack_ternary(wp, p.k)[cfg.n:] == 0).all() and (unpack_ternary(wp, p.k)[:, cfg.k:] == 0).all()
     got = _run_cpu(w2a8_compute(p), qp, wp, xp, np.array([ws], np.float32), *rp, out_shape=(p.m, p.n))[:m, :n]
@@ -181,7 +187,7 @@ def _cuda_available():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual", "bias_gelu", "bias_gelu_tanh"])
 @pytest.mark.parametrize("m,n,k", [(256, 256, 128), (5, 40, 70)])
 def test_gpu_matches_numpy(m, n, k, epilogue):
     """On a CUDA GPU (sm_80+): the scheduled kernel (each epilogue) on padded operands equals numpy (exact int32
@@ -190,7 +196,7 @@ def test_gpu_matches_numpy(m, n, k, epilogue):
     knobs = wc.default_knobs(cfg)
     p = wc.padded(cfg, knobs)
     q, packed, xs, ws = _operands(cfg, seed=1)
-    res = np.random.default_rng(3).normal(0.0, 4.0, (m, n)).astype(np.float32) if epilogue == "residual" else None
+    res = _extra_operand(cfg)
     operands = wc.pad_operands(cfg, knobs, q, packed, xs, res)
     dev = tvm.cuda(0)
     arch = "sm_" + dev.compute_version.replace(".", "")
@@ -203,7 +209,7 @@ def test_gpu_matches_numpy(m, n, k, epilogue):
     lib["main"](*args, out)
     # GELU: the rational erf adds 1e-7 * |x| (see test_padded_compute_matches_numpy)
     np.testing.assert_allclose(out.numpy()[:m, :n], w2a8_numpy(q, packed, xs, ws, k, epilogue, res),
-                               rtol=1e-6 if epilogue == "gelu" else 5e-7, atol=1e-6)
+                               rtol=1e-6 if "gelu" in epilogue else 5e-7, atol=1e-6)
 
 
 def test_tuning_knobs_fit_orin():
