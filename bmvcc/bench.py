@@ -80,8 +80,26 @@ def bench(outdir: Path, repeat: int = 50, tracker: str | None = None, key: str |
             calls = _time_remotely(_record_locally(outdir, target, meta, x, params), lib, dev, repeat)
         peak = _host_peak(target) if session is None else None
         runs = repeat if session is None else 1
-        result["profile"] = {"peak": peak.describe() if peak else None, "kernels": _kernel_table(calls, runs, peak)}
+        result["profile"] = {"peak": peak.describe() if peak else None, "kernels": _kernel_table(calls, runs, peak),
+                             "peak_ops_per_s": {"int8": peak.int8_ops_per_s(), "fp32": peak.fp32_ops_per_s()} if peak else {}}
     return result
+
+
+def plot(result: dict, path: Path):
+    """Writes a profiled bench `result` as a roofline chart of measured times beside a bar of where the
+    time goes (bmvcc/roofline_plot.py; compute roofs from targets/cpu_peak.py, no memory roof: bmvcc has
+    no bandwidth facts for CPUs); returns the matplotlib Figure."""
+    from .roofline_plot import plot_roofline
+
+    kernels = []
+    for k in result["profile"]["kernels"]:
+        seconds = k["ms"] / 1e3 / max(k["calls"], 1)  # per call
+        kernels.append({"name": k["name"], "calls": k["calls"], "seconds": seconds,
+                        "ops": k["gop_per_s"] * 1e9 * seconds if "gop_per_s" in k else None,
+                        "bytes": k["gb_per_s"] * 1e9 * seconds if "gb_per_s" in k else None, "unit": k.get("ops_kind")})
+    title = (f"{Path(result['artifact']).name} (batch {result['batch']}) on {result['target']} ({result['where']}): "
+             f"measured times, {result['repeat']} runs")
+    return plot_roofline(kernels, {"compute": result["profile"]["peak_ops_per_s"], "memory": {}}, title, path)
 
 
 def _record(vm, dev, repeat: int) -> list[tuple[str, float, list]]:

@@ -157,13 +157,24 @@ def bench(
     rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: bench on a remote device"),
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key registered with the tracker"),
     profile: bool = typer.Option(False, "--profile", help="also each kernel's share of one call (ms, %, GB/s, GOP/s vs the CPU's peak)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="with --profile: also draw the measured kernels as a roofline chart and a bar of where the time goes (.png, .svg or .pdf)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
     """Latency (min, p50, p90) and throughput on this machine or on a device over TVM RPC."""
-    from .bench import bench as run_bench, format_text
+    if plot is not None:
+        from .roofline_plot import check_plot_path
 
-    result = run_bench(outdir, repeat=repeat, tracker=rpc_tracker, key=rpc_key, profile=profile)
-    typer.echo(json.dumps(result, indent=2) if as_json else format_text(result))
+        if not profile:
+            raise BmvccError("--plot draws the per-kernel profile; pass --profile with it")
+        plot = check_plot_path(plot)
+    from . import bench as bn
+
+    result = bn.bench(outdir, repeat=repeat, tracker=rpc_tracker, key=rpc_key, profile=profile)
+    if plot is not None:
+        bn.plot(result, plot)
+    typer.echo(json.dumps(result, indent=2) if as_json else bn.format_text(result))
+    if plot is not None and not as_json:
+        typer.echo(f"plot: {plot}")
 
 
 @app.command()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from bmvcc.cli import main
@@ -108,6 +109,30 @@ def test_bench_profile_on_the_host(built, capsys):
     main(["bench", str(built), "--repeat", "2", "--profile"])
     text = capsys.readouterr().out
     assert "peak:" in text and "w2a8_" in text and "GOP/s" in text
+
+
+def test_bench_profile_plot_shows_the_measured_kernels(built, capsys, tmp_path):
+    """`bench --profile --plot`: one point per kernel with counted arithmetic at (ops/byte, ops/s) of its
+    measurement, the CPU's int8 and fp32 peaks as roofs (when targets/cpu_peak.py knows this CPU), and
+    bars that add up to the profiled time of one call; --plot without --profile is a user error."""
+    from bmvcc import bench
+
+    main(["bench", str(built), "--repeat", "2", "--profile", "--json", "--plot", str(tmp_path / "p.png")])
+    result = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    fig = bench.plot(result, tmp_path / "p.svg")
+    roofline, bar = fig.axes[:2]
+    counted = [k for k in result["profile"]["kernels"] if "gop_per_s" in k]
+    assert any(k["name"].startswith("w2a8_") for k in counted)
+    points = sorted(tuple(p) for c in roofline.collections for p in c.get_offsets())
+    expected = sorted((k["gop_per_s"] / k["gb_per_s"], k["gop_per_s"]) for k in counted)
+    np.testing.assert_allclose(points, expected, rtol=1e-9)
+    peaks = sorted(v / 1e9 for v in result["profile"]["peak_ops_per_s"].values())
+    flat = sorted(line.get_ydata()[0] for line in roofline.get_lines() if line.get_ydata()[0] == line.get_ydata()[1])
+    assert flat == pytest.approx(peaks)
+    assert sum(p.get_width() for p in bar.patches) == pytest.approx(
+        sum(k["ms"] for k in result["profile"]["kernels"]) * 1e3)  # microseconds per call
+    assert "pass --profile with it" in cli_error(capsys, ["bench", str(built), "--plot", str(tmp_path / "q.png")])
 
 
 def test_bench_over_rpc(built, rpc_device, capsys):
