@@ -1,5 +1,6 @@
 """Whole-model CUDA build: bmvcc kernels scheduled for the GPU, the rest through DLight, and an
-exported .so that carries compiled device code (a cubin), not CUDA source.
+exported .so that carries compiled device code (a cubin), not CUDA source. bmvcc/lowering.py runs these
+stages in order.
 
 1. `fuse`: each W2A8 call_tir is rewritten to call schedules/w2a8.py's compute definition on a shape that
    is a multiple of the tensor-core kernel's tiles: when the GEMM is not, its operands are padded
@@ -11,7 +12,7 @@ exported .so that carries compiled device code (a cubin), not CUDA source.
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
    schedule, norm_quant schedules/norm_quant_cuda.py; both are marked tirx.is_scheduled. Everything
    else (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands,
-   passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `lower`.
+   passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
 2. `tvm.compile` with cp.async enabled. TVM 0.27 keeps the device module as CUDA source, compiled
    at load time by a Python callback a device running only the TVM runtime does not have; so the
    source is compiled here with the pip CUDA 12.6 toolchain (targets/cuda_toolchain.py) to a cubin
@@ -155,17 +156,15 @@ def rewrite_w2a8_calls(mod, kernel_for):
     return out, table
 
 
-def lower(mod, spec):
-    """The rest of tvm.compile's CUDA Relax pipeline (relax.backend.cuda) for a `fuse`d module whose bmvcc
-    kernels are scheduled: DLight, dataflow lowering, finalization. Returns (module for
-    tvm.compile(relax_pipeline=None), {PrimFunc name: kernel_stats} of the kernels the lowered main
-    launches, counted before DLight, which keeps the names). Call under PASS_CONFIG."""
+def lower(mod, spec, calls: dict):
+    """The rest of tvm.compile's CUDA Relax pipeline (relax.backend.cuda) for a module whose PrimFuncs are
+    all scheduled (bmvcc/lowering.py's `schedule`): dataflow lowering, finalization. Returns (module for
+    tvm.compile(relax_pipeline=None), the entries of `calls` (kernel_calls before DLight) of the kernels the
+    lowered main launches). Call under PASS_CONFIG."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
     target = spec.target()
-    calls = kernel_calls(mod)
-    mod = schedule_rest(mod, spec)
     with target:
         mod = tvm.transform.Sequential(cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
     launched = _launched(mod)  # reshape kernels became views (vm.builtin.reshape) in between: no launch

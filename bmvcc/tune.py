@@ -1,7 +1,7 @@
 """bmvcc tune: MetaSchedule search over the kernels of a compiled model, recorded in a tuning database.
 
-Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (schedules/cpu_default.py; for a GPU,
-bmvcc/gpu_build.py's `fuse`, W2A8 on its padded compute definition) -> one task per distinct PrimFunc.
+Flow: checkpoint -> Relax -> bmvcc passes -> bmvcc/lowering.py's `fuse` (for a GPU, W2A8 on its padded
+compute definition) -> one task per distinct PrimFunc.
 bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner registered in
 schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
 MetaSchedule's default space. Search: evolutionary with the XGBoost cost model, one task after another.
@@ -278,21 +278,13 @@ def _space(mod, target):
 
 
 def _fused_and_defaults(mod, spec):
-    """(bmvcc's Relax module legalized and fused as the target's build does it, whose PrimFuncs are the
-    tasks; the same module scheduled as `bmvcc compile` schedules it without a database)."""
-    import tvm
+    """(bmvcc's Relax module after bmvcc/lowering.py's `fuse`, whose PrimFuncs are the tasks; the same
+    module after its `schedule`, as `bmvcc compile` schedules it without a database)."""
+    from . import lowering
 
-    target = spec.target()
-    if spec.device == "cuda":  # bmvcc/gpu_build.py: W2A8 on its padded compute definition, hand schedules + DLight
-        from . import gpu_build
-
-        with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
-            mod, kernels = gpu_build.fuse(mod, spec)
-            return mod, gpu_build.schedule_rest(gpu_build.schedule_kernels(mod, kernels)[0], spec)
-    from .schedules.cpu_default import legalize_and_fuse, schedule_cpu_module
-
-    mod = legalize_and_fuse(mod, target)
-    return mod, schedule_cpu_module(mod, target)
+    with lowering.pass_context(spec):
+        fused = lowering.fuse(mod, spec)
+        return fused.mod, lowering.schedule(fused, spec).mod
 
 
 def _context_imports(target):

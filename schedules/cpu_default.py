@@ -98,8 +98,13 @@ def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
 
 def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -> tvm.IRModule:
     """Legalize, fuse and schedule `mod` for a CPU `target`; `report` (if given) gets {function: rule}."""
+    return schedule_fused(legalize_and_fuse(mod, target), target, report)
+
+
+def schedule_fused(mod: tvm.IRModule, target, report: dict | None = None) -> tvm.IRModule:
+    """Schedule a `legalize_and_fuse`d module for a CPU `target`: bmvcc kernels by their own schedules, every
+    other PrimFunc not marked tirx.is_scheduled by the first rule that applies; `report` gets {function: rule}."""
     facts = CpuFacts.of(target)
-    mod = legalize_and_fuse(mod, target)
     report = {} if report is None else report
     updates = {}
     for gv, func in mod.functions_items():
