@@ -10,8 +10,8 @@
             CPU (schedules/cpu_default.py)          GPU (bmvcc/gpu_build.py)
   fuse      legalize_and_fuse                       fuse (W2A8 on its padded tiles, CUDA legalization)
   schedule  schedule_fused                          schedule_kernels, kernel_calls, schedule_rest (DLight)
-  package   tvm.compile, export_library             lower, tvm.compile, compile_device, export_library
-                                                    (pack_imports: cubin embedded), write_device_files
+  package   tvm.compile, export_library             lower, tvm.compile, compile_device, export_library,
+                                                    pack_imports (targets/cuda_export.py), write_device_files
 """
 
 from __future__ import annotations
@@ -79,15 +79,16 @@ def package(stage: Stage, spec, path: Path, progress: Callable[[str], None] = la
         executable.export_library(str(path), **link(spec))
         return
     from . import gpu_build
+    from .targets import cuda_export
 
     progress("tvm.compile")
     mod, calls = gpu_build.lower(stage.mod, spec, stage.calls)
     launches, definitions = gpu_build.device_launches(mod, stage.definitions, calls, spec)
     executable = tvm.compile(mod, target=spec.target(), relax_pipeline=None)
     progress(f"compiling device code for {spec.facts['arch']} (NVRTC, ptxas)")
-    source, cubin = gpu_build.compile_device(executable, spec.facts["arch"])
+    source, cubin = cuda_export.compile_device(executable, spec.facts["arch"])
     progress(f"exporting {path.name}")
-    executable.export_library(str(path), fpack_imports=gpu_build.pack_imports(source, cubin.data), **link(spec))
+    executable.export_library(str(path), fpack_imports=cuda_export.pack_imports(source, cubin.data), **link(spec))
     gpu_build.write_device_files(path.parent, cubin, stage.kernels, calls, launches, definitions)
 
 

@@ -2,7 +2,7 @@
 
 Flow: checkpoint -> Relax -> bmvcc passes -> bmvcc/lowering.py's `fuse` (for a GPU, W2A8 on its padded
 compute definition) -> one task per distinct PrimFunc.
-bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner registered in
+bmvcc's own kernels (schedules/w2a8.py's kernel_of) search the space their schedule owner registered in
 schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
 MetaSchedule's default space. Search: evolutionary with the XGBoost cost model, one task after another.
 
@@ -114,7 +114,7 @@ def _build(mod, target, _params):
 def _export(cross_compiler: str | None, arch: str | None, rt_mod) -> str:
     """Builder worker: a shared library, linked here (targets/cross.py for another CPU), so the device
     needs only the TVM runtime to load it. For a GPU (`arch`, e.g. "sm_87") the device code is compiled
-    here to a cubin and embedded as in `bmvcc compile` (bmvcc/gpu_build.py): TVM would embed CUDA source,
+    here to a cubin and embedded as in `bmvcc compile` (targets/cuda_export.py): TVM would embed CUDA source,
     which a runtime-only device cannot compile."""
     import tempfile
 
@@ -125,10 +125,10 @@ def _export(cross_compiler: str | None, arch: str | None, rt_mod) -> str:
 
         options["fcompile"] = cross.fcompile(cross_compiler)
     if arch is not None:
-        from . import gpu_build
+        from .targets import cuda_export
 
-        source, cubin = gpu_build.compile_device(rt_mod, arch)
-        options["fpack_imports"] = gpu_build.pack_imports(source, cubin.data)
+        source, cubin = cuda_export.compile_device(rt_mod, arch)
+        options["fpack_imports"] = cuda_export.pack_imports(source, cubin.data)
     rt_mod.export_library(path, **options)
     return path
 
@@ -260,16 +260,12 @@ def _measure_default(mod, target, builder, runner) -> float | None:
 
 # ---- tasks, spaces and the database ---------------------------------------------------------------
 
-def _kernel_name(mod) -> str | None:
-    attrs = mod["main"].attrs
-    return str(attrs["bmvcc.kernel"]) if attrs is not None and "bmvcc.kernel" in attrs else None
-
-
 def _space(mod, target):
     """(space generator or None when the kernel keeps its hand schedule, kind label)."""
     from .schedules.tuning_spaces import has_space, space_for
+    from .schedules.w2a8 import kernel_of
 
-    kernel = _kernel_name(mod)
+    kernel = kernel_of(mod["main"])
     if kernel is None:
         return "post-order-apply", "default space"
     if not has_space(kernel, target):

@@ -16,6 +16,7 @@ from .fp16_matmuls import fp16_matmuls
 from .fuse_causal_attention import fuse_causal_attention
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
+from .pad_w2a8_to_tiles import pad_w2a8_to_tiles
 from .quantize_bitlinear import quantize_bitlinear
 from .relax_match import REPORT_PREFIX, read_report
 
@@ -42,6 +43,8 @@ def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str,
         # Phase 4 (CPU): attention with a constant causal mask -> one kernel that skips the masked half
         *([("fuse_causal_attention", fuse_causal_attention)] if device == "cpu" else []),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
+        # GPU only: W2A8 calls on the tensor-core kernel's tiles (operands padded, output sliced)
+        *([("pad_w2a8_to_tiles", pad_w2a8_to_tiles)] if device == "cuda" else []),
     ]
 
 

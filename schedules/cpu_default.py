@@ -38,9 +38,10 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.target import codegen
 
+from .w2a8 import KERNEL_ATTR
+
 log = logging.getLogger(__name__)
 
-KERNEL_ATTR = "bmvcc.kernel"  # hand-scheduled kernels (schedules/w2a8_cpu.py): never touched here
 A_BLOCK_BYTES = 128 * 1024  # budget for the A row block (MC x K) reused across column strips: half a small L2
 MIN_PARALLEL_WORK = 4096  # fewer elements than this are not worth waking the thread pool
 MAX_ROW_BLOCK = 256
@@ -124,6 +125,7 @@ def schedule_fused(mod: tvm.IRModule, target, report: dict | None = None) -> tvm
         report[name] = rule
         if sch is not None:
             updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    mod = mod.clone()  # the fused module stays as it was (bmvcc tune's tasks)
     for gv, func in updates.items():
         mod[gv] = func
     unscheduled = sorted(n for n, r in report.items() if r is None)

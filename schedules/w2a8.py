@@ -4,7 +4,8 @@ This file is the contract between the passes and every backend's schedule:
 - `pack_ternary` / `unpack_ternary` define the packed weight layout;
 - `W2A8Config` names one kernel instance;
 - `w2a8_compute` is the reference compute definition (TIR, unscheduled) the passes call and every
-  schedule (schedules/w2a8_*.py) transforms; `w2a8_numpy` is its independent numpy reference.
+  schedule (schedules/w2a8_*.py) transforms; `w2a8_numpy` is its independent numpy reference;
+- `kernel_of` / `config_of` read a PrimFunc's kernel kind and configuration from its attributes.
 
 Packed layout (row-major over output features n, 4 codes per byte, low bits first):
     u[n, k] = T[n, k] + 1 in {0, 1, 2}            (T ternary in {-1, 0, +1}; 3 never occurs)
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KERNEL_ATTR = "bmvcc.kernel"  # PrimFunc attribute naming a bmvcc kernel; schedules dispatch on it
+KERNEL_ATTR = "bmvcc.kernel"  # PrimFunc attribute naming a bmvcc kernel's kind; schedules dispatch on it
+CONFIG_ATTR = "bmvcc.config"  # PrimFunc attribute: the configuration it was built from ({field: value})
 EPILOGUES = ("none", "gelu", "residual")
 
 
@@ -147,7 +149,7 @@ def w2a8_compute(cfg: W2A8Config):
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
             body(q, wp, xs, ws, None, out)
 
-        return w2a8
+        return w2a8.with_attr(CONFIG_ATTR, vars(cfg))
 
     @T.prim_func(private=True, s_tir=True)
     def w2a8_residual(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
@@ -156,26 +158,26 @@ def w2a8_compute(cfg: W2A8Config):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
         body(q, wp, xs, ws, res, out)
 
-    return w2a8_residual
+    return w2a8_residual.with_attr(CONFIG_ATTR, vars(cfg))
+
+
+def kernel_of(func) -> str | None:
+    """The bmvcc kernel kind of a PrimFunc (attr KERNEL_ATTR), else None (also for any other function)."""
+    from tvm import tirx
+
+    attrs = func.attrs if isinstance(func, tirx.PrimFunc) else None
+    return str(attrs[KERNEL_ATTR]) if attrs is not None and KERNEL_ATTR in attrs else None
 
 
 def config_of(func) -> W2A8Config:
-    """W2A8Config of a w2a8_compute PrimFunc: the shapes from its "acc" block, the epilogue as the
-    variant of w2a8_compute it is structurally equal to."""
-    import tvm
-    from tvm import s_tir
+    """The W2A8Config a w2a8_compute PrimFunc (scheduled or not) was built from (attr CONFIG_ATTR)."""
+    return W2A8Config(**attr_value(func.attrs[CONFIG_ATTR]))
 
-    from ..errors import BmvccError
 
-    sch = s_tir.Schedule(func)
-    reads = sch.get(sch.get_sblock("acc")).reads
-    m, k = (int(v) for v in reads[0].source.shape)
-    n = int(reads[1].source.shape[0])
-    for epilogue in EPILOGUES:
-        cfg = W2A8Config(m=m, n=n, k=k, epilogue=epilogue)
-        try:
-            tvm.ir.assert_structural_equal(func.body, w2a8_compute(cfg).body, map_free_vars=True)
-            return cfg
-        except (ValueError, AssertionError):
-            continue
-    raise BmvccError(f"W2A8 PrimFunc ({m}x{n}x{k}) is not a w2a8_compute variant; this is a bmvcc bug")
+def attr_value(value):
+    """A TVM attribute value (Map, Array, String, int) as plain Python (dict, list, str, int)."""
+    if hasattr(value, "items"):
+        return {str(k): attr_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+        return [attr_value(v) for v in value]
+    return str(value) if isinstance(value, str) else value

@@ -89,6 +89,7 @@ def test_database_record_replays_on_the_task_and_builds_into_the_model(gpu_tuned
     from tvm.s_tir import meta_schedule as ms
 
     from bmvcc import gpu_build, lowering
+    from bmvcc.targets import cuda_export
 
     _, fused, table, task, db, _ = gpu_tuned
     spec = get_target(TARGET)
@@ -109,5 +110,5 @@ def test_database_record_replays_on_the_task_and_builds_into_the_model(gpu_tuned
         tvm.ir.assert_structural_equal(scheduled.mod[task], applied[task])  # not rescheduled by hand or DLight
         lowered, _ = gpu_build.lower(scheduled.mod, spec, scheduled.calls)
         executable = tvm.compile(lowered, target=spec.target(), relax_pipeline=None)
-    _, cubin = gpu_build.compile_device(executable, "sm_87")
+    _, cubin = cuda_export.compile_device(executable, "sm_87")
     assert cubin.opcode_counts().get("IMMA.16832.S8.S8", 0) > 0
