@@ -48,6 +48,7 @@ def compile(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="MedMNIST data set the model was trained on (label names for predict and eval)"),
     db: Optional[Path] = typer.Option(None, "--db", help="tuning database from bmvcc tune (same target) to apply"),
     force: bool = typer.Option(False, "--force", help="replace OUTDIR even if it is not a bmvcc artifact (its files are deleted)"),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after every pass and build stage to this directory (TVMScript)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Compile a checkpoint into an artifact directory (module .so, weights, metadata.json)."""
@@ -55,7 +56,7 @@ def compile(
 
     options = CompileOptions(target=target, batch=batch, heads=heads, image_size=image_size,
                              trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset, db=db,
-                             force=force)
+                             force=force, dump_ir=dump_ir)
     report = compile_model(source, output, options, progress=_progress)
     summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
                "kernels_from_db": report.metadata["tuning"]["kernels_from_db"]}
