@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from . import scratch
-from .errors import BmvccError
+from .errors import BmvccError, InternalError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile ternary-weight BitMedViT models into Apache TVM modules.")
@@ -202,13 +203,13 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print the per-kernel summary as JSON"),
 ):
     """Show a GPU artifact's device binary: per kernel registers, shared memory, SASS mix; or its SASS."""
-    from . import inspect as insp
+    from . import device_summary
 
     if sass:
-        typer.echo(insp.sass(outdir))
+        typer.echo(device_summary.sass(outdir))
         return
-    s = insp.summary(outdir)
-    typer.echo(json.dumps(s, indent=2) if as_json else insp.format_text(s))
+    s = device_summary.summary(outdir)
+    typer.echo(json.dumps(s, indent=2) if as_json else device_summary.format_text(s))
 
 
 @app.command()
@@ -300,6 +301,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit(130)
         if isinstance(e, BmvccError):
             typer.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        if isinstance(e, InternalError):  # a bmvcc bug: the traceback is what its report needs
+            traceback.print_exception(e)
             sys.exit(e.exit_code)
         if not isinstance(e, typer.TyperException):  # typer's vendored click ClickException: usage errors
             raise

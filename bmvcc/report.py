@@ -44,11 +44,11 @@ def w2a8_roofline(cfg, facts: dict) -> dict:
 
 
 def report(outdir: Path) -> dict:
-    from . import inspect
+    from . import device_summary
     from .targets import get
 
     outdir = Path(outdir)
-    summary = inspect.summary(outdir)  # checks that OUTDIR is a GPU artifact, its files as compiled
+    summary = device_summary.summary(outdir)  # checks that OUTDIR is a GPU artifact, its files as compiled
     from .schedules.w2a8 import W2A8Config  # imports TVM: after the check
 
     info = json.loads((outdir / DEVICE_INFO).read_text())

@@ -15,7 +15,7 @@ import re
 import struct
 from pathlib import Path
 
-from ..errors import BmvccError
+from ..errors import InternalError
 
 
 def compile_device(executable, arch: str):
@@ -24,7 +24,7 @@ def compile_device(executable, arch: str):
 
     cuda = executable.mod._collect_from_import_tree(lambda m: m.kind == "cuda")
     if len(cuda) != 1:
-        raise BmvccError(f"expected one CUDA device module in the build, found {len(cuda)}; this is a bmvcc bug")
+        raise InternalError(f"expected one CUDA device module in the build, found {len(cuda)}")
     source = cuda[0].inspect_source("cuda")
     return source, cuda_toolchain.compile_cuda(source, arch)
 
@@ -43,13 +43,13 @@ def embed_cubin(blob: bytes, source: str, cubin: bytes) -> bytes:
     starts = [m.start() for m in re.finditer(re.escape(head), blob)
               if blob[m.end() + 8: m.end() + 20] == head]  # kind "cuda", record size, fmt "cuda"
     if len(starts) != 1 or struct.unpack_from("<Q", blob)[0] != len(blob) - 8:
-        raise BmvccError("unexpected layout of TVM's serialized CUDA module; this is a bmvcc bug")
+        raise InternalError("unexpected layout of TVM's serialized CUDA module")
     size_at = starts[0] + len(head)
     record = size_at + 8
     end = record + struct.unpack_from("<Q", blob, size_at)[0]
     data_at = end - len(src) - 8
     if struct.unpack_from("<Q", blob, data_at)[0] != len(src) or blob[data_at + 8: end] != src:
-        raise BmvccError("the serialized CUDA module does not end with its source; this is a bmvcc bug")
+        raise InternalError("the serialized CUDA module does not end with its source")
     fmap = blob[record + len(head): data_at]
     new_record = _u64(5) + b"cubin" + fmap + _u64(len(cubin)) + cubin
     rest = blob[8:size_at] + _u64(len(new_record)) + new_record + blob[end:]

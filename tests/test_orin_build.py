@@ -12,6 +12,7 @@ import pytest
 from bmvcc import artifact
 from bmvcc.targets import cuda_export
 from bmvcc.driver import CompileOptions, compile_model
+from bmvcc.errors import InternalError
 
 from conftest import cli_error, small_config
 
@@ -41,7 +42,7 @@ def test_so_is_aarch64_and_embeds_the_cubin_not_source(orin_build):
 
 
 def test_sass_has_tensor_core_w2a8_and_norm_quant(orin_build):
-    from bmvcc.inspect import sass
+    from bmvcc.device_summary import sass
 
     text = sass(orin_build)
     for op in ("IMMA.16832.S8.S8", "LDSM", "LDGSTS"):
@@ -82,6 +83,8 @@ def test_embed_cubin_rewrites_only_the_cuda_record():
     new_record = struct.pack("<Q", 5) + b"cubin" + fmap + struct.pack("<Q", len(cubin)) + cubin
     expected = b"head" + struct.pack("<Q", 4) + b"cuda" + struct.pack("<Q", len(new_record)) + new_record + b"tail"
     assert new == struct.pack("<Q", len(expected)) + expected
+    with pytest.raises(InternalError, match="layout of TVM's serialized CUDA module; this is a bmvcc bug: please report"):
+        cuda_export.embed_cubin(blob[:-1], source, cubin)  # the size field no longer matches
 
 
 def test_report_totals_and_w2a8_model(orin_build):
