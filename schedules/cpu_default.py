@@ -146,11 +146,10 @@ def _is_extern_call(func) -> bool:
 
 
 def _kernel_schedule(kind: str):
-    """The CPU schedule of a bmvcc kernel, by its "bmvcc.kernel" attr (None: left to its owner)."""
-    from .norm_quant import schedule_norm_quant_cpu
-    from .w2a8_cpu import schedule_w2a8_cpu
+    """The CPU schedule of a bmvcc kernel, by its kind (schedules/kernels.py; None: left to its owner)."""
+    from .kernels import schedule_of
 
-    return {"norm_quant": schedule_norm_quant_cpu, "w2a8": schedule_w2a8_cpu}.get(kind)
+    return schedule_of(kind, "cpu")
 
 
 def _is_scheduled(func) -> bool:

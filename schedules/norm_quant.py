@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tuning_spaces import tuning_space
 from .w2a8 import KERNEL_ATTR
 
 MAX_VECTOR = 64  # widest quant-loop vector the space samples (LLVM splits it into register-wide parts)
@@ -89,7 +88,6 @@ def schedule_norm_quant_cpu(func, target):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-@tuning_space("norm_quant", device="cpu")
 def norm_quant_space(sch, target) -> None:
     """MetaSchedule design space (schedules/tuning_spaces.py): the quant loop's vector width sampled.
     No unroll knob: unrolling the row reductions moved x_scale by an ulp (LLVM contracts the unrolled

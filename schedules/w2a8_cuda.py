@@ -31,7 +31,6 @@ import numpy as np
 
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import cuda_intrinsics as ci
-from .tuning_spaces import tuning_space
 from .w2a8 import EPILOGUES, KERNEL_ATTR, W2A8Config, config_of, w2a8_compute
 
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
@@ -156,7 +155,6 @@ def tuning_knobs(cfg: W2A8Config, facts: dict) -> list[W2A8CudaKnobs]:
     return ([default] if padded(cfg, default) == cfg else []) + [k for k in found if k != default]
 
 
-@tuning_space("w2a8", device="cuda")
 def design_spaces(sch, target) -> list:
     """MetaSchedule design spaces of the W2A8 PrimFunc in `sch` for a CUDA target: one schedule per knob
     set of tuning_knobs, each fully determined (no sampled decisions: MetaSchedule samples a population by
