@@ -7,6 +7,7 @@ For x float32[M, K] and gain g float32[K], per row m (the math of docs/bitmedvit
     q        = int8(clip(round_half_even(xn * x_scale), -128, 127))
 Outputs (q int8[M, K], x_scale float32[M, 1]) feed the W2A8 kernel (schedules/w2a8.py).
 Rounding is T.nearbyint (half to even, like torch.round), not T.round (half away from zero).
+Its CPU schedule and tuning space are listed in schedules/kernels.py.
 """
 
 from __future__ import annotations
