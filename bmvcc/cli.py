@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from . import scratch
-from .errors import BmvccError
+from .errors import BmvccError, InternalError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile ternary-weight BitMedViT models into Apache TVM modules.")
@@ -48,6 +49,7 @@ def compile(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="MedMNIST data set the model was trained on (label names for predict and eval)"),
     db: Optional[Path] = typer.Option(None, "--db", help="tuning database from bmvcc tune (same target) to apply"),
     force: bool = typer.Option(False, "--force", help="replace OUTDIR even if it is not a bmvcc artifact (its files are deleted)"),
+    dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after every pass and build stage to this directory (TVMScript)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Compile a checkpoint into an artifact directory (module .so, weights, metadata.json)."""
@@ -55,7 +57,7 @@ def compile(
 
     options = CompileOptions(target=target, batch=batch, heads=heads, image_size=image_size,
                              trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset, db=db,
-                             force=force)
+                             force=force, dump_ir=dump_ir)
     report = compile_model(source, output, options, progress=_progress)
     summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
                "kernels_from_db": report.metadata["tuning"]["kernels_from_db"]}
@@ -213,13 +215,13 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print the per-kernel summary as JSON"),
 ):
     """Show a GPU artifact's device binary: per kernel registers, shared memory, SASS mix; or its SASS."""
-    from . import inspect as insp
+    from . import device_summary
 
     if sass:
-        typer.echo(insp.sass(outdir))
+        typer.echo(device_summary.sass(outdir))
         return
-    s = insp.summary(outdir)
-    typer.echo(json.dumps(s, indent=2) if as_json else insp.format_text(s))
+    s = device_summary.summary(outdir)
+    typer.echo(json.dumps(s, indent=2) if as_json else device_summary.format_text(s))
 
 
 @app.command()
@@ -320,6 +322,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit(130)
         if isinstance(e, BmvccError):
             typer.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        if isinstance(e, InternalError):  # a bmvcc bug: the traceback is what its report needs
+            traceback.print_exception(e)
             sys.exit(e.exit_code)
         if not isinstance(e, typer.TyperException):  # typer's vendored click ClickException: usage errors
             raise

@@ -11,6 +11,7 @@ from . import __version__, artifact
 from .artifact import sha256
 from .data import dataset as medmnist_dataset
 from .errors import BmvccError
+from .irdump import IRDump
 from .sources import check_exists
 
 
@@ -26,6 +27,7 @@ class CompileOptions:
     db: Path | None = None  # tuning database directory from bmvcc tune
     shipped_databases: Path | None = None  # where shipped databases are found (None: tunedb.SHIPPED_DATABASES)
     force: bool = False  # replace an existing OUTDIR that is not a bmvcc artifact (artifact.check_outdir)
+    dump_ir: Path | None = None  # directory for the IR after every pass and stage (bmvcc/irdump.py)
 
 
 @dataclass
@@ -44,6 +46,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
     check_exists(source_path)  # and before the seconds importing torch and TVM take
     dataset = medmnist_dataset(options.dataset) if options.dataset else None
+    dump = IRDump(options.dump_ir)
     from . import frontend, tunedb
 
     db = options.db
@@ -64,12 +67,12 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     from .passes.pipeline import run_pipeline
 
     progress(f"running bmvcc passes for {spec.name}")
-    mod, weights, pass_report = run_pipeline(mod, spec, bitlinear=options.bitlinear)
+    mod, weights, pass_report = run_pipeline(mod, spec, bitlinear=options.bitlinear, dump=dump)
     progress(f"building for {spec.name}: {spec.description}")
     from .build import build
 
     with artifact.staging(outdir, options.force, source_path) as tmp:
-        from_db = build(mod, spec, tmp / artifact.MODULE, progress, db=db)
+        from_db = build(mod, spec, tmp / artifact.MODULE, progress, db=db, dump=dump)
         _save_weights(weights, tmp / artifact.WEIGHTS)
         metadata = _metadata(source, spec, options, pass_report, weights, dataset)
         metadata["tuning"] = {"db": db.name if db else None,  # the name only: builds record no directory

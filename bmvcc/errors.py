@@ -1,7 +1,17 @@
-"""The one error type users see: a message that names the problem and the fix."""
+"""The two error types: a user's mistake (one line naming the problem and the fix) and bmvcc's own bug."""
 
 
 class BmvccError(Exception):
     """A user's mistake (bad input, bad option). The CLI prints it on one line and exits 2."""
 
     exit_code = 2
+
+
+class InternalError(Exception):
+    """An invariant of bmvcc itself broken (a bmvcc bug, not the user's mistake). The CLI prints the traceback,
+    which the report needs, and exits 3."""
+
+    exit_code = 3
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; this is a bmvcc bug: please report it with this traceback")

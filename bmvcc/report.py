@@ -3,7 +3,7 @@ and a roofline ESTIMATE of its time on the target; then the model total (also an
 
 Per kernel and call:
 - W2A8 (int8 tensor cores): MACs = M x N x K of the padded GEMM, traffic and time from
-  schedules/w2a8_cuda.modeled_seconds (int8 dense peak vs DRAM bandwidth);
+  `w2a8_roofline` (int8 dense peak vs DRAM bandwidth);
 - every other kernel: MACs = TVM's static op count / 2 (tvm.s_tir.analysis.estimate_tir_flops at
   build time), traffic = each tensor argument read or written once at its dtype's size (fp16 operands
   of passes/fp16_matmuls.py: 2 bytes), time = max(2 x MACs / peak, bytes / DRAM bandwidth); the peak
@@ -33,14 +33,28 @@ def _roofline(ops: float, nbytes: int, peak_ops: float, facts: dict) -> dict:
             "bound": "compute" if compute >= memory else "memory"}
 
 
+def w2a8_roofline(cfg, facts: dict) -> dict:
+    """Roofline time of one W2A8 GEMM (schedules/w2a8.py's W2A8Config) on a GPU with `facts` (targets/): the
+    larger of int8 tensor-core time at dense peak and DRAM time for compulsory traffic (q, packed weights,
+    x_scale, fp32 out, and the fp32 residual or bias its epilogue reads). The GELU epilogue's ~25 fp32
+    instructions per output are not counted (on Orin they take less time than that output's 4 bytes of DRAM
+    traffic)."""
+    ops = 2 * cfg.m * cfg.n * cfg.k
+    from .schedules.w2a8 import epilogue_operand
+
+    mn_tensors = 2 if cfg.epilogue == "residual" else 1  # out (and the residual)
+    bias = 4 * cfg.n if epilogue_operand(cfg.epilogue) == "bias" else 0
+    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n * mn_tensors + bias
+    return {"ops": ops, "bytes": nbytes, **_roofline(ops, nbytes, facts["peak_int8_tops"] * 1e12, facts)}
+
+
 def report(outdir: Path) -> dict:
-    from . import inspect
+    from . import device_summary
     from .targets import get
 
     outdir = Path(outdir)
-    summary = inspect.summary(outdir)  # checks that OUTDIR is a GPU artifact, its files as compiled
+    summary = device_summary.summary(outdir)  # checks that OUTDIR is a GPU artifact, its files as compiled
     from .schedules.w2a8 import W2A8Config  # imports TVM: after the check
-    from .schedules.w2a8_cuda import modeled_seconds
 
     info = json.loads((outdir / DEVICE_INFO).read_text())
     meta = artifact.read_metadata(outdir)
@@ -55,7 +69,7 @@ def report(outdir: Path) -> dict:
         bmvcc = info["bmvcc_kernels"].get(name, {})
         if bmvcc.get("kernel") == "w2a8":
             cfg = W2A8Config(**bmvcc["padded"])  # the work the kernel does
-            m = modeled_seconds(cfg, facts)
+            m = w2a8_roofline(cfg, facts)
             macs, nbytes, read, written = cfg.m * cfg.n * cfg.k, m["bytes"], None, None
             model = {k: m[k] for k in ("compute_s", "memory_s", "seconds", "bound")}
             unit = "int8 tensor cores"

@@ -1,8 +1,8 @@
 """bmvcc tune: MetaSchedule search over the kernels of a compiled model, recorded in a tuning database.
 
-Flow: checkpoint -> Relax -> bmvcc passes -> legalize + fuse (schedules/cpu_default.py; for a GPU,
-bmvcc/gpu_build.py's `fuse`, W2A8 on its padded compute definition) -> one task per distinct PrimFunc.
-bmvcc's own kernels (attr "bmvcc.kernel") search the space their schedule owner registered in
+Flow: checkpoint -> Relax -> bmvcc passes -> bmvcc/lowering.py's `fuse` (for a GPU, W2A8 on its padded
+compute definition) -> one task per distinct PrimFunc.
+bmvcc's own kernels (schedules/w2a8.py's kernel_of) search the space their schedule owner registered in
 schedules/tuning_spaces.py (tensorization kept, knobs sampled); every other kernel gets
 MetaSchedule's default space.
 
@@ -145,7 +145,7 @@ def _build(mod, target, _params):
 def _export(cross_compiler: str | None, arch: str | None, rt_mod) -> str:
     """Builder worker: a shared library, linked here (targets/cross.py for another CPU), so the device
     needs only the TVM runtime to load it. For a GPU (`arch`, e.g. "sm_87") the device code is compiled
-    here to a cubin and embedded as in `bmvcc compile` (bmvcc/gpu_build.py): TVM would embed CUDA source,
+    here to a cubin and embedded as in `bmvcc compile` (targets/cuda_export.py): TVM would embed CUDA source,
     which a runtime-only device cannot compile."""
     import tempfile
 
@@ -156,10 +156,10 @@ def _export(cross_compiler: str | None, arch: str | None, rt_mod) -> str:
 
         options["fcompile"] = cross.fcompile(cross_compiler)
     if arch is not None:
-        from . import gpu_build
+        from .targets import cuda_export
 
-        source, cubin = gpu_build.compile_device(rt_mod, arch)
-        options["fpack_imports"] = gpu_build.pack_imports(source, cubin.data)
+        source, cubin = cuda_export.compile_device(rt_mod, arch)
+        options["fpack_imports"] = cuda_export.pack_imports(source, cubin.data)
     rt_mod.export_library(path, **options)
     return path
 
@@ -334,16 +334,12 @@ def _model_us(mod, weights, target) -> float:
 
 # ---- tasks, spaces and the database ---------------------------------------------------------------
 
-def _kernel_name(mod) -> str | None:
-    attrs = mod["main"].attrs
-    return str(attrs["bmvcc.kernel"]) if attrs is not None and "bmvcc.kernel" in attrs else None
-
-
 def _space(mod, target):
     """(space generator or None when the kernel keeps its hand schedule, kind label)."""
     from .schedules.tuning_spaces import has_space, space_for
+    from .schedules.w2a8 import kernel_of
 
-    kernel = _kernel_name(mod)
+    kernel = kernel_of(mod["main"])
     if kernel is None:
         return "post-order-apply", "default space"
     if not has_space(kernel, target):
@@ -352,21 +348,13 @@ def _space(mod, target):
 
 
 def _fused_and_defaults(mod, spec):
-    """(bmvcc's Relax module legalized and fused as the target's build does it, whose PrimFuncs are the
-    tasks; the same module scheduled as `bmvcc compile` schedules it without a database)."""
-    import tvm
+    """(bmvcc's Relax module after bmvcc/lowering.py's `fuse`, whose PrimFuncs are the tasks; the same
+    module after its `schedule`, as `bmvcc compile` schedules it without a database)."""
+    from . import lowering
 
-    target = spec.target()
-    if spec.device == "cuda":  # bmvcc/gpu_build.py: W2A8 on its padded compute definition, hand schedules + DLight
-        from . import gpu_build
-
-        with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
-            mod, kernels = gpu_build.fuse(mod, spec)
-            return mod, gpu_build.schedule_rest(gpu_build.schedule_kernels(mod, kernels)[0], spec)
-    from .schedules.cpu_default import legalize_and_fuse, schedule_cpu_module
-
-    mod = legalize_and_fuse(mod, target)
-    return mod, schedule_cpu_module(mod, target)
+    with lowering.pass_context(spec):
+        fused = lowering.fuse(mod, spec)
+        return fused.mod, lowering.schedule(fused, spec).mod
 
 
 _CPU_INTRINSICS = {"x86_64": "x86", "aarch64": "arm_cpu"}  # the tvm.s_tir.tensor_intrin module of a CPU's default space

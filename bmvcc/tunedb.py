@@ -13,10 +13,9 @@ so several models (or batch sizes) of the same target can share a directory: ide
 records and each model only finds its own. bmvcc-db.json lists the models tuned into it (checkpoint
 sha256 and batch) with each task's default-schedule latency, for the reports.
 
-Tasks are the PrimFuncs of the module after bmvcc's passes and the CPU legalization and fusion of
-schedules/cpu_default.py (`legalize_and_fuse`), or for a GPU target bmvcc/gpu_build.py's `fuse`;
-compile with a database applies it to the same fused module (marking tuned PrimFuncs tirx.is_scheduled) before the default schedules, which skip those.
-That relies on `legalize_and_fuse` being idempotent on its own output (checked in tests/test_tune.py).
+Tasks are the PrimFuncs of the module after bmvcc's passes and bmvcc/lowering.py's `fuse` stage;
+compile with a database applies it to the same fused module (marking tuned PrimFuncs tirx.is_scheduled)
+before the `schedule` stage, whose schedules skip those.
 
 Durability. MetaSchedule's JSONDatabase appends each entry with two unsynchronised writes (the line, then
 its newline): a run killed in between leaves a torn line, which the next append would run into. So its
@@ -224,18 +223,9 @@ def _checked_lines(path: Path, progress: Callable[[str], None]) -> bytes:
 
 def apply_database(mod, spec, db_dir: Path, only_faster: bool = True,
                    progress: Callable[[str], None] = lambda msg: None):
-    """bmvcc's Relax module -> (fused module with tuned PrimFuncs marked tirx.is_scheduled, number of
-    kernels from the database), for a CPU target (schedules/cpu_default.py's legalize_and_fuse)."""
-    from .schedules.cpu_default import legalize_and_fuse
-
-    return apply_to_fused(legalize_and_fuse(mod, spec.target()), spec, db_dir, only_faster, progress)
-
-
-def apply_to_fused(mod, spec, db_dir: Path, only_faster: bool = True,
-                   progress: Callable[[str], None] = lambda msg: None):
-    """apply_database on a module already fused as `bmvcc tune` fuses it for spec (CPU: legalize_and_fuse;
-    GPU: gpu_build.fuse). only_faster=False applies every task's best record, even one slower than the
-    default schedule."""
+    """A module fused for spec (bmvcc/lowering.py's `fuse`, as `bmvcc tune` made its tasks) -> (the module with
+    tuned PrimFuncs marked tirx.is_scheduled, number of kernels from the database). only_faster=False
+    applies every task's best record, even one slower than the default schedule."""
     from tvm import relax
 
     key = check_target(db_dir, spec)

@@ -1,6 +1,7 @@
 """bmvcc's Relax pipeline: an explicit, ordered list of small named passes.
 
-Each entry is (name, pass); each pass is IRModule -> IRModule and documented in its own file.
+Each entry is (name, tvm.transform.Pass): TVM's own passes, and bmvcc's (each IRModule -> IRModule,
+documented in its own file) wrapped as module passes by `module_pass`.
 A pass with something to report leaves it as JSON in the module attr REPORT_PREFIX + its name
 here; run_pipeline collects and removes it.
 """
@@ -8,6 +9,7 @@ here; run_pipeline collects and removes it.
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from .drop_training_outputs import drop_training_outputs
@@ -16,52 +18,64 @@ from .fp16_matmuls import fp16_matmuls
 from .fuse_causal_attention import fuse_causal_attention
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
+from .pad_w2a8_to_tiles import pad_w2a8_to_tiles
 from .quantize_bitlinear import quantize_bitlinear
 from .relax_match import REPORT_PREFIX, read_report
 
 
-def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str, object]]:
+def module_pass(func) -> tvm.transform.Pass:
+    """A bmvcc pass function (IRModule -> IRModule) as a tvm.transform module pass of the same name."""
+    return tvm.transform.module_pass(lambda mod, _ctx: func(mod), opt_level=0, name=func.__name__)
+
+
+def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str, tvm.transform.Pass]]:
     """The ordered passes; `device` ("cpu" / "cuda", the target's): passes that exist for one kind only."""
     bitlinear_passes = [
         # Phase 2: BitLinear -> int8 x 2-bit kernels (weights ternarized and packed at compile time)
-        ("quantize_bitlinear", quantize_bitlinear),
-        ("fuse_norm_quant", fuse_norm_quant),  # RMSNorm + int8 quantization in one kernel
-        ("fuse_w2a8_epilogue", fuse_w2a8_epilogue),  # GELU / residual add into the W2A8 kernel
+        ("quantize_bitlinear", module_pass(quantize_bitlinear)),
+        ("fuse_norm_quant", module_pass(fuse_norm_quant)),  # RMSNorm + int8 quantization in one kernel
+        ("fuse_w2a8_epilogue", module_pass(fuse_w2a8_epilogue)),  # GELU / residual add into the W2A8 kernel
     ]
     return [
         # Phase 1: tidy the imported graph
-        ("drop_training_outputs", drop_training_outputs),
+        ("drop_training_outputs", module_pass(drop_training_outputs)),
         ("canonicalize_bindings", relax.transform.CanonicalizeBindings()),
         ("drop_dead_outputs", relax.transform.DeadCodeElimination(["main"])),
         *(bitlinear_passes if bitlinear else []),
         # GPU only: float matmuls on fp16 operands (before fold_constants, which casts their weights)
-        *([("fp16_matmuls", fp16_matmuls)] if device == "cuda" else []),
+        *([("fp16_matmuls", module_pass(fp16_matmuls))] if device == "cuda" else []),
         # Phase 3: fold what is known at compile time (weight quantization of float paths)
         ("drop_dead_weights", relax.transform.DeadCodeElimination(["main"])),
         ("fold_constants", relax.transform.FoldConstant()),
         # Phase 4 (CPU): attention with a constant causal mask -> one kernel that skips the masked half
-        *([("fuse_causal_attention", fuse_causal_attention)] if device == "cpu" else []),
+        *([("fuse_causal_attention", module_pass(fuse_causal_attention))] if device == "cpu" else []),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
+        # GPU only: W2A8 calls on the tensor-core kernel's tiles (operands padded, output sliced)
+        *([("pad_w2a8_to_tiles", module_pass(pad_w2a8_to_tiles))] if device == "cuda" else []),
     ]
 
 
-def run_pipeline(mod, spec, bitlinear: bool = True):
+def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None):
     """Returns (module, weights, report): weights are main's parameters after the image.
 
     externalize_weights always runs last. The report states the BitLinear layers rewritten and
-    not (with reasons) and the weight bytes by kind.
+    not (with reasons) and the weight bytes by kind. `dump(name, mod)` (bmvcc/irdump.py) sees the
+    module before the passes and after each.
     """
     reports: dict = {}
+    dump("import", mod)
     for name, p in passes(bitlinear, spec.device if spec is not None else None):
         mod = p(mod)
         key = REPORT_PREFIX + name
         if mod.attrs is not None and key in mod.attrs:
             reports[name] = read_report(mod, key)
             mod = mod.without_attr(key)
+        dump(name, mod)
     report = _bitlinear_report(reports, bitlinear)
     report["causal_attention_fused"] = reports.get("fuse_causal_attention", {"fused": 0})["fused"]
     report["weight_bytes"] = _weight_bytes(mod)
     mod, weights = externalize_weights(mod)
+    dump("externalize_weights", mod)
     return mod, weights, report
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..schedules.w2a8 import KERNEL_ATTR
+from ..schedules.w2a8 import kernel_of as kernel_kind
 
 REPORT_PREFIX = "bmvcc.report."  # + pass name: module attr (JSON) a pass leaves for run_pipeline
 
@@ -191,14 +191,13 @@ def static_shape(e) -> tuple[int, ...] | None:
 
 
 def kernel_of(mod: tvm.IRModule, call) -> str | None:
-    """The "bmvcc.kernel" attribute of the PrimFunc a call_tir calls, else None."""
+    """The kernel kind (schedules/w2a8.py's kernel_of) of the PrimFunc a call_tir calls, else None."""
     if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir"):
         return None
     gv = call.args[0]
     if not isinstance(gv, tvm.ir.GlobalVar) or gv not in mod.functions:
         return None
-    attrs = mod[gv].attrs
-    return str(attrs[KERNEL_ATTR]) if attrs is not None and KERNEL_ATTR in attrs else None
+    return kernel_kind(mod[gv])
 
 
 def const_name(e) -> str | None:

@@ -38,9 +38,10 @@ import tvm
 from tvm import relax, s_tir, tirx
 from tvm.target import codegen
 
+from .w2a8 import KERNEL_ATTR
+
 log = logging.getLogger(__name__)
 
-KERNEL_ATTR = "bmvcc.kernel"  # hand-scheduled kernels (schedules/w2a8_cpu.py): never touched here
 A_BLOCK_BYTES = 128 * 1024  # budget for the A row block (MC x K) reused across column strips: half a small L2
 MIN_PARALLEL_WORK = 4096  # fewer elements than this are not worth waking the thread pool
 MAX_ROW_BLOCK = 256
@@ -98,8 +99,13 @@ def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
 
 def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -> tvm.IRModule:
     """Legalize, fuse and schedule `mod` for a CPU `target`; `report` (if given) gets {function: rule}."""
+    return schedule_fused(legalize_and_fuse(mod, target), target, report)
+
+
+def schedule_fused(mod: tvm.IRModule, target, report: dict | None = None) -> tvm.IRModule:
+    """Schedule a `legalize_and_fuse`d module for a CPU `target`: bmvcc kernels by their own schedules, every
+    other PrimFunc not marked tirx.is_scheduled by the first rule that applies; `report` gets {function: rule}."""
     facts = CpuFacts.of(target)
-    mod = legalize_and_fuse(mod, target)
     report = {} if report is None else report
     updates = {}
     for gv, func in mod.functions_items():
@@ -119,6 +125,7 @@ def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -
         report[name] = rule
         if sch is not None:
             updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    mod = mod.clone()  # the fused module stays as it was (bmvcc tune's tasks)
     for gv, func in updates.items():
         mod[gv] = func
     unscheduled = sorted(n for n, r in report.items() if r is None)
@@ -139,11 +146,10 @@ def _is_extern_call(func) -> bool:
 
 
 def _kernel_schedule(kind: str):
-    """The CPU schedule of a bmvcc kernel, by its "bmvcc.kernel" attr (None: left to its owner)."""
-    from .norm_quant import schedule_norm_quant_cpu
-    from .w2a8_cpu import schedule_w2a8_cpu
+    """The CPU schedule of a bmvcc kernel, by its kind (schedules/kernels.py; None: left to its owner)."""
+    from .kernels import schedule_of
 
-    return {"norm_quant": schedule_norm_quant_cpu, "w2a8": schedule_w2a8_cpu}.get(kind)
+    return schedule_of(kind, "cpu")
 
 
 def _is_scheduled(func) -> bool:

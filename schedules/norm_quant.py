@@ -9,6 +9,7 @@ For x float32[M, K] and gain g float32[K], per row m (the math of docs/bitmedvit
     q        = int8(clip(round_half_even(xn * x_scale), -128, 127))
 Outputs (q int8[M, K], x_scale float32[M, 1]) feed the W2A8 kernel (schedules/w2a8.py).
 Rounding is T.nearbyint (half to even, like torch.round), not T.round (half away from zero).
+Its CPU schedule and tuning space are listed in schedules/kernels.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tuning_spaces import tuning_space
 from .w2a8 import KERNEL_ATTR
 
 MAX_VECTOR = 64  # widest quant-loop vector the space samples (LLVM splits it into register-wide parts)
@@ -122,7 +122,6 @@ def schedule_norm_quant_cpu(func, target):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-@tuning_space("norm_quant", device="cpu")
 def norm_quant_space(sch, target) -> None:
     """MetaSchedule design space (schedules/tuning_spaces.py): the quant loop's vector width sampled.
     No unroll knob: unrolling the row reductions moved x_scale by an ulp (LLVM contracts the unrolled

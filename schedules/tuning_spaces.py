@@ -1,8 +1,8 @@
 """Tuning design spaces for bmvcc's own kernels (PrimFuncs with attr "bmvcc.kernel").
 
 MetaSchedule's default space would drop what makes these kernels fast (tensorization with VNNI or mma,
-the packed 2-bit decode placement), so each kernel's schedule owner registers a *space function*:
-    @tuning_space("w2a8", device="cpu")
+the packed 2-bit decode placement), so each kernel's schedule owner provides a *space function*,
+listed in schedules/kernels.py's table:
     def space(sch: s_tir.Schedule, target) -> None
 It applies the kernel's hand schedule to the PrimFunc in `sch` (the tuning task), drawing its knobs
 from `sch.sample_perfect_tile` (tiles: mutated by MutateTileSize) and `sample_unroll` below (the
@@ -17,27 +17,13 @@ tuning and compile both run). A kernel with no registered space keeps its hand s
 The target's default postprocessors run on the sampled traces; on the llvm W2A8 space they add only
 the unroll pragmas and a decomposition of the rowsum reduction (RewriteReductionBlock), and leave the
 tensorized blocks alone (RewriteLayout finds no layout-free buffer).
-Spaces register when their module is imported: list the module in `_SPACE_MODULES`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable
+from .kernels import space_of
 
-_SPACES: dict[tuple[str, str], Callable] = {}
-_SPACE_MODULES: tuple[str, ...] = ("w2a8_cpu", "norm_quant", "w2a8_cuda")  # modules of this package that register spaces
 UNROLL_STEPS = (0, 16, 64, 512)  # auto-unroll step candidates (0: loops as scheduled)
-
-
-def tuning_space(kernel: str, device: str = "cpu"):
-    """Register `fn(sch, target)` as the design space of bmvcc kernel `kernel` on `device` ("cpu"/"cuda")."""
-
-    def register(fn: Callable) -> Callable:
-        _SPACES[(kernel, device)] = fn
-        return fn
-
-    return register
 
 
 def sample_unroll(sch) -> None:
@@ -48,16 +34,14 @@ def sample_unroll(sch) -> None:
 
 
 def has_space(kernel: str, target) -> bool:
-    for name in _SPACE_MODULES:
-        importlib.import_module(f"{__package__}.{name}")
-    return (kernel, _device(target)) in _SPACES
+    return space_of(kernel, _device(target)) is not None
 
 
 def space_for(kernel: str, target):
     """A MetaSchedule ScheduleFn over the registered space, with the target's postprocessors and mutators."""
     from tvm.s_tir import meta_schedule as ms
 
-    fn = _SPACES[(kernel, _device(target))]
+    fn = space_of(kernel, _device(target))
     return ms.space_generator.ScheduleFn(lambda sch: fn(sch, target), sch_rules=[])
 
 

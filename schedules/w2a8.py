@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KERNEL_ATTR = "bmvcc.kernel"  # PrimFunc attribute naming a bmvcc kernel; schedules dispatch on it
+KERNEL_ATTR = "bmvcc.kernel"  # PrimFunc attribute naming a bmvcc kernel's kind; schedules dispatch on it
 EPILOGUES = ("none", "gelu", "gelu_tanh", "residual", "bias", "bias_gelu", "bias_gelu_tanh")
 
 
@@ -169,7 +169,7 @@ def w2a8_compute(cfg: W2A8Config):
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
             body(q, wp, xs, ws, None, out)
 
-        return w2a8
+        return w2a8.with_attr(CONFIG_ATTR, vars(cfg))
 
     rows = M if operand == "residual" else T.int64(1)
 
@@ -180,26 +180,31 @@ def w2a8_compute(cfg: W2A8Config):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
         body(q, wp, xs, ws, res, out)
 
-    return w2a8_residual
+    return w2a8_residual.with_attr(CONFIG_ATTR, vars(cfg))
+
+
+# Below w2a8_compute: device_definitions.json records the source lines of its TVMScript (spans), so lines
+# added above it would change GPU artifacts.
+CONFIG_ATTR = "bmvcc.config"  # PrimFunc attribute: the configuration it was built from ({field: value})
+
+
+def kernel_of(func) -> str | None:
+    """The bmvcc kernel kind of a PrimFunc (attr KERNEL_ATTR), else None (also for any other function)."""
+    from tvm import tirx
+
+    attrs = func.attrs if isinstance(func, tirx.PrimFunc) else None
+    return str(attrs[KERNEL_ATTR]) if attrs is not None and KERNEL_ATTR in attrs else None
 
 
 def config_of(func) -> W2A8Config:
-    """W2A8Config of a w2a8_compute PrimFunc: the shapes from its "acc" block, the epilogue as the
-    variant of w2a8_compute it is structurally equal to."""
-    import tvm
-    from tvm import s_tir
+    """The W2A8Config a w2a8_compute PrimFunc (scheduled or not) was built from (attr CONFIG_ATTR)."""
+    return W2A8Config(**attr_value(func.attrs[CONFIG_ATTR]))
 
-    from ..errors import BmvccError
 
-    sch = s_tir.Schedule(func)
-    reads = sch.get(sch.get_sblock("acc")).reads
-    m, k = (int(v) for v in reads[0].source.shape)
-    n = int(reads[1].source.shape[0])
-    for epilogue in EPILOGUES:
-        cfg = W2A8Config(m=m, n=n, k=k, epilogue=epilogue)
-        try:
-            tvm.ir.assert_structural_equal(func.body, w2a8_compute(cfg).body, map_free_vars=True)
-            return cfg
-        except (ValueError, AssertionError):
-            continue
-    raise BmvccError(f"W2A8 PrimFunc ({m}x{n}x{k}) is not a w2a8_compute variant; this is a bmvcc bug")
+def attr_value(value):
+    """A TVM attribute value (Map, Array, String, int) as plain Python (dict, list, str, int)."""
+    if hasattr(value, "items"):
+        return {str(k): attr_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "Array":
+        return [attr_value(v) for v in value]
+    return str(value) if isinstance(value, str) else value

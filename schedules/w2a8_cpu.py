@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tuning_spaces import sample_unroll, tuning_space
+from .tuning_spaces import sample_unroll
 from .w2a8 import KERNEL_ATTR
 from .w2a8_cpu_stages import restage, round_up
 
@@ -134,7 +134,6 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-@tuning_space("w2a8", device="cpu")
 def w2a8_space(sch, target) -> None:
     """MetaSchedule design space: `_schedule` with mr, nt and the unroll step sampled (no Python
     branch depends on a sampled value: MetaSchedule replays this trace with new decisions)."""

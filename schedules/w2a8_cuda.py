@@ -31,7 +31,6 @@ import numpy as np
 
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import cuda_intrinsics as ci
-from .tuning_spaces import tuning_space
 from .w2a8 import EPILOGUES, KERNEL_ATTR, W2A8Config, config_of, epilogue_operand, w2a8_compute
 
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
@@ -156,7 +155,6 @@ def tuning_knobs(cfg: W2A8Config, facts: dict) -> list[W2A8CudaKnobs]:
     return ([default] if padded(cfg, default) == cfg else []) + [k for k in found if k != default]
 
 
-@tuning_space("w2a8", device="cuda")
 def design_spaces(sch, target) -> list:
     """MetaSchedule design spaces of the W2A8 PrimFunc in `sch` for a CUDA target: one schedule per knob
     set of tuning_knobs, each fully determined (no sampled decisions: MetaSchedule samples a population by
@@ -326,31 +324,16 @@ def cuda_source(func, spec) -> str:
 
 def kernel_report(cfg: W2A8Config, spec, knobs: W2A8CudaKnobs | None = None) -> dict:
     """Compile the kernel for CUDA TargetSpec `spec` with the pip toolchain (targets/cuda_toolchain.py) and
-    report ptxas resources, SASS opcode counts and the roofline model; for tests and `bmvcc report`."""
+    report ptxas resources and SASS opcode counts (for tests; bmvcc/report.py has the roofline model)."""
     from ..targets import cuda_toolchain
 
     knobs = knobs or default_knobs(cfg)
     cubin = cuda_toolchain.compile_cuda(cuda_source(scheduled_func(cfg, knobs), spec), spec.facts["arch"])
     (res,) = cubin.resources
     return {"config": cfg, "knobs": knobs, "padded": padded(cfg, knobs), "resources": res,
-            "sass": cubin.opcode_counts(), "model": modeled_seconds(cfg, spec.facts) if "sms" in spec.facts else None}
-
-
-def modeled_seconds(cfg: W2A8Config, facts: dict) -> dict:
-    """Roofline time of one W2A8 GEMM on a GPU with `facts` (targets/): the larger of int8 tensor-core
-    time at dense peak and DRAM time for compulsory traffic (q, packed weights, x_scale, fp32 out, and the
-    fp32 residual read by the "residual" epilogue). The GELU epilogue's ~25 fp32 instructions per output
-    are not counted (on Orin they take less time than that output's 4 bytes of DRAM traffic)."""
-    ops = 2 * cfg.m * cfg.n * cfg.k
-    mn_tensors = 2 if cfg.epilogue == "residual" else 1  # out (and the residual)
-    bias = 4 * cfg.n if epilogue_operand(cfg.epilogue) == "bias" else 0
-    nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n * mn_tensors + bias
-    compute = ops / (facts["peak_int8_tops"] * 1e12)
-    memory = nbytes / (facts["dram_bandwidth_gbs"] * 1e9)
-    return {"ops": ops, "bytes": nbytes, "compute_s": compute, "memory_s": memory, "seconds": max(compute, memory),
-            "bound": "compute" if compute >= memory else "memory"}
+            "sass": cubin.opcode_counts()}
 
 
 __all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "apply", "cuda_source", "default_knobs",
-           "design_spaces", "estimated_registers", "kernel_report", "modeled_seconds", "pad_operands", "padded",
+           "design_spaces", "estimated_registers", "kernel_report", "pad_operands", "padded",
            "schedule", "scheduled_func", "tuning_knobs"]

@@ -96,7 +96,7 @@ def test_every_bitlinear_rewritten_and_logits_match(compiled, spelling, arch):
 def test_orin_build_runs_every_bitlinear_on_tensor_cores(compiled, spelling, arch):
     """GPU builds (20+ s each): erf GELU with bias and RMSNorm; tanh GELU with LayerNorm (BitNet v1)."""
     from bmvcc import gpu_build
-    from bmvcc.inspect import sass
+    from bmvcc.device_summary import sass
 
     model, out, metadata = compiled(spelling, arch, "jetson-orin-nano")
     _check_report(model, arch, spelling, metadata["passes"]["bitlinear"])

@@ -39,13 +39,14 @@ def previous_artifact(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    """The Quick start's compile through the CLI, into an existing OUTDIR, with the JSON summary:
-    `bmvcc compile examples/bitmedvit_digits.pth -o OUT --batch 4 --json` -> (OUT, summary)."""
+    """The Quick start's compile through the CLI, into an existing OUTDIR, with the JSON summary and the IR
+    dumped beside it: `bmvcc compile examples/bitmedvit_digits.pth -o OUT --batch 4 --json --dump-ir ir`
+    -> (OUT, summary)."""
     out = tmp_path_factory.mktemp("cli") / "digits"
     previous_artifact(out)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        main(["compile", str(CKPT), "-o", str(out), "--batch", "4", "--json"])
+        main(["compile", str(CKPT), "-o", str(out), "--batch", "4", "--json", "--dump-ir", str(out.parent / "ir")])
     return out, json.loads(stdout.getvalue())
 
 
@@ -61,6 +62,23 @@ def test_compile_writes_artifact(digits):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+def test_dump_ir_writes_every_pass_and_stage(digits):
+    from bmvcc.passes.pipeline import passes
+
+    out, _ = digits
+    files = sorted((out.parent / "ir").iterdir())
+    ran = ["import", *(name for name, _ in passes(device="cpu")), "externalize_weights", "fuse", "schedule"]
+    assert [f.name for f in files] == [f"{i:02d}-{name}.py" for i, name in enumerate(ran)]
+    assert "R.call_tir" not in files[0].read_text() and "w2a8" in files[ran.index("quantize_bitlinear")].read_text()
+    assert "T.prim_func" in files[-1].read_text() and "T.vectorized" in files[-1].read_text()  # scheduled
+
+
+def test_dump_ir_into_a_file(tmp_path, capsys):
+    (tmp_path / "ir").write_text("")
+    line = cli_error(capsys, ["compile", str(CKPT), "-o", str(tmp_path / "out"), "--dump-ir", str(tmp_path / "ir")])
+    assert "--dump-ir" in line and "is a file" in line and not (tmp_path / "out").exists()
 
 
 def test_run_matches_pytorch_and_labels(digits, tmp_path, capsys):

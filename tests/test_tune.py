@@ -297,16 +297,15 @@ def test_forced_tuned_kernels_keep_the_logits(tuned):
     import tvm
     from tvm import relax
 
-    from bmvcc import frontend
+    from bmvcc import frontend, lowering
     from bmvcc.passes.pipeline import run_pipeline
-    from bmvcc.schedules.cpu_default import schedule_cpu_module
 
     ckpt, model, db, _, _ = tuned
     spec = get_target("host")
     mod, weights, _ = run_pipeline(frontend.to_relax(frontend.load_source(ckpt), 1), spec)
-    applied, count = tunedb.apply_database(mod, spec, db, only_faster=False)
+    applied, count = tunedb.apply_database(lowering.fuse(mod, spec).mod, spec, db, only_faster=False)
     assert count == len(TASKS) and all(applied[t].attrs["tirx.is_scheduled"] for t in TASKS)
-    scheduled = schedule_cpu_module(applied, spec.target())
+    scheduled = lowering.schedule(lowering.Stage(applied), spec).mod
     for t in TASKS:  # not rescheduled by the default rules
         tvm.ir.assert_structural_equal(scheduled[t].body, applied[t].body)
     vm = relax.VirtualMachine(tvm.compile(scheduled, target=spec.target()), tvm.cpu())

@@ -25,16 +25,15 @@ TRIALS = 2
 
 
 def _fused(ckpt):
-    """(gpu_build.fuse's module of the checkpoint: the tuning tasks, its kernel table)."""
-    import tvm
-
-    from bmvcc import frontend, gpu_build
+    """(lowering.fuse's module of the checkpoint: the tuning tasks, its kernel table)."""
+    from bmvcc import frontend, lowering
     from bmvcc.passes.pipeline import run_pipeline
 
     spec = get_target(TARGET)
     mod, _, _ = run_pipeline(frontend.to_relax(frontend.load_source(ckpt), 1), spec)
-    with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
-        return gpu_build.fuse(mod, spec)
+    with lowering.pass_context(spec):
+        stage = lowering.fuse(mod, spec)
+    return stage.mod, stage.kernels
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +91,8 @@ def test_database_record_replays_on_the_task_and_builds_into_the_model(gpu_tuned
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from bmvcc import gpu_build
+    from bmvcc import gpu_build, lowering
+    from bmvcc.targets import cuda_export
 
     _, fused, table, task, db, _ = gpu_tuned
     spec = get_target(TARGET)
@@ -107,11 +107,11 @@ def test_database_record_replays_on_the_task_and_builds_into_the_model(gpu_tuned
 
     applied = fused.clone()
     applied[task] = sch.mod["main"].with_attrs({"global_symbol": task, "tirx.is_scheduled": True})
-    with tvm.transform.PassContext(config=gpu_build.PASS_CONFIG):
-        scheduled, kernels = gpu_build.schedule_kernels(applied, table)
-        assert kernels[task].get("from_db") and "knobs" not in kernels[task]
-        tvm.ir.assert_structural_equal(scheduled[task], applied[task])  # not rescheduled by hand
-        lowered, _ = gpu_build.lower(scheduled, spec)
+    with lowering.pass_context(spec):
+        scheduled = lowering.schedule(lowering.Stage(applied, table), spec)
+        assert scheduled.kernels[task].get("from_db") and "knobs" not in scheduled.kernels[task]
+        tvm.ir.assert_structural_equal(scheduled.mod[task], applied[task])  # not rescheduled by hand or DLight
+        lowered, _ = gpu_build.lower(scheduled.mod, spec, scheduled.calls)
         executable = tvm.compile(lowered, target=spec.target(), relax_pipeline=None)
-    _, cubin = gpu_build.compile_device(executable, "sm_87")
+    _, cubin = cuda_export.compile_device(executable, "sm_87")
     assert cubin.opcode_counts().get("IMMA.16832.S8.S8", 0) > 0

@@ -10,6 +10,7 @@ import pytest
 import tvm
 
 from bmvcc import targets
+from bmvcc.report import w2a8_roofline
 from bmvcc.schedules import cuda_intrinsics as ci
 from bmvcc.schedules import w2a8_cuda as wc
 from bmvcc.schedules.w2a8 import W2A8Config, epilogue_operand, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy
@@ -169,12 +170,12 @@ def test_knobs_validated():
 
 def test_modeled_time_orin_nano():
     facts = ORIN.facts
-    t = wc.modeled_seconds(W2A8Config(1024, 2048, 512), facts)
+    t = w2a8_roofline(W2A8Config(1024, 2048, 512), facts)
     # 2.15 GOP at 20.48 dense TOPS = 105 us; 10 MB of traffic at 68 GB/s = 148 us: memory bound (fp32 out)
     assert t["bound"] == "memory" and t["seconds"] == pytest.approx(t["bytes"] / 68e9)
     assert t["compute_s"] == pytest.approx(2 * 1024 * 2048 * 512 / 20.48e12)
     # the residual epilogue reads one more fp32 [M, N] tensor
-    r = wc.modeled_seconds(W2A8Config(1024, 2048, 512, "residual"), facts)
+    r = w2a8_roofline(W2A8Config(1024, 2048, 512, "residual"), facts)
     assert r["bytes"] - t["bytes"] == 4 * 1024 * 2048
 
 

@@ -1,0 +1,71 @@
+"""pad_w2a8_to_tiles (GPU targets): every W2A8 call -> a call of the tensor-core kernel's compute definition
+on a shape that is a multiple of its tiles (schedules/w2a8_cuda.py's default_knobs and padded).
+
+Matches: call_tir of a PrimFunc with kernel kind "w2a8" (schedules/w2a8.py's kernel_of; its W2A8Config
+from config_of). Produces: when the GEMM is not a multiple of the tiles, its operands padded (q with 0,
+packed weights with 0x55 = four zero weights, x_scale with 1, residual or bias with 0) and the output
+sliced back: the padding contributes exactly 0. The kernel applies the epilogue (bias, GELU, + residual)
+itself.
+The kernel (w2a8_tc_m{M}_n{N}_k{K}[_{epilogue}] when padded, else the function already called) carries
+its padded W2A8Config (CONFIG_ATTR) and in PADDED_FROM_ATTR the model's config and the knobs it is
+scheduled with (bmvcc/gpu_build.py reads both).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..schedules.w2a8 import config_of, epilogue_operand, kernel_of, w2a8_compute
+
+PADDED_FROM_ATTR = "bmvcc.padded_from"  # {"config": the model's W2A8Config, "knobs": W2A8CudaKnobs}
+
+
+def default_tiles(cfg):
+    """(padded config, PrimFunc of it, PADDED_FROM_ATTR value) for the default knobs of cfg."""
+    from ..schedules import w2a8_cuda
+
+    knobs = w2a8_cuda.default_knobs(cfg)
+    p = w2a8_cuda.padded(cfg, knobs)
+    return p, w2a8_compute(p), {"config": vars(cfg), "knobs": vars(knobs)}
+
+
+def pad_w2a8_to_tiles(mod: tvm.IRModule, kernel_for=default_tiles) -> tvm.IRModule:
+    """`kernel_for(cfg)` = (padded cfg, its PrimFunc, PADDED_FROM_ATTR value)."""
+    from ..schedules.w2a8_cuda import PACKED_ZERO
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    added: dict = {}
+
+    @relax.expr_functor.mutator
+    class _W2A8(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not call.op.same_as(call_tir) or kernel_of(mod[call.args[0]]) != "w2a8":
+                return call
+            cfg = config_of(mod[call.args[0]])
+            if cfg not in added:
+                p, func, padded_from = kernel_for(cfg)
+                suffix = "" if cfg.epilogue == "none" else f"_{cfg.epilogue}"
+                # an unpadded kernel is the function already there (the builder finds it), keeping its name
+                gv = self.builder_.add_func(func, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}{suffix}")
+                self.builder_.update_func(gv, func.with_attr(PADDED_FROM_ATTR, padded_from))
+                added[cfg] = (p, gv)
+            p, gv = added[cfg]
+            # (rows, cols, value) of padding per operand: q, packed, x_scale, w_scale (none), residual or bias
+            extra_rows = 0 if epilogue_operand(cfg.epilogue) == "bias" else p.m - cfg.m  # a bias is one row
+            pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, PACKED_ZERO),
+                    (p.m - cfg.m, 0, 1.0), (0, 0, None), (extra_rows, p.n - cfg.n, 0.0)]
+            kernel_args = [self.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
+                           if rows or cols else a for a, (rows, cols, value) in zip(call.args[1].fields, pads)]
+            out = relax.call_tir(gv, kernel_args, relax.TensorType((p.m, p.n), "float32"))
+            if p == cfg:
+                return out
+            return relax.op.strided_slice(self.builder_.emit(out), axes=[0, 1], begin=[0, 0], end=[cfg.m, cfg.n],
+                                          assume_inbound=True)
+
+    mutator = _W2A8(mod)
+    main = mutator.visit_expr(mod["main"])
+    out = mutator.builder_.get()
+    out["main"] = main
+    return relax.transform.DeadCodeElimination(["main"])(out)  # the replaced W2A8 PrimFuncs
