@@ -234,7 +234,7 @@ def test_bundled_example_orin_build_verifies_in_full(tmp_path):
     example = Path(__file__).parent.parent / "examples" / "bitmedvit_digits.pth"
     out = compile_model(example, tmp_path / "orin", CompileOptions(target="jetson-orin-nano")).outdir
     rows = verify_artifact(out, max_ctas=1 << 20)
-    launched = json.loads((out / gpu_build.DEVICE_INFO).read_text())["calls"]
+    launched = json.loads((out / artifact.DEVICE_INFO).read_text())["calls"]
     assert {r["primfunc"] for r in rows} == set(launched)
     assert all(r["verdict"] == "ok" and r["races"] == 0 and r["ctas_run"] == r["ctas_total"] for r in rows), rows
     assert any(r["primfunc"].startswith("w2a8") for r in rows)

@@ -5,6 +5,8 @@ are checked on imported models in test_passes_bitlinear.py and test_passes_kerne
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tvm
@@ -139,7 +141,8 @@ def test_fuse_w2a8_epilogue(epilogue):
         bb.emit_func_output(out)
     after = fuse_w2a8_epilogue(before)
     key = REPORT_PREFIX + "fuse_w2a8_epilogue"
-    assert after.attrs[key] == ('{"gelu": 1, "residual": 0}' if epilogue == "gelu" else '{"gelu": 0, "residual": 1}')
+    expected = {"gelu": int(epilogue == "gelu"), "gelu_tanh": 0, "residual": int(epilogue == "residual"), "bias": 0}
+    assert json.loads(after.attrs[key]) == expected
     tvm.ir.assert_structural_equal(after.without_attr(key), bb.get())
 
 
