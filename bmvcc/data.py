@@ -68,6 +68,7 @@ def load_split(data_dir: Path, ds: Dataset, size: int, split: str) -> tuple[np.n
         raise BmvccError(f"'{path}' does not exist; put MedMNIST's {path.name} in {data_dir} (bmvcc never downloads) "
                          "or pass the --size of a file you have")
     try:
+        _check_claims(path, (f"{split}_images", f"{split}_labels"))
         with np.load(path, allow_pickle=False) as npz:
             images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
     except KeyError:
@@ -83,3 +84,23 @@ def load_split(data_dir: Path, ds: Dataset, size: int, split: str) -> tuple[np.n
     if len(labels) != len(images):
         raise BmvccError(f"'{path}' has {len(images)} {split} images but {len(labels)} labels; download it again")
     return images, labels
+
+
+def _check_claims(path: Path, names) -> None:
+    """Refuses an npz member whose .npy header claims more data than the member holds (before np.load
+    allocates what the header claims)."""
+    from .resources import human, npy_claim
+
+    with zipfile.ZipFile(path) as z:
+        for name in names:
+            try:
+                info = z.getinfo(f"{name}.npy")
+            except KeyError:
+                continue  # reported as a missing array by the caller
+            with z.open(info) as f:
+                shape, dtype, claimed = npy_claim(f)
+                held = info.file_size - f.tell()
+            if claimed > held and not dtype.hasobject:
+                raise BmvccError(f"'{path}' claims {dtype} {shape} ({human(claimed)}) for {name} but holds "
+                                 f"{human(held)}; it is truncated or damaged: download it again")
+

@@ -56,3 +56,15 @@ def human(nbytes: int) -> str:
             value = nbytes / size
             return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
     return f"{nbytes} bytes"
+
+
+def npy_claim(f) -> tuple[tuple[int, ...], "object", int]:
+    """(shape, dtype, bytes of data) that the .npy header at file object `f`'s position claims; `f` is left
+    after the header. Read before loading, so a header claiming terabytes allocates nothing."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(f)
+    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, _fortran, dtype = read_header(f)
+    return shape, dtype, math.prod(shape) * dtype.itemsize
+

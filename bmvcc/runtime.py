@@ -213,19 +213,15 @@ def load(outdir, device: str | None = None) -> CompiledModel:
 
 def load_npy(path: Path) -> np.ndarray:
     """A .npy array whose header is checked against the file's length before anything is allocated."""
-    from numpy.lib import format as npy
-
-    from .resources import human
+    from .resources import human, npy_claim
 
     path = Path(path)
     if not path.is_file():
         raise BmvccError(f"input '{path}' does not exist; check the path")
     try:
         with open(path, "rb") as f:
-            version = npy.read_magic(f)
-            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-            shape, _fortran, dtype = read_header(f)
-            claimed, held = math.prod(shape) * dtype.itemsize, path.stat().st_size - f.tell()
+            shape, dtype, claimed = npy_claim(f)
+            held = path.stat().st_size - f.tell()
             if claimed != held and not dtype.hasobject:  # object arrays: np.load refuses them (no pickles)
                 raise BmvccError(f"input '{path}' claims {dtype} {shape} ({human(claimed)}) but holds {human(held)} "
                                  "of data; it is truncated or damaged: save the images again with numpy.save")

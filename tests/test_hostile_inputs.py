@@ -164,6 +164,23 @@ def test_eval_on_an_empty_split_is_one_line(artifact, capsys, tmp_path):
     assert "organamnist.npz' has no test images" in line and "--split" in line
 
 
+def test_eval_npz_claiming_terabytes_is_one_line(artifact, capsys, tmp_path):
+    """An npz whose test_images header claims 10^11 images (78 TB) but holds one: refused from the header."""
+    import zipfile
+
+    header = tmp_path / "images.npy"
+    with open(header, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (10**11, 28, 28)})
+        f.write(bytes(784))
+    with zipfile.ZipFile(tmp_path / "organamnist.npz", "w") as z:
+        z.write(header, "test_images.npy")
+        with z.open("test_labels.npy", "w") as f:
+            np.save(f, np.zeros((1, 1), np.uint8))
+    line = cli_error(capsys, ["eval", str(artifact[0]), "--dataset", "organamnist", "--data-dir", str(tmp_path)])
+    assert "claims uint8 (100000000000, 28, 28) (78 TB) for test_images but holds 784 bytes" in line
+    assert "download it again" in line
+
+
 # --- wrong models ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.int64, torch.complex64])
