@@ -182,15 +182,19 @@ def _prmt(ctx, ins, parts):
     return f
 
 
+def _bitfield_operands(ctx, ins, parts, values: int):
+    """bfi/bfe operands: (type, dtype, bits, destination, [`values` value operands of the type], pos, len)."""
+    typ = type_of(parts)
+    dt = np.dtype(DTYPES[typ])
+    ops = ins.operands
+    return (typ, dt, dt.itemsize * 8, dest(ctx, ops[0]), [src(ctx, o, typ) for o in ops[1:1 + values]],
+            src(ctx, ops[1 + values], "u32"), src(ctx, ops[2 + values], "u32"))
+
+
 @op("bfi")
 def _bfi(ctx, ins, parts):
     """bfi.b32 d, f, b, pos, len: d = b with bits [pos, pos+len) from f's low bits (§9.7.7.5)."""
-    typ = type_of(parts)
-    dt = np.dtype(DTYPES[typ])
-    bits = dt.itemsize * 8
-    d = dest(ctx, ins.operands[0])
-    f_, b = src(ctx, ins.operands[1], typ), src(ctx, ins.operands[2], typ)
-    pos, ln = src(ctx, ins.operands[3], "u32"), src(ctx, ins.operands[4], "u32")
+    _typ, dt, bits, d, (f_, b), pos, ln = _bitfield_operands(ctx, ins, parts, 2)
 
     def f(st, m):
         p = np.asarray(pos(st)).astype(np.uint64) & 0xFF
@@ -208,12 +212,7 @@ def _bfi(ctx, ins, parts):
 @op("bfe")
 def _bfe(ctx, ins, parts):
     """bfe.{u,s}{32,64} d, a, pos, len: bits [pos, pos+len) of a, zero- or sign-extended (§9.7.7.4)."""
-    typ = type_of(parts)
-    dt = np.dtype(DTYPES[typ])
-    bits = dt.itemsize * 8
-    d = dest(ctx, ins.operands[0])
-    a = src(ctx, ins.operands[1], typ)
-    pos, ln = src(ctx, ins.operands[2], "u32"), src(ctx, ins.operands[3], "u32")
+    typ, dt, bits, d, (a,), pos, ln = _bitfield_operands(ctx, ins, parts, 1)
 
     def f(st, m):
         v = np.asarray(a(st)).astype(np.int64 if typ[0] == "s" else np.uint64)
