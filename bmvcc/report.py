@@ -39,9 +39,9 @@ def w2a8_roofline(cfg, facts: dict) -> dict:
     x_scale, fp32 out, and the fp32 residual or bias its epilogue reads). The GELU epilogue's ~25 fp32
     instructions per output are not counted (on Orin they take less time than that output's 4 bytes of DRAM
     traffic)."""
-    ops = 2 * cfg.m * cfg.n * cfg.k
     from .schedules.w2a8 import epilogue_operand
 
+    ops = 2 * cfg.m * cfg.n * cfg.k
     mn_tensors = 2 if cfg.epilogue == "residual" else 1  # out (and the residual)
     bias = 4 * cfg.n if epilogue_operand(cfg.epilogue) == "bias" else 0
     nbytes = cfg.m * cfg.k + cfg.n * cfg.k_packed + 4 * cfg.m + 4 * cfg.m * cfg.n * mn_tensors + bias
