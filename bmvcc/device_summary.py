@@ -34,27 +34,47 @@ def sass(outdir: Path) -> str:
     return cubin.sass()
 
 
-def kernel_mix(sass_text: str) -> dict[str, dict[str, int]]:
-    """Kernel name -> {instruction family: count} from nvdisasm output (one .text.<kernel> section each)."""
-    mix: dict[str, dict[str, int]] = {}
-    current = None
+def _opcodes(sass_text: str):
+    """(kernel, opcode, instruction line, the label right before it or None) per SASS instruction of nvdisasm
+    output (one .text.<kernel> section each)."""
+    current = label = None
     for line in sass_text.splitlines():
         sec = re.match(r"\s*\.section\s+\.text\.(\w+)", line)
         if sec:
-            current = mix.setdefault(sec.group(1), {})
+            current = sec.group(1)
             continue
         op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if current is not None and op:
-            family = next((f for f in MIX if op.group(1) == f or op.group(1).startswith(f)), None)
-            if family is not None:
-                current[family] = current.get(family, 0) + 1
+            yield current, op.group(1), line, label
+        named = re.match(r"(\.L_x_\d+):", line)
+        label = named.group(1) if named else None if op else label
+
+
+def kernel_mix(sass_text: str) -> dict[str, dict[str, int]]:
+    """Kernel name -> {instruction family: count} from nvdisasm output."""
+    mix: dict[str, dict[str, int]] = {}
+    for kernel, opcode, _, _ in _opcodes(sass_text):
+        current = mix.setdefault(kernel, {})
+        family = next((f for f in MIX if opcode == f or opcode.startswith(f)), None)
+        if family is not None:
+            current[family] = current.get(family, 0) + 1
     return mix
+
+
+def kernel_sizes(sass_text: str) -> dict[str, int]:
+    """Kernel name -> its SASS instructions, without the alignment NOPs and the branch to itself that end the code."""
+    sizes: dict[str, int] = {}
+    for kernel, opcode, line, label in _opcodes(sass_text):
+        if opcode != "NOP" and not (opcode == "BRA" and f"`({label})" in line):
+            sizes[kernel] = sizes.get(kernel, 0) + 1
+    return sizes
 
 
 def summary(outdir: Path) -> dict:
     cubin, meta = _cubin(outdir)
-    mix = kernel_mix(cubin.sass())
-    kernels = {name: {"resources": meta["resources"].get(name), "sass_mix": mix.get(name, {}),
+    text = cubin.sass()
+    mix, sizes = kernel_mix(text), kernel_sizes(text)
+    kernels = {name: {"resources": meta["resources"].get(name), "sass_mix": mix.get(name, {}), "sass_size": sizes.get(name),
                       "bmvcc_kernel": meta["bmvcc_kernels"].get(name.removesuffix("_kernel"), {}).get("kernel")}
                for name in sorted(set(mix) | set(meta["resources"]))}
     return {"arch": meta["arch"], "device_binary": DEVICE_BINARY, "bytes": len(cubin.data), "kernels": kernels}

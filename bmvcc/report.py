@@ -1,21 +1,29 @@
-"""`bmvcc report OUTDIR` for a GPU build: per kernel, work, global-memory traffic, resources, SASS mix
-and a roofline ESTIMATE of its time on the target; then the model total (also an estimate).
+"""`bmvcc report OUTDIR` for a GPU build: per kernel launched, its work, global-memory traffic, resources,
+occupancy, SASS mix and an ESTIMATE of its time on the target; then the model total (an estimate too).
 
-Per kernel and call:
-- W2A8 (int8 tensor cores): MACs = M x N x K of the padded GEMM, traffic and time from
-  `w2a8_roofline` (int8 dense peak vs DRAM bandwidth);
-- every other kernel: MACs = TVM's static op count / 2 (tvm.s_tir.analysis.estimate_tir_flops at
-  build time), traffic = each tensor argument read or written once at its dtype's size (fp16 operands
-  of passes/fp16_matmuls.py: 2 bytes), time = max(2 x MACs / peak, bytes / DRAM bandwidth); the peak
-  is the fp16 tensor-core one for a kernel whose SASS has HMMA (DLight's wmma schedule), else the
-  fp32 CUDA-core one (also for fp16 loads: DLight's other schedules compute in fp32).
-Registers and shared memory are ptxas's; the mix counts SASS instructions in the code (static, not
-executed). Launch overheads, L2 reuse and occupancy are not modeled: real times are longer.
+A PrimFunc call's estimate is the largest of three times, plus its kernel launches' overhead:
+- tensor cores: 2 x MACs at the dense int8 peak (W2A8: M x N x K of the padded GEMM) or the fp16 one (a kernel
+  whose SASS has HMMA, DLight's wmma schedule); none for the others, whose arithmetic is in their issue time;
+- issue: per kernel launch, the SASS instructions each warp executes, at one per clock per warp scheduler of an
+  SM, the busiest scheduler holding ceil(resident warps / schedulers) warps; the CTAs resident per SM are those
+  its registers, shared memory, threads and the block limit allow (ptxas's registers and static shared memory,
+  the launch's dynamic shared memory; allocation units and limits from targets/cuda.py), and the grid runs in
+  rounds of them on the SM with the most CTAs. SASS per warp = the PTX instructions the warp executes (counted by
+  running the kernel's PTX, bmvcc/ptx/issue.py) x the kernel's SASS / PTX static size ratio: ptxas's loops are not
+  visible in the SASS text reliably, the PTX's trip counts are exact; the ratio is exact for straight-line code
+  and assumes ptxas keeps the PTX's loops (does not unroll them further);
+- DRAM: compulsory traffic (W2A8: `w2a8_roofline`'s bytes; others: each tensor argument read or written once at
+  its dtype's size) at the target's achievable bandwidth, a stated fraction of its peak;
+- launch: the target's stated host overhead per kernel launch (targets/jetson.py).
+The lower bound is the peak roofline: max(2 x MACs at the peak of the kernel's unit (fp32 CUDA cores without
+tensor cores), traffic at the full DRAM bandwidth), no launch cost. Not modeled: dependency and memory-latency
+stalls (issue at the peak rate), L2 reuse, launches overlapping kernels: real times can be longer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from . import artifact
@@ -25,6 +33,9 @@ from .errors import BmvccError
 MIX_SHOWN = ("IMMA", "HMMA", "LDSM", "LDGSTS", "LDG", "STG", "SHFL")
 ROOFS = {"int8 tensor cores": "peak_int8_tops", "fp16 tensor cores": "peak_fp16_tflops",
          "fp32 CUDA cores": "peak_fp32_tflops"}  # a kernel's "unit" -> its compute roof's fact (in T ops/s)
+SAMPLE_CTAS = 8  # CTAs per kernel launch run to count executed instructions (bmvcc/ptx/issue.py)
+FACTS_SHOWN = ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs", "peak_int8_tops", "peak_fp16_tflops", "peak_fp32_tflops",
+               "warp_schedulers_per_sm", "dram_efficiency", "launch_us")
 
 
 def _roofline(ops: float, nbytes: int, peak_ops: float, facts: dict) -> dict:
@@ -48,8 +59,62 @@ def w2a8_roofline(cfg, facts: dict) -> dict:
     return {"ops": ops, "bytes": nbytes, **_roofline(ops, nbytes, facts["peak_int8_tops"] * 1e12, facts)}
 
 
+def occupancy(threads: int, registers: int, shared_bytes: int, facts: dict) -> dict:
+    """CTAs of `threads` threads using `registers` per thread and `shared_bytes` (static + dynamic) resident per SM,
+    and the resource that limits them (targets/cuda.py's limits and allocation units)."""
+    warps = -(-threads // facts["warp_size"])
+    unit = facts["register_unit_per_warp"]
+    warp_registers = -(-registers * facts["warp_size"] // unit) * unit
+    shared = -(-shared_bytes // facts["shared_unit_bytes"]) * facts["shared_unit_bytes"] + facts["shared_reserved_per_block"]
+    limits = {"threads": facts["max_threads_per_sm"] // (warps * facts["warp_size"]),
+              "registers": facts["registers_per_sm"] // (warps * warp_registers) if registers else math.inf,
+              "shared memory": facts["shared_bytes_per_sm"] // shared, "blocks": facts["max_blocks_per_sm"]}
+    limit = min(limits, key=limits.get)
+    return {"ctas_per_sm": int(limits[limit]), "warps_per_cta": warps, "limit": limit}
+
+
+def issue_seconds(sass_per_warp: float, ctas: int, occ: dict, facts: dict) -> float:
+    """Time to issue `sass_per_warp` instructions in every warp of `ctas` CTAs (module docstring: issue)."""
+    busiest = -(-ctas // facts["sms"])  # CTAs on the SM with the most
+    full, rest = divmod(busiest, occ["ctas_per_sm"])
+    rounds = [occ["ctas_per_sm"]] * full + [rest] * (rest > 0)  # CTAs resident at once, round by round
+    cycles = sum(-(-n * occ["warps_per_cta"] // facts["warp_schedulers_per_sm"]) * sass_per_warp for n in rounds)
+    return cycles / (facts["gpu_clock_mhz"] * 1e6)
+
+
+def _issue(found: list[dict], counted, summary: dict, ptx_sizes: dict, facts: dict) -> list[dict]:
+    """Per kernel launch of a PrimFunc: occupancy, instruction counts and issue time; `counted` is issue.executed's
+    entry (a string: the emulator could not run it, the issue time is unknown)."""
+    rows = []
+    for i, launch in enumerate(found):
+        kernel = summary["kernels"].get(launch["kernel"], {})
+        res = kernel.get("resources") or {}
+        threads, ctas = math.prod(launch["block"]), math.prod(launch["grid"])
+        occ = occupancy(threads, res.get("registers", 0), res.get("shared_bytes", 0) + launch["dynamic_shared"], facts)
+        row = {"kernel": launch["kernel"], "grid": launch["grid"], "block": launch["block"], **occ,
+               "ptx_static": ptx_sizes.get(launch["kernel"]), "sass_static": kernel.get("sass_size"),
+               "ptx_per_warp": None, "sass_per_warp": None, "issue_s": None}
+        if not isinstance(counted, str) and row["ptx_static"] and row["sass_static"]:
+            row["ptx_per_warp"] = counted[i]["warp_instructions_per_cta"] / occ["warps_per_cta"]
+            row["sass_per_warp"] = row["ptx_per_warp"] * row["sass_static"] / row["ptx_static"]
+            row["issue_s"] = issue_seconds(row["sass_per_warp"], ctas, occ, facts)
+        rows.append(row)
+    return rows
+
+
+def estimate(tensor_core_s: float, issue_s: float | None, dram_s: float, launches: int, facts: dict) -> dict:
+    """A PrimFunc call's estimate (module docstring) from its three times and its kernel launches."""
+    times = {"tensor cores": tensor_core_s, "issue": issue_s or 0.0, "DRAM": dram_s}
+    bound = max(times, key=times.get)
+    launch_s = launches * facts["launch_us"] * 1e-6
+    return {"tensor_core_s": tensor_core_s, "issue_s": issue_s, "dram_s": dram_s, "bound": bound,
+            "kernel_s": times[bound], "launch_s": launch_s, "seconds": times[bound] + launch_s}
+
+
 def report(outdir: Path) -> dict:
     from . import device_summary
+    from .ptx.issue import executed
+    from .ptx.parse import parse_ptx
     from .targets import get
 
     outdir = Path(outdir)
@@ -63,59 +128,89 @@ def report(outdir: Path) -> dict:
     if "dram_bandwidth_gbs" not in facts:
         raise BmvccError(f"target '{spec.name}' has no performance facts for a roofline; "
                          "report a build for a board target such as jetson-orin-nano")
+    counts = executed(outdir, SAMPLE_CTAS)
+    ptx_sizes = {k.name: len(k.instrs) for k in parse_ptx((outdir / artifact.DEVICE_PTX).read_text()).values()}
+    achievable = facts["dram_bandwidth_gbs"] * 1e9 * facts["dram_efficiency"]
     rows = []
     for name, call in info["calls"].items():
-        kernel = summary["kernels"].get(f"{name}_kernel", {})
+        found = info["launches"][name]
+        kernel = summary["kernels"].get(found[-1]["kernel"], {}) if found else {}  # the PrimFunc's (last) kernel
+        mix, res = kernel.get("sass_mix", {}), kernel.get("resources") or {}
         bmvcc = info["bmvcc_kernels"].get(name, {})
         if bmvcc.get("kernel") == "w2a8":
             cfg = W2A8Config(**bmvcc["padded"])  # the work the kernel does
-            m = w2a8_roofline(cfg, facts)
-            macs, nbytes, read, written = cfg.m * cfg.n * cfg.k, m["bytes"], None, None
-            model = {k: m[k] for k in ("compute_s", "memory_s", "seconds", "bound")}
+            lower = w2a8_roofline(cfg, facts)
+            macs, nbytes, read, written = cfg.m * cfg.n * cfg.k, lower["bytes"], None, None
             unit = "int8 tensor cores"
         else:
             macs = None if call["ops"] is None else int(call["ops"] // 2)
             read, written = call["bytes_read"], call["bytes_written"]
             nbytes = read + written
-            tensor_cores = kernel.get("sass_mix", {}).get("HMMA", 0) > 0
-            peak = facts["peak_fp16_tflops" if tensor_cores else "peak_fp32_tflops"]
-            model = _roofline(2 * (macs or 0), nbytes, peak * 1e12, facts)
-            unit = "fp16 tensor cores" if tensor_cores else "fp32 CUDA cores"
-        rows.append({"kernel": name, "calls": call["calls"], "unit": unit, "macs": macs,
-                     "bytes": nbytes, "bytes_read": read if read is not None else call["bytes_read"],
+            unit = "fp16 tensor cores" if mix.get("HMMA", 0) > 0 else "fp32 CUDA cores"
+            lower = _roofline(2 * (macs or 0), nbytes, facts[ROOFS[unit]] * 1e12, facts)
+        lower = {k: lower[k] for k in ("compute_s", "memory_s", "seconds", "bound")}
+        kernels = _issue(found, counts.get(name, "no kernel launch recorded"), summary, ptx_sizes, facts)
+        issue_s = None if any(k["issue_s"] is None for k in kernels) else sum(k["issue_s"] for k in kernels)
+        tensor_core_s = lower["compute_s"] if unit != "fp32 CUDA cores" else 0.0
+        model = estimate(tensor_core_s, issue_s, nbytes / achievable, len(found), facts)
+        rows.append({"kernel": name, "calls": call["calls"], "launches": call["calls"] * len(found), "unit": unit,
+                     "macs": macs, "bytes": nbytes,
+                     "bytes_read": read if read is not None else call["bytes_read"],
                      "bytes_written": written if written is not None else call["bytes_written"],
-                     "registers": (kernel.get("resources") or {}).get("registers"),
-                     "shared_bytes": (kernel.get("resources") or {}).get("shared_bytes"),
-                     "sass_mix": kernel.get("sass_mix", {}),
-                     "estimate": {**model, "total_s": model["seconds"] * call["calls"]}})
+                     "registers": res.get("registers"), "shared_bytes": res.get("shared_bytes"), "sass_mix": mix, "launched": kernels,
+                     "estimate": {**model, "total_s": model["seconds"] * call["calls"]},
+                     "lower_bound": {**lower, "total_s": lower["seconds"] * call["calls"]}})
     rows.sort(key=lambda r: -r["estimate"]["total_s"])
-    total = sum(r["estimate"]["total_s"] for r in rows)
-    return {"source": meta["source"]["name"], "batch": meta["input"]["shape"][0],
-            "target": spec.name, "facts": {k: facts[k] for k in ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs",
-                                                                    "peak_int8_tops", "peak_fp16_tflops",
-                                                                    "peak_fp32_tflops")},
-            "kernels": rows, "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
-            "estimated_total_s": total,
-            "note": "roofline estimate: max of compute at peak and compulsory DRAM traffic; no launch "
-                    "overhead, L2 reuse or occupancy; instruction mix is static SASS counts"}
+    return {"source": meta["source"]["name"], "batch": meta["input"]["shape"][0], "target": spec.name,
+            "facts": {k: facts[k] for k in FACTS_SHOWN}, "kernels": rows,
+            "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
+            "launches": sum(r["launches"] for r in rows),
+            "estimated_total_s": sum(r["estimate"]["total_s"] for r in rows),
+            "lower_bound_total_s": sum(r["lower_bound"]["total_s"] for r in rows),
+            "unknown_issue": [r["kernel"] for r in rows if r["estimate"]["issue_s"] is None],
+            "assumptions": assumptions(facts)}
+
+
+def assumptions(facts: dict) -> list[str]:
+    """The stated figures of the estimate, one line each (printed with the total)."""
+    return [f"issue: {facts['warp_schedulers_per_sm']} warp schedulers per SM, 1 instruction per clock each, at "
+            f"{facts['gpu_clock_mhz']} MHz; SASS per warp = PTX executed (emulator, up to {SAMPLE_CTAS} CTAs per "
+            "launch) x SASS/PTX static size; no stalls",
+            f"DRAM: {facts['dram_efficiency']:.0%} of {facts['dram_bandwidth_gbs']} GB/s achievable "
+            f"({facts['dram_bandwidth_gbs'] * facts['dram_efficiency']:.1f} GB/s), every byte once (no L2 reuse)",
+            f"launch: {facts['launch_us']} us per kernel launch (host: Relax VM + driver), not overlapped",
+            "tensor cores: dense peak; lower bound: the peak roofline (compute at peak, DRAM at 100%), no launches"]
 
 
 def format_text(r: dict) -> str:
     f = r["facts"]
+
+    def us(seconds):
+        return "?" if seconds is None else f"{seconds * 1e6:.2f}"
+
     lines = [f"{r['target']}: {f['sms']} SMs at {f['gpu_clock_mhz']} MHz, {f['dram_bandwidth_gbs']} GB/s, "
              f"{f['peak_int8_tops']:.1f} int8 TOPS dense, {f['peak_fp16_tflops']:.1f} fp16 TFLOPS dense, "
              f"{f['peak_fp32_tflops']:.2f} fp32 TFLOPS",
-             f"{'kernel':<44} {'calls':>5} {'MACs/call':>13} {'bytes/call':>11} {'regs':>4} {'smem':>6} "
-             f"{'est. us/call':>12} {'bound':>7}  SASS mix (static)"]
+             f"{'kernel':<40} {'calls':>5} {'launch':>6} {'MACs/call':>11} {'bytes/call':>10} {'regs':>4} "
+             f"{'smem':>6} {'warps/SM':>8} {'TC us':>7} {'issue us':>8} {'DRAM us':>8} {'est. us':>8} "
+             f"{'bound':>12} {'lower us':>8}  SASS mix (static)"]
     for k in r["kernels"]:
-        mix = " ".join(f"{n}:{c}" for n, c in k["sass_mix"].items() if n in MIX_SHOWN)
+        e, mix = k["estimate"], " ".join(f"{n}:{c}" for n, c in k["sass_mix"].items() if n in MIX_SHOWN)
+        warps = "/".join(str(x["ctas_per_sm"] * x["warps_per_cta"]) for x in k["launched"])
         macs = f"{k['macs']:,}" if k["macs"] is not None else "?"
-        lines.append(f"{k['kernel'][:44]:<44} {k['calls']:>5} {macs:>13} {k['bytes']:>11,} "
+        lines.append(f"{k['kernel'][:40]:<40} {k['calls']:>5} {k['launches']:>6} "
+                     f"{macs:>11} {k['bytes']:>10,} "
                      f"{k['registers'] if k['registers'] is not None else '?':>4} "
-                     f"{k['shared_bytes'] if k['shared_bytes'] is not None else '?':>6} "
-                     f"{k['estimate']['seconds'] * 1e6:>12.2f} {k['estimate']['bound']:>7}  {mix}")
-    lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, estimated {r['estimated_total_s'] * 1e3:.3f} ms "
-                 f"({r['note']})")
+                     f"{k['shared_bytes'] if k['shared_bytes'] is not None else '?':>6} {warps:>8} "
+                     f"{us(e['tensor_core_s']) if e['tensor_core_s'] else '-':>7} {us(e['issue_s']):>8} "
+                     f"{us(e['dram_s']):>8} {us(e['seconds']):>8} {e['bound']:>12} {us(k['lower_bound']['seconds']):>8}  {mix}")
+    kernels_s = sum(k["estimate"]["kernel_s"] * k["calls"] for k in r["kernels"])
+    lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, {r['launches']} kernel launches, estimated "
+                 f"{r['estimated_total_s'] * 1e3:.3f} ms (kernels {kernels_s * 1e3:.3f} ms + launches "
+                 f"{(r['estimated_total_s'] - kernels_s) * 1e3:.3f} ms); lower bound {r['lower_bound_total_s'] * 1e3:.3f} ms")
+    if r["unknown_issue"]:
+        lines.append(f"issue time unknown (the emulator cannot run them), left out: {', '.join(r['unknown_issue'])}")
+    lines += [f"  assumed: {a}" for a in r["assumptions"]]
     return "\n".join(lines)
 
 
@@ -129,6 +224,6 @@ def plot(r: dict, path: Path):
                 "bytes": k["bytes"], "seconds": k["estimate"]["seconds"], "unit": k["unit"]} for k in r["kernels"]]
     roofs = {"compute": {unit: f[fact] * 1e12 for unit, fact in ROOFS.items()},
              "memory": {"DRAM": f["dram_bandwidth_gbs"] * 1e9}}
-    title = (f"{r['source']} (batch {r['batch']}) on {r['target']}: estimated times (roofline model, "
-             "no launch overhead or cache reuse)")
+    title = (f"{r['source']} (batch {r['batch']}) on {r['target']}: estimated times (tensor cores, issue, "
+             "achievable DRAM; launches included)")
     return plot_roofline(kernels, roofs, title, path)

@@ -15,6 +15,13 @@ Sources of the facts below:
 [CG]  CUDA C++ Programming Guide, compute capability 8.7 limits (targets/cuda.py).
 [L2]  2 MB GPU L2: the project's hardware facts (issue 7), not in [DS]'s tables; check on a device with
       cudaDeviceProp.l2CacheSize.
+[BW]  Achievable DRAM bandwidth, an assumption of bmvcc report's estimate: 75% of [DS]'s peak, the middle of the
+      70-80% that streaming copy kernels reach on GPUs with (LP)DDR memory (refresh, read/write turnaround and
+      bank conflicts cost the rest); replace with a copy kernel's bandwidth measured on the device.
+[LCH] Host overhead per kernel launch, an assumption of bmvcc report's estimate: 8 us, inside the 5-10 us
+      that kernel launches without CUDA graphs take on Jetson modules (the CUDA driver's launch path on a
+      1.5 GHz Cortex-A78AE plus the Relax VM's call of the kernel's packed function); replace with an nsys trace
+      of the model on the device (the gap between back-to-back kernels).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ ORIN_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78
 INT8_DENSE_OPS_PER_SM_CLOCK = 4 * 512 * 2  # [AMP]: 4 tensor cores x 512 INT8 FMA x 2 ops
 FP16_DENSE_FLOPS_PER_SM_CLOCK = 4 * 256 * 2  # [AMP]
 FP32_FLOPS_PER_SM_CLOCK = 128 * 2  # [AMP]: 128 CUDA cores x 1 FP32 FMA x 2 ops
+DRAM_EFFICIENCY = 0.75  # [BW]
+LAUNCH_US = 8.0  # [LCH]
 
 
 def _orin_nano(name: str, description: str, sms: int, gpu_mhz: int, bandwidth_gbs: float, cpu_mhz: int,
@@ -40,6 +49,8 @@ def _orin_nano(name: str, description: str, sms: int, gpu_mhz: int, bandwidth_gb
         peak_int8_tops=sms * INT8_DENSE_OPS_PER_SM_CLOCK * gpu_mhz * 1e6 / 1e12,  # dense, [AMP] x clock
         peak_fp16_tflops=sms * FP16_DENSE_FLOPS_PER_SM_CLOCK * gpu_mhz * 1e6 / 1e12,  # dense
         peak_fp32_tflops=sms * FP32_FLOPS_PER_SM_CLOCK * gpu_mhz * 1e6 / 1e12,  # CUDA cores
+        dram_efficiency=DRAM_EFFICIENCY,
+        launch_us=LAUNCH_US,
         cpu="6x Cortex-A78AE (Armv8.2-A, dotprod)",  # [DS]
         cpu_clock_mhz=cpu_mhz,  # [DS] 1.5 GHz; [SUP] 1.7 GHz
         memory_gb=memory_gb,
