@@ -22,7 +22,11 @@ from pathlib import Path
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
-PASS_CONFIG = {"tirx.use_async_copy": True}  # cp.async (LDGSTS) in the W2A8 pipeline
+# cp.async (LDGSTS) in the W2A8 pipeline; TVM's RewriteCUDAGraph (in relax.backend.cuda's finalize passes) lifts
+# the kernels whose arguments all live in statically planned memory or are weights into one CUDA graph the Relax VM
+# captures on the first call and replays after: one graph launch instead of a launch per kernel
+PASS_CONFIG = {"tirx.use_async_copy": True, "relax.backend.use_cuda_graph": True}
+RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
 
 
 def fuse(mod, spec):
@@ -94,36 +98,51 @@ def schedule_rest(mod, spec):
 
 def lower(mod, spec, calls: dict):
     """The rest of tvm.compile's CUDA Relax pipeline (relax.backend.cuda) for a module whose PrimFuncs are
-    all scheduled (bmvcc/lowering.py's `schedule`): dataflow lowering, finalization. Returns (module for
-    tvm.compile(relax_pipeline=None), the entries of `calls` (kernel_calls before DLight) of the kernels the
-    lowered main launches). Call under PASS_CONFIG."""
+    all scheduled (bmvcc/lowering.py's `schedule`): dataflow lowering, finalization (with RewriteCUDAGraph).
+    Returns (module for tvm.compile(relax_pipeline=None), the entries of `calls` (kernel_calls before DLight) of
+    the kernels the lowered main launches, each with "captured": its calls inside the CUDA graph, the CUDA graph
+    launches per run). Call under PASS_CONFIG."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
     target = spec.target()
+    # main(image, w0, w1, ...) (bmvcc/runtime.py passes the same weight tensors on every call): the parameters after
+    # the first are static for RewriteCUDAGraph, so kernels that read weights can be captured too
+    mod = mod.clone()
+    mod["main"] = mod["main"].with_attr("num_input", 1)
     with target:
         mod = tvm.transform.Sequential(cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))(mod)
-    launched = _launched(mod)  # reshape kernels became views (vm.builtin.reshape) in between: no launch
-    return mod, {name: stats for name, stats in calls.items() if name in launched}
+    direct, captured, graphs = _launched(mod)  # reshape kernels became views (vm.builtin.reshape): no launch
+    return mod, {name: {**stats, "captured": captured.get(name, 0)} for name, stats in calls.items()
+                 if name in direct or name in captured}, graphs
 
 
-def _launched(mod) -> set:
-    """Names of the PrimFuncs the lowered main calls."""
+def _launched(mod) -> tuple[dict, dict, int]:
+    """({PrimFunc name: calls from the lowered main}, {PrimFunc name: calls inside CUDA graphs}, CUDA graph launches),
+    per run of main."""
     import tvm
     from tvm import relax, tirx
 
-    names = set()
+    def calls(func, counts: dict, graphs: list) -> dict:
+        @relax.expr_functor.visitor
+        class _Calls(relax.PyExprVisitor):
+            def visit_call_(self, call):
+                if isinstance(call.op, tvm.ir.GlobalVar) and isinstance(mod[call.op], tirx.PrimFunc):
+                    counts[call.op.name_hint] = counts.get(call.op.name_hint, 0) + 1
+                if isinstance(call.op, tvm.ir.Op) and call.args and getattr(call.args[0], "global_symbol", "") == RUN_OR_CAPTURE:
+                    graphs.append(call.args[1].fields[0])  # (the capture function, its arguments, ...)
+                for arg in call.args:
+                    self.visit_expr(arg)
 
-    @relax.expr_functor.visitor
-    class _Calls(relax.PyExprVisitor):
-        def visit_call_(self, call):
-            if isinstance(call.op, tvm.ir.GlobalVar) and isinstance(mod[call.op], tirx.PrimFunc):
-                names.add(call.op.name_hint)
-            for arg in call.args:
-                self.visit_expr(arg)
+        _Calls().visit_expr(func)
+        return counts
 
-    _Calls().visit_expr(mod["main"])
-    return names
+    graphs: list = []
+    direct = calls(mod["main"], {}, graphs)
+    captured: dict = {}
+    for capture in graphs:
+        calls(mod[capture], captured, [])
+    return direct, captured, len(graphs)
 
 
 def kernel_calls(mod) -> dict:
@@ -164,15 +183,17 @@ def kernel_calls(mod) -> dict:
     return stats
 
 
-def write_device_files(outdir: Path, cubin, kernels: dict, calls: dict, launches: dict, definitions) -> None:
+def write_device_files(outdir: Path, cubin, kernels: dict, calls: dict, launches: dict, definitions,
+                       graphs: int) -> None:
     """DEVICE_BINARY, DEVICE_PTX, DEVICE_DEFINITIONS (an IRModule) and DEVICE_INFO; `kernels` is schedule_kernels'
-    table, `calls` lower's and `launches` device_launches' (by PrimFunc name)."""
+    table, `calls` and `graphs` (CUDA graph launches per run) lower's and `launches` device_launches' (by PrimFunc
+    name)."""
     import tvm
 
     (outdir / DEVICE_BINARY).write_bytes(cubin.data)
     (outdir / DEVICE_PTX).write_text(cubin.ptx)
     (outdir / DEVICE_DEFINITIONS).write_text(tvm.ir.save_json(definitions))
-    info = {"arch": cubin.arch, "bmvcc_kernels": kernels, "calls": calls, "launches": launches,
+    info = {"arch": cubin.arch, "bmvcc_kernels": kernels, "calls": calls, "cuda_graph_launches": graphs, "launches": launches,
             "resources": {r.name: vars(r) for r in cubin.resources}}
     (outdir / DEVICE_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
 

@@ -82,14 +82,14 @@ def package(stage: Stage, spec, path: Path, progress: Callable[[str], None] = la
     from .targets import cuda_export
 
     progress("tvm.compile")
-    mod, calls = gpu_build.lower(stage.mod, spec, stage.calls)
+    mod, calls, graphs = gpu_build.lower(stage.mod, spec, stage.calls)
     launches, definitions = gpu_build.device_launches(mod, stage.definitions, calls, spec)
     executable = tvm.compile(mod, target=spec.target(), relax_pipeline=None)
     progress(f"compiling device code for {spec.facts['arch']} (NVRTC, ptxas)")
     source, cubin = cuda_export.compile_device(executable, spec.facts["arch"])
     progress(f"exporting {path.name}")
     executable.export_library(str(path), fpack_imports=cuda_export.pack_imports(source, cubin.data), **link(spec))
-    gpu_build.write_device_files(path.parent, cubin, stage.kernels, calls, launches, definitions)
+    gpu_build.write_device_files(path.parent, cubin, stage.kernels, calls, launches, definitions, graphs)
 
 
 def link(spec) -> dict:

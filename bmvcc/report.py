@@ -14,7 +14,8 @@ A PrimFunc call's estimate is the largest of three times, plus its kernel launch
   and assumes ptxas keeps the PTX's loops (does not unroll them further);
 - DRAM: compulsory traffic (W2A8: `w2a8_roofline`'s bytes; others: each tensor argument read or written once at
   its dtype's size) at the target's achievable bandwidth, a stated fraction of its peak;
-- launch: the target's stated host overhead per kernel launch (targets/jetson.py).
+- launch: the target's stated host overhead per kernel launch, or for a kernel in the CUDA graph (bmvcc/gpu_build.py)
+  its stated cost inside the graph, the graph's own launch added to the total once per run (targets/jetson.py).
 The lower bound is the peak roofline: max(2 x MACs at the peak of the kernel's unit (fp32 CUDA cores without
 tensor cores), traffic at the full DRAM bandwidth), no launch cost. Not modeled: dependency and memory-latency
 stalls (issue at the peak rate), L2 reuse, launches overlapping kernels: real times can be longer.
@@ -35,7 +36,7 @@ ROOFS = {"int8 tensor cores": "peak_int8_tops", "fp16 tensor cores": "peak_fp16_
          "fp32 CUDA cores": "peak_fp32_tflops"}  # a kernel's "unit" -> its compute roof's fact (in T ops/s)
 SAMPLE_CTAS = 8  # CTAs per kernel launch run to count executed instructions (bmvcc/ptx/issue.py)
 FACTS_SHOWN = ("sms", "gpu_clock_mhz", "dram_bandwidth_gbs", "peak_int8_tops", "peak_fp16_tflops", "peak_fp32_tflops",
-               "warp_schedulers_per_sm", "dram_efficiency", "launch_us")
+               "warp_schedulers_per_sm", "dram_efficiency", "launch_us", "graph_kernel_us")
 
 
 def _roofline(ops: float, nbytes: int, peak_ops: float, facts: dict) -> dict:
@@ -102,13 +103,19 @@ def _issue(found: list[dict], counted, summary: dict, ptx_sizes: dict, facts: di
     return rows
 
 
-def estimate(tensor_core_s: float, issue_s: float | None, dram_s: float, launches: int, facts: dict) -> dict:
-    """A PrimFunc call's estimate (module docstring) from its three times and its kernel launches."""
+def estimate(tensor_core_s: float, issue_s: float | None, dram_s: float, launch_s: float) -> dict:
+    """A PrimFunc call's estimate (module docstring) from its three times and its launch overhead."""
     times = {"tensor cores": tensor_core_s, "issue": issue_s or 0.0, "DRAM": dram_s}
     bound = max(times, key=times.get)
-    launch_s = launches * facts["launch_us"] * 1e-6
     return {"tensor_core_s": tensor_core_s, "issue_s": issue_s, "dram_s": dram_s, "bound": bound,
             "kernel_s": times[bound], "launch_s": launch_s, "seconds": times[bound] + launch_s}
+
+
+def launch_seconds(call: dict, kernels: int, facts: dict) -> float:
+    """Launch overhead of a PrimFunc's `call["calls"]` calls of `kernels` kernel launches each, `call["captured"]` of
+    them in the CUDA graph (older artifacts: none)."""
+    captured = call.get("captured", 0)
+    return kernels * ((call["calls"] - captured) * facts["launch_us"] + captured * facts["graph_kernel_us"]) * 1e-6
 
 
 def report(outdir: Path) -> dict:
@@ -152,8 +159,9 @@ def report(outdir: Path) -> dict:
         kernels = _issue(found, counts.get(name, "no kernel launch recorded"), summary, ptx_sizes, facts)
         issue_s = None if any(k["issue_s"] is None for k in kernels) else sum(k["issue_s"] for k in kernels)
         tensor_core_s = lower["compute_s"] if unit != "fp32 CUDA cores" else 0.0
-        model = estimate(tensor_core_s, issue_s, nbytes / achievable, len(found), facts)
-        rows.append({"kernel": name, "calls": call["calls"], "launches": call["calls"] * len(found), "unit": unit,
+        model = estimate(tensor_core_s, issue_s, nbytes / achievable, launch_seconds(call, len(found), facts) / call["calls"])
+        rows.append({"kernel": name, "calls": call["calls"], "launches": call["calls"] * len(found),
+                     "in_cuda_graph": call.get("captured", 0) * len(found), "unit": unit,
                      "macs": macs, "bytes": nbytes,
                      "bytes_read": read if read is not None else call["bytes_read"],
                      "bytes_written": written if written is not None else call["bytes_written"],
@@ -161,11 +169,12 @@ def report(outdir: Path) -> dict:
                      "estimate": {**model, "total_s": model["seconds"] * call["calls"]},
                      "lower_bound": {**lower, "total_s": lower["seconds"] * call["calls"]}})
     rows.sort(key=lambda r: -r["estimate"]["total_s"])
+    graphs = info.get("cuda_graph_launches", 0)
     return {"source": meta["source"]["name"], "batch": meta["input"]["shape"][0], "target": spec.name,
             "facts": {k: facts[k] for k in FACTS_SHOWN}, "kernels": rows,
             "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
-            "launches": sum(r["launches"] for r in rows),
-            "estimated_total_s": sum(r["estimate"]["total_s"] for r in rows),
+            "launches": sum(r["launches"] for r in rows), "cuda_graph_launches": graphs,
+            "estimated_total_s": sum(r["estimate"]["total_s"] for r in rows) + graphs * facts["launch_us"] * 1e-6,
             "lower_bound_total_s": sum(r["lower_bound"]["total_s"] for r in rows),
             "unknown_issue": [r["kernel"] for r in rows if r["estimate"]["issue_s"] is None],
             "assumptions": assumptions(facts)}
@@ -178,7 +187,8 @@ def assumptions(facts: dict) -> list[str]:
             "launch) x SASS/PTX static size; no stalls",
             f"DRAM: {facts['dram_efficiency']:.0%} of {facts['dram_bandwidth_gbs']} GB/s achievable "
             f"({facts['dram_bandwidth_gbs'] * facts['dram_efficiency']:.1f} GB/s), every byte once (no L2 reuse)",
-            f"launch: {facts['launch_us']} us per kernel launch (host: Relax VM + driver), not overlapped",
+            f"launch: {facts['launch_us']} us per kernel or CUDA graph launch (host: Relax VM + driver), "
+            f"{facts['graph_kernel_us']} us per kernel in a CUDA graph; not overlapped with the kernels",
             "tensor cores: dense peak; lower bound: the peak roofline (compute at peak, DRAM at 100%), no launches"]
 
 
@@ -205,7 +215,9 @@ def format_text(r: dict) -> str:
                      f"{us(e['tensor_core_s']) if e['tensor_core_s'] else '-':>7} {us(e['issue_s']):>8} "
                      f"{us(e['dram_s']):>8} {us(e['seconds']):>8} {e['bound']:>12} {us(k['lower_bound']['seconds']):>8}  {mix}")
     kernels_s = sum(k["estimate"]["kernel_s"] * k["calls"] for k in r["kernels"])
-    lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, {r['launches']} kernel launches, estimated "
+    graphed = sum(k["in_cuda_graph"] for k in r["kernels"])
+    lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, {r['launches']} kernels ({graphed} in "
+                 f"{r['cuda_graph_launches']} CUDA graph launch{'es' * (r['cuda_graph_launches'] != 1)}), estimated "
                  f"{r['estimated_total_s'] * 1e3:.3f} ms (kernels {kernels_s * 1e3:.3f} ms + launches "
                  f"{(r['estimated_total_s'] - kernels_s) * 1e3:.3f} ms); lower bound {r['lower_bound_total_s'] * 1e3:.3f} ms")
     if r["unknown_issue"]:

@@ -21,7 +21,10 @@ Sources of the facts below:
 [LCH] Host overhead per kernel launch, an assumption of bmvcc report's estimate: 8 us, inside the 5-10 us
       that kernel launches without CUDA graphs take on Jetson modules (the CUDA driver's launch path on a
       1.5 GHz Cortex-A78AE plus the Relax VM's call of the kernel's packed function); replace with an nsys trace
-      of the model on the device (the gap between back-to-back kernels).
+      of the model on the device (the gap between back-to-back kernels). Kernels in a CUDA graph (bmvcc/gpu_build.py):
+      one graph launch costs what a kernel launch does (the VM's run_or_capture, one cudaGraphLaunch), and each
+      kernel in it 1 us more, the GPU launching the graph's kernels back to back without the host (the saving
+      NVIDIA's "Getting Started with CUDA Graphs" blog, 2019, shows); an assumption too, for the same nsys trace.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ INT8_DENSE_OPS_PER_SM_CLOCK = 4 * 512 * 2  # [AMP]: 4 tensor cores x 512 INT8 FM
 FP16_DENSE_FLOPS_PER_SM_CLOCK = 4 * 256 * 2  # [AMP]
 FP32_FLOPS_PER_SM_CLOCK = 128 * 2  # [AMP]: 128 CUDA cores x 1 FP32 FMA x 2 ops
 DRAM_EFFICIENCY = 0.75  # [BW]
-LAUNCH_US = 8.0  # [LCH]
+LAUNCH_US = 8.0  # [LCH] per kernel launch from the host, and per CUDA graph launch
+GRAPH_KERNEL_US = 1.0  # [LCH] per kernel inside a CUDA graph
 
 
 def _orin_nano(name: str, description: str, sms: int, gpu_mhz: int, bandwidth_gbs: float, cpu_mhz: int,
@@ -51,6 +55,7 @@ def _orin_nano(name: str, description: str, sms: int, gpu_mhz: int, bandwidth_gb
         peak_fp32_tflops=sms * FP32_FLOPS_PER_SM_CLOCK * gpu_mhz * 1e6 / 1e12,  # CUDA cores
         dram_efficiency=DRAM_EFFICIENCY,
         launch_us=LAUNCH_US,
+        graph_kernel_us=GRAPH_KERNEL_US,
         cpu="6x Cortex-A78AE (Armv8.2-A, dotprod)",  # [DS]
         cpu_clock_mhz=cpu_mhz,  # [DS] 1.5 GHz; [SUP] 1.7 GHz
         memory_gb=memory_gb,

@@ -111,7 +111,7 @@ def test_database_record_replays_on_the_task_and_builds_into_the_model(gpu_tuned
         scheduled = lowering.schedule(lowering.Stage(applied, table), spec)
         assert scheduled.kernels[task].get("from_db") and "knobs" not in scheduled.kernels[task]
         tvm.ir.assert_structural_equal(scheduled.mod[task], applied[task])  # not rescheduled by hand or DLight
-        lowered, _ = gpu_build.lower(scheduled.mod, spec, scheduled.calls)
+        lowered, _, _ = gpu_build.lower(scheduled.mod, spec, scheduled.calls)
         executable = tvm.compile(lowered, target=spec.target(), relax_pipeline=None)
     _, cubin = cuda_export.compile_device(executable, "sm_87")
     assert cubin.opcode_counts().get("IMMA.16832.S8.S8", 0) > 0
