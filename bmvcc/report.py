@@ -174,6 +174,7 @@ def report(outdir: Path) -> dict:
             "facts": {k: facts[k] for k in FACTS_SHOWN}, "kernels": rows,
             "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
             "launches": sum(r["launches"] for r in rows), "cuda_graph_launches": graphs,
+            "cuda_graph_launch_s": graphs * facts["launch_us"] * 1e-6,
             "estimated_total_s": sum(r["estimate"]["total_s"] for r in rows) + graphs * facts["launch_us"] * 1e-6,
             "lower_bound_total_s": sum(r["lower_bound"]["total_s"] for r in rows),
             "unknown_issue": [r["kernel"] for r in rows if r["estimate"]["issue_s"] is None],
@@ -237,5 +238,5 @@ def plot(r: dict, path: Path):
     roofs = {"compute": {unit: f[fact] * 1e12 for unit, fact in ROOFS.items()},
              "memory": {"DRAM": f["dram_bandwidth_gbs"] * 1e9}}
     title = (f"{r['source']} (batch {r['batch']}) on {r['target']}: estimated times (tensor cores, issue, "
-             "achievable DRAM; launches included)")
+             f"achievable DRAM, launches; CUDA graph launches: {r['cuda_graph_launch_s'] * 1e6:.0f} µs more)")
     return plot_roofline(kernels, roofs, title, path)
