@@ -230,7 +230,8 @@ def report(
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw a roofline chart and a bar of where the time goes into this .png, .svg or .pdf file"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
-    """Per-kernel work, traffic, resources and an estimated (roofline) time on the target; model total."""
+    """Per-kernel work, traffic, resources, occupancy and an estimated time on the target (the largest of tensor-core,
+    issue and DRAM time, plus launch overhead; the peak roofline as a lower bound); model total and assumptions."""
     from . import report as rep
 
     if plot is not None:
