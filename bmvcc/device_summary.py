@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import artifact
@@ -34,47 +35,69 @@ def sass(outdir: Path) -> str:
     return cubin.sass()
 
 
-def _opcodes(sass_text: str):
-    """(kernel, opcode, instruction line, the label right before it or None) per SASS instruction of nvdisasm
-    output (one .text.<kernel> section each)."""
-    current = label = None
+@dataclass
+class SassCode:
+    """One kernel's SASS in address order: opcodes, whether each is predicated, the label a branch or call goes to
+    (else None), and label -> index of the instruction after it."""
+
+    opcodes: list[str] = field(default_factory=list)
+    guarded: list[bool] = field(default_factory=list)
+    targets: list[str | None] = field(default_factory=list)
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def hot_end(self) -> int:
+        """Index after the last unpredicated EXIT: what follows (slow paths the code calls or branches to and
+        returns from, the final branch to itself, alignment NOPs) runs rarely or never."""
+        return 1 + max(i for i, (op, g) in enumerate(zip(self.opcodes, self.guarded)) if op == "EXIT" and not g)
+
+    def branches(self) -> list[tuple[int, int]]:
+        """(index, target index) of the BRA instructions."""
+        return [(i, self.labels[t]) for i, (op, t) in enumerate(zip(self.opcodes, self.targets))
+                if op == "BRA" and t in self.labels]
+
+
+_SECTION = re.compile(r"\s*\.section\s+\.text\.(\w+)")
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^;`]*(?:`\((\.L_x_\d+)\))?")
+
+
+def kernel_code(sass_text: str) -> dict[str, SassCode]:
+    """Kernel name -> its SassCode, from nvdisasm output (one .text.<kernel> section each)."""
+    code: dict[str, SassCode] = {}
+    current = None
     for line in sass_text.splitlines():
-        sec = re.match(r"\s*\.section\s+\.text\.(\w+)", line)
+        sec = _SECTION.match(line)
         if sec:
-            current = sec.group(1)
+            current = code.setdefault(sec.group(1), SassCode())
             continue
-        op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
-        if current is not None and op:
-            yield current, op.group(1), line, label
-        named = re.match(r"(\.L_x_\d+):", line)
-        label = named.group(1) if named else None if op else label
+        label = re.match(r"(\.L_x_\d+):", line.strip())
+        ins = _INSTRUCTION.search(line)
+        if current is None:
+            continue
+        if label:
+            current.labels[label.group(1)] = len(current.opcodes)
+        elif ins:
+            current.opcodes.append(ins.group(2))
+            current.guarded.append(ins.group(1) is not None)
+            current.targets.append(ins.group(3))
+    return code
 
 
 def kernel_mix(sass_text: str) -> dict[str, dict[str, int]]:
     """Kernel name -> {instruction family: count} from nvdisasm output."""
     mix: dict[str, dict[str, int]] = {}
-    for kernel, opcode, _, _ in _opcodes(sass_text):
+    for kernel, code in kernel_code(sass_text).items():
         current = mix.setdefault(kernel, {})
-        family = next((f for f in MIX if opcode == f or opcode.startswith(f)), None)
-        if family is not None:
-            current[family] = current.get(family, 0) + 1
+        for opcode in code.opcodes:
+            family = next((f for f in MIX if opcode == f or opcode.startswith(f)), None)
+            if family is not None:
+                current[family] = current.get(family, 0) + 1
     return mix
-
-
-def kernel_sizes(sass_text: str) -> dict[str, int]:
-    """Kernel name -> its SASS instructions, without the alignment NOPs and the branch to itself that end the code."""
-    sizes: dict[str, int] = {}
-    for kernel, opcode, line, label in _opcodes(sass_text):
-        if opcode != "NOP" and not (opcode == "BRA" and f"`({label})" in line):
-            sizes[kernel] = sizes.get(kernel, 0) + 1
-    return sizes
 
 
 def summary(outdir: Path) -> dict:
     cubin, meta = _cubin(outdir)
-    text = cubin.sass()
-    mix, sizes = kernel_mix(text), kernel_sizes(text)
-    kernels = {name: {"resources": meta["resources"].get(name), "sass_mix": mix.get(name, {}), "sass_size": sizes.get(name),
+    mix = kernel_mix(cubin.sass())
+    kernels = {name: {"resources": meta["resources"].get(name), "sass_mix": mix.get(name, {}),
                       "bmvcc_kernel": meta["bmvcc_kernels"].get(name.removesuffix("_kernel"), {}).get("kernel")}
                for name in sorted(set(mix) | set(meta["resources"]))}
     return {"arch": meta["arch"], "device_binary": DEVICE_BINARY, "bytes": len(cubin.data), "kernels": kernels}

@@ -8,10 +8,9 @@ A PrimFunc call's estimate is the largest of three times, plus its kernel launch
   SM, the busiest scheduler holding ceil(resident warps / schedulers) warps; the CTAs resident per SM are those
   its registers, shared memory, threads and the block limit allow (ptxas's registers and static shared memory,
   the launch's dynamic shared memory; allocation units and limits from targets/cuda.py), and the grid runs in
-  rounds of them on the SM with the most CTAs. SASS per warp = the PTX instructions the warp executes (counted by
-  running the kernel's PTX, bmvcc/ptx/issue.py) x the kernel's SASS / PTX static size ratio: ptxas's loops are not
-  visible in the SASS text reliably, the PTX's trip counts are exact; the ratio is exact for straight-line code
-  and assumes ptxas keeps the PTX's loops (does not unroll them further);
+  rounds of them on the SM with the most CTAs. The SASS each warp executes comes from the PTX it executes
+  (counted by running the kernel's PTX in the emulator: the trip counts are exact there, not readable from the
+  SASS), loop by loop x the loop's SASS / PTX size (bmvcc/ptx/issue.py);
 - DRAM: compulsory traffic (W2A8: `w2a8_roofline`'s bytes; others: each tensor argument read or written once at
   its dtype's size) at the target's achievable bandwidth, a stated fraction of its peak;
 - launch: the target's stated host overhead per kernel launch, or for a kernel in the CUDA graph (bmvcc/gpu_build.py)
@@ -83,21 +82,24 @@ def issue_seconds(sass_per_warp: float, ctas: int, occ: dict, facts: dict) -> fl
     return cycles / (facts["gpu_clock_mhz"] * 1e6)
 
 
-def _issue(found: list[dict], counted, summary: dict, ptx_sizes: dict, facts: dict) -> list[dict]:
-    """Per kernel launch of a PrimFunc: occupancy, instruction counts and issue time; `counted` is issue.executed's
-    entry (a string: the emulator could not run it, the issue time is unknown)."""
+def _issue(found: list[dict], counted, summary: dict, ptx: dict, sass: dict, facts: dict) -> list[dict]:
+    """Per kernel launch of a PrimFunc: occupancy, instructions per warp and issue time; `counted` is
+    issue.executed's entry (a string: the emulator could not run it, the issue time is unknown), `ptx` the parsed
+    PTX kernels and `sass` device_summary.kernel_code's."""
+    from .ptx.issue import sass_per_warp
+
     rows = []
     for i, launch in enumerate(found):
-        kernel = summary["kernels"].get(launch["kernel"], {})
-        res = kernel.get("resources") or {}
+        res = summary["kernels"].get(launch["kernel"], {}).get("resources") or {}
         threads, ctas = math.prod(launch["block"]), math.prod(launch["grid"])
         occ = occupancy(threads, res.get("registers", 0), res.get("shared_bytes", 0) + launch["dynamic_shared"], facts)
         row = {"kernel": launch["kernel"], "grid": launch["grid"], "block": launch["block"], **occ,
-               "ptx_static": ptx_sizes.get(launch["kernel"]), "sass_static": kernel.get("sass_size"),
-               "ptx_per_warp": None, "sass_per_warp": None, "issue_s": None}
-        if not isinstance(counted, str) and row["ptx_static"] and row["sass_static"]:
-            row["ptx_per_warp"] = counted[i]["warp_instructions_per_cta"] / occ["warps_per_cta"]
-            row["sass_per_warp"] = row["ptx_per_warp"] * row["sass_static"] / row["ptx_static"]
+               "ptx_per_warp": None, "sass_per_warp": None, "sass_count": None, "issue_s": None}
+        if not isinstance(counted, str):
+            per_instruction = counted[i]["per_instruction"]
+            row["ptx_per_warp"] = float(per_instruction.sum()) / occ["warps_per_cta"]
+            row["sass_per_warp"], row["sass_count"] = sass_per_warp(ptx[launch["kernel"]], per_instruction,
+                                                                    occ["warps_per_cta"], sass[launch["kernel"]])
             row["issue_s"] = issue_seconds(row["sass_per_warp"], ctas, occ, facts)
         rows.append(row)
     return rows
@@ -136,7 +138,8 @@ def report(outdir: Path) -> dict:
         raise BmvccError(f"target '{spec.name}' has no performance facts for a roofline; "
                          "report a build for a board target such as jetson-orin-nano")
     counts = executed(outdir, SAMPLE_CTAS)
-    ptx_sizes = {k.name: len(k.instrs) for k in parse_ptx((outdir / artifact.DEVICE_PTX).read_text()).values()}
+    ptx = parse_ptx((outdir / artifact.DEVICE_PTX).read_text())
+    sass = device_summary.kernel_code(device_summary.sass(outdir))
     achievable = facts["dram_bandwidth_gbs"] * 1e9 * facts["dram_efficiency"]
     rows = []
     for name, call in info["calls"].items():
@@ -156,7 +159,7 @@ def report(outdir: Path) -> dict:
             unit = "fp16 tensor cores" if mix.get("HMMA", 0) > 0 else "fp32 CUDA cores"
             lower = _roofline(2 * (macs or 0), nbytes, facts[ROOFS[unit]] * 1e12, facts)
         lower = {k: lower[k] for k in ("compute_s", "memory_s", "seconds", "bound")}
-        kernels = _issue(found, counts.get(name, "no kernel launch recorded"), summary, ptx_sizes, facts)
+        kernels = _issue(found, counts.get(name, "no kernel launch recorded"), summary, ptx, sass, facts)
         issue_s = None if any(k["issue_s"] is None for k in kernels) else sum(k["issue_s"] for k in kernels)
         tensor_core_s = lower["compute_s"] if unit != "fp32 CUDA cores" else 0.0
         model = estimate(tensor_core_s, issue_s, nbytes / achievable, launch_seconds(call, len(found), facts) / call["calls"])
@@ -184,8 +187,8 @@ def report(outdir: Path) -> dict:
 def assumptions(facts: dict) -> list[str]:
     """The stated figures of the estimate, one line each (printed with the total)."""
     return [f"issue: {facts['warp_schedulers_per_sm']} warp schedulers per SM, 1 instruction per clock each, at "
-            f"{facts['gpu_clock_mhz']} MHz; SASS per warp = PTX executed (emulator, up to {SAMPLE_CTAS} CTAs per "
-            "launch) x SASS/PTX static size; no stalls",
+            f"{facts['gpu_clock_mhz']} MHz, no stalls; SASS per warp = PTX executed (emulator, up to {SAMPLE_CTAS} "
+            "CTAs per launch) x SASS/PTX size, loop by loop (whole kernel where ptxas changed the loops)",
             f"DRAM: {facts['dram_efficiency']:.0%} of {facts['dram_bandwidth_gbs']} GB/s achievable "
             f"({facts['dram_bandwidth_gbs'] * facts['dram_efficiency']:.1f} GB/s), every byte once (no L2 reuse)",
             f"launch: {facts['launch_us']} us per kernel or CUDA graph launch (host: Relax VM + driver), "

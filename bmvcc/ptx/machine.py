@@ -134,7 +134,7 @@ class State:
         linear = np.array([x + grid[0] * (y + grid[1] * z) for x, y, z in ctas], np.int64)
         self.thread_id = linear[self.cta_of] * self.padded + local  # unique in the launch
         self.epoch = np.zeros(len(ctas), np.int64)  # bar.syncs each CTA passed
-        self.issued = 0  # warp-instructions executed: per instruction, the warps with an active thread
+        self.issued = [0] * len(ctx.kernel.instrs)  # per instruction: the warps with an active thread, summed
 
     def where(self, line: int, thread: int) -> str:
         """'kernel K, PTX line L, CTA (x, y, z), thread (x, y, z)' of a thread index of the batch."""
@@ -177,8 +177,9 @@ def _warps(mask: np.ndarray) -> int:
 
 
 def run_batch(code: list, st: State) -> None:
-    """Runs decoded instructions from pc 0 until every thread exited (min-pc group scheduling), counting
-    warp-instructions in st.issued (a predicated-off instruction issues too; a divergent warp issues both sides)."""
+    """Runs decoded instructions from pc 0 until every thread exited (min-pc group scheduling), counting each
+    instruction's warp-instructions in st.issued (a predicated-off instruction issues too; a divergent warp issues
+    both sides)."""
     groups: dict[int, np.ndarray] = {0: st.alive.copy()}
     while groups:
         pc = min(groups)
@@ -193,7 +194,7 @@ def run_batch(code: list, st: State) -> None:
                     groups[pc] = mask.copy()
                 break
             r = code[pc](st, m)
-            st.issued += warps
+            st.issued[pc] += warps
             if r is None:
                 pc += 1
                 continue
@@ -298,7 +299,7 @@ class Result:
     ctas_run: int
     races: int
     race_reports: list[str]
-    warp_instructions: int  # executed by the CTAs run (State.issued)
+    warp_instructions: np.ndarray  # per PTX instruction, executed by the CTAs run (State.issued)
 
 
 _DECODED: dict[int, tuple] = {}
@@ -326,13 +327,13 @@ def run_kernel(kernel: Kernel, launch: Launch, ctas: list[tuple[int, int, int]] 
         ctas = [(x, y, z) for z in range(gz) for y in range(gy) for x in range(gx)]
     per_cta = -(-int(np.prod(launch.block)) // 32) * 32
     step = max(1, batch_threads // per_cta)
-    races, reports, issued = 0, [], 0
+    races, reports, issued = 0, [], np.zeros(len(kernel.instrs), np.int64)
     global_races = GlobalRaces(per_cta)
     for i in range(0, len(ctas), step):
         st = State(ctx, ctas[i:i + step], launch.grid, launch.block, params, memory, launch.dynamic_shared,
                    global_races)
         run_batch(code, st)
-        issued += st.issued
+        issued += np.array(st.issued, np.int64)
         races += st.races.count
         reports += st.races.reports[:max(0, 20 - len(reports))]
     return Result(len(ctas), races + global_races.count, reports + global_races.reports[:max(0, 20 - len(reports))],
