@@ -129,7 +129,8 @@ def _launched(mod) -> tuple[dict, dict, int]:
             def visit_call_(self, call):
                 if isinstance(call.op, tvm.ir.GlobalVar) and isinstance(mod[call.op], tirx.PrimFunc):
                     counts[call.op.name_hint] = counts.get(call.op.name_hint, 0) + 1
-                if isinstance(call.op, tvm.ir.Op) and call.args and getattr(call.args[0], "global_symbol", "") == RUN_OR_CAPTURE:
+                extern = call.args[0] if call.args and isinstance(call.args[0], relax.ExternFunc) else None
+                if extern is not None and extern.global_symbol == RUN_OR_CAPTURE:
                     graphs.append(call.args[1].fields[0])  # (the capture function, its arguments, ...)
                 for arg in call.args:
                     self.visit_expr(arg)
@@ -193,8 +194,8 @@ def write_device_files(outdir: Path, cubin, kernels: dict, calls: dict, launches
     (outdir / DEVICE_BINARY).write_bytes(cubin.data)
     (outdir / DEVICE_PTX).write_text(cubin.ptx)
     (outdir / DEVICE_DEFINITIONS).write_text(tvm.ir.save_json(definitions))
-    info = {"arch": cubin.arch, "bmvcc_kernels": kernels, "calls": calls, "cuda_graph_launches": graphs, "launches": launches,
-            "resources": {r.name: vars(r) for r in cubin.resources}}
+    info = {"arch": cubin.arch, "bmvcc_kernels": kernels, "calls": calls, "launches": launches,
+            "resources": {r.name: vars(r) for r in cubin.resources}, "cuda_graph_launches": graphs}
     (outdir / DEVICE_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
 
 

@@ -65,7 +65,8 @@ def occupancy(threads: int, registers: int, shared_bytes: int, facts: dict) -> d
     warps = -(-threads // facts["warp_size"])
     unit = facts["register_unit_per_warp"]
     warp_registers = -(-registers * facts["warp_size"] // unit) * unit
-    shared = -(-shared_bytes // facts["shared_unit_bytes"]) * facts["shared_unit_bytes"] + facts["shared_reserved_per_block"]
+    shared_unit = facts["shared_unit_bytes"]
+    shared = -(-shared_bytes // shared_unit) * shared_unit + facts["shared_reserved_per_block"]
     limits = {"threads": facts["max_threads_per_sm"] // (warps * facts["warp_size"]),
               "registers": facts["registers_per_sm"] // (warps * warp_registers) if registers else math.inf,
               "shared memory": facts["shared_bytes_per_sm"] // shared, "blocks": facts["max_blocks_per_sm"]}
@@ -162,23 +163,26 @@ def report(outdir: Path) -> dict:
         kernels = _issue(found, counts.get(name, "no kernel launch recorded"), summary, ptx, sass, facts)
         issue_s = None if any(k["issue_s"] is None for k in kernels) else sum(k["issue_s"] for k in kernels)
         tensor_core_s = lower["compute_s"] if unit != "fp32 CUDA cores" else 0.0
-        model = estimate(tensor_core_s, issue_s, nbytes / achievable, launch_seconds(call, len(found), facts) / call["calls"])
+        launch_s = launch_seconds(call, len(found), facts) / call["calls"]
+        model = estimate(tensor_core_s, issue_s, nbytes / achievable, launch_s)
         rows.append({"kernel": name, "calls": call["calls"], "launches": call["calls"] * len(found),
                      "in_cuda_graph": call.get("captured", 0) * len(found), "unit": unit,
                      "macs": macs, "bytes": nbytes,
                      "bytes_read": read if read is not None else call["bytes_read"],
                      "bytes_written": written if written is not None else call["bytes_written"],
-                     "registers": res.get("registers"), "shared_bytes": res.get("shared_bytes"), "sass_mix": mix, "launched": kernels,
+                     "registers": res.get("registers"), "shared_bytes": res.get("shared_bytes"), "sass_mix": mix,
+                     "launched": kernels,
                      "estimate": {**model, "total_s": model["seconds"] * call["calls"]},
                      "lower_bound": {**lower, "total_s": lower["seconds"] * call["calls"]}})
     rows.sort(key=lambda r: -r["estimate"]["total_s"])
-    graphs = info.get("cuda_graph_launches", 0)
+    graphs = info.get("cuda_graph_launches", 0)  # older artifacts: none
+    graphs_s = graphs * facts["launch_us"] * 1e-6
     return {"source": meta["source"]["name"], "batch": meta["input"]["shape"][0], "target": spec.name,
             "facts": {k: facts[k] for k in FACTS_SHOWN}, "kernels": rows,
             "total_macs": sum((r["macs"] or 0) * r["calls"] for r in rows),
             "launches": sum(r["launches"] for r in rows), "cuda_graph_launches": graphs,
-            "cuda_graph_launch_s": graphs * facts["launch_us"] * 1e-6,
-            "estimated_total_s": sum(r["estimate"]["total_s"] for r in rows) + graphs * facts["launch_us"] * 1e-6,
+            "cuda_graph_launch_s": graphs_s,
+            "estimated_total_s": sum(r["estimate"]["total_s"] for r in rows) + graphs_s,
             "lower_bound_total_s": sum(r["lower_bound"]["total_s"] for r in rows),
             "unknown_issue": [r["kernel"] for r in rows if r["estimate"]["issue_s"] is None],
             "assumptions": assumptions(facts)}
@@ -217,13 +221,15 @@ def format_text(r: dict) -> str:
                      f"{k['registers'] if k['registers'] is not None else '?':>4} "
                      f"{k['shared_bytes'] if k['shared_bytes'] is not None else '?':>6} {warps:>8} "
                      f"{us(e['tensor_core_s']) if e['tensor_core_s'] else '-':>7} {us(e['issue_s']):>8} "
-                     f"{us(e['dram_s']):>8} {us(e['seconds']):>8} {e['bound']:>12} {us(k['lower_bound']['seconds']):>8}  {mix}")
+                     f"{us(e['dram_s']):>8} {us(e['seconds']):>8} {e['bound']:>12} "
+                     f"{us(k['lower_bound']['seconds']):>8}  {mix}")
     kernels_s = sum(k["estimate"]["kernel_s"] * k["calls"] for k in r["kernels"])
     graphed = sum(k["in_cuda_graph"] for k in r["kernels"])
     lines.append(f"model total: {r['total_macs'] / 1e6:,.1f} MMAC, {r['launches']} kernels ({graphed} in "
                  f"{r['cuda_graph_launches']} CUDA graph launch{'es' * (r['cuda_graph_launches'] != 1)}), estimated "
                  f"{r['estimated_total_s'] * 1e3:.3f} ms (kernels {kernels_s * 1e3:.3f} ms + launches "
-                 f"{(r['estimated_total_s'] - kernels_s) * 1e3:.3f} ms); lower bound {r['lower_bound_total_s'] * 1e3:.3f} ms")
+                 f"{(r['estimated_total_s'] - kernels_s) * 1e3:.3f} ms); lower bound "
+                 f"{r['lower_bound_total_s'] * 1e3:.3f} ms")
     if r["unknown_issue"]:
         lines.append(f"issue time unknown (the emulator cannot run them), left out: {', '.join(r['unknown_issue'])}")
     lines += [f"  assumed: {a}" for a in r["assumptions"]]

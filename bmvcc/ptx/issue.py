@@ -48,8 +48,9 @@ def executed(outdir: Path, max_ctas: int = 8, seed: int = 0) -> dict[str, list[d
                 why = launch.unsupported()
                 if why:
                     raise EmulationError(why)
-                res = run_kernel(kernels[launch.kernel], Launch(launch.kernel, launch.grid, launch.block,
-                                                                [arrays[a] for a in launch.args], launch.dynamic_shared),
+                args = [arrays[a] for a in launch.args]
+                res = run_kernel(kernels[launch.kernel], Launch(launch.kernel, launch.grid, launch.block, args,
+                                                                launch.dynamic_shared),
                                  ctas=sample_ctas(launch.grid, max_ctas), memory=memory)
                 rows.append({"kernel": launch.kernel, "ctas_run": res.ctas_run,
                              "per_instruction": res.warp_instructions / res.ctas_run})  # per CTA
@@ -81,9 +82,9 @@ def _regions(found: list[tuple[int, int]], n: int) -> list[int]:
 
 
 def sass_per_warp(kernel, per_instruction, warps: int, sass) -> tuple[float, str]:
-    """(SASS instructions each warp executes, "straight-line", "per loop" or "whole kernel") from the PTX `kernel` (parse.Kernel),
-    its executed warp-instructions per CTA of each instruction, warps per CTA and its SASS (device_summary.SassCode)
-    (module docstring)."""
+    """(SASS instructions each warp executes, "straight-line", "per loop" or "whole kernel") from the PTX `kernel`
+    (parse.Kernel), its executed warp-instructions per CTA of each instruction, warps per CTA and its SASS
+    (device_summary.SassCode) (module docstring)."""
     instrs = kernel.instrs
     ptx_loops = loops([(i, kernel.labels[ins.operands[0]]) for i, ins in enumerate(instrs)
                        if ins.opcode.split(".")[0] == "bra" and ins.operands[0] in kernel.labels],
