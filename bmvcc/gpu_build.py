@@ -9,8 +9,8 @@ stages in order.
    schedule, norm_quant schedules/norm_quant_cuda.py; both are marked tirx.is_scheduled. Everything
    else (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands,
    passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
-2. `tvm.compile` with cp.async enabled; the device code is compiled here to a cubin for the target's arch
-   (targets/cuda_export.py).
+2. `tvm.compile` with cp.async enabled and TVM's CUDA graph rewrite (PASS_CONFIG); the device code is compiled
+   here to a cubin for the target's arch (targets/cuda_export.py).
 3. Export with the cubin embedded in place of the source (targets/cuda_export.py), linked by targets/cross.py.
 """
 
