@@ -69,10 +69,10 @@ def kernel_code(sass_text: str) -> dict[str, SassCode]:
         if sec:
             current = code.setdefault(sec.group(1), SassCode())
             continue
-        label = re.match(r"(\.L_x_\d+):", line.strip())
-        ins = _INSTRUCTION.search(line)
         if current is None:
             continue
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        ins = None if label else _INSTRUCTION.search(line)
         if label:
             current.labels[label.group(1)] = len(current.opcodes)
         elif ins:
