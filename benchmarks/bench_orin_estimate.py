@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import paper_checkpoint
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bitmedvit_digits.pth"
 
 
@@ -56,8 +58,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if args.paper:
-            from common import paper_checkpoint
-
             checkpoint = paper_checkpoint(Path(tmp))[1]
         result = estimate(checkpoint, args.target)
     r = result["report"]
