@@ -1,6 +1,6 @@
-"""The instruction counts behind `bmvcc report`'s issue time (bmvcc/ptx/issue.py), on a tiny hand-written kernel:
-warp-instructions the emulator executes per PTX instruction, and the SASS per warp derived from them loop by loop
-(hand-written nvdisasm text whose executions are counted by hand)."""
+"""The issue time of `bmvcc report` (bmvcc/ptx/issue.py, bmvcc/report.py) on tiny hand-made inputs: the
+warp-instructions the emulator executes per PTX instruction, the SASS per warp derived from them loop by loop
+(hand-written nvdisasm text whose executions are counted by hand), occupancy and rounds of resident CTAs."""
 
 from __future__ import annotations
 
@@ -78,3 +78,31 @@ def test_sass_per_warp_maps_ptx_loops_to_sass_loops(sass, per_warp, how):
     kernel, counts = _executed()
     code = kernel_code(sass)["k"]
     assert sass_per_warp(kernel, counts, 2, code) == (pytest.approx(per_warp), how)
+
+
+@pytest.mark.parametrize("threads, registers, shared, ctas, limit", [
+    (256, 64, 0, 4, "registers"),  # 8 warps x 2048 registers: 4 CTAs in 64 K
+    (128, 255, 0, 2, "registers"),  # 255 x 32 rounds up to 8192 per warp
+    (128, 32, 40 * 1024, 4, "shared memory"),  # 41 KB + 1 KB reserved per CTA in 164 KB
+    (1024, 8, 0, 1, "threads"),  # 1536 threads per SM
+    (32, 16, 0, 16, "blocks"),  # 16 resident blocks per SM
+])
+def test_occupancy_on_orin_follows_the_cuda_occupancy_rules(threads, registers, shared, ctas, limit):
+    """sm_87's resident CTAs as the CUDA Occupancy Calculator counts them (its allocation units and limits)."""
+    from bmvcc.report import occupancy
+    from bmvcc.targets import get
+
+    occ = occupancy(threads, registers, shared, get("jetson-orin-nano").facts)
+    assert (occ["ctas_per_sm"], occ["limit"], occ["warps_per_cta"]) == (ctas, limit, -(-threads // 32))
+
+
+def test_issue_time_runs_the_busiest_sm_in_rounds_of_resident_ctas():
+    """64 CTAs of 8 warps on 8 SMs holding 6 CTAs each: the busiest SM runs 8 CTAs, 6 then 2; a scheduler issues
+    for 12 warps, then for 4, 100 instructions each, at 625 MHz. A single 1-warp CTA: its 100 instructions."""
+    from bmvcc.report import issue_seconds
+    from bmvcc.targets import get
+
+    facts = get("jetson-orin-nano").facts
+    occ = {"ctas_per_sm": 6, "warps_per_cta": 8}
+    assert issue_seconds(100, 64, occ, facts) == pytest.approx((12 + 4) * 100 / 625e6)
+    assert issue_seconds(100, 1, {"ctas_per_sm": 16, "warps_per_cta": 1}, facts) == pytest.approx(100 / 625e6)
