@@ -48,7 +48,8 @@ class SassCode:
     def hot_end(self) -> int:
         """Index after the last unpredicated EXIT: what follows (slow paths the code calls or branches to and
         returns from, the final branch to itself, alignment NOPs) runs rarely or never."""
-        return 1 + max(i for i, (op, g) in enumerate(zip(self.opcodes, self.guarded)) if op == "EXIT" and not g)
+        return 1 + max((i for i, (op, g) in enumerate(zip(self.opcodes, self.guarded)) if op == "EXIT" and not g),
+                       default=len(self.opcodes) - 1)
 
     def branches(self) -> list[tuple[int, int]]:
         """(index, target index) of the BRA instructions."""

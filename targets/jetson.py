@@ -20,11 +20,11 @@ Sources of the facts below:
       bank conflicts cost the rest); replace with a copy kernel's bandwidth measured on the device.
 [LCH] Host overhead per kernel launch, an assumption of bmvcc report's estimate: 8 us, inside the 5-10 us
       that kernel launches without CUDA graphs take on Jetson modules (the CUDA driver's launch path on a
-      1.5 GHz Cortex-A78AE plus the Relax VM's call of the kernel's packed function); replace with an nsys trace
-      of the model on the device (the gap between back-to-back kernels). Kernels in a CUDA graph (bmvcc/gpu_build.py):
-      one graph launch costs what a kernel launch does (the VM's run_or_capture, one cudaGraphLaunch), and each
-      kernel in it 1 us more, the GPU launching the graph's kernels back to back without the host (the saving
-      NVIDIA's "Getting Started with CUDA Graphs" blog, 2019, shows); an assumption too, for the same nsys trace.
+      1.5 GHz Cortex-A78AE plus the Relax VM's call of the kernel's packed function). In the CUDA graph
+      (bmvcc/gpu_build.py): a graph launch costs what a kernel launch does (the VM's run_or_capture, one
+      cudaGraphLaunch), each kernel in it 1 us, the GPU launching the graph's kernels back to back without the host
+      (the saving NVIDIA's "Getting Started with CUDA Graphs" blog, 2019, shows). Replace all three with an nsys
+      trace of the model on the device (the gaps between back-to-back kernels).
 """
 
 from __future__ import annotations
