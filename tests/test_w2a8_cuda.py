@@ -92,7 +92,8 @@ def test_schedule_derives_from_contract(epilogue):
     from tvm import s_tir
 
     cfg = W2A8Config(1024, 2048, 512, epilogue)
-    sch = wc.schedule(cfg)
+    sch = s_tir.Schedule(w2a8_compute(cfg))
+    wc._schedule(sch, cfg, wc.default_knobs(cfg))  # the primitives wc.schedule and wc.space apply
     fresh = s_tir.Schedule(tvm.IRModule({"main": w2a8_compute(cfg)}))
     sch.trace.apply_to_schedule(fresh, remove_postproc=False)
     tvm.ir.assert_structural_equal(fresh.mod, sch.mod)
@@ -202,7 +203,7 @@ def test_gpu_matches_numpy(m, n, k, epilogue):
     dev = tvm.cuda(0)
     arch = "sm_" + dev.compute_version.replace(".", "")
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
-    mod = tvm.IRModule({"main": wc.scheduled_func(cfg, knobs).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": wc.schedule(w2a8_compute(p), target, knobs).with_attr("global_symbol", "main")})
     with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
         lib = tvm.compile(mod, target=target)
     args = [tvm.runtime.tensor(a, dev) for a in (*operands[:3], np.array([ws], np.float32), *operands[3:])]
@@ -255,7 +256,8 @@ def test_tuning_space_builds_for_orin():
         sch = tvm.s_tir.Schedule(mod)
         spaces[index].trace.apply_to_schedule(sch, remove_postproc=True)
         assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
-        tvm.ir.assert_structural_equal(sch.mod, wc.schedule(cfg, knobs[index]).mod)
+        tvm.ir.assert_structural_equal(sch.mod["main"].with_attr("tirx.is_scheduled", True),
+                                       wc.schedule(w2a8_compute(cfg), target, knobs[index]))
         cubin = tc.compile_cuda(wc.cuda_source(sch.mod["main"], ORIN), "sm_87")
         (res,), ops = cubin.resources, cubin.opcode_counts()
         assert ops.get("IMMA.16832.S8.S8", 0) > 0 and any(o.startswith("LDSM") for o in ops), (knobs[index], ops)
