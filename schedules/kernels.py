@@ -11,6 +11,9 @@ the same two entry points:
                                    kernel keeps its hand schedule when tuning
 `kind` is the PrimFunc's kernel kind (schedules/w2a8.py:kernel_of); the CPU attention kernel is built
 scheduled (schedules/attention_cpu.py) and has no entry.
+STAGING[device]: "module:function"s (IRModule, target) -> IRModule run after legalization and fusion
+(cpu_default.legalize_and_fuse), before the tuning tasks are taken: a kernel whose schedule needs its
+function rewritten first (the W2A8 CPU kernels' explicit stages) does that there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ KERNELS: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("w2a8", "cuda"): ("w2a8_cuda:schedule", "w2a8_cuda:space"),
     ("norm_quant", "cuda"): ("norm_quant_cuda:schedule", None),
 }
+STAGING: dict[str, tuple[str, ...]] = {"cpu": ("w2a8_cpu:stage_w2a8_kernels",)}
 
 
 def schedule_of(kind: str, device: str) -> Callable | None:
@@ -32,6 +36,13 @@ def schedule_of(kind: str, device: str) -> Callable | None:
 
 def space_of(kind: str, device: str) -> Callable | None:
     return _load(KERNELS.get((kind, device), (None, None))[1])
+
+
+def stage(mod, target, device: str):
+    """`mod` after the staging rewrites of `device`'s kernels (STAGING)."""
+    for entry in STAGING.get(device, ()):
+        mod = _load(entry)(mod, target)
+    return mod
 
 
 def _load(entry: str | None) -> Callable | None:

@@ -32,7 +32,7 @@ import numpy as np
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import cuda_intrinsics as ci
 from .intrinsics import ensure
-from .w2a8 import EPILOGUES, KERNEL_ATTR, W2A8Config, config_of, epilogue_operand, w2a8_compute
+from .w2a8 import KERNEL_ATTR, W2A8Config, config_of, epilogue_operand, w2a8_compute
 
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
 
