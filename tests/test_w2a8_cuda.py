@@ -229,6 +229,18 @@ def test_tuning_knobs_fit_orin():
     assert not wc.tuning_knobs(W2A8Config(25, 40, 70), facts)  # unaligned: the GPU build tunes the padded kernel
 
 
+def test_intrinsics_table_holds_every_fragment_count_the_kernel_uses():
+    """compile --db replays W2A8 traces after intrinsics.ensure_all("w2a8_cuda") (bmvcc/tunedb.py): the table must
+    hold the mma intrinsic of every warp tile that default_knobs and the tuning space use, in both shared scopes."""
+    from bmvcc.schedules.intrinsics import INTRINSICS
+
+    cfgs = [W2A8Config(1024, 2048, 512), W2A8Config(16, 128, 64), W2A8Config(25, 40, 70), W2A8Config(32, 16, 32)]
+    knobs = [k for cfg in cfgs for k in (wc.default_knobs(cfg), *wc.tuning_knobs(cfg, ORIN.facts))]
+    names = {ci.mma_decode_name(k.block_m // k.warps_m // 16, scope) for k in knobs for scope in ("shared", "shared.dyn")}
+    assert {k.block_m // k.warps_m for k in knobs} == {16, 32, 64}
+    assert names <= {name for name, (user, _, _) in INTRINSICS.items() if user == "w2a8_cuda"}
+
+
 def test_tuning_space_builds_for_orin():
     """MetaSchedule's design spaces from the registered CUDA space (schedules/tuning_spaces.py): one schedule
     per knob set with no sampled decision (the search replays traces with fresh decisions), each replaying on
