@@ -61,7 +61,7 @@ def schedule_kernels(mod, table, spec):
     from .schedules.kernels import schedule_of
     from .schedules.w2a8_cuda import W2A8CudaKnobs
 
-    mod, table = mod.clone(), dict(table)
+    mod, table, target = mod.clone(), dict(table), spec.target()
     for gv, func in list(mod.functions_items()):
         entry = table.get(gv.name_hint)
         if entry is None:
@@ -70,7 +70,7 @@ def schedule_kernels(mod, table, spec):
             table[gv.name_hint] = {**{k: v for k, v in entry.items() if k != "knobs"}, "from_db": True}
         else:
             knobs = W2A8CudaKnobs(**entry["knobs"]) if "knobs" in entry else None
-            mod[gv] = schedule_of(entry["kernel"], "cuda")(func, spec.target(), knobs)
+            mod[gv] = schedule_of(entry["kernel"], "cuda")(func, target, knobs)
     return mod, table
 
 

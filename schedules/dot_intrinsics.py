@@ -7,9 +7,10 @@ C: lanes int32 accumulators. On x86 B holds unsigned codes u = T + 1 in {0, 1, 2
 are u8 x s8; the schedule subtracts rowsum(q)); elsewhere B holds the signed ternary T (sdot is s8 x s8;
 the generic one is plain widening vector multiply-adds that LLVM lowers for any CPU).
 
-Only these few intrinsics are registered (cheap, about 0.1 s; schedules/intrinsics.py, on first use),
-instead of importing tvm.s_tir.tensor_intrin.x86, which parses every intrinsic at import. TVM 0.27's own "dot_16x4_vnni"
-does not pass LLVM 22 verification (vpdpbusd takes <64 x i8> operands there), hence `vnni` below.
+Only these few intrinsics are registered (cheap, about 0.1 s; by schedules/intrinsics.py, on first use),
+instead of importing tvm.s_tir.tensor_intrin.x86, which parses every intrinsic at import. TVM 0.27's own
+"dot_16x4_vnni" does not pass LLVM 22 verification (vpdpbusd takes <64 x i8> operands there), hence `vnni`
+below.
 """
 
 from __future__ import annotations
@@ -137,11 +138,11 @@ def _avx2_i16_impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4
 
 _DOTS = {VNNI.name: (VNNI, _vpdpbusd), AVX2.name: (AVX2, _avx2_maddubs), SDOT.name: (SDOT, _sdot),
          GENERIC.name: (GENERIC, _widening_mac)}
-INTRINSICS = (VNNI, AVX2, SDOT, GENERIC, AVX2_I16)
+ALL = (VNNI, AVX2, SDOT, GENERIC, AVX2_I16)
 
 
 def definition(name: str):
-    """(desc, impl) of the intrinsic `name` (one of INTRINSICS)."""
+    """(desc, impl) of the intrinsic `name` (one of ALL)."""
     if name == AVX2_I16.name:
         return _avx2_i16_desc, _avx2_i16_impl
     intrin, dot = _DOTS[name]

@@ -20,6 +20,9 @@ divide the shape (ViT shapes need no padding); otherwise the kernel is `w2a8_com
 and the caller pads (q with 0, packed with code 1 = weight 0, x_scale with 1, residual with 0) and slices
 the output: `padded` and `pad_operands` define it. The epilogue reads accumulators through LowerWarpMemory, which
 emits one SHFL (to the own lane) per element.
+
+Entry points (schedules/kernels.py): `schedule(func, target, knobs)`, the hand schedule (the GPU build's, with
+the knobs of its kernel table), and `space(sch, target)`, the tuning space; both apply `_schedule`.
 """
 
 from __future__ import annotations
