@@ -123,6 +123,7 @@ def realize(sch, block):
 
 
 def try_primitive(primitive, *args) -> bool:
+    """Apply a schedule primitive where TVM finds it legal (e.g. an inlining); False where it refuses."""
     try:
         primitive(*args)
         return True

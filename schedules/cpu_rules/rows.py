@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .common import (MIN_PARALLEL_WORK, CpuFacts, inline_single_use, has_root, is_reduce, is_reduction, product,
+from .common import (MIN_PARALLEL_WORK, CpuFacts, has_root, inline_single_use, is_reduce, is_reduction, product,
                      realize, static_extents, trivially_bound)
 
 
