@@ -29,12 +29,12 @@ def _w2a8(m, n, k, q, codes, threads):
     import tvm
 
     from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute
-    from bmvcc.schedules.w2a8_cpu import schedule_w2a8_cpu, select_backend
+    from bmvcc.schedules import w2a8_cpu
     from bmvcc.targets import get
 
     tvm.get_global_func("runtime.config_threadpool")(0, threads)
     target = get("host").target()
-    func = schedule_w2a8_cpu(w2a8_compute(W2A8Config(m, n, k)), target)
+    func = w2a8_cpu.schedule(w2a8_compute(W2A8Config(m, n, k)), target)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
     packed = pack_ternary(codes)
     ones = np.ones((m, 1), np.float32)  # x_scale = w_scale = 1: out = float(acc), checkable exactly
@@ -42,7 +42,7 @@ def _w2a8(m, n, k, q, codes, threads):
     out = tvm.runtime.empty((m, n), "float32", tvm.cpu())
     fn = lambda: lib["main"](*args, out)  # noqa: E731
     fn()
-    return fn, out.numpy(), select_backend(target), packed.nbytes
+    return fn, out.numpy(), w2a8_cpu.select_backend(target), packed.nbytes
 
 
 def _torch_fp32(q, codes, threads):

@@ -6,8 +6,8 @@ stages in order.
    W2A8 calls passes/pad_w2a8_to_tiles.py put on the tensor-core kernel's tiles. The result's PrimFuncs
    are the tuning tasks (bmvcc/tune.py); `compile --db` applies a database to them (bmvcc/tunedb.py).
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
-   schedule, norm_quant schedules/norm_quant_cuda.py; both are marked tirx.is_scheduled. Everything
-   else (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands,
+   schedule, norm_quant schedules/norm_quant_cuda.py's (schedules/kernels.py); both are marked
+   tirx.is_scheduled. Everything else (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands,
    passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
 2. `tvm.compile` with cp.async enabled and TVM's CUDA graph rewrite (PASS_CONFIG); the device code is compiled
    here to a cubin for the target's arch (targets/cuda_export.py).
@@ -57,30 +57,24 @@ def _entry(func) -> dict:
             "knobs": padded_from["knobs"]}
 
 
-def schedule_kernels(mod, table):
-    """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their hand schedules: W2A8 with
-    its table knobs (schedules/w2a8_cuda.py), norm_quant (schedules/norm_quant_cuda.py); all marked
-    tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a tuning
-    database: its entry says so instead of naming knobs. Returns (mod, table)."""
-    from tvm import s_tir
+def schedule_kernels(mod, table, spec):
+    """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their hand schedules
+    (schedules/kernels.py: W2A8 with its table knobs, norm_quant); all marked tirx.is_scheduled so that
+    DLight leaves them alone. A kernel already scheduled came from a tuning database: its entry says so
+    instead of naming knobs. Returns (mod, table)."""
+    from .schedules.kernels import schedule_of
+    from .schedules.w2a8_cuda import W2A8CudaKnobs
 
-    from .schedules import w2a8_cuda
-    from .schedules.norm_quant_cuda import schedule_norm_quant_cuda
-    from .schedules.w2a8 import W2A8Config
-
-    mod, table = mod.clone(), dict(table)
+    mod, table, target = mod.clone(), dict(table), spec.target()
     for gv, func in list(mod.functions_items()):
         entry = table.get(gv.name_hint)
         if entry is None:
             continue
         if func.attrs.get("tirx.is_scheduled", False):
             table[gv.name_hint] = {**{k: v for k, v in entry.items() if k != "knobs"}, "from_db": True}
-        elif entry["kernel"] == "norm_quant":
-            mod[gv] = schedule_norm_quant_cuda(func)
         else:
-            sch = s_tir.Schedule(func)
-            w2a8_cuda.apply(sch, W2A8Config(**entry["padded"]), w2a8_cuda.W2A8CudaKnobs(**entry["knobs"]))
-            mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            knobs = W2A8CudaKnobs(**entry["knobs"]) if "knobs" in entry else None
+            mod[gv] = schedule_of(entry["kernel"], "cuda")(func, target, knobs)
     return mod, table
 
 

@@ -187,12 +187,10 @@ def _load(db_dir: Path, scratch: Path, progress: Callable[[str], None]):
     for name in TABLES:
         (scratch / name).write_bytes(_checked_lines(db_dir / name, progress))
     key = read_key(db_dir)
-    if key is not None and key.get("target", {}).get("tvm", {}).get("kind") == "cuda":
-        from .schedules.w2a8_cuda import register_intrinsics
+    from .schedules.intrinsics import ensure_all
 
-        register_intrinsics()
-    else:
-        from .schedules import dot_intrinsics  # noqa: F401  CPU W2A8 traces tensorize with these
+    cuda = key is not None and key.get("target", {}).get("tvm", {}).get("kind") == "cuda"
+    ensure_all("w2a8_cuda" if cuda else "w2a8_cpu")  # the intrinsics W2A8 traces tensorize with
 
     try:
         return ms.database.JSONDatabase(work_dir=str(scratch), module_equality="structural")

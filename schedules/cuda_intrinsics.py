@@ -1,15 +1,16 @@
-"""The tensor intrinsics the W2A8 CUDA schedule uses, registered on first use.
+"""The tensor intrinsics the W2A8 CUDA schedule uses: their names and (desc, impl) definitions, registered on
+first use by schedules/intrinsics.py.
 
 `import tvm.s_tir.tensor_intrin.cuda` parses every CUDA intrinsic TVM has (about a minute); this
 module defines only what schedules/w2a8_cuda.py tensorizes, with int64 indices like w2a8_compute:
 
-- LDMATRIX_A (ldmatrix_a(scope)): int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's
+- LDMATRIX_A (ldmatrix_a_name(scope)): int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's
   mma_ldmatrix_i8_a, from static or dynamic shared memory.
-- MMA_DECODE (mma_decode(F, scope)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
+- MMA_DECODE (mma_decode_name(F, scope)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
   codes* from shared (uint8 [16, 8]), decoded once in registers straight into the mma.sync B fragment,
   then 2F `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is w2a8_compute's decode expression.
 - FILL: zero a 16x16 int32 accumulator fragment.
-- STORE_DEQUANT (store_dequant(epilogue)): out[16,16] = epilogue(float(C) * w_scale / x_scale[row]), the
+- STORE_DEQUANT (store_dequant_name(epilogue)): out[16,16] = epilogue(float(C) * w_scale / x_scale[row]), the
   dequantizing epilogue (none, GELU, + residual) written from the accumulator fragment to global memory.
 
 Fragment layouts (PTX ISA, mma.m16n8k32 .s8): thread t of the warp holds A rows t/4 and t/4+8, bytes
@@ -21,10 +22,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-LDMATRIX_A = "bmvcc_ldmatrix_i8_a_16x32"  # prefix: one intrinsic per shared scope (ldmatrix_a)
-MMA_DECODE = "bmvcc_mma_i8_ternary_16x16x32"  # prefix: one intrinsic per row-fragment count (mma_decode)
+LDMATRIX_A = "bmvcc_ldmatrix_i8_a_16x32"  # prefix: one intrinsic per shared scope (ldmatrix_a_name)
+MMA_DECODE = "bmvcc_mma_i8_ternary_16x16x32"  # prefix: one per row-fragment count and scope (mma_decode_name)
 FILL = "bmvcc_mma_fill_i32_16x16"
-STORE_DEQUANT = "bmvcc_mma_store_dequant_16x16"  # prefix: one intrinsic per epilogue (store_dequant)
+STORE_DEQUANT = "bmvcc_mma_store_dequant_16x16"  # prefix: one intrinsic per epilogue (store_dequant_name)
 
 _I = T.int64
 
@@ -51,14 +52,13 @@ def _decode_word(byte):
     return T.bitwise_xor(spread + T.uint32(0x7F7F7F7F), T.uint32(0x80808080))
 
 
-def ldmatrix_a(scope: str = "shared") -> str:
-    """Register (once) and name LDMATRIX_A reading from shared memory of `scope` ("shared" for static
-    arrays, "shared.dyn" for dynamic shared memory, which may exceed 48 KB per block)."""
-    from tvm.s_tir import TensorIntrin
+def ldmatrix_a_name(scope: str) -> str:
+    return f"{LDMATRIX_A}_{scope}"
 
-    name = f"{LDMATRIX_A}_{scope}"
-    if TensorIntrin.get(name, allow_missing=True) is not None:
-        return name
+
+def ldmatrix_a(scope: str):
+    """(desc, impl) of LDMATRIX_A reading from shared memory of `scope` ("shared" for static arrays,
+    "shared.dyn" for dynamic shared memory, which may exceed 48 KB per block)."""
 
     @T.prim_func(s_tir=True)
     def desc(warp_h: T.handle, shared_h: T.handle) -> None:
@@ -91,8 +91,7 @@ def ldmatrix_a(scope: str = "shared") -> str:
                                                  shared.access_ptr("r"), s0 * (tx % 16) + 16 * (tx // 16),
                                                  dtype="int8"))
 
-    TensorIntrin.register(name, desc, impl)
-    return name
+    return desc, impl
 
 
 def _decode(bp, j, k):
@@ -101,17 +100,16 @@ def _decode(bp, j, k):
     return T.Cast("int32", code) - 1
 
 
-def mma_decode(frags: int, scope: str = "shared") -> str:
-    """Register (once) and name the intrinsic C[16F,16] += A[16F,32] * T[16,32]^T for F = `frags` row
-    fragments: the packed B tile is decoded once and feeds 2F mma.sync (decode cost / F).
+def mma_decode_name(frags: int, scope: str) -> str:
+    return f"{MMA_DECODE}_x{frags}_{scope}"
+
+
+def mma_decode(frags: int, scope: str):
+    """(desc, impl) of C[16F,16] += A[16F,32] * T[16,32]^T for F = `frags` row fragments: the packed B tile
+    is decoded once and feeds 2F mma.sync (decode cost / F).
 
     A and C are a warp's fragments [F, 1, 32, elems] (row fragment, column fragment, thread, element),
     the layouts schedules/w2a8_cuda.py gives them."""
-    from tvm.s_tir import TensorIntrin
-
-    name = f"{MMA_DECODE}_x{frags}_{scope}"
-    if TensorIntrin.get(name, allow_missing=True) is not None:
-        return name
     F, M = _I(frags), _I(16 * frags)
 
     @T.prim_func(s_tir=True)
@@ -161,8 +159,7 @@ def mma_decode(frags: int, scope: str = "shared") -> str:
                                                     C.data, C.elem_offset + f * c0 + tx * _I(8) + h * 4,
                                                     False, dtype="int32"))
 
-    TensorIntrin.register(name, desc, impl)
-    return name
+    return desc, impl
 
 
 @T.prim_func(s_tir=True)
@@ -190,17 +187,15 @@ def _fill_impl(c: T.handle) -> None:
             T.evaluate(T.cuda.mma_fill_legacy(8, C.data, C.elem_offset, dtype="int32"))
 
 
-def store_dequant(epilogue: str) -> str:
-    """Register (once) and name the intrinsic out[16,16] = epilogue(float(C) * w_scale / x_scale[row]),
-    the dequantizing epilogue written from the accumulator fragment to global memory. The epilogue is
-    schedules/w2a8.py's `apply_epilogue`: GELU in registers, + residual[16,16] or + bias[1,16] read from global."""
-    from tvm.s_tir import TensorIntrin
+def store_dequant_name(epilogue: str) -> str:
+    return f"{STORE_DEQUANT}_{epilogue}"
 
+
+def store_dequant(epilogue: str):
+    """(desc, impl) of out[16,16] = epilogue(float(C) * w_scale / x_scale[row]), the dequantizing epilogue
+    written from the accumulator fragment to global memory. The epilogue is schedules/w2a8.py's
+    `apply_epilogue`: GELU in registers, + residual[16,16] or + bias[1,16] read from global."""
     from .w2a8 import apply_epilogue, epilogue_operand
-
-    name = f"{STORE_DEQUANT}_{epilogue}"
-    if TensorIntrin.get(name, allow_missing=True) is not None:
-        return name
 
     operand = epilogue_operand(epilogue)
     rows = 1 if operand == "bias" else 16  # of the extra operand's tile
@@ -277,12 +272,9 @@ def store_dequant(epilogue: str) -> str:
             res = T.match_buffer(r, (_I(rows), _I(16)), "float32", offset_factor=1, strides=[sr0, sr1])
             impl_body(C, out, xs, ws, res)
 
-    TensorIntrin.register(name, desc, impl)
-    return name
+    return desc, impl
 
 
-def register() -> None:
-    """Register FILL with TVM (idempotent); the other intrinsics register per variant when named."""
-    from tvm.s_tir import TensorIntrin
-
-    TensorIntrin.register(FILL, _fill_desc, _fill_impl, override=True)
+def fill():
+    """(desc, impl) of FILL."""
+    return _fill_desc, _fill_impl

@@ -7,16 +7,16 @@ C: lanes int32 accumulators. On x86 B holds unsigned codes u = T + 1 in {0, 1, 2
 are u8 x s8; the schedule subtracts rowsum(q)); elsewhere B holds the signed ternary T (sdot is s8 x s8;
 the generic one is plain widening vector multiply-adds that LLVM lowers for any CPU).
 
-Only these few intrinsics are registered (cheap, about 0.1 s), instead of importing
-tvm.s_tir.tensor_intrin.x86, which parses every intrinsic at import. TVM 0.27's own "dot_16x4_vnni"
-does not pass LLVM 22 verification (vpdpbusd takes <64 x i8> operands there), hence `vnni` below.
+Only these few intrinsics are registered (cheap, about 0.1 s; by schedules/intrinsics.py, on first use),
+instead of importing tvm.s_tir.tensor_intrin.x86, which parses every intrinsic at import. TVM 0.27's own
+"dot_16x4_vnni" does not pass LLVM 22 verification (vpdpbusd takes <64 x i8> operands there), hence `vnni`
+below.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 
@@ -104,9 +104,6 @@ AVX2 = DotIntrin("bmvcc_dot_8x4_avx2", 8, "uint8")
 SDOT = DotIntrin("bmvcc_dot_4x4_sdot", 4, "int8")
 GENERIC = DotIntrin("bmvcc_dot_8x4_generic", 8, "int8", k_major=True)
 
-for _intrin, _dot in ((VNNI, _vpdpbusd), (AVX2, _avx2_maddubs), (SDOT, _sdot), (GENERIC, _widening_mac)):
-    TensorIntrin.register(_intrin.name, _desc(_intrin), _impl(_intrin, _dot), override=True)
-
 
 # AVX2 with int16 accumulation: vpmaddubsw's pairwise int16 sums are added in int16 (vpaddw), with no
 # vpmaddwd per step. C holds lanes x 2 int16 partial sums, C[j, p] over k = 2p, 2p + 1 of each
@@ -139,4 +136,14 @@ def _avx2_i16_impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4
             dtype="int16x16"))
 
 
-TensorIntrin.register(AVX2_I16.name, _avx2_i16_desc, _avx2_i16_impl, override=True)
+_DOTS = {VNNI.name: (VNNI, _vpdpbusd), AVX2.name: (AVX2, _avx2_maddubs), SDOT.name: (SDOT, _sdot),
+         GENERIC.name: (GENERIC, _widening_mac)}
+ALL = (VNNI, AVX2, SDOT, GENERIC, AVX2_I16)
+
+
+def definition(name: str):
+    """(desc, impl) of the intrinsic `name` (one of ALL)."""
+    if name == AVX2_I16.name:
+        return _avx2_i16_desc, _avx2_i16_impl
+    intrin, dot = _DOTS[name]
+    return _desc(intrin), _impl(intrin, dot)

@@ -1,14 +1,19 @@
 """bmvcc's kernels and their schedule entry points per device: the one explicit table.
 
 KERNELS[(kind, device)] = (schedule, space), each "module:function" in this package (imported when used:
-the modules import TVM), or None:
-  schedule(func, target)  the kernel's hand schedule of its unscheduled PrimFunc (CPU: run by
-                          cpu_default.schedule_fused; the GPU build's hand schedules take the knobs of
-                          the kernel table: bmvcc/gpu_build.py:schedule_kernels)
-  space(sch, target)      its MetaSchedule design space (schedules/tuning_spaces.py); None: the kernel
-                          keeps its hand schedule when tuning
+the modules import TVM), or None. Each kernel's compute definition has a module of its own
+(w2a8.py, norm_quant.py) and each backend's schedules a module beside it (<kernel>_<device>.py), with
+the same two entry points:
+  schedule(func, target[, knobs])  the hand schedule of the kernel's unscheduled PrimFunc, returned
+                                   marked tirx.is_scheduled (CPU: run by cpu_default.schedule_fused; GPU:
+                                   by bmvcc/gpu_build.py:schedule_kernels, with the knobs of its kernel table)
+  space(sch, target)               its MetaSchedule design space (schedules/tuning_spaces.py); None: the
+                                   kernel keeps its hand schedule when tuning
 `kind` is the PrimFunc's kernel kind (schedules/w2a8.py:kernel_of); the CPU attention kernel is built
 scheduled (schedules/attention_cpu.py) and has no entry.
+STAGING[device]: "module:function"s (IRModule, target) -> IRModule run after legalization and fusion
+(cpu_default.legalize_and_fuse), before the tuning tasks are taken: a kernel whose schedule needs its
+function rewritten first (the W2A8 CPU kernels' explicit stages) does that there.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import importlib
 from typing import Callable
 
 KERNELS: dict[tuple[str, str], tuple[str | None, str | None]] = {
-    ("w2a8", "cpu"): ("w2a8_cpu:schedule_w2a8_cpu", "w2a8_cpu:w2a8_space"),
-    ("norm_quant", "cpu"): ("norm_quant:schedule_norm_quant_cpu", "norm_quant:norm_quant_space"),
-    ("w2a8", "cuda"): (None, "w2a8_cuda:design_spaces"),
-    ("norm_quant", "cuda"): (None, None),
+    ("w2a8", "cpu"): ("w2a8_cpu:schedule", "w2a8_cpu:space"),
+    ("norm_quant", "cpu"): ("norm_quant_cpu:schedule", "norm_quant_cpu:space"),
+    ("w2a8", "cuda"): ("w2a8_cuda:schedule", "w2a8_cuda:space"),
+    ("norm_quant", "cuda"): ("norm_quant_cuda:schedule", None),
 }
+STAGING: dict[str, tuple[str, ...]] = {"cpu": ("w2a8_cpu:stage_w2a8_kernels",)}
 
 
 def schedule_of(kind: str, device: str) -> Callable | None:
@@ -30,6 +36,13 @@ def schedule_of(kind: str, device: str) -> Callable | None:
 
 def space_of(kind: str, device: str) -> Callable | None:
     return _load(KERNELS.get((kind, device), (None, None))[1])
+
+
+def stage(mod, target, device: str):
+    """`mod` after the staging rewrites of `device`'s kernels (STAGING)."""
+    for entry in STAGING.get(device, ()):
+        mod = _load(entry)(mod, target)
+    return mod
 
 
 def _load(entry: str | None) -> Callable | None:

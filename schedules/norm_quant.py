@@ -9,7 +9,7 @@ For x float32[M, K] and gain g float32[K], per row m (the math of docs/bitmedvit
     q        = int8(clip(round_half_even(xn * x_scale), -128, 127))
 Outputs (q int8[M, K], x_scale float32[M, 1]) feed the W2A8 kernel (schedules/w2a8.py).
 Rounding is T.nearbyint (half to even, like torch.round), not T.round (half away from zero).
-Its CPU schedule and tuning space are listed in schedules/kernels.py.
+Its schedules: norm_quant_cpu.py and norm_quant_cuda.py (listed in schedules/kernels.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .w2a8 import KERNEL_ATTR
-
-MAX_VECTOR = 64  # widest quant-loop vector the space samples (LLVM splits it into register-wide parts)
-
 
 @dataclass(frozen=True)
 class NormQuantConfig:
@@ -106,36 +103,6 @@ def norm_quant_compute(cfg: NormQuantConfig):
         body(x, g, beta, total, q, xs)
 
     return layer_norm_quant
-
-
-def schedule_norm_quant_cpu(func, target):
-    """Rows in parallel, the quant loop vectorized by 16, 8 or 4 lanes (the reductions stay scalar per row)."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-
-    def lanes(loop):
-        k = int(sch.get(loop).extent)
-        return [None, next((v for v in (16, 8, 4) if k % v == 0), 1)]
-
-    _schedule(sch, lanes)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-
-def norm_quant_space(sch, target) -> None:
-    """MetaSchedule design space (schedules/tuning_spaces.py): the quant loop's vector width sampled.
-    No unroll knob: unrolling the row reductions moved x_scale by an ulp (LLVM contracts the unrolled
-    sums differently), and a tuned kernel must give the default one's results bit for bit."""
-    _schedule(sch, lambda loop: sch.sample_perfect_tile(loop, n=2, max_innermost_factor=MAX_VECTOR))
-
-
-def _schedule(sch, tile) -> None:
-    """Schedule primitives only; tile(loop) gives the [outer, vector] split of the quant loop."""
-    vectorizable_nearbyint()
-    row, col = sch.get_loops(sch.get_sblock("quant"))
-    sch.parallel(row)
-    _, inner = sch.split(col, tile(col))
-    sch.vectorize(inner)
 
 
 def vectorizable_nearbyint() -> None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 THREADS = 128  # threads per row block; rows of the ViT (K = dim) are 64..1024 wide
 
 
-def schedule_norm_quant_cuda(func, threads: int = THREADS):
+def schedule(func, target, knobs: int | None = None):
+    """The scheduled PrimFunc; knobs: threads per row block (default THREADS; fewer for a row narrower than
+    that: K rounded up to a power of two, at least a warp)."""
     from tvm import s_tir
 
+    threads = knobs or THREADS
     sch = s_tir.Schedule(func)
     row = sch.get_loops(sch.get_sblock("quant"))[0]  # the one row loop holding every block
     row_sum = ("sum",) if "sum" in {sch.get(b).name_hint for b in sch.get_child_blocks(row)} else ()  # LayerNorm

@@ -4,11 +4,12 @@ Two steps, both keyed on PrimFuncs with attr bmvcc.kernel == "w2a8":
 - `stage_w2a8_kernels(mod, target)` (run by cpu_default.legalize_and_fuse, so by compile and by tune
   alike) rewrites each kernel into its explicit stages (w2a8_cpu_stages.py), padded to knob-independent
   extents, and marks it STAGED_ATTR = backend. That staged function is the tuning task.
-- `schedule_w2a8_cpu(func, target, knobs)` schedules a staged kernel with schedule primitives only
+- `schedule(func, target, knobs)` schedules a staged kernel with schedule primitives only
   (`_schedule`): with fixed knobs (DEFAULT_KNOBS, the compile default) or, as the MetaSchedule design
-  space `w2a8_space`, with sampled ones, so a tuned trace replays on the task from the database.
+  space `space(sch, target)`, with sampled ones, so a tuned trace replays on the task from the database.
 The backend follows the target's features (select_backend): AVX-512 VNNI (vpdpbusd), AVX2
-(vpmaddubsw), aarch64 dot product (sdot), else generic LLVM vector code; dot_intrinsics.py has them.
+(vpmaddubsw), aarch64 dot product (sdot), else generic LLVM vector code; dot_intrinsics.py has them
+(registered by schedules/intrinsics.py).
 
 Padding: Mp = M for M <= 4 (GEMV and small batches: no padded rows), else M rounded up to 4;
 Np = N rounded up to lanes * the backend's default nt. The row tile mr divides Mp and the lane groups
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .intrinsics import ensure
 from .tuning_spaces import sample_unroll
 from .w2a8 import KERNEL_ATTR
 from .w2a8_cpu_stages import restage, round_up
@@ -99,7 +101,7 @@ def stage_w2a8(func, knobs: CpuKnobs):
     """A W2A8 PrimFunc rewritten into the stages of `knobs.backend`, padded as the module doc says."""
     from tvm import s_tir
 
-    from .dot_intrinsics import I16_CHUNK_K  # registers the intrinsics (about 1 s), also for database replay
+    from .dot_intrinsics import I16_CHUNK_K
 
     intrin = intrin_of(knobs.backend)
     ref = s_tir.Schedule(func)
@@ -116,13 +118,13 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
+def schedule(func, target, knobs: CpuKnobs | None = None):
     """Schedule one W2A8 PrimFunc (staged here first if it is not yet) with fixed knobs (default:
     DEFAULT_KNOBS of the target); returns it marked tirx.is_scheduled."""
     from tvm import s_tir
 
     if func.attrs is None or func.attrs.get(KERNEL_ATTR) != "w2a8":
-        raise ValueError(f"schedule_w2a8_cpu expects a PrimFunc with attr {KERNEL_ATTR}='w2a8'")
+        raise ValueError(f"w2a8_cpu.schedule expects a PrimFunc with attr {KERNEL_ATTR}='w2a8'")
     knobs = knobs or DEFAULT_KNOBS[select_backend(target)]
     if STAGED_ATTR not in func.attrs:
         func = stage_w2a8(func, knobs)
@@ -134,7 +136,7 @@ def schedule_w2a8_cpu(func, target, knobs: CpuKnobs | None = None):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def w2a8_space(sch, target) -> None:
+def space(sch, target) -> None:
     """MetaSchedule design space: `_schedule` with mr, nt and the unroll step sampled (no Python
     branch depends on a sampled value: MetaSchedule replays this trace with new decisions)."""
     if STAGED_ATTR not in sch.mod["main"].attrs:
@@ -207,7 +209,7 @@ def _schedule(sch, tile) -> None:
     if "rs" in reads:
         sch.unsafe_hide_buffer_access(dot, "read", [reads.index("rs")])
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(j2, intrin.name)
+    sch.tensorize(j2, ensure(intrin.name))
     sch.unroll(i1)
     sch.unroll(j1)
 

@@ -20,6 +20,9 @@ divide the shape (ViT shapes need no padding); otherwise the kernel is `w2a8_com
 and the caller pads (q with 0, packed with code 1 = weight 0, x_scale with 1, residual with 0) and slices
 the output: `padded` and `pad_operands` define it. The epilogue reads accumulators through LowerWarpMemory, which
 emits one SHFL (to the own lane) per element.
+
+Entry points (schedules/kernels.py): `schedule(func, target, knobs)`, the hand schedule (the GPU build's, with
+the knobs of its kernel table), and `space(sch, target)`, the tuning space; both apply `_schedule`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import numpy as np
 
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import cuda_intrinsics as ci
-from .w2a8 import EPILOGUES, KERNEL_ATTR, W2A8Config, config_of, epilogue_operand, w2a8_compute
+from .intrinsics import ensure
+from .w2a8 import KERNEL_ATTR, W2A8Config, config_of, epilogue_operand, w2a8_compute
 
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
 
@@ -155,7 +159,7 @@ def tuning_knobs(cfg: W2A8Config, facts: dict) -> list[W2A8CudaKnobs]:
     return ([default] if padded(cfg, default) == cfg else []) + [k for k in found if k != default]
 
 
-def design_spaces(sch, target) -> list:
+def space(sch, target) -> list:
     """MetaSchedule design spaces of the W2A8 PrimFunc in `sch` for a CUDA target: one schedule per knob
     set of tuning_knobs, each fully determined (no sampled decisions: MetaSchedule samples a population by
     replaying a design space's trace with fresh random decisions, so a knob chosen in Python from a sampled
@@ -169,21 +173,9 @@ def design_spaces(sch, target) -> list:
     spaces = []
     for k in knobs:
         candidate = sch.copy()
-        apply(candidate, cfg, k)
+        _schedule(candidate, cfg, k)
         spaces.append(candidate)
     return spaces
-
-
-def register_intrinsics() -> None:
-    """Register every intrinsic a schedule of the tuning space can name (all epilogues, fragment counts
-    and shared scopes), so that a database trace replays in a process that never generated the space."""
-    ci.register()
-    for epilogue in EPILOGUES:
-        ci.store_dequant(epilogue)
-    for scope in ("shared", "shared.dyn"):
-        ci.ldmatrix_a(scope)
-        for edge in WARP_TILES:
-            ci.mma_decode(edge // 16, scope)
 
 
 def _round_up(v: int, q: int) -> int:
@@ -212,26 +204,22 @@ def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale, resi
     return tuple(ops if residual is None else ops + [pad(residual, (rows, p.n), np.float32, 0.0)])
 
 
-def schedule(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
-    """s_tir.Schedule of w2a8_compute(padded(cfg, knobs)) -> the scheduled tensor-core PrimFunc.
-
-    The returned Schedule's trace replays on w2a8_compute's own PrimFunc (see tests)."""
-    import tvm
+def schedule(func, target, knobs: W2A8CudaKnobs | None = None):
+    """The W2A8 PrimFunc `func` (w2a8_compute of a config that is a multiple of the knobs' tiles; default knobs:
+    default_knobs of its config) scheduled, marked tirx.is_scheduled so that DLight in a GPU build leaves it alone."""
     from tvm import s_tir
 
-    knobs = knobs or default_knobs(cfg)
-    p = padded(cfg, knobs)
-    sch = s_tir.Schedule(tvm.IRModule({"main": w2a8_compute(p)}))
-    apply(sch, p, knobs)
-    return sch
+    cfg = config_of(func)
+    sch = s_tir.Schedule(func)
+    _schedule(sch, cfg, knobs or default_knobs(cfg))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def apply(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
+def _schedule(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
     """Schedule `sch`, which holds w2a8_compute(cfg) with cfg a multiple of the knobs' tiles, in place:
     schedule primitives only, so the trace replays on the unscheduled function (the tuning database)."""
     if padded(cfg, knobs) != cfg:
         raise ValueError(f"W2A8 {cfg} is not a multiple of the tiles of {knobs}; schedule padded(cfg, knobs)")
-    ci.register()
     acc, deq = sch.get_sblock("acc"), sch.get_sblock("dequant")
     wm, wn = knobs.block_m // knobs.warps_m, knobs.block_n // knobs.warps_n
 
@@ -293,10 +281,10 @@ def apply(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
 
     sch.decompose_reduction(tile, k0)
     init = sch.get_sblock("acc_init")
-    sch.tensorize(sch.split(sch.get_loops(init)[-2], [None, 16])[1], ci.FILL)
-    sch.tensorize(r1, ci.store_dequant(cfg.epilogue))
-    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ci.mma_decode(wm // 16, scope))
-    sch.tensorize(sch.get_loops(a_w)[-2], ci.ldmatrix_a(scope))
+    sch.tensorize(sch.split(sch.get_loops(init)[-2], [None, 16])[1], ensure(ci.FILL))
+    sch.tensorize(r1, ensure(ci.store_dequant_name(cfg.epilogue)))
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc"))[-3], ensure(ci.mma_decode_name(wm // 16, scope)))
+    sch.tensorize(sch.get_loops(a_w)[-2], ensure(ci.ldmatrix_a_name(scope)))
 
     # pipeline: k0 runs [q fill, packed fill, (k1 prologue, body, epilogue)]; fills are async
     last = knobs.stages - 1
@@ -305,11 +293,6 @@ def apply(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
     sch.annotate(k0, "software_pipeline_async_stages", [0])
     sch.annotate(k1, "software_pipeline_stage", [0, 1])
     sch.annotate(k1, "software_pipeline_order", [0, 1])
-
-
-def scheduled_func(cfg: W2A8Config, knobs: W2A8CudaKnobs | None = None):
-    """The scheduled PrimFunc, marked scheduled so that DLight in a GPU build leaves it alone."""
-    return schedule(cfg, knobs).mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def cuda_source(func, spec) -> str:
@@ -328,12 +311,12 @@ def kernel_report(cfg: W2A8Config, spec, knobs: W2A8CudaKnobs | None = None) -> 
     from ..targets import cuda_toolchain
 
     knobs = knobs or default_knobs(cfg)
-    cubin = cuda_toolchain.compile_cuda(cuda_source(scheduled_func(cfg, knobs), spec), spec.facts["arch"])
+    func = schedule(w2a8_compute(padded(cfg, knobs)), spec.target(), knobs)
+    cubin = cuda_toolchain.compile_cuda(cuda_source(func, spec), spec.facts["arch"])
     (res,) = cubin.resources
     return {"config": cfg, "knobs": knobs, "padded": padded(cfg, knobs), "resources": res,
             "sass": cubin.opcode_counts()}
 
 
-__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "apply", "cuda_source", "default_knobs",
-           "design_spaces", "estimated_registers", "kernel_report", "pad_operands", "padded",
-           "schedule", "scheduled_func", "tuning_knobs"]
+__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "cuda_source", "default_knobs",
+           "estimated_registers", "kernel_report", "pad_operands", "padded", "schedule", "space", "tuning_knobs"]

@@ -16,7 +16,8 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from bmvcc.schedules.cpu_default import KERNEL_ATTR, CpuFacts, schedule_cpu_module
+from bmvcc.schedules.cpu_default import KERNEL_ATTR, schedule_cpu_module
+from bmvcc.schedules.cpu_rules.common import CpuFacts
 from bmvcc.targets import get as get_target
 
 RTOL = 1e-5

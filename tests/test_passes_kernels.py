@@ -12,7 +12,8 @@ import pytest
 import torch
 import tvm
 
-from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, norm_quant_numpy, schedule_norm_quant_cpu
+from bmvcc.schedules import norm_quant_cpu
+from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, norm_quant_numpy
 from bmvcc.schedules.w2a8 import EPILOGUES, W2A8Config, epilogue_operand, pack_ternary, w2a8_compute, w2a8_numpy
 
 TARGET = tvm.target.Target({"kind": "llvm"})
@@ -24,7 +25,7 @@ def _build(func):
 
 def _norm_quant(cfg: NormQuantConfig, x, g, scheduled: bool):
     func = norm_quant_compute(cfg)
-    lib = _build(schedule_norm_quant_cpu(func, TARGET) if scheduled else func)
+    lib = _build(norm_quant_cpu.schedule(func, TARGET) if scheduled else func)
     q = tvm.runtime.empty((cfg.m, cfg.k), "int8", tvm.cpu())
     xs = tvm.runtime.empty((cfg.m, 1), "float32", tvm.cpu())
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(g), q, xs)

@@ -28,7 +28,7 @@ ORIN = targets.get("jetson-orin-nano")
 @functools.cache
 def _build(cfg: W2A8Config, knobs: wc.W2A8CudaKnobs):
     """(PTX text, launches) of the scheduled kernel, as the GPU build makes them."""
-    func = wc.scheduled_func(cfg, knobs).with_attr("global_symbol", "w2a8")
+    func = wc.schedule(w2a8_compute(wc.padded(cfg, knobs)), ORIN.target(), knobs).with_attr("global_symbol", "w2a8")
     ptx = tc.cuda_to_ptx(wc.cuda_source(func, ORIN), "sm_87")
     return ptx, kernel_launches(tvm.IRModule({"w2a8": func}), ORIN.target())["w2a8"]
 
@@ -136,10 +136,10 @@ def test_norm_quant_kernel(m, k):
     other than 0 read it from global memory before thread 0 stored it, and q was wrong."""
     from bmvcc.ptx.verify import build_scheduled, random_arguments, run_definition
     from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute
-    from bmvcc.schedules.norm_quant_cuda import schedule_norm_quant_cuda
+    from bmvcc.schedules import norm_quant_cuda
 
     definition = norm_quant_compute(NormQuantConfig(m, k))
-    kernels, launches = build_scheduled(tvm.IRModule({"nq": schedule_norm_quant_cuda(definition)}), ORIN)
+    kernels, launches = build_scheduled(tvm.IRModule({"nq": norm_quant_cuda.schedule(definition, ORIN.target())}), ORIN)
     arrays = random_arguments(definition, np.random.default_rng(0))
     reference = run_definition(definition, arrays)
     res = emulate(kernels, launches["nq"], arrays)

@@ -13,16 +13,16 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from bmvcc.schedules import norm_quant_cpu, w2a8_cpu  # noqa: E402
 from bmvcc.schedules.tuning_spaces import has_space  # noqa: E402
 from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute, w2a8_numpy  # noqa: E402
-from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, norm_quant_space  # noqa: E402
+from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute  # noqa: E402
 from bmvcc.schedules.w2a8_cpu import (  # noqa: E402
     DEFAULT_KNOBS,
     STAGED_ATTR,
     intrin_of,
     select_backend,
     stage_w2a8,
-    w2a8_space,
 )
 from bmvcc.targets import get  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_sampled_schedules_are_exact(m, n, k):
     """Replayed samples draw different tiles and unroll steps; each builds and matches numpy exactly."""
     assert has_space("w2a8", HOST)
     cfg = W2A8Config(m, n, k, epilogue="residual")
-    scheds = _samples(_task(cfg), w2a8_space, seed=m)
+    scheds = _samples(_task(cfg), w2a8_cpu.space, seed=m)
     distinct = {_decisions(s): s for s in scheds}
     assert len(scheds) == SAMPLES and len(distinct) >= 3, list(distinct)  # every replay succeeded, and they differ
     rng = np.random.default_rng(k)
@@ -100,12 +100,10 @@ def test_norm_quant_samples_are_exact():
     tests/test_passes_kernels.py)."""
     from test_passes_kernels import _sequential_reference
 
-    from bmvcc.schedules.norm_quant import schedule_norm_quant_cpu
-
     assert has_space("norm_quant", HOST)
     cfg = NormQuantConfig(12, 96)
     func = norm_quant_compute(cfg).with_attr("global_symbol", "main")
-    distinct = {_decisions(s): s for s in _samples(tvm.IRModule({"main": func}), norm_quant_space, seed=5)}
+    distinct = {_decisions(s): s for s in _samples(tvm.IRModule({"main": func}), norm_quant_cpu.space, seed=5)}
     assert len(distinct) >= 3, list(distinct)
     rng = np.random.RandomState(2)
     x = (rng.randn(cfg.m, cfg.k) * 3).astype(np.float32)
@@ -116,7 +114,7 @@ def test_norm_quant_samples_are_exact():
         tvm.compile(mod, target=HOST)["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(g), q, xs)
         return q.numpy(), xs.numpy()
 
-    q_def, xs_def = run(tvm.IRModule({"main": schedule_norm_quant_cpu(func, HOST)}))
+    q_def, xs_def = run(tvm.IRModule({"main": norm_quant_cpu.schedule(func, HOST)}))
     q_ref, xs_ref = _sequential_reference(x, g)
     assert np.abs(q_def.astype(int) - q_ref).max() <= 1
     np.testing.assert_allclose(xs_def, xs_ref, rtol=2 ** -21, atol=0)  # an ulp of rstd: a few ulps of the scale

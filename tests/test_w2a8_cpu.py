@@ -16,12 +16,12 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from bmvcc.schedules import w2a8_cpu  # noqa: E402
 from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy  # noqa: E402
 from bmvcc.schedules.w2a8_cpu import (  # noqa: E402
     DEFAULT_KNOBS,
     CpuKnobs,
     intrin_of,
-    schedule_w2a8_cpu,
     select_backend,
 )
 from bmvcc.targets import get  # noqa: E402
@@ -32,7 +32,7 @@ GENERIC = tvm.target.Target({"kind": "llvm"})  # baseline x86-64 (SSE2): runs he
 
 
 def _build(cfg, target, knobs=None):
-    func = schedule_w2a8_cpu(w2a8_compute(cfg), target, knobs)
+    func = w2a8_cpu.schedule(w2a8_compute(cfg), target, knobs)
     assert func.attrs["tirx.is_scheduled"]
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
 
@@ -167,7 +167,7 @@ def test_aarch64_compiles_to_sdot():
 def test_weights_stay_packed_and_decoded_tile_is_small():
     """The kernel reads only the 2-bit bytes; each parallel task decodes one tile (tile width x K4), not N x K."""
     cfg = W2A8Config(4, 256, 512)
-    func = schedule_w2a8_cpu(w2a8_compute(cfg), HOST)
+    func = w2a8_cpu.schedule(w2a8_compute(cfg), HOST)
     st = tvm.s_tir.transform
     lowered = tvm.transform.Sequential([st.LowerInitBlock(), st.PlanAndUpdateBufferAllocationLocation(),
                                         st.ConvertBlocksToOpaque(), st.CompactBufferAllocation()])(

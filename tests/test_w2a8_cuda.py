@@ -92,7 +92,8 @@ def test_schedule_derives_from_contract(epilogue):
     from tvm import s_tir
 
     cfg = W2A8Config(1024, 2048, 512, epilogue)
-    sch = wc.schedule(cfg)
+    sch = s_tir.Schedule(w2a8_compute(cfg))
+    wc._schedule(sch, cfg, wc.default_knobs(cfg))  # the primitives wc.schedule and wc.space apply
     fresh = s_tir.Schedule(tvm.IRModule({"main": w2a8_compute(cfg)}))
     sch.trace.apply_to_schedule(fresh, remove_postproc=False)
     tvm.ir.assert_structural_equal(fresh.mod, sch.mod)
@@ -202,7 +203,7 @@ def test_gpu_matches_numpy(m, n, k, epilogue):
     dev = tvm.cuda(0)
     arch = "sm_" + dev.compute_version.replace(".", "")
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
-    mod = tvm.IRModule({"main": wc.scheduled_func(cfg, knobs).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": wc.schedule(w2a8_compute(p), target, knobs).with_attr("global_symbol", "main")})
     with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
         lib = tvm.compile(mod, target=target)
     args = [tvm.runtime.tensor(a, dev) for a in (*operands[:3], np.array([ws], np.float32), *operands[3:])]
@@ -226,6 +227,18 @@ def test_tuning_knobs_fit_orin():
     assert max(k.shared_bytes() for k in knobs) > facts["static_shared_bytes"]  # dynamic shared memory
     assert {k.block_m // k.warps_m for k in knobs} == {32, 64} and {k.threads for k in knobs} == {32, 64, 128, 256}
     assert not wc.tuning_knobs(W2A8Config(25, 40, 70), facts)  # unaligned: the GPU build tunes the padded kernel
+
+
+def test_intrinsics_table_holds_every_fragment_count_the_kernel_uses():
+    """compile --db replays W2A8 traces after intrinsics.ensure_all("w2a8_cuda") (bmvcc/tunedb.py): the table must
+    hold the mma intrinsic of every warp tile that default_knobs and the tuning space use, in both shared scopes."""
+    from bmvcc.schedules.intrinsics import INTRINSICS
+
+    cfgs = [W2A8Config(1024, 2048, 512), W2A8Config(16, 128, 64), W2A8Config(25, 40, 70), W2A8Config(32, 16, 32)]
+    knobs = [k for cfg in cfgs for k in (wc.default_knobs(cfg), *wc.tuning_knobs(cfg, ORIN.facts))]
+    names = {ci.mma_decode_name(k.block_m // k.warps_m // 16, scope) for k in knobs for scope in ("shared", "shared.dyn")}
+    assert {k.block_m // k.warps_m for k in knobs} == {16, 32, 64}
+    assert names <= {name for name, (user, _, _) in INTRINSICS.items() if user == "w2a8_cuda"}
 
 
 def test_tuning_space_builds_for_orin():
@@ -255,7 +268,8 @@ def test_tuning_space_builds_for_orin():
         sch = tvm.s_tir.Schedule(mod)
         spaces[index].trace.apply_to_schedule(sch, remove_postproc=True)
         assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
-        tvm.ir.assert_structural_equal(sch.mod, wc.schedule(cfg, knobs[index]).mod)
+        tvm.ir.assert_structural_equal(sch.mod["main"].with_attr("tirx.is_scheduled", True),
+                                       wc.schedule(w2a8_compute(cfg), target, knobs[index]))
         cubin = tc.compile_cuda(wc.cuda_source(sch.mod["main"], ORIN), "sm_87")
         (res,), ops = cubin.resources, cubin.opcode_counts()
         assert ops.get("IMMA.16832.S8.S8", 0) > 0 and any(o.startswith("LDSM") for o in ops), (knobs[index], ops)
