@@ -6,8 +6,9 @@ stages in order.
    W2A8 calls passes/pad_w2a8_to_tiles.py put on the tensor-core kernel's tiles. The result's PrimFuncs
    are the tuning tasks (bmvcc/tune.py); `compile --db` applies a database to them (bmvcc/tunedb.py).
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
-   schedule, norm_quant schedules/norm_quant_cuda.py; both are marked tirx.is_scheduled. Everything
-   else (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands,
+   schedule, norm_quant schedules/norm_quant_cuda.py, the attention compute definitions
+   (passes/fuse_causal_attention.py) TVM's flash-style prefill kernel (schedules/attention_cuda.py); all are
+   marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head; matmuls on fp16 operands,
    passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
 2. `tvm.compile` with cp.async enabled; the device code is compiled here to a cubin for the target's arch
    (targets/cuda_export.py).
@@ -20,6 +21,7 @@ import json
 from pathlib import Path
 
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
+from .schedules.attention_cuda import KIND as ATTENTION
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
 PASS_CONFIG = {"tirx.use_async_copy": True}  # cp.async (LDGSTS) in the W2A8 pipeline
@@ -34,7 +36,8 @@ def fuse(mod, spec):
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
-    table = {gv.name_hint: _entry(f) for gv, f in mod.functions_items() if kernel_of(f) in ("w2a8", "norm_quant")}
+    table = {gv.name_hint: _entry(f) for gv, f in mod.functions_items()
+             if kernel_of(f) in ("w2a8", "norm_quant", ATTENTION)}
     target = spec.target()
     with target:
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target)[:-1])(mod)
@@ -48,19 +51,23 @@ def _entry(func) -> dict:
 
     if kernel_of(func) == "norm_quant":
         return {"kernel": "norm_quant"}
+    if kernel_of(func) == ATTENTION:
+        return {"kernel": ATTENTION, "config": attr_value(func.attrs[CONFIG_ATTR])}
     padded_from = attr_value(func.attrs[PADDED_FROM_ATTR])
     return {"kernel": "w2a8", "config": padded_from["config"], "padded": vars(config_of(func)),
             "knobs": padded_from["knobs"]}
 
 
-def schedule_kernels(mod, table):
+def schedule_kernels(mod, table, spec):
     """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their hand schedules: W2A8 with
-    its table knobs (schedules/w2a8_cuda.py), norm_quant (schedules/norm_quant_cuda.py); all marked
+    its table knobs (schedules/w2a8_cuda.py), norm_quant (schedules/norm_quant_cuda.py), attention (TVM's
+    prefill kernel for spec's target, schedules/attention_cuda.py); all marked
     tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a tuning
     database: its entry says so instead of naming knobs. Returns (mod, table)."""
     from tvm import s_tir
 
     from .schedules import w2a8_cuda
+    from .schedules.kernels import schedule_of
     from .schedules.norm_quant_cuda import schedule_norm_quant_cuda
     from .schedules.w2a8 import W2A8Config
 
@@ -73,6 +80,8 @@ def schedule_kernels(mod, table):
             table[gv.name_hint] = {**{k: v for k, v in entry.items() if k != "knobs"}, "from_db": True}
         elif entry["kernel"] == "norm_quant":
             mod[gv] = schedule_norm_quant_cuda(func)
+        elif entry["kernel"] == ATTENTION:
+            mod[gv] = schedule_of(ATTENTION, "cuda")(func, spec.target())
         else:
             sch = s_tir.Schedule(func)
             w2a8_cuda.apply(sch, W2A8Config(**entry["padded"]), w2a8_cuda.W2A8CudaKnobs(**entry["knobs"]))
@@ -128,11 +137,15 @@ def _launched(mod) -> set:
 
 def kernel_calls(mod) -> dict:
     """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
-    argument once: compulsory global-memory traffic), and TVM's static op count (None if unknown)."""
+    argument once: compulsory global-memory traffic), and TVM's static op count (None if unknown; attention:
+    its config's, TVM's count of the prefill kernel's loops is meaningless)."""
     import numpy as np
     import tvm
     from tvm import relax
     from tvm.s_tir.analysis import estimate_tir_flops
+
+    from .schedules.attention_cuda import attention_ops
+    from .schedules.attention_cuda import config_of as config_of_attention
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
     stats: dict = {}
@@ -150,7 +163,8 @@ def kernel_calls(mod) -> dict:
                     func = mod[gv]
                     n_in = len(call.args[1].fields)
                     try:
-                        ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
+                        ops = (attention_ops(config_of_attention(func)) if kernel_of(func) == ATTENTION
+                               else float(estimate_tir_flops(tvm.IRModule({"main": func}))))
                     except Exception:  # noqa: BLE001  (tensorized bodies: the W2A8 MACs come from its config)
                         ops = None
                     entry = stats[gv.name_hint] = {

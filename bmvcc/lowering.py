@@ -59,7 +59,7 @@ def schedule(stage: Stage, spec) -> Stage:
     if spec.device == "cuda":
         from . import gpu_build
 
-        mod, kernels = gpu_build.schedule_kernels(stage.mod, stage.kernels)
+        mod, kernels = gpu_build.schedule_kernels(stage.mod, stage.kernels, spec)
         calls = gpu_build.kernel_calls(mod)  # before DLight, which keeps the names
         return replace(stage, mod=gpu_build.schedule_rest(mod, spec), kernels=kernels, calls=calls)
     from .schedules.cpu_default import schedule_fused

@@ -129,6 +129,12 @@ def config_of(func) -> PrefillConfig:
     return PrefillConfig(**attr_value(func.attrs[CONFIG_ATTR]))
 
 
+def attention_ops(cfg: PrefillConfig) -> float:
+    """Arithmetic of the prefill kernel: Q K^T and P V over every key tile (it does not skip masked ones),
+    a multiply-add counted as 2."""
+    return 4.0 * cfg.batch * cfg.heads * cfg.tokens * cfg.tokens * cfg.head_dim
+
+
 def schedule_attention_cuda(func, target):
     """TVM's prefill kernel for `func`'s configuration, its shapes fixed to the definition's (bound by
     specialization), with `func`'s kernel attributes; tirx.is_scheduled."""

@@ -21,6 +21,7 @@ KERNELS: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("norm_quant", "cpu"): ("norm_quant:schedule_norm_quant_cpu", "norm_quant:norm_quant_space"),
     ("w2a8", "cuda"): (None, "w2a8_cuda:design_spaces"),
     ("norm_quant", "cuda"): (None, None),
+    ("attention_prefill", "cuda"): ("attention_cuda:schedule_attention_cuda", None),
 }
 
 
