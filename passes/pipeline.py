@@ -128,7 +128,7 @@ def describe(report: dict) -> str:
         lines += [f"warning: {r['name']} looks like a BitLinear but is not rewritten (it runs in float): {r['reason']}"
                   for r in bl["not_rewritten"]]
     if report["causal_attention_fused"]:
-        lines.append(f"causal attention: {report['causal_attention_fused']} layers -> one kernel each")
+        lines.append(f"attention: {report['causal_attention_fused']} layers -> one kernel each")
     lines.append(f"weights: {wb['packed_2bit']:,} B 2-bit packed, {wb['float']:,} B float, "
                  f"{wb['scalar']:,} B scalars")
     return "\n".join(lines)
