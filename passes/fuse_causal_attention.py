@@ -97,17 +97,18 @@ def _match(pv, b: Bindings, dtype: str, masks_only: bool):
 
 
 def _unguarded(probs, b: Bindings):
-    """softmax(S) for `where(not any(S != -inf, axis=-1), 0, softmax(S))` (torch's scaled_dot_product_attention as
-    TVM imports it: a row whose every score is -inf gets zero weights, which only a mask makes happen), else
-    probs."""
+    """softmax(S) for `where(not any(S != -inf, axis=-1), 0, softmax(S))` read only by P V (torch's
+    scaled_dot_product_attention as TVM imports it: a row whose every score is -inf gets zero weights, which only a
+    mask makes happen), else probs."""
     guard = b.call(probs, "relax.where")
     if guard is None:
         return probs
     cond, zero, sm = guard.args
     zero, softmax = b.value(zero), b.call(sm, "relax.nn.softmax")
     eq = b.call(b.strip(cond, "relax.logical_not", "relax.astype", "relax.max"), "relax.equal")
-    if (is_const(zero) and not zero.value.numpy().any() and softmax is not None and eq is not None
-            and scalar(eq.args[1], b) == -math.inf and b.root(eq.args[0]).same_as(b.root(softmax.args[0]))):
+    if (b.uses.get(probs, 0) == 1 and is_const(zero) and not zero.value.numpy().any() and softmax is not None
+            and eq is not None and scalar(eq.args[1], b) == -math.inf
+            and b.root(eq.args[0]).same_as(b.root(softmax.args[0]))):
         return b.root(sm)
     return probs
 
