@@ -21,10 +21,11 @@ import json
 from pathlib import Path
 
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
-from .schedules.attention_cuda import KIND as ATTENTION
+from .schedules import attention_cuda
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
 PASS_CONFIG = {"tirx.use_async_copy": True}  # cp.async (LDGSTS) in the W2A8 pipeline
+ATTENTION = attention_cuda.KIND
 
 
 def fuse(mod, spec):
@@ -144,9 +145,6 @@ def kernel_calls(mod) -> dict:
     from tvm import relax
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from .schedules.attention_cuda import attention_ops
-    from .schedules.attention_cuda import config_of as config_of_attention
-
     call_tir = tvm.ir.Op.get("relax.call_tir")
     stats: dict = {}
 
@@ -162,11 +160,13 @@ def kernel_calls(mod) -> dict:
                 if entry is None:
                     func = mod[gv]
                     n_in = len(call.args[1].fields)
-                    try:
-                        ops = (attention_ops(config_of_attention(func)) if kernel_of(func) == ATTENTION
-                               else float(estimate_tir_flops(tvm.IRModule({"main": func}))))
-                    except Exception:  # noqa: BLE001  (tensorized bodies: the W2A8 MACs come from its config)
-                        ops = None
+                    if kernel_of(func) == ATTENTION:
+                        ops = attention_cuda.attention_ops(attention_cuda.config_of(func))
+                    else:
+                        try:
+                            ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
+                        except Exception:  # noqa: BLE001  (tensorized bodies: the W2A8 MACs come from its config)
+                            ops = None
                     entry = stats[gv.name_hint] = {
                         "calls": 0, "ops": ops, "bytes_read": sum(nbytes(p) for p in func.params[:n_in]),
                         "bytes_written": sum(nbytes(p) for p in func.params[n_in:])}

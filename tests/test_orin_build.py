@@ -66,7 +66,8 @@ def test_epilogues_run_inside_the_w2a8_kernels(orin_build):
 
 def test_attention_is_one_kernel_per_block_and_no_mask_is_stored(orin_build):
     """small_config's causal multi-query attention: one kernel launch per block (schedules/attention_cuda.py, the
-    causal condition from indices), no softmax or score kernel beside it, no [16, 16] mask in weights.bin."""
+    causal condition from indices), no softmax or score kernel beside it, no [16, 16] mask in weights.bin; the
+    report counts its MACs from its configuration."""
     info = json.loads((orin_build / artifact.DEVICE_INFO).read_text())
     attention = {n: k["config"] for n, k in info["bmvcc_kernels"].items() if k["kernel"] == "attention_prefill"}
     assert sum(info["calls"][n]["calls"] for n in attention) == 2
@@ -74,6 +75,11 @@ def test_attention_is_one_kernel_per_block_and_no_mask_is_stored(orin_build):
     assert not [n for n in info["calls"] if "softmax" in n or "divide" in n]
     weights = artifact.read_metadata(orin_build)["weights"]
     assert not [w for w in weights if w["shape"][-2:] == [16, 16]]
+    from bmvcc.report import report
+
+    (name,) = attention
+    macs = {k["kernel"]: k["macs"] for k in report(orin_build)["kernels"]}[name]
+    assert macs == 2 * 4 * 16 * 16 * 8  # Q K^T and P V over every key tile of each of the 4 heads (head size 8)
 
 
 def test_embed_cubin_rewrites_only_the_cuda_record():

@@ -5,8 +5,7 @@ They are read from TVM's lowered host code (tvm.tirx's default pipeline for the 
 MakePackedAPI): each `T.call_ffi_kernel("name", buf.data, ..., extents..., launch_params=[...])` passes
 buffers declared on the packed arguments (`X_handle = ... T.tvm_struct_get(args, i, ...)`), then one
 value per launch parameter (blockIdx.*, threadIdx.*, tirx.use_dyn_shared_memory); a buffer may also be a
-`.view(...)` of one declared so. bmvcc's shapes are
-static, so every extent is a constant.
+`.view(...)` of one declared so. bmvcc's shapes are static, so every extent is a constant.
 """
 
 from __future__ import annotations
