@@ -6,9 +6,10 @@ stages in order.
    W2A8 calls passes/pad_w2a8_to_tiles.py put on the tensor-core kernel's tiles. The result's PrimFuncs
    are the tuning tasks (bmvcc/tune.py); `compile --db` applies a database to them (bmvcc/tunedb.py).
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
-   schedule, norm_quant schedules/norm_quant_cuda.py's (schedules/kernels.py); both are marked
-   tirx.is_scheduled. Everything else (attention, softmax, layer norms, patch embedding, head; matmuls on fp16 operands,
-   passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
+   schedule, norm_quant schedules/norm_quant_cuda.py's, the attention compute definitions
+   (passes/fuse_causal_attention.py) TVM's flash-style prefill kernel (schedules/attention_cuda.py), all through
+   schedules/kernels.py and marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head;
+   matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
 2. `tvm.compile` with cp.async enabled and TVM's CUDA graph rewrite (PASS_CONFIG); the device code is compiled
    here to a cubin for the target's arch (targets/cuda_export.py).
 3. Export with the cubin embedded in place of the source (targets/cuda_export.py), linked by targets/cross.py.
@@ -20,6 +21,7 @@ import json
 from pathlib import Path
 
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
+from .schedules import attention_cuda
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
 # cp.async (LDGSTS) in the W2A8 pipeline; TVM's RewriteCUDAGraph (in relax.backend.cuda's finalize passes) lifts
@@ -27,6 +29,7 @@ from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 # captures on the first call and replays after: one graph launch instead of a launch per kernel
 PASS_CONFIG = {"tirx.use_async_copy": True, "relax.backend.use_cuda_graph": True}
 RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
+ATTENTION = attention_cuda.KIND
 
 
 def fuse(mod, spec):
@@ -38,7 +41,8 @@ def fuse(mod, spec):
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
-    table = {gv.name_hint: _entry(f) for gv, f in mod.functions_items() if kernel_of(f) in ("w2a8", "norm_quant")}
+    table = {gv.name_hint: _entry(f) for gv, f in mod.functions_items()
+             if kernel_of(f) in ("w2a8", "norm_quant", ATTENTION)}
     target = spec.target()
     with target:
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target)[:-1])(mod)
@@ -52,6 +56,8 @@ def _entry(func) -> dict:
 
     if kernel_of(func) == "norm_quant":
         return {"kernel": "norm_quant"}
+    if kernel_of(func) == ATTENTION:
+        return {"kernel": ATTENTION, "config": attr_value(func.attrs[CONFIG_ATTR])}
     padded_from = attr_value(func.attrs[PADDED_FROM_ATTR])
     return {"kernel": "w2a8", "config": padded_from["config"], "padded": vars(config_of(func)),
             "knobs": padded_from["knobs"]}
@@ -59,9 +65,9 @@ def _entry(func) -> dict:
 
 def schedule_kernels(mod, table, spec):
     """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their hand schedules
-    (schedules/kernels.py: W2A8 with its table knobs, norm_quant); all marked tirx.is_scheduled so that
-    DLight leaves them alone. A kernel already scheduled came from a tuning database: its entry says so
-    instead of naming knobs. Returns (mod, table)."""
+    (schedules/kernels.py: W2A8 with its table knobs, norm_quant, attention as TVM's prefill kernel for spec's
+    target); all marked tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a
+    tuning database: its entry says so instead of naming knobs. Returns (mod, table)."""
     from .schedules.kernels import schedule_of
     from .schedules.w2a8_cuda import W2A8CudaKnobs
 
@@ -142,7 +148,8 @@ def _launched(mod) -> tuple[dict, dict, int]:
 
 def kernel_calls(mod) -> dict:
     """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
-    argument once: compulsory global-memory traffic), and TVM's static op count (None if unknown)."""
+    argument once: compulsory global-memory traffic), and TVM's static op count (None if unknown; attention:
+    its config's, TVM's count of the prefill kernel's loops is meaningless)."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -163,10 +170,13 @@ def kernel_calls(mod) -> dict:
                 if entry is None:
                     func = mod[gv]
                     n_in = len(call.args[1].fields)
-                    try:
-                        ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
-                    except Exception:  # noqa: BLE001  (tensorized bodies: the W2A8 MACs come from its config)
-                        ops = None
+                    if kernel_of(func) == ATTENTION:
+                        ops = attention_cuda.attention_ops(attention_cuda.config_of(func))
+                    else:
+                        try:
+                            ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
+                        except Exception:  # noqa: BLE001  (tensorized bodies: the W2A8 MACs come from its config)
+                            ops = None
                     entry = stats[gv.name_hint] = {
                         "calls": 0, "ops": ops, "bytes_read": sum(nbytes(p) for p in func.params[:n_in]),
                         "bytes_written": sum(nbytes(p) for p in func.params[n_in:])}

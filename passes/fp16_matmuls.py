@@ -1,8 +1,9 @@
 """fp16_matmuls: the float matmuls on fp16 operands with fp32 accumulation (CUDA builds only).
 
 Matches every `matmul(a, b)` in main whose operands are both float32: after quantize_bitlinear these
-are the attention's Q.K^T and P.V, the float projections (fp_attn models), the patch embedding and
-the classifier head; the W2A8 kernels are call_tir and untouched.
+are the attention's Q.K^T and P.V (which fuse_causal_attention then turns into one attention kernel on
+those fp16 operands), the float projections (fp_attn models), the patch embedding and the classifier head;
+the W2A8 kernels are call_tir and untouched.
 Produces `matmul(a16, b16, out_dtype="float32")`. Per op:
 - operands: fp16 (relative rounding u = 2^-11). The cast sits after the op that computes the operand,
   before the layout ops between them (reshape, permute_dims, slices, broadcast_to: exact in any

@@ -1,17 +1,23 @@
-"""fuse_causal_attention: softmax(c * Q K^T + causal mask) V -> one causal attention kernel (CPU builds).
+"""fuse_causal_attention: softmax(c * Q K^T [+ causal mask]) V -> one attention kernel.
 
-Matches `matmul(P, V)` where P is, through reshape/broadcast_to, `softmax(X + M, axis=-1)` (or M + X),
-M a constant [.., N, N] that is 0 on and below the diagonal and -inf above it (BitMedViT's causal
-mask, lifted by torch.export or exported to ONNX), X = c * S for a constant c (any multiply/divide
-chain: S / sqrt(d) or S * (1 / sqrt(d))) and S, through reshape, `matmul(Q, Kt)`; Q [.., N, D],
-Kt [.., D, N] and V [.., N, D] all float32, and nothing but P V reads the softmax (else it would be
-computed twice).
-Produces `call_tir(attention, [Q, Kt, V] as [G, N, D], [Gk, D, N], [Gk, N, D])` (schedules/attention_cpu.py,
-which skips the masked half), reshaped to the matmul's shape; scores, softmax and mask become dead.
+Matches `matmul(P, V)` where P is, through reshape/broadcast_to (and on CUDA the fp16 cast
+passes/fp16_matmuls.py put there), `softmax(X + M, axis=-1)` (or M + X), M a constant [.., N, N] that is
+0 on and below the diagonal and -inf above it (BitMedViT's causal mask, lifted by torch.export or
+exported to ONNX), X = c * S for a constant c (any multiply/divide chain: S / sqrt(d) or
+S * (1 / sqrt(d))) and S, through reshape, `matmul(Q, Kt)`; Q [.., N, D], Kt [.., D, N] and V [.., N, D]
+(float32 on CPUs, float16 on CUDA), and nothing but P V reads the softmax (else it would be computed
+twice). On CUDA, `softmax(X)` without a mask matches too (non-causal attention), and so does torch's
+scaled_dot_product_attention as TVM imports it (`where(row all -inf, 0, softmax(X))`: no mask, so no such row).
 K and V may broadcast over the query heads (explicit broadcast_to, or matmul's own broadcast as the
 ONNX import leaves it) when that repeats trailing leading dims only (a multi-query head: [B, 1, ..] ->
 [B, H, ..]); they enter the kernel before it (Gk = B groups).
-Other attention (no mask, another mask, shapes the kernel does not take) is left as it is.
+Produces, reshaped to the matmul's shape (scores, softmax and mask become dead):
+- CPU (`fuse_causal_attention`): `call_tir(attention, [Q, Kt, V] as [G, N, D], [Gk, D, N], [Gk, N, D])`
+  (schedules/attention_cpu.py, which skips the masked half; causal only);
+- CUDA (`fuse_attention_cuda`): `call_tir(attention, [Q, K, V] as [Gk, N, G / Gk, D], [Gk, N, 1, D] x 2)`,
+  schedules/attention_cuda.py's compute definition (causal condition from indices, no mask), its fp16
+  output cast to float32; the GPU build schedules it (bmvcc/gpu_build.py:schedule_kernels).
+Other attention (another mask, shapes the kernel does not take) is left as it is.
 Report (module attr REPORT_KEY, JSON): {"fused": n}.
 """
 
@@ -24,39 +30,54 @@ import tvm
 from tvm import relax
 
 from ..schedules.attention_cpu import AttentionConfig, attention_cpu
-from .relax_match import REPORT_PREFIX, Bindings, is_const, product, rewrite_main, static_shape, with_report
+from ..schedules.attention_cuda import PrefillConfig, attention_compute
+from .relax_match import REPORT_PREFIX, Bindings, is_const, product, rewrite_main, scalar, static_shape, with_report
 
 REPORT_KEY = REPORT_PREFIX + "fuse_causal_attention"
 _VIEWS = ("relax.reshape", "relax.broadcast_to")  # same elements, other shape
 
 
 def fuse_causal_attention(mod: tvm.IRModule) -> tvm.IRModule:
+    """CPU builds: causal attention -> schedules/attention_cpu.py's kernel."""
+    return _fuse(mod, _cpu_plan, _rewrite, "float32", masks_only=True)
+
+
+def fuse_attention_cuda(mod: tvm.IRModule) -> tvm.IRModule:
+    """CUDA builds: causal and unmasked attention -> schedules/attention_cuda.py's compute definition."""
+    return _fuse(mod, _cuda_plan, _rewrite_cuda, "float16", masks_only=False)
+
+
+def _fuse(mod, plan_of, rewrite, dtype: str, masks_only: bool) -> tvm.IRModule:
     b = Bindings(mod["main"])
     plans = {}
     for var in b.order:
         pv = b.call(var, "relax.matmul")
-        if pv is not None and (plan := _match(pv, b)) is not None:
-            plans[var] = plan
+        if pv is not None and (found := _match(pv, b, dtype, masks_only)) is not None:
+            if (plan := plan_of(*found)) is not None:
+                plans[var] = plan
     report = {"fused": len(plans)}
     if not plans:
         return with_report(mod, REPORT_KEY, report)
-    return with_report(rewrite_main(mod, plans, _rewrite), REPORT_KEY, report)
+    return with_report(rewrite_main(mod, plans, rewrite), REPORT_KEY, report)
 
 
-def _match(pv, b: Bindings):
-    """(q, kt, v, AttentionConfig) when `pv` is P V of a causal attention, else None."""
+def _match(pv, b: Bindings, dtype: str, masks_only: bool):
+    """(q, kt, v, groups, K/V groups, tokens, head_dim, scale, causal) when `pv` is P V of an attention with
+    `dtype` operands (causal only if `masks_only`), else None."""
     p, v = pv.args
-    probs = b.strip(p, *_VIEWS)
+    probs = _unguarded(b.strip(p, *_VIEWS, "relax.astype"), b)
     softmax = b.call(probs, "relax.nn.softmax")
     if softmax is None or b.uses.get(probs, 0) != 1:  # attention weights read elsewhere: keep them
         return None
-    masked = b.call(softmax.args[0], "relax.add")
-    if masked is None or int(softmax.attrs.axis) not in (-1, len(static_shape(probs)) - 1):
+    if int(softmax.attrs.axis) not in (-1, len(static_shape(probs)) - 1):
         return None
-    for x, m in (masked.args, masked.args[::-1]):
-        mask = b.value(m)
+    masked = b.call(softmax.args[0], "relax.add")
+    forms = [] if masked is None else [(x, b.value(m)) for x, m in (masked.args, masked.args[::-1])]
+    forms += [] if masks_only else [(softmax.args[0], None)]
+    for x, mask in forms:
         scaled = product(x, b)
-        if not (is_const(mask) and _is_causal(mask.value.numpy())) or list(scaled.factors.values()) != [1]:
+        causal = mask is not None
+        if (causal and not (is_const(mask) and _is_causal(mask.value.numpy()))) or list(scaled.factors.values()) != [1]:
             continue
         (scores,) = scaled.factors
         qk = b.call(b.strip(scores, "relax.reshape"), "relax.matmul")
@@ -64,16 +85,43 @@ def _match(pv, b: Bindings):
             continue
         q, kt = qk.args
         shapes = [static_shape(t) for t in (q, kt, v)]
-        if any(s is None or len(s) < 3 for s in shapes) or any(str(t.ty.dtype) != "float32" for t in (q, kt, v)):
+        if any(s is None or len(s) < 3 for s in shapes) or any(str(t.ty.dtype) != dtype for t in (q, kt, v)):
             continue
         *lead, n, d = shapes[0]
         (kt_src, gk), (v_src, gv) = _kv_source(kt, lead, b), _kv_source(v, lead, b)
-        cfg = AttentionConfig(math.prod(lead), gk, n, d, scaled.coef)
+        g = math.prod(lead)
         if (gk is not None and gk == gv and static_shape(kt_src)[-2:] == (d, n) and static_shape(v_src)[-2:] == (n, d)
-                and mask.value.shape[-1] == n and math.prod(static_shape(probs)) == cfg.groups * n * n
-                and cfg.supported()):
-            return q, kt_src, v_src, cfg
+                and (not causal or mask.value.shape[-1] == n) and math.prod(static_shape(probs)) == g * n * n):
+            return q, kt_src, v_src, g, gk, n, d, scaled.coef, causal
     return None
+
+
+def _unguarded(probs, b: Bindings):
+    """softmax(S) for `where(not any(S != -inf, axis=-1), 0, softmax(S))` read only by P V (torch's
+    scaled_dot_product_attention as TVM imports it: a row whose every score is -inf gets zero weights, which only a
+    mask makes happen), else probs."""
+    guard = b.call(probs, "relax.where")
+    if guard is None:
+        return probs
+    cond, zero, sm = guard.args
+    zero, softmax = b.value(zero), b.call(sm, "relax.nn.softmax")
+    eq = b.call(b.strip(cond, "relax.logical_not", "relax.astype", "relax.max"), "relax.equal")
+    if (b.uses.get(probs, 0) == 1 and is_const(zero) and not zero.value.numpy().any() and softmax is not None
+            and eq is not None and scalar(eq.args[1], b) == -math.inf
+            and b.root(eq.args[0]).same_as(b.root(softmax.args[0]))):
+        return b.root(sm)
+    return probs
+
+
+def _cpu_plan(q, kt, v, g, gk, n, d, scale, causal):
+    cfg = AttentionConfig(g, gk, n, d, scale)
+    return (q, kt, v, cfg) if causal and cfg.supported() else None
+
+
+def _cuda_plan(q, kt, v, g, gk, n, d, scale, causal):
+    """K/V group -> the kernel's batch entry with one K/V head and its G / Gk query heads."""
+    cfg = PrefillConfig(gk, g // gk, 1, n, d, scale, causal)
+    return (q, kt, v, cfg) if g % gk == 0 and cfg.supported() else None
 
 
 def _kv_source(e, lead, b: Bindings):
@@ -116,3 +164,25 @@ def _rewrite(rw, binding, plan):
     kernel = rw.kernel(cfg, attention_cpu, f"causal_attention_g{g}_kv{gk}_n{n}_d{d}")
     out = rw.builder_.emit(relax.call_tir(kernel, args, relax.TensorType((g, n, d), "float32")))
     return relax.op.reshape(out, static_shape(binding.var))
+
+
+def _rewrite_cuda(rw, binding, plan):
+    q, kt, v, cfg = plan
+    bb = rw.builder_
+    gk, h, n, d = cfg.batch, cfg.heads, cfg.tokens, cfg.head_dim
+
+    def emit(e, *ops):
+        for op, arg in ops:
+            e = bb.emit(op(e, arg))
+        return e
+
+    reshape, permute = relax.op.reshape, relax.op.permute_dims
+    args = [emit(rw.visit_expr(q), (reshape, (gk, h, n, d)), (permute, (0, 2, 1, 3))),
+            emit(rw.visit_expr(kt), (reshape, (gk, d, n)), (permute, (0, 2, 1)), (reshape, (gk, n, 1, d))),
+            emit(rw.visit_expr(v), (reshape, (gk, n, 1, d)))]
+    kind = "causal" if cfg.causal else "full"
+    kernel = rw.kernel(cfg, attention_compute, f"attention_{kind}_b{gk}_h{h}_n{n}_d{d}")
+    out = bb.emit(relax.call_tir(kernel, args, [relax.TensorType((gk, n, h, d), "float16"),
+                                                relax.TensorType((gk, n, h), "float16")]))
+    o = emit(bb.emit(relax.TupleGetItem(out, 0)), (permute, (0, 2, 1, 3)), (relax.op.astype, "float32"))
+    return reshape(o, static_shape(binding.var))

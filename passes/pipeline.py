@@ -15,7 +15,7 @@ from tvm import relax
 from .drop_training_outputs import drop_training_outputs
 from .externalize_weights import externalize_weights
 from .fp16_matmuls import fp16_matmuls
-from .fuse_causal_attention import fuse_causal_attention
+from .fuse_causal_attention import fuse_attention_cuda, fuse_causal_attention
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from .pad_w2a8_to_tiles import pad_w2a8_to_tiles
@@ -47,8 +47,9 @@ def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str,
         # Phase 3: fold what is known at compile time (weight quantization of float paths)
         ("drop_dead_weights", relax.transform.DeadCodeElimination(["main"])),
         ("fold_constants", relax.transform.FoldConstant()),
-        # Phase 4 (CPU): attention with a constant causal mask -> one kernel that skips the masked half
+        # Phase 4: attention -> one kernel (CPU: causal, skipping the masked half; CUDA: causal or unmasked)
         *([("fuse_causal_attention", module_pass(fuse_causal_attention))] if device == "cpu" else []),
+        *([("fuse_causal_attention", module_pass(fuse_attention_cuda))] if device == "cuda" else []),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
         # GPU only: W2A8 calls on the tensor-core kernel's tiles (operands padded, output sliced)
         *([("pad_w2a8_to_tiles", module_pass(pad_w2a8_to_tiles))] if device == "cuda" else []),
@@ -127,7 +128,7 @@ def describe(report: dict) -> str:
         lines += [f"warning: {r['name']} looks like a BitLinear but is not rewritten (it runs in float): {r['reason']}"
                   for r in bl["not_rewritten"]]
     if report["causal_attention_fused"]:
-        lines.append(f"causal attention: {report['causal_attention_fused']} layers -> one kernel each")
+        lines.append(f"attention: {report['causal_attention_fused']} layers -> one kernel each")
     lines.append(f"weights: {wb['packed_2bit']:,} B 2-bit packed, {wb['float']:,} B float, "
                  f"{wb['scalar']:,} B scalars")
     return "\n".join(lines)

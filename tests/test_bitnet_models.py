@@ -104,15 +104,15 @@ def test_orin_build_runs_every_bitlinear_on_tensor_cores(compiled, spelling, arc
     calls = info["calls"]
     launches: dict = {}
     for name, k in info["bmvcc_kernels"].items():
-        key = k["kernel"] if k["kernel"] == "norm_quant" else k["config"]["epilogue"]
+        key = k["kernel"] if k["kernel"] in ("norm_quant", "attention_prefill") else k["config"]["epilogue"]
         launches[key] = launches.get(key, 0) + calls[name]["calls"]
     blocks, gelu = len(model.blocks), "bias_gelu_tanh" if arch == "deit" else "bias_gelu"
     qkv = 3 if arch == "deit" else 1
     assert launches == {"bias": qkv * blocks, gelu: blocks, "residual": 2 * blocks,
-                        "norm_quant": len(_bitlinears(model))}, launches
+                        "norm_quant": len(_bitlinears(model)), "attention_prefill": blocks}, launches
     assert "IMMA.16832.S8.S8" in sass(out)
-    # the new kernel variants (bias epilogues, LayerNorm norm_quant) emulated from their PTX (bmvcc verify)
-    # agree with their compute definitions
+    # the new kernel variants (bias epilogues, LayerNorm norm_quant, SDPA's attention) emulated from their PTX
+    # (bmvcc verify) agree with their compute definitions
     from bmvcc.ptx.verify import verify_artifact
 
     ours = [r for r in verify_artifact(out, max_ctas=4) if r["primfunc"] in info["bmvcc_kernels"]]

@@ -45,9 +45,10 @@ def _matmuls(mod) -> list:
 @pytest.mark.parametrize("multi_query,fp_attn", FAMILIES, ids=[family_id(*f) for f in FAMILIES])
 def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_attn):
     """Tolerance: each float matmul rounds both operands to fp16 (relative u = 2^-11 each; fp32
-    accumulation adds nothing comparable). On the way to the logits there are 10 such matmuls in
-    sequence (patch embedding; per block of 2: Q/K/V projection, Q.K^T, P.V, output projection; head),
-    so a first-order budget of 2 x 10 x u ~ 1e-2 of the logit scale. In the BitLinear-attention
+    accumulation adds nothing comparable). On the way to the logits there are 10 such roundings in
+    sequence (patch embedding; per block of 2: Q/K/V projection, the attention kernel's Q and K, its V and
+    output (schedules/attention_cuda.py, one kernel per block), output projection; head), so a first-order
+    budget of 2 x 10 x u ~ 1e-2 of the logit scale. In the BitLinear-attention
     families, the perturbed attention output can also move an int8 activation code across a .5 tie
     (1/127 of that row's absmax, averaged by the next matmul). Observed: at most 4.0e-3 of the scale."""
     from bmvcc.schedules.cpu_default import schedule_cpu_module
@@ -57,7 +58,8 @@ def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_att
     x = np.random.RandomState(4).randn(BATCH, 1, 28, 28).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    mod, weights, _ = _pipeline(model, cfg, "jetson-orin-nano")
+    mod, weights, report = _pipeline(model, cfg, "jetson-orin-nano")
+    assert report["causal_attention_fused"] == cfg.depth  # causal (multi-query) or not: one attention kernel
     calls = _matmuls(mod)
     assert calls and all(a.ty.dtype == "float16" for c in calls for a in c.args)
     assert all(c.ty.dtype == "float32" for c in calls)
@@ -77,8 +79,8 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
     cpu_mod, cpu_weights, _ = _pipeline(model, cfg, "host")
     # per block: Wqkv, out_proj; plus patch embedding and head: 2 * 2 + 2 float weight matrices
     assert sum(str(w.dtype) == "float16" for w in gpu_weights) == 2 * cfg.depth + 2
-    # the same matrices, cast: every fp16 weight is a float32 weight of the CPU build (which also drops
-    # the causal masks: fuse_causal_attention)
+    # the same matrices, cast: every fp16 weight is a float32 weight of the CPU build (both drop the
+    # causal masks: fuse_causal_attention)
     shapes = lambda ws, dtype: Counter(tuple(w.shape) for w in ws if str(w.dtype) == dtype)  # noqa: E731
     assert shapes(gpu_weights, "float16") <= shapes(cpu_weights, "float32")
     assert "float16" not in cpu_mod.script() and {str(w.dtype) for w in cpu_weights} <= {"float32", "uint8"}
@@ -86,8 +88,8 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
 
 def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, tmp_path):
     """81 tokens, dim 128, head size 64: the Wqkv (81x256x128) and output (81x128x128) projections have
-    every extent above 64, DLight's threshold for its wmma rule; Q.K^T (K = 64), P.V (N = 64), the
-    patch embedding (K = 49) and the head (M = 1) stay on CUDA cores. The build must not import
+    every extent above 64, DLight's threshold for its wmma rule; the attention kernel, the patch
+    embedding (K = 49) and the head (M = 1) stay on CUDA cores. The build must not import
     tvm.s_tir.tensor_intrin.cuda (schedules/wmma_intrinsics.py stands in for it)."""
     import sys
 

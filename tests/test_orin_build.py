@@ -41,7 +41,7 @@ def test_sass_has_tensor_core_w2a8_and_norm_quant(orin_build):
         assert op in text, op
     info = json.loads((orin_build / artifact.DEVICE_INFO).read_text())
     kinds = {k["kernel"] for k in info["bmvcc_kernels"].values()}
-    assert kinds == {"w2a8", "norm_quant"} and info["arch"] == "sm_87"
+    assert kinds == {"w2a8", "norm_quant", "attention_prefill"} and info["arch"] == "sm_87"
     assert all(r["spill_stores"] == 0 for r in info["resources"].values())
 
 
@@ -58,11 +58,28 @@ def test_epilogues_run_inside_the_w2a8_kernels(orin_build):
             epilogues[k["config"]["epilogue"]] = epilogues.get(k["config"]["epilogue"], 0) + calls[name]["calls"]
     assert epilogues == {"none": 2, "gelu": 2, "residual": 4}  # per block: Wqkv; FFN1; attention out, FFN2
     assert not [n for n in calls if "gelu" in n and n not in kernels]
-    # adds left: matmul biases, the attention scale/mask (divide_add) and the one position-embedding add
-    adds = {n: c["calls"] for n, c in calls.items() if re.search(r"(^|_)add\d*(_|$)", n)
-            and "matmul" not in n and "divide" not in n}
+    # adds left: matmul biases and the one position-embedding add (the attention kernel scales and masks)
+    adds = {n: c["calls"] for n, c in calls.items() if re.search(r"(^|_)add\d*(_|$)", n) and "matmul" not in n}
     assert list(adds.values()) == [1], adds
     assert not [n for n in calls if re.fullmatch(r"reshape\d*", n)]
+
+
+def test_attention_is_one_kernel_per_block_and_no_mask_is_stored(orin_build):
+    """small_config's causal multi-query attention: one kernel launch per block (schedules/attention_cuda.py, the
+    causal condition from indices), no softmax or score kernel beside it, no [16, 16] mask in weights.bin; the
+    report counts its MACs from its configuration."""
+    info = json.loads((orin_build / artifact.DEVICE_INFO).read_text())
+    attention = {n: k["config"] for n, k in info["bmvcc_kernels"].items() if k["kernel"] == "attention_prefill"}
+    assert sum(info["calls"][n]["calls"] for n in attention) == 2
+    assert [c["causal"] and c["kv_heads"] == 1 and c["heads"] == 4 for c in attention.values()] == [True]
+    assert not [n for n in info["calls"] if "softmax" in n or "divide" in n]
+    weights = artifact.read_metadata(orin_build)["weights"]
+    assert not [w for w in weights if w["shape"][-2:] == [16, 16]]
+    from bmvcc.report import report
+
+    (name,) = attention
+    macs = {k["kernel"]: k["macs"] for k in report(orin_build)["kernels"]}[name]
+    assert macs == 2 * 4 * 16 * 16 * 8  # Q K^T and P V over every key tile of each of the 4 heads (head size 8)
 
 
 def test_embed_cubin_rewrites_only_the_cuda_record():
@@ -242,8 +259,8 @@ def test_cli_inspect_and_report(orin_build, capsys, tmp_path):
 
 def test_cli_verify_emulates_every_launched_kernel(orin_build, capsys, tmp_path):
     """`bmvcc verify` runs every PrimFunc the artifact launches (device.json) through the PTX emulator against its
-    compute definition: all agree and race-free; with max.f32 turned into min.f32 in device.ptx (softmax and
-    GELU clamps) those kernels disagree and the exit status is 1; a CPU artifact is a user error."""
+    compute definition: all agree and race-free; with max.f32 turned into min.f32 in device.ptx (the attention
+    kernel's running max, GELU clamps) those kernels disagree and the exit status is 1; a CPU artifact is a user error."""
     import shutil
 
     from bmvcc.cli import main
@@ -265,7 +282,7 @@ def test_cli_verify_emulates_every_launched_kernel(orin_build, capsys, tmp_path)
         main(["verify", str(bad)])
     table = capsys.readouterr().out
     assert e.value.code == 1 and "disagree" in table
-    assert any(line.startswith("fused_softmax") and line.endswith("mismatch") for line in table.splitlines())
+    assert any(line.startswith("attention_causal") and line.endswith("mismatch") for line in table.splitlines())
     (bad / artifact.DEVICE_PTX).unlink()
     assert "device.ptx' is missing; compile the model again" in cli_error(capsys, ["verify", str(bad)])
     assert "--max-ctas 0 runs no CTA" in cli_error(capsys, ["verify", str(orin_build), "--max-ctas", "0"])

@@ -4,8 +4,8 @@ which of the PrimFunc's parameters each kernel argument is.
 They are read from TVM's lowered host code (tvm.tirx's default pipeline for the target, which ends in
 MakePackedAPI): each `T.call_ffi_kernel("name", buf.data, ..., extents..., launch_params=[...])` passes
 buffers declared on the packed arguments (`X_handle = ... T.tvm_struct_get(args, i, ...)`), then one
-value per launch parameter (blockIdx.*, threadIdx.*, tirx.use_dyn_shared_memory). bmvcc's shapes are
-static, so every extent is a constant.
+value per launch parameter (blockIdx.*, threadIdx.*, tirx.use_dyn_shared_memory); a buffer may also be a
+`.view(...)` of one declared so. bmvcc's shapes are static, so every extent is a constant.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ _CALL = re.compile(r'T\.call_ffi_kernel\("([\w$]+)", (.*?), launch_params=\[(.*?
 _HANDLE = re.compile(r"(\w+)_handle: T\.let\[T\.handle\] = .*?T\.tvm_struct_get\(args, (\d+), 15")
 _DECL = re.compile(r"(\w+) = T\.decl_buffer\(.*?data="
                    r"(?:T\.reinterpret\(.*?T\.tvm_struct_get\((\w+)_handle|(\w+)\.data)")
+_VIEW = re.compile(r"(\w+) = (\w+)\.view\(")  # a reshaped view of a declared buffer (same data)
 _INT = re.compile(r"^(?:T\.int(?:32|64)\()?(\d+)\)?$")
 
 
@@ -60,6 +61,8 @@ def kernel_launches(mod, target) -> dict[str, list[KernelLaunch]]:
         root = {name: int(i) for name, i in _HANDLE.findall(text)}
         for name, handle, parent in _DECL.findall(text):
             root[name] = root.get(handle) if handle else root.get(parent)
+        for name, parent in _VIEW.findall(text):
+            root[name] = root.get(parent)
         name = str(gv.name_hint).removeprefix("__tvm_ffi_")
         found[name] = [_launch(root, m) for m in _CALL.finditer(text)]
     return found
