@@ -182,7 +182,7 @@ def test_report_estimate_is_the_largest_time_plus_launches(orin_build):
 
 
 def test_report_names_the_kernels_whose_issue_time_it_cannot_count(orin_build, tmp_path):
-    """A kernel the emulator cannot run (here: an unknown PTX opcode where softmax and GELU take a max) has no issue
+    """A kernel the emulator cannot run (here: an unknown PTX opcode where attention and GELU take a max) has no issue
     time: its estimate is the larger of the other two plus its launch, and the text says which kernels those are."""
     import shutil
 
@@ -195,7 +195,7 @@ def test_report_names_the_kernels_whose_issue_time_it_cannot_count(orin_build, t
     artifact.write_metadata(bad, artifact.read_metadata(orin_build))  # the changed PTX recorded as compiled
     r = report(bad)
     unknown = {k["kernel"]: k["estimate"] for k in r["kernels"] if k["kernel"] in r["unknown_issue"]}
-    assert any("softmax" in name for name in unknown) and len(unknown) < len(r["kernels"])
+    assert any("attention" in name for name in unknown) and len(unknown) < len(r["kernels"])
     for e in unknown.values():
         assert e["issue_s"] is None and e["kernel_s"] == max(e["tensor_core_s"], e["dram_s"]) > 0
     assert f"issue time unknown (the emulator cannot run them), left out: {', '.join(r['unknown_issue'])}" \
