@@ -20,7 +20,7 @@ import bmvcc
 from bmvcc import artifact, targets
 from bmvcc.checkpoint import build_model, infer_config, load_state_dict
 from bmvcc.cli import main
-from bmvcc.errors import BmvccError
+from bmvcc.errors import BmvccError, InternalError
 
 from conftest import cli_error
 
@@ -283,3 +283,22 @@ def test_usage_error_exit_2(capsys):
         main(["compile"])
     assert e.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_internal_error_prints_the_traceback_and_asks_for_a_report(tmp_path, capsys, monkeypatch):
+    """A broken invariant of bmvcc itself (no input reaches one: an internal stage is made to raise it) is not
+    the user's mistake: the traceback a bug report needs, the request to report it, exit status 3, no artifact."""
+    import bmvcc.frontend
+
+    def broken_load(*args, **kwargs):
+        raise InternalError("the loaded model has no input shape")
+
+    monkeypatch.setattr(bmvcc.frontend, "load_source", broken_load)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compile", str(CKPT), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3, err
+    assert "Traceback (most recent call last)" in err and "in compile_model" in err and "in broken_load" in err
+    assert err.rstrip().endswith("bmvcc.errors.InternalError: the loaded model has no input shape; "
+                                 "this is a bmvcc bug: please report it with this traceback")
+    assert list(tmp_path.iterdir()) == []
