@@ -84,7 +84,7 @@ def run(
     from .runtime import load, load_npy
 
     if output is not None:
-        if output.suffix != ".npy":  # numpy.save would add .npy to the name
+        if output.suffix != ".npy":
             raise BmvccError(f"output '{output}' must end in .npy (numpy.save adds .npy to any other name); "
                              "e.g. -o logits.npy")
         check_output_file(output)

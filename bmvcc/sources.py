@@ -24,8 +24,11 @@ def check_source(path: Path, heads: int | None = None) -> Path:
     path = check_exists(path)
     if path.suffix == ".onnx" and heads is not None:
         raise BmvccError("--heads does not apply to an ONNX model (its attention is fixed in the graph); drop it")
-    with open(path, "rb") as f:
-        head = f.read(2)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise BmvccError(f"cannot read '{path}' ({e.strerror or e}); check its permissions") from None
     if path.suffix == ".pt2" and not head.startswith(b"PK"):  # torch.export.save writes a zip archive
         raise BmvccError(f"'{path}' is not a readable torch.export program (not a zip archive); "
                          "save it with torch.export.save")
