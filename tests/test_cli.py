@@ -161,6 +161,8 @@ LIGHT = {
     "eval-not-an-artifact": (["eval", "{tmp}", "--dataset", "pathmnist", "--data-dir", "{tmp}"], "is not a bmvcc artifact"),
     "eval-missing-ckpt": (["eval", "{artifact}", "--dataset", "pathmnist", "--data-dir", "{tmp}", "--ckpt",
                            "{tmp}/missing.pth"], "does not exist"),
+    "eval-onnx-ckpt": (["eval", "{artifact}", "--dataset", "pathmnist", "--data-dir", "{tmp}", "--ckpt",
+                        "{tmp}/damaged.onnx"], "is an ONNX model; pass the PyTorch checkpoint"),
     "bench-not-an-artifact": (["bench", "{tmp}"], "is not a bmvcc artifact"),
     "run-missing-input": (["run", "{artifact}", "-i", "{tmp}/missing.npy"], "does not exist"),
     "run-output-not-npy": (["run", "{artifact}", "-i", str(IMAGES), "-o", "{tmp}/logits.txt"], "must end in .npy"),
