@@ -223,27 +223,52 @@ def test_fuse_w2a8_epilogue_keeps_an_output_read_twice():
 def test_pad_w2a8_to_tiles_pads_operands_and_slices_the_output():
     cfg = W2A8Config(20, 40, 40, "residual")  # no axis a multiple of the default tiles
     knobs = w2a8_cuda.default_knobs(cfg)
-    p = w2a8_cuda.padded(cfg, knobs)
-    assert (p.m, p.n, p.k) != (cfg.m, cfg.n, cfg.k)
+    tiles = W2A8Config(32, 128, 128, "residual")  # M to block_m 16, N and K to block_n and block_k 128
+    assert w2a8_cuda.padded(cfg, knobs) == tiles and w2a8_cuda.PACKED_ZERO == 0x55
 
-    bb = relax.BlockBuilder()
-    q, packed, x_scale, w_scale, residual = _w2a8_module(cfg)["main"].params
-    with bb.function("main", [q, packed, x_scale, w_scale, residual]):
-        with bb.dataflow():
-            kernel = w2a8_compute(p).with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": vars(knobs)})
-            gv = bb.add_func(kernel, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}_residual")
-            padded_args = [bb.emit(relax.op.nn.pad(q, [0, p.m - cfg.m, 0, p.k - cfg.k], pad_value=0)),
-                           bb.emit(relax.op.nn.pad(packed, [0, p.n - cfg.n, 0, p.k_packed - cfg.k_packed],
-                                                   pad_value=w2a8_cuda.PACKED_ZERO)),
-                           bb.emit(relax.op.nn.pad(x_scale, [0, p.m - cfg.m, 0, 0], pad_value=1.0)),
-                           w_scale,
-                           bb.emit(relax.op.nn.pad(residual, [0, p.m - cfg.m, 0, p.n - cfg.n], pad_value=0.0))]
-            y = bb.emit(relax.call_tir(gv, padded_args, relax.TensorType((p.m, p.n), "float32")))
-            sliced = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[cfg.m, cfg.n],
-                                                    assume_inbound=True))
-            out = bb.emit_output(sliced)
-        bb.emit_func_output(out)
-    tvm.ir.assert_structural_equal(pad_w2a8_to_tiles(_w2a8_module(cfg)), bb.get())
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def w2a8_m20_n40_k40_residual(q: T.Buffer((20, 40), "int8"), wp: T.Buffer((40, 10), "uint8"),
+                                      xs: T.Buffer((20, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                                      res: T.Buffer((20, 40), "float32"), out: T.Buffer((20, 40), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((20, 40), "int8"), packed: R.Tensor((40, 10), "uint8"), x_scale: R.Tensor((20, 1), "float32"),
+                 w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((20, 40), "float32")) -> R.Tensor((20, 40), "float32"):
+            cls = Before
+            with R.dataflow():
+                y = R.call_tir(cls.w2a8_m20_n40_k40_residual, (q, packed, x_scale, w_scale, residual),
+                               out_ty=R.Tensor((20, 40), "float32"))
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def w2a8_tc_m32_n128_k128_residual(q: T.Buffer((32, 128), "int8"), wp: T.Buffer((128, 32), "uint8"),
+                                           xs: T.Buffer((32, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                                           res: T.Buffer((32, 128), "float32"), out: T.Buffer((32, 128), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((20, 40), "int8"), packed: R.Tensor((40, 10), "uint8"), x_scale: R.Tensor((20, 1), "float32"),
+                 w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((20, 40), "float32")) -> R.Tensor((20, 40), "float32"):
+            cls = Expected
+            with R.dataflow():  # padding that adds exactly 0: codes 0, weights 0x55 (four zero codes), scales 1
+                tile = R.call_tir(cls.w2a8_tc_m32_n128_k128_residual,
+                                  (R.nn.pad(q, [0, 12, 0, 88], pad_value=0), R.nn.pad(packed, [0, 88, 0, 22], pad_value=0x55),
+                                   R.nn.pad(x_scale, [0, 12, 0, 0], pad_value=1.0), w_scale,
+                                   R.nn.pad(residual, [0, 12, 0, 88], pad_value=0.0)),
+                                  out_ty=R.Tensor((32, 128), "float32"))
+                y = R.strided_slice(tile, axes=[0, 1], begin=[0, 0], end=[20, 40], assume_inbound=True)
+                R.output(y)
+            return y
+
+    before = _with_kernels(Before, w2a8_m20_n40_k40_residual=w2a8_compute(cfg))
+    kernel = w2a8_compute(tiles).with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": vars(knobs)})
+    tvm.ir.assert_structural_equal(pad_w2a8_to_tiles(before), _with_kernels(Expected, w2a8_tc_m32_n128_k128_residual=kernel))
 
 
 def test_pad_w2a8_to_tiles_keeps_an_aligned_kernel():
