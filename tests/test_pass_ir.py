@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import tvm
 from tvm import relax
 from tvm.script import ir as I
@@ -148,50 +147,127 @@ def test_externalize_weights_keeps_constants_below_the_threshold():
     assert weights == []
 
 
-def _w2a8_module(cfg: W2A8Config, epilogue_op=None):
-    """main(q, packed, x_scale, w_scale[, residual]) calling w2a8_compute(cfg), then `epilogue_op` on its output."""
+def _w2a8_module(cfg: W2A8Config):
+    """main(q, packed, x_scale, w_scale) returning w2a8_compute(cfg) of them (a config without epilogue)."""
     bb = relax.BlockBuilder()
     args = [relax.Var("q", relax.TensorType((cfg.m, cfg.k), "int8")),
             relax.Var("packed", relax.TensorType((cfg.n, cfg.k_packed), "uint8")),
             relax.Var("x_scale", relax.TensorType((cfg.m, 1), "float32")),
             relax.Var("w_scale", relax.TensorType((1,), "float32"))]
-    residual = relax.Var("residual", relax.TensorType((cfg.m, cfg.n), "float32"))
-    params = args + ([residual] if cfg.epilogue == "residual" or epilogue_op == "residual" else [])
-    with bb.function("main", params):
+    with bb.function("main", args):
         with bb.dataflow():
-            gv = bb.add_func(w2a8_compute(cfg), f"w2a8_m{cfg.m}_n{cfg.n}_k{cfg.k}"
-                             + ("" if cfg.epilogue == "none" else f"_{cfg.epilogue}"))
-            kernel_args = args + ([residual] if cfg.epilogue == "residual" else [])
-            y = bb.emit(relax.call_tir(gv, kernel_args, relax.TensorType((cfg.m, cfg.n), "float32")))
-            if epilogue_op == "gelu":
-                y = bb.emit(relax.op.nn.gelu(y))
-            elif epilogue_op == "residual":
-                y = bb.emit(relax.op.add(residual, y))
-            out = bb.emit_output(y)
+            gv = bb.add_func(w2a8_compute(cfg), f"w2a8_m{cfg.m}_n{cfg.n}_k{cfg.k}")
+            out = bb.emit_output(relax.call_tir(gv, args, relax.TensorType((cfg.m, cfg.n), "float32")))
         bb.emit_func_output(out)
     return bb.get()
 
 
-@pytest.mark.parametrize("epilogue", ["gelu", "residual"])
-def test_fuse_w2a8_epilogue(epilogue):
-    plain, fused = W2A8Config(16, 32, 64), W2A8Config(16, 32, 64, epilogue)
-    before = _w2a8_module(plain, epilogue)
-    params = list(before["main"].params)
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            out_ty = relax.TensorType((16, 32), "float32")
-            bb.emit(relax.call_tir(bb.add_func(w2a8_compute(plain), "w2a8_m16_n32_k64"), params[:4], out_ty))  # dead
-            # the residual enters as an [M, N] operand (a reshape, here to its own shape)
-            args = params[:4] + ([bb.emit(relax.op.reshape(params[4], (16, 32)))] if epilogue == "residual" else [])
-            y = bb.emit(relax.call_tir(bb.add_func(w2a8_compute(fused), f"w2a8_m16_n32_k64_{epilogue}"), args, out_ty))
-            out = bb.emit_output(bb.emit(y))  # the epilogue's binding, now an alias of the kernel's output
-        bb.emit_func_output(out)
-    after = fuse_w2a8_epilogue(before)
-    key = REPORT_PREFIX + "fuse_w2a8_epilogue"
-    expected = {"gelu": int(epilogue == "gelu"), "gelu_tanh": 0, "residual": int(epilogue == "residual"), "bias": 0}
-    assert json.loads(after.attrs[key]) == expected
-    tvm.ir.assert_structural_equal(after.without_attr(key), bb.get())
+EPILOGUE_KEY = REPORT_PREFIX + "fuse_w2a8_epilogue"
+
+
+def test_fuse_w2a8_epilogue_gelu():
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"),
+                 x_scale: R.Tensor((16, 1), "float32"), w_scale: R.Tensor((1,), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Before
+            with R.dataflow():
+                y = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                z = R.nn.gelu(y)
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64_gelu(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                                  xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                                  out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"),
+                 x_scale: R.Tensor((16, 1), "float32"), w_scale: R.Tensor((1,), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Expected
+            with R.dataflow():
+                _ = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                fused = R.call_tir(cls.w2a8_m16_n32_k64_gelu, (q, packed, x_scale, w_scale),
+                                   out_ty=R.Tensor((16, 32), "float32"))
+                z = fused  # the GELU's binding, now an alias of the kernel's output
+                R.output(z)
+            return z
+
+    plain, gelu = (w2a8_compute(W2A8Config(16, 32, 64, e)) for e in ("none", "gelu"))
+    after = fuse_w2a8_epilogue(_with_kernels(Before, w2a8_m16_n32_k64=plain))
+    assert json.loads(after.attrs[EPILOGUE_KEY]) == {"gelu": 1, "gelu_tanh": 0, "residual": 0, "bias": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(EPILOGUE_KEY),
+                                   _with_kernels(Expected, w2a8_m16_n32_k64=plain, w2a8_m16_n32_k64_gelu=gelu))
+
+
+def test_fuse_w2a8_epilogue_residual():
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"), x_scale: R.Tensor((16, 1), "float32"),
+                 w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((16, 32), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Before
+            with R.dataflow():
+                y = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                z = R.add(residual, y)
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64_residual(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                                      xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                                      res: T.Buffer((16, 32), "float32"), out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"), x_scale: R.Tensor((16, 1), "float32"),
+                 w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((16, 32), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Expected
+            with R.dataflow():
+                _ = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                fused = R.call_tir(cls.w2a8_m16_n32_k64_residual,
+                                   (q, packed, x_scale, w_scale, R.reshape(residual, (16, 32))),  # as an [M, N] operand
+                                   out_ty=R.Tensor((16, 32), "float32"))
+                z = fused
+                R.output(z)
+            return z
+
+    plain, residual = (w2a8_compute(W2A8Config(16, 32, 64, e)) for e in ("none", "residual"))
+    after = fuse_w2a8_epilogue(_with_kernels(Before, w2a8_m16_n32_k64=plain))
+    assert json.loads(after.attrs[EPILOGUE_KEY]) == {"gelu": 0, "gelu_tanh": 0, "residual": 1, "bias": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(EPILOGUE_KEY),
+                                   _with_kernels(Expected, w2a8_m16_n32_k64=plain, w2a8_m16_n32_k64_residual=residual))
 
 
 def test_fuse_w2a8_epilogue_keeps_an_output_read_twice():
