@@ -22,12 +22,12 @@ from bmvcc.passes.fuse_causal_attention import REPORT_KEY as ATTENTION_KEY
 from bmvcc.passes.fuse_causal_attention import fuse_causal_attention
 from bmvcc.passes.fuse_norm_quant import REPORT_KEY as NORM_QUANT_KEY
 from bmvcc.passes.fuse_norm_quant import fuse_norm_quant
+from bmvcc.passes.fuse_w2a8_epilogue import REPORT_KEY as EPILOGUE_KEY
 from bmvcc.passes.fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from bmvcc.passes.pad_w2a8_to_tiles import PADDED_FROM_ATTR, pad_w2a8_to_tiles
 from bmvcc.passes.pipeline import module_pass, passes
 from bmvcc.passes.quantize_bitlinear import REPORT_KEY as QUANTIZE_KEY
 from bmvcc.passes.quantize_bitlinear import quantize_bitlinear
-from bmvcc.passes.relax_match import REPORT_PREFIX
 from bmvcc.schedules import w2a8_cuda
 from bmvcc.schedules.attention_cpu import AttentionConfig, attention_cpu
 from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute
@@ -162,9 +162,6 @@ def _w2a8_module(cfg: W2A8Config):
     return bb.get()
 
 
-EPILOGUE_KEY = REPORT_PREFIX + "fuse_w2a8_epilogue"
-
-
 def test_fuse_w2a8_epilogue_gelu():
     @I.ir_module
     class Before:
@@ -291,9 +288,8 @@ def test_fuse_w2a8_epilogue_keeps_an_output_read_twice():
 
     before = _with_kernels(Before, w2a8_m16_n32_k64=w2a8_compute(W2A8Config(16, 32, 64)))
     after = fuse_w2a8_epilogue(before)
-    key = REPORT_PREFIX + "fuse_w2a8_epilogue"
-    assert json.loads(after.attrs[key]) == {"gelu": 0, "gelu_tanh": 0, "residual": 0, "bias": 0}
-    tvm.ir.assert_structural_equal(after.without_attr(key), before)
+    assert json.loads(after.attrs[EPILOGUE_KEY]) == {"gelu": 0, "gelu_tanh": 0, "residual": 0, "bias": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(EPILOGUE_KEY), before)
 
 
 def test_pad_w2a8_to_tiles_pads_operands_and_slices_the_output():
