@@ -5,7 +5,8 @@
 Runs the `bmvcc` script beside this Python, each command --repeat times, and prints the best and median
 wall time and whether the command imported torch or TVM (PYTHONPROFILEIMPORTTIME, which -X importtime sets,
 lists every module a process imports). None of these commands needs either: they should answer in well
-under a second. Arguments name files in a temporary folder, so the errors are the missing-file ones.
+under a second. Arguments name the bundled example checkpoint, files in a temporary folder that do not
+exist, a plain file, and damaged files (random bytes named .pth and .onnx).
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ import time
 from pathlib import Path
 
 BMVCC = str(Path(sys.executable).with_name("bmvcc"))
+CKPT = str(Path(__file__).resolve().parent.parent / "examples" / "bitmedvit_digits.pth")
 
 
 def commands(tmp: Path) -> dict[str, list[str]]:
     missing = str(tmp / "missing.pth")
+    for name in ("damaged.pth", "damaged.onnx"):
+        (tmp / name).write_bytes(b"\x07" + os.urandom(999))
+    (tmp / "plain").write_text("a file")
+    damaged_pth, damaged_onnx, out = str(tmp / "damaged.pth"), str(tmp / "damaged.onnx"), str(tmp / "out")
     return {
         "--help": ["--help"],
         "--version": ["--version"],
@@ -33,12 +39,25 @@ def commands(tmp: Path) -> dict[str, list[str]]:
         "unknown option": ["targets", "--bogus"],
         "compile: missing checkpoint": ["compile", missing, "-o", str(tmp / "out")],
         "compile: unknown target": ["compile", missing, "-o", str(tmp / "out"), "--target", "nope"],
+        "compile: --heads 0": ["compile", CKPT, "-o", out, "--heads", "0"],
+        "compile: unknown --dataset": ["compile", CKPT, "-o", out, "--dataset", "digits"],
+        "compile: damaged .pth": ["compile", damaged_pth, "-o", out],
+        "compile: damaged .onnx": ["compile", damaged_onnx, "-o", out],
+        "compile: --heads with .onnx": ["compile", damaged_onnx, "-o", out, "--heads", "2"],
+        "compile: --db not a database": ["compile", CKPT, "-o", out, "--db", str(tmp)],
         "tune: missing checkpoint": ["tune", missing, "--db", str(tmp / "db")],
+        "tune: --db a file": ["tune", CKPT, "--db", str(tmp / "plain")],
+        "tune: --rpc-key alone": ["tune", CKPT, "--db", str(tmp / "db"), "--rpc-key", "orin"],
         "export-onnx: missing checkpoint": ["export-onnx", missing, "-o", str(tmp / "m.onnx")],
+        "export-onnx: .onnx source": ["export-onnx", damaged_onnx, "-o", str(tmp / "m.onnx")],
+        "export-onnx: -o not .onnx": ["export-onnx", CKPT, "-o", str(tmp / "m.txt")],
+        "export-onnx: --opset 13": ["export-onnx", CKPT, "-o", str(tmp / "m.onnx"), "--opset", "13"],
         "run: missing artifact": ["run", str(tmp / "none"), "-i", str(tmp / "x.npy")],
+        "run: -o not .npy": ["run", str(tmp / "none"), "-i", str(tmp / "x.npy"), "-o", str(tmp / "y.txt")],
         "predict: missing artifact": ["predict", str(tmp / "none"), str(tmp / "x.png")],
         "bench: missing artifact": ["bench", str(tmp / "none")],
         "report: missing artifact": ["report", str(tmp / "none")],
+        "verify: missing artifact": ["verify", str(tmp / "none")],
     }
 
 

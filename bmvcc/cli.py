@@ -42,8 +42,8 @@ def compile(
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
     target: str = typer.Option("host", "--target", "-t", help="compile target (bmvcc targets lists them)"),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="static batch size of the compiled module (default 1, or an ONNX model's own)"),
-    heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="attention heads (needed for multi-head checkpoints)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="input image size (checked against the checkpoint)"),
     no_bitlinear: bool = typer.Option(False, "--no-bitlinear", help="keep BitLinear layers as float matmuls"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="MedMNIST data set the model was trained on (label names for predict and eval)"),
@@ -84,6 +84,9 @@ def run(
     from .runtime import load, load_npy
 
     if output is not None:
+        if output.suffix != ".npy":
+            raise BmvccError(f"output '{output}' must end in .npy (numpy.save adds .npy to any other name); "
+                             "e.g. -o logits.npy")
         check_output_file(output)
     read_metadata(outdir)  # the artifact and the input checked before loading the runtime (seconds)
     images = load_npy(input)
@@ -189,9 +192,9 @@ def tune(
     rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="device key registered at the tracker"),
     task: List[str] = typer.Option([], "--task", help="tune exactly this task (repeatable; default: the kernels worth tuning)"),
     per_round: int = typer.Option(8, "--per-round", help="candidates built and measured per search round (saved after each)"),
-    batch: int = typer.Option(1, "--batch", help="static batch size (as for bmvcc compile)"),
-    heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
+    batch: int = typer.Option(1, "--batch", min=1, help="static batch size (as for bmvcc compile)"),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="attention heads (needed for multi-head checkpoints)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="input image size (checked against the checkpoint)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),
     seed: int = typer.Option(0, "--seed", help="search seed"),
     as_json: bool = typer.Option(False, "--json", help="print the per-task results as JSON"),
@@ -273,16 +276,16 @@ def export_onnx(
     output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write (.onnx)"),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="static batch size (default: a dynamic batch dimension)"),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 17 or newer (default 20)"),
-    heads: Optional[int] = typer.Option(None, "--heads", help="attention heads (needed for multi-head checkpoints)"),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="input image size (checked against the checkpoint)"),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="attention heads (needed for multi-head checkpoints)"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help="input image size (checked against the checkpoint)"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a checkpoint that runs pickled code (only for files you trust)"),
     force: bool = typer.Option(False, "--force", help="replace the output file even if bmvcc did not export it"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Export the deployment forward (int8 ternary weights) as a standard ONNX model."""
-    from .sources import check_exists
+    from .onnx_output import DEFAULT_OPSET, check_request
 
-    check_exists(source)  # before the seconds importing torch takes
+    check_request(source, output, DEFAULT_OPSET if opset is None else opset, heads, force)  # before importing torch (seconds)
     from .onnx_export import export_checkpoint
 
     info = export_checkpoint(source, output, batch=batch, opset=opset, heads=heads, image_size=image_size,

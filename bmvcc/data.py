@@ -2,12 +2,15 @@
 
 Files are read from a directory the user gives, in medmnist's own layout and never downloaded:
 `{flag}.npz` (28x28) or `{flag}_{size}.npz`, with keys `{split}_images` (uint8 [N, H, W] for
-1 channel, [N, H, W, 3] for 3) and `{split}_labels` (int [N, L]). Importing medmnist imports torch:
-this module is for the host tools (compile, eval), not for the device runtime.
+1 channel, [N, H, W, 3] for 3) and `{split}_labels` (int [N, L]). Importing the medmnist package
+imports torch (seconds): INFO is read from its info.py alone. This module is for the host tools
+(compile, eval), not for the device runtime.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +46,22 @@ class Dataset:
                              f"use the data set the model was trained on")
 
 
-def dataset(name: str) -> Dataset:
-    from medmnist import INFO
+@functools.cache
+def _medmnist_info() -> dict:
+    """medmnist.INFO from medmnist/info.py (plain data), without the package's __init__, which imports torch."""
+    package = Path(importlib.util.find_spec("medmnist").submodule_search_locations[0])
+    spec = importlib.util.spec_from_file_location("bmvcc._medmnist_info", package / "info.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.INFO
 
-    flags_2d = [flag for flag, info in INFO.items() if not flag.endswith("3d")]
+
+def dataset(name: str) -> Dataset:
+    table = _medmnist_info()
+    flags_2d = [flag for flag in table if not flag.endswith("3d")]
     if name not in flags_2d:
         raise BmvccError(f"'{name}' is not a MedMNIST 2D data set; choose one of: {', '.join(flags_2d)}")
-    info = INFO[name]
+    info = table[name]
     return Dataset(name, info["task"], int(info["n_channels"]), dict(info["label"]))
 
 

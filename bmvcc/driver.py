@@ -12,7 +12,7 @@ from .artifact import sha256
 from .data import dataset as medmnist_dataset
 from .errors import BmvccError
 from .irdump import IRDump
-from .sources import check_exists
+from .sources import check_source
 
 
 @dataclass
@@ -44,10 +44,10 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     start = time.perf_counter()
     spec = get_target(options.target)
     artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
-    check_exists(source_path)  # and before the seconds importing torch and TVM take
+    check_source(source_path, options.heads)  # and before the seconds importing torch and TVM take
     dataset = medmnist_dataset(options.dataset) if options.dataset else None
     dump = IRDump(options.dump_ir)
-    from . import frontend, tunedb
+    from . import tunedb
 
     db = options.db
     if db is not None:  # refuse a database of another target before minutes of work
@@ -56,6 +56,8 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
         db = tunedb.shipped_database(spec, options.shipped_databases or tunedb.SHIPPED_DATABASES)
         if db is not None:
             progress(f"using the shipped tuning database {db.name}")
+    from . import frontend
+
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,
                                   trust_pickle=options.trust_pickle)

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import artifact, data, preprocess
 from .errors import BmvccError
+from .sources import check_source
 
 CHUNK = 64  # images preprocessed and run per step (bounds memory at 224x224; one progress step)
 
@@ -39,6 +40,10 @@ def evaluate(outdir: Path, dataset_name: str, data_dir: Path, split: str = "test
     from .runtime import load
 
     meta = artifact.read_metadata(outdir)
+    if ckpt is not None:  # before the seconds of reading the data and importing torch
+        if Path(ckpt).suffix == ".onnx":
+            raise BmvccError(f"--ckpt '{ckpt}' is an ONNX model; pass the PyTorch checkpoint (.pth or .pt2) to compare with")
+        check_source(ckpt)
     _, channels, image_size, _ = meta["input"]["shape"]
     recorded = (meta.get("dataset") or {}).get("name")
     if recorded and recorded != dataset_name:

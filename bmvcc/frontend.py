@@ -3,6 +3,7 @@ ONNX model (.onnx, imported by TVM's ONNX frontend)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 import zipfile
@@ -14,7 +15,7 @@ import torch
 
 from . import checkpoint, onnx_import, resources
 from .errors import BmvccError
-from .sources import check_exists
+from .sources import check_source
 from .model import BitMedViT, ViTConfig
 
 
@@ -34,11 +35,11 @@ class Source:
 
 def load_source(path: Path, heads: int | None = None, image_size: int | None = None,
                 trust_pickle: bool = False) -> Source:
-    path = Path(path)
+    path = check_source(path, heads)
     if path.suffix == ".pt2":
         return _load_program(path)
     if path.suffix == ".onnx":
-        return _load_onnx(path, heads, image_size)
+        return _load_onnx(path, image_size)
     state = checkpoint.load_state_dict(path, trust_pickle=trust_pickle)
     cfg = checkpoint.infer_config(state, heads=heads, image_size=image_size)
     model = checkpoint.build_model(state, cfg)
@@ -46,11 +47,16 @@ def load_source(path: Path, heads: int | None = None, image_size: int | None = N
 
 
 def _load_program(path: Path) -> Source:
-    check_exists(path)
+    export_log = logging.getLogger("torch.export")  # which logs a traceback for an archive it cannot read
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)
     try:
         ep = torch.export.load(path)
     except (RuntimeError, zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError) as e:
-        raise BmvccError(f"'{path}' is not a readable torch.export program ({str(e)[:120]}); save it with torch.export.save") from None
+        detail = str(e).split(". Please check the warnings above")[0][:120]  # the warnings silenced above
+        raise BmvccError(f"'{path}' is not a readable torch.export program ({detail}); save it with torch.export.save") from None
+    finally:
+        export_log.setLevel(level)
     args = ep.example_inputs[0] if ep.example_inputs else ()
     if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
         raise BmvccError(f"'{path}' must take one NCHW image tensor; export it with a single (B, C, H, W) input")
@@ -64,10 +70,8 @@ def _load_program(path: Path) -> Source:
     return Source(module, tuple(args[0].shape[1:]), int(out.shape[-1]), path, info=info)
 
 
-def _load_onnx(path: Path, heads: int | None, image_size: int | None) -> Source:
+def _load_onnx(path: Path, image_size: int | None) -> Source:
     graph = onnx_import.load(path)
-    if heads is not None:
-        raise BmvccError("--heads does not apply to an ONNX model (its attention is fixed in the graph); drop it")
     if image_size is not None and (image_size, image_size) != graph.input_shape[1:]:
         raise BmvccError(f"--image-size {image_size} contradicts '{path}' (input {graph.input_shape}); drop the option")
     return Source(None, graph.input_shape, graph.num_classes, path, onnx=graph)

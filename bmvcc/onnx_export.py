@@ -30,15 +30,13 @@ from torch.ao.quantization.fx import _decomposed  # noqa: F401  (registers quant
 from torch.nn import functional as F
 
 from . import __version__, resources
-from .artifact import check_output_file, write_error
+from .artifact import write_error
 from .errors import BmvccError
 from .model import SCALE_EPS, BitLinear, BitMedViT, MultiQueryAttention
+from .onnx_output import DEFAULT_OPSET, PRODUCER_KEY, check_opset, check_request
 
-MIN_OPSET = 17  # LayerNormalization is a standard op from 17 on
-DEFAULT_OPSET = 20  # the first with a Gelu op: below it GELU is erf arithmetic, which bmvcc's epilogue fusion skips
 EXPORTER_MIN_OPSET = 18  # torch.onnx emits opset 18 or newer; 17 is converted down with onnx's converter
 INPUT_NAME, OUTPUT_NAME = "img", "logits"
-PRODUCER_KEY = "bmvcc_version"  # metadata_props entry of every export
 
 
 class DeployBitLinear(nn.Module):
@@ -90,16 +88,9 @@ def export_checkpoint(source_path: Path, output: Path, batch: int | None = None,
 
     output = Path(output)
     opset = DEFAULT_OPSET if opset is None else opset
-    if output.suffix != ".onnx":
-        raise BmvccError(f"output '{output}' must end in .onnx (bmvcc compile recognizes ONNX models by it)")
-    check_output_file(output)
-    if output.exists() and not force and not _exported_by_bmvcc(output):
-        raise BmvccError(f"output '{output}' exists and was not exported by bmvcc; choose another -o, "
-                         "or pass --force to replace it")
+    check_request(source_path, output, opset, heads, force)
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=heads, image_size=image_size, trust_pickle=trust_pickle)
-    if not isinstance(source.module, BitMedViT):
-        raise BmvccError(f"'{source_path}' is not a BitMedViT state dict; export-onnx needs the .pth checkpoint")
     progress("exporting with torch.onnx (torch.export-based exporter)")
     layers = export_onnx(source.module, output, batch=batch, opset=opset)
     return {"output": str(output), "batch": batch, "opset": opset, "bitlinear_layers": layers,
@@ -113,8 +104,7 @@ def export_onnx(model: BitMedViT, path: Path, batch: int | None = None, opset: i
     """
     import onnx
 
-    if opset < MIN_OPSET:
-        raise BmvccError(f"--opset {opset} is too old: LayerNormalization needs opset {MIN_OPSET}; pass --opset {MIN_OPSET} or newer")
+    check_opset(opset)
     if batch is not None and batch < 1:
         raise BmvccError(f"--batch {batch} must be at least 1")
     cfg = model.cfg
@@ -152,16 +142,6 @@ def export_onnx(model: BitMedViT, path: Path, batch: int | None = None, opset: i
     finally:
         tmp.unlink(missing_ok=True)
     return sum(isinstance(m, DeployBitLinear) for m in deployed.modules())
-
-
-def _exported_by_bmvcc(path: Path) -> bool:
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001  not an ONNX model: onnx raises protobuf's DecodeError and others
-        return False
-    return any(prop.key == PRODUCER_KEY for prop in model.metadata_props)
 
 
 def _dequantize_as_cast(proto) -> None:

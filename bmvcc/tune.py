@@ -246,9 +246,7 @@ def _runner(spec, options: TuneOptions):
     """(runner, description of where candidates run)."""
     from tvm.s_tir import meta_schedule as ms
 
-    if options.rpc_tracker or options.rpc_key:
-        if not (options.rpc_tracker and options.rpc_key):
-            raise BmvccError("--rpc-tracker and --rpc-key go together; give both (or neither, to measure on this machine)")
+    if options.rpc_tracker:  # and rpc_key: tune_model checked that both or neither are given
         n = tracker_devices(options.rpc_tracker, options.rpc_key)
         host, port = parse_tracker(options.rpc_tracker)
         config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=options.rpc_key,
@@ -466,19 +464,24 @@ class _Bar:
 @_closing_worker_pools()
 def tune_model(source_path: Path, db_dir: Path, options: TuneOptions,
                progress: Callable[[str], None] = lambda msg: None, bars: bool = True) -> TuneReport:
-    from .sources import check_exists
+    from . import tunedb
+    from .sources import check_source
     from .targets import get as get_target
 
     if options.trials < 1 or options.per_round < 1:
         raise BmvccError(f"--trials {options.trials} and --per-round {options.per_round} must be at least 1")
+    if bool(options.rpc_tracker) != bool(options.rpc_key):
+        raise BmvccError("--rpc-tracker and --rpc-key go together; give both (or neither, to measure on this machine)")
+    if options.rpc_tracker:
+        parse_tracker(options.rpc_tracker)  # HOST:PORT, before the tracker is asked
     start = time.perf_counter()
     spec = get_target(options.target)
-    check_exists(source_path)  # before the seconds importing torch and TVM take
-    from . import frontend, tunedb
+    db_dir = tunedb.check_tuning_dir(db_dir)
+    check_source(source_path, options.heads)  # before the seconds importing torch and TVM take
+    from . import frontend
     from .artifact import sha256
     from .passes.pipeline import run_pipeline
 
-    db_dir = Path(db_dir)
     runner, devices = _runner(spec, options)  # fail fast on RPC problems, before minutes of work
     progress(f"loading {source_path}")
     source = frontend.load_source(Path(source_path), heads=options.heads, image_size=options.image_size,

@@ -121,9 +121,10 @@ def _replace(path: Path, data: bytes) -> None:
 
 def check_target(db_dir: Path, spec) -> dict:
     """The directory's key, after refusing a database made for another target."""
-    stored, wanted = read_key(db_dir), target_key(spec)
+    stored = read_key(db_dir)
     if stored is None:
         raise BmvccError(f"'{db_dir}' is not a bmvcc tuning database (no {KEY_FILE}); create it with bmvcc tune --db {db_dir}")
+    wanted = target_key(spec)  # imports TVM (seconds): after the check above
     if stored.get("target") != wanted:
         raise BmvccError(f"tuning database '{db_dir}' was made for target {_describe(stored.get('target', {}))}, "
                          f"not {_describe(wanted)} ({_first_difference(stored.get('target', {}), wanted)}); "
@@ -140,13 +141,19 @@ def _first_difference(a: dict, b: dict) -> str:
     return "same"
 
 
-def open_for_tuning(db_dir: Path, spec, progress: Callable[[str], None] = lambda msg: None):
-    """(TuningTables, key dict); creates the directory and key, or checks the key of an existing one."""
+def check_tuning_dir(db_dir: Path) -> Path:
+    """`db_dir` if bmvcc tune can record into it (new, empty, or a bmvcc database), else the error."""
     db_dir = Path(db_dir)
     if db_dir.exists() and not db_dir.is_dir():
         raise BmvccError(f"--db '{db_dir}' is a file; give a directory (created if missing)")
     if db_dir.is_dir() and read_key(db_dir) is None and any(db_dir.iterdir()):
         raise BmvccError(f"--db '{db_dir}' is a non-empty directory without {KEY_FILE}; give a new or bmvcc-made directory")
+    return db_dir
+
+
+def open_for_tuning(db_dir: Path, spec, progress: Callable[[str], None] = lambda msg: None):
+    """(TuningTables, key dict); creates the directory and key, or checks the key of an existing one."""
+    db_dir = check_tuning_dir(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)  # JSONDatabase does not create it
     key = read_key(db_dir)
     if key is None:

@@ -20,7 +20,7 @@ import bmvcc
 from bmvcc import artifact, targets
 from bmvcc.checkpoint import build_model, infer_config, load_state_dict
 from bmvcc.cli import main
-from bmvcc.errors import BmvccError
+from bmvcc.errors import BmvccError, InternalError
 
 from conftest import cli_error
 
@@ -128,36 +128,67 @@ def test_readme_lists_the_targets_as_printed(capsys):
 # ---- answers at once: neither torch nor TVM imported (benchmarks/bench_cli_startup.py times them) ----
 
 
+# name: (arguments, a piece of the one error line; None: the command succeeds). {tmp} holds damaged files
+# (damaged.pth, .pt2 and .onnx, random bytes), a plain file and notes.txt; {artifact} is the digits artifact.
 LIGHT = {
-    "help": ["--help"],
-    "version": ["--version"],
-    "targets": ["targets"],
-    "unknown-option": ["targets", "--bogus"],
-    "missing-checkpoint": ["compile", "{tmp}/missing.pth", "-o", "{tmp}/out"],
-    "unknown-target": ["compile", "{tmp}/missing.onnx", "-o", "{tmp}/out", "-t", "nope"],
-    "tune-missing-checkpoint": ["tune", "{tmp}/missing.pth", "--db", "{tmp}/db"],
-    "export-missing-checkpoint": ["export-onnx", "{tmp}/missing.pth", "-o", "{tmp}/m.onnx"],
-    "compile-batch-0": ["compile", "{tmp}/missing.pth", "-o", "{tmp}/out", "--batch", "0"],
-    "eval-not-an-artifact": ["eval", "{tmp}", "--dataset", "pathmnist", "--data-dir", "{tmp}"],
-    "bench-not-an-artifact": ["bench", "{tmp}"],
-    "run-missing-input": ["run", "{tmp}/artifact", "-i", "{tmp}/missing.npy"],
-    "predict-missing-image": ["predict", "{tmp}/artifact", "{tmp}/missing.png"],
-    "report-not-an-artifact": ["report", "{tmp}"],
+    "help": (["--help"], None),
+    "version": (["--version"], None),
+    "targets": (["targets"], None),
+    "unknown-option": (["targets", "--bogus"], "no such option"),
+    "missing-checkpoint": (["compile", "{tmp}/missing.pth", "-o", "{tmp}/out"], "does not exist"),
+    "unknown-target": (["compile", "{tmp}/missing.onnx", "-o", "{tmp}/out", "-t", "nope"], "unknown target 'nope'"),
+    "compile-batch-0": (["compile", "{tmp}/missing.pth", "-o", "{tmp}/out", "--batch", "0"], "'--batch'"),
+    "compile-heads-0": (["compile", str(CKPT), "-o", "{tmp}/out", "--heads", "0"], "'--heads'"),
+    "compile-image-size-0": (["compile", str(CKPT), "-o", "{tmp}/out", "--image-size", "0"], "'--image-size'"),
+    "compile-unknown-dataset": (["compile", str(CKPT), "-o", "{tmp}/out", "--dataset", "digits"],
+                                "'digits' is not a MedMNIST 2D data set"),
+    "compile-onnx-with-heads": (["compile", "{tmp}/damaged.onnx", "-o", "{tmp}/out", "--heads", "2"],
+                                "--heads does not apply to an ONNX model"),
+    "compile-damaged-pth": (["compile", "{tmp}/damaged.pth", "-o", "{tmp}/out"], "is not a PyTorch checkpoint"),
+    "compile-text-file": (["compile", "{tmp}/notes.txt", "-o", "{tmp}/out"], "is not a PyTorch checkpoint"),
+    "compile-damaged-pt2": (["compile", "{tmp}/damaged.pt2", "-o", "{tmp}/out"], "is not a readable torch.export program"),
+    "compile-damaged-onnx": (["compile", "{tmp}/damaged.onnx", "-o", "{tmp}/out"], "is not an ONNX model"),
+    "compile-not-a-db": (["compile", str(CKPT), "-o", "{tmp}/out", "--db", "{tmp}"], "is not a bmvcc tuning database"),
+    "tune-missing-checkpoint": (["tune", "{tmp}/missing.pth", "--db", "{tmp}/db"], "does not exist"),
+    "tune-db-is-a-file": (["tune", str(CKPT), "--db", "{tmp}/plain"], "is a file"),
+    "tune-rpc-key-alone": (["tune", str(CKPT), "--db", "{tmp}/db", "--rpc-key", "orin"], "go together"),
+    "tune-damaged-pth": (["tune", "{tmp}/damaged.pth", "--db", "{tmp}/db"], "is not a PyTorch checkpoint"),
+    "export-missing-checkpoint": (["export-onnx", "{tmp}/missing.pth", "-o", "{tmp}/m.onnx"], "does not exist"),
+    "export-not-a-state-dict": (["export-onnx", "{tmp}/damaged.onnx", "-o", "{tmp}/m.onnx"], "is not a BitMedViT state dict"),
+    "export-output-not-onnx": (["export-onnx", str(CKPT), "-o", "{tmp}/m.txt"], "must end in .onnx"),
+    "export-output-exists": (["export-onnx", str(CKPT), "-o", "{tmp}/damaged.onnx"], "was not exported by bmvcc"),
+    "export-opset-13": (["export-onnx", str(CKPT), "-o", "{tmp}/m.onnx", "--opset", "13"], "--opset 13 is too old"),
+    "eval-not-an-artifact": (["eval", "{tmp}", "--dataset", "pathmnist", "--data-dir", "{tmp}"], "is not a bmvcc artifact"),
+    "eval-missing-ckpt": (["eval", "{artifact}", "--dataset", "pathmnist", "--data-dir", "{tmp}", "--ckpt",
+                           "{tmp}/missing.pth"], "does not exist"),
+    "eval-onnx-ckpt": (["eval", "{artifact}", "--dataset", "pathmnist", "--data-dir", "{tmp}", "--ckpt",
+                        "{tmp}/damaged.onnx"], "is an ONNX model; pass the PyTorch checkpoint"),
+    "bench-not-an-artifact": (["bench", "{tmp}"], "is not a bmvcc artifact"),
+    "run-missing-input": (["run", "{artifact}", "-i", "{tmp}/missing.npy"], "does not exist"),
+    "run-output-not-npy": (["run", "{artifact}", "-i", str(IMAGES), "-o", "{tmp}/logits.txt"], "must end in .npy"),
+    "predict-missing-image": (["predict", "{artifact}", "{tmp}/missing.png"], "does not exist"),
+    "report-not-an-artifact": (["report", "{tmp}"], "is not a bmvcc artifact"),
+    "verify-cpu-artifact": (["verify", "{artifact}"], "checks GPU builds"),
 }
 
 
-@pytest.mark.parametrize("args", LIGHT.values(), ids=LIGHT.keys())
-def test_answers_without_torch_or_tvm(tmp_path, args):
-    argv = [a.format(tmp=tmp_path) for a in args]
-    (tmp_path / "artifact").mkdir()  # metadata enough to pass for an artifact until the runtime loads it
-    (tmp_path / "artifact" / artifact.METADATA).write_text(json.dumps({"format_version": artifact.FORMAT_VERSION}))
+@pytest.mark.parametrize("args, needle", LIGHT.values(), ids=LIGHT.keys())
+def test_answers_without_torch_or_tvm(digits, tmp_path, args, needle):
+    for name in ("damaged.pth", "damaged.pt2", "damaged.onnx"):
+        (tmp_path / name).write_bytes(b"\x07" + os.urandom(999))  # not the first byte of any of the three kinds
+    (tmp_path / "notes.txt").write_text("epoch 10: val acc 0.91\n")
+    (tmp_path / "plain").write_text("a file")
+    argv = [a.format(tmp=tmp_path, artifact=digits[0]) for a in args]
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}  # -X importtime: one stderr line per module imported
     proc = subprocess.run([sys.executable, "-m", "bmvcc.cli", *argv], capture_output=True, text=True, env=env,
                           timeout=60)
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "typer" in imported and not imported & {"torch", "tvm", "tvm_ffi"}
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
-    assert proc.returncode == (0 if len(args) == 1 else 2) and len(errors) == (0 if len(args) == 1 else 1), proc.stderr
+    if needle is None:
+        assert proc.returncode == 0 and errors == [], proc.stderr
+    else:
+        assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], errors
 
 
 def test_version_from_package_metadata(capsys):
@@ -283,3 +314,22 @@ def test_usage_error_exit_2(capsys):
         main(["compile"])
     assert e.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_internal_error_prints_the_traceback_and_asks_for_a_report(tmp_path, capsys, monkeypatch):
+    """A broken invariant of bmvcc itself (no input reaches one: an internal stage is made to raise it) is not
+    the user's mistake: the traceback a bug report needs, the request to report it, exit status 3, no artifact."""
+    import bmvcc.frontend
+
+    def broken_load(*args, **kwargs):
+        raise InternalError("the loaded model has no input shape")
+
+    monkeypatch.setattr(bmvcc.frontend, "load_source", broken_load)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compile", str(CKPT), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3, err
+    assert "Traceback (most recent call last)" in err and "in compile_model" in err and "in broken_load" in err
+    assert err.rstrip().endswith("bmvcc.errors.InternalError: the loaded model has no input shape; "
+                                 "this is a bmvcc bug: please report it with this traceback")
+    assert list(tmp_path.iterdir()) == []

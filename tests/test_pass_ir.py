@@ -1,28 +1,45 @@
 """Each bmvcc pass on a small hand-written module: the module it produces, written out by hand, compared
-with tvm.ir.assert_structural_equal (bound variable names do not matter, structure and types do).
-quantize_bitlinear and fuse_norm_quant match the whole BitLinear quantization graph; their rewrites
-are checked on imported models in test_passes_bitlinear.py and test_passes_kernels.py."""
+with tvm.ir.assert_structural_equal (bound variable names do not matter, structure and types do); and
+a module with the pattern almost right, which must come out unchanged. The kernels a rewrite calls are
+the schedules/ compute definitions for the expected configuration (see _with_kernels); their numerics
+are checked against numpy references in test_passes_kernels.py, test_w2a8_cpu.py and test_attention_cpu.py."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pytest
 import tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
 from bmvcc.passes.drop_training_outputs import drop_training_outputs
 from bmvcc.passes.externalize_weights import externalize_weights
 from bmvcc.passes.fp16_matmuls import fp16_matmuls
+from bmvcc.passes.fuse_causal_attention import REPORT_KEY as ATTENTION_KEY
+from bmvcc.passes.fuse_causal_attention import fuse_causal_attention
+from bmvcc.passes.fuse_norm_quant import REPORT_KEY as NORM_QUANT_KEY
+from bmvcc.passes.fuse_norm_quant import fuse_norm_quant
+from bmvcc.passes.fuse_w2a8_epilogue import REPORT_KEY as EPILOGUE_KEY
 from bmvcc.passes.fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from bmvcc.passes.pad_w2a8_to_tiles import PADDED_FROM_ATTR, pad_w2a8_to_tiles
 from bmvcc.passes.pipeline import module_pass, passes
-from bmvcc.passes.relax_match import REPORT_PREFIX
+from bmvcc.passes.quantize_bitlinear import REPORT_KEY as QUANTIZE_KEY
+from bmvcc.passes.quantize_bitlinear import quantize_bitlinear
 from bmvcc.schedules import w2a8_cuda
-from bmvcc.schedules.w2a8 import W2A8Config, w2a8_compute
+from bmvcc.schedules.attention_cpu import AttentionConfig, attention_cpu
+from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute
+from bmvcc.schedules.w2a8 import KERNEL_ATTR, W2A8Config, w2a8_compute
+
+
+def _with_kernels(mod: tvm.IRModule, **kernels) -> tvm.IRModule:
+    """`mod` with each named placeholder PrimFunc (its signature written out, its body empty) replaced by
+    the kernel's compute definition: the Relax part stays in TVMScript, the TIR comes from schedules/."""
+    for name, func in kernels.items():
+        mod.update_func(mod.get_global_var(name), func)
+    return mod
 
 
 def test_drop_training_outputs():
@@ -81,6 +98,19 @@ def test_fp16_matmuls_cast_before_layout_ops():
     tvm.ir.assert_structural_equal(fp16_matmuls(Before), After)
 
 
+def test_fp16_matmuls_keeps_a_matmul_already_in_fp16():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(a: R.Tensor((4, 8), "float16"), b: R.Tensor((8, 4), "float16")) -> R.Tensor((4, 4), "float16"):
+            with R.dataflow():
+                c = R.matmul(a, b)
+                R.output(c)
+            return c
+
+    tvm.ir.assert_structural_equal(fp16_matmuls(Before), Before)
+
+
 def test_externalize_weights():
     big, scale = np.arange(64, dtype="float32").reshape(8, 8), np.array(2.0, "float32")
 
@@ -100,76 +130,217 @@ def test_externalize_weights():
     assert len(weights) == 1 and np.array_equal(weights[0].numpy(), big)  # the scalar stays inline
 
 
-def _w2a8_module(cfg: W2A8Config, epilogue_op=None):
-    """main(q, packed, x_scale, w_scale[, residual]) calling w2a8_compute(cfg), then `epilogue_op` on its output."""
+def test_externalize_weights_keeps_constants_below_the_threshold():
+    small = relax.const(np.arange(63, dtype="float32").reshape(7, 9))  # one element short of min_elements=64
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((7, 9), "float32")) -> R.Tensor((7, 9), "float32"):
+            with R.dataflow():
+                y = R.add(x, small)
+                R.output(y)
+            return y
+
+    after, weights = externalize_weights(Before)
+    tvm.ir.assert_structural_equal(after, Before)
+    assert weights == []
+
+
+def _w2a8_module(cfg: W2A8Config):
+    """main(q, packed, x_scale, w_scale) returning w2a8_compute(cfg) of them (a config without epilogue)."""
     bb = relax.BlockBuilder()
     args = [relax.Var("q", relax.TensorType((cfg.m, cfg.k), "int8")),
             relax.Var("packed", relax.TensorType((cfg.n, cfg.k_packed), "uint8")),
             relax.Var("x_scale", relax.TensorType((cfg.m, 1), "float32")),
             relax.Var("w_scale", relax.TensorType((1,), "float32"))]
-    residual = relax.Var("residual", relax.TensorType((cfg.m, cfg.n), "float32"))
-    params = args + ([residual] if cfg.epilogue == "residual" or epilogue_op == "residual" else [])
-    with bb.function("main", params):
+    with bb.function("main", args):
         with bb.dataflow():
-            gv = bb.add_func(w2a8_compute(cfg), f"w2a8_m{cfg.m}_n{cfg.n}_k{cfg.k}"
-                             + ("" if cfg.epilogue == "none" else f"_{cfg.epilogue}"))
-            kernel_args = args + ([residual] if cfg.epilogue == "residual" else [])
-            y = bb.emit(relax.call_tir(gv, kernel_args, relax.TensorType((cfg.m, cfg.n), "float32")))
-            if epilogue_op == "gelu":
-                y = bb.emit(relax.op.nn.gelu(y))
-            elif epilogue_op == "residual":
-                y = bb.emit(relax.op.add(residual, y))
-            out = bb.emit_output(y)
+            gv = bb.add_func(w2a8_compute(cfg), f"w2a8_m{cfg.m}_n{cfg.n}_k{cfg.k}")
+            out = bb.emit_output(relax.call_tir(gv, args, relax.TensorType((cfg.m, cfg.n), "float32")))
         bb.emit_func_output(out)
     return bb.get()
 
 
-@pytest.mark.parametrize("epilogue", ["gelu", "residual"])
-def test_fuse_w2a8_epilogue(epilogue):
-    plain, fused = W2A8Config(16, 32, 64), W2A8Config(16, 32, 64, epilogue)
-    before = _w2a8_module(plain, epilogue)
-    params = list(before["main"].params)
-    bb = relax.BlockBuilder()
-    with bb.function("main", params):
-        with bb.dataflow():
-            out_ty = relax.TensorType((16, 32), "float32")
-            bb.emit(relax.call_tir(bb.add_func(w2a8_compute(plain), "w2a8_m16_n32_k64"), params[:4], out_ty))  # dead
-            # the residual enters as an [M, N] operand (a reshape, here to its own shape)
-            args = params[:4] + ([bb.emit(relax.op.reshape(params[4], (16, 32)))] if epilogue == "residual" else [])
-            y = bb.emit(relax.call_tir(bb.add_func(w2a8_compute(fused), f"w2a8_m16_n32_k64_{epilogue}"), args, out_ty))
-            out = bb.emit_output(bb.emit(y))  # the epilogue's binding, now an alias of the kernel's output
-        bb.emit_func_output(out)
+def test_fuse_w2a8_epilogue_gelu():
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"),
+                 x_scale: R.Tensor((16, 1), "float32"), w_scale: R.Tensor((1,), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Before
+            with R.dataflow():
+                y = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                z = R.nn.gelu(y)
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64_gelu(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                                  xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                                  out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"),
+                 x_scale: R.Tensor((16, 1), "float32"), w_scale: R.Tensor((1,), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Expected
+            with R.dataflow():
+                _ = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                fused = R.call_tir(cls.w2a8_m16_n32_k64_gelu, (q, packed, x_scale, w_scale),
+                                   out_ty=R.Tensor((16, 32), "float32"))
+                z = fused  # the GELU's binding, now an alias of the kernel's output
+                R.output(z)
+            return z
+
+    plain, gelu = (w2a8_compute(W2A8Config(16, 32, 64, e)) for e in ("none", "gelu"))
+    after = fuse_w2a8_epilogue(_with_kernels(Before, w2a8_m16_n32_k64=plain))
+    assert json.loads(after.attrs[EPILOGUE_KEY]) == {"gelu": 1, "gelu_tanh": 0, "residual": 0, "bias": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(EPILOGUE_KEY),
+                                   _with_kernels(Expected, w2a8_m16_n32_k64=plain, w2a8_m16_n32_k64_gelu=gelu))
+
+
+def test_fuse_w2a8_epilogue_residual():
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"), x_scale: R.Tensor((16, 1), "float32"),
+                 w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((16, 32), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Before
+            with R.dataflow():
+                y = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                z = R.add(residual, y)
+                R.output(z)
+            return z
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64_residual(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                                      xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                                      res: T.Buffer((16, 32), "float32"), out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"), x_scale: R.Tensor((16, 1), "float32"),
+                 w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((16, 32), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Expected
+            with R.dataflow():
+                _ = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                fused = R.call_tir(cls.w2a8_m16_n32_k64_residual,
+                                   (q, packed, x_scale, w_scale, R.reshape(residual, (16, 32))),  # as an [M, N] operand
+                                   out_ty=R.Tensor((16, 32), "float32"))
+                z = fused
+                R.output(z)
+            return z
+
+    plain, residual = (w2a8_compute(W2A8Config(16, 32, 64, e)) for e in ("none", "residual"))
+    after = fuse_w2a8_epilogue(_with_kernels(Before, w2a8_m16_n32_k64=plain))
+    assert json.loads(after.attrs[EPILOGUE_KEY]) == {"gelu": 0, "gelu_tanh": 0, "residual": 1, "bias": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(EPILOGUE_KEY),
+                                   _with_kernels(Expected, w2a8_m16_n32_k64=plain, w2a8_m16_n32_k64_residual=residual))
+
+
+def test_fuse_w2a8_epilogue_keeps_an_output_read_twice():
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def w2a8_m16_n32_k64(q: T.Buffer((16, 64), "int8"), wp: T.Buffer((32, 16), "uint8"),
+                             xs: T.Buffer((16, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                             out: T.Buffer((16, 32), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((16, 64), "int8"), packed: R.Tensor((32, 16), "uint8"),
+                 x_scale: R.Tensor((16, 1), "float32"), w_scale: R.Tensor((1,), "float32")) -> R.Tensor((16, 32), "float32"):
+            cls = Before
+            with R.dataflow():
+                y = R.call_tir(cls.w2a8_m16_n32_k64, (q, packed, x_scale, w_scale), out_ty=R.Tensor((16, 32), "float32"))
+                z = R.add(R.nn.gelu(y), y)  # y is needed beside its GELU: the kernel must still write it
+                R.output(z)
+            return z
+
+    before = _with_kernels(Before, w2a8_m16_n32_k64=w2a8_compute(W2A8Config(16, 32, 64)))
     after = fuse_w2a8_epilogue(before)
-    key = REPORT_PREFIX + "fuse_w2a8_epilogue"
-    expected = {"gelu": int(epilogue == "gelu"), "gelu_tanh": 0, "residual": int(epilogue == "residual"), "bias": 0}
-    assert json.loads(after.attrs[key]) == expected
-    tvm.ir.assert_structural_equal(after.without_attr(key), bb.get())
+    assert json.loads(after.attrs[EPILOGUE_KEY]) == {"gelu": 0, "gelu_tanh": 0, "residual": 0, "bias": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(EPILOGUE_KEY), before)
 
 
 def test_pad_w2a8_to_tiles_pads_operands_and_slices_the_output():
     cfg = W2A8Config(20, 40, 40, "residual")  # no axis a multiple of the default tiles
     knobs = w2a8_cuda.default_knobs(cfg)
-    p = w2a8_cuda.padded(cfg, knobs)
-    assert (p.m, p.n, p.k) != (cfg.m, cfg.n, cfg.k)
+    tiles = W2A8Config(32, 128, 128, "residual")  # M to block_m 16, N and K to block_n and block_k 128
+    assert w2a8_cuda.padded(cfg, knobs) == tiles and w2a8_cuda.PACKED_ZERO == 0x55
 
-    bb = relax.BlockBuilder()
-    q, packed, x_scale, w_scale, residual = _w2a8_module(cfg)["main"].params
-    with bb.function("main", [q, packed, x_scale, w_scale, residual]):
-        with bb.dataflow():
-            kernel = w2a8_compute(p).with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": vars(knobs)})
-            gv = bb.add_func(kernel, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}_residual")
-            padded_args = [bb.emit(relax.op.nn.pad(q, [0, p.m - cfg.m, 0, p.k - cfg.k], pad_value=0)),
-                           bb.emit(relax.op.nn.pad(packed, [0, p.n - cfg.n, 0, p.k_packed - cfg.k_packed],
-                                                   pad_value=w2a8_cuda.PACKED_ZERO)),
-                           bb.emit(relax.op.nn.pad(x_scale, [0, p.m - cfg.m, 0, 0], pad_value=1.0)),
-                           w_scale,
-                           bb.emit(relax.op.nn.pad(residual, [0, p.m - cfg.m, 0, p.n - cfg.n], pad_value=0.0))]
-            y = bb.emit(relax.call_tir(gv, padded_args, relax.TensorType((p.m, p.n), "float32")))
-            sliced = bb.emit(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0], end=[cfg.m, cfg.n],
-                                                    assume_inbound=True))
-            out = bb.emit_output(sliced)
-        bb.emit_func_output(out)
-    tvm.ir.assert_structural_equal(pad_w2a8_to_tiles(_w2a8_module(cfg)), bb.get())
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def w2a8_m20_n40_k40_residual(q: T.Buffer((20, 40), "int8"), wp: T.Buffer((40, 10), "uint8"),
+                                      xs: T.Buffer((20, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                                      res: T.Buffer((20, 40), "float32"), out: T.Buffer((20, 40), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((20, 40), "int8"), packed: R.Tensor((40, 10), "uint8"), x_scale: R.Tensor((20, 1), "float32"),
+                 w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((20, 40), "float32")) -> R.Tensor((20, 40), "float32"):
+            cls = Before
+            with R.dataflow():
+                y = R.call_tir(cls.w2a8_m20_n40_k40_residual, (q, packed, x_scale, w_scale, residual),
+                               out_ty=R.Tensor((20, 40), "float32"))
+                R.output(y)
+            return y
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def w2a8_tc_m32_n128_k128_residual(q: T.Buffer((32, 128), "int8"), wp: T.Buffer((128, 32), "uint8"),
+                                           xs: T.Buffer((32, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                                           res: T.Buffer((32, 128), "float32"), out: T.Buffer((32, 128), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((20, 40), "int8"), packed: R.Tensor((40, 10), "uint8"), x_scale: R.Tensor((20, 1), "float32"),
+                 w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((20, 40), "float32")) -> R.Tensor((20, 40), "float32"):
+            cls = Expected
+            with R.dataflow():  # padding that adds exactly 0: codes 0, weights 0x55 (four zero codes), scales 1
+                tile = R.call_tir(cls.w2a8_tc_m32_n128_k128_residual,
+                                  (R.nn.pad(q, [0, 12, 0, 88], pad_value=0), R.nn.pad(packed, [0, 88, 0, 22], pad_value=0x55),
+                                   R.nn.pad(x_scale, [0, 12, 0, 0], pad_value=1.0), w_scale,
+                                   R.nn.pad(residual, [0, 12, 0, 88], pad_value=0.0)),
+                                  out_ty=R.Tensor((32, 128), "float32"))
+                y = R.strided_slice(tile, axes=[0, 1], begin=[0, 0], end=[20, 40], assume_inbound=True)
+                R.output(y)
+            return y
+
+    before = _with_kernels(Before, w2a8_m20_n40_k40_residual=w2a8_compute(cfg))
+    kernel = w2a8_compute(tiles).with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": vars(knobs)})
+    tvm.ir.assert_structural_equal(pad_w2a8_to_tiles(before), _with_kernels(Expected, w2a8_tc_m32_n128_k128_residual=kernel))
 
 
 def test_pad_w2a8_to_tiles_keeps_an_aligned_kernel():
@@ -184,6 +355,14 @@ def test_pad_w2a8_to_tiles_keeps_an_aligned_kernel():
     tvm.ir.assert_structural_equal(after[name], before[name].with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": knobs}))
 
 
+def test_pad_w2a8_to_tiles_keeps_a_call_of_another_primfunc():
+    cfg = W2A8Config(20, 40, 40)  # unaligned: a W2A8 kernel of this shape would be padded
+    before = _w2a8_module(cfg)
+    name = "w2a8_m20_n40_k40"
+    before.update_func(before.get_global_var(name), before[name].without_attr(KERNEL_ATTR))  # not a bmvcc kernel
+    tvm.ir.assert_structural_equal(pad_w2a8_to_tiles(before), before)
+
+
 def test_pipeline_passes_are_module_passes():
     for device in ("cpu", "cuda"):
         listed = passes(device=device)
@@ -191,3 +370,205 @@ def test_pipeline_passes_are_module_passes():
         assert ("pad_w2a8_to_tiles" in dict(listed)) == (device == "cuda")
     wrapped = module_pass(drop_training_outputs)
     assert wrapped.info.name == "drop_training_outputs"
+
+
+# ternary codes [N=4, K=8] and their 2-bit packing by hand: byte = sum((code_k + 1) << 2 * (k % 4)) over 4 k's
+CODES = np.array([[1, 0, -1, 1, 0, 0, 0, 0], [-1, -1, -1, -1, 1, 1, 1, 1],
+                  [0, 1, 0, -1, -1, 0, 1, 0], [1, 1, 0, 0, 0, -1, 1, -1]], np.float32)
+PACKED = np.array([[134, 85], [0, 170], [25, 100], [90, 33]], np.uint8)
+
+
+def _bitlinear(weight: np.ndarray) -> tvm.IRModule:
+    """A BitLinear as torch.export leaves it (weight math folded): absmax int8 quantization of x, matmul by `weight`."""
+    w = relax.const(weight)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((2, 8), "float32")) -> R.Tensor((2, 4), "float32"):
+            with R.dataflow():
+                absmax = R.max(R.abs(x), axis=[-1], keepdims=True)
+                clamped = R.clip(absmax, T.float32(1e-5), T.float32("inf"))
+                s = R.divide(R.const(127.0, "float32"), clamped)
+                q = R.clip(R.round(R.multiply(x, s)), -128, 127)
+                y = R.matmul(R.divide(q, s), w)
+                R.output(y)
+            return y
+
+    return Before
+
+
+def test_quantize_bitlinear():
+    packed, w_scale = relax.const(PACKED), relax.const(np.array([0.25], np.float32))
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def w2a8_m2_n4_k8(q: T.Buffer((2, 8), "int8"), wp: T.Buffer((4, 2), "uint8"),
+                          xs: T.Buffer((2, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                          out: T.Buffer((2, 4), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((2, 8), "float32")) -> R.Tensor((2, 4), "float32"):
+            cls = Expected
+            with R.dataflow():
+                absmax = R.max(R.abs(x), axis=[-1], keepdims=True)
+                clamped = R.clip(absmax, T.float32(1e-5), T.float32("inf"))
+                s = R.divide(R.const(127.0, "float32"), clamped)
+                q = R.clip(R.round(R.multiply(x, s)), -128, 127)
+                _ = R.divide(q, s)  # the float activation, dead now
+                q8 = R.astype(R.reshape(q, (2, 8)), "int8")
+                x_scale = R.reshape(R.divide(R.const(127.0, "float32"), clamped), (2, 1))  # 1 / (1 / s)
+                y = R.call_tir(cls.w2a8_m2_n4_k8, (q8, packed, x_scale, w_scale), out_ty=R.Tensor((2, 4), "float32"))
+                R.output(y)
+            return y
+
+    after = quantize_bitlinear(_bitlinear(0.25 * CODES.T))
+    assert json.loads(after.attrs[QUANTIZE_KEY]) == {
+        "rewritten": [{"name": "matmul 'y'", "in": 8, "out": 4}], "not_rewritten": []}
+    tvm.ir.assert_structural_equal(after.without_attr(QUANTIZE_KEY),
+                                   _with_kernels(Expected, w2a8_m2_n4_k8=w2a8_compute(W2A8Config(2, 4, 8))))
+
+
+def test_quantize_bitlinear_keeps_a_weight_that_is_not_ternary():
+    weight = 0.25 * CODES.T
+    weight[0, 0] = 0.125  # one weight between the codes
+    before = _bitlinear(weight)
+    after = quantize_bitlinear(before)
+    (refused,) = json.loads(after.attrs[QUANTIZE_KEY])["not_rewritten"]
+    assert refused["name"] == "matmul 'y'" and "not ternary codes times one scale" in refused["reason"]
+    tvm.ir.assert_structural_equal(after.without_attr(QUANTIZE_KEY), before)
+
+
+def _norm_then_w2a8(clip_low: int):
+    """RMSNorm (gain g), absmax int8 quantization clipped to [clip_low, 127], a W2A8 call on the codes."""
+    g = relax.const(np.linspace(0.5, 1.5, 8, dtype=np.float32))
+    packed, w_scale = relax.const(PACKED), relax.const(np.array([0.25], np.float32))
+
+    @I.ir_module
+    class Before:
+        @T.prim_func(private=True)
+        def w2a8_m2_n4_k8(q: T.Buffer((2, 8), "int8"), wp: T.Buffer((4, 2), "uint8"),
+                          xs: T.Buffer((2, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                          out: T.Buffer((2, 4), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((2, 8), "float32")) -> R.Tensor((2, 4), "float32"):
+            cls = Before
+            with R.dataflow():
+                rstd = R.rsqrt(R.add(R.mean(R.multiply(x, x), axis=[-1], keepdims=True), R.const(1e-5, "float32")))
+                xn = R.multiply(R.multiply(x, rstd), g)
+                absmax = R.max(R.abs(xn), axis=[-1], keepdims=True)
+                s = R.divide(R.const(127.0, "float32"), R.clip(absmax, T.float32(1e-5), T.float32("inf")))
+                q = R.astype(R.clip(R.round(R.multiply(xn, s)), clip_low, 127), "int8")
+                y = R.call_tir(cls.w2a8_m2_n4_k8, (q, packed, s, w_scale), out_ty=R.Tensor((2, 4), "float32"))
+                R.output(y)
+            return y
+
+    return _with_kernels(Before, w2a8_m2_n4_k8=w2a8_compute(W2A8Config(2, 4, 8))), (g, packed, w_scale)
+
+
+def test_fuse_norm_quant():
+    before, (g, packed, w_scale) = _norm_then_w2a8(-128)
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def w2a8_m2_n4_k8(q: T.Buffer((2, 8), "int8"), wp: T.Buffer((4, 2), "uint8"),
+                          xs: T.Buffer((2, 1), "float32"), ws: T.Buffer((1,), "float32"),
+                          out: T.Buffer((2, 4), "float32")):
+            T.evaluate(0)
+
+        @T.prim_func(private=True)
+        def norm_quant_m2_k8(x: T.Buffer((2, 8), "float32"), g: T.Buffer((8,), "float32"),
+                             q: T.Buffer((2, 8), "int8"), xs: T.Buffer((2, 1), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(x: R.Tensor((2, 8), "float32")) -> R.Tensor((2, 4), "float32"):
+            cls = Expected
+            with R.dataflow():  # the float norm and quantization stay until dead_code_elimination
+                rstd = R.rsqrt(R.add(R.mean(R.multiply(x, x), axis=[-1], keepdims=True), R.const(1e-5, "float32")))
+                xn = R.multiply(R.multiply(x, rstd), g)
+                absmax = R.max(R.abs(xn), axis=[-1], keepdims=True)
+                s = R.divide(R.const(127.0, "float32"), R.clip(absmax, T.float32(1e-5), T.float32("inf")))
+                _ = R.astype(R.clip(R.round(R.multiply(xn, s)), -128, 127), "int8")
+                nq = R.call_tir(cls.norm_quant_m2_k8, (R.reshape(x, (2, 8)), g),
+                                out_ty=[R.Tensor((2, 8), "int8"), R.Tensor((2, 1), "float32")])
+                y = R.call_tir(cls.w2a8_m2_n4_k8, (nq[0], packed, nq[1], w_scale), out_ty=R.Tensor((2, 4), "float32"))
+                R.output(y)
+            return y
+
+    eps = float(np.float32(1e-5))  # both epsilons as the float32 constants of the graph
+    expected = _with_kernels(Expected, w2a8_m2_n4_k8=w2a8_compute(W2A8Config(2, 4, 8)),
+                             norm_quant_m2_k8=norm_quant_compute(NormQuantConfig(2, 8, eps, eps)))
+    after = fuse_norm_quant(before)
+    assert json.loads(after.attrs[NORM_QUANT_KEY]) == {"fused": 1, "unfused": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(NORM_QUANT_KEY), expected)
+
+
+def test_fuse_norm_quant_keeps_codes_clipped_to_another_range():
+    before, _ = _norm_then_w2a8(-127)  # symmetric int8: not the kernel's [-128, 127]
+    after = fuse_norm_quant(before)
+    assert json.loads(after.attrs[NORM_QUANT_KEY]) == {"fused": 0, "unfused": 1}
+    tvm.ir.assert_structural_equal(after.without_attr(NORM_QUANT_KEY), before)
+
+
+def _causal_attention(mask: np.ndarray) -> tvm.IRModule:
+    """softmax(Q K^T / sqrt(8) + mask) V for 2 heads of 8 tokens x 8 dims."""
+    scale, additive = relax.const(np.float32(1 / np.sqrt(8))), relax.const(mask)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((2, 8, 8), "float32"), kt: R.Tensor((2, 8, 8), "float32"),
+                 v: R.Tensor((2, 8, 8), "float32")) -> R.Tensor((2, 8, 8), "float32"):
+            with R.dataflow():
+                p = R.nn.softmax(R.add(R.multiply(R.matmul(q, kt), scale), additive), axis=-1)
+                o = R.matmul(p, v)
+                R.output(o)
+            return o
+
+    return Before
+
+
+CAUSAL = np.triu(np.full((8, 8), -np.inf, np.float32), 1)  # 0 on and below the diagonal
+
+
+def test_fuse_causal_attention():
+    scale, additive = relax.const(np.float32(1 / np.sqrt(8))), relax.const(CAUSAL)
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def causal_attention_g2_kv2_n8_d8(q: T.Buffer((2, 8, 8), "float32"), kt: T.Buffer((2, 8, 8), "float32"),
+                                          v: T.Buffer((2, 8, 8), "float32"), out: T.Buffer((2, 8, 8), "float32")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((2, 8, 8), "float32"), kt: R.Tensor((2, 8, 8), "float32"),
+                 v: R.Tensor((2, 8, 8), "float32")) -> R.Tensor((2, 8, 8), "float32"):
+            cls = Expected
+            with R.dataflow():
+                _ = R.nn.softmax(R.add(R.multiply(R.matmul(q, kt), scale), additive), axis=-1)  # dead now
+                out = R.call_tir(cls.causal_attention_g2_kv2_n8_d8,
+                                 (R.reshape(q, (2, 8, 8)), R.reshape(kt, (2, 8, 8)), R.reshape(v, (2, 8, 8))),
+                                 out_ty=R.Tensor((2, 8, 8), "float32"))
+                o = R.reshape(out, (2, 8, 8))
+                R.output(o)
+            return o
+
+    cfg = AttentionConfig(groups=2, kv_groups=2, tokens=8, head_dim=8, scale=float(np.float32(1 / np.sqrt(8))))
+    after = fuse_causal_attention(_causal_attention(CAUSAL))
+    assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 1}
+    tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY),
+                                   _with_kernels(Expected, causal_attention_g2_kv2_n8_d8=attention_cpu(cfg)))
+
+
+def test_fuse_causal_attention_keeps_a_mask_that_lets_a_token_see_the_next():
+    before = _causal_attention(np.triu(np.full((8, 8), -np.inf, np.float32), 2))
+    after = fuse_causal_attention(before)
+    assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY), before)

@@ -127,8 +127,6 @@ def verify_artifact(outdir, max_ctas: int = 64, seed: int = 0, progress=None) ->
     import json
     from pathlib import Path
 
-    import tvm
-
     from .. import artifact
     from ..errors import BmvccError
     from .launches import KernelLaunch
@@ -144,6 +142,8 @@ def verify_artifact(outdir, max_ctas: int = 64, seed: int = 0, progress=None) ->
     if missing:
         raise BmvccError(f"'{outdir}' has no {', '.join(missing)} (target {meta['target']['name']}); bmvcc verify "
                          "checks GPU builds: compile with --target jetson-orin-nano using this bmvcc")
+    import tvm  # seconds: after the checks
+
     kernels = parse_ptx((outdir / artifact.DEVICE_PTX).read_text())
     definitions = tvm.ir.load_json((outdir / artifact.DEVICE_DEFINITIONS).read_text())
     launches = json.loads((outdir / artifact.DEVICE_INFO).read_text())["launches"]
