@@ -1,6 +1,6 @@
 """The kernels the BitLinear passes emit, built alone on llvm, against numpy references.
 
-norm_quant: sequential float32 arithmetic in the same order as the kernel, so codes and scales are
+norm_quant: float32 arithmetic in the same order as the kernel, so codes and scales are
 compared exactly; exact .5 ties must round half to even as torch.round does.
 W2A8 epilogues: w2a8_numpy (float64 math.erf for GELU).
 """
@@ -12,7 +12,13 @@ import pytest
 import torch
 import tvm
 
-from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, norm_quant_numpy, schedule_norm_quant_cpu
+from bmvcc.schedules.norm_quant import (
+    NormQuantConfig,
+    norm_quant_compute,
+    norm_quant_numpy,
+    reduction_lanes,
+    schedule_norm_quant_cpu,
+)
 from bmvcc.schedules.w2a8 import EPILOGUES, W2A8Config, epilogue_operand, pack_ternary, w2a8_compute, w2a8_numpy
 
 TARGET = tvm.target.Target({"kind": "llvm"})
@@ -22,36 +28,50 @@ def _build(func):
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
 
 
-def _norm_quant(cfg: NormQuantConfig, x, g, scheduled: bool):
+def _norm_quant(cfg: NormQuantConfig, x, g, scheduled: bool, beta=None):
     func = norm_quant_compute(cfg)
     lib = _build(schedule_norm_quant_cpu(func, TARGET) if scheduled else func)
     q = tvm.runtime.empty((cfg.m, cfg.k), "int8", tvm.cpu())
     xs = tvm.runtime.empty((cfg.m, 1), "float32", tvm.cpu())
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(g), q, xs)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, g) + ((beta,) if cfg.layer_norm else ())), q, xs)
     return q.numpy(), xs.numpy()
 
 
-def _sequential_reference(x, g, norm_eps=1e-5):
-    """norm_quant_numpy with the row sum taken left to right in float32, as the kernel's loop does."""
-    ssq = np.cumsum(x * x, axis=-1, dtype=np.float32)[:, -1:]
-    rstd = (np.float32(1) / np.sqrt(ssq / np.float32(x.shape[-1]) + np.float32(norm_eps))).astype(np.float32)
-    xn = x * rstd * g
+def _kernel_order_reference(x, g, norm_eps=1e-5, lanes=1, beta=None):
+    """norm_quant_numpy (the LayerNorm variant with `beta`) with each row sum taken in float32 as the
+    kernel takes it: `lanes` partial sums (lane l over k = l, l + lanes, ... left to right), then
+    those added left to right."""
+    m, k = x.shape
+
+    def row_sum(v):
+        parts = np.cumsum(v.reshape(m, k // lanes, lanes), axis=1, dtype=np.float32)[:, -1]
+        return np.cumsum(parts, axis=-1, dtype=np.float32)[:, -1:]
+
+    if beta is not None:
+        x = x - row_sum(x) / np.float32(k)
+    rstd = (np.float32(1) / np.sqrt(row_sum(x * x) / np.float32(k) + np.float32(norm_eps))).astype(np.float32)
+    xn = x * rstd * g + (0 if beta is None else beta)
     xs = (np.float32(1) / np.maximum(np.abs(xn).max(-1, keepdims=True), np.float32(1e-5))) * np.float32(127)
     return np.clip(np.rint(xn * xs), -128, 127).astype(np.int8), xs.astype(np.float32)
 
 
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["rms", "layer"])
 @pytest.mark.parametrize("scheduled", [False, True])
-def test_norm_quant_matches_numpy(scheduled):
+def test_norm_quant_matches_numpy(scheduled, layer_norm):
     rng = np.random.RandomState(0)
     m, k = 12, 96
-    x = (rng.randn(m, k) * 3).astype(np.float32)
+    x = (rng.randn(m, k) * 3 + 0.5).astype(np.float32)
     g = (1 + 0.3 * rng.randn(k)).astype(np.float32)
-    q, xs = _norm_quant(NormQuantConfig(m, k), x, g, scheduled)
-    q_ref, xs_ref = _sequential_reference(x, g)
+    beta = (0.2 * rng.randn(k)).astype(np.float32) if layer_norm else None
+    q, xs = _norm_quant(NormQuantConfig(m, k, layer_norm=layer_norm), x, g, scheduled, beta)
+    lanes = reduction_lanes(k) if scheduled else 1
+    q_ref, xs_ref = _kernel_order_reference(x, g, lanes=lanes, beta=beta)
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_array_equal(xs, xs_ref)
+    other_order = _kernel_order_reference(x, g, lanes=1 if scheduled else 4, beta=beta)[1]
+    assert not np.array_equal(xs, other_order)  # these rows tell the summation orders apart
     # the pairwise-summed reference may differ by an ulp in rstd: at most a 1-code flip
-    assert np.abs(q.astype(int) - norm_quant_numpy(x, g)[0]).max() <= 1
+    assert np.abs(q.astype(int) - norm_quant_numpy(x, g, beta=beta)[0]).max() <= 1
 
 
 @pytest.mark.parametrize("scheduled", [False, True])
