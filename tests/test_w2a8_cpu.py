@@ -21,6 +21,7 @@ from bmvcc.schedules.w2a8_cpu import (  # noqa: E402
     DEFAULT_KNOBS,
     CpuKnobs,
     intrin_of,
+    row_blocks,
     schedule_w2a8_cpu,
     select_backend,
 )
@@ -180,3 +181,23 @@ def test_weights_stay_packed_and_decoded_tile_is_small():
     shape = [int(v) for v in re.findall(r"T\.int64\((\d+)\)", wd)]
     knobs = DEFAULT_KNOBS[select_backend(HOST)]
     assert int(np.prod(shape)) == intrin_of(knobs.backend).lanes * knobs.nt * cfg.k
+
+
+def test_row_blocks_only_where_strips_leave_cores_idle():
+    assert [row_blocks(17, s, 2) for s in (1, 2, 3, 5, 8, 9)] == [2, 1, 2, 2, 1, 1]
+    assert row_blocks(3, 1, 2) == 1  # M <= 4 rows: one block
+    assert [row_blocks(17, s, 4) for s in (1, 2, 3, 4, 6)] == [4, 2, 4, 1, 2]
+
+
+@pytest.mark.parametrize("strips", [1, 3])
+def test_few_strips_run_as_row_blocks_on_both_cores(strips):
+    """A layer of 1 or 3 strips on 2 cores: 2 row blocks per strip (rows padded to 2 x 4), each task
+    decoding its panel; exact, with M, N and K not multiples of any tile."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": str(HOST.attrs["mcpu"]), "num-cores": 2})
+    knobs = DEFAULT_KNOBS[select_backend(target)]
+    cfg = W2A8Config(17, strips * intrin_of(knobs.backend).lanes * knobs.nt - 5, 70)
+    sch = tvm.s_tir.Schedule(schedule_w2a8_cpu(w2a8_compute(cfg), target))
+    task = sch.get(sch.get_loops(sch.get_sblock("decode"))[0])
+    assert (task.kind, int(task.extent)) == (tvm.tirx.ForKind.PARALLEL, 2 * strips)
+    q, packed, _, _, res = _inputs(cfg, np.random.default_rng(strips))
+    _acc_exact(cfg, target, None, q, packed, res)
