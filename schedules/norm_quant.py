@@ -21,6 +21,7 @@ import numpy as np
 from .w2a8 import KERNEL_ATTR
 
 MAX_VECTOR = 64  # widest quant-loop vector the space samples (LLVM splits it into register-wide parts)
+ROW_GROUPS = (4, 2, 1)  # rows whose reductions interleave (the largest that divides M)
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,10 @@ def reduction_lanes(k: int) -> int:
 def _schedule(sch, tile) -> None:
     """Schedule primitives only; tile(loop) gives the [outer, vector] split of the quant loop."""
     vectorizable_nearbyint()
-    lanes = reduction_lanes(int(sch.get(sch.get_loops(sch.get_sblock("quant"))[1]).extent))
-    partials = _vector_reductions(sch, lanes) if lanes > 1 else []
-    row, col = sch.get_loops(sch.get_sblock("quant"))
+    m, k = (int(sch.get(loop).extent) for loop in sch.get_loops(sch.get_sblock("quant")))
+    lanes = reduction_lanes(k)
+    partials = _vector_reductions(sch, lanes, next(g for g in ROW_GROUPS if m % g == 0)) if lanes > 1 else []
+    row, *_, col = sch.get_loops(sch.get_sblock("quant"))
     sch.parallel(row)
     _, inner = sch.split(col, tile(col))
     sch.vectorize(inner)
@@ -149,9 +151,10 @@ def _schedule(sch, tile) -> None:
         sch.decompose_reduction(block, loop)
 
 
-def _vector_reductions(sch, lanes: int) -> list:
+def _vector_reductions(sch, lanes: int, group: int) -> list:
     """The row reductions (sum, sumsq, absmax) as `lanes` vector partial reductions (rfactor) combined
-    in order, all blocks back in one row loop. rfactor wants a reduction alone in its loop nest, so
+    in order, all blocks back in one loop over groups of `group` rows, each block interleaving its
+    group's rows (independent dependency chains). rfactor wants a reduction alone in its loop nest, so
     first every block after the row loop's first gets a row loop of its own (a cache_write copy, the
     block moved into it, the copy inlined; a reduction cannot absorb its copy, which is moved on once more).
     Returns each partial reduction block with its reduction loop."""
@@ -166,21 +169,21 @@ def _vector_reductions(sch, lanes: int) -> list:
             copy = _peel(sch, copy)
         sch.reverse_compute_inline(copy)
     for name in reductions:
-        sch.rfactor(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, lanes])[1], factor_axis=0)
+        sch.rfactor(sch.split(sch.get_loops(sch.get_sblock(name))[-1], [None, lanes])[1], factor_axis=1)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    for block in blocks[1:]:  # every nest back into the first one's row loop, in order
-        sch.reverse_compute_at(block, sch.get_loops(blocks[0])[0])
+    groups, _ = sch.split(sch.get_loops(blocks[0])[0], [None, group])
+    for block in blocks[1:]:  # every nest back into the first one's loop over row groups, in order
+        sch.reverse_compute_at(block, groups, preserve_unit_loops=True)
     for name in copies:
         sch.compute_inline(sch.get_sblock(name))
     partials = []
     for name in reductions:
         rf = sch.get_sblock(name + "_rf")
-        outer, inner = sch.get_loops(rf)[-2:]
-        if name != order[0]:  # reverse_compute_at made the lane loop the outer one
-            sch.reorder(inner, outer)
-            outer, inner = inner, outer
-        sch.vectorize(inner)
-        partials.append((rf, outer))
+        loops = sch.get_loops(rf)[1:]
+        rows, kout, lane = loops if name == order[0] else (loops[1], loops[2], loops[0])  # as moved: lane, row, k
+        sch.reorder(kout, rows, lane)
+        sch.vectorize(lane)
+        partials.append((rf, kout))
     return partials
 
 
