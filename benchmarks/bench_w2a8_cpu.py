@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -32,14 +33,13 @@ from common import time_call
 
 
 
-def _w2a8(m, n, k, q, codes, threads):
+def _w2a8(m, n, k, q, codes):
     import tvm
 
     from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute
     from bmvcc.schedules.w2a8_cpu import schedule_w2a8_cpu, select_backend
     from bmvcc.targets import get
 
-    tvm.get_global_func("runtime.config_threadpool")(0, threads)
     target = get("host").target()
     func = schedule_w2a8_cpu(w2a8_compute(W2A8Config(m, n, k)), target)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
@@ -83,13 +83,12 @@ def _ort_int8(q, codes, threads):
     return fn, fn()[0], w.nbytes
 
 
-def _norm_quant(m, k, threads):
+def _norm_quant(m, k):
     import tvm
 
     from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, schedule_norm_quant_cpu
     from bmvcc.targets import get
 
-    tvm.get_global_func("runtime.config_threadpool")(0, threads)
     target = get("host").target()
     func = schedule_norm_quant_cpu(norm_quant_compute(NormQuantConfig(m, k)), target)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
@@ -102,11 +101,11 @@ def _norm_quant(m, k, threads):
     return fn, x, g, q.numpy(), xs.numpy()
 
 
-def bench_norm_quant(m: int, k: int, threads: int, repeat: int) -> dict:
+def bench_norm_quant(m: int, k: int, repeat: int) -> dict:
     from bmvcc.schedules.norm_quant import norm_quant_numpy
 
     print(f"  norm_quant M={m} K={k}: build/check...", file=sys.stderr, flush=True)
-    fn, x, g, q, xs = _norm_quant(m, k, threads)
+    fn, x, g, q, xs = _norm_quant(m, k)
     q_ref, xs_ref = norm_quant_numpy(x, g)
     if np.abs(q.astype(int) - q_ref).max() > 1 or not np.allclose(xs, xs_ref, rtol=1e-5, atol=0):
         raise SystemExit(f"norm_quant gives a wrong result at M={m} K={k}")
@@ -137,7 +136,7 @@ def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
     gop = 2 * m * n * k / 1e9
     row = {"m": m, "k": k, "n": n, "gop": gop, "impls": {}}
     builders = {
-        "w2a8_tvm": lambda: _w2a8(m, n, k, q, codes, threads),
+        "w2a8_tvm": lambda: _w2a8(m, n, k, q, codes),
         "torch_fp32": lambda: _torch_fp32(q, codes, threads),
         "torch_fp32_1t": lambda: _torch_fp32(q, codes, 1),  # MKL/OpenMP can lose from threading on busy cores
         "ort_int8": lambda: _ort_int8(q, codes, threads),
@@ -166,9 +165,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     a = ap.parse_args(argv)
+    # TVM's pool size, read when its first parallel kernel runs (runtime.config_threadpool instead
+    # would pin this thread, PyTorch's and ONNX Runtime's main thread too, to one core)
+    os.environ["TVM_NUM_THREADS"] = str(a.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows = [bench_shape(a.m, k, n, a.threads, a.repeat) for k, n in shapes]
-    norm_rows = [bench_norm_quant(a.m, k, a.threads, a.repeat) for k in dict.fromkeys(k for k, _ in shapes)]
+    norm_rows = [bench_norm_quant(a.m, k, a.repeat) for k in dict.fromkeys(k for k, _ in shapes)]
     peak = host_peak(a.threads)
     for r in rows:
         for s in r["impls"].values():
