@@ -22,6 +22,7 @@ from .w2a8 import KERNEL_ATTR
 
 MAX_VECTOR = 64  # widest quant-loop vector the space samples (LLVM splits it into register-wide parts)
 ROW_GROUPS = (4, 2, 1)  # rows whose reductions interleave (the largest that divides M)
+MIN_PARALLEL_ELEMENTS = 1 << 16  # about 10 us on one core: less is not worth waking the thread pool
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,9 @@ def norm_quant_compute(cfg: NormQuantConfig):
 
 
 def schedule_norm_quant_cpu(func, target):
-    """One parallel loop over rows; per row the reductions vectorized (_vector_reductions) and the
-    quant loop vectorized by 16, 8 or 4 lanes: each row read from memory once (then from L1), q written once."""
+    """One loop over rows (parallel from MIN_PARALLEL_ELEMENTS on); per row the reductions vectorized
+    (_vector_reductions) and the quant loop by 16, 8 or 4 lanes: each row read from memory once (then
+    from L1), q written once."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
@@ -144,7 +146,8 @@ def _schedule(sch, tile) -> None:
     lanes = reduction_lanes(k)
     partials = _vector_reductions(sch, lanes, next(g for g in ROW_GROUPS if m % g == 0)) if lanes > 1 else []
     row, *_, col = sch.get_loops(sch.get_sblock("quant"))
-    sch.parallel(row)
+    if m * k >= MIN_PARALLEL_ELEMENTS:
+        sch.parallel(row)
     _, inner = sch.split(col, tile(col))
     sch.vectorize(inner)
     for block, loop in partials:  # last: the update blocks it leaves fail the checks of parallel

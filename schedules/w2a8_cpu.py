@@ -14,7 +14,8 @@ Padding: Mp = M for M <= 4 (GEMV and small batches: no padded rows), else M roun
 (R row blocks, below); Np = N rounded up to lanes * the backend's default nt. The row tile mr divides
 Mp / R and the lane groups nt divide Np / lanes, so every micro tile is full and tensorizes.
 
-Loop structure: parallel over strips of lanes * nt output features x R row blocks; per task, `decode`
+Loop structure: parallel (from MIN_PARALLEL_MACS on) over strips of lanes * nt output features x R
+row blocks; per task, `decode`
 fills a small buffer (lanes * nt x K4 bytes, laid out [n // L, k // 4, n % L, k % 4], L = instruction
 lanes) that all its rows reuse, so weights stay 2-bit in memory and each task decodes one panel;
 then per mr-row micro tile the k loop runs the intrinsic on mr x nt register accumulators, and the
@@ -39,6 +40,7 @@ from .w2a8_cpu_stages import restage, round_up
 STAGED_ATTR = "bmvcc.w2a8_backend"  # on a staged kernel: the backend its stages were built for
 ROWS_ATTR = "bmvcc.w2a8_row_blocks"  # on a staged kernel: R, the row blocks run as parallel tasks
 MAX_MR, MAX_NT = 8, 4  # tuning range of the micro tile (rows, lane groups)
+MIN_PARALLEL_MACS = 1 << 20  # about 5 us on one core: less is not worth waking the thread pool
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,10 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
     intrin = intrin_of(knobs.backend)
     ref = s_tir.Schedule(func)
     acc = ref.get(ref.get_sblock("acc"))
-    m, n = int(acc.reads[0].source.shape[0]), int(acc.reads[1].source.shape[0])
+    (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
     np_ = round_up(n, intrin.lanes * knobs.nt)
-    rows = row_blocks(m, np_ // (intrin.lanes * knobs.nt), cores)
+    parallel = m * np_ * k >= MIN_PARALLEL_MACS  # then also _schedule's test on the padded extents
+    rows = row_blocks(m, np_ // (intrin.lanes * knobs.nt), cores if parallel else 1)
     mp = m if m <= 4 else round_up(m, 4 * rows)
     chunk = I16_CHUNK_K if knobs.backend == "avx2_i16" else None
     staged = restage(func, mp, np_, intrin.weight_dtype == "uint8", chunk)
@@ -173,13 +176,15 @@ def _schedule(sch, tile) -> None:
     lanes, unsigned, chunk = intrin.lanes, intrin.weight_dtype == "uint8", backend == "avx2_i16"
     unpad, qpad = sch.get(sch.get_sblock("unpad")), sch.get(sch.get_sblock("qpad"))
     padded = _shape(unpad.reads[0].source) != _shape(unpad.writes[0].source)  # (Mp, Np) vs (M, N)
+    mp, np_ = _shape(unpad.reads[0].source)
+    parallel = mp * np_ * _shape(qpad.writes[0].source)[1] >= MIN_PARALLEL_MACS  # Mp x Np x K4
     epilogue = _blocks_after(sch, "unpad")
     sch.compute_inline(sch.get_sblock("unpad"))
     if _shape(qpad.reads[0].source) == _shape(qpad.writes[0].source):  # q needs no padding
         sch.compute_inline(sch.get_sblock("qpad"))
-    else:
+    elif parallel:
         sch.parallel(sch.get_loops(sch.get_sblock("qpad"))[0])
-    if unsigned:
+    if unsigned and parallel:
         sch.parallel(sch.get_loops(sch.get_sblock("rowsum"))[0])
 
     dot, decode = sch.get_sblock("dot"), sch.get_sblock("decode")
@@ -203,7 +208,8 @@ def _schedule(sch, tile) -> None:
         k0, k1 = sch.split(kk, [None, 4])
         sch.reorder(j0, ir, i0, k0, i1, j1, j2, k1)
     task = sch.fuse(j0, ir)  # parallel tasks: strips x row blocks
-    sch.parallel(task)
+    if parallel:
+        sch.parallel(task)
     # epilogue per micro tile, right after its accumulation: accp shrinks to one tile in L1
     for blk in epilogue:
         sch.reverse_compute_at(sch.get_sblock(blk), i0, preserve_unit_loops=True)

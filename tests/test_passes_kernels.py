@@ -112,3 +112,11 @@ def test_w2a8_epilogues_match_numpy(epilogue):
     # exact int32 accumulation; the float epilogue differs by rounding only (TVM's float32 erf vs
     # float64 math.erf for GELU): 1e-5 on outputs of magnitude <= ~5
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_quant_wakes_the_thread_pool_only_for_enough_work():
+    from bmvcc.schedules.norm_quant import MIN_PARALLEL_ELEMENTS
+
+    for m, k in ((12, 96), (MIN_PARALLEL_ELEMENTS // 256, 256)):
+        script = schedule_norm_quant_cpu(norm_quant_compute(NormQuantConfig(m, k)), TARGET).script()
+        assert ("T.parallel" in script) == (m * k >= MIN_PARALLEL_ELEMENTS), (m, k)
