@@ -15,13 +15,12 @@ Padding: Mp = M for M <= 4 (GEMV and small batches: no padded rows), else M roun
 Mp / R and the lane groups nt divide Np / lanes, so every micro tile is full and tensorizes.
 
 Loop structure: parallel (from MIN_PARALLEL_MACS on) over strips of lanes * nt output features x R
-row blocks; per task, `decode`
-fills a small buffer (lanes * nt x K4 bytes, laid out [n // L, k // 4, n % L, k % 4], L = instruction
-lanes) that all its rows reuse, so weights stay 2-bit in memory and each task decodes one panel;
-then per mr-row micro tile the k loop runs the intrinsic on mr x nt register accumulators, and the
-epilogue runs on that tile right away. R (row_blocks: 1 unless the default strips would leave the
-target's cores unevenly busy, as a 64-wide layer on 2 cores) is fixed by the staging (ROWS_ATTR),
-so the tuning space does not sample it.
+row blocks; per task, `decode` fills a small buffer (lanes * nt x K4 bytes, laid out [n // L, k // 4,
+n % L, k % 4], L = instruction lanes) that all its rows reuse, so weights stay 2-bit in memory and
+each task decodes one panel; then per mr-row micro tile the k loop runs the intrinsic on mr x nt
+register accumulators, and the epilogue runs on that tile right away. R (row_blocks: 1 unless the
+default strips would leave the target's cores unevenly busy, as a 64-wide layer on 2 cores) is fixed
+by the staging (ROWS_ATTR), so the tuning space does not sample it.
 
 Tuned knobs: mr (sample_perfect_tile, up to MAX_MR), nt (up to MAX_NT) and the auto-unroll step of
 each nest (tuning_spaces.sample_unroll). The backend is fixed by the staging (the staged function
