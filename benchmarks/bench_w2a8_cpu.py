@@ -1,4 +1,4 @@
-"""Benchmark the W2A8 CPU kernel at the paper's FFN shapes against float32 and int8 GEMMs.
+"""Benchmark the W2A8 CPU kernel at the paper's FFN shapes against float32 and int8 GEMMs, and norm_quant.
 
     python benchmarks/bench_w2a8_cpu.py [--m 1024] [--shapes 512x2048,2048x512] [--threads 2] [--json]
 
@@ -11,12 +11,20 @@ after one warm-up). Peers:
               weights as int8 in memory (4x the 2-bit bytes) and no decode
 The W2A8 kernel reads 2-bit packed weights and decodes them per tile inside the kernel.
 Each result is checked against a float64 numpy matmul (exact at these magnitudes) before it is timed.
+Every GEMM's GOP/s is also given as a % of this CPU's int8 peak on --threads cores (targets/cpu_peak.py;
+none for a CPU family it does not list).
+
+norm_quant (the RMSNorm + int8 quantization kernel feeding each W2A8 layer, schedules/norm_quant.py)
+runs at M x K for each K of the shapes, checked against norm_quant_numpy (codes within one, as its
+summation order differs); its GB/s counts x read and q, x_scale written once, beside a numpy copy
+of x (one thread) as this machine's memory speed in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -25,14 +33,13 @@ from common import time_call
 
 
 
-def _w2a8(m, n, k, q, codes, threads):
+def _w2a8(m, n, k, q, codes):
     import tvm
 
     from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute
     from bmvcc.schedules import w2a8_cpu
     from bmvcc.targets import get
 
-    tvm.get_global_func("runtime.config_threadpool")(0, threads)
     target = get("host").target()
     func = w2a8_cpu.schedule(w2a8_compute(W2A8Config(m, n, k)), target)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
@@ -76,6 +83,52 @@ def _ort_int8(q, codes, threads):
     return fn, fn()[0], w.nbytes
 
 
+def _norm_quant(m, k):
+    import tvm
+
+    from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute
+    from bmvcc.schedules.norm_quant_cpu import schedule as schedule_norm_quant_cpu
+    from bmvcc.targets import get
+
+    target = get("host").target()
+    func = schedule_norm_quant_cpu(norm_quant_compute(NormQuantConfig(m, k)), target)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    rng = np.random.default_rng(0)
+    x, g = rng.standard_normal((m, k), dtype=np.float32), rng.uniform(0.5, 1.5, k).astype(np.float32)
+    args = [tvm.runtime.tensor(a) for a in (x, g)]
+    q, xs = tvm.runtime.empty((m, k), "int8", tvm.cpu()), tvm.runtime.empty((m, 1), "float32", tvm.cpu())
+    fn = lambda: lib["main"](*args, q, xs)  # noqa: E731
+    fn()
+    return fn, x, g, q.numpy(), xs.numpy()
+
+
+def bench_norm_quant(m: int, k: int, repeat: int) -> dict:
+    from bmvcc.schedules.norm_quant import norm_quant_numpy
+
+    print(f"  norm_quant M={m} K={k}: build/check...", file=sys.stderr, flush=True)
+    fn, x, g, q, xs = _norm_quant(m, k)
+    q_ref, xs_ref = norm_quant_numpy(x, g)
+    if np.abs(q.astype(int) - q_ref).max() > 1 or not np.allclose(xs, xs_ref, rtol=1e-5, atol=0):
+        raise SystemExit(f"norm_quant gives a wrong result at M={m} K={k}")
+    nbytes = x.nbytes + g.nbytes + q.nbytes + xs.nbytes
+    row = {"m": m, "k": k, "bytes": nbytes, "impls": {}}
+    copy = np.empty_like(x)
+    for name, f, moved in (("norm_quant", fn, nbytes), ("numpy_copy", lambda: np.copyto(copy, x), 2 * x.nbytes)):
+        stats = time_call(f, repeat)
+        stats["gb_per_s"] = moved / (stats["best_ms"] / 1e3) / 1e9
+        row["impls"][name] = stats
+    return row
+
+
+def host_peak(threads: int):
+    """This CPU's peak on `threads` cores (targets/cpu_peak.py), None for a family it does not list."""
+    from tvm.target import codegen
+
+    from bmvcc.targets.cpu_peak import host_peak as peak_of
+
+    return peak_of(str(codegen.llvm_get_system_cpu()), threads)
+
+
 def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
     rng = np.random.default_rng(0)
     q = rng.integers(-128, 128, (m, k), dtype=np.int8)
@@ -84,7 +137,7 @@ def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
     gop = 2 * m * n * k / 1e9
     row = {"m": m, "k": k, "n": n, "gop": gop, "impls": {}}
     builders = {
-        "w2a8_tvm": lambda: _w2a8(m, n, k, q, codes, threads),
+        "w2a8_tvm": lambda: _w2a8(m, n, k, q, codes),
         "torch_fp32": lambda: _torch_fp32(q, codes, threads),
         "torch_fp32_1t": lambda: _torch_fp32(q, codes, 1),  # MKL/OpenMP can lose from threading on busy cores
         "ort_int8": lambda: _ort_int8(q, codes, threads),
@@ -113,18 +166,33 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     a = ap.parse_args(argv)
+    # TVM's pool size, read when its first parallel kernel runs (runtime.config_threadpool instead
+    # would pin this thread, PyTorch's and ONNX Runtime's main thread too, to one core)
+    os.environ["TVM_NUM_THREADS"] = str(a.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows = [bench_shape(a.m, k, n, a.threads, a.repeat) for k, n in shapes]
+    norm_rows = [bench_norm_quant(a.m, k, a.repeat) for k in dict.fromkeys(k for k, _ in shapes)]
+    peak = host_peak(a.threads)
+    for r in rows:
+        for s in r["impls"].values():
+            s["percent_of_int8_peak"] = 100 * s["gops"] * 1e9 / peak.int8_ops_per_s() if peak else None
     if a.json:
-        print(json.dumps({"threads": a.threads, "repeat": a.repeat, "results": rows}, indent=2))
+        print(json.dumps({"threads": a.threads, "repeat": a.repeat, "peak": peak.describe() if peak else None,
+                          "results": rows, "norm_quant": norm_rows}, indent=2))
         return 0
     print(f"W2A8 CPU kernel, {a.threads} threads, best of {a.repeat} (median in parentheses)")
-    print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<13} {'ms':>16} {'GOPS':>7} {'weights':>9}  W2A8 speedup")
+    print(f"peak: {peak.describe() if peak else 'unknown (this CPU family is not in targets/cpu_peak.py)'}")
+    print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<13} {'ms':>16} {'GOPS':>7} {'% int8':>7} {'weights':>9}  W2A8 speedup")
     for r in rows:
         for name, s in r["impls"].items():
             sp = f"{r['speedup_vs'][name]:.2f}x" if name in r["speedup_vs"] else f"[{r['backend']}]"
+            pct = f"{s['percent_of_int8_peak']:>6.0f}%" if peak else f"{'-':>7}"
             print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {name:<13} {s['best_ms']:>7.2f} ({s['median_ms']:>6.2f})"
-                  f" {s['gops']:>7.1f} {s['weight_bytes'] / 1024:>7.0f}KB  {sp}")
+                  f" {s['gops']:>7.1f} {pct} {s['weight_bytes'] / 1024:>7.0f}KB  {sp}")
+    print(f"{'M':>5} {'K':>5}  {'impl':<13} {'ms':>16} {'GB/s':>7}  (norm_quant: {a.threads} threads; copy: 1)")
+    for r in norm_rows:
+        for name, s in r["impls"].items():
+            print(f"{r['m']:>5} {r['k']:>5}  {name:<13} {s['best_ms']:>7.3f} ({s['median_ms']:>6.3f}) {s['gb_per_s']:>7.1f}")
     return 0
 
 

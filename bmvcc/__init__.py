@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from .threads import default_tvm_threads
+
 __version__ = "0.1.0"
+
+default_tvm_threads()  # before TVM's thread pool exists (bmvcc.threads)
 
 
 def load(outdir, device: str | None = None):

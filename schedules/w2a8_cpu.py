@@ -11,15 +11,17 @@ The backend follows the target's features (select_backend): AVX-512 VNNI (vpdpbu
 (vpmaddubsw), aarch64 dot product (sdot), else generic LLVM vector code; dot_intrinsics.py has them
 (registered by schedules/intrinsics.py).
 
-Padding: Mp = M for M <= 4 (GEMV and small batches: no padded rows), else M rounded up to 4;
-Np = N rounded up to lanes * the backend's default nt. The row tile mr divides Mp and the lane groups
-nt divide Np / lanes, so every micro tile is full and tensorizes.
+Padding: Mp = M for M <= 4 (GEMV and small batches: no padded rows), else M rounded up to 4 * R
+(R row blocks, below); Np = N rounded up to lanes * the backend's default nt. The row tile mr divides
+Mp / R and the lane groups nt divide Np / lanes, so every micro tile is full and tensorizes.
 
-Loop structure: parallel over strips of lanes * nt output features; per strip, `decode` fills a small
-buffer (lanes * nt x K4 bytes, laid out [n // L, k // 4, n % L, k % 4], L = instruction lanes) that
-all M rows reuse, so weights stay 2-bit in memory and only one strip per thread is ever decoded; then
-per mr-row micro tile the k loop runs the intrinsic on mr x nt register accumulators, and the epilogue
-runs on that tile right away.
+Loop structure: parallel (from MIN_PARALLEL_MACS on) over strips of lanes * nt output features x R
+row blocks; per task, `decode` fills a small buffer (lanes * nt x K4 bytes, laid out [n // L, k // 4,
+n % L, k % 4], L = instruction lanes) that all its rows reuse, so weights stay 2-bit in memory and
+each task decodes one panel; then per mr-row micro tile the k loop runs the intrinsic on mr x nt
+register accumulators, and the epilogue runs on that tile right away. R (row_blocks: 1 unless the
+default strips would leave the target's cores unevenly busy, as a 64-wide layer on 2 cores) is fixed
+by the staging (ROWS_ATTR), so the tuning space does not sample it.
 
 Tuned knobs: mr (sample_perfect_tile, up to MAX_MR), nt (up to MAX_NT) and the auto-unroll step of
 each nest (tuning_spaces.sample_unroll). The backend is fixed by the staging (the staged function
@@ -28,6 +30,7 @@ differs per backend). Unit loops are kept throughout: loop counts must not depen
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .intrinsics import ensure
@@ -36,7 +39,9 @@ from .w2a8 import KERNEL_ATTR
 from .w2a8_cpu_stages import restage, round_up
 
 STAGED_ATTR = "bmvcc.w2a8_backend"  # on a staged kernel: the backend its stages were built for
+ROWS_ATTR = "bmvcc.w2a8_row_blocks"  # on a staged kernel: R, the row blocks run as parallel tasks
 MAX_MR, MAX_NT = 8, 4  # tuning range of the micro tile (rows, lane groups)
+MIN_PARALLEL_MACS = 1 << 20  # about 5 us on one core: less is not worth waking the thread pool
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def stage_w2a8_kernels(mod, target):
     from tvm import tirx
 
     knobs = DEFAULT_KNOBS[select_backend(target)]
-    updates = {gv: stage_w2a8(func, knobs) for gv, func in mod.functions_items()
+    updates = {gv: stage_w2a8(func, knobs, cores_of(target)) for gv, func in mod.functions_items()
                if isinstance(func, tirx.PrimFunc) and func.attrs is not None
                and func.attrs.get(KERNEL_ATTR) == "w2a8" and STAGED_ATTR not in func.attrs
                and not func.attrs.get("tirx.is_scheduled", False)}
@@ -97,8 +102,23 @@ def stage_w2a8_kernels(mod, target):
     return mod
 
 
-def stage_w2a8(func, knobs: CpuKnobs):
-    """A W2A8 PrimFunc rewritten into the stages of `knobs.backend`, padded as the module doc says."""
+def cores_of(target) -> int:
+    """Threads the kernel's parallel loop should keep busy: the target's num-cores (1 if unknown)."""
+    return int(target.attrs.get("num-cores") or 1)
+
+
+def row_blocks(m: int, strips: int, cores: int) -> int:
+    """R: 1, or for M > 4 rows and fewer than 4 strips per core that do not divide evenly among the
+    cores, the row blocks that make strips * R a multiple of the cores (each such task decodes its
+    panel: R decodes of it, in parallel, instead of idle cores)."""
+    if m <= 4 or strips % cores == 0 or strips >= 4 * cores:
+        return 1
+    return cores // math.gcd(strips, cores)
+
+
+def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
+    """A W2A8 PrimFunc rewritten into the stages of `knobs.backend` for `cores` threads, padded as
+    the module doc says."""
     from tvm import s_tir
 
     from .dot_intrinsics import I16_CHUNK_K
@@ -106,12 +126,14 @@ def stage_w2a8(func, knobs: CpuKnobs):
     intrin = intrin_of(knobs.backend)
     ref = s_tir.Schedule(func)
     acc = ref.get(ref.get_sblock("acc"))
-    m, n = int(acc.reads[0].source.shape[0]), int(acc.reads[1].source.shape[0])
-    mp = m if m <= 4 else round_up(m, 4)
+    (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
     np_ = round_up(n, intrin.lanes * knobs.nt)
+    parallel = m * np_ * k >= MIN_PARALLEL_MACS  # then also _schedule's test on the padded extents
+    rows = row_blocks(m, np_ // (intrin.lanes * knobs.nt), cores if parallel else 1)
+    mp = m if m <= 4 else round_up(m, 4 * rows)
     chunk = I16_CHUNK_K if knobs.backend == "avx2_i16" else None
     staged = restage(func, mp, np_, intrin.weight_dtype == "uint8", chunk)
-    return staged.with_attr(STAGED_ATTR, knobs.backend)
+    return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -127,7 +149,7 @@ def schedule(func, target, knobs: CpuKnobs | None = None):
         raise ValueError(f"w2a8_cpu.schedule expects a PrimFunc with attr {KERNEL_ATTR}='w2a8'")
     knobs = knobs or DEFAULT_KNOBS[select_backend(target)]
     if STAGED_ATTR not in func.attrs:
-        func = stage_w2a8(func, knobs)
+        func = stage_w2a8(func, knobs, cores_of(target))
     elif func.attrs[STAGED_ATTR] != knobs.backend:
         raise ValueError(f"this W2A8 kernel is staged for {func.attrs[STAGED_ATTR]}, not {knobs.backend}")
     sch = s_tir.Schedule(func)
@@ -155,13 +177,15 @@ def _schedule(sch, tile) -> None:
     lanes, unsigned, chunk = intrin.lanes, intrin.weight_dtype == "uint8", backend == "avx2_i16"
     unpad, qpad = sch.get(sch.get_sblock("unpad")), sch.get(sch.get_sblock("qpad"))
     padded = _shape(unpad.reads[0].source) != _shape(unpad.writes[0].source)  # (Mp, Np) vs (M, N)
+    mp, np_ = _shape(unpad.reads[0].source)
+    parallel = mp * np_ * _shape(qpad.writes[0].source)[1] >= MIN_PARALLEL_MACS  # Mp x Np x K4
     epilogue = _blocks_after(sch, "unpad")
     sch.compute_inline(sch.get_sblock("unpad"))
     if _shape(qpad.reads[0].source) == _shape(qpad.writes[0].source):  # q needs no padding
         sch.compute_inline(sch.get_sblock("qpad"))
-    else:
+    elif parallel:
         sch.parallel(sch.get_loops(sch.get_sblock("qpad"))[0])
-    if unsigned:
+    if unsigned and parallel:
         sch.parallel(sch.get_loops(sch.get_sblock("rowsum"))[0])
 
     dot, decode = sch.get_sblock("dot"), sch.get_sblock("decode")
@@ -171,19 +195,22 @@ def _schedule(sch, tile) -> None:
     else:
         sch.transform_layout(dot, "wd", lambda j, kk: (j // lanes, kk // 4, j % lanes, kk % 4))
     # outer structure on the int32 accumulation (dot, or widen over int16 chunks):
-    # parallel n strips (j0) > row micro tiles (i0) > k
+    # parallel tasks of n strips (j0) x row blocks (ir) > row micro tiles (i0) > k
     outer = sch.get_sblock("widen") if chunk else dot
     i, j, kk = sch.get_loops(outer)[:3]
     jg, j2 = sch.split(j, [None, lanes])
     j0, j1 = sch.split(jg, tile(jg, "nt"))
+    ir, i = sch.split(i, [int(func.attrs[ROWS_ATTR]), None])
     i0, i1 = sch.split(i, tile(i, "mr"))
     if chunk:
         c, p = sch.get_loops(outer)[-2:]
-        sch.reorder(j0, i0, c, i1, j1, j2, p)
+        sch.reorder(j0, ir, i0, c, i1, j1, j2, p)
     else:
         k0, k1 = sch.split(kk, [None, 4])
-        sch.reorder(j0, i0, k0, i1, j1, j2, k1)
-    sch.parallel(j0)
+        sch.reorder(j0, ir, i0, k0, i1, j1, j2, k1)
+    task = sch.fuse(j0, ir)  # parallel tasks: strips x row blocks
+    if parallel:
+        sch.parallel(task)
     # epilogue per micro tile, right after its accumulation: accp shrinks to one tile in L1
     for blk in epilogue:
         sch.reverse_compute_at(sch.get_sblock(blk), i0, preserve_unit_loops=True)
@@ -198,7 +225,7 @@ def _schedule(sch, tile) -> None:
         widen_init = sch.decompose_reduction(outer, c)
         sch.vectorize(sch.get_loops(widen_init)[-1])
         sch.unroll(sch.get_loops(outer)[-1])
-    sch.compute_at(decode, j0, preserve_unit_loops=True)  # one decoded tile (lanes * nt features x K4) per parallel iteration
+    sch.compute_at(decode, task, preserve_unit_loops=True)  # one decoded tile (lanes * nt features x K4) per parallel task
     dj, dk = sch.get_loops(decode)[-2:]
     dk0, dk1 = sch.split(dk, [None, 4])
     dj0, dj1 = sch.split(dj, [None, lanes])

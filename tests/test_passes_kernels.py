@@ -1,6 +1,6 @@
 """The kernels the BitLinear passes emit, built alone on llvm, against numpy references.
 
-norm_quant: sequential float32 arithmetic in the same order as the kernel, so codes and scales are
+norm_quant: float32 arithmetic in the same order as the kernel, so codes and scales are
 compared exactly; exact .5 ties must round half to even as torch.round does.
 W2A8 epilogues: w2a8_numpy (float64 math.erf for GELU).
 """
@@ -23,36 +23,51 @@ def _build(func):
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
 
 
-def _norm_quant(cfg: NormQuantConfig, x, g, scheduled: bool):
+def _norm_quant(cfg: NormQuantConfig, x, g, scheduled: bool, beta=None):
     func = norm_quant_compute(cfg)
     lib = _build(norm_quant_cpu.schedule(func, TARGET) if scheduled else func)
     q = tvm.runtime.empty((cfg.m, cfg.k), "int8", tvm.cpu())
     xs = tvm.runtime.empty((cfg.m, 1), "float32", tvm.cpu())
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(g), q, xs)
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, g) + ((beta,) if cfg.layer_norm else ())), q, xs)
     return q.numpy(), xs.numpy()
 
 
-def _sequential_reference(x, g, norm_eps=1e-5):
-    """norm_quant_numpy with the row sum taken left to right in float32, as the kernel's loop does."""
-    ssq = np.cumsum(x * x, axis=-1, dtype=np.float32)[:, -1:]
-    rstd = (np.float32(1) / np.sqrt(ssq / np.float32(x.shape[-1]) + np.float32(norm_eps))).astype(np.float32)
-    xn = x * rstd * g
+def _kernel_order_reference(x, g, norm_eps=1e-5, lanes=1, beta=None):
+    """norm_quant_numpy (the LayerNorm variant with `beta`) with each row sum taken in float32 as the
+    kernel takes it: `lanes` partial sums (lane l over k = l, l + lanes, ... left to right), then
+    those added left to right."""
+    m, k = x.shape
+
+    def row_sum(v):
+        parts = np.cumsum(v.reshape(m, k // lanes, lanes), axis=1, dtype=np.float32)[:, -1]
+        return np.cumsum(parts, axis=-1, dtype=np.float32)[:, -1:]
+
+    if beta is not None:
+        x = x - row_sum(x) / np.float32(k)
+    rstd = (np.float32(1) / np.sqrt(row_sum(x * x) / np.float32(k) + np.float32(norm_eps))).astype(np.float32)
+    xn = x * rstd * g + (0 if beta is None else beta)
     xs = (np.float32(1) / np.maximum(np.abs(xn).max(-1, keepdims=True), np.float32(1e-5))) * np.float32(127)
     return np.clip(np.rint(xn * xs), -128, 127).astype(np.int8), xs.astype(np.float32)
 
 
+@pytest.mark.parametrize("m", [12, 7])  # rows in groups of 4, or one by one
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["rms", "layer"])
 @pytest.mark.parametrize("scheduled", [False, True])
-def test_norm_quant_matches_numpy(scheduled):
+def test_norm_quant_matches_numpy(scheduled, layer_norm, m):
     rng = np.random.RandomState(0)
-    m, k = 12, 96
-    x = (rng.randn(m, k) * 3).astype(np.float32)
+    k = 96
+    x = (rng.randn(m, k) * 3 + 0.5).astype(np.float32)
     g = (1 + 0.3 * rng.randn(k)).astype(np.float32)
-    q, xs = _norm_quant(NormQuantConfig(m, k), x, g, scheduled)
-    q_ref, xs_ref = _sequential_reference(x, g)
+    beta = (0.2 * rng.randn(k)).astype(np.float32) if layer_norm else None
+    q, xs = _norm_quant(NormQuantConfig(m, k, layer_norm=layer_norm), x, g, scheduled, beta)
+    lanes = norm_quant_cpu.reduction_lanes(k) if scheduled else 1
+    q_ref, xs_ref = _kernel_order_reference(x, g, lanes=lanes, beta=beta)
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_array_equal(xs, xs_ref)
+    other_order = _kernel_order_reference(x, g, lanes=1 if scheduled else 4, beta=beta)[1]
+    assert not np.array_equal(xs, other_order)  # these rows tell the summation orders apart
     # the pairwise-summed reference may differ by an ulp in rstd: at most a 1-code flip
-    assert np.abs(q.astype(int) - norm_quant_numpy(x, g)[0]).max() <= 1
+    assert np.abs(q.astype(int) - norm_quant_numpy(x, g, beta=beta)[0]).max() <= 1
 
 
 @pytest.mark.parametrize("scheduled", [False, True])
@@ -92,3 +107,11 @@ def test_w2a8_epilogues_match_numpy(epilogue):
     # exact int32 accumulation; the float epilogue differs by rounding only (TVM's float32 erf vs
     # float64 math.erf for GELU): 1e-5 on outputs of magnitude <= ~5
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_quant_wakes_the_thread_pool_only_for_enough_work():
+    from bmvcc.schedules.norm_quant import MIN_PARALLEL_ELEMENTS
+
+    for m, k in ((12, 96), (MIN_PARALLEL_ELEMENTS // 256, 256)):
+        script = norm_quant_cpu.schedule(norm_quant_compute(NormQuantConfig(m, k)), TARGET).script()
+        assert ("T.parallel" in script) == (m * k >= MIN_PARALLEL_ELEMENTS), (m, k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import bmvcc.runtime
 from bmvcc import artifact
 from bmvcc.driver import CompileOptions, compile_model
 from bmvcc.errors import BmvccError
+from bmvcc.threads import physical_cores
 
 from conftest import small_config
 
@@ -147,3 +149,20 @@ def test_a_cuda_runtime_that_cannot_load_is_a_one_line_error():
         assert re.search(r"libtvm_runtime_cuda\.so cannot be loaded .*-DUSE_CUDA=ON", str(e)), e
     else:  # it loaded: only possible with a driver
         assert ctypes.util.find_library("cuda") is not None
+
+
+def test_tvm_thread_pool_has_a_thread_per_physical_core():
+    """TVM alone sizes its pool as half the logical CPUs on x86-64 (one thread on a 2-core machine
+    without SMT); importing bmvcc makes it one per physical core, and TVM_NUM_THREADS still decides."""
+    script = ("import bmvcc.runtime as r; r._load_runtime_libraries('cpu'); "
+              "print(r._ffi().get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+
+    def threads(**extra):
+        proc = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout)
+
+    assert threads() == physical_cores()
+    assert threads(TVM_NUM_THREADS="1") == 1

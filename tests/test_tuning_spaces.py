@@ -94,11 +94,13 @@ def test_staging_pads_rows_only_beyond_four():
 
 def test_norm_quant_samples_are_exact():
     """The norm_quant space's samples (quant vector widths) give the default schedule's codes and
-    scales bit for bit (a vector width reorders no float operation), and the sequential float32
-    reference's within one code and a few float32 ulps of the scale: on this host LLVM contracts the row
+    scales bit for bit (a vector width reorders no float operation), and the float32 reference's
+    in the kernel's summation order within one code and a few float32 ulps of the scale: on this host LLVM contracts the row
     sums into FMAs, which the numpy reference does not (bit-exact on a target without FMA:
     tests/test_passes_kernels.py)."""
-    from test_passes_kernels import _sequential_reference
+    from test_passes_kernels import _kernel_order_reference
+
+    from bmvcc.schedules.norm_quant_cpu import reduction_lanes
 
     assert has_space("norm_quant", HOST)
     cfg = NormQuantConfig(12, 96)
@@ -115,7 +117,7 @@ def test_norm_quant_samples_are_exact():
         return q.numpy(), xs.numpy()
 
     q_def, xs_def = run(tvm.IRModule({"main": norm_quant_cpu.schedule(func, HOST)}))
-    q_ref, xs_ref = _sequential_reference(x, g)
+    q_ref, xs_ref = _kernel_order_reference(x, g, lanes=reduction_lanes(cfg.k))
     assert np.abs(q_def.astype(int) - q_ref).max() <= 1
     np.testing.assert_allclose(xs_def, xs_ref, rtol=2 ** -21, atol=0)  # an ulp of rstd: a few ulps of the scale
     for sch in list(distinct.values())[:BUILDS]:

@@ -22,6 +22,7 @@ from bmvcc.schedules.w2a8_cpu import (  # noqa: E402
     DEFAULT_KNOBS,
     CpuKnobs,
     intrin_of,
+    row_blocks,
     select_backend,
 )
 from bmvcc.targets import get  # noqa: E402
@@ -139,7 +140,7 @@ def test_schedule_uses_int8_dot_instructions_in_parallel(mcpu):
     target = HOST if mcpu == "host" else tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
     backend = select_backend(target)
     assert mcpu == "host" or backend == X86_BACKENDS[mcpu]
-    lib = _build(W2A8Config(16, 64, 128), target)
+    lib = _build(W2A8Config(16, 64, 1024), target)  # 1 M MACs: MIN_PARALLEL_MACS
     ops = _opcodes(lib)
     # the instruction each backend is built around; generic hosts get plain vector multiplies
     want = {"vnni": ["vpdpbusd"], "avx2": ["vpmaddubsw"], "sdot": ["sdot"],
@@ -166,7 +167,7 @@ def test_aarch64_compiles_to_sdot():
 
 def test_weights_stay_packed_and_decoded_tile_is_small():
     """The kernel reads only the 2-bit bytes; each parallel task decodes one tile (tile width x K4), not N x K."""
-    cfg = W2A8Config(4, 256, 512)
+    cfg = W2A8Config(4, 256, 1024)
     func = w2a8_cpu.schedule(w2a8_compute(cfg), HOST)
     st = tvm.s_tir.transform
     lowered = tvm.transform.Sequential([st.LowerInitBlock(), st.PlanAndUpdateBufferAllocationLocation(),
@@ -174,9 +175,37 @@ def test_weights_stay_packed_and_decoded_tile_is_small():
         tvm.IRModule({"main": func}))
     lines = lowered["main"].script().splitlines()
     (sig,) = [ln for ln in lines if ln.startswith("def main(")]
-    assert 'wp: T.Buffer((T.int64(256), T.int64(128)), "uint8")' in sig  # packed weights in, untouched
+    assert 'wp: T.Buffer((T.int64(256), T.int64(256)), "uint8")' in sig  # packed weights in, untouched
     (pos, wd), = [(i, ln) for i, ln in enumerate(lines) if "wd = T.sblock_alloc_buffer(" in ln]
     assert any("T.parallel" in ln for ln in lines[:pos])  # allocated per parallel task
     shape = [int(v) for v in re.findall(r"T\.int64\((\d+)\)", wd)]
     knobs = DEFAULT_KNOBS[select_backend(HOST)]
     assert int(np.prod(shape)) == intrin_of(knobs.backend).lanes * knobs.nt * cfg.k
+
+
+def test_row_blocks_only_where_strips_leave_cores_idle():
+    assert [row_blocks(17, s, 2) for s in (1, 2, 3, 5, 8, 9)] == [2, 1, 2, 2, 1, 1]
+    assert row_blocks(3, 1, 2) == 1  # M <= 4 rows: one block
+    assert [row_blocks(17, s, 4) for s in (1, 2, 3, 4, 6)] == [4, 2, 4, 1, 2]
+
+
+@pytest.mark.parametrize("strips", [1, 3])
+def test_few_strips_run_as_row_blocks_on_both_cores(strips):
+    """A layer of 1 or 3 strips on 2 cores: 2 row blocks per strip (rows padded to 2 x 4), each task
+    decoding its panel; exact, with M, N and K not multiples of any tile (K: above MIN_PARALLEL_MACS)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": str(HOST.attrs["mcpu"]), "num-cores": 2})
+    knobs = DEFAULT_KNOBS[select_backend(target)]
+    cfg = W2A8Config(17, strips * intrin_of(knobs.backend).lanes * knobs.nt - 5, 3999)
+    sch = tvm.s_tir.Schedule(w2a8_cpu.schedule(w2a8_compute(cfg), target))
+    task = sch.get(sch.get_loops(sch.get_sblock("decode"))[0])
+    assert (task.kind, int(task.extent)) == (tvm.tirx.ForKind.PARALLEL, 2 * strips)
+    q, packed, _, _, res = _inputs(cfg, np.random.default_rng(strips))
+    _acc_exact(cfg, target, None, q, packed, res)
+
+
+def test_small_kernels_run_serially():
+    """Under MIN_PARALLEL_MACS a kernel does not wake the thread pool (nor split its rows)."""
+    cfg = W2A8Config(17, 64, 64)
+    sch = tvm.s_tir.Schedule(w2a8_cpu.schedule(w2a8_compute(cfg), HOST))
+    assert all(sch.get(loop).kind != tvm.tirx.ForKind.PARALLEL for loop in sch.get_loops(sch.get_sblock("decode")))
+    assert "TVMBackendParallelLaunch" not in _build(cfg, HOST).mod.inspect_source("asm")
