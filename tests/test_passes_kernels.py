@@ -110,7 +110,7 @@ def test_w2a8_epilogues_match_numpy(epilogue):
 
 
 def test_norm_quant_wakes_the_thread_pool_only_for_enough_work():
-    from bmvcc.schedules.norm_quant import MIN_PARALLEL_ELEMENTS
+    from bmvcc.schedules.norm_quant_cpu import MIN_PARALLEL_ELEMENTS
 
     for m, k in ((12, 96), (MIN_PARALLEL_ELEMENTS // 256, 256)):
         script = norm_quant_cpu.schedule(norm_quant_compute(NormQuantConfig(m, k)), TARGET).script()
