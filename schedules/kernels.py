@@ -7,8 +7,8 @@ the modules import TVM), or None:
                           the kernel table: bmvcc/gpu_build.py:schedule_kernels)
   space(sch, target)      its MetaSchedule design space (schedules/tuning_spaces.py); None: the kernel
                           keeps its hand schedule when tuning
-`kind` is the PrimFunc's kernel kind (schedules/w2a8.py:kernel_of); the CPU attention kernel is built
-scheduled (schedules/attention_cpu.py) and has no entry.
+`kind` is the PrimFunc's kernel kind (schedules/w2a8.py:kernel_of); the CPU attention kernel's "schedule"
+rebuilds it for the target's vector width (schedules/attention_cpu.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Callable
 KERNELS: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("w2a8", "cpu"): ("w2a8_cpu:schedule_w2a8_cpu", "w2a8_cpu:w2a8_space"),
     ("norm_quant", "cpu"): ("norm_quant:schedule_norm_quant_cpu", "norm_quant:norm_quant_space"),
+    ("attention", "cpu"): ("attention_cpu:schedule_attention_cpu", None),
     ("w2a8", "cuda"): (None, "w2a8_cuda:design_spaces"),
     ("norm_quant", "cuda"): (None, None),
 }
