@@ -5,26 +5,29 @@ For q [G, N, D], kt [Gk, D, N] (K transposed) and v [Gk, N, D] float32, G = batc
 all query heads, read once instead of broadcast), and query i attends to keys j <= i (the mask the
 BitMedViT attention adds: 0 on and below the diagonal, -inf above).
 
-Per (g, block of R query rows from i0), in parallel, key block by key block of R keys from k0, up to
-the diagonal block (the masked half is never touched), with an online softmax (row max m, sum l):
+Per (g, block of R query rows from i0), in parallel (row blocks ordered light, heavy, light, .. so
+that every thread's share of tasks costs the same), over key blocks of BK keys from k0 up to the
+block's last row (the masked half is never touched), with an online softmax (row max m, sum l):
   pack    Kp[gk, j // NR, d, j % NR] = kt[gk, d, j] once per call, 0 past N (key strips contiguous;
-          kt's rows are N floats apart, which maps a whole strip onto one L1 set)
-  scores  s[r, j] = scale * q[i0 + r] . K[k0 + j] in MR x NR register tiles over d (the strip stays
-          in L1 across the row tiles); a key past the row: MASKED
-  softmax per row, in L-lane vectors: m' = max(m, max_j s), a = exp(m - m'), s = exp(s - m') (0 past
-          the row), l = a l + sum_j s, m = m'
-  output  o[r, :] = a o[r, :] + sum_j s[r, j] v[k0 + j, :] in MR2 x NC register tiles (the block's
-          V, R x D, stays in L1); the diagonal block stops at each tile's last row
-then out = o / l. Scores and o (R x (R + D) floats) stay in L1/L2; the N x N scores never reach
-memory (unfused: 4 passes over G x N x N floats). Rows past N (the last block when R does not
-divide N) read q's row N - 1 and are not stored; keys past N are masked like any later key.
+          kt's rows are N floats apart, which maps a whole strip onto one L1 set); qs = scale * q's
+          R rows once per task
+  scores  s[r, j] = qs[r] . K[k0 + j] in MR x NR register tiles over d (the D x NR strip stays in L1
+          across the row tiles; tiles wholly above the diagonal skipped); a key past the row: MASKED
+  softmax per row, over its keys only, in L-lane vectors: m' = max(m, max_j s), a = exp(m - m'),
+          s = exp(s - m') (0 past the row), l = a l + sum_j s, m = m'
+  output  o[r, :] = a o[r, :] + sum_j s[r, j] v[k0 + j, :] in MR2 x NC register tiles, each tile's
+          keys stopping at its last row
+then out = o / l. qs, s and o (R x (D + BK + D) floats) and the K/V block stay in L1/L2; the N x N
+scores never reach memory (unfused: 4 passes over G x N x N floats); the per-row bookkeeping (two
+horizontal reductions and a rescale) comes once per BK keys. Rows past N (the last block when R
+does not divide N) read q's row N - 1 and are not stored; keys past N are masked like any later key.
 Vector width L and register tiles come from the target (CpuFacts: L float32 lanes per SIMD register,
 accumulators within its registers). passes/fuse_causal_attention.py emits the kernel before a target
-is chosen (L = 8, 16 registers: correct anywhere); schedule_attention_cpu (schedules/kernels.py)
-rebuilds it for the target at the schedule stage.
+is chosen (PORTABLE vectors: correct anywhere); schedule_attention_cpu (schedules/kernels.py)
+rebuilds it for the target at the CPU schedule stage.
 exp is TVM's fast_exp polynomial (topi fast_exp_float32, the one FastMathTransform uses elsewhere):
-relative error <= 2.0e-7 vs float64 over [-88, 0] (test_attention_cpu.py measures it), where
-float32's own rounding is 6e-8.
+relative error <= 3.1e-7 (2.6 float32 ulps) vs float64 where float32 is normal (x >= -87.3), and
+0 <= exp(x) < 1.2e-38 below (test_attention_cpu.py measures both).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from .w2a8 import CONFIG_ATTR, KERNEL_ATTR, attr_value
 
 MASKED = -3.0e38  # score of a masked key: below any real score, finite so that s - max stays finite
 PORTABLE = (8, 16)  # (lanes, registers) without a target: one AVX2 register; LLVM splits it on narrower SIMD
-MAX_ROWS = 64  # R: query rows per task and keys per key block
+MAX_ROWS = 64  # R: query rows per task
+MAX_KEYS = 512  # BK: keys per key block (a 64-row task's scores: 128 KiB, in L2)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,8 @@ class AttentionConfig:
 @dataclass(frozen=True)
 class Tiles:
     lanes: int  # L: float32 lanes of one vector register
-    rows: int  # R: query rows per parallel task, keys per key block (a multiple of every tile below)
+    rows: int  # R: query rows per parallel task (a multiple of every tile below)
+    keys: int  # BK: keys per key block, a multiple of R
     mr: int  # scores register tile: mr rows x nr keys (two vectors)
     nr: int
     mr2: int  # output register tile: mr2 rows x nc head-dim columns (nc divides D)
@@ -64,13 +69,15 @@ class Tiles:
     @staticmethod
     def of(cfg: AttentionConfig, lanes: int, registers: int) -> "Tiles":
         """Accumulator tiles as tall as `registers` allow (besides one row of operand vectors and a
-        broadcast); R the smallest multiple of the tiles covering N, at most MAX_ROWS."""
+        broadcast); R the smallest multiple of the tiles covering N, at most MAX_ROWS; BK the smallest
+        multiple of R covering N, at most MAX_KEYS."""
         nr = 2 * lanes
         nc = max(c for c in range(1, min(cfg.head_dim, 4 * lanes) + 1) if cfg.head_dim % c == 0)
         mr, mr2 = _tile_rows(registers, 2), _tile_rows(registers, -(-nc // lanes))
         step = max(nr, mr, mr2)  # powers of two: their least common multiple
         rows = max(step, min(MAX_ROWS, -(-cfg.tokens // step) * step))
-        return Tiles(lanes, rows, mr, nr, mr2, nc)
+        keys = rows * max(1, min(MAX_KEYS // rows, -(-cfg.tokens // rows)))
+        return Tiles(lanes, rows, keys, mr, nr, mr2, nc)
 
 
 def _tile_rows(registers: int, vectors: int) -> int:
@@ -112,24 +119,28 @@ def attention_cpu(cfg: AttentionConfig, target=None):
     G, GK, N, D = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     H = G // GK  # query groups per K/V group
     t = Tiles.of(cfg, *vector_shape(target))
-    L, R, MR, NR, MR2, NC = t.lanes, t.rows, t.mr, t.nr, t.mr2, t.nc
+    L, R, BK, MR, NR, MR2, NC = t.lanes, t.rows, t.keys, t.mr, t.nr, t.mr2, t.nc
     W = L if NC % L == 0 else NC  # output tile vectors: whole registers where D allows
     NB = -(-N // R)  # row blocks (the last may be partial)
+    NK = -(-N // BK) * BK  # keys, padded to whole key blocks
     scale = T.float32(cfg.scale)
 
     @T.prim_func(private=True)
     def attention(q: T.Buffer((G, N, D), "float32"), kt: T.Buffer((GK, D, N), "float32"),
                   v: T.Buffer((GK, N, D), "float32"), out: T.Buffer((G, N, D), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "attention"})
-        kp = T.alloc_buffer((GK, NB * R // NR, D, NR), "float32")
+        kp = T.alloc_buffer((GK, NK // NR, D, NR), "float32")
         for gd in T.parallel(GK * D):
-            for j in range(NB * R):
+            for j in range(NK):
                 kp[gd // D, j // NR, gd % D, j % NR] = T.if_then_else(j < N, kt[gd // D, gd % D, j], T.float32(0))
         for task in T.parallel(G * NB):
             g = task // NB
             gk = g // H
-            i0 = task % NB * R
-            s = T.alloc_buffer((R, R), "float32")
+            u = task % NB  # row blocks in the order 0, NB - 1, 1, NB - 2, ..: any run of tasks mixes light and heavy
+            ib = T.Select(u % 2 == 0, u // 2, NB - 1 - u // 2)
+            i0 = ib * R
+            qs = T.alloc_buffer((R, D), "float32")
+            s = T.alloc_buffer((R, BK), "float32")
             o = T.alloc_buffer((R, D), "float32")
             m = T.alloc_buffer((R,), "float32")  # row max so far
             rsum = T.alloc_buffer((R,), "float32")  # sum of exp(s - m) so far
@@ -141,11 +152,13 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                 m[r] = T.float32(MASKED)
                 rsum[r] = T.float32(0)
                 for c in T.vectorized(D):
+                    qs[r, c] = q[g, T.min(i0 + r, N - 1), c] * scale
                     o[r, c] = T.float32(0)
-            for kb in range(task % NB + 1):
-                k0 = kb * R
-                for jt in range(R // NR):  # scores: key strip outside, row tiles inside
-                    for it in range(R // MR):
+            for kb in range(i0 // BK + 1):
+                k0 = kb * BK
+                kn = T.min(BK, i0 + R - k0)  # keys of this block up to the row block's last row
+                for jt in range(kn // NR):  # scores: key strip outside, row tiles inside, none above the diagonal
+                    for it in range(T.max(k0 + jt * NR - i0, 0) // MR, R // MR):
                         for r in T.unroll(MR):
                             for c in T.vectorized(NR):
                                 acc[r, c] = T.float32(0)
@@ -153,15 +166,16 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                             for r in T.unroll(MR):
                                 for cv in T.unroll(NR // L):
                                     for c in T.vectorized(L):
-                                        acc[r, cv * L + c] = acc[r, cv * L + c] + q[g, T.min(i0 + it * MR + r, N - 1), d] * kp[gk, k0 // NR + jt, d, cv * L + c]
+                                        acc[r, cv * L + c] = acc[r, cv * L + c] + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c]
                         for r in T.unroll(MR):
                             for c in T.vectorized(NR):
                                 s[it * MR + r, jt * NR + c] = T.Select(k0 + jt * NR + c <= i0 + it * MR + r,
-                                                                       acc[r, c] * scale, T.float32(MASKED))
-                for r in range(R):  # online softmax
+                                                                       acc[r, c], T.float32(MASKED))
+                for r in range(R):  # online softmax over the row's vectors of keys; 0 after them
+                    nv = T.min(BK // L, (i0 + r - k0) // L + 1)
                     for l in T.vectorized(L):
                         vec[l] = s[r, l]
-                    for j in range(1, R // L):
+                    for j in range(1, nv):
                         for l in T.vectorized(L):
                             vec[l] = T.max(vec[l], s[r, j * L + l])
                     for l in range(1, L):
@@ -171,10 +185,13 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                     m[r] = vec[0]
                     for l in T.vectorized(L):
                         vec[l] = T.float32(0)
-                    for j in range(R // L):
+                    for j in range(nv):
                         for l in T.vectorized(L):
                             s[r, j * L + l] = T.Select(k0 + j * L + l <= i0 + r, _fast_exp(s[r, j * L + l] - m[r]), T.float32(0))
                             vec[l] = vec[l] + s[r, j * L + l]
+                    for j in range(nv, kn // L):
+                        for l in T.vectorized(L):
+                            s[r, j * L + l] = T.float32(0)
                     for l in range(1, L):
                         vec[0] = vec[0] + vec[l]
                     rsum[r] = rsum[r] * a[r] + vec[0]
@@ -183,7 +200,7 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
                                 acc2[r, c] = o[it * MR2 + r, ct * NC + c] * a[it * MR2 + r]
-                        for j in range(T.min(R, T.min(i0 + it * MR2 + MR2, N) - k0)):
+                        for j in range(T.min(BK, T.min(i0 + it * MR2 + MR2, N) - k0)):
                             for r in T.unroll(MR2):
                                 for cv in T.unroll(NC // W):
                                     for c in T.vectorized(W):

@@ -55,12 +55,13 @@ def _kernel(cfg, target):
     return tvm.IRModule({"main": attention_cpu(cfg, target).with_attr("global_symbol", "main")})
 
 
-# (G, Gk, N, D): the paper model's layer (8 query heads on one K/V head, 16 blocks of 64 rows); a small
-# multi-head model's (16 tokens: one block, mostly rows past N); batch 2 x 3 query heads on their own K/V
-# heads (N = 24, D = 24: an output tile of 1.5 AVX-512 vectors); batch 3 x 2 heads with N = 100 (a full
-# and a partial block) and D = 20; multi-head with an odd head_dim (D = 7) and three blocks, the last of 2 rows
+# (G, Gk, N, D): the paper model's layer (8 query heads on one K/V head; on AVX-512: 16 row blocks of 64,
+# 2 key blocks of 512); a small multi-head model's (16 tokens: one block, mostly rows past N); batch 2 x 3
+# query heads on their own K/V heads (N = 24, D = 24: an output tile of 1.5 AVX-512 vectors); batch 3 x 2
+# heads with N = 100 (a full and a partial row block) and D = 20; multi-head with an odd head_dim (D = 7),
+# the last row block 2 rows; batch 2 x 2 heads, N = 600: a full and a partial key block
 @pytest.mark.parametrize("g, gk, n, d", [(8, 1, 1024, 64), (4, 4, 16, 8), (6, 2, 24, 24), (6, 3, 100, 20),
-                                         (2, 2, 130, 7)])
+                                         (2, 2, 130, 7), (4, 2, 600, 16)])
 def test_kernel_matches_numpy(target, g, gk, n, d):
     rng = np.random.default_rng(n + d)
     q = rng.standard_normal((g, n, d)).astype("float32")
