@@ -7,7 +7,8 @@ chain: S / sqrt(d) or S * (1 / sqrt(d))) and S, through reshape, `matmul(Q, Kt)`
 Kt [.., D, N] and V [.., N, D] all float32, and nothing but P V reads the softmax (else it would be
 computed twice).
 Produces `call_tir(attention, [Q, Kt, V] as [G, N, D], [Gk, D, N], [Gk, N, D])` (schedules/attention_cpu.py,
-which skips the masked half), reshaped to the matmul's shape; scores, softmax and mask become dead.
+which skips the masked half; built without a target, the CPU schedule stage rebuilds it for the target's
+vectors), reshaped to the matmul's shape; scores, softmax and mask become dead. Any N and D.
 K and V may broadcast over the query heads (explicit broadcast_to, or matmul's own broadcast as the
 ONNX import leaves it) when that repeats trailing leading dims only (a multi-query head: [B, 1, ..] ->
 [B, H, ..]); they enter the kernel before it (Gk = B groups).
