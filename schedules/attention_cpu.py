@@ -115,7 +115,8 @@ def schedule_attention_cpu(func, target):
 
 def attention_cpu(cfg: AttentionConfig, target=None):
     """The PrimFunc (q, kt, v, out) for a CPU `target` (None: PORTABLE vectors), bmvcc.kernel "attention"
-    (bmvcc tune measures it as a hand-scheduled kernel, no search); built scheduled for a target."""
+    (bmvcc tune measures it as a hand-scheduled kernel, no search) with its AttentionConfig (CONFIG_ATTR);
+    marked tirx.is_scheduled when built for a target."""
     G, GK, N, D = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     H = G // GK  # query groups per K/V group
     t = Tiles.of(cfg, *vector_shape(target))
