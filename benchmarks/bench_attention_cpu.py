@@ -121,8 +121,8 @@ def main(argv=None) -> int:
         return 0
     print(f"causal multi-query attention, {h} heads x {n} tokens x {d}, {args.threads} threads, {flop / 1e9:.2f} GFLOP")
     print(f"peak: {result['peak'] or 'unknown CPU (not in targets/cpu_peak.py)'}\n")
-    print("| implementation | best ms | median ms | GFLOP/s | % of fp32 peak | x torch sdpa | max abs err vs float64 |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| implementation | best ms | median ms | GFLOP/s | % of fp32 peak | x torch sdpa "
+          "| max abs err vs float64 |\n|---|---|---|---|---|---|---|")
     for r in rows:
         pct = "-" if r["percent_of_peak"] is None else f"{r['percent_of_peak']:.0f}%"
         print(f"| {r['name']} | {r['best_ms']:.2f} | {r['median_ms']:.2f} | {r['gflop_per_s']:.1f} | {pct} "

@@ -167,7 +167,8 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                             for r in T.unroll(MR):
                                 for cv in T.unroll(NR // L):
                                     for c in T.vectorized(L):
-                                        acc[r, cv * L + c] = acc[r, cv * L + c] + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c]
+                                        acc[r, cv * L + c] = (acc[r, cv * L + c]
+                                                              + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
                         for r in T.unroll(MR):
                             for c in T.vectorized(NR):
                                 s[it * MR + r, jt * NR + c] = T.Select(k0 + jt * NR + c <= i0 + it * MR + r,
@@ -188,7 +189,8 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                         vec[l] = T.float32(0)
                     for j in range(nv):
                         for l in T.vectorized(L):
-                            s[r, j * L + l] = T.Select(k0 + j * L + l <= i0 + r, _fast_exp(s[r, j * L + l] - m[r]), T.float32(0))
+                            s[r, j * L + l] = T.Select(k0 + j * L + l <= i0 + r, _fast_exp(s[r, j * L + l] - m[r]),
+                                                       T.float32(0))
                             vec[l] = vec[l] + s[r, j * L + l]
                     for j in range(nv, kn // L):
                         for l in T.vectorized(L):
@@ -205,7 +207,8 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                             for r in T.unroll(MR2):
                                 for cv in T.unroll(NC // W):
                                     for c in T.vectorized(W):
-                                        acc2[r, cv * W + c] = acc2[r, cv * W + c] + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c]
+                                        acc2[r, cv * W + c] = (acc2[r, cv * W + c]
+                                                               + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c])
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
                                 o[it * MR2 + r, ct * NC + c] = acc2[r, c]
