@@ -9,7 +9,10 @@ timed the same way (best and median of --repeat calls after one warm-up):
   bmvcc unfused  the same graph without that pass: Q K^T and P V matmuls, scale + mask, softmax under
                  schedules/cpu_default.py's rules (what bmvcc built before the fused kernel)
   torch eager    the model's float32 expression; torch sdpa: F.scaled_dot_product_attention(is_causal=True)
-Each output is checked against a float64 numpy reference before it is timed.
+Each output is checked against a float64 numpy reference before it is timed. Beside the times: GFLOP/s
+of the causal half's work (Q K^T and P V over keys j <= i, 2 h d n (n + 1) operations, whatever an
+implementation computes) at the median, its % of this CPU's fp32 FMA peak for --threads cores
+(targets/cpu_peak.py), and the median's ratio to torch sdpa's in the same run.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
     import torch
     import tvm
 
+    from bmvcc.targets.cpu_peak import host_peak
+
     torch.set_num_threads(args.threads)
     tvm.get_global_func("runtime.config_threadpool")(0, args.threads)
     h, n, d = args.heads, args.tokens, args.head_dim
@@ -102,14 +107,26 @@ def main(argv=None) -> int:
         fn = make()
         err = float(np.abs(fn() - ref).max())
         rows.append({"name": name, "max_abs_err": err, **time_call(fn, args.repeat)})
-    result = {"heads": h, "tokens": n, "head_dim": d, "threads": args.threads, "rows": rows}
+    flop = 2.0 * h * d * n * (n + 1)
+    peak = host_peak(str(tvm.target.codegen.llvm_get_system_cpu()), args.threads)
+    sdpa_ms = next(r["median_ms"] for r in rows if r["name"] == "torch sdpa")
+    for r in rows:
+        r["gflop_per_s"] = flop / r["median_ms"] / 1e6
+        r["percent_of_peak"] = None if peak is None else 100 * r["gflop_per_s"] * 1e9 / peak.fp32_ops_per_s()
+        r["vs_torch_sdpa"] = r["median_ms"] / sdpa_ms
+    result = {"heads": h, "tokens": n, "head_dim": d, "threads": args.threads, "gflop": flop / 1e9,
+              "peak": None if peak is None else peak.describe(), "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"causal multi-query attention, {h} heads x {n} tokens x {d}, {args.threads} threads\n")
-    print("| implementation | best ms | median ms | max abs err vs float64 |\n|---|---|---|---|")
+    print(f"causal multi-query attention, {h} heads x {n} tokens x {d}, {args.threads} threads, {flop / 1e9:.2f} GFLOP")
+    print(f"peak: {result['peak'] or 'unknown CPU (not in targets/cpu_peak.py)'}\n")
+    print("| implementation | best ms | median ms | GFLOP/s | % of fp32 peak | x torch sdpa "
+          "| max abs err vs float64 |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['best_ms']:.2f} | {r['median_ms']:.2f} | {r['max_abs_err']:.1e} |")
+        pct = "-" if r["percent_of_peak"] is None else f"{r['percent_of_peak']:.0f}%"
+        print(f"| {r['name']} | {r['best_ms']:.2f} | {r['median_ms']:.2f} | {r['gflop_per_s']:.1f} | {pct} "
+              f"| {r['vs_torch_sdpa']:.2f} | {r['max_abs_err']:.1e} |")
     return 0
 
 

@@ -13,7 +13,8 @@ ONNX import leaves it) when that repeats trailing leading dims only (a multi-que
 [B, H, ..]); they enter the kernel before it (Gk = B groups).
 Produces, reshaped to the matmul's shape (scores, softmax and mask become dead):
 - CPU (`fuse_causal_attention`): `call_tir(attention, [Q, Kt, V] as [G, N, D], [Gk, D, N], [Gk, N, D])`
-  (schedules/attention_cpu.py, which skips the masked half; causal only);
+  (schedules/attention_cpu.py, which skips the masked half; causal only; any N and D; built without a
+  target, the CPU schedule stage rebuilds it for the target's vectors);
 - CUDA (`fuse_attention_cuda`): `call_tir(attention, [Q, K, V] as [Gk, N, G / Gk, D], [Gk, N, 1, D] x 2)`,
   schedules/attention_cuda.py's compute definition (causal condition from indices, no mask), its fp16
   output cast to float32; the GPU build schedules it (bmvcc/gpu_build.py:schedule_kernels).

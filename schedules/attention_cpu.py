@@ -1,23 +1,33 @@
-"""Causal attention as one CPU kernel: O = softmax(scale * Q K^T + causal mask) V, row block by row block.
+"""Causal attention as one CPU kernel: O = softmax(scale * Q K^T + causal mask) V, flash style.
 
 For q [G, N, D], kt [Gk, D, N] (K transposed) and v [Gk, N, D] float32, G = batch x heads, out
 [G, N, D]: query group g reads K/V group g // (G / Gk) (multi-query: Gk = batch, one K/V head for
 all query heads, read once instead of broadcast), and query i attends to keys j <= i (the mask the
 BitMedViT attention adds: 0 on and below the diagonal, -inf above).
 
-Per (g, block of R query rows starting at i0), in parallel, only the keys j < i0 + R are touched:
-  pack   Kp[gk, j // NR, d, j % NR] = kt[gk, d, j] once per call (column strips contiguous; kt's rows
-         are N floats apart, which maps a whole strip onto one L1 set)
-  scores s[r, j] = scale * q[i0 + r] . K[j] for j < i0 + R (MR x NR register tiles); j > i0 + r -> -big
-  softmax per row: max, e = exp(s - max) (0 where j > i0 + r), sum; e stays in s (R x N floats, L2)
-  output out[g, i0 + r, :] = (sum_j e[r, j] v[j, :]) / sum, key block by key block of R (that block
-         of V and of e stays in L1 across all MR2 x NC register tiles, whose sums carry over in
-         o[R, D]; the diagonal block stops at each tile's last row)
-so the masked half of Q K^T, softmax and P V is never computed and the N x N scores never reach
-memory (unfused: 4 passes over G x N x N floats). exp is TVM's fast_exp polynomial (topi
-fast_exp_float32, the one FastMathTransform uses elsewhere; <= 1.1e-6 relative), in 8-lane vectors.
-Vectors are 8 floats whatever the CPU (one AVX2 register, half an AVX-512 one; LLVM splits them on
-narrower SIMD): passes/fuse_causal_attention.py emits the kernel before a target is chosen.
+Per (g, block of R query rows from i0), in parallel (row blocks ordered light, heavy, light, .. so
+that every thread's share of tasks costs the same), over key blocks of BK keys from k0 up to the
+block's last row (the masked half is never touched), with an online softmax (row max m, sum l):
+  pack    Kp[gk, j // NR, d, j % NR] = kt[gk, d, j] once per call, 0 past N (key strips contiguous;
+          kt's rows are N floats apart, which maps a whole strip onto one L1 set); qs = scale * q's
+          R rows once per task
+  scores  s[r, j] = qs[r] . K[k0 + j] in MR x NR register tiles over d (the D x NR strip stays in L1
+          across the row tiles; tiles wholly above the diagonal skipped); a key past the row: MASKED
+  softmax per row, over its keys only, in L-lane vectors: m' = max(m, max_j s), a = exp(m - m'),
+          s = exp(s - m') (0 past the row), l = a l + sum_j s, m = m'
+  output  o[r, :] = a o[r, :] + sum_j s[r, j] v[k0 + j, :] in MR2 x NC register tiles, each tile's
+          keys stopping at its last row
+then out = o / l. qs, s and o (R x (D + BK + D) floats) and the K/V block stay in L1/L2; the N x N
+scores never reach memory (unfused: 4 passes over G x N x N floats); the per-row bookkeeping (two
+horizontal reductions and a rescale) comes once per BK keys. Rows past N (the last block when R
+does not divide N) read q's row N - 1 and are not stored; keys past N are masked like any later key.
+Vector width L and register tiles come from the target (CpuFacts: L float32 lanes per SIMD register,
+accumulators within its registers). passes/fuse_causal_attention.py emits the kernel before a target
+is chosen (PORTABLE vectors: correct anywhere); `schedule` (schedules/kernels.py)
+rebuilds it for the target at the CPU schedule stage.
+exp is TVM's fast_exp polynomial (topi fast_exp_float32, the one FastMathTransform uses elsewhere):
+relative error <= 3.1e-7 (2.6 float32 ulps) vs float64 where float32 is normal (x >= -87.3), and
+0 <= exp(x) < 1.2e-38 below (test_attention_cpu.py measures both).
 """
 
 from __future__ import annotations
@@ -26,10 +36,12 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from .w2a8 import KERNEL_ATTR
+from .w2a8 import CONFIG_ATTR, KERNEL_ATTR, attr_value
 
-LANES = 8
 MASKED = -3.0e38  # score of a masked key: below any real score, finite so that s - max stays finite
+PORTABLE = (8, 16)  # (lanes, registers) without a target: one AVX2 register; LLVM splits it on narrower SIMD
+MAX_ROWS = 64  # R: query rows per task
+MAX_KEYS = 512  # BK: keys per key block (a 64-row task's scores: 128 KiB, in L2)
 
 
 @dataclass(frozen=True)
@@ -41,24 +53,46 @@ class AttentionConfig:
     scale: float  # 1 / sqrt(D) for BitMedViT
 
     def supported(self) -> bool:
-        return self.tokens % LANES == 0 and self.head_dim % LANES == 0 and self.groups % self.kv_groups == 0
+        return self.groups % self.kv_groups == 0
 
 
 @dataclass(frozen=True)
 class Tiles:
-    rows: int  # R: query rows per parallel task
-    mr: int  # scores register tile: mr rows x nr keys
+    lanes: int  # L: float32 lanes of one vector register
+    rows: int  # R: query rows per parallel task (a multiple of every tile below)
+    keys: int  # BK: keys per key block, a multiple of R
+    mr: int  # scores register tile: mr rows x nr keys (two vectors)
     nr: int
-    mr2: int  # output register tile: mr2 rows x nc head-dim columns
+    mr2: int  # output register tile: mr2 rows x nc head-dim columns (nc divides D)
     nc: int
 
     @staticmethod
-    def of(cfg: AttentionConfig) -> "Tiles":
-        """Largest tiles that divide the shapes (no partial tiles); accumulators fit 16 vector registers."""
-        rows = max(r for r in (32, 16, 8) if cfg.tokens % r == 0)
-        nr = 16 if rows % 16 == 0 else 8
-        nc = max(c for c in (32, 16, 8) if cfg.head_dim % c == 0)
-        return Tiles(rows, 4, nr, 2 if nc == 32 else 4, nc)
+    def of(cfg: AttentionConfig, lanes: int, registers: int) -> "Tiles":
+        """Accumulator tiles as tall as `registers` allow (besides one row of operand vectors and a
+        broadcast); R the smallest multiple of the tiles covering N, at most MAX_ROWS; BK the smallest
+        multiple of R covering N, at most MAX_KEYS."""
+        nr = 2 * lanes
+        nc = max(c for c in range(1, min(cfg.head_dim, 4 * lanes) + 1) if cfg.head_dim % c == 0)
+        mr, mr2 = _tile_rows(registers, 2), _tile_rows(registers, -(-nc // lanes))
+        step = max(nr, mr, mr2)  # powers of two: their least common multiple
+        rows = max(step, min(MAX_ROWS, -(-cfg.tokens // step) * step))
+        keys = rows * max(1, min(MAX_KEYS // rows, -(-cfg.tokens // rows)))
+        return Tiles(lanes, rows, keys, mr, nr, mr2, nc)
+
+
+def _tile_rows(registers: int, vectors: int) -> int:
+    """Rows (1, 2, 4 or 8) of a register tile `vectors` wide: accumulators + one row of operands + a broadcast fit."""
+    return max(r for r in (1, 2, 4, 8) if (r + 1) * vectors + 1 <= registers)
+
+
+def vector_shape(target) -> tuple[int, int]:
+    """(float32 lanes per vector register, vector registers) of a CPU target; PORTABLE for None."""
+    if target is None:
+        return PORTABLE
+    from .cpu_rules.common import CpuFacts
+
+    facts = CpuFacts.of(target)
+    return facts.lanes("float32"), facts.vector_registers
 
 
 def _fast_exp(x):
@@ -74,86 +108,113 @@ def _fast_exp(x):
     return T.max(two_n * y, x)
 
 
-def attention_cpu(cfg: AttentionConfig):
-    """The scheduled PrimFunc (q, kt, v, out): tirx.is_scheduled (the default CPU rules skip it) and
-    bmvcc.kernel "attention" (bmvcc tune measures it as a hand-scheduled kernel, no search)."""
+def schedule(func, target):
+    """The attention kernel `func` (built for any target) rebuilt for `target`'s vectors."""
+    return attention_cpu(AttentionConfig(**attr_value(func.attrs[CONFIG_ATTR])), target)
+
+
+def attention_cpu(cfg: AttentionConfig, target=None):
+    """The PrimFunc (q, kt, v, out) for a CPU `target` (None: PORTABLE vectors), bmvcc.kernel "attention"
+    (bmvcc tune measures it as a hand-scheduled kernel, no search) with its AttentionConfig (CONFIG_ATTR);
+    marked tirx.is_scheduled when built for a target."""
     G, GK, N, D = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     H = G // GK  # query groups per K/V group
-    t = Tiles.of(cfg)
-    R, MR, NR, MR2, NC = t.rows, t.mr, t.nr, t.mr2, t.nc
-    NB = N // R
+    t = Tiles.of(cfg, *vector_shape(target))
+    L, R, BK, MR, NR, MR2, NC = t.lanes, t.rows, t.keys, t.mr, t.nr, t.mr2, t.nc
+    W = L if NC % L == 0 else NC  # output tile vectors: whole registers where D allows
+    NB = -(-N // R)  # row blocks (the last may be partial)
+    NK = -(-N // BK) * BK  # keys, padded to whole key blocks
     scale = T.float32(cfg.scale)
 
     @T.prim_func(private=True)
     def attention(q: T.Buffer((G, N, D), "float32"), kt: T.Buffer((GK, D, N), "float32"),
                   v: T.Buffer((GK, N, D), "float32"), out: T.Buffer((G, N, D), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8, KERNEL_ATTR: "attention"})
-        kp = T.alloc_buffer((GK, N // NR, D, NR), "float32")
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "attention"})
+        kp = T.alloc_buffer((GK, NK // NR, D, NR), "float32")
         for gd in T.parallel(GK * D):
-            for jt in range(N // NR):
-                for c in T.vectorized(NR):
-                    kp[gd // D, jt, gd % D, c] = kt[gd // D, gd % D, jt * NR + c]
+            for j in range(NK):
+                kp[gd // D, j // NR, gd % D, j % NR] = T.if_then_else(j < N, kt[gd // D, gd % D, j], T.float32(0))
         for task in T.parallel(G * NB):
             g = task // NB
             gk = g // H
-            i0 = task % NB * R
-            s = T.alloc_buffer((R, N), "float32")
-            rmax = T.alloc_buffer((LANES,), "float32", scope="local")
-            rvec = T.alloc_buffer((LANES,), "float32", scope="local")
-            rsum = T.alloc_buffer((R,), "float32")
+            u = task % NB  # row blocks in the order 0, NB - 1, 1, NB - 2, ..: any run of tasks mixes light and heavy
+            ib = T.Select(u % 2 == 0, u // 2, NB - 1 - u // 2)
+            i0 = ib * R
+            qs = T.alloc_buffer((R, D), "float32")
+            s = T.alloc_buffer((R, BK), "float32")
+            o = T.alloc_buffer((R, D), "float32")
+            m = T.alloc_buffer((R,), "float32")  # row max so far
+            rsum = T.alloc_buffer((R,), "float32")  # sum of exp(s - m) so far
+            a = T.alloc_buffer((R,), "float32")  # this key block's rescale of o and rsum
+            vec = T.alloc_buffer((L,), "float32", scope="local")
             acc = T.alloc_buffer((MR, NR), "float32", scope="local")
             acc2 = T.alloc_buffer((MR2, NC), "float32", scope="local")
-            o = T.alloc_buffer((R, D), "float32")
-            # scores of keys [0, i0 + R): column strip outside, row tiles inside (strip stays in L1)
-            for jt in range((i0 + R) // NR):
-                for it in range(R // MR):
-                    for r in T.unroll(MR):
-                        for c in T.vectorized(NR):
-                            acc[r, c] = T.float32(0)
-                    for d in range(D):
+            for r in range(R):
+                m[r] = T.float32(MASKED)
+                rsum[r] = T.float32(0)
+                for c in T.vectorized(D):
+                    qs[r, c] = q[g, T.min(i0 + r, N - 1), c] * scale
+                    o[r, c] = T.float32(0)
+            for kb in range(i0 // BK + 1):
+                k0 = kb * BK
+                kn = T.min(BK, i0 + R - k0)  # keys of this block up to the row block's last row
+                for jt in range(kn // NR):  # scores: key strip outside, row tiles inside, none above the diagonal
+                    for it in range(T.max(k0 + jt * NR - i0, 0) // MR, R // MR):
                         for r in T.unroll(MR):
                             for c in T.vectorized(NR):
-                                acc[r, c] = acc[r, c] + q[g, i0 + it * MR + r, d] * kp[gk, jt, d, c]
-                    for r in T.unroll(MR):
-                        for c in T.vectorized(NR):
-                            s[it * MR + r, jt * NR + c] = T.Select(jt * NR + c <= i0 + it * MR + r,
-                                                                   acc[r, c] * scale, T.float32(MASKED))
-            for r in range(R):
-                for l in T.vectorized(LANES):
-                    rmax[l] = T.float32(MASKED)
-                for j in range((i0 + R) // LANES):
-                    for l in T.vectorized(LANES):
-                        rmax[l] = T.max(rmax[l], s[r, j * LANES + l])
-                for l in range(1, LANES):
-                    rmax[0] = T.max(rmax[0], rmax[l])
-                for l in T.vectorized(LANES):
-                    rvec[l] = T.float32(0)
-                for j in range((i0 + R) // LANES):
-                    for l in T.vectorized(LANES):
-                        s[r, j * LANES + l] = T.Select(j * LANES + l <= i0 + r,
-                                                       _fast_exp(s[r, j * LANES + l] - rmax[0]), T.float32(0))
-                        rvec[l] = rvec[l] + s[r, j * LANES + l]
-                rsum[r] = rvec[0]
-                for l in range(1, LANES):
-                    rsum[r] = rsum[r] + rvec[l]
-            for i in range(R):
-                for c in T.vectorized(D):
-                    o[i, c] = T.float32(0)
-            for jb in range((i0 + R) // R):  # key blocks
-                for it in range(R // MR2):
+                                acc[r, c] = T.float32(0)
+                        for d in range(D):
+                            for r in T.unroll(MR):
+                                for cv in T.unroll(NR // L):
+                                    for c in T.vectorized(L):
+                                        acc[r, cv * L + c] = (acc[r, cv * L + c]
+                                                              + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
+                        for r in T.unroll(MR):
+                            for c in T.vectorized(NR):
+                                s[it * MR + r, jt * NR + c] = T.Select(k0 + jt * NR + c <= i0 + it * MR + r,
+                                                                       acc[r, c], T.float32(MASKED))
+                for r in range(R):  # online softmax over the row's vectors of keys; 0 after them
+                    nv = T.min(BK // L, (i0 + r - k0) // L + 1)
+                    for l in T.vectorized(L):
+                        vec[l] = s[r, l]
+                    for j in range(1, nv):
+                        for l in T.vectorized(L):
+                            vec[l] = T.max(vec[l], s[r, j * L + l])
+                    for l in range(1, L):
+                        vec[0] = T.max(vec[0], vec[l])
+                    vec[0] = T.max(vec[0], m[r])  # the new row max
+                    a[r] = _fast_exp(m[r] - vec[0])
+                    m[r] = vec[0]
+                    for l in T.vectorized(L):
+                        vec[l] = T.float32(0)
+                    for j in range(nv):
+                        for l in T.vectorized(L):
+                            s[r, j * L + l] = T.Select(k0 + j * L + l <= i0 + r, _fast_exp(s[r, j * L + l] - m[r]),
+                                                       T.float32(0))
+                            vec[l] = vec[l] + s[r, j * L + l]
+                    for j in range(nv, kn // L):
+                        for l in T.vectorized(L):
+                            s[r, j * L + l] = T.float32(0)
+                    for l in range(1, L):
+                        vec[0] = vec[0] + vec[l]
+                    rsum[r] = rsum[r] * a[r] + vec[0]
+                for it in range(R // MR2):  # output: o = a o + s V_block
                     for ct in range(D // NC):
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
-                                acc2[r, c] = o[it * MR2 + r, ct * NC + c]
-                        for j in range(T.min(R, i0 + it * MR2 + MR2 - jb * R)):
+                                acc2[r, c] = o[it * MR2 + r, ct * NC + c] * a[it * MR2 + r]
+                        for j in range(T.min(BK, T.min(i0 + it * MR2 + MR2, N) - k0)):
                             for r in T.unroll(MR2):
-                                for c in T.vectorized(NC):
-                                    acc2[r, c] = acc2[r, c] + s[it * MR2 + r, jb * R + j] * v[gk, jb * R + j, ct * NC + c]
+                                for cv in T.unroll(NC // W):
+                                    for c in T.vectorized(W):
+                                        acc2[r, cv * W + c] = (acc2[r, cv * W + c]
+                                                               + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c])
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
                                 o[it * MR2 + r, ct * NC + c] = acc2[r, c]
-            for i in range(R):
+            for r in range(T.min(R, N - i0)):
                 for c in T.vectorized(D):
-                    out[g, i0 + i, c] = o[i, c] / rsum[i]
+                    out[g, i0 + r, c] = o[r, c] / rsum[r]
 
-    return attention
+    attention = attention.with_attr(CONFIG_ATTR, vars(cfg))
+    return attention if target is None else attention.with_attr("tirx.is_scheduled", True)

@@ -9,8 +9,8 @@ the same two entry points:
                                    by bmvcc/gpu_build.py:schedule_kernels, with the knobs of its kernel table)
   space(sch, target)               its MetaSchedule design space (schedules/tuning_spaces.py); None: the
                                    kernel keeps its hand schedule when tuning
-`kind` is the PrimFunc's kernel kind (schedules/w2a8.py:kernel_of); the CPU attention kernel is built
-scheduled (schedules/attention_cpu.py) and has no entry.
+`kind` is the PrimFunc's kernel kind (schedules/w2a8.py:kernel_of); the CPU attention kernel's
+`schedule` rebuilds it for the target's vector width (schedules/attention_cpu.py).
 STAGING[device]: "module:function"s (IRModule, target) -> IRModule run after legalization and fusion
 (cpu_default.legalize_and_fuse), before the tuning tasks are taken: a kernel whose schedule needs its
 function rewritten first (the W2A8 CPU kernels' explicit stages) does that there.
@@ -24,6 +24,7 @@ from typing import Callable
 KERNELS: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("w2a8", "cpu"): ("w2a8_cpu:schedule", "w2a8_cpu:space"),
     ("norm_quant", "cpu"): ("norm_quant_cpu:schedule", "norm_quant_cpu:space"),
+    ("attention", "cpu"): ("attention_cpu:schedule", None),
     ("w2a8", "cuda"): ("w2a8_cuda:schedule", "w2a8_cuda:space"),
     ("norm_quant", "cuda"): ("norm_quant_cuda:schedule", None),
     ("attention_prefill", "cuda"): ("attention_cuda:schedule", None),
