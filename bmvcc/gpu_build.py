@@ -7,7 +7,8 @@ stages in order.
    are the tuning tasks (bmvcc/tune.py); `compile --db` applies a database to them (bmvcc/tunedb.py).
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
    schedule, norm_quant schedules/norm_quant_cuda.py's, the attention compute definitions
-   (passes/fuse_causal_attention.py) TVM's flash-style prefill kernel (schedules/attention_cuda.py), all through
+   (passes/fuse_causal_attention.py) bmvcc's fp16 tensor-core flash kernel (schedules/attention_cuda_tc.py; TVM's
+   flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), all through
    schedules/kernels.py and marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head;
    matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
 2. `tvm.compile` with cp.async enabled and TVM's CUDA graph rewrite (PASS_CONFIG); the device code is compiled
@@ -21,7 +22,7 @@ import json
 from pathlib import Path
 
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
-from .schedules import attention_cuda
+from .schedules import attention_cuda, attention_cuda_tc
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
 # cp.async (LDGSTS) in the W2A8 pipeline; TVM's RewriteCUDAGraph (in relax.backend.cuda's finalize passes) lifts
@@ -65,8 +66,8 @@ def _entry(func) -> dict:
 
 def schedule_kernels(mod, table, spec):
     """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their hand schedules
-    (schedules/kernels.py: W2A8 with its table knobs, norm_quant, attention as TVM's prefill kernel for spec's
-    target); all marked tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a
+    (schedules/kernels.py: W2A8 with its table knobs, norm_quant, attention as schedules/attention_cuda_tc.py's
+    kernel); all marked tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a
     tuning database: its entry says so instead of naming knobs. Returns (mod, table)."""
     from .schedules.kernels import schedule_of
     from .schedules.w2a8_cuda import W2A8CudaKnobs
@@ -171,7 +172,7 @@ def kernel_calls(mod) -> dict:
                     func = mod[gv]
                     n_in = len(call.args[1].fields)
                     if kernel_of(func) == ATTENTION:
-                        ops = attention_cuda.attention_ops(attention_cuda.config_of(func))
+                        ops = attention_cuda_tc.attention_ops(attention_cuda.config_of(func))
                     else:
                         try:
                             ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
