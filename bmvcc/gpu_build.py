@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
-from .schedules import attention_cuda, attention_cuda_tc
+from .schedules import attention_cuda
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
 # cp.async (LDGSTS) in the W2A8 pipeline; TVM's RewriteCUDAGraph (in relax.backend.cuda's finalize passes) lifts
@@ -150,11 +150,15 @@ def _launched(mod) -> tuple[dict, dict, int]:
 def kernel_calls(mod) -> dict:
     """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
     argument once: compulsory global-memory traffic), and TVM's static op count (None if unknown; attention:
-    its config's, TVM's count of the prefill kernel's loops is meaningless)."""
+    the `attention_ops` of the module that schedules it, for its config; TVM's count of the loops is meaningless)."""
+    import importlib
+
     import numpy as np
     import tvm
     from tvm import relax
     from tvm.s_tir.analysis import estimate_tir_flops
+
+    from .schedules.kernels import schedule_of
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
     stats: dict = {}
@@ -172,7 +176,8 @@ def kernel_calls(mod) -> dict:
                     func = mod[gv]
                     n_in = len(call.args[1].fields)
                     if kernel_of(func) == ATTENTION:
-                        ops = attention_cuda_tc.attention_ops(attention_cuda.config_of(func))
+                        scheduler = importlib.import_module(schedule_of(ATTENTION, "cuda").__module__)
+                        ops = scheduler.attention_ops(attention_cuda.config_of(func))
                     else:
                         try:
                             ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
