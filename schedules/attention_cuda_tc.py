@@ -14,7 +14,7 @@ each K/V tile is loaded once for all the query heads it serves. Per warp 16 rows
         those rounded p, O and l rescaled by 2^(m_old - m)
     O += P V: P's accumulator layout *is* the A fragment layout of m16n8k16 (no shared memory),
         V --ldmatrix.x4.trans--> B fragments
-    out = O / l (fp16), lse = m + log2(l)
+    out = O * (1 / l) (fp16; 1 ulp from the definition's O / l), lse = m + log2(l)
 
 Causal: a CTA visits key tiles 0 .. (its last token) // BN only; the fully masked ones are never loaded.
 Shapes: head_dim a multiple of 16 (at most 128: registers) and G dividing 64 (`supported`); shared memory
@@ -117,6 +117,7 @@ def attention_tc(cfg: PrefillConfig):
                         m = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         m_new = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         l = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                        inv_l = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         b: T.let[T.int32] = vbx // (HKV * TILES)
                         kvh: T.let[T.int32] = vbx // TILES % HKV
                         t0: T.let[T.int32] = vbx % TILES * TQ
@@ -203,11 +204,12 @@ def attention_tc(cfg: PrefillConfig):
                                 l[h] = l[h] + T.tvm_warp_shuffle_xor(T.tvm_warp_activemask(), l[h], 1 << x, 32, 32)
                             row = T.meta_var(warp * 16 + lane // 4 + 8 * h)
                             token = T.meta_var(t0 + row // G)
+                            inv_l[0] = T.float32(1) / l[h]  # one division per row (IEEE: a slow path in SASS)
                             if token < N:
                                 for dt in T.unroll(ND):
                                     for c in T.unroll(2):
                                         out[b, token, kvh * G + row % G, dt * 8 + lane % 4 * 2 + c] = T.Cast(
-                                            DTYPE, o[dt * 4 + h * 2 + c] / l[h])
+                                            DTYPE, o[dt * 4 + h * 2 + c] * inv_l[0])
                                 if lane % 4 == 0:
                                     lse[b, token, kvh * G + row % G] = T.Cast(DTYPE, m[h] + T.log2(l[h]))
 
