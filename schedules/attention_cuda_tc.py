@@ -17,19 +17,21 @@ each K/V tile is loaded once for all the query heads it serves. Per warp 16 rows
     out = O * (1 / l) (fp16; 1 ulp from the definition's O / l), lse = m + log2(l)
 
 Causal: a CTA visits key tiles 0 .. (its last token) // BN only; the fully masked ones are never loaded.
-Shapes: head_dim a multiple of 16 (at most 128: registers) and G dividing 64 (`supported`); shared memory
-64 x (D + 8) x 2 bytes for Q and 2 x 2 x 64 x (D + 8) x 2 for K/V (D = 64: 45 KB, within the 48 KB static cap;
-the 8 halves of padding per row put ldmatrix's 8 row addresses in distinct banks).
+Shapes (`supported`): head_dim a multiple of 16 whose tiles fit static shared memory, 64 x (D + 8) x 2 bytes
+for Q and 2 x 2 x 64 x (D + 8) x 2 for K/V (D = 64: 45 KB of the 48 KB; the 8 halves of padding per row put
+ldmatrix's 8 row addresses in distinct banks), and G dividing 64.
 
-Error versus the definition: as attention_cuda's docstring (fp16 q, k, v products exact in the fp32 mma
-accumulators), plus p rounded to fp16 before P V (relative u per weight; l sums the rounded weights, so they
-still sum to one): |out - definition| <= ~(2u + a few fp32 roundings) * max_j |v_j| per element.
+Error versus float32 attention of the unrounded inputs: attention_cuda's bound (the fp16 q k products are exact
+in the fp32 mma accumulators) with one more rounding: p is rounded to fp16 before P V (relative u per weight;
+l sums the rounded weights, so they still sum to one, and the normalized weights move by a factor within
+e^(+-2u)): |out - out32| <= (e^(2 Delta_i) - 1 + 4u) * max_j |v_j| (tests/test_attention_cuda.py).
 """
 
 from __future__ import annotations
 
 import math
 
+from ..targets.cuda import STATIC_SHARED_BYTES
 from . import attention_cuda
 from .attention_cuda import CONFIG_ATTR, DTYPE, KERNEL_ATTR, PrefillConfig, config_of
 
@@ -40,10 +42,14 @@ PAD = 8  # halves of padding per shared row
 VEC = 8  # halves per 16-byte cp.async / vector load
 
 
+def shared_bytes(cfg: PrefillConfig) -> int:
+    """The Q tile and two stages of K and V tiles, fp16, rows padded."""
+    return (BM + 2 * 2 * BN) * (cfg.head_dim + PAD) * 2
+
+
 def supported(cfg: PrefillConfig) -> bool:
-    groups = cfg.heads // cfg.kv_heads
-    return (cfg.head_dim % 16 == 0 and cfg.head_dim <= 128 and cfg.heads % cfg.kv_heads == 0
-            and BM % groups == 0)
+    return (cfg.head_dim % 16 == 0 and shared_bytes(cfg) <= STATIC_SHARED_BYTES and cfg.heads % cfg.kv_heads == 0
+            and BM % (cfg.heads // cfg.kv_heads) == 0)
 
 
 def visible(cfg: PrefillConfig, token, j):

@@ -256,3 +256,17 @@ def test_paper_size_tc_kernel_on_tensor_cores_without_spills():
     (launch,) = kernel_launches(mod, spec.target())["attention"]
     assert launch.grid == (128, 1, 1) and launch.block == (32, 4, 1)
     assert attention_ops(cfg) == 4.0 * 1088 * 64**3
+
+
+def test_shapes_the_tc_kernel_does_not_take_get_tvms_prefill_kernel():
+    """Head size 8 (not a multiple of 16), 80 (tiles over 48 KB of static shared memory), 3 query heads per K/V
+    head (not dividing 64 rows): TVM's prefill kernel, no mma; head size 64 with 8 heads: the tensor-core one."""
+    from bmvcc.schedules import attention_cuda_tc
+
+    paper = PrefillConfig(1, 8, 1, 64, 64, 1.0, True)
+    assert attention_cuda_tc.supported(paper)
+    assert not any(attention_cuda_tc.supported(replace(paper, **c))
+                   for c in ({"head_dim": 8}, {"head_dim": 80}, {"heads": 3}))
+    target = targets.get(ORIN).target()
+    assert "mma" in attention_cuda_tc.schedule(attention_compute(paper), target).script()
+    assert "mma" not in attention_cuda_tc.schedule(attention_compute(replace(paper, head_dim=8)), target).script()
