@@ -9,12 +9,12 @@ each K/V tile is loaded once for all the query heads it serves. Per warp 16 rows
         double buffered (tile kt + 1 in flight while tile kt is computed)
     S = Q K^T: K --ldmatrix.x4--> B fragments, mma.sync.m16n8k16 f16 x f16 + f32 (registers)
     online softmax on S's accumulator fragments (a row lives in the 4 lanes of a quad: max and sum by
-        shfl.bfly): t = coef * s (coef = scale * log2 e folded into the exponent), causal and key-count
-        condition from the indices, m = running max, p = 2^(t - m) rounded to fp16, l = running sum of
-        those rounded p, O and l rescaled by 2^(m_old - m)
+        shfl.bfly): causal and key-count condition from the indices, m = running max of s,
+        p = 2^(coef s - coef m) rounded to fp16 (coef = scale * log2 e folded into the exponent: one FFMA),
+        l = running sum of those rounded p, O and l rescaled by 2^(coef (m_old - m))
     O += P V: P's accumulator layout *is* the A fragment layout of m16n8k16 (no shared memory),
         V --ldmatrix.x4.trans--> B fragments
-    out = O * (1 / l) (fp16; 1 ulp from the definition's O / l), lse = m + log2(l)
+    out = O * (1 / l) (fp16; 1 ulp from the definition's O / l), lse = coef m + log2(l)
 
 Causal: a CTA visits key tiles 0 .. (its last token) // BN only; the fully masked ones are never loaded.
 Shapes (`supported`): head_dim a multiple of 16 whose tiles fit static shared memory, 64 x (D + 8) x 2 bytes
@@ -124,6 +124,7 @@ def attention_tc(cfg: PrefillConfig):
                         m_new = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         l = T.sblock_alloc_buffer((2,), "float32", scope="local")
                         inv_l = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        m_scaled = T.sblock_alloc_buffer((1,), "float32", scope="local")
                         b: T.let[T.int32] = vbx // (HKV * TILES)
                         kvh: T.let[T.int32] = vbx // TILES % HKV
                         t0: T.let[T.int32] = vbx % TILES * TQ
@@ -177,20 +178,21 @@ def attention_tc(cfg: PrefillConfig):
                                 for nt in T.unroll(NS):
                                     for c in T.unroll(2):
                                         j = T.meta_var(kt * BN + nt * 8 + lane % 4 * 2 + c)
-                                        s[nt * 4 + h * 2 + c] = T.Select(visible(cfg, token, j),
-                                                                         s[nt * 4 + h * 2 + c] * coef, lowest)
+                                        s[nt * 4 + h * 2 + c] = T.Select(visible(cfg, token, j), s[nt * 4 + h * 2 + c],
+                                                                         lowest)
                                         m_new[h] = T.max(m_new[h], s[nt * 4 + h * 2 + c])
                                 for x in T.unroll(2):  # the quad's lanes 1, 2 apart
                                     m_new[h] = T.max(m_new[h], T.tvm_warp_shuffle_xor(
                                         T.tvm_warp_activemask(), m_new[h], 1 << x, 32, 32))
-                                alpha = T.meta_var(T.exp2(m[h] - m_new[h]))
+                                alpha = T.meta_var(T.exp2((m[h] - m_new[h]) * coef))
+                                m_scaled[0] = m_new[h] * coef
                                 l[h] = l[h] * alpha
                                 for dt in T.unroll(ND):
                                     for c in T.unroll(2):
                                         o[dt * 4 + h * 2 + c] = o[dt * 4 + h * 2 + c] * alpha
                                 for nt in T.unroll(NS):
                                     for c in T.unroll(2):
-                                        p[nt * 4 + h * 2 + c] = T.Cast(DTYPE, T.exp2(s[nt * 4 + h * 2 + c] - m_new[h]))
+                                        p[nt * 4 + h * 2 + c] = T.Cast(DTYPE, T.exp2(s[nt * 4 + h * 2 + c] * coef - m_scaled[0]))
                                         l[h] = l[h] + T.Cast("float32", p[nt * 4 + h * 2 + c])
                                 m[h] = m_new[h]
                             for kb in T.unroll(KB):
@@ -217,7 +219,7 @@ def attention_tc(cfg: PrefillConfig):
                                         out[b, token, kvh * G + row % G, dt * 8 + lane % 4 * 2 + c] = T.Cast(
                                             DTYPE, o[dt * 4 + h * 2 + c] * inv_l[0])
                                 if lane % 4 == 0:
-                                    lse[b, token, kvh * G + row % G] = T.Cast(DTYPE, m[h] + T.log2(l[h]))
+                                    lse[b, token, kvh * G + row % G] = T.Cast(DTYPE, m[h] * coef + T.log2(l[h]))
 
     return attention
 
