@@ -219,6 +219,7 @@ def test_tc_kernel_emulated_matches_the_definition_and_float32_attention(name):
     _within_stated_bound(arrays[3], q, k, v, cfg, 4 * U)  # lse (no consumer): the definition's, compared above
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # token 0 sees no key: the broken kernel's 1 / 0
 def test_tc_kernel_with_the_causal_condition_off_by_one_is_caught(monkeypatch):
     """Negative control: the same kernel letting query i see keys j < i only (its own key hidden) disagrees
     with the definition."""
