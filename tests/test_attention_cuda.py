@@ -231,7 +231,8 @@ def test_tc_kernel_with_the_causal_condition_off_by_one_is_caught(monkeypatch):
     monkeypatch.setattr(attention_cuda_tc, "visible", lambda cfg, token, j: T.And(j < token, j < cfg.tokens))
     cfg = TC_CONFIGS["gqa-causal"]
     arrays, reference = _emulate_tc(cfg, *_inputs(cfg))
-    assert not compare(arrays, reference, [np.ones(a.shape, bool) for a in arrays], complete=True)[1]
+    later = [np.broadcast_to(np.arange(a.shape[1]).reshape(1, -1, *[1] * (a.ndim - 2)) > 0, a.shape) for a in arrays]
+    assert not compare(arrays, reference, later, complete=False)[1]  # not only token 0's empty row
 
 
 def test_paper_size_tc_kernel_on_tensor_cores_without_spills():
