@@ -1,6 +1,7 @@
 """The per-kernel time estimate of a checkpoint's Jetson Orin Nano build (`bmvcc report`'s model) and its compile time.
 
-    python benchmarks/bench_orin_estimate.py [CHECKPOINT] [--paper] [--tvm-attention] [--target jetson-orin-nano] [--json]
+    python benchmarks/bench_orin_estimate.py [CHECKPOINT] [--paper] [--tvm-attention] [--target jetson-orin-nano]
+                                             [--json]
 
 CHECKPOINT defaults to the bundled example (examples/bitmedvit_digits.pth); --paper compiles the paper-size model
 (random weights, benchmarks/common.py) instead. The build goes to a temporary directory. Per kernel: calls and

@@ -163,7 +163,7 @@ def attention_tc(cfg: PrefillConfig):
                                 s[i] = T.float32(0)
                             for kd in T.unroll(KD):
                                 for n2 in T.unroll(NS // 2):
-                                    # matrices (keys 0-7 | 8-15) x (d 0-7 | 8-15): B fragments of n8 tiles 2 n2, 2 n2 + 1
+                                    # matrices (keys 0-7 | 8-15) x (d 0-7 | 8-15): B of n8 tiles 2 n2, 2 n2 + 1
                                     T.evaluate(T.ptx_legacy.ldmatrix(
                                         False, 4, ".b16", kf.data, 0, ks.access_ptr("r"),
                                         stage * BN * DP + (n2 * 16 + lane // 16 * 8 + lane % 8) * DP + kd * 16
@@ -192,12 +192,13 @@ def attention_tc(cfg: PrefillConfig):
                                         o[dt * 4 + h * 2 + c] = o[dt * 4 + h * 2 + c] * alpha
                                 for nt in T.unroll(NS):
                                     for c in T.unroll(2):
-                                        p[nt * 4 + h * 2 + c] = T.Cast(DTYPE, T.exp2(s[nt * 4 + h * 2 + c] * coef - m_scaled[0]))
+                                        p[nt * 4 + h * 2 + c] = T.Cast(
+                                            DTYPE, T.exp2(s[nt * 4 + h * 2 + c] * coef - m_scaled[0]))
                                         l[h] = l[h] + T.Cast("float32", p[nt * 4 + h * 2 + c])
                                 m[h] = m_new[h]
                             for kb in T.unroll(KB):
                                 for d2 in T.unroll(ND // 2):
-                                    # matrices (keys 0-7 | 8-15) x (d 0-7 | 8-15), transposed: B of d tiles 2 d2, 2 d2 + 1
+                                    # matrices (keys 0-7 | 8-15) x (d 0-7 | 8-15), transposed: B of d tiles 2 d2, +1
                                     T.evaluate(T.ptx_legacy.ldmatrix(
                                         True, 4, ".b16", vf.data, 0, vs.access_ptr("r"),
                                         stage * BN * DP + (kb * 16 + lane // 8 % 2 * 8 + lane % 8) * DP + d2 * 16
