@@ -1,12 +1,14 @@
 """The per-kernel time estimate of a checkpoint's Jetson Orin Nano build (`bmvcc report`'s model) and its compile time.
 
-    python benchmarks/bench_orin_estimate.py [CHECKPOINT] [--paper] [--target jetson-orin-nano] [--json]
+    python benchmarks/bench_orin_estimate.py [CHECKPOINT] [--paper] [--tvm-attention] [--target jetson-orin-nano]
+                                             [--json]
 
 CHECKPOINT defaults to the bundled example (examples/bitmedvit_digits.pth); --paper compiles the paper-size model
 (random weights, benchmarks/common.py) instead. The build goes to a temporary directory. Per kernel: calls and
 kernel launches per run, tensor-core, issue and DRAM time, the estimate (the largest of the three plus launch
 overhead) and the peak-roofline lower bound, all per call in microseconds; then the totals per run and the
-assumptions (bmvcc/report.py).
+assumptions (bmvcc/report.py). --tvm-attention: the baseline build, attention as TVM's prefill kernel
+(schedules/attention_cuda.py) instead of bmvcc's tensor-core kernel (schedules/attention_cuda_tc.py).
 """
 
 from __future__ import annotations
@@ -52,9 +54,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", nargs="?", type=Path, default=EXAMPLE)
     ap.add_argument("--paper", action="store_true", help="the paper-size model instead (random weights)")
+    ap.add_argument("--tvm-attention", action="store_true", help="attention as TVM's prefill kernel (the baseline)")
     ap.add_argument("--target", default="jetson-orin-nano")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.tvm_attention:
+        from bmvcc.schedules import kernels
+
+        kernels.KERNELS[("attention_prefill", "cuda")] = ("attention_cuda:schedule", None)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if args.paper:

@@ -7,7 +7,8 @@ stages in order.
    are the tuning tasks (bmvcc/tune.py); `compile --db` applies a database to them (bmvcc/tunedb.py).
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
    schedule, norm_quant schedules/norm_quant_cuda.py's, the attention compute definitions
-   (passes/fuse_causal_attention.py) TVM's flash-style prefill kernel (schedules/attention_cuda.py), all through
+   (passes/fuse_causal_attention.py) bmvcc's fp16 tensor-core flash kernel (schedules/attention_cuda_tc.py; TVM's
+   flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), all through
    schedules/kernels.py and marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head;
    matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
 2. `tvm.compile` with cp.async enabled and TVM's CUDA graph rewrite (PASS_CONFIG); the device code is compiled
@@ -65,8 +66,8 @@ def _entry(func) -> dict:
 
 def schedule_kernels(mod, table, spec):
     """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their hand schedules
-    (schedules/kernels.py: W2A8 with its table knobs, norm_quant, attention as TVM's prefill kernel for spec's
-    target); all marked tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a
+    (schedules/kernels.py: W2A8 with its table knobs, norm_quant, attention as schedules/attention_cuda_tc.py's
+    kernel); all marked tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a
     tuning database: its entry says so instead of naming knobs. Returns (mod, table)."""
     from .schedules.kernels import schedule_of
     from .schedules.w2a8_cuda import W2A8CudaKnobs
@@ -149,11 +150,15 @@ def _launched(mod) -> tuple[dict, dict, int]:
 def kernel_calls(mod) -> dict:
     """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
     argument once: compulsory global-memory traffic), and TVM's static op count (None if unknown; attention:
-    its config's, TVM's count of the prefill kernel's loops is meaningless)."""
+    the `attention_ops` of the module that schedules it, for its config; TVM's count of the loops is meaningless)."""
+    import importlib
+
     import numpy as np
     import tvm
     from tvm import relax
     from tvm.s_tir.analysis import estimate_tir_flops
+
+    from .schedules.kernels import schedule_of
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
     stats: dict = {}
@@ -171,7 +176,8 @@ def kernel_calls(mod) -> dict:
                     func = mod[gv]
                     n_in = len(call.args[1].fields)
                     if kernel_of(func) == ATTENTION:
-                        ops = attention_cuda.attention_ops(attention_cuda.config_of(func))
+                        scheduler = importlib.import_module(schedule_of(ATTENTION, "cuda").__module__)
+                        ops = scheduler.attention_ops(attention_cuda.config_of(func))
                     else:
                         try:
                             ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))

@@ -13,7 +13,9 @@ fp16, lse = m + log2(sum_j w_j) (base 2; no consumer reads it, the kernel writes
 (tvm.relax.frontend.nn.llm._prefill_kernels._attention_sequence_prefill, the one MLC-LLM runs): per CTA
 of 4 warps, 32 query rows (of one batch entry, all heads of a K/V group) against 32-key tiles of K and V
 in shared memory, online softmax (running max and sum in float32), both GEMMs on CUDA cores in float32;
-the N x N scores never reach global memory. It visits every key tile (masked ones too).
+the N x N scores never reach global memory. It visits every key tile (masked ones too). CUDA builds use
+schedules/attention_cuda_tc.py's tensor-core kernel where it takes the shape; this one otherwise and as the
+benchmark baseline (benchmarks/bench_orin_estimate.py --tvm-attention).
 
 Error versus float32 attention of the unrounded inputs (u = 2^-11, fp16's unit roundoff): rounding q and k
 moves each score by at most Delta_i = (2u + u^2) * scale * sum_d |q_id k_jd| (max over j), hence each

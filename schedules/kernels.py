@@ -27,7 +27,7 @@ KERNELS: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("attention", "cpu"): ("attention_cpu:schedule", None),
     ("w2a8", "cuda"): ("w2a8_cuda:schedule", "w2a8_cuda:space"),
     ("norm_quant", "cuda"): ("norm_quant_cuda:schedule", None),
-    ("attention_prefill", "cuda"): ("attention_cuda:schedule", None),
+    ("attention_prefill", "cuda"): ("attention_cuda_tc:schedule", None),
 }
 STAGING: dict[str, tuple[str, ...]] = {"cpu": ("w2a8_cpu:stage_w2a8_kernels",)}
 

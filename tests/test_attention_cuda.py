@@ -60,6 +60,14 @@ def test_definition_within_the_stated_bound_of_float32_attention(name):
     cfg = CONFIGS[name]
     q, k, v = _inputs(cfg)
     out, lse = _run_definition(cfg, q, k, v)
+    ref_lse = _within_stated_bound(out, q, k, v, cfg, 2 * U)
+    np.testing.assert_allclose(lse.astype(np.float64), ref_lse, rtol=2 * U, atol=1e-3)
+
+
+def _within_stated_bound(out, q, k, v, cfg: PrefillConfig, rounding: float):
+    """Asserts |out - float64 attention of (q, k, v)| <= (e^(2 Delta_i) - 1 + rounding) max_j |v_jd|
+    + 8 N 2^-24 max_j |v_jd| (attention_cuda's docstring; `rounding`: the relative roundings of v, the weights
+    and the output) and that the error is not vacuous; returns the float64 lse (base 2)."""
     ref, ref_lse = _attention64(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), cfg)
     g = cfg.heads // cfg.kv_heads
     kk, vv = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
@@ -68,11 +76,11 @@ def test_definition_within_the_stated_bound_of_float32_attention(name):
         dots = np.where(np.triu(np.ones(dots.shape[-2:], bool), 1), 0.0, dots)
     delta = (2 * U + U * U) * cfg.scale * dots.max(-1).transpose(0, 2, 1)[..., None]  # [B, N, H, 1]
     vmax = np.abs(vv).max(1, keepdims=True)  # every key (a superset of those a causal row sees)
-    bound = (np.expm1(2 * delta) + 2 * U) * vmax + 8 * cfg.tokens * 2.0**-24 * vmax
+    bound = (np.expm1(2 * delta) + rounding) * vmax + 8 * cfg.tokens * 2.0**-24 * vmax
     err = np.abs(out.astype(np.float64) - ref)
     assert (err <= bound).all(), (err - bound).max()
     assert err.max() > 1e-5 * np.abs(ref).max()  # fp16 rounding happened: the bound is not vacuous
-    np.testing.assert_allclose(lse.astype(np.float64), ref_lse, rtol=2 * U, atol=1e-3)
+    return ref_lse
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -167,3 +175,100 @@ def test_onnx_import_attention_becomes_the_causal_kernel(tmp_path):
     assert report["causal_attention_fused"] == cfg.depth
     assert _same(_attention_kernels(mod), PrefillConfig(1, 4, 1, 16, 8, 8**-0.5, True))
     assert _no_softmax_or_square_constant(mod, weights, 16)
+
+
+TC_CONFIGS = {  # bmvcc's tensor-core kernel (head_dim a multiple of 16): partial query and key tiles throughout
+    "mq-causal": PrefillConfig(1, 4, 1, 150, 16, 0.25, True),  # 10 CTAs of 16 tokens x 4 heads, 1-3 key tiles
+    "gqa-causal": PrefillConfig(2, 4, 2, 17, 16, 0.35, True),
+    "mh-full": PrefillConfig(2, 2, 2, 70, 32, 1.0, False),  # multi-head: 64 tokens per CTA, 2 key tiles each
+}
+
+
+def _emulate_tc(cfg: PrefillConfig, q, k, v):
+    """schedules/attention_cuda_tc.py's kernel for cfg built for sm_87 and every CTA of it run by the PTX emulator
+    (no race); returns (arguments afterwards, the definition's arguments after running on the CPU)."""
+    from bmvcc.ptx.verify import build_scheduled, emulate, run_definition
+    from bmvcc.schedules import attention_cuda_tc
+
+    spec = targets.get(ORIN)
+    definition = attention_compute(cfg)
+    kernels, launches = build_scheduled(
+        tvm.IRModule({"attention": attention_cuda_tc.schedule(definition, spec.target())}), spec)
+    b, n, h, d = q.shape
+    rng = np.random.default_rng(2)
+    arrays = [x.astype(np.float16) for x in (q, k, v)] + [rng.normal(size=s).astype(np.float16)
+                                                           for s in ((b, n, h, d), (b, n, h))]
+    reference = run_definition(definition, [a.copy() for a in arrays])
+    res = emulate(kernels, launches["attention"], arrays)
+    assert res.ctas_run == res.ctas_total > 1 and res.races == 0
+    return arrays, reference
+
+
+@pytest.mark.parametrize("name", TC_CONFIGS)
+def test_tc_kernel_emulated_matches_the_definition_and_float32_attention(name):
+    """The tensor-core kernel from its sm_87 PTX against the definition as `bmvcc verify` compares, and against
+    float64 attention of the float32 inputs within the stated bound: attention_cuda's plus the fp16 rounding of
+    the weights before P V (relative u each, normalized by their rounded sum: 2u), so 4u in all."""
+    from bmvcc.ptx.verify import compare
+
+    cfg = TC_CONFIGS[name]
+    q, k, v = _inputs(cfg)
+    arrays, reference = _emulate_tc(cfg, q, k, v)
+    err, agree = compare(arrays, reference, [np.ones(a.shape, bool) for a in arrays], complete=True)
+    assert agree, err
+    _within_stated_bound(arrays[3], q, k, v, cfg, 4 * U)  # lse (no consumer): the definition's, compared above
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # token 0 sees no key: the broken kernel's 1 / 0
+def test_tc_kernel_with_the_causal_condition_off_by_one_is_caught(monkeypatch):
+    """Negative control: the same kernel letting query i see keys j < i only (its own key hidden) disagrees
+    with the definition."""
+    from tvm.script import tirx as T
+
+    from bmvcc.ptx.verify import compare
+    from bmvcc.schedules import attention_cuda_tc
+
+    monkeypatch.setattr(attention_cuda_tc, "visible", lambda cfg, token, j: T.And(j < token, j < cfg.tokens))
+    cfg = TC_CONFIGS["gqa-causal"]
+    arrays, reference = _emulate_tc(cfg, *_inputs(cfg))
+    later = [np.broadcast_to(np.arange(a.shape[1]).reshape(1, -1, *[1] * (a.ndim - 2)) > 0, a.shape) for a in arrays]
+    assert not compare(arrays, reference, later, complete=False)[1]  # not only token 0's empty row
+
+
+def test_paper_size_tc_kernel_on_tensor_cores_without_spills():
+    """The paper model's layer (1024 tokens, 8 query heads sharing one K/V head, head size 64) for sm_87: HMMA
+    (fp16 in, fp32 accumulation), ldmatrix (plain and transposed), cp.async in the SASS; no spills, static
+    shared memory within 48 KB; 128 CTAs of 8 tokens x 8 heads, CTA c visiting key tiles 0 .. c // 8, so
+    8 x (1 + ... + 16) = 1088 tiles of 64 x 64 x 64 x 2 GEMMs (of 2 x 128 x 16 = 4096 unmasked)."""
+    from bmvcc.ptx.launches import kernel_launches
+    from bmvcc.schedules.attention_cuda_tc import attention_ops, schedule as tc_schedule
+    from bmvcc.targets.cuda_toolchain import cuda_to_ptx, ptx_to_cubin
+
+    spec = targets.get(ORIN)
+    cfg = PrefillConfig(1, 8, 1, 1024, 64, 0.125, True)
+    kernel = tc_schedule(attention_compute(cfg), spec.target())
+    mod = tvm.IRModule({"attention": kernel.with_attr("global_symbol", "attention")})
+    source = tvm.compile(mod, target=spec.target()).mod.imports[0].inspect_source("cuda")
+    cubin = ptx_to_cubin(cuda_to_ptx(source, "sm_87"), "sm_87")
+    (res,) = cubin.resources
+    assert res.spill_stores == res.spill_loads == 0 and 0 < res.shared_bytes <= 48 * 1024, res
+    sass = cubin.sass()
+    for op in ("HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4", "LDGSTS"):
+        assert op in sass, op
+    (launch,) = kernel_launches(mod, spec.target())["attention"]
+    assert launch.grid == (128, 1, 1) and launch.block == (32, 4, 1)
+    assert attention_ops(cfg) == 4.0 * 1088 * 64**3
+
+
+def test_shapes_the_tc_kernel_does_not_take_get_tvms_prefill_kernel():
+    """Head size 8 (not a multiple of 16), 80 (tiles over 48 KB of static shared memory), 3 query heads per K/V
+    head (not dividing 64 rows): TVM's prefill kernel, no mma; head size 64 with 8 heads: the tensor-core one."""
+    from bmvcc.schedules import attention_cuda_tc
+
+    paper = PrefillConfig(1, 8, 1, 64, 64, 1.0, True)
+    assert attention_cuda_tc.supported(paper)
+    assert not any(attention_cuda_tc.supported(replace(paper, **c))
+                   for c in ({"head_dim": 8}, {"head_dim": 80}, {"heads": 3}))
+    target = targets.get(ORIN).target()
+    assert "mma" in attention_cuda_tc.schedule(attention_compute(paper), target).script()
+    assert "mma" not in attention_cuda_tc.schedule(attention_compute(replace(paper, head_dim=8)), target).script()
