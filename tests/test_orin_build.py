@@ -82,6 +82,24 @@ def test_attention_is_one_kernel_per_block_and_no_mask_is_stored(orin_build):
     assert macs == 2 * 4 * 16 * 16 * 8  # Q K^T and P V over every key tile of each of the 4 heads (head size 8)
 
 
+def test_no_file_records_where_bmvcc_or_tvm_is_installed(orin_build):
+    """device_definitions.json names the TVMScript of each compute definition by its module
+    (bmvcc/schedules/w2a8.py), not by its path: the same bmvcc installed elsewhere writes the same bytes."""
+    from pathlib import Path
+
+    import tvm
+
+    from bmvcc import schedules
+
+    installs = {Path(schedules.__file__).resolve().parents[1], Path(tvm.__file__).resolve().parents[1]}
+    for path in sorted(orin_build.iterdir()):
+        data = path.read_bytes()
+        assert not [root for root in installs if str(root).encode() in data], f"{path.name} records an install path"
+    graph = json.loads((orin_build / artifact.DEVICE_DEFINITIONS).read_text())
+    sources = {node["data"] for node in graph["nodes"] if node["type"] == "ir.SourceName"}
+    assert "bmvcc/schedules/w2a8.py" in sources and all(s.startswith("bmvcc/schedules/") for s in sources), sources
+
+
 def test_embed_cubin_rewrites_only_the_cuda_record():
     source, cubin = "__global__ void k() {}", b"\x7fELF-cubin"
     fmap = struct.pack("<Q", 1) + b"fmap-bytes"
