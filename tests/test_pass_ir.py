@@ -2,7 +2,8 @@
 with tvm.ir.assert_structural_equal (bound variable names do not matter, structure and types do); and
 a module with the pattern almost right, which must come out unchanged. The kernels a rewrite calls are
 the schedules/ compute definitions for the expected configuration (see _with_kernels); their numerics
-are checked against numpy references in test_passes_kernels.py, test_w2a8_cpu.py and test_attention_cpu.py."""
+are checked against numpy references in test_passes_kernels.py, test_w2a8_cpu.py, test_attention_cpu.py and
+test_attention_cuda.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from bmvcc.passes.drop_training_outputs import drop_training_outputs
 from bmvcc.passes.externalize_weights import externalize_weights
 from bmvcc.passes.fp16_matmuls import fp16_matmuls
 from bmvcc.passes.fuse_causal_attention import REPORT_KEY as ATTENTION_KEY
-from bmvcc.passes.fuse_causal_attention import fuse_causal_attention
+from bmvcc.passes.fuse_causal_attention import fuse_attention_cuda, fuse_causal_attention
 from bmvcc.passes.fuse_norm_quant import REPORT_KEY as NORM_QUANT_KEY
 from bmvcc.passes.fuse_norm_quant import fuse_norm_quant
 from bmvcc.passes.fuse_w2a8_epilogue import REPORT_KEY as EPILOGUE_KEY
@@ -30,6 +31,7 @@ from bmvcc.passes.quantize_bitlinear import REPORT_KEY as QUANTIZE_KEY
 from bmvcc.passes.quantize_bitlinear import quantize_bitlinear
 from bmvcc.schedules import w2a8_cuda
 from bmvcc.schedules.attention_cpu import AttentionConfig, attention_cpu
+from bmvcc.schedules.attention_cuda import PrefillConfig, attention_compute
 from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute
 from bmvcc.schedules.w2a8 import KERNEL_ATTR, W2A8Config, w2a8_compute
 
@@ -570,5 +572,116 @@ def test_fuse_causal_attention():
 def test_fuse_causal_attention_keeps_a_mask_that_lets_a_token_see_the_next():
     before = _causal_attention(np.triu(np.full((8, 8), -np.inf, np.float32), 2))
     after = fuse_causal_attention(before)
+    assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 0}
+    tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY), before)
+
+
+SCALE = float(np.float32(1 / np.sqrt(8)))
+
+
+def _multi_query_attention(mask: np.ndarray) -> tvm.IRModule:
+    """softmax(Q K^T / sqrt(8) + mask) V as passes/fp16_matmuls.py leaves it for CUDA (fp16 operands, float32
+    scores and softmax): 4 query heads of 8 tokens x 8 dims, one K/V head broadcast by the matmuls."""
+    scale, additive = relax.const(np.float32(SCALE)), relax.const(mask)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((1, 4, 8, 8), "float16"), kt: R.Tensor((1, 1, 8, 8), "float16"),
+                 v: R.Tensor((1, 1, 8, 8), "float16")) -> R.Tensor((1, 4, 8, 8), "float32"):
+            with R.dataflow():
+                x = R.add(R.multiply(R.matmul(q, kt, out_dtype="float32"), scale), additive)
+                p = R.astype(R.nn.softmax(x, axis=-1), "float16")
+                o = R.matmul(p, v, out_dtype="float32")
+                R.output(o)
+            return o
+
+    return Before
+
+
+def test_fuse_attention_cuda_causal_multi_query():
+    """The mask becomes the kernel's causal condition; the K/V head enters once for all 4 query heads
+    ([B, N, H, D] layout: one batch entry, 4 heads, 1 K/V head)."""
+    scale, additive = relax.const(np.float32(SCALE)), relax.const(CAUSAL)
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def attention_causal_b1_h4_n8_d8(q: T.Buffer((1, 8, 4, 8), "float16"), k: T.Buffer((1, 8, 1, 8), "float16"),
+                                         v: T.Buffer((1, 8, 1, 8), "float16"), out: T.Buffer((1, 8, 4, 8), "float16"),
+                                         lse: T.Buffer((1, 8, 4), "float16")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((1, 4, 8, 8), "float16"), kt: R.Tensor((1, 1, 8, 8), "float16"),
+                 v: R.Tensor((1, 1, 8, 8), "float16")) -> R.Tensor((1, 4, 8, 8), "float32"):
+            cls = Expected
+            with R.dataflow():
+                x = R.add(R.multiply(R.matmul(q, kt, out_dtype="float32"), scale), additive)
+                _ = R.astype(R.nn.softmax(x, axis=-1), "float16")  # dead now
+                q4 = R.permute_dims(R.reshape(q, (1, 4, 8, 8)), axes=[0, 2, 1, 3])
+                k4 = R.reshape(R.permute_dims(R.reshape(kt, (1, 8, 8)), axes=[0, 2, 1]), (1, 8, 1, 8))
+                out = R.call_tir(cls.attention_causal_b1_h4_n8_d8, (q4, k4, R.reshape(v, (1, 8, 1, 8))),
+                                 out_ty=[R.Tensor((1, 8, 4, 8), "float16"), R.Tensor((1, 8, 4), "float16")])
+                o = R.reshape(R.astype(R.permute_dims(out[0], axes=[0, 2, 1, 3]), "float32"), (1, 4, 8, 8))
+                R.output(o)
+            return o
+
+    after = fuse_attention_cuda(_multi_query_attention(CAUSAL))
+    assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 1}
+    cfg = PrefillConfig(batch=1, heads=4, kv_heads=1, tokens=8, head_dim=8, scale=SCALE, causal=True)
+    tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY),
+                                   _with_kernels(Expected, attention_causal_b1_h4_n8_d8=attention_compute(cfg)))
+
+
+def test_fuse_attention_cuda_unmasked_multi_head():
+    """softmax(Q K^T / sqrt(8)) V, 2 heads with their own K/V: the kernel without the causal condition, one
+    batch entry per head."""
+    scale = relax.const(np.float32(SCALE))
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((2, 8, 8), "float16"), kt: R.Tensor((2, 8, 8), "float16"),
+                 v: R.Tensor((2, 8, 8), "float16")) -> R.Tensor((2, 8, 8), "float32"):
+            with R.dataflow():
+                p = R.astype(R.nn.softmax(R.multiply(R.matmul(q, kt, out_dtype="float32"), scale), axis=-1), "float16")
+                o = R.matmul(p, v, out_dtype="float32")
+                R.output(o)
+            return o
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def attention_full_b2_h1_n8_d8(q: T.Buffer((2, 8, 1, 8), "float16"), k: T.Buffer((2, 8, 1, 8), "float16"),
+                                       v: T.Buffer((2, 8, 1, 8), "float16"), out: T.Buffer((2, 8, 1, 8), "float16"),
+                                       lse: T.Buffer((2, 8, 1), "float16")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((2, 8, 8), "float16"), kt: R.Tensor((2, 8, 8), "float16"),
+                 v: R.Tensor((2, 8, 8), "float16")) -> R.Tensor((2, 8, 8), "float32"):
+            cls = Expected
+            with R.dataflow():
+                _ = R.astype(R.nn.softmax(R.multiply(R.matmul(q, kt, out_dtype="float32"), scale), axis=-1), "float16")
+                q4 = R.permute_dims(R.reshape(q, (2, 1, 8, 8)), axes=[0, 2, 1, 3])
+                k4 = R.reshape(R.permute_dims(R.reshape(kt, (2, 8, 8)), axes=[0, 2, 1]), (2, 8, 1, 8))
+                out = R.call_tir(cls.attention_full_b2_h1_n8_d8, (q4, k4, R.reshape(v, (2, 8, 1, 8))),
+                                 out_ty=[R.Tensor((2, 8, 1, 8), "float16"), R.Tensor((2, 8, 1), "float16")])
+                o = R.reshape(R.astype(R.permute_dims(out[0], axes=[0, 2, 1, 3]), "float32"), (2, 8, 8))
+                R.output(o)
+            return o
+
+    after = fuse_attention_cuda(Before)
+    assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 1}
+    cfg = PrefillConfig(batch=2, heads=1, kv_heads=1, tokens=8, head_dim=8, scale=SCALE, causal=False)
+    tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY),
+                                   _with_kernels(Expected, attention_full_b2_h1_n8_d8=attention_compute(cfg)))
+
+
+def test_fuse_attention_cuda_keeps_a_mask_that_lets_a_token_see_the_next():
+    """Neither causal nor absent: dropping it would change the result, so the module comes out unchanged."""
+    before = _multi_query_attention(np.triu(np.full((8, 8), -np.inf, np.float32), 2))
+    after = fuse_attention_cuda(before)
     assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 0}
     tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY), before)
