@@ -29,6 +29,7 @@ from bmvcc.passes.pad_w2a8_to_tiles import PADDED_FROM_ATTR, pad_w2a8_to_tiles
 from bmvcc.passes.pipeline import module_pass, passes
 from bmvcc.passes.quantize_bitlinear import REPORT_KEY as QUANTIZE_KEY
 from bmvcc.passes.quantize_bitlinear import quantize_bitlinear
+from bmvcc.passes.scalar_fills import scalar_fills
 from bmvcc.schedules import w2a8_cuda
 from bmvcc.schedules.attention_cpu import AttentionConfig, attention_cpu
 from bmvcc.schedules.attention_cuda import PrefillConfig, attention_compute
@@ -130,6 +131,41 @@ def test_externalize_weights():
     after, weights = externalize_weights(module(relax.const(big)))
     tvm.ir.assert_structural_equal(after, module(relax.Var("w0", relax.TensorType((8, 8), "float32"))))
     assert len(weights) == 1 and np.array_equal(weights[0].numpy(), big)  # the scalar stays inline
+
+
+def test_externalize_weights_stores_identical_constants_once():
+    """Constants of the same dtype, shape and bytes share one parameter; the same bytes as another dtype or
+    shape are other weights."""
+    big = np.arange(64, dtype="float32").reshape(8, 8)
+    first, again = relax.const(big), relax.const(big.copy())
+    as_ints, reshaped = relax.const(big.view("int32")), relax.const(big.reshape(4, 16))
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((8, 8), "float32")):
+            with R.dataflow():
+                y = R.add(R.add(x, first), again)
+                i = R.add(R.astype(x, "int32"), as_ints)
+                r = R.add(R.reshape(x, (4, 16)), reshaped)
+                R.output(y, i, r)
+            return (y, i, r)
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((8, 8), "float32"), w0: R.Tensor((8, 8), "float32"), w1: R.Tensor((8, 8), "int32"),
+                 w2: R.Tensor((4, 16), "float32")):
+            with R.dataflow():
+                y = R.add(R.add(x, w0), w0)
+                i = R.add(R.astype(x, "int32"), w1)
+                r = R.add(R.reshape(x, (4, 16)), w2)
+                R.output(y, i, r)
+            return (y, i, r)
+
+    after, weights = externalize_weights(Before)
+    tvm.ir.assert_structural_equal(after, Expected)
+    assert [w.numpy().tobytes() for w in weights] == [big.tobytes()] * 3
 
 
 def test_externalize_weights_keeps_constants_below_the_threshold():
@@ -685,3 +721,57 @@ def test_fuse_attention_cuda_keeps_a_mask_that_lets_a_token_see_the_next():
     after = fuse_attention_cuda(before)
     assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 0}
     tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY), before)
+
+
+
+def _guarded_softmax(fill: np.ndarray, keys: int = 8) -> tvm.IRModule:
+    """torch SDPA's guard as TVM imports it, after fold_constants: where(row all -inf, fill, softmax(s)), s of
+    `keys` columns."""
+    fill = relax.const(fill)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(none_seen: R.Tensor((2, 8, 1), "bool"), s: R.Tensor((2, 8, keys), "float32")):
+            with R.dataflow():
+                p = R.where(none_seen, fill, R.nn.softmax(s, axis=-1))
+                R.output(p)
+            return p
+
+    return Before
+
+
+def test_scalar_fills():
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(none_seen: R.Tensor((2, 8, 1), "bool"), s: R.Tensor((2, 8, 8), "float32")):
+            with R.dataflow():
+                p = R.where(none_seen, R.const(0.0, "float32"), R.nn.softmax(s, axis=-1))
+                R.output(p)
+            return p
+
+    tvm.ir.assert_structural_equal(scalar_fills(_guarded_softmax(np.zeros((2, 8, 8), np.float32))), Expected)
+
+
+def test_scalar_fills_keeps_a_branch_of_different_values():
+    fill = np.zeros((2, 8, 8), np.float32)
+    fill[1, 7, 7] = -0.0  # == 0.0, but not the same element to a where that copies it
+    before = _guarded_softmax(fill)
+    tvm.ir.assert_structural_equal(scalar_fills(before), before)
+
+
+def test_scalar_fills_keeps_a_branch_that_gives_the_shape():
+    before = _guarded_softmax(np.zeros((2, 8, 8), np.float32), keys=1)  # [2, 8, 1] and [2, 8, 1]: the fill gives 8
+    tvm.ir.assert_structural_equal(scalar_fills(before), before)
+
+
+def test_rewriting_passes_leave_their_input_unchanged():
+    """The near-miss tests compare a pass's output with its input: only meaningful if a pass that rewrites builds a
+    new module (a PyExprMutator's BlockBuilder holds the module it is given, copied only when a function is added,
+    and the pass replaces main in it)."""
+    for rewrite, before in [(scalar_fills, _guarded_softmax(np.zeros((2, 8, 8), np.float32))),
+                            (fp16_matmuls, _causal_attention(CAUSAL))]:
+        text = before.script(show_meta=True)
+        assert rewrite(before).script(show_meta=True) != text
+        assert before.script(show_meta=True) == text, rewrite.__name__
