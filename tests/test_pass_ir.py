@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 from tvm.script import ir as I
@@ -605,13 +606,6 @@ def test_fuse_causal_attention():
                                    _with_kernels(Expected, causal_attention_g2_kv2_n8_d8=attention_cpu(cfg)))
 
 
-def test_fuse_causal_attention_keeps_a_mask_that_lets_a_token_see_the_next():
-    before = _causal_attention(np.triu(np.full((8, 8), -np.inf, np.float32), 2))
-    after = fuse_causal_attention(before)
-    assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 0}
-    tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY), before)
-
-
 SCALE = float(np.float32(1 / np.sqrt(8)))
 
 
@@ -715,10 +709,12 @@ def test_fuse_attention_cuda_unmasked_multi_head():
                                    _with_kernels(Expected, attention_full_b2_h1_n8_d8=attention_compute(cfg)))
 
 
-def test_fuse_attention_cuda_keeps_a_mask_that_lets_a_token_see_the_next():
+@pytest.mark.parametrize("fuse, attention", [(fuse_causal_attention, _causal_attention),
+                                             (fuse_attention_cuda, _multi_query_attention)])
+def test_fuse_attention_keeps_a_mask_that_lets_a_token_see_the_next(fuse, attention):
     """Neither causal nor absent: dropping it would change the result, so the module comes out unchanged."""
-    before = _multi_query_attention(np.triu(np.full((8, 8), -np.inf, np.float32), 2))
-    after = fuse_attention_cuda(before)
+    before = attention(np.triu(np.full((8, 8), -np.inf, np.float32), 2))
+    after = fuse(before)
     assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 0}
     tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY), before)
 
