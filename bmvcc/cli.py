@@ -175,11 +175,7 @@ def bench(
     from . import bench as bn
 
     result = bn.bench(outdir, repeat=repeat, tracker=rpc_tracker, key=rpc_key, profile=profile)
-    if plot is not None:
-        bn.plot(result, plot)
-    typer.echo(json.dumps(result, indent=2) if as_json else bn.format_text(result))
-    if plot is not None and not as_json:
-        typer.echo(f"plot: {plot}")
+    _show_with_plot(result, as_json, bn.format_text, plot, bn.plot)
 
 
 @app.command()
@@ -227,6 +223,15 @@ def inspect(
     typer.echo(json.dumps(s, indent=2) if as_json else device_summary.format_text(s))
 
 
+def _show_with_plot(result: dict, as_json: bool, format_text, plot: Optional[Path], draw) -> None:
+    """Prints `result` as JSON or as format_text's table, drawn first into `plot` (checked) by draw(result, plot)."""
+    if plot is not None:
+        draw(result, plot)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_text(result))
+    if plot is not None and not as_json:
+        typer.echo(f"plot: {plot}")
+
+
 @app.command()
 def report(
     outdir: Path = typer.Argument(..., help="artifact directory of a GPU build"),
@@ -241,12 +246,7 @@ def report(
         from .roofline_plot import check_plot_path
 
         plot = check_plot_path(plot)
-    r = rep.report(outdir)
-    if plot is not None:
-        rep.plot(r, plot)
-    typer.echo(json.dumps(r, indent=2) if as_json else rep.format_text(r))
-    if plot is not None and not as_json:
-        typer.echo(f"plot: {plot}")
+    _show_with_plot(rep.report(outdir), as_json, rep.format_text, plot, rep.plot)
 
 
 @app.command()

@@ -3,11 +3,15 @@
 Matches: every constant tensor in `main` with at least `min_elements` elements (weights, packed
 2-bit weights, position embeddings, masks). Produces: `main(img, w0, w1, ...)` where each w_i is a new
 parameter in order of first use, plus the arrays in that order, so that the compiled `.so` holds code
-only and the weights travel in a separate file the TVM runtime reads. Small constants (scalars,
+only and the weights travel in a separate file the TVM runtime reads. Identical constants (same dtype,
+shape and bytes: each block's copy of a folded constant, such as the zeros of torch SDPA's guard, or
+equal norm gains) share one parameter, so weights.bin holds no tensor twice. Small constants (scalars,
 scales) stay inline.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import tvm
 from tvm import relax
@@ -20,15 +24,19 @@ class _Lifter(relax.PyExprMutator):
         self.min_elements = min_elements
         self.params: list[relax.Var] = []
         self.values: list[tvm.runtime.Tensor] = []
+        self.by_content: dict[tuple, relax.Var] = {}  # (dtype, shape, sha256 of the bytes) -> its parameter
 
     def visit_generic_const_(self, const):
         value = const.value
         if not hasattr(value, "shape") or _numel(value.shape) < self.min_elements:
             return const
-        var = relax.Var(f"w{len(self.params)}", const.ty)
-        self.params.append(var)
-        self.values.append(value)
-        return var
+        array = value.numpy()
+        key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).digest())
+        if key not in self.by_content:
+            self.by_content[key] = relax.Var(f"w{len(self.params)}", const.ty)
+            self.params.append(self.by_content[key])
+            self.values.append(value)
+        return self.by_content[key]
 
 
 def _numel(shape) -> int:

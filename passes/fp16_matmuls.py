@@ -31,7 +31,7 @@ _LAYOUT = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.
 
 
 def fp16_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
-    mutator = _Fp16(mod)
+    mutator = _Fp16(mod.clone())  # out is its builder's module, which would be `mod` itself
     main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = main

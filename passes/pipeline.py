@@ -20,6 +20,7 @@ from .fuse_norm_quant import fuse_norm_quant
 from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from .pad_w2a8_to_tiles import pad_w2a8_to_tiles
 from .quantize_bitlinear import quantize_bitlinear
+from .scalar_fills import scalar_fills
 from .relax_match import REPORT_PREFIX, read_report
 
 
@@ -47,6 +48,7 @@ def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str,
         # Phase 3: fold what is known at compile time (weight quantization of float paths)
         ("drop_dead_weights", relax.transform.DeadCodeElimination(["main"])),
         ("fold_constants", relax.transform.FoldConstant()),
+        ("scalar_fills", module_pass(scalar_fills)),  # a where's branch of one repeated value -> that scalar
         # Phase 4: attention -> one kernel (CPU: causal, skipping the masked half; CUDA: causal or unmasked)
         *([("fuse_causal_attention", module_pass(fuse_causal_attention))] if device == "cpu" else []),
         *([("fuse_causal_attention", module_pass(fuse_attention_cuda))] if device == "cuda" else []),

@@ -237,7 +237,7 @@ class PlanRewriter(relax.PyExprMutator):
 
 def rewrite_main(mod: tvm.IRModule, plans: dict, rewrite) -> tvm.IRModule:
     """main with each planned binding replaced by `rewrite` (see PlanRewriter); the new module."""
-    mutator = PlanRewriter(mod, plans, rewrite)
+    mutator = PlanRewriter(mod.clone(), plans, rewrite)  # out is its builder's module: `mod` unless it added a kernel
     new_main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = new_main

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import InternalError
 from . import cuda_intrinsics as ci
 from . import dot_intrinsics
 from .w2a8 import EPILOGUES
@@ -56,6 +57,9 @@ def ensure(name: str) -> str:
     from tvm.s_tir import TensorIntrin
 
     if TensorIntrin.get(name, allow_missing=True) is None:
+        if name not in INTRINSICS:
+            raise InternalError(f"tensor intrinsic '{name}' is neither registered with TVM nor in "
+                                f"{__name__}.INTRINSICS, so a schedule cannot tensorize with it")
         _, entry, args = INTRINSICS[name]
         module, function = entry.split(":")
         TensorIntrin.register(name, *getattr(importlib.import_module(f"{__package__}.{module}"), function)(*args))

@@ -91,6 +91,18 @@ def test_every_bitlinear_rewritten_and_logits_match(compiled, spelling, arch):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+def test_weights_bin_holds_no_square_fill_and_no_tensor_twice(compiled):
+    """torch SDPA's guard imports as where(row all -inf, zeros [B, H, N, N], P) in every block, kept on the CPU
+    (whose attention kernel is causal only): passes/scalar_fills.py leaves a scalar zero; and passes/
+    externalize_weights.py stores the blocks' equal tensors (the ones gain of each fc2's RMSNorm) once."""
+    import tvm
+
+    _, out, _ = compiled("b158_ste", "vit")
+    arrays = [t.numpy() for t in tvm.runtime.load_param_dict((out / "weights.bin").read_bytes()).values()]
+    assert len({(a.dtype.str, a.shape, a.tobytes()) for a in arrays}) == len(arrays)
+    assert not [a.shape for a in arrays if a.shape[-2:] == (17, 17)]  # 17 tokens
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spelling, arch", [("b158_ste", "vit"), ("binary_v1", "deit")])
 def test_orin_build_runs_every_bitlinear_on_tensor_cores(compiled, spelling, arch):

@@ -82,6 +82,24 @@ def test_attention_is_one_kernel_per_block_and_no_mask_is_stored(orin_build):
     assert macs == 2 * 4 * 16 * 16 * 8  # Q K^T and P V over every key tile of each of the 4 heads (head size 8)
 
 
+def test_no_file_records_where_bmvcc_or_tvm_is_installed(orin_build):
+    """device_definitions.json names the TVMScript of each compute definition by its module
+    (bmvcc/schedules/w2a8.py), not by its path: the same bmvcc installed elsewhere writes the same bytes."""
+    from pathlib import Path
+
+    import tvm
+
+    from bmvcc import schedules
+
+    installs = {Path(schedules.__file__).resolve().parents[1], Path(tvm.__file__).resolve().parents[1]}
+    for path in sorted(orin_build.iterdir()):
+        data = path.read_bytes()
+        assert not [root for root in installs if str(root).encode() in data], f"{path.name} records an install path"
+    graph = json.loads((orin_build / artifact.DEVICE_DEFINITIONS).read_text())
+    sources = {node["data"] for node in graph["nodes"] if node["type"] == "ir.SourceName"}
+    assert "bmvcc/schedules/w2a8.py" in sources and all(s.startswith("bmvcc/schedules/") for s in sources), sources
+
+
 def test_embed_cubin_rewrites_only_the_cuda_record():
     source, cubin = "__global__ void k() {}", b"\x7fELF-cubin"
     fmap = struct.pack("<Q", 1) + b"fmap-bytes"
@@ -181,17 +199,22 @@ def test_report_estimate_is_the_largest_time_plus_launches(orin_build):
     assert e["seconds"] == pytest.approx(expected) and e["total_s"] == pytest.approx(expected * row["calls"])
 
 
+def _with_ptx_changed(orin_build, copy, old: str, new: str):
+    """`copy` of the build with `old` replaced by `new` in its device.ptx (metadata.json still records the PTX compiled)."""
+    import shutil
+
+    shutil.copytree(orin_build, copy)
+    ptx = copy / artifact.DEVICE_PTX
+    ptx.write_text(ptx.read_text().replace(old, new))
+    return copy
+
+
 def test_report_names_the_kernels_whose_issue_time_it_cannot_count(orin_build, tmp_path):
     """A kernel the emulator cannot run (here: an unknown PTX opcode where attention and GELU take a max) has no issue
     time: its estimate is the larger of the other two plus its launch, and the text says which kernels those are."""
-    import shutil
-
     from bmvcc.report import format_text, report
 
-    bad = tmp_path / "bad"
-    shutil.copytree(orin_build, bad)
-    ptx = bad / artifact.DEVICE_PTX
-    ptx.write_text(ptx.read_text().replace("max.f32", "maxx.f32"))
+    bad = _with_ptx_changed(orin_build, tmp_path / "bad", "max.f32", "maxx.f32")
     artifact.write_metadata(bad, artifact.read_metadata(orin_build))  # the changed PTX recorded as compiled
     r = report(bad)
     unknown = {k["kernel"]: k["estimate"] for k in r["kernels"] if k["kernel"] in r["unknown_issue"]}
@@ -261,8 +284,6 @@ def test_cli_verify_emulates_every_launched_kernel(orin_build, capsys, tmp_path)
     """`bmvcc verify` runs every PrimFunc the artifact launches (device.json) through the PTX emulator against its
     compute definition: all agree and race-free; with max.f32 turned into min.f32 in device.ptx (the attention
     kernel's running max, GELU clamps) those kernels disagree and the exit status is 1; a CPU artifact is a user error."""
-    import shutil
-
     from bmvcc.cli import main
 
     assert set(json.loads((orin_build / artifact.METADATA).read_text())["files"]) == {artifact.MODULE, artifact.WEIGHTS, *artifact.DEVICE_FILES}
@@ -272,10 +293,7 @@ def test_cli_verify_emulates_every_launched_kernel(orin_build, capsys, tmp_path)
     assert {r["primfunc"] for r in rows} == set(launched)
     assert all(r["verdict"] == "ok" and r["races"] == 0 and r["ctas_run"] == min(r["ctas_total"], 8) for r in rows), rows
     assert any(r["ctas_total"] > 8 for r in rows)  # sampled: compared on what the CTAs run wrote
-    bad = tmp_path / "bad"
-    shutil.copytree(orin_build, bad)
-    ptx = bad / artifact.DEVICE_PTX
-    ptx.write_text(ptx.read_text().replace("max.f32", "min.f32"))
+    bad = _with_ptx_changed(orin_build, tmp_path / "bad", "max.f32", "min.f32")
     assert "device.ptx' is damaged or was replaced" in cli_error(capsys, ["verify", str(bad)])
     artifact.write_metadata(bad, artifact.read_metadata(orin_build))  # the changed PTX recorded as compiled
     with pytest.raises(SystemExit) as e:

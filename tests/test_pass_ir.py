@@ -2,13 +2,15 @@
 with tvm.ir.assert_structural_equal (bound variable names do not matter, structure and types do); and
 a module with the pattern almost right, which must come out unchanged. The kernels a rewrite calls are
 the schedules/ compute definitions for the expected configuration (see _with_kernels); their numerics
-are checked against numpy references in test_passes_kernels.py, test_w2a8_cpu.py and test_attention_cpu.py."""
+are checked against numpy references in test_passes_kernels.py, test_w2a8_cpu.py, test_attention_cpu.py and
+test_attention_cuda.py."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 from tvm.script import ir as I
@@ -19,7 +21,7 @@ from bmvcc.passes.drop_training_outputs import drop_training_outputs
 from bmvcc.passes.externalize_weights import externalize_weights
 from bmvcc.passes.fp16_matmuls import fp16_matmuls
 from bmvcc.passes.fuse_causal_attention import REPORT_KEY as ATTENTION_KEY
-from bmvcc.passes.fuse_causal_attention import fuse_causal_attention
+from bmvcc.passes.fuse_causal_attention import fuse_attention_cuda, fuse_causal_attention
 from bmvcc.passes.fuse_norm_quant import REPORT_KEY as NORM_QUANT_KEY
 from bmvcc.passes.fuse_norm_quant import fuse_norm_quant
 from bmvcc.passes.fuse_w2a8_epilogue import REPORT_KEY as EPILOGUE_KEY
@@ -28,8 +30,10 @@ from bmvcc.passes.pad_w2a8_to_tiles import PADDED_FROM_ATTR, pad_w2a8_to_tiles
 from bmvcc.passes.pipeline import module_pass, passes
 from bmvcc.passes.quantize_bitlinear import REPORT_KEY as QUANTIZE_KEY
 from bmvcc.passes.quantize_bitlinear import quantize_bitlinear
+from bmvcc.passes.scalar_fills import scalar_fills
 from bmvcc.schedules import w2a8_cuda
 from bmvcc.schedules.attention_cpu import AttentionConfig, attention_cpu
+from bmvcc.schedules.attention_cuda import PrefillConfig, attention_compute
 from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute
 from bmvcc.schedules.w2a8 import KERNEL_ATTR, W2A8Config, w2a8_compute
 
@@ -128,6 +132,41 @@ def test_externalize_weights():
     after, weights = externalize_weights(module(relax.const(big)))
     tvm.ir.assert_structural_equal(after, module(relax.Var("w0", relax.TensorType((8, 8), "float32"))))
     assert len(weights) == 1 and np.array_equal(weights[0].numpy(), big)  # the scalar stays inline
+
+
+def test_externalize_weights_stores_identical_constants_once():
+    """Constants of the same dtype, shape and bytes share one parameter; the same bytes as another dtype or
+    shape are other weights."""
+    big = np.arange(64, dtype="float32").reshape(8, 8)
+    first, again = relax.const(big), relax.const(big.copy())
+    as_ints, reshaped = relax.const(big.view("int32")), relax.const(big.reshape(4, 16))
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((8, 8), "float32")):
+            with R.dataflow():
+                y = R.add(R.add(x, first), again)
+                i = R.add(R.astype(x, "int32"), as_ints)
+                r = R.add(R.reshape(x, (4, 16)), reshaped)
+                R.output(y, i, r)
+            return (y, i, r)
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((8, 8), "float32"), w0: R.Tensor((8, 8), "float32"), w1: R.Tensor((8, 8), "int32"),
+                 w2: R.Tensor((4, 16), "float32")):
+            with R.dataflow():
+                y = R.add(R.add(x, w0), w0)
+                i = R.add(R.astype(x, "int32"), w1)
+                r = R.add(R.reshape(x, (4, 16)), w2)
+                R.output(y, i, r)
+            return (y, i, r)
+
+    after, weights = externalize_weights(Before)
+    tvm.ir.assert_structural_equal(after, Expected)
+    assert [w.numpy().tobytes() for w in weights] == [big.tobytes()] * 3
 
 
 def test_externalize_weights_keeps_constants_below_the_threshold():
@@ -567,8 +606,168 @@ def test_fuse_causal_attention():
                                    _with_kernels(Expected, causal_attention_g2_kv2_n8_d8=attention_cpu(cfg)))
 
 
-def test_fuse_causal_attention_keeps_a_mask_that_lets_a_token_see_the_next():
-    before = _causal_attention(np.triu(np.full((8, 8), -np.inf, np.float32), 2))
-    after = fuse_causal_attention(before)
+SCALE = float(np.float32(1 / np.sqrt(8)))
+
+
+def _multi_query_attention(mask: np.ndarray) -> tvm.IRModule:
+    """softmax(Q K^T / sqrt(8) + mask) V as passes/fp16_matmuls.py leaves it for CUDA (fp16 operands, float32
+    scores and softmax): 4 query heads of 8 tokens x 8 dims, one K/V head broadcast by the matmuls."""
+    scale, additive = relax.const(np.float32(SCALE)), relax.const(mask)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((1, 4, 8, 8), "float16"), kt: R.Tensor((1, 1, 8, 8), "float16"),
+                 v: R.Tensor((1, 1, 8, 8), "float16")) -> R.Tensor((1, 4, 8, 8), "float32"):
+            with R.dataflow():
+                x = R.add(R.multiply(R.matmul(q, kt, out_dtype="float32"), scale), additive)
+                p = R.astype(R.nn.softmax(x, axis=-1), "float16")
+                o = R.matmul(p, v, out_dtype="float32")
+                R.output(o)
+            return o
+
+    return Before
+
+
+def test_fuse_attention_cuda_causal_multi_query():
+    """The mask becomes the kernel's causal condition; the K/V head enters once for all 4 query heads
+    ([B, N, H, D] layout: one batch entry, 4 heads, 1 K/V head)."""
+    scale, additive = relax.const(np.float32(SCALE)), relax.const(CAUSAL)
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def attention_causal_b1_h4_n8_d8(q: T.Buffer((1, 8, 4, 8), "float16"), k: T.Buffer((1, 8, 1, 8), "float16"),
+                                         v: T.Buffer((1, 8, 1, 8), "float16"), out: T.Buffer((1, 8, 4, 8), "float16"),
+                                         lse: T.Buffer((1, 8, 4), "float16")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((1, 4, 8, 8), "float16"), kt: R.Tensor((1, 1, 8, 8), "float16"),
+                 v: R.Tensor((1, 1, 8, 8), "float16")) -> R.Tensor((1, 4, 8, 8), "float32"):
+            cls = Expected
+            with R.dataflow():
+                x = R.add(R.multiply(R.matmul(q, kt, out_dtype="float32"), scale), additive)
+                _ = R.astype(R.nn.softmax(x, axis=-1), "float16")  # dead now
+                q4 = R.permute_dims(R.reshape(q, (1, 4, 8, 8)), axes=[0, 2, 1, 3])
+                k4 = R.reshape(R.permute_dims(R.reshape(kt, (1, 8, 8)), axes=[0, 2, 1]), (1, 8, 1, 8))
+                out = R.call_tir(cls.attention_causal_b1_h4_n8_d8, (q4, k4, R.reshape(v, (1, 8, 1, 8))),
+                                 out_ty=[R.Tensor((1, 8, 4, 8), "float16"), R.Tensor((1, 8, 4), "float16")])
+                o = R.reshape(R.astype(R.permute_dims(out[0], axes=[0, 2, 1, 3]), "float32"), (1, 4, 8, 8))
+                R.output(o)
+            return o
+
+    after = fuse_attention_cuda(_multi_query_attention(CAUSAL))
+    assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 1}
+    cfg = PrefillConfig(batch=1, heads=4, kv_heads=1, tokens=8, head_dim=8, scale=SCALE, causal=True)
+    tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY),
+                                   _with_kernels(Expected, attention_causal_b1_h4_n8_d8=attention_compute(cfg)))
+
+
+def test_fuse_attention_cuda_unmasked_multi_head():
+    """softmax(Q K^T / sqrt(8)) V, 2 heads with their own K/V: the kernel without the causal condition, one
+    batch entry per head."""
+    scale = relax.const(np.float32(SCALE))
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((2, 8, 8), "float16"), kt: R.Tensor((2, 8, 8), "float16"),
+                 v: R.Tensor((2, 8, 8), "float16")) -> R.Tensor((2, 8, 8), "float32"):
+            with R.dataflow():
+                p = R.astype(R.nn.softmax(R.multiply(R.matmul(q, kt, out_dtype="float32"), scale), axis=-1), "float16")
+                o = R.matmul(p, v, out_dtype="float32")
+                R.output(o)
+            return o
+
+    @I.ir_module
+    class Expected:
+        @T.prim_func(private=True)
+        def attention_full_b2_h1_n8_d8(q: T.Buffer((2, 8, 1, 8), "float16"), k: T.Buffer((2, 8, 1, 8), "float16"),
+                                       v: T.Buffer((2, 8, 1, 8), "float16"), out: T.Buffer((2, 8, 1, 8), "float16"),
+                                       lse: T.Buffer((2, 8, 1), "float16")):
+            T.evaluate(0)
+
+        @R.function
+        def main(q: R.Tensor((2, 8, 8), "float16"), kt: R.Tensor((2, 8, 8), "float16"),
+                 v: R.Tensor((2, 8, 8), "float16")) -> R.Tensor((2, 8, 8), "float32"):
+            cls = Expected
+            with R.dataflow():
+                _ = R.astype(R.nn.softmax(R.multiply(R.matmul(q, kt, out_dtype="float32"), scale), axis=-1), "float16")
+                q4 = R.permute_dims(R.reshape(q, (2, 1, 8, 8)), axes=[0, 2, 1, 3])
+                k4 = R.reshape(R.permute_dims(R.reshape(kt, (2, 8, 8)), axes=[0, 2, 1]), (2, 8, 1, 8))
+                out = R.call_tir(cls.attention_full_b2_h1_n8_d8, (q4, k4, R.reshape(v, (2, 8, 1, 8))),
+                                 out_ty=[R.Tensor((2, 8, 1, 8), "float16"), R.Tensor((2, 8, 1), "float16")])
+                o = R.reshape(R.astype(R.permute_dims(out[0], axes=[0, 2, 1, 3]), "float32"), (2, 8, 8))
+                R.output(o)
+            return o
+
+    after = fuse_attention_cuda(Before)
+    assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 1}
+    cfg = PrefillConfig(batch=2, heads=1, kv_heads=1, tokens=8, head_dim=8, scale=SCALE, causal=False)
+    tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY),
+                                   _with_kernels(Expected, attention_full_b2_h1_n8_d8=attention_compute(cfg)))
+
+
+@pytest.mark.parametrize("fuse, attention", [(fuse_causal_attention, _causal_attention),
+                                             (fuse_attention_cuda, _multi_query_attention)])
+def test_fuse_attention_keeps_a_mask_that_lets_a_token_see_the_next(fuse, attention):
+    """Neither causal nor absent: dropping it would change the result, so the module comes out unchanged."""
+    before = attention(np.triu(np.full((8, 8), -np.inf, np.float32), 2))
+    after = fuse(before)
     assert json.loads(after.attrs[ATTENTION_KEY]) == {"fused": 0}
     tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY), before)
+
+
+
+def _guarded_softmax(fill: np.ndarray, keys: int = 8) -> tvm.IRModule:
+    """torch SDPA's guard as TVM imports it, after fold_constants: where(row all -inf, fill, softmax(s)), s of
+    `keys` columns."""
+    fill = relax.const(fill)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(none_seen: R.Tensor((2, 8, 1), "bool"), s: R.Tensor((2, 8, keys), "float32")):
+            with R.dataflow():
+                p = R.where(none_seen, fill, R.nn.softmax(s, axis=-1))
+                R.output(p)
+            return p
+
+    return Before
+
+
+def test_scalar_fills():
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(none_seen: R.Tensor((2, 8, 1), "bool"), s: R.Tensor((2, 8, 8), "float32")):
+            with R.dataflow():
+                p = R.where(none_seen, R.const(0.0, "float32"), R.nn.softmax(s, axis=-1))
+                R.output(p)
+            return p
+
+    tvm.ir.assert_structural_equal(scalar_fills(_guarded_softmax(np.zeros((2, 8, 8), np.float32))), Expected)
+
+
+def test_scalar_fills_keeps_a_branch_of_different_values():
+    fill = np.zeros((2, 8, 8), np.float32)
+    fill[1, 7, 7] = -0.0  # == 0.0, but not the same element to a where that copies it
+    before = _guarded_softmax(fill)
+    tvm.ir.assert_structural_equal(scalar_fills(before), before)
+
+
+def test_scalar_fills_keeps_a_branch_that_gives_the_shape():
+    before = _guarded_softmax(np.zeros((2, 8, 8), np.float32), keys=1)  # [2, 8, 1] and [2, 8, 1]: the fill gives 8
+    tvm.ir.assert_structural_equal(scalar_fills(before), before)
+
+
+def test_rewriting_passes_leave_their_input_unchanged():
+    """The near-miss tests compare a pass's output with its input: only meaningful if a pass that rewrites builds a
+    new module (a PyExprMutator's BlockBuilder holds the module it is given, copied only when a function is added,
+    and the pass replaces main in it)."""
+    for rewrite, before in [(scalar_fills, _guarded_softmax(np.zeros((2, 8, 8), np.float32))),
+                            (fp16_matmuls, _causal_attention(CAUSAL))]:
+        text = before.script(show_meta=True)
+        assert rewrite(before).script(show_meta=True) != text
+        assert before.script(show_meta=True) == text, rewrite.__name__

@@ -15,29 +15,20 @@ unrolled or split one) the whole kernel is one region. The SASS after the last E
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .launches import KernelLaunch
 from .machine import EmulationError, GlobalMemory, Launch, run_kernel
-from .parse import parse_ptx
-from .verify import random_arguments, sample_ctas
+from .verify import random_arguments, read_device_files, sample_ctas
 
 
 def executed(outdir: Path, max_ctas: int = 8, seed: int = 0) -> dict[str, list[dict] | str]:
     """{PrimFunc name: per kernel launch {"kernel", "ctas_run", "per_instruction": warp-instructions per CTA of each
     PTX instruction}, or why the emulator cannot run it} for the artifact in `outdir` (a GPU build whose files were
     checked)."""
-    import tvm
-
-    from .. import artifact
-
-    outdir = Path(outdir)
-    kernels = parse_ptx((outdir / artifact.DEVICE_PTX).read_text())
-    definitions = tvm.ir.load_json((outdir / artifact.DEVICE_DEFINITIONS).read_text())
-    launches = json.loads((outdir / artifact.DEVICE_INFO).read_text())["launches"]
+    kernels, definitions, launches = read_device_files(Path(outdir))
     rng = np.random.default_rng(seed)
     counts: dict[str, list[dict] | str] = {}
     for name, found in sorted(launches.items()):

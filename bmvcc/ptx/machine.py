@@ -215,6 +215,17 @@ def run_batch(code: list, st: State) -> None:
             pc += 1
 
 
+def _laid_out(variables) -> tuple[dict[str, int], int]:
+    """({name: byte offset}, bytes) of (name, alignment, size) variables placed in order, each aligned; a size of
+    None (extern shared memory, sized at launch) takes no bytes."""
+    offsets, off = {}, 0
+    for name, align, size in variables:
+        off = -(-off // align) * align
+        offsets[name] = off
+        off += size or 0
+    return offsets, off
+
+
 def decode(kernel: Kernel) -> tuple[Ctx, list]:
     """Ctx and one closure per instruction; an unknown instruction raises EmulationError naming it."""
     from . import ops_control, ops_float, ops_int, ops_mem, ops_warp, mma  # noqa: F401 (register their ops)
@@ -228,18 +239,8 @@ def decode(kernel: Kernel) -> tuple[Ctx, list]:
     for name, typ in kernel.registers.items():
         ctx.reg_index[name] = len(ctx.reg_dtype)
         ctx.reg_dtype.append(storage_dtype(typ))
-    off = 0
-    for name, align, size in kernel.shared:
-        off = -(-off // align) * align
-        ctx.shared_offsets[name] = off
-        off += size or 0
-    ctx.static_shared = off
-    off = 0
-    for name, align, size in kernel.local:
-        off = -(-off // align) * align
-        ctx.local_offsets[name] = off
-        off += size
-    ctx.local_bytes = off
+    ctx.shared_offsets, ctx.static_shared = _laid_out(kernel.shared)
+    ctx.local_offsets, ctx.local_bytes = _laid_out(kernel.local)
     code = []
     collect = gc.isenabled()
     gc.disable()  # tens of thousands of closures: the cyclic collector would triple the decode time

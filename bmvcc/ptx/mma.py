@@ -58,6 +58,15 @@ def _warps(st, m, line):
     return rows.reshape(-1, 32)
 
 
+def _write_lanes(st, m, warps, regs, words) -> None:
+    """Register regs[i] of each lane of `warps` ([warps, 32] thread indices) = words[:, :, i] ([warps, 32, len(regs)]
+    32-bit words)."""
+    for i, d in enumerate(regs):
+        full = np.zeros(st.n, np.uint32)
+        full[warps.reshape(-1)] = words[:, :, i].reshape(-1)
+        write(st, d, full, m)
+
+
 @op("ldmatrix.sync")
 def _ldmatrix(ctx, ins, parts):
     nmat = {"x1": 1, "x2": 2, "x4": 4}[next(p for p in parts if p in ("x1", "x2", "x4"))]
@@ -80,10 +89,7 @@ def _ldmatrix(ctx, ins, parts):
         if trans:
             mats = mats.transpose(0, 1, 3, 2)
         frag = np.ascontiguousarray(mats).view(np.uint32).reshape(-1, nmat, 32)  # lane = row * 4 + column pair
-        for i, d in enumerate(outs):
-            full = np.zeros(st.n, np.uint32)
-            full[warps.reshape(-1)] = frag[:, i].reshape(-1)
-            write(st, d, full, m)
+        _write_lanes(st, m, warps, outs, frag.transpose(0, 2, 1))
     return ldmatrix
 
 
@@ -129,11 +135,7 @@ def _mma(ctx, ins, parts):
         lanes, elems, rows, cols = lay_c
         frag = np.zeros((warps.shape[0], 32, 4), res.dtype)
         frag[:, lanes, elems] = res[:, rows, cols]
-        words = np.ascontiguousarray(frag).view(np.uint32).reshape(warps.shape[0], 32, -1)
-        for i, d in enumerate(d_regs):
-            full = np.zeros(st.n, np.uint32)
-            full[warps.reshape(-1)] = words[:, :, i].reshape(-1)
-            write(st, d, full, m)
+        _write_lanes(st, m, warps, d_regs, np.ascontiguousarray(frag).view(np.uint32).reshape(warps.shape[0], 32, -1))
     return mma
 
 
@@ -186,10 +188,7 @@ def _wmma_memory(ctx, ins, parts):
             st.races.access(idx, st.warp_bit[thr], not load, lambda r: st.where(ins.line, thr[r]))
         if load:
             words = mem[idx].reshape(warps.shape[0], 32, per_lane * dt.itemsize).view(np.uint32)
-            for i, d in enumerate(regs):
-                full = np.zeros(st.n, np.uint32)
-                full[warps.reshape(-1)] = words[:, :, i].reshape(-1)
-                write(st, d, full, m)
+            _write_lanes(st, m, warps, regs, words)
         else:
             words = np.stack([np.broadcast_to(r(st), (st.n,))[warps] for r in regs], axis=-1).astype(np.uint32)
             mem[idx] = np.ascontiguousarray(words).view(np.uint8).reshape(idx.shape)
@@ -228,9 +227,6 @@ def _wmma_mma(ctx, ins, parts):
             else acc.astype(dt)
         per_lane = len(d_regs) * 4 // dt.itemsize
         r_idx, c_idx = _wmma_slots(m_, n_, per_lane)
-        words = np.ascontiguousarray(res[:, r_idx, c_idx]).view(np.uint32).reshape(warps.shape[0], 32, -1)
-        for i, d in enumerate(d_regs):
-            full = np.zeros(st.n, np.uint32)
-            full[warps.reshape(-1)] = words[:, :, i].reshape(-1)
-            write(st, d, full, m)
+        _write_lanes(st, m, warps, d_regs,
+                     np.ascontiguousarray(res[:, r_idx, c_idx]).view(np.uint32).reshape(warps.shape[0], 32, -1))
     return wmma_mma

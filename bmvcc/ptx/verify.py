@@ -121,17 +121,30 @@ def compare(emulated: list[np.ndarray], reference: list[np.ndarray], written: li
     return worst, agree
 
 
+def read_device_files(outdir):
+    """(PTX kernels by name, IRModule of the compute definitions, {PrimFunc name: its launches as JSON}) of the GPU
+    artifact in `outdir` (Path), whose files were checked."""
+    import json
+
+    import tvm
+
+    from .. import artifact
+    from .parse import parse_ptx
+
+    return (parse_ptx((outdir / artifact.DEVICE_PTX).read_text()),
+            tvm.ir.load_json((outdir / artifact.DEVICE_DEFINITIONS).read_text()),
+            json.loads((outdir / artifact.DEVICE_INFO).read_text())["launches"])
+
+
 def verify_artifact(outdir, max_ctas: int = 64, seed: int = 0, progress=None) -> list[dict]:
     """One row per PrimFunc the artifact launches: kernels, CTAs run / total (of its last launch), max error,
     races, verdict ("ok", "mismatch", "race", or "error: ..." for an emulation error)."""
-    import json
     from pathlib import Path
 
     from .. import artifact
     from ..errors import BmvccError
     from .launches import KernelLaunch
     from .machine import EmulationError
-    from .parse import parse_ptx
 
     if max_ctas < 1:
         raise BmvccError(f"--max-ctas {max_ctas} runs no CTA; pass 1 or more")
@@ -142,11 +155,7 @@ def verify_artifact(outdir, max_ctas: int = 64, seed: int = 0, progress=None) ->
     if missing:
         raise BmvccError(f"'{outdir}' has no {', '.join(missing)} (target {meta['target']['name']}); bmvcc verify "
                          "checks GPU builds: compile with --target jetson-orin-nano using this bmvcc")
-    import tvm  # seconds: after the checks
-
-    kernels = parse_ptx((outdir / artifact.DEVICE_PTX).read_text())
-    definitions = tvm.ir.load_json((outdir / artifact.DEVICE_DEFINITIONS).read_text())
-    launches = json.loads((outdir / artifact.DEVICE_INFO).read_text())["launches"]
+    kernels, definitions, launches = read_device_files(outdir)  # seconds (TVM's import): after the checks
     rng = np.random.default_rng(seed)
     rows = []
     for i, (name, found) in enumerate(sorted(launches.items())):
