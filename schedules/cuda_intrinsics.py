@@ -156,7 +156,7 @@ def mma_decode(frags: int, scope: str):
                     T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
                     T.writes(C[0:F, 0:1, 0:32, 0:8])
                     frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
-                    for h in range(2):  # r = 0 and 1 from one selector word: 4.5 integer ops per byte
+                    for h in range(2):  # registers r = 0 and 1 from one selector word
                         sel = T.meta_var(_selectors(B[_I(8) * h + tx // 4, tx % 4], B[_I(8) * h + tx // 4, 4 + tx % 4]))
                         frag[h * 2] = _lookup(sel)
                         frag[h * 2 + 1] = _lookup(T.shift_right(sel, T.uint32(16)))
