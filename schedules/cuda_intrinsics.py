@@ -40,16 +40,22 @@ def accum_16x16_layout(i, j):
     return 4 * (i % 8) + (j % 8) // 2, 4 * (j // 8) + (i // 8) * 2 + j % 2
 
 
-def _decode_word(byte):
-    """One packed byte (4 codes u in {0,1,2}) -> 4 int8 (u - 1) in a uint32, code i in byte i.
+DECODE_LUT = 0x020100FF  # prmt table: byte u is the weight u - 1 (u = 3, never packed, gives 2 as w2a8_compute)
 
-    Spread 2-bit field i to bit 8i, then u - 1 per byte without borrows: (u + 0x7f) ^ 0x80."""
-    x = T.Cast("uint32", byte)
-    spread = T.bitwise_and(
-        T.bitwise_or(T.bitwise_or(x, T.shift_left(x, T.uint32(6))),
-                     T.bitwise_or(T.shift_left(x, T.uint32(12)), T.shift_left(x, T.uint32(18)))),
-        T.uint32(0x03030303))
-    return T.bitwise_xor(spread + T.uint32(0x7F7F7F7F), T.uint32(0x80808080))
+
+def _selectors(lo, hi):
+    """Two packed bytes (4 codes u each) -> one prmt selector word: code i of lo in nibble i, of hi in nibble
+    4 + i, the nibbles' upper 2 bits 0. Each half's nibble [u3 u2] moves up 4 bits (x + 15 (x & m) moves the
+    bits m exactly), then each nibble's odd code up 2 (or with a copy 2 bits up, masked)."""
+    w = T.bitwise_or(T.Cast("uint32", lo), T.shift_left(T.Cast("uint32", hi), T.uint32(16)))
+    pairs = w + T.bitwise_and(w, T.uint32(0x00F000F0)) * T.uint32(15)
+    return T.bitwise_and(T.bitwise_or(pairs, T.shift_left(pairs, T.uint32(2))), T.uint32(0x33333333))
+
+
+def _lookup(sel):
+    """4 int8 weights in a uint32, code i in byte i: CUDA's __byte_perm (prmt) of DECODE_LUT, byte i of the result
+    being byte (sel >> 4i) & 7 of the table (twice DECODE_LUT)."""
+    return T.call_pure_extern("uint32", "__byte_perm", T.uint32(DECODE_LUT), T.uint32(DECODE_LUT), sel)
 
 
 def ldmatrix_a_name(scope: str) -> str:
@@ -150,8 +156,10 @@ def mma_decode(frags: int, scope: str):
                     T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
                     T.writes(C[0:F, 0:1, 0:32, 0:8])
                     frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
-                    for h, r in T.grid(2, 2):
-                        frag[h * 2 + r] = _decode_word(B[_I(8) * h + tx // 4, _I(4) * r + tx % 4])
+                    for h in range(2):  # registers r = 0 and 1 from one selector word
+                        sel = T.meta_var(_selectors(B[_I(8) * h + tx // 4, tx % 4], B[_I(8) * h + tx // 4, 4 + tx % 4]))
+                        frag[h * 2] = _lookup(sel)
+                        frag[h * 2 + 1] = _lookup(T.shift_right(sel, T.uint32(16)))
                     for f, h in T.grid(F, 2):
                         T.evaluate(T.ptx_legacy.mma("m16n8k32", "row", "col", "int8", "int8", "int32",
                                                     A.data, A.elem_offset + f * a0 + tx * _I(16),
@@ -187,6 +195,13 @@ def _fill_impl(c: T.handle) -> None:
             T.evaluate(T.cuda.mma_fill_legacy(8, C.data, C.elem_offset, dtype="int32"))
 
 
+def _fast_divide(a, b):
+    """a / b as CUDA's __fdividef: PTX div.approx.f32, MUFU.RCP and a multiply without the IEEE division's
+    slow path (a call per element); within 2 ulp for 2^-126 <= |b| <= 2^126. The erf's denominator Q(x^2)
+    lies in [-2.40, -0.0142], so the GELU's erf gains at most 2 ulp (about 1.2e-7; test_w2a8_cuda states the bound)."""
+    return T.call_pure_extern("float32", "__fdividef", a, b)
+
+
 def store_dequant_name(epilogue: str) -> str:
     return f"{STORE_DEQUANT}_{epilogue}"
 
@@ -194,7 +209,8 @@ def store_dequant_name(epilogue: str) -> str:
 def store_dequant(epilogue: str):
     """(desc, impl) of out[16,16] = epilogue(float(C) * w_scale / x_scale[row]), the dequantizing epilogue
     written from the accumulator fragment to global memory. The epilogue is schedules/w2a8.py's
-    `apply_epilogue`: GELU in registers, + residual[16,16] or + bias[1,16] read from global."""
+    `apply_epilogue`: GELU in registers (its erf's division a fast one, _fast_divide), + residual[16,16] or
+    + bias[1,16] read from global."""
     from .w2a8 import apply_epilogue, epilogue_operand
 
     operand = epilogue_operand(epilogue)
@@ -230,7 +246,7 @@ def store_dequant(epilogue: str):
                         for c in T.unroll(2):
                             row, col = T.meta_var((tx // 4 + 8 * h, 8 * n8 + 2 * (tx % 4) + c))
                             acc = T.meta_var(T.Cast("float32", C[tx, 4 * n8 + 2 * h + c]))
-                            out[row, col] = apply_epilogue(epilogue, acc * scale, res, row, col)
+                            out[row, col] = apply_epilogue(epilogue, acc * scale, res, row, col, _fast_divide)
 
     if operand is None:
 

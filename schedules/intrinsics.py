@@ -22,7 +22,7 @@ from . import dot_intrinsics
 from .w2a8 import EPILOGUES
 
 SHARED_SCOPES = ("shared", "shared.dyn")  # static __shared__ arrays, or dynamic shared memory above 48 KB
-ROW_FRAGMENTS = (1, 2, 4)  # W2A8 CUDA warp tiles of 16, 32, 64 rows (w2a8_cuda.WARP_TILES, default_knobs)
+ROW_FRAGMENTS = (1, 2, 4, 8)  # W2A8 CUDA warp tiles of 16, 32, 64 (w2a8_cuda.WARP_TILES), 128 rows (DEFAULT)
 DLIGHT_PREFIX = "bmvcc_"
 # What DLight's Matmul rules request (get_wmma_intrin_group: shared.dyn in and out, B transposed)
 DLIGHT_WMMA = tuple(

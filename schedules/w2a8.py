@@ -21,6 +21,7 @@ after it the pass folds the bias into the residual operand instead).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +95,7 @@ _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -
           -1.42647390514189e-02)
 
 
-def _fast_erf(T, x):
+def _fast_erf(T, x, divide):
     x = T.max(T.min(x, T.float32(4.0)), T.float32(-4.0))
     x2 = x * x
     p, q = T.float32(_ERF_P[0]), T.float32(_ERF_Q[0])
@@ -102,20 +103,21 @@ def _fast_erf(T, x):
         p = p * x2 + T.float32(c)
     for c in _ERF_Q[1:]:
         q = q * x2 + T.float32(c)
-    return x * p / q
+    return divide(x * p, q)
 
 
-def apply_epilogue(epilogue: str, v, res, vi, vj):
+def apply_epilogue(epilogue: str, v, res, vi, vj, divide=operator.truediv):
     """The "dequant" block's value from the dequantized accumulator v (a TIR expression) at [vi, vj]:
     + bias res[0, vj] first for the bias epilogues, then erf GELU spelled as Relax legalizes nn.gelu,
     tanh GELU as it legalizes nn.gelu_tanh, or res[vi, vj] + v. Schedules' tensor intrinsics build
-    their descriptions with it, so they match the block structurally."""
+    their descriptions with it, so they match the block structurally; their implementations may pass another
+    `divide(a, b)` for the erf's one division of two TIR expressions."""
     from tvm.script import tirx as T
 
     if epilogue.startswith("bias"):
         v = v + res[vi * 0, vj]  # row 0 of the [1, N] bias (vi * 0 keeps the index's dtype)
     if epilogue.endswith("gelu"):
-        return v * (T.float32(0.5) + _fast_erf(T, v * T.float32(0.7071067811865476)) * T.float32(0.5))
+        return v * (T.float32(0.5) + _fast_erf(T, v * T.float32(0.7071067811865476), divide) * T.float32(0.5))
     if epilogue.endswith("gelu_tanh"):
         return T.float32(0.5) * v * (T.float32(1) + T.tanh(T.float32(0.7978845608028654) * v * (
             T.float32(1) + T.float32(0.044715) * v * v)))

@@ -5,8 +5,8 @@ Schedules schedules/w2a8.py's `w2a8_compute` unchanged (every step is an s_tir.S
     global --cp.async (LDGSTS, `stages`-deep pipeline)--> shared: q tile [BM, BK] int8,
                                                           packed tile [BN, BK/4] uint8 (2 bits/weight)
     shared q --ldmatrix.x4--> warp A fragments
-    shared packed --LDS.U8 + ~6 integer ops per byte--> B fragment decoded in registers, once per
-        16-column strip and k step, feeding all of the warp's row fragments (cuda_intrinsics.mma_decode)
+    shared packed --LDS.U8, two bytes -> one prmt selector word, prmt lookups--> B fragment decoded in registers,
+        once per 16-column strip and k step, feeding all of the warp's row fragments (cuda_intrinsics.mma_decode)
     mma.sync.m16n8k32.s8.s8.s32 -> int32 accumulators (registers)
     epilogue: out = float(acc) * (w_scale / x_scale[row]), then GELU (in registers) or + residual[row, col]
         (read from global memory) per the config, from the registers to global memory in one store.
@@ -47,8 +47,8 @@ class W2A8CudaKnobs:
     block_m: int = 128  # rows of out per thread block
     block_n: int = 128  # columns of out per thread block
     block_k: int = 64  # k per pipeline stage (multiple of 32)
-    warps_m: int = 2  # warps along M; warp tile = (block_m / warps_m) x (block_n / warps_n)
-    warps_n: int = 2
+    warps_m: int = 1  # warps along M; warp tile = (block_m / warps_m) x (block_n / warps_n)
+    warps_n: int = 4
     stages: int = 3  # shared-memory buffers in flight (cp.async pipeline depth, >= 2)
 
     def __post_init__(self):
@@ -86,7 +86,8 @@ class W2A8CudaKnobs:
         return self.stages * (self.block_m * (self.block_k + 16) + self.block_n * self.block_k // 4)
 
 
-# 2x2 warps of 64x64 for large M (the ViT token GEMMs: 1024 x 2048 x 512 is 128 blocks on 8 SMs);
+# 4 warps of 128x32 along N for large M (the ViT token GEMMs: 1024 x 2048 x 512 is 128 blocks on 8 SMs): each
+# weight of the block tile is decoded once per CTA, and its decode feeds 8 row fragments;
 # for few rows one 16-row warp strip per warp along N and a deeper pipeline, since the kernel is
 # then bound by streaming the packed weights.
 DEFAULT = W2A8CudaKnobs()

@@ -111,11 +111,15 @@ class Cubin:
             path.write_bytes(self.data)
             return _run([str(nvdisasm()), "-c", str(path)])
 
+    def opcodes(self) -> list[str]:
+        """The SASS opcodes (first mnemonic, with its modifiers, e.g. "IMMA.16832.S8.S8") in program order."""
+        return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", self.sass())
+
     def opcode_counts(self) -> dict[str, int]:
-        """SASS opcode (first mnemonic, with its modifiers) -> occurrences, e.g. {"IMMA.16832.S8.S8": 64}."""
+        """SASS opcode -> occurrences, e.g. {"IMMA.16832.S8.S8": 64}."""
         counts: dict[str, int] = {}
-        for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", self.sass()):
-            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        for op in self.opcodes():
+            counts[op] = counts.get(op, 0) + 1
         return counts
 
 
