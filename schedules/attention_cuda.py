@@ -152,7 +152,9 @@ def attention_compute(cfg: PrefillConfig):
                 vb, vi, vh = T.axis.remap("SSS", [b, i, h])
                 lse[vb, vi, vh] = T.Cast(DTYPE, m[vb, vi, vh] + T.log2(total[vb, vi, vh]))
 
-    return attention.with_attr(CONFIG_ATTR, vars(cfg))
+    from ..ptx.verify import PRECISION_ATTR
+
+    return attention.with_attr(CONFIG_ATTR, vars(cfg)).with_attr(PRECISION_ATTR, DTYPE)
 
 
 def config_of(func) -> PrefillConfig:

@@ -42,8 +42,13 @@ def _matmuls(mod) -> list:
     return found
 
 
-@pytest.mark.parametrize("multi_query,fp_attn", FAMILIES, ids=[family_id(*f) for f in FAMILIES])
-def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_attn):
+# the four families at head size 8 (TVM's prefill kernel), and multi-query at head size 16 (the tensor-core kernel,
+# reading Q, K, V from the QKV projection's output and writing the out-projection's input: no layout copies)
+CASES = [(*f, 32) for f in FAMILIES] + [(True, fp_attn, 64) for fp_attn in (False, True)]
+
+
+@pytest.mark.parametrize("multi_query,fp_attn,dim", CASES, ids=[f"{family_id(*c[:2])}-dim{c[2]}" for c in CASES])
+def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_attn, dim):
     """Tolerance: each float matmul rounds both operands to fp16 (relative u = 2^-11 each; fp32
     accumulation adds nothing comparable). On the way to the logits there are 10 such roundings in
     sequence (patch embedding; per block of 2: Q/K/V projection, the attention kernel's Q and K, its V and
@@ -53,7 +58,7 @@ def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_att
     (1/127 of that row's absmax, averaged by the next matmul). Observed: at most 4.0e-3 of the scale."""
     from bmvcc.schedules.cpu_default import schedule_cpu_module
 
-    cfg = small_config(multi_query=multi_query, fp_attn=fp_attn)
+    cfg = small_config(multi_query=multi_query, fp_attn=fp_attn, dim=dim)
     model = make_model(cfg, seed=3)
     x = np.random.RandomState(4).randn(BATCH, 1, 28, 28).astype(np.float32)
     with torch.no_grad():
