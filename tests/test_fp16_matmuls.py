@@ -94,7 +94,7 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
 def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, tmp_path):
     """81 tokens, dim 128, head size 64: the Wqkv (81x256x128) and output (81x128x128) projections have
     every extent above 64, DLight's threshold for its wmma rule; so is the attention kernel
-    (schedules/attention_cuda_tc.py); the patch embedding (K = 49) and the head (M = 1) stay on CUDA
+    (schedules/attention_cuda_tc.py, with the layout copies around it folded in); the patch embedding (K = 49) and the head (M = 1) stay on CUDA
     cores. The build must not import tvm.s_tir.tensor_intrin.cuda (schedules/wmma_intrinsics.py stands in for it)."""
     import sys
 
@@ -113,3 +113,9 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     assert kinds == {"matmul": 2, "attention": 1}, kinds
     assert all(k["sass_mix"]["HMMA"] > 0 for k in tensor_core)
     assert {k["calls"] for k in tensor_core} == {cfg.depth}
+    # attention reads Q, K and V from the Wqkv projection's [1, 81, 256] fp16 output (one tensor, counted once) and
+    # writes the out-projection's fp16 input: no copy kernel per block transposes them (the one transpose left is the
+    # patch embedding's; the strided slices left drop the W2A8 kernels' padded rows)
+    (attention,) = [k for k in tensor_core if "attention" in k["kernel"]]
+    assert attention["bytes_read"] == 81 * 256 * 2 and attention["bytes_written"] == 81 * 128 * 2 + 81 * 2 * 2
+    assert [k["calls"] for k in rows if "transpose" in k["kernel"] or "expand_dims" in k["kernel"]] == [1]
