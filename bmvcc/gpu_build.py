@@ -149,8 +149,9 @@ def _launched(mod) -> tuple[dict, dict, int]:
 
 def kernel_calls(mod) -> dict:
     """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
-    argument once, a tensor passed twice too: compulsory global-memory traffic), and TVM's static op count (None if unknown; attention:
-    the `attention_ops` of the module that schedules it, for its config; TVM's count of the loops is meaningless)."""
+    argument once, also one passed twice: compulsory global-memory traffic), and TVM's static op count (None if
+    unknown; attention: the `attention_ops` of the module that schedules it, for its config; TVM's count of the
+    loops is meaningless)."""
     import importlib
 
     import numpy as np

@@ -37,8 +37,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..schedules.attention_cpu import AttentionConfig, attention_cpu
 from ..schedules import attention_cuda_tc
+from ..schedules.attention_cpu import AttentionConfig, attention_cpu
 from ..schedules.attention_cuda import PrefillConfig, attention_compute
 from .relax_match import REPORT_PREFIX, Bindings, is_const, product, rewrite_main, scalar, static_shape, with_report
 
@@ -135,19 +135,17 @@ def _cuda_plan(b, var, q, kt, v, g, gk, n, d, scale, causal):
     cfg = PrefillConfig(gk, g // gk, 1, n, d, scale, causal)
     if g % gk or not cfg.supported():
         return None
-    views = _kernel_views(cfg)
-    sources = [_columns(t, view, b, h, cfg) for t, view, h in zip((q, kt, v), views, (cfg.heads, 1, 1))]
-    end = _output_end(var, b, cfg)
-    folds = [] if end is None else [(end, {"out_dtype": str(end.ty.dtype)})]
-    if end is not None and None not in sources and len({static_shape(x) for x, _ in sources}) == 1:
-        width = static_shape(sources[0][0])[-1]
+    if not attention_cuda_tc.supported(cfg):  # TVM's prefill kernel: the copies stay
+        return var, (q, kt, v, cfg, False)
+    key = var if (end := _output_end(var, b, cfg)) is None else end
+    folded = cfg if key is var else replace(cfg, out_dtype=str(key.ty.dtype))
+    sources = [_columns(t, view, b, h, cfg) for t, view, h in zip((q, kt, v), _kernel_views(cfg), (cfg.heads, 1, 1))]
+    if None not in sources and len({static_shape(x) for x, _ in sources}) == 1:
         offsets = dict(zip(("q_offset", "k_offset", "v_offset"), (c for _, c in sources)))
-        folds.insert(0, (end, {**folds[0][1], "width": width, **offsets}))
-    for key, fields in folds:
-        if attention_cuda_tc.supported(folded := replace(cfg, **fields)):
-            operands = [x for x, _ in sources] if folded.width else [q, kt, v]
-            return key, (*operands, folded, True)
-    return var, (q, kt, v, cfg, False)
+        read = replace(folded, width=static_shape(sources[0][0])[-1], **offsets)
+        if attention_cuda_tc.supported(read):  # 16-byte aligned rows
+            return key, (*(x for x, _ in sources), read, key is not var)
+    return key, (q, kt, v, folded, key is not var)
 
 
 def _kernel_views(cfg: PrefillConfig) -> list:
@@ -190,7 +188,8 @@ def _columns(e, view, b: Bindings, heads: int, cfg: PrefillConfig):
         chain.append((e, call))
         e = b.root(call.args[0])
         shape = static_shape(e)
-        if shape is not None and len(shape) == 3 and shape[:2] == (cfg.batch, cfg.tokens) and str(e.ty.dtype) == "float16":
+        if shape is not None and shape[:2] == (cfg.batch, cfg.tokens) and len(shape) == 3 \
+                and str(e.ty.dtype) == "float16":
             source = e, len(chain)  # the deepest such tensor: the fewest copies left
     if source is None:
         return None

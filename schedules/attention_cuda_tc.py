@@ -97,12 +97,13 @@ def attention_tc(cfg: PrefillConfig):
             col = T.meta_var((c * 32 * WARPS + tid) % RV * VEC)
             j = T.meta_var(kt * BN + r)
             size = T.meta_var(T.Cast("uint32", T.if_then_else(j < N, 16, 0)))  # zero fill past the last key
-            T.evaluate(T.ptx["cp.async.cg.shared.global"](T.address_of(ks[stage, r, col]),
-                                                          T.address_of(element(cfg, k, cfg.k_offset, b, T.min(j, N - 1), kvh, col)), 16,
-                                                          size))
-            T.evaluate(T.ptx["cp.async.cg.shared.global"](T.address_of(vs[stage, r, col]),
-                                                          T.address_of(element(cfg, v, cfg.v_offset, b, T.min(j, N - 1), kvh, col)), 16,
-                                                          size))
+            key = T.meta_var(T.min(j, N - 1))
+            T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                T.address_of(ks[stage, r, col]), T.address_of(element(cfg, k, cfg.k_offset, b, key, kvh, col)), 16,
+                size))
+            T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                T.address_of(vs[stage, r, col]), T.address_of(element(cfg, v, cfg.v_offset, b, key, kvh, col)), 16,
+                size))
         T.evaluate(T.ptx["cp.async.commit_group"]())
 
     @T.prim_func(private=True, s_tir=True)

@@ -255,7 +255,8 @@ def test_tc_kernel_with_the_causal_condition_off_by_one_is_caught(monkeypatch, n
     cfg = TC_CONFIGS[name]
     arrays, reference = _emulate_tc(cfg, *_inputs(cfg))
     later = [np.broadcast_to(np.arange(a.shape[1]).reshape(1, -1, *[1] * (a.ndim - 2)) > 0, a.shape) for a in arrays]
-    assert not compare(arrays, reference, later, complete=False, precision=_precision(cfg))[1]  # not only token 0's empty row
+    # not only token 0's empty row
+    assert not compare(arrays, reference, later, complete=False, precision=_precision(cfg))[1]
 
 
 def test_paper_size_tc_kernel_on_tensor_cores_without_spills():

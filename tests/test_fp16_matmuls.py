@@ -94,8 +94,9 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
 def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, tmp_path):
     """81 tokens, dim 128, head size 64: the Wqkv (81x256x128) and output (81x128x128) projections have
     every extent above 64, DLight's threshold for its wmma rule; so is the attention kernel
-    (schedules/attention_cuda_tc.py, with the layout copies around it folded in); the patch embedding (K = 49) and the head (M = 1) stay on CUDA
-    cores. The build must not import tvm.s_tir.tensor_intrin.cuda (schedules/wmma_intrinsics.py stands in for it)."""
+    (schedules/attention_cuda_tc.py, with the layout copies around it folded in); the patch embedding (K = 49) and
+    the head (M = 1) stay on CUDA cores. The build must not import tvm.s_tir.tensor_intrin.cuda
+    (schedules/wmma_intrinsics.py stands in for it)."""
     import sys
 
     from bmvcc.driver import CompileOptions, compile_model
