@@ -151,8 +151,9 @@ def _launched(mod) -> tuple[dict, dict, int]:
 
 def kernel_calls(mod) -> dict:
     """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
-    argument once: compulsory global-memory traffic), and TVM's static op count (None if unknown; attention:
-    the `attention_ops` of the module that schedules it, for its config; TVM's count of the loops is meaningless)."""
+    argument once, also one passed twice: compulsory global-memory traffic), and TVM's static op count (None if
+    unknown; attention: the `attention_ops` of the module that schedules it, for its config; TVM's count of the
+    loops is meaningless)."""
     import importlib
 
     import numpy as np
@@ -176,7 +177,10 @@ def kernel_calls(mod) -> dict:
                 entry = stats.get(gv.name_hint)
                 if entry is None:
                     func = mod[gv]
-                    n_in = len(call.args[1].fields)
+                    inputs = call.args[1].fields
+                    n_in = len(inputs)
+                    distinct = [p for i, p in enumerate(func.params[:n_in])
+                                if not any(inputs[i].same_as(x) for x in inputs[:i])]
                     if kernel_of(func) == ATTENTION:
                         scheduler = importlib.import_module(schedule_of(ATTENTION, "cuda").__module__)
                         ops = scheduler.attention_ops(attention_cuda.config_of(func))
@@ -186,7 +190,7 @@ def kernel_calls(mod) -> dict:
                         except Exception:  # noqa: BLE001  (tensorized bodies: the W2A8 MACs come from its config)
                             ops = None
                     entry = stats[gv.name_hint] = {
-                        "calls": 0, "ops": ops, "bytes_read": sum(nbytes(p) for p in func.params[:n_in]),
+                        "calls": 0, "ops": ops, "bytes_read": sum(nbytes(p) for p in distinct),
                         "bytes_written": sum(nbytes(p) for p in func.params[n_in:])}
                 entry["calls"] += 1
             for arg in call.args:

@@ -17,7 +17,13 @@ Produces, reshaped to the matmul's shape (scores, softmax and mask become dead):
   target, the CPU schedule stage rebuilds it for the target's vectors);
 - CUDA (`fuse_attention_cuda`): `call_tir(attention, [Q, K, V] as [Gk, N, G / Gk, D], [Gk, N, 1, D] x 2)`,
   schedules/attention_cuda.py's compute definition (causal condition from indices, no mask), its fp16
-  output cast to float32; the GPU build schedules it (bmvcc/gpu_build.py:schedule_kernels).
+  output cast to float32; the GPU build schedules it (bmvcc/gpu_build.py:schedule_kernels). Where
+  schedules/attention_cuda_tc.py's kernel takes it, layout copies fold into the kernel: when Q, K and V are,
+  through views (strided_slice, reshape, permute_dims, expand_dims, broadcast_to; checked by tracing element
+  numbers through them), column ranges of [Gk, N, W] tensors (the QKV projection's output), the kernel reads
+  those tensors (its `width` and offsets); when P V's single-use chain of reshapes, permute_dims and float
+  casts reaches a tensor holding the kernel's [Gk, N, G / Gk, D] output in order (the out-projection's
+  input), the kernel writes that tensor in its dtype and the chain becomes dead.
 Other attention (another mask, shapes the kernel does not take) is left as it is.
 Report (module attr REPORT_KEY, JSON): {"fused": n}.
 """
@@ -25,17 +31,21 @@ Report (module attr REPORT_KEY, JSON): {"fused": n}.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from ..schedules import attention_cuda_tc
 from ..schedules.attention_cpu import AttentionConfig, attention_cpu
 from ..schedules.attention_cuda import PrefillConfig, attention_compute
 from .relax_match import REPORT_PREFIX, Bindings, is_const, product, rewrite_main, scalar, static_shape, with_report
 
 REPORT_KEY = REPORT_PREFIX + "fuse_causal_attention"
 _VIEWS = ("relax.reshape", "relax.broadcast_to")  # same elements, other shape
+_LAYOUT = ("relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.broadcast_to", "relax.strided_slice")
+_FLOATS = ("float16", "float32")  # casts between them of an fp16 value are exact
 
 
 def fuse_causal_attention(mod: tvm.IRModule) -> tvm.IRModule:
@@ -54,8 +64,8 @@ def _fuse(mod, plan_of, rewrite, dtype: str, masks_only: bool) -> tvm.IRModule:
     for var in b.order:
         pv = b.call(var, "relax.matmul")
         if pv is not None and (found := _match(pv, b, dtype, masks_only)) is not None:
-            if (plan := plan_of(*found)) is not None:
-                plans[var] = plan
+            if (planned := plan_of(b, var, *found)) is not None:
+                plans[planned[0]] = planned[1]
     report = {"fused": len(plans)}
     if not plans:
         return with_report(mod, REPORT_KEY, report)
@@ -114,15 +124,108 @@ def _unguarded(probs, b: Bindings):
     return probs
 
 
-def _cpu_plan(q, kt, v, g, gk, n, d, scale, causal):
+def _cpu_plan(b, var, q, kt, v, g, gk, n, d, scale, causal):
     cfg = AttentionConfig(g, gk, n, d, scale)
-    return (q, kt, v, cfg) if causal and cfg.supported() else None
+    return (var, (q, kt, v, cfg)) if causal and cfg.supported() else None
 
 
-def _cuda_plan(q, kt, v, g, gk, n, d, scale, causal):
-    """K/V group -> the kernel's batch entry with one K/V head and its G / Gk query heads."""
+def _cuda_plan(b, var, q, kt, v, g, gk, n, d, scale, causal):
+    """(var to rebind, plan): K/V group -> the kernel's batch entry with one K/V head and its G / Gk query heads;
+    the copies folded (module docstring) where the tensor-core kernel takes the folded configuration."""
     cfg = PrefillConfig(gk, g // gk, 1, n, d, scale, causal)
-    return (q, kt, v, cfg) if g % gk == 0 and cfg.supported() else None
+    if g % gk or not cfg.supported():
+        return None
+    if not attention_cuda_tc.supported(cfg):  # TVM's prefill kernel: the copies stay
+        return var, (q, kt, v, cfg, False)
+    key = var if (end := _output_end(var, b, cfg)) is None else end
+    folded = cfg if key is var else replace(cfg, out_dtype=str(key.ty.dtype))
+    sources = [_columns(t, view, b, h, cfg) for t, view, h in zip((q, kt, v), _kernel_views(cfg), (cfg.heads, 1, 1))]
+    if None not in sources and len({static_shape(x) for x, _ in sources}) == 1:
+        offsets = dict(zip(("q_offset", "k_offset", "v_offset"), (c for _, c in sources)))
+        read = replace(folded, width=static_shape(sources[0][0])[-1], **offsets)
+        if attention_cuda_tc.supported(read):  # 16-byte aligned rows
+            return key, (*(x for x, _ in sources), read, key is not var)
+    return key, (q, kt, v, folded, key is not var)
+
+
+def _kernel_views(cfg: PrefillConfig) -> list:
+    """(op, argument) chains taking the matched Q, Kt, V to the definition's q, k, v layouts."""
+    gk, h, n, d = cfg.batch, cfg.heads, cfg.tokens, cfg.head_dim
+    return [[("reshape", (gk, h, n, d)), ("permute", (0, 2, 1, 3))],
+            [("reshape", (gk, d, n)), ("permute", (0, 2, 1)), ("reshape", (gk, n, 1, d))],
+            [("reshape", (gk, n, 1, d))]]
+
+
+def _numpy_view(idx: np.ndarray, view) -> np.ndarray:
+    for op, arg in view:
+        idx = idx.reshape(arg) if op == "reshape" else idx.transpose(arg)
+    return idx
+
+
+def _traced(call, idx: np.ndarray, shape) -> np.ndarray:
+    """idx, an array of element numbers shaped as `call`'s operand, as `call` (a layout op or cast) leaves it."""
+    name, args = call.op.name, call.args
+    if name == "relax.reshape" or name == "relax.broadcast_to":
+        return idx.reshape(shape) if name == "relax.reshape" else np.broadcast_to(idx, shape)
+    if name == "relax.permute_dims":
+        axes = call.attrs.axes
+        return idx.transpose(None if axes is None else [int(a) for a in axes])
+    if name == "relax.expand_dims":
+        return np.expand_dims(idx, tuple(int(a) for a in call.attrs.axis))
+    if name == "relax.strided_slice":
+        index = [slice(None)] * idx.ndim
+        for axis, begin, end, stride in zip(*(map(int, a) for a in args[1:5])):
+            index[axis] = slice(begin, end, stride)
+        return idx[tuple(index)]
+    return idx  # astype
+
+
+def _columns(e, view, b: Bindings, heads: int, cfg: PrefillConfig):
+    """(x, c) when `e` viewed by `view` is, through layout ops, x[:, :, c : c + heads D] of an fp16 [Gk, N, W]
+    tensor x as [Gk, N, heads, D], else None."""
+    chain, source = [], None
+    while (call := b.call(e, *_LAYOUT)) is not None and static_shape(e) is not None:
+        chain.append((e, call))
+        e = b.root(call.args[0])
+        shape = static_shape(e)
+        if shape is not None and shape[:2] == (cfg.batch, cfg.tokens) and len(shape) == 3 \
+                and str(e.ty.dtype) == "float16":
+            source = e, len(chain)  # the deepest such tensor: the fewest copies left
+    if source is None:
+        return None
+    e, chain, shape = source[0], chain[:source[1]], static_shape(source[0])
+    idx = np.arange(math.prod(shape)).reshape(shape)
+    for var, call in reversed(chain):
+        idx = _traced(call, idx, static_shape(var))
+    idx = _numpy_view(idx, view)
+    width, d = shape[-1], cfg.head_dim
+    columns = np.arange(heads)[:, None] * d + np.arange(d)
+    rows = np.arange(cfg.batch * cfg.tokens).reshape(cfg.batch, cfg.tokens, 1, 1) * width
+    first = int(idx.flat[0])
+    if idx.shape != (cfg.batch, cfg.tokens, heads, d) or first + heads * d > width:
+        return None
+    return (e, first) if np.array_equal(idx, rows + columns + first) else None
+
+
+def _output_end(var, b: Bindings, cfg: PrefillConfig):
+    """The last var of P V's single-use chain of reshapes, permute_dims and fp16/fp32 casts that holds the kernel's
+    [Gk, N, heads, D] output in order (the consumer's layout: its copy folds into the kernel), else None."""
+    users = {}
+    for u in b.order:
+        call = b.call(u, "relax.reshape", "relax.permute_dims", "relax.astype")
+        if call is not None:
+            users.setdefault(b.root(call.args[0]), []).append((u, call))
+    shape = (cfg.batch, cfg.tokens, cfg.heads, cfg.head_dim)
+    order = np.arange(math.prod(shape))
+    idx = order.reshape(shape).transpose(0, 2, 1, 3).reshape(static_shape(var))  # P V from the kernel's output
+    end = None
+    while b.uses.get(var, 0) == 1 and len(users.get(var, ())) == 1:
+        var, call = users[var][0]
+        if static_shape(var) is None or str(var.ty.dtype) not in _FLOATS:
+            break
+        idx = _traced(call, idx, static_shape(var))
+        end = var if np.array_equal(idx.ravel(), order) else end
+    return end
 
 
 def _kv_source(e, lead, b: Bindings):
@@ -168,22 +271,24 @@ def _rewrite(rw, binding, plan):
 
 
 def _rewrite_cuda(rw, binding, plan):
-    q, kt, v, cfg = plan
+    q, kt, v, cfg, output_folded = plan
     bb = rw.builder_
     gk, h, n, d = cfg.batch, cfg.heads, cfg.tokens, cfg.head_dim
+    ops = {"reshape": relax.op.reshape, "permute": relax.op.permute_dims, "astype": relax.op.astype}
 
-    def emit(e, *ops):
-        for op, arg in ops:
-            e = bb.emit(op(e, arg))
+    def emit(e, view):
+        for op, arg in view:
+            e = bb.emit(ops[op](e, arg))
         return e
 
-    reshape, permute = relax.op.reshape, relax.op.permute_dims
-    args = [emit(rw.visit_expr(q), (reshape, (gk, h, n, d)), (permute, (0, 2, 1, 3))),
-            emit(rw.visit_expr(kt), (reshape, (gk, d, n)), (permute, (0, 2, 1)), (reshape, (gk, n, 1, d))),
-            emit(rw.visit_expr(v), (reshape, (gk, n, 1, d)))]
+    operands = [rw.visit_expr(t) for t in (q, kt, v)]
+    args = operands if cfg.width else [emit(t, view) for t, view in zip(operands, _kernel_views(cfg))]
     kind = "causal" if cfg.causal else "full"
-    kernel = rw.kernel(cfg, attention_compute, f"attention_{kind}_b{gk}_h{h}_n{n}_d{d}")
-    out = bb.emit(relax.call_tir(kernel, args, [relax.TensorType((gk, n, h, d), "float16"),
+    folded = f"_w{cfg.width}" if cfg.width else ""
+    kernel = rw.kernel(cfg, attention_compute, f"attention_{kind}_b{gk}_h{h}_n{n}_d{d}{folded}")
+    out = bb.emit(relax.call_tir(kernel, args, [relax.TensorType((gk, n, h, d), cfg.out_dtype),
                                                 relax.TensorType((gk, n, h), "float16")]))
-    o = emit(bb.emit(relax.TupleGetItem(out, 0)), (permute, (0, 2, 1, 3)), (relax.op.astype, "float32"))
-    return reshape(o, static_shape(binding.var))
+    o = bb.emit(relax.TupleGetItem(out, 0))
+    if not output_folded:  # P V's layout, float32
+        o = emit(o, [("permute", (0, 2, 1, 3)), ("astype", "float32")])
+    return relax.op.reshape(o, static_shape(binding.var))

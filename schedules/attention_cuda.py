@@ -3,7 +3,10 @@
 Layout (TVM's sequence-prefill kernel's): q [B, N, H, D], k and v [B, N, Hkv, D], out [B, N, H, D] float16
 and lse [B, N, H] float16; query head h reads K/V head h // (H / Hkv) (Hkv = 1: multi-query, one K/V tile
 per CTA shared by every query head), and with `causal` query i attends to keys j <= i, the condition
-computed from the indices (no mask tensor).
+computed from the indices (no mask tensor). With `width` set, q, k and v are instead one QKV projection output
+[B, N, width] (passes/fuse_causal_attention.py hands the same tensor three times, no layout copies): q head h at
+columns q_offset + h D .. + D, K/V head h at k_offset + h D and v_offset + h D; and out is written in
+`out_dtype` (the dtype its consumer reads, float32 or float16; exact: out is an fp16 value either way).
 
 `attention_compute` is the compute definition (unscheduled: bmvcc verify's reference, and what an llvm
 build of the GPU pipeline runs as written). Scores t_j = scale * log2(e) * q.k_j (fp16 products
@@ -44,6 +47,11 @@ class PrefillConfig:
     head_dim: int  # D
     scale: float  # applied to q.k before the softmax
     causal: bool
+    width: int = 0  # elements per token of one [B, N, width] q/k/v tensor; 0: separate [B, N, heads, D] tensors
+    q_offset: int = 0  # columns where q, k and v start in it
+    k_offset: int = 0
+    v_offset: int = 0
+    out_dtype: str = DTYPE
 
     def supported(self) -> bool:
         """TVM's prefill kernel takes these shapes (its tiles divide its 128 threads)."""
@@ -53,7 +61,26 @@ class PrefillConfig:
             _prefill_config(self, Target({"kind": "cuda", "arch": "sm_87"}))
         except ValueError:
             return False
-        return self.heads % self.kv_heads == 0
+        return self.heads % self.kv_heads == 0 and not self.width and self.out_dtype == DTYPE
+
+
+def operand_shapes(cfg: PrefillConfig) -> tuple:
+    """Buffer shapes of q and of k, v."""
+    if cfg.width:
+        return (cfg.batch, cfg.tokens, cfg.width), (cfg.batch, cfg.tokens, cfg.width)
+    return (cfg.batch, cfg.tokens, cfg.heads, cfg.head_dim), (cfg.batch, cfg.tokens, cfg.kv_heads, cfg.head_dim)
+
+
+def element(cfg: PrefillConfig, buf, offset, b, i, h, d):
+    """buf's element (b, token i, head h, d) of q (offset q_offset), k or v: a load, for TVMScript."""
+    return buf[b, i, offset + h * cfg.head_dim + d] if cfg.width else buf[b, i, h, d]
+
+
+def output_value(cfg: PrefillConfig, x):
+    """x (float32) rounded to fp16, as out_dtype."""
+    from tvm.script import tirx as T
+
+    return T.Cast(DTYPE, x) if cfg.out_dtype == DTYPE else T.Cast(cfg.out_dtype, T.Cast(DTYPE, x))
 
 
 def _prefill_config(cfg: PrefillConfig, target):
@@ -69,15 +96,16 @@ def attention_compute(cfg: PrefillConfig):
 
     B, H, HKV, N, D = cfg.batch, cfg.heads, cfg.kv_heads, cfg.tokens, cfg.head_dim
     G = H // HKV
+    QS, KVS = operand_shapes(cfg)
+    QO, KO, VO = cfg.q_offset, cfg.k_offset, cfg.v_offset
     coef = T.float32(cfg.scale * math.log2(math.e))
 
     def visible(i, j):
         return j <= i if cfg.causal else T.bool(True)
 
     @T.prim_func(private=True, s_tir=True)
-    def attention(q: T.Buffer((B, N, H, D), DTYPE), k: T.Buffer((B, N, HKV, D), DTYPE),
-                  v: T.Buffer((B, N, HKV, D), DTYPE), out: T.Buffer((B, N, H, D), DTYPE),
-                  lse: T.Buffer((B, N, H), DTYPE)):
+    def attention(q: T.Buffer(QS, DTYPE), k: T.Buffer(KVS, DTYPE), v: T.Buffer(KVS, DTYPE),
+                  out: T.Buffer((B, N, H, D), cfg.out_dtype), lse: T.Buffer((B, N, H), DTYPE)):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: KIND})
         s = T.sblock_alloc_buffer((B, N, H, N), "float32")
         m = T.sblock_alloc_buffer((B, N, H), "float32")
@@ -90,7 +118,8 @@ def attention_compute(cfg: PrefillConfig):
                 with T.init():
                     s[vb, vi, vh, vj] = T.float32(0)
                 s[vb, vi, vh, vj] = s[vb, vi, vh, vj] + (
-                    T.Cast("float32", q[vb, vi, vh, vd]) * T.Cast("float32", k[vb, vj, vh // G, vd]) * coef)
+                    T.Cast("float32", element(cfg, q, QO, vb, vi, vh, vd))
+                    * T.Cast("float32", element(cfg, k, KO, vb, vj, vh // G, vd)) * coef)
         for b, i, h, j in T.grid(B, N, H, N):
             with T.sblock("max"):
                 vb, vi, vh, vj = T.axis.remap("SSSR", [b, i, h, j])
@@ -112,17 +141,20 @@ def attention_compute(cfg: PrefillConfig):
                 vb, vi, vh, vd, vj = T.axis.remap("SSSSR", [b, i, h, d, j])
                 with T.init():
                     acc[vb, vi, vh, vd] = T.float32(0)
-                acc[vb, vi, vh, vd] = acc[vb, vi, vh, vd] + w[vb, vi, vh, vj] * T.Cast("float32", v[vb, vj, vh // G, vd])
+                acc[vb, vi, vh, vd] = acc[vb, vi, vh, vd] + w[vb, vi, vh, vj] * T.Cast(
+                    "float32", element(cfg, v, VO, vb, vj, vh // G, vd))
         for b, i, h, d in T.grid(B, N, H, D):
             with T.sblock("out"):
                 vb, vi, vh, vd = T.axis.remap("SSSS", [b, i, h, d])
-                out[vb, vi, vh, vd] = T.Cast(DTYPE, acc[vb, vi, vh, vd] / total[vb, vi, vh])
+                out[vb, vi, vh, vd] = output_value(cfg, acc[vb, vi, vh, vd] / total[vb, vi, vh])
         for b, i, h in T.grid(B, N, H):
             with T.sblock("lse"):
                 vb, vi, vh = T.axis.remap("SSS", [b, i, h])
                 lse[vb, vi, vh] = T.Cast(DTYPE, m[vb, vi, vh] + T.log2(total[vb, vi, vh]))
 
-    return attention.with_attr(CONFIG_ATTR, vars(cfg))
+    from ..ptx.verify import PRECISION_ATTR
+
+    return attention.with_attr(CONFIG_ATTR, vars(cfg)).with_attr(PRECISION_ATTR, DTYPE)
 
 
 def config_of(func) -> PrefillConfig:

@@ -33,7 +33,8 @@ import math
 
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import attention_cuda
-from .attention_cuda import CONFIG_ATTR, DTYPE, KERNEL_ATTR, PrefillConfig, config_of
+from .attention_cuda import (CONFIG_ATTR, DTYPE, KERNEL_ATTR, PrefillConfig, config_of, element, operand_shapes,
+                             output_value)
 
 BM = 64  # query rows per CTA (4 warps x 16)
 BN = 64  # keys per K/V tile
@@ -48,8 +49,10 @@ def shared_bytes(cfg: PrefillConfig) -> int:
 
 
 def supported(cfg: PrefillConfig) -> bool:
+    """Also: q, k, v read straight from a QKV tensor only in 16-byte aligned rows (width and offsets multiples of 8)."""
+    aligned = all(x % VEC == 0 for x in (cfg.width, cfg.q_offset, cfg.k_offset, cfg.v_offset))
     return (cfg.head_dim % 16 == 0 and shared_bytes(cfg) <= STATIC_SHARED_BYTES and cfg.heads % cfg.kv_heads == 0
-            and BM % (cfg.heads // cfg.kv_heads) == 0)
+            and BM % (cfg.heads // cfg.kv_heads) == 0 and aligned)
 
 
 def visible(cfg: PrefillConfig, token, j):
@@ -77,6 +80,7 @@ def attention_tc(cfg: PrefillConfig):
 
     B, H, HKV, N, D = cfg.batch, cfg.heads, cfg.kv_heads, cfg.tokens, cfg.head_dim
     G = H // HKV
+    QS, KVS = operand_shapes(cfg)
     TQ = tokens_per_cta(cfg)
     TILES = (N + TQ - 1) // TQ
     DP = D + PAD
@@ -93,16 +97,18 @@ def attention_tc(cfg: PrefillConfig):
             col = T.meta_var((c * 32 * WARPS + tid) % RV * VEC)
             j = T.meta_var(kt * BN + r)
             size = T.meta_var(T.Cast("uint32", T.if_then_else(j < N, 16, 0)))  # zero fill past the last key
-            T.evaluate(T.ptx["cp.async.cg.shared.global"](T.address_of(ks[stage, r, col]),
-                                                          T.address_of(k[b, T.min(j, N - 1), kvh, col]), 16, size))
-            T.evaluate(T.ptx["cp.async.cg.shared.global"](T.address_of(vs[stage, r, col]),
-                                                          T.address_of(v[b, T.min(j, N - 1), kvh, col]), 16, size))
+            key = T.meta_var(T.min(j, N - 1))
+            T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                T.address_of(ks[stage, r, col]), T.address_of(element(cfg, k, cfg.k_offset, b, key, kvh, col)), 16,
+                size))
+            T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                T.address_of(vs[stage, r, col]), T.address_of(element(cfg, v, cfg.v_offset, b, key, kvh, col)), 16,
+                size))
         T.evaluate(T.ptx["cp.async.commit_group"]())
 
     @T.prim_func(private=True, s_tir=True)
-    def attention(q: T.Buffer((B, N, H, D), DTYPE), k: T.Buffer((B, N, HKV, D), DTYPE),
-                  v: T.Buffer((B, N, HKV, D), DTYPE), out: T.Buffer((B, N, H, D), DTYPE),
-                  lse: T.Buffer((B, N, H), DTYPE)):
+    def attention(q: T.Buffer(QS, DTYPE), k: T.Buffer(KVS, DTYPE), v: T.Buffer(KVS, DTYPE),
+                  out: T.Buffer((B, N, H, D), cfg.out_dtype), lse: T.Buffer((B, N, H), DTYPE)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for bx in T.thread_binding(B * HKV * TILES, thread="blockIdx.x"):
             for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
@@ -137,7 +143,7 @@ def attention_tc(cfg: PrefillConfig):
                             token = T.meta_var(t0 + r // G)
                             if token < N:
                                 for e in T.vectorized(VEC):
-                                    qs[r, col + e] = q[b, token, kvh * G + r % G, col + e]
+                                    qs[r, col + e] = element(cfg, q, cfg.q_offset, b, token, kvh * G + r % G, col + e)
                             else:
                                 for e in T.vectorized(VEC):
                                     qs[r, col + e] = T.float16(0)
@@ -217,8 +223,8 @@ def attention_tc(cfg: PrefillConfig):
                             if token < N:
                                 for dt in T.unroll(ND):
                                     for c in T.unroll(2):
-                                        out[b, token, kvh * G + row % G, dt * 8 + lane % 4 * 2 + c] = T.Cast(
-                                            DTYPE, o[dt * 4 + h * 2 + c] * inv_l[0])
+                                        out[b, token, kvh * G + row % G, dt * 8 + lane % 4 * 2 + c] = output_value(
+                                            cfg, o[dt * 4 + h * 2 + c] * inv_l[0])
                                 if lane % 4 == 0:
                                     lse[b, token, kvh * G + row % G] = T.Cast(DTYPE, m[h] * coef + T.log2(l[h]))
 

@@ -181,7 +181,21 @@ TC_CONFIGS = {  # bmvcc's tensor-core kernel (head_dim a multiple of 16): partia
     "mq-causal": PrefillConfig(1, 4, 1, 150, 16, 0.25, True),  # 10 CTAs of 16 tokens x 4 heads, 1-3 key tiles
     "gqa-causal": PrefillConfig(2, 4, 2, 17, 16, 0.35, True),
     "mh-full": PrefillConfig(2, 2, 2, 70, 32, 1.0, False),  # multi-head: 64 tokens per CTA, 2 key tiles each
+    # Q, K, V read from one [B, N, 104] QKV tensor (8 unused columns first), the output written as float32
+    "mq-folded": PrefillConfig(1, 4, 1, 70, 16, 0.25, True, width=104, q_offset=8, k_offset=72, v_offset=88,
+                               out_dtype="float32"),
 }
+
+
+def _operands(cfg: PrefillConfig, q, k, v) -> list:
+    """q, k, v ([B, N, heads, D]) as the kernel reads them: with `width`, packed into one [B, N, width] tensor
+    (columns no head covers random), passed three times."""
+    if not cfg.width:
+        return [q, k, v]
+    qkv = np.random.default_rng(3).normal(size=(cfg.batch, cfg.tokens, cfg.width)).astype(np.float32)
+    for x, at in ((q, cfg.q_offset), (k, cfg.k_offset), (v, cfg.v_offset)):
+        qkv[..., at:at + x.shape[2] * cfg.head_dim] = x.reshape(cfg.batch, cfg.tokens, -1)
+    return [qkv] * 3
 
 
 def _emulate_tc(cfg: PrefillConfig, q, k, v):
@@ -196,12 +210,19 @@ def _emulate_tc(cfg: PrefillConfig, q, k, v):
         tvm.IRModule({"attention": attention_cuda_tc.schedule(definition, spec.target())}), spec)
     b, n, h, d = q.shape
     rng = np.random.default_rng(2)
-    arrays = [x.astype(np.float16) for x in (q, k, v)] + [rng.normal(size=s).astype(np.float16)
-                                                           for s in ((b, n, h, d), (b, n, h))]
+    arrays = [x.astype(np.float16) for x in _operands(cfg, q, k, v)] + [
+        rng.normal(size=(b, n, h, d)).astype(cfg.out_dtype), rng.normal(size=(b, n, h)).astype(np.float16)]
     reference = run_definition(definition, [a.copy() for a in arrays])
     res = emulate(kernels, launches["attention"], arrays)
     assert res.ctas_run == res.ctas_total > 1 and res.races == 0
     return arrays, reference
+
+
+def _precision(cfg: PrefillConfig) -> str:
+    """The definition's PRECISION_ATTR, as `bmvcc verify` reads it (fp16 values, also when written as float32)."""
+    from bmvcc.ptx.verify import PRECISION_ATTR
+
+    return str(attention_compute(cfg).attrs[PRECISION_ATTR])
 
 
 @pytest.mark.parametrize("name", TC_CONFIGS)
@@ -214,13 +235,15 @@ def test_tc_kernel_emulated_matches_the_definition_and_float32_attention(name):
     cfg = TC_CONFIGS[name]
     q, k, v = _inputs(cfg)
     arrays, reference = _emulate_tc(cfg, q, k, v)
-    err, agree = compare(arrays, reference, [np.ones(a.shape, bool) for a in arrays], complete=True)
+    err, agree = compare(arrays, reference, [np.ones(a.shape, bool) for a in arrays], complete=True,
+                         precision=_precision(cfg))
     assert agree, err
     _within_stated_bound(arrays[3], q, k, v, cfg, 4 * U)  # lse (no consumer): the definition's, compared above
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # token 0 sees no key: the broken kernel's 1 / 0
-def test_tc_kernel_with_the_causal_condition_off_by_one_is_caught(monkeypatch):
+@pytest.mark.parametrize("name", ["gqa-causal", "mq-folded"])
+def test_tc_kernel_with_the_causal_condition_off_by_one_is_caught(monkeypatch, name):
     """Negative control: the same kernel letting query i see keys j < i only (its own key hidden) disagrees
     with the definition."""
     from tvm.script import tirx as T
@@ -229,10 +252,11 @@ def test_tc_kernel_with_the_causal_condition_off_by_one_is_caught(monkeypatch):
     from bmvcc.schedules import attention_cuda_tc
 
     monkeypatch.setattr(attention_cuda_tc, "visible", lambda cfg, token, j: T.And(j < token, j < cfg.tokens))
-    cfg = TC_CONFIGS["gqa-causal"]
+    cfg = TC_CONFIGS[name]
     arrays, reference = _emulate_tc(cfg, *_inputs(cfg))
     later = [np.broadcast_to(np.arange(a.shape[1]).reshape(1, -1, *[1] * (a.ndim - 2)) > 0, a.shape) for a in arrays]
-    assert not compare(arrays, reference, later, complete=False)[1]  # not only token 0's empty row
+    # not only token 0's empty row
+    assert not compare(arrays, reference, later, complete=False, precision=_precision(cfg))[1]
 
 
 def test_paper_size_tc_kernel_on_tensor_cores_without_spills():
@@ -272,3 +296,25 @@ def test_shapes_the_tc_kernel_does_not_take_get_tvms_prefill_kernel():
     target = targets.get(ORIN).target()
     assert "mma" in attention_cuda_tc.schedule(attention_compute(paper), target).script()
     assert "mma" not in attention_cuda_tc.schedule(attention_compute(replace(paper, head_dim=8)), target).script()
+
+
+@pytest.mark.parametrize("fp_attn,out_dtype", [(False, "float32"), (True, "float16")], ids=["bit", "fp"])
+def test_layout_copies_fold_into_the_tc_kernel(fp_attn, out_dtype):
+    """Multi-query at head size 16 (the tensor-core kernel's): each block's kernel reads Q, K and V from the QKV
+    projection's [1, 16, 96] output (Q at column 0, K at 64, V at 80) and writes the out-projection's input in its
+    dtype (the BitLinear norm+quantization kernel's float32, the fp16 matmul's float16), so no strided_slice,
+    permute_dims or float32 cast is left between them (tests/test_fp16_matmuls.py runs these models against PyTorch)."""
+    from bmvcc.frontend import Source
+
+    from conftest import make_model, small_config
+
+    cfg = small_config(multi_query=True, fp_attn=fp_attn, dim=64)
+    source = Source(make_model(cfg), (1, 28, 28), 10, None, cfg)
+    mod, _, report = _gpu_pipeline(source, 1)
+    assert report["causal_attention_fused"] == cfg.depth
+    expected = PrefillConfig(1, 4, 1, 16, 16, 0.25, True, 96, 0, 64, 80, out_dtype)
+    assert _same(_attention_kernels(mod), expected)
+    script = mod["main"].script()
+    # left: the patch embedding's permute_dims and casts to fp16 (the QKV projection's output among them)
+    assert "R.strided_slice" not in script and script.count("R.permute_dims") == 1
+    assert 'dtype="float32") = R.astype' not in script

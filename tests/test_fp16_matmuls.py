@@ -42,8 +42,13 @@ def _matmuls(mod) -> list:
     return found
 
 
-@pytest.mark.parametrize("multi_query,fp_attn", FAMILIES, ids=[family_id(*f) for f in FAMILIES])
-def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_attn):
+# the four families at head size 8 (TVM's prefill kernel), and multi-query at head size 16 (the tensor-core kernel,
+# reading Q, K, V from the QKV projection's output and writing the out-projection's input: no layout copies)
+CASES = [(*f, 32) for f in FAMILIES] + [(True, fp_attn, 64) for fp_attn in (False, True)]
+
+
+@pytest.mark.parametrize("multi_query,fp_attn,dim", CASES, ids=[f"{family_id(*c[:2])}-dim{c[2]}" for c in CASES])
+def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_attn, dim):
     """Tolerance: each float matmul rounds both operands to fp16 (relative u = 2^-11 each; fp32
     accumulation adds nothing comparable). On the way to the logits there are 10 such roundings in
     sequence (patch embedding; per block of 2: Q/K/V projection, the attention kernel's Q and K, its V and
@@ -53,7 +58,7 @@ def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_att
     (1/127 of that row's absmax, averaged by the next matmul). Observed: at most 4.0e-3 of the scale."""
     from bmvcc.schedules.cpu_default import schedule_cpu_module
 
-    cfg = small_config(multi_query=multi_query, fp_attn=fp_attn)
+    cfg = small_config(multi_query=multi_query, fp_attn=fp_attn, dim=dim)
     model = make_model(cfg, seed=3)
     x = np.random.RandomState(4).randn(BATCH, 1, 28, 28).astype(np.float32)
     with torch.no_grad():
@@ -89,8 +94,9 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
 def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, tmp_path):
     """81 tokens, dim 128, head size 64: the Wqkv (81x256x128) and output (81x128x128) projections have
     every extent above 64, DLight's threshold for its wmma rule; so is the attention kernel
-    (schedules/attention_cuda_tc.py); the patch embedding (K = 49) and the head (M = 1) stay on CUDA
-    cores. The build must not import tvm.s_tir.tensor_intrin.cuda (schedules/wmma_intrinsics.py stands in for it)."""
+    (schedules/attention_cuda_tc.py, with the layout copies around it folded in); the patch embedding (K = 49) and
+    the head (M = 1) stay on CUDA cores. The build must not import tvm.s_tir.tensor_intrin.cuda
+    (schedules/wmma_intrinsics.py stands in for it)."""
     import sys
 
     from bmvcc.driver import CompileOptions, compile_model
@@ -108,3 +114,9 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     assert kinds == {"matmul": 2, "attention": 1}, kinds
     assert all(k["sass_mix"]["HMMA"] > 0 for k in tensor_core)
     assert {k["calls"] for k in tensor_core} == {cfg.depth}
+    # attention reads Q, K and V from the Wqkv projection's [1, 81, 256] fp16 output (one tensor, counted once) and
+    # writes the out-projection's fp16 input: no copy kernel per block transposes them (the one transpose left is the
+    # patch embedding's; the strided slices left drop the W2A8 kernels' padded rows)
+    (attention,) = [k for k in tensor_core if "attention" in k["kernel"]]
+    assert attention["bytes_read"] == 81 * 256 * 2 and attention["bytes_written"] == 81 * 128 * 2 + 81 * 2 * 2
+    assert [k["calls"] for k in rows if "transpose" in k["kernel"] or "expand_dims" in k["kernel"]] == [1]

@@ -67,6 +67,9 @@ def emulate(kernels: dict[str, Kernel], launches: list[KernelLaunch], arrays: li
 # roundings of the reduction's magnitude: |emulated - definition| <= RTOL * |definition| + ATOL * max|definition|.
 RTOL = {"float32": 1e-4, "float16": 4e-3}
 ATOL = {"float32": 1e-5, "float16": 2e-3}
+# A definition's attribute naming the float dtype its results are rounded to when stored in a wider one (attention
+# written as float32 for a float32 consumer carries fp16 values): compared with that dtype's tolerance.
+PRECISION_ATTR = "bmvcc.precision"
 
 
 def random_arguments(func, rng) -> list[np.ndarray]:
@@ -96,9 +99,9 @@ def run_definition(func, arrays: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def compare(emulated: list[np.ndarray], reference: list[np.ndarray], written: list[np.ndarray],
-            complete: bool) -> tuple[float, bool]:
+            complete: bool, precision: str | None = None) -> tuple[float, bool]:
     """(max error, agree) over every element (complete run) or the written ones (sampled CTAs); the error of a
-    float output is relative to its largest magnitude, of an integer one absolute."""
+    float output is relative to its largest magnitude, of an integer one absolute; `precision`: PRECISION_ATTR's."""
     worst, agree = 0.0, True
     for e, r, w in zip(emulated, reference, written):
         mask = np.ones(e.shape, bool) if complete else w
@@ -111,7 +114,8 @@ def compare(emulated: list[np.ndarray], reference: list[np.ndarray], written: li
             diff = np.where(same_nan, 0.0, np.nan_to_num(np.abs(e64 - r64), nan=np.inf))
             finite = np.abs(r64[np.isfinite(r64)])
             scale = float(finite.max()) if finite.size else 1.0
-            bound = RTOL.get(str(e.dtype), 1e-4) * np.abs(r64) + ATOL.get(str(e.dtype), 1e-5) * scale
+            dtype = precision or str(e.dtype)
+            bound = RTOL.get(dtype, 1e-4) * np.abs(r64) + ATOL.get(dtype, 1e-5) * scale
             worst = max(worst, float(diff.max()) / (scale or 1.0))
             agree &= bool(np.all((diff <= bound) | same_nan))
         else:
@@ -172,7 +176,8 @@ def verify_artifact(outdir, max_ctas: int = 64, seed: int = 0, progress=None) ->
                 raise EmulationError(f"{why}; bmvcc verify does not emulate it")
             reference = run_definition(func, arrays)
             res = emulate(kernels, found, arrays, max_ctas=max_ctas)
-            err, agree = compare(arrays, reference, res.written, res.ctas_run == res.ctas_total)
+            err, agree = compare(arrays, reference, res.written, res.ctas_run == res.ctas_total,
+                                 func.attrs.get(PRECISION_ATTR))
             row.update(ctas_run=res.ctas_run, max_error=err, races=res.races, race_reports=res.race_reports[:3],
                        verdict="ok" if agree and not res.races else "race" if agree else "mismatch")
         except EmulationError as e:
