@@ -197,3 +197,22 @@ def test_kernels_and_scheduled_functions_are_left_alone(target):
         out = schedule_cpu_module(marked, target, report)
         tvm.ir.assert_structural_equal(out[gv.name_hint].body, marked[gv].body)  # (fusion may add op_pattern)
         assert report == {}
+
+
+def test_residual_add_behind_a_reshape_folds_into_the_matmul(target):
+    """x w + b, reshaped to (1, M, N), plus a residual: FuseOps leaves the add behind the reshape a
+    kernel of its own; schedules/cpu_fold.py folds it into the matmul's write-back (one function,
+    no full-size intermediate buffer)."""
+    rng = np.random.default_rng(3)
+    x, w, b, r = (rng.standard_normal(s).astype("float32") for s in ((128, 64), (64, 96), (96,), (1, 128, 96)))
+
+    def body(bb, x_, w_, b_, r_):
+        y = bb.emit(relax.op.add(relax.op.matmul(x_, w_), b_))
+        return bb.emit(relax.op.add(relax.op.reshape(y, (1, 128, 96)), r_))
+
+    out, scheduled, report = _run(_module({"x": x.shape, "w": w.shape, "b": b.shape, "r": r.shape}, body), target, x, w, b, r)
+    _close(out, (x.astype(np.float64) @ w + b)[None] + r)
+    (name, func), = _funcs_by_rule(scheduled, report, "matmul").items()
+    assert set(report.values()) == {"matmul"} and "add" in name.split("matmul")[1], report
+    allocs = [line for line in func.script().splitlines() if "sblock_alloc_buffer" in line]
+    assert all('scope="local"' in a or "_global" in a for a in allocs), func.script()
