@@ -89,7 +89,7 @@ def _fuse_pair(mod, producer, consumer) -> tvm.IRModule:
     params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(outside)]
     inner = dict(zip(outside, params))
     bb = relax.BlockBuilder(mod)
-    name = f"{first.args[0].name_hint}_{second.args[0].name_hint}"
+    name = f"{first.args[0].name_hint}_{second.args[0].name_hint.removeprefix('fused_')}"
     with bb.function(name, params, {"Primitive": True}, private=True):
         with bb.dataflow():
             mid = bb.emit(relax.call_tir(first.args[0], [inner[a] for a in first.args[1].fields], first.ty))
