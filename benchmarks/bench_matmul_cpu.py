@@ -5,8 +5,8 @@
 Shapes are KxN of x[M, K] @ W[K, N] + b, the Wqkv (K=512 -> N=640, multi-query: Q, K and V) and out
 projections of the paper's model: a Relax module with W and b as parameters (as passes/externalize_weights.py
 leaves them) compiled through schedules/cpu_default.py for target `host`, as `bmvcc compile` compiles it. numpy (its BLAS)
-and torch.nn.functional.linear run in this process with the same thread count (TVM_NUM_THREADS is
-set before TVM's pool starts); each result is checked against a float64 numpy reference
+and torch.nn.functional.linear run in this process with the same thread count (TVM_NUM_THREADS and
+the BLAS thread variables are set before any pool starts); each result is checked against a float64 numpy reference
 (tolerance 1e-4 of the output's scale: float32 sums of K=512 terms) before it is timed. GFLOP/s are
 given as a % of this CPU's fp32 FMA peak on --threads cores (targets/cpu_peak.py, measured clock).
 """
@@ -18,7 +18,6 @@ import json
 import os
 import sys
 
-import numpy as np
 from common import time_call
 
 
@@ -43,6 +42,7 @@ def _tvm_linear(x, w, b):
 
 
 def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
+    import numpy as np
     import torch
 
     rng = np.random.default_rng(0)
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     a = ap.parse_args(argv)
-    os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(a.threads)  # before any pool starts
+    # before any pool starts: TVM's, and numpy's BLAS (sized when numpy is imported, so only after this)
+    os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(a.threads)
     import torch
     from tvm.target import codegen
 
