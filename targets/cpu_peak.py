@@ -4,8 +4,8 @@ benchmarks/bench_model_cpu.py compare achieved speeds against.
 Per core and cycle: int8 multiply-accumulates of the widest int8 dot-product instruction
 (vpdpbusd with AVX-512 VNNI, vpmaddubsw+vpmaddwd on AVX2, sdot on Arm) and float32 FMAs, each at
 the sustained issue rate of the core's vector pipes. AMX tiles are not counted: bmvcc does not use them.
-The clock is measured (measured_ghz), not read from /proc/cpuinfo: under a hypervisor that reports the
-nominal clock, while a busy core runs at its boost clock, which made kernels exceed the "peak".
+The clock is measured (measured_ghz), not read from /proc/cpuinfo, which under a hypervisor reports the
+nominal clock while a busy core runs at its boost clock (kernels then ran above the "peak").
 """
 
 from __future__ import annotations
