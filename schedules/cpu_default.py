@@ -14,6 +14,8 @@ a schedule or None when the function is not its kind:
                                      batched attention matmuls)
   rows       cpu_rules/rows.py       row-wise reductions over the innermost axis (softmax, norms), rfactored
                                      into vector partial results
+  columns    cpu_rules/columns.py    reductions over an outer axis (a token mean): vector accumulators per
+                                     strip of contiguous output columns
   reduction  cpu_rules/reduction.py  DLight's CPU Reduction for the other reductions
   spatial    cpu_rules/spatial.py    any other function: leading spatial loops parallel, innermost vectorized
 
@@ -29,13 +31,13 @@ import logging
 import tvm
 from tvm import relax, s_tir, tirx
 
-from .cpu_rules import gemv, matmul, reduction, rows, spatial
+from .cpu_rules import columns, gemv, matmul, reduction, rows, spatial
 from .w2a8 import KERNEL_ATTR
 
 log = logging.getLogger(__name__)
 
-RULES = [("gemv", gemv.apply), ("matmul", matmul.apply), ("rows", rows.apply), ("reduction", reduction.apply),
-         ("spatial", spatial.apply)]
+RULES = [("gemv", gemv.apply), ("matmul", matmul.apply), ("rows", rows.apply), ("columns", columns.apply),
+         ("reduction", reduction.apply), ("spatial", spatial.apply)]
 
 
 def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:

@@ -216,3 +216,15 @@ def test_residual_add_behind_a_reshape_folds_into_the_matmul(target):
     assert set(report.values()) == {"matmul"} and "add" in name.split("matmul")[1], report
     allocs = [line for line in func.script().splitlines() if "sblock_alloc_buffer" in line]
     assert all('scope="local"' in a or "_global" in a for a in allocs), func.script()
+
+
+def test_mean_over_tokens_sums_vectors_of_columns(target):
+    """x[b, n, c].mean(1) (the head's token mean) by the columns rule: vector accumulators over strips of
+    `lanes` contiguous columns while n is walked, the division in the write-back."""
+    x = np.random.default_rng(4).standard_normal((2, 64, 96)).astype("float32")
+    out, scheduled, report = _run(_module({"x": x.shape}, lambda bb, x_: bb.emit(relax.op.mean(x_, axis=[1]))), target, x)
+    _close(out, x.astype(np.float64).mean(1))
+    (func,) = _funcs_by_rule(scheduled, report, "columns").values()
+    lanes = CpuFacts.of(target).lanes("float32")
+    assert set(_loop_extents(func, tvm.tirx.ForKind.VECTORIZED)) == {lanes}, func.script()
+    assert _loop_extents(func, tvm.tirx.ForKind.PARALLEL) == [2 * 96 // lanes], func.script()
