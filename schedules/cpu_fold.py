@@ -25,11 +25,10 @@ from .w2a8 import KERNEL_ATTR
 
 def fold_into_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` (after FuseTIR) with every matmul's only, spatial, reader folded into it."""
-    while True:
-        pair = _next_pair(mod)
-        if pair is None:
-            return mod
-        mod = _fuse_pair(mod, *pair)
+    folded = False
+    while (pair := _next_pair(mod)) is not None:
+        mod, folded = _fuse_pair(mod, *pair), True
+    return relax.transform.DeadCodeElimination()(mod) if folded else mod  # the PrimFuncs folded into others
 
 
 def _next_pair(mod):
@@ -86,20 +85,28 @@ def _fuse_pair(mod, producer, consumer) -> tvm.IRModule:
     """Replace the two bindings by one call of a primitive function holding both calls, then FuseTIR."""
     first, second = producer.value, consumer.value
     outside = [a for a in first.args[1].fields] + [a for a in second.args[1].fields if not a.same_as(producer.var)]
+    name = f"{first.args[0].name_hint}_{second.args[0].name_hint.removeprefix('fused_')}"
+    fused = next((gv for gv in mod.get_global_vars() if gv.name_hint == name), None)
+    if fused is not None:  # the same pair in another layer: call the PrimFunc folded there
+        return _rebind(mod, producer, consumer, relax.call_tir(fused, outside, second.ty))
     params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(outside)]
     inner = dict(zip(outside, params))
     bb = relax.BlockBuilder(mod)
-    name = f"{first.args[0].name_hint}_{second.args[0].name_hint.removeprefix('fused_')}"
     with bb.function(name, params, {"Primitive": True}, private=True):
         with bb.dataflow():
             mid = bb.emit(relax.call_tir(first.args[0], [inner[a] for a in first.args[1].fields], first.ty))
             args = [mid if a.same_as(producer.var) else inner[a] for a in second.args[1].fields]
             out = bb.emit_output(relax.call_tir(second.args[0], args, second.ty))
         gv = bb.emit_func_output(out)
-    mod = bb.get()
+    return relax.transform.FuseTIR()(_rebind(bb.get(), producer, consumer, relax.Call(gv, outside)))
+
+
+def _rebind(mod, producer, consumer, call) -> tvm.IRModule:
+    """main without the producer's binding and with the consumer's var bound to `call`."""
     main = mod["main"]
-    bindings = [relax.VarBinding(b.var, relax.Call(gv, outside)) if b.var.same_as(consumer.var) else b
+    bindings = [relax.VarBinding(b.var, call) if b.var.same_as(consumer.var) else b
                 for b in main.body.blocks[0].bindings if not b.var.same_as(producer.var)]
     body = relax.SeqExpr([relax.DataflowBlock(bindings)], main.body.body)
+    mod = mod.clone()
     mod["main"] = relax.Function(main.params, body, main.ret_ty, main.is_pure, main.attrs)
-    return relax.transform.FuseTIR()(mod)
+    return mod
