@@ -13,7 +13,7 @@ PyTorch logits before it is timed. A variant that fails to compile is reported, 
 
 The machine's bound is printed beside the figures: the model's int8 and float32 MACs
 (common.model_macs) at this CPU's int8 and fp32 peaks (targets/cpu_peak.py: MACs per cycle per
-core of its vector units, times the cores and the clock), one after the other; each median's
+core of its vector units, times the cores and the clock, measured on one busy core), one after the other; each median's
 ratio to it and to ONNX Runtime's median are in the table. The load average is printed too:
 the figures of a shared machine are only comparable within one run.
 """

@@ -2,7 +2,8 @@
 
 `legalize_and_fuse(mod, target)` runs TVM's FastMathTransform and the Relax legalization and fusion of TVM's
 CPU backend (tvm/relax/backend/cpu_generic: library dispatch, LegalizeOps, AnnotateTIROpPattern,
-FoldConstant, FuseOps, FuseTIR), then the kernels' staging rewrites (schedules/kernels.py).
+FoldConstant, FuseOps, FuseTIR), folds what FuseOps leaves behind a matmul's reshape into it
+(schedules/cpu_fold.py), then the kernels' staging rewrites (schedules/kernels.py).
 `schedule_fused(mod, target)` gives each bmvcc kernel (attr "bmvcc.kernel") its own schedule
 (schedules/kernels.py) and every other PrimFunc not marked `tirx.is_scheduled` the first of RULES that
 applies, DLight style: each rule a module of schedules/cpu_rules/ with `apply(func, target)`, which returns
@@ -13,6 +14,8 @@ a schedule or None when the function is not its kind:
                                      batched attention matmuls)
   rows       cpu_rules/rows.py       row-wise reductions over the innermost axis (softmax, norms), rfactored
                                      into vector partial results
+  columns    cpu_rules/columns.py    reductions over an outer axis (a token mean): vector accumulators per
+                                     strip of contiguous output columns
   reduction  cpu_rules/reduction.py  DLight's CPU Reduction for the other reductions
   spatial    cpu_rules/spatial.py    any other function: leading spatial loops parallel, innermost vectorized
 
@@ -28,13 +31,13 @@ import logging
 import tvm
 from tvm import relax, s_tir, tirx
 
-from .cpu_rules import gemv, matmul, reduction, rows, spatial
+from .cpu_rules import columns, gemv, matmul, reduction, rows, spatial
 from .w2a8 import KERNEL_ATTR
 
 log = logging.getLogger(__name__)
 
-RULES = [("gemv", gemv.apply), ("matmul", matmul.apply), ("rows", rows.apply), ("reduction", reduction.apply),
-         ("spatial", spatial.apply)]
+RULES = [("gemv", gemv.apply), ("matmul", matmul.apply), ("rows", rows.apply), ("columns", columns.apply),
+         ("reduction", reduction.apply), ("spatial", spatial.apply)]
 
 
 def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
@@ -51,9 +54,10 @@ def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
         seq = [relax.transform.FastMathTransform()]
         seq += cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
         mod = tvm.transform.Sequential(seq)(mod)
+    from .cpu_fold import fold_into_matmuls
     from .kernels import stage
 
-    return stage(mod, target, "cpu")
+    return stage(fold_into_matmuls(mod), target, "cpu")
 
 
 def schedule_cpu_module(mod: tvm.IRModule, target, report: dict | None = None) -> tvm.IRModule:

@@ -4,13 +4,15 @@ benchmarks/bench_model_cpu.py compare achieved speeds against.
 Per core and cycle: int8 multiply-accumulates of the widest int8 dot-product instruction
 (vpdpbusd with AVX-512 VNNI, vpmaddubsw+vpmaddwd on AVX2, sdot on Arm) and float32 FMAs, each at
 the sustained issue rate of the core's vector pipes. AMX tiles are not counted: bmvcc does not use them.
+The clock is measured (measured_ghz), not read from /proc/cpuinfo, which under a hypervisor reports the
+nominal clock while a busy core runs at its boost clock (kernels then ran above the "peak").
 """
 
 from __future__ import annotations
 
-import re
+import functools
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
 # LLVM CPU name -> (int8 MACs, fp32 FMAs) per cycle per core.
 FAMILIES = {
@@ -35,6 +37,7 @@ class CpuPeak:
     fp32_fmas_per_cycle: int  # per core
     ghz: float
     cores: int
+    clock_measured: bool = False  # ghz from measured_ghz (else given)
 
     def int8_ops_per_s(self) -> float:  # one MAC = two operations
         return 2 * self.int8_macs_per_cycle * self.cores * self.ghz * 1e9
@@ -47,20 +50,55 @@ class CpuPeak:
         return 1e3 * (2 * int8_macs / self.int8_ops_per_s() + 2 * fp32_macs / self.fp32_ops_per_s())
 
     def describe(self) -> str:
-        return (f"{self.family}, {self.cores} cores at {self.ghz:.2f} GHz: int8 {self.int8_ops_per_s() / 1e9:.0f} GOP/s "
+        clock = " (measured)" if self.clock_measured else ""
+        return (f"{self.family}, {self.cores} cores at {self.ghz:.2f} GHz{clock}: int8 {self.int8_ops_per_s() / 1e9:.0f} GOP/s "
                 f"({self.int8_macs_per_cycle} MAC/cycle/core), fp32 {self.fp32_ops_per_s() / 1e9:.0f} GFLOP/s "
                 f"({self.fp32_fmas_per_cycle} FMA/cycle/core)")
 
 
 def host_peak(mcpu: str, cores: int) -> CpuPeak | None:
-    """The peak of this machine (LLVM's CPU name, clock from /proc/cpuinfo); None for a CPU not in FAMILIES."""
+    """The peak of this machine (LLVM's CPU name, clock measured); None for a CPU not in FAMILIES."""
     if mcpu not in FAMILIES:
         return None
-    return CpuPeak(mcpu, *FAMILIES[mcpu], ghz=_host_ghz(), cores=cores)
+    return CpuPeak(mcpu, *FAMILIES[mcpu], ghz=measured_ghz(), cores=cores, clock_measured=True)
 
 
-def _host_ghz() -> float:
-    """The highest 'cpu MHz' in /proc/cpuinfo (the clock the kernel reports; under a hypervisor, the nominal one)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)]
-    return max(mhz) / 1e3 if mhz else 0.0
+CHAIN_STEPS = 1 << 21  # iterations of the short run (2 ops each, ~1 ms at 4 GHz); the long run does twice as many
+CHAIN_REPEATS = 7
+
+
+@functools.cache
+def measured_ghz() -> float:
+    """The clock one busy core sustains, in GHz: a chain of dependent integer adds and xors (one
+    cycle each on every x86 and Arm core, and no closed form or reassociation for LLVM to find) run
+    for 2 x CHAIN_STEPS and CHAIN_STEPS iterations; the difference of the two times (the call's
+    overhead cancels) is 2 x CHAIN_STEPS cycles. Each time is the fastest of CHAIN_REPEATS runs: on a
+    shared machine other processes only ever add time. A few ms in all."""
+    import numpy as np
+    import tvm
+
+    run = tvm.compile(tvm.IRModule({"main": _dependent_chain()}), target="llvm")["main"]
+    state = tvm.runtime.tensor(np.zeros(1, "int32"))
+
+    def seconds(steps: int) -> float:
+        start = time.perf_counter()
+        run(state, steps)
+        return time.perf_counter() - start
+
+    run(state, CHAIN_STEPS)  # warm-up: first touch, the core leaves its idle clock
+    short, long = (min(seconds(steps) for _ in range(CHAIN_REPEATS)) for steps in (CHAIN_STEPS, 2 * CHAIN_STEPS))
+    return 2 * CHAIN_STEPS / (long - short) / 1e9
+
+
+def _dependent_chain():
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def chain(state: T.Buffer((1,), "int32"), steps: T.int32):
+        x = T.alloc_buffer((1,), "int32", scope="local")
+        x[0] = state[0]
+        for _ in range(steps):
+            x[0] = T.bitwise_xor(x[0] + 0x1E3779B1, 0x5851F42D)  # constants: no add/xor identity folds the pair
+        state[0] = x[0]
+
+    return chain

@@ -197,3 +197,39 @@ def test_kernels_and_scheduled_functions_are_left_alone(target):
         out = schedule_cpu_module(marked, target, report)
         tvm.ir.assert_structural_equal(out[gv.name_hint].body, marked[gv].body)  # (fusion may add op_pattern)
         assert report == {}
+
+
+def test_residual_add_behind_a_reshape_folds_into_the_matmul(target):
+    """Two layers of (x w + b), reshaped to (1, M, N), plus a residual: FuseOps leaves each add behind
+    the reshape a kernel of its own; schedules/cpu_fold.py folds it into the matmul's write-back (one
+    function, no full-size intermediate buffer), the same function for both layers."""
+    rng = np.random.default_rng(3)
+    x, w, b, r = (rng.standard_normal(s).astype("float32") for s in ((128, 64), (64, 64), (64,), (1, 128, 64)))
+
+    def body(bb, x_, w_, b_, r_):
+        for _ in range(2):
+            y = bb.emit(relax.op.add(relax.op.matmul(x_, w_), b_))
+            x_ = bb.emit(relax.op.reshape(relax.op.add(relax.op.reshape(y, (1, 128, 64)), r_), (128, 64)))
+        return x_
+
+    out, scheduled, report = _run(_module({"x": x.shape, "w": w.shape, "b": b.shape, "r": r.shape}, body), target, x, w, b, r)
+    ref = x.astype(np.float64)
+    for _ in range(2):
+        ref = ((ref @ w + b)[None] + r)[0]
+    _close(out, ref)
+    (name, func), = _funcs_by_rule(scheduled, report, "matmul").items()
+    assert "add" in name.split("matmul")[1] and scheduled["main"].script().count(name) == 2, report
+    allocs = [line for line in func.script().splitlines() if "sblock_alloc_buffer" in line]
+    assert all('scope="local"' in a or "_global" in a for a in allocs), func.script()
+
+
+def test_mean_over_tokens_sums_vectors_of_columns(target):
+    """x[b, n, c].mean(1) (the head's token mean) by the columns rule: vector accumulators over strips of
+    `lanes` contiguous columns while n is walked, the division in the write-back."""
+    x = np.random.default_rng(4).standard_normal((2, 64, 96)).astype("float32")
+    out, scheduled, report = _run(_module({"x": x.shape}, lambda bb, x_: bb.emit(relax.op.mean(x_, axis=[1]))), target, x)
+    _close(out, x.astype(np.float64).mean(1))
+    (func,) = _funcs_by_rule(scheduled, report, "columns").values()
+    lanes = CpuFacts.of(target).lanes("float32")
+    assert set(_loop_extents(func, tvm.tirx.ForKind.VECTORIZED)) == {lanes}, func.script()
+    assert _loop_extents(func, tvm.tirx.ForKind.PARALLEL) == [2 * 96 // lanes], func.script()

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bmvcc.model import BitMedViT, ViTConfig
-from bmvcc.targets.cpu_peak import FAMILIES, CpuPeak, host_peak
+from bmvcc.targets.cpu_peak import FAMILIES, CpuPeak, host_peak, measured_ghz
 
 from conftest import small_config
 
@@ -37,3 +37,11 @@ def test_bound_adds_the_int8_and_fp32_times():
     assert peak.bound_ms(640e9, 0) == 1e3 * 2 * 640e9 / 640e9
     assert peak.bound_ms(6.4e9, 1.6e9) == 1e3 * (2 * 6.4e9 / 640e9 + 2 * 1.6e9 / 160e9)
     assert host_peak("no-such-cpu", 2) is None
+
+
+def test_host_clock_is_measured_and_plausible():
+    """The dependent add/xor chain gives this core's clock: between 0.5 and 6 GHz on any CPU that runs
+    the tests (a chain LLVM folded or vectorized would give far more, a wrong cycle count far less)."""
+    assert 0.5 < measured_ghz() < 6
+    peak = host_peak("znver4", 2)
+    assert peak.ghz == measured_ghz() and "GHz (measured)" in peak.describe()

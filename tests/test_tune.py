@@ -34,7 +34,7 @@ from bmvcc.errors import BmvccError
 from bmvcc.targets import get as get_target
 from conftest import cli_error, describe, leftover_processes, small_config, tagged_processes
 
-TASK = "fused_matmul_add"  # patch embedding (Linear + bias) of small_config(): a float task, default space
+TASK = "fused_matmul_add_reshape3_add1"  # patch embedding (Linear + bias + position add) of small_config(): a float task, default space
 W2A8_TASK = "w2a8_m16_n32_k64_residual"  # an MLP down-projection: bmvcc's W2A8 space
 TASKS = (TASK, W2A8_TASK)
 TRIALS, PER_ROUND = 8, 4  # two rounds: the first is recorded before the kill, the second after the resume
