@@ -1,13 +1,11 @@
-"""Fold the elementwise work behind a float matmul into it (run by cpu_default.legalize_and_fuse and
-bmvcc/gpu_build.py:fuse).
+"""Fold the elementwise work behind a float matmul into it (run by cpu_default.legalize_and_fuse).
 
 TVM's FuseOps fuses a matmul with the elementwise consumers it sees directly, but not with one behind
 a reshape: the residual add after each output projection and the position embedding after the patch
 embedding stay kernels of their own, one more pass over the activations each. `fold_into_matmuls(mod)`
 groups each matmul call whose only reader is a spatial (loop nest without reduction) function with
-that reader into one primitive function and lets FuseTIR make one PrimFunc of it; the CPU matmul rule
-(cpu_rules/matmul.py) inlines the consumer into the accumulator write-back, DLight's GPU matmul rule takes it
-as the epilogue (on Orin: 4 launches fewer in the paper-size model, the residual stream read once less). bmvcc's kernels (attr
+that reader into one primitive function and lets FuseTIR make one PrimFunc of it; the matmul rule
+(cpu_rules/matmul.py) inlines the consumer into the accumulator write-back. bmvcc's kernels (attr
 "bmvcc.kernel") are never folded: their schedules expect their own definitions.
 
 The other direction, a layout copy folded into the matmul's A loads (the head transpose before the
