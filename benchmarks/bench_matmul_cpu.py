@@ -13,12 +13,11 @@ given as a % of this CPU's fp32 FMA peak on --threads cores (targets/cpu_peak.py
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from common import time_call
+from common import gemm_args, time_call
 
 
 def _tvm_linear(x, w, b):
@@ -67,23 +66,16 @@ def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", type=int, default=1024, help="rows (tokens x batch)")
-    ap.add_argument("--shapes", default="512x640,512x512", help="comma-separated KxN")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    a = ap.parse_args(argv)
+    a = gemm_args(__doc__, "512x640,512x512", threads=1, repeat=20).parse_args(argv)
     # before any pool starts: TVM's, and numpy's BLAS (sized when numpy is imported, so only after this)
     os.environ["TVM_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(a.threads)
     import torch
-    from tvm.target import codegen
 
     from bmvcc.targets.cpu_peak import host_peak
 
     torch.set_num_threads(a.threads)
     rows = [bench_shape(a.m, *(int(v) for v in s.split("x")), a.threads, a.repeat) for s in a.shapes.split(",")]
-    peak = host_peak(str(codegen.llvm_get_system_cpu()), a.threads)
+    peak = host_peak(a.threads)
     for r in rows:
         for s in r["impls"].values():
             s["percent_of_fp32_peak"] = 100 * s["gflops"] * 1e9 / peak.fp32_ops_per_s() if peak else None

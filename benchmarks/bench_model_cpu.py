@@ -138,12 +138,10 @@ def main(argv=None) -> int:
 
 def _bound(threads: int) -> dict:
     """The model's MACs at this CPU's peaks on `threads` cores (ms None for a CPU family not in targets/cpu_peak.py)."""
-    from tvm.target import codegen
-
     from bmvcc.targets.cpu_peak import host_peak
 
     int8, fp32 = model_macs(PAPER)
-    peak = host_peak(str(codegen.llvm_get_system_cpu()), threads)
+    peak = host_peak(threads)
     return {"int8_macs": int8, "fp32_macs": fp32, "peak": peak.describe() if peak else None,
             "ms": peak.bound_ms(int8, fp32) if peak else None}
 

@@ -22,13 +22,12 @@ of x (one thread) as this machine's memory speed in the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
-from common import time_call
+from common import gemm_args, time_call
 
 
 
@@ -120,15 +119,6 @@ def bench_norm_quant(m: int, k: int, repeat: int) -> dict:
     return row
 
 
-def host_peak(threads: int):
-    """This CPU's peak on `threads` cores (targets/cpu_peak.py), None for a family it does not list."""
-    from tvm.target import codegen
-
-    from bmvcc.targets.cpu_peak import host_peak as peak_of
-
-    return peak_of(str(codegen.llvm_get_system_cpu()), threads)
-
-
 def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
     rng = np.random.default_rng(0)
     q = rng.integers(-128, 128, (m, k), dtype=np.int8)
@@ -159,16 +149,12 @@ def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--m", type=int, default=1024, help="rows (tokens x batch)")
-    ap.add_argument("--shapes", default="512x2048,2048x512", help="comma-separated KxN")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    a = ap.parse_args(argv)
+    a = gemm_args(__doc__, "512x2048,2048x512", threads=2, repeat=10).parse_args(argv)
     # TVM's pool size, read when its first parallel kernel runs (runtime.config_threadpool instead
     # would pin this thread, PyTorch's and ONNX Runtime's main thread too, to one core)
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
+    from bmvcc.targets.cpu_peak import host_peak
+
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows = [bench_shape(a.m, k, n, a.threads, a.repeat) for k, n in shapes]
     norm_rows = [bench_norm_quant(a.m, k, a.repeat) for k in dict.fromkeys(k for k, _ in shapes)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +25,17 @@ def model_macs(cfg: dict) -> tuple[int, int]:
     attention = 2 * cfg["heads"] * head_dim * n * (n + 1) // 2
     embed = n * cfg["channels"] * cfg["patch_size"] ** 2 * dim
     return cfg["depth"] * ffn, embed + cfg["depth"] * (projections + attention) + dim * cfg["num_classes"]
+
+
+def gemm_args(doc: str, shapes: str, threads: int, repeat: int) -> argparse.ArgumentParser:
+    """The options of the M x K x N kernel benchmarks (bench_w2a8_cpu.py, bench_matmul_cpu.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--m", type=int, default=1024, help="rows (tokens x batch)")
+    ap.add_argument("--shapes", default=shapes, help="comma-separated KxN")
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--repeat", type=int, default=repeat)
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    return ap
 
 
 def time_call(fn, repeat: int) -> dict:

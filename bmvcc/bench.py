@@ -206,13 +206,11 @@ def _ops(symbol: str, shapes: list) -> tuple[float, str]:
 
 
 def _host_peak(target: dict):
-    from tvm.target import codegen
-
     from .targets.cpu_peak import host_peak
 
     if target["device"] != "cpu":
         return None
-    return host_peak(str(codegen.llvm_get_system_cpu()), len(os.sched_getaffinity(0)))
+    return host_peak(len(os.sched_getaffinity(0)))
 
 
 def _connect(tracker: str, key: str, session_timeout: int):

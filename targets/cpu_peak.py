@@ -56,8 +56,13 @@ class CpuPeak:
                 f"({self.fp32_fmas_per_cycle} FMA/cycle/core)")
 
 
-def host_peak(mcpu: str, cores: int) -> CpuPeak | None:
-    """The peak of this machine (LLVM's CPU name, clock measured); None for a CPU not in FAMILIES."""
+def host_peak(cores: int, mcpu: str | None = None) -> CpuPeak | None:
+    """The peak of this machine on `cores` cores (`mcpu`: LLVM's CPU name, this machine's by default; clock
+    measured); None for a CPU not in FAMILIES."""
+    if mcpu is None:
+        from tvm.target import codegen
+
+        mcpu = str(codegen.llvm_get_system_cpu())
     if mcpu not in FAMILIES:
         return None
     return CpuPeak(mcpu, *FAMILIES[mcpu], ghz=measured_ghz(), cores=cores, clock_measured=True)
