@@ -19,11 +19,10 @@ stages in order.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
+from .portable_ir import portable_json
 from .schedules import attention_cuda
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
@@ -209,25 +208,10 @@ def write_device_files(outdir: Path, cubin, kernels: dict, calls: dict, launches
 
     (outdir / DEVICE_BINARY).write_bytes(cubin.data)
     (outdir / DEVICE_PTX).write_text(cubin.ptx)
-    (outdir / DEVICE_DEFINITIONS).write_text(_portable_json(definitions))
+    (outdir / DEVICE_DEFINITIONS).write_text(portable_json(tvm.ir.save_json(definitions)))
     info = {"arch": cubin.arch, "bmvcc_kernels": kernels, "calls": calls, "launches": launches,
             "resources": {r.name: vars(r) for r in cubin.resources}, "cuda_graph_launches": graphs}
     (outdir / DEVICE_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
-
-
-def _portable_json(ir) -> str:
-    """tvm.ir.save_json(ir), but a span's source file (the TVMScript of a compute definition) named by its module,
-    "bmvcc/schedules/w2a8.py", not by where that is installed: the same bmvcc anywhere writes the same bytes."""
-    import tvm
-
-    graph = json.loads(tvm.ir.save_json(ir))
-    modules = {os.path.realpath(module.__file__): module.__name__.replace(".", "/") + (
-        "/__init__.py" if os.path.basename(module.__file__) == "__init__.py" else ".py")
-        for module in list(sys.modules.values()) if getattr(module, "__file__", None)}
-    for node in graph["nodes"]:
-        if node["type"] == "ir.SourceName" and os.path.isabs(node["data"]):
-            node["data"] = modules.get(os.path.realpath(node["data"]), node["data"])
-    return json.dumps(graph, separators=(",", ":"))
 
 
 def device_launches(lowered, definitions, calls: dict, spec):

@@ -31,10 +31,12 @@ the exact target key, so only that target ever finds it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 import weakref
 from pathlib import Path
@@ -42,6 +44,7 @@ from typing import Callable
 
 from . import schedules
 from .errors import BmvccError
+from .portable_ir import portable_json
 
 KEY_FILE = "bmvcc-db.json"
 TABLES = ("database_workload.json", "database_tuning_record.json")  # MetaSchedule's, one JSON entry per line
@@ -176,7 +179,20 @@ class TuningTables:
 
     def save(self) -> None:
         for name in TABLES:
-            _replace(self.dir / name, (self._scratch / name).read_bytes())
+            data = (self._scratch / name).read_bytes()
+            _replace(self.dir / name, _portable_workloads(data) if name == TABLES[0] else data)
+
+
+def _portable_workloads(table: bytes) -> bytes:
+    """The workload table with no installation path in it: each line is [structural hash, base64 of
+    (uint64 little-endian length, tvm.ir.save_json of the task's module)], and the JSON goes through
+    portable_json (the hash does not cover spans, so records still match their workloads)."""
+    lines = []
+    for line in table.splitlines():
+        shash, encoded = json.loads(line)
+        text = portable_json(base64.b64decode(encoded)[8:].decode()).encode()
+        lines.append(json.dumps([shash, base64.b64encode(struct.pack("<Q", len(text)) + text).decode()]))
+    return "".join(line + "\n" for line in lines).encode()
 
 
 def open_database(db_dir: Path, progress: Callable[[str], None] = lambda msg: None):

@@ -336,6 +336,28 @@ def test_key_changes_with_any_target_detail():
     assert tunedb.target_key(host) != tunedb.target_key(other)
 
 
+def test_saved_workloads_name_no_installation_path(tmp_path):
+    """A database written on one machine is the same on another: the compute definition's span names
+    bmvcc/schedules/w2a8.py, not where bmvcc is installed, and the saved workload is still found."""
+    import base64
+
+    import tvm
+
+    from bmvcc.schedules import w2a8
+
+    module = tvm.IRModule({"main": w2a8.w2a8_compute(w2a8.W2A8Config(16, 16, 64))})
+    def sources(text: str) -> list[str]:
+        return [node["data"] for node in json.loads(text)["nodes"] if node["type"] == "ir.SourceName"]
+
+    assert sources(tvm.ir.save_json(module)) == [str(Path(w2a8.__file__).resolve())]  # what TVM itself writes
+    tables = tunedb.TuningTables(tmp_path)
+    tables.db.commit_workload(module)
+    tables.save()
+    (_, encoded), = [json.loads(line) for line in (tmp_path / tunedb.TABLES[0]).read_text().splitlines()]
+    assert sources(base64.b64decode(encoded)[8:]) == ["bmvcc/schedules/w2a8.py"]
+    assert tunedb.open_database(tmp_path).has_workload(module)
+
+
 def test_unreachable_tracker_and_unknown_key(capsys, tmp_path, checkpoint, rpc_tracker):
     ckpt, _ = checkpoint(small_config(), seed=3)
     dead = f"127.0.0.1:{_free_port()}"
