@@ -126,11 +126,14 @@ def apply_epilogue(epilogue: str, v, res, vi, vj, divide=operator.truediv):
     return v
 
 
-def w2a8_compute(cfg: W2A8Config):
+def w2a8_compute(cfg: W2A8Config, layout=None):
     """Unscheduled TIR PrimFunc (q, packed, x_scale, w_scale[, residual]) -> out float32[M, N].
 
     Two blocks in every variant: "acc" (int32 reduction) then "dequant", which applies the
     epilogue in place (see EPILOGUES; "residual" and the bias epilogues read an extra input).
+    `layout` replaces the packed layout above by another one a backend chooses at compile time
+    (schedules/w2a8_cuda.py's TC_LAYOUT): its `shape(n, k)` is the packed buffer's, its `locate(wp, n, k)`
+    the byte of wp holding code u[n, k] and the code's bit offset in it.
 
     Indices are int64 throughout and the function is opaque (op_pattern 8), so Relax fusion and
     DLight leave it to bmvcc's schedules.
@@ -138,10 +141,12 @@ def w2a8_compute(cfg: W2A8Config):
     from tvm.script import tirx as T
 
     M, N, K, KP = (T.int64(v) for v in (cfg.m, cfg.n, cfg.k, cfg.k_packed))
+    WP = (N, KP) if layout is None else tuple(T.int64(v) for v in layout.shape(cfg.n, cfg.k))
 
     def decode(wp, vj, vk):
-        byte = wp[vj, vk // T.int64(4)]
-        code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", (vk % T.int64(4)) * T.int64(2))), T.uint8(3))
+        byte, shift = (wp[vj, vk // T.int64(4)], (vk % T.int64(4)) * T.int64(2)) if layout is None else layout.locate(
+            wp, vj, vk)
+        code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", shift)), T.uint8(3))
         return T.Cast("int32", code) - 1
 
     @T.macro
@@ -165,7 +170,7 @@ def w2a8_compute(cfg: W2A8Config):
     if operand is None:
 
         @T.prim_func(private=True, s_tir=True)
-        def w2a8(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
+        def w2a8(q: T.Buffer((M, K), "int8"), wp: T.Buffer(WP, "uint8"),
                  xs: T.Buffer((M, T.int64(1)), "float32"), ws: T.Buffer((T.int64(1),), "float32"),
                  out: T.Buffer((M, N), "float32")):
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
@@ -176,7 +181,7 @@ def w2a8_compute(cfg: W2A8Config):
     rows = M if operand == "residual" else T.int64(1)
 
     @T.prim_func(private=True, s_tir=True)
-    def w2a8_residual(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
+    def w2a8_residual(q: T.Buffer((M, K), "int8"), wp: T.Buffer(WP, "uint8"),
                       xs: T.Buffer((M, T.int64(1)), "float32"), ws: T.Buffer((T.int64(1),), "float32"),
                       res: T.Buffer((rows, N), "float32"), out: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
