@@ -6,7 +6,8 @@ This file is the contract between the passes and every backend's schedule:
 - `w2a8_compute` is the reference compute definition (TIR, unscheduled) the passes call and every
   schedule (schedules/w2a8_*.py) transforms; `w2a8_numpy` is its independent numpy reference.
 
-Packed layout (row-major over output features n, 4 codes per byte, low bits first):
+Packed layout (row-major over output features n, 4 codes per byte, low bits first; the CUDA kernel's weights
+are relaid out at compile time in its own, schedules/w2a8_cuda.py's TC_LAYOUT):
     u[n, k] = T[n, k] + 1 in {0, 1, 2}            (T ternary in {-1, 0, +1}; 3 never occurs)
     packed[n, k // 4] |= u[n, k] << (2 * (k % 4))  -> uint8[N, ceil(K / 4)]
 K is padded to a multiple of 4 with u = 1 (T = 0), which adds nothing to the dot product.
