@@ -330,12 +330,12 @@ def test_tune_builds_cuda_candidates_as_aarch64_so_with_the_cubin():
     from tvm.s_tir import meta_schedule as ms
 
     from bmvcc.schedules import w2a8_cuda as wc
-    from bmvcc.schedules.w2a8 import W2A8Config, w2a8_compute
+    from bmvcc.schedules.w2a8 import W2A8Config
     from bmvcc.targets import cuda_toolchain, get
     from bmvcc.tune import _builder
 
     spec = get("jetson-orin-nano")
-    mod = tvm.IRModule({"main": wc.schedule(w2a8_compute(W2A8Config(16, 128, 64, "gelu")), spec.target()).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": wc.schedule(wc.tc_compute(W2A8Config(16, 128, 64, "gelu")), spec.target()).with_attr("global_symbol", "main")})
     (built,) = _builder(spec).build([ms.builder.BuilderInput(mod, spec.target())])
     assert built.error_msg is None, built.error_msg
     try:
