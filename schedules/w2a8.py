@@ -145,8 +145,10 @@ def w2a8_compute(cfg: W2A8Config, layout=None):
     WP = (N, KP) if layout is None else tuple(T.int64(v) for v in layout.shape(cfg.n, cfg.k))
 
     def decode(wp, vj, vk):
-        byte, shift = (wp[vj, vk // T.int64(4)], (vk % T.int64(4)) * T.int64(2)) if layout is None else layout.locate(
-            wp, vj, vk)
+        if layout is None:
+            byte, shift = wp[vj, vk // T.int64(4)], (vk % T.int64(4)) * T.int64(2)
+        else:
+            byte, shift = layout.locate(wp, vj, vk)
         code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", shift)), T.uint8(3))
         return T.Cast("int32", code) - 1
 

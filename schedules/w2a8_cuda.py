@@ -42,7 +42,7 @@ from .w2a8 import KERNEL_ATTR, W2A8Config, config_of, epilogue_operand, w2a8_com
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
 
 
-class TC_LAYOUT:
+class TCLayout:
     """The packed layout of the tensor-core kernel, chosen at compile time for CUDA targets (the CPU keeps
     schedules/w2a8.py's; passes/pad_w2a8_to_tiles.py relays the weights out, `tc_pack` is the same in numpy):
     uint8[N/16, K/32, 128], one 128-byte block per 16 output features x 32 k, i.e. the B operand of one
@@ -52,21 +52,23 @@ class TC_LAYOUT:
     registers 0 and 2 (r = 0) as prmt selector nibbles (low and high 16 bits), (w >> 2) & 0x33333333 registers
     1 and 3 (cuda_intrinsics.mma_decode): one 32-bit shared load decodes into 16 weights."""
 
-    @staticmethod
-    def shape(n: int, k: int) -> tuple[int, int, int]:
+    def shape(self, n: int, k: int) -> tuple[int, int, int]:
+        if n % 16 or k % 32:
+            raise ValueError(f"TC_LAYOUT needs N a multiple of 16 and K of 32, not {n} x {k}; pad the GEMM (padded)")
         return n // 16, k // 32, 128
 
-    @staticmethod
-    def position(n, k):
-        """(byte of the block, bit offset in it) of code u[n, k] for n, k within the block's 16 x 32 or any
-        multiple (ints, numpy arrays or TIR expressions)."""
+    def position(self, n, k):
+        """(byte of its block, bit offset in that byte) of code u[n, k] (ints, numpy arrays or TIR expressions)."""
         return (16 * (n % 8) + 4 * (k % 16 // 4) + 2 * (n % 16 // 8) + k % 4 // 2,
                 4 * (k % 2) + 2 * (k % 32 // 16))
 
-    @staticmethod
-    def locate(wp, n, k):
-        byte, shift = TC_LAYOUT.position(n, k)
+    def locate(self, wp, n, k):
+        """(the byte of wp holding code u[n, k], the code's bit offset in it): schedules/w2a8.py's layout interface."""
+        byte, shift = self.position(n, k)
         return wp[n // 16, k // 32, byte], shift
+
+
+TC_LAYOUT = TCLayout()
 
 
 def tc_order() -> np.ndarray:
