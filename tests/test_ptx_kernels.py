@@ -36,7 +36,8 @@ def _build(cfg: W2A8Config, knobs: wc.W2A8CudaKnobs):
 def _operands(p: W2A8Config, seed=0):
     """Random operands of the padded instance in tc_compute's parameter order, output last (zeros)."""
     rng = np.random.default_rng(seed)
-    arrays = [rng.integers(-128, 128, (p.m, p.k), dtype=np.int8), wc.tc_pack(pack_ternary(rng.integers(-1, 2, (p.n, p.k)))),
+    packed = wc.tc_pack(pack_ternary(rng.integers(-1, 2, (p.n, p.k))))
+    arrays = [rng.integers(-128, 128, (p.m, p.k), dtype=np.int8), packed,
               rng.uniform(0.5, 40.0, (p.m, 1)).astype(np.float32), np.array([0.0123], np.float32)]
     if p.epilogue == "residual":
         arrays.append(rng.normal(0.0, 4.0, (p.m, p.n)).astype(np.float32))
