@@ -45,15 +45,15 @@ def _paper_w2a8(max_ctas: int) -> list[dict]:
     from bmvcc import targets
     from bmvcc.ptx.verify import build_scheduled, compare, emulate, random_arguments, run_definition
     from bmvcc.schedules import w2a8_cuda as wc
-    from bmvcc.schedules.w2a8 import W2A8Config, w2a8_compute
+    from bmvcc.schedules.w2a8 import W2A8Config
 
     spec = targets.get("jetson-orin-nano")
     results = []
     for cfg in (W2A8Config(1024, 2048, 512, "gelu"), W2A8Config(1024, 512, 2048, "residual")):
         t0 = time.perf_counter()
-        kernels, launches = build_scheduled(tvm.IRModule({"w2a8": wc.schedule(w2a8_compute(cfg), spec.target())}), spec)
+        definition = wc.tc_compute(cfg)
+        kernels, launches = build_scheduled(tvm.IRModule({"w2a8": wc.schedule(definition, spec.target())}), spec)
         t1 = time.perf_counter()
-        definition = w2a8_compute(cfg)
         arrays = random_arguments(definition, np.random.default_rng(0))
         reference = run_definition(definition, arrays)
         t2 = time.perf_counter()

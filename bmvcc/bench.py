@@ -188,7 +188,7 @@ def _kernel_table(calls: list, runs: int, peak) -> list[dict]:
     return rows
 
 
-_W2A8 = re.compile(r"w2a8_m(\d+)_n(\d+)_k(\d+)")
+_W2A8 = re.compile(r"w2a8_(?:tc_)?m(\d+)_n(\d+)_k(\d+)")  # tc: the GPU's tensor-core kernel
 _ATTENTION = re.compile(r"causal_attention_g(\d+)_kv\d+_n(\d+)_d(\d+)")
 
 

@@ -1,22 +1,23 @@
 """pad_w2a8_to_tiles (GPU targets): every W2A8 call -> a call of the tensor-core kernel's compute definition
-on a shape that is a multiple of its tiles (schedules/w2a8_cuda.py's default_knobs and padded).
+(schedules/w2a8_cuda.py's tc_compute) on a shape that is a multiple of its tiles (default_knobs and padded).
 
 Matches: call_tir of a PrimFunc with kernel kind "w2a8" (schedules/w2a8.py's kernel_of; its W2A8Config
 from config_of). Produces: when the GEMM is not a multiple of the tiles, its operands padded (q with 0,
 packed weights with 0x55 = four zero weights, x_scale with 1, residual or bias with 0) and the output
-sliced back: the padding contributes exactly 0. The kernel applies the epilogue (bias, GELU, + residual)
-itself.
-The kernel (w2a8_tc_m{M}_n{N}_k{K}[_{epilogue}] when padded, else the function already called) carries
-its padded W2A8Config (CONFIG_ATTR) and in PADDED_FROM_ATTR the model's config and the knobs it is
-scheduled with (bmvcc/gpu_build.py reads both).
+sliced back: the padding contributes exactly 0. The packed weights are then relaid out in the kernel's
+TC_LAYOUT (w2a8_cuda.tc_pack's steps as Relax ops, folded at compile time for constant weights: FoldConstant
+runs last). The kernel applies the epilogue (bias, GELU, + residual) itself.
+The kernel (w2a8_tc_m{M}_n{N}_k{K}[_{epilogue}]) carries its padded W2A8Config (CONFIG_ATTR) and in
+PADDED_FROM_ATTR the model's config and the knobs it is scheduled with (bmvcc/gpu_build.py reads both).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 
-from ..schedules.w2a8 import config_of, epilogue_operand, kernel_of, w2a8_compute
+from ..schedules.w2a8 import config_of, epilogue_operand, kernel_of
 
 PADDED_FROM_ATTR = "bmvcc.padded_from"  # {"config": the model's W2A8Config, "knobs": W2A8CudaKnobs}
 
@@ -27,7 +28,21 @@ def default_tiles(cfg):
 
     knobs = w2a8_cuda.default_knobs(cfg)
     p = w2a8_cuda.padded(cfg, knobs)
-    return p, w2a8_compute(p), {"config": vars(cfg), "knobs": vars(knobs)}
+    return p, w2a8_cuda.tc_compute(p), {"config": vars(cfg), "knobs": vars(knobs)}
+
+
+def tc_layout(packed, n: int, k: int):
+    """Relax ops relaying packed weights uint8[n, k/4] (n a multiple of 16, k of 32) out in TC_LAYOUT:
+    schedules/w2a8_cuda.py's tc_pack, step by step."""
+    from ..schedules.w2a8_cuda import tc_order
+
+    shifts = relax.const(np.array([0, 2, 4, 6], np.uint8))
+    codes = relax.op.bitwise_and(relax.op.right_shift(relax.op.expand_dims(packed, [-1]), shifts),
+                                 relax.const(3, "uint8"))
+    blocks = relax.op.permute_dims(relax.op.reshape(codes, [n // 16, 16, k // 32, 32]), [0, 2, 1, 3])
+    slots = relax.op.take(relax.op.reshape(blocks, [n // 16, k // 32, 512]), relax.const(tc_order()), axis=2,
+                          mode="clip")  # in range: clip only silences "fast" mode's warning
+    return relax.op.sum(relax.op.left_shift(slots, shifts), axis=[-1])
 
 
 def pad_w2a8_to_tiles(mod: tvm.IRModule, kernel_for=default_tiles) -> tvm.IRModule:
@@ -47,7 +62,6 @@ def pad_w2a8_to_tiles(mod: tvm.IRModule, kernel_for=default_tiles) -> tvm.IRModu
             if cfg not in added:
                 p, func, padded_from = kernel_for(cfg)
                 suffix = "" if cfg.epilogue == "none" else f"_{cfg.epilogue}"
-                # an unpadded kernel is the function already there (the builder finds it), keeping its name
                 gv = self.builder_.add_func(func, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}{suffix}")
                 self.builder_.update_func(gv, func.with_attr(PADDED_FROM_ATTR, padded_from))
                 added[cfg] = (p, gv)
@@ -58,6 +72,7 @@ def pad_w2a8_to_tiles(mod: tvm.IRModule, kernel_for=default_tiles) -> tvm.IRModu
                     (p.m - cfg.m, 0, 1.0), (0, 0, None), (extra_rows, p.n - cfg.n, 0.0)]
             kernel_args = [self.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
                            if rows or cols else a for a, (rows, cols, value) in zip(call.args[1].fields, pads)]
+            kernel_args[1] = self.builder_.emit(tc_layout(kernel_args[1], p.n, p.k))
             out = relax.call_tir(gv, kernel_args, relax.TensorType((p.m, p.n), "float32"))
             if p == cfg:
                 return out
@@ -68,4 +83,5 @@ def pad_w2a8_to_tiles(mod: tvm.IRModule, kernel_for=default_tiles) -> tvm.IRModu
     main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = main
+    out = relax.transform.FoldConstant()(out)  # constant weights: padded and relaid out at compile time
     return relax.transform.DeadCodeElimination(["main"])(out)  # the replaced W2A8 PrimFuncs

@@ -7,8 +7,9 @@ module defines only what schedules/w2a8_cuda.py tensorizes, with int64 indices l
 - LDMATRIX_A (ldmatrix_a_name(scope)): int8 A tile 16x32 shared -> warp fragment (`ldmatrix.x4`), as TVM's
   mma_ldmatrix_i8_a, from static or dynamic shared memory.
 - MMA_DECODE (mma_decode_name(F, scope)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
-  codes* from shared (uint8 [16, 8]), decoded once in registers straight into the mma.sync B fragment,
-  then 2F `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is w2a8_compute's decode expression.
+  codes* from shared (one 128-byte block of schedules/w2a8_cuda.py's TC_LAYOUT), each lane's 16 weights decoded
+  from one 32-bit word in registers straight into the mma.sync B fragment, then 2F
+  `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is tc_compute's decode expression.
 - FILL: zero a 16x16 int32 accumulator fragment.
 - STORE_DEQUANT (store_dequant_name(epilogue)): out[16,16] = epilogue(float(C) * w_scale / x_scale[row]), the
   dequantizing epilogue (none, GELU, + residual) written from the accumulator fragment to global memory.
@@ -43,18 +44,17 @@ def accum_16x16_layout(i, j):
 DECODE_LUT = 0x020100FF  # prmt table: byte u is the weight u - 1 (u = 3, never packed, gives 2 as w2a8_compute)
 
 
-def _selectors(lo, hi):
-    """Two packed bytes (4 codes u each) -> one prmt selector word: code i of lo in nibble i, of hi in nibble
-    4 + i, the nibbles' upper 2 bits 0. Each half's nibble [u3 u2] moves up 4 bits (x + 15 (x & m) moves the
-    bits m exactly), then each nibble's odd code up 2 (or with a copy 2 bits up, masked)."""
-    w = T.bitwise_or(T.Cast("uint32", lo), T.shift_left(T.Cast("uint32", hi), T.uint32(16)))
-    pairs = w + T.bitwise_and(w, T.uint32(0x00F000F0)) * T.uint32(15)
-    return T.bitwise_and(T.bitwise_or(pairs, T.shift_left(pairs, T.uint32(2))), T.uint32(0x33333333))
+def _selectors(word):
+    """A TC_LAYOUT word (schedules/w2a8_cuda.py) -> two prmt selector words, (w & 0x33333333, (w >> 2) & 0x33333333):
+    B fragment registers 0 and 2, then 1 and 3, code i in nibble i of the low and high 16 bits, the nibbles'
+    upper 2 bits 0."""
+    mask = T.uint32(0x33333333)
+    return T.bitwise_and(word, mask), T.bitwise_and(T.shift_right(word, T.uint32(2)), mask)
 
 
 def _lookup(sel):
     """4 int8 weights in a uint32, code i in byte i: CUDA's __byte_perm (prmt) of DECODE_LUT, byte i of the result
-    being byte (sel >> 4i) & 7 of the table (twice DECODE_LUT)."""
+    being byte (sel >> 4i) & 7 of the table (twice DECODE_LUT); prmt reads the low 16 bits of `sel` only."""
     return T.call_pure_extern("uint32", "__byte_perm", T.uint32(DECODE_LUT), T.uint32(DECODE_LUT), sel)
 
 
@@ -100,12 +100,6 @@ def ldmatrix_a(scope: str):
     return desc, impl
 
 
-def _decode(bp, j, k):
-    """w2a8_compute's decode of code T[j, k] from packed bytes, as an int32 in {-1, 0, 1}."""
-    code = T.bitwise_and(T.shift_right(bp[j, k // _I(4)], T.Cast("uint8", (k % _I(4)) * _I(2))), T.uint8(3))
-    return T.Cast("int32", code) - 1
-
-
 def mma_decode_name(frags: int, scope: str) -> str:
     return f"{MMA_DECODE}_x{frags}_{scope}"
 
@@ -116,50 +110,55 @@ def mma_decode(frags: int, scope: str):
 
     A and C are a warp's fragments [F, 1, 32, elems] (row fragment, column fragment, thread, element),
     the layouts schedules/w2a8_cuda.py gives them."""
+    from .w2a8_cuda import TC_LAYOUT
+
     F, M = _I(frags), _I(16 * frags)
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (F, _I(1), _I(32), _I(16)), "int8", align=64, offset_factor=16, scope="warp")
-        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope=scope)
+        B = T.match_buffer(b, (_I(1), _I(1), _I(128)), "uint8", offset_factor=128, scope=scope)
         C = T.match_buffer(c, (F, _I(1), _I(32), _I(8)), "int32", align=64, offset_factor=8, scope="warp")
         with T.sblock("root"):
-            T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
+            T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:1, 0:1, 0:128])
             T.writes(C[0:F, 0:1, 0:32, 0:8])
             for i, j, k in T.grid(M, _I(16), _I(32)):
                 with T.sblock("C"):
                     vi, vj, vk = T.axis.remap("SSR", [i, j, k])
                     tc, ec = T.meta_var(accum_16x16_layout(vi % 16, vj))
                     ta, ea = T.meta_var(ldmatrix_16x32_layout(vi % 16, vk))
-                    T.reads(C[vi // 16, 0, tc, ec], A[vi // 16, 0, ta, ea], B[vj, vk // _I(4)])
+                    byte, shift = T.meta_var(TC_LAYOUT.locate(B, vj, vk))  # tc_compute's decode of T[vj, vk]
+                    T.reads(C[vi // 16, 0, tc, ec], A[vi // 16, 0, ta, ea], byte)
                     T.writes(C[vi // 16, 0, tc, ec])
-                    C[vi // 16, 0, tc, ec] = (C[vi // 16, 0, tc, ec]
-                                              + T.Cast("int32", A[vi // 16, 0, ta, ea]) * _decode(B, vj, vk))
+                    C[vi // 16, 0, tc, ec] = (C[vi // 16, 0, tc, ec] + T.Cast("int32", A[vi // 16, 0, ta, ea]) * (
+                        T.Cast("int32", T.bitwise_and(T.shift_right(byte, T.Cast("uint8", shift)), T.uint8(3))) - 1))
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         a0, a1, a2, a3 = T.int64(), T.int64(), T.int64(), T.int64()
-        b0, b1 = T.int64(), T.int64()
+        b0, b1, b2 = T.int64(), T.int64(), T.int64()
         c0, c1, c2, c3 = T.int64(), T.int64(), T.int64(), T.int64()
         A = T.match_buffer(a, (F, _I(1), _I(32), _I(16)), "int8", align=64, offset_factor=16, scope="warp",
                            strides=[a0, a1, a2, a3])
-        B = T.match_buffer(b, (_I(16), _I(8)), "uint8", offset_factor=8, scope=scope, strides=[b0, b1])
+        B = T.match_buffer(b, (_I(1), _I(1), _I(128)), "uint8", offset_factor=128, scope=scope, strides=[b0, b1, b2])
         C = T.match_buffer(c, (F, _I(1), _I(32), _I(8)), "int32", align=64, offset_factor=8, scope="warp",
                            strides=[c0, c1, c2, c3])
         with T.sblock("root"):
-            T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
+            T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:1, 0:1, 0:128])
             T.writes(C[0:F, 0:1, 0:32, 0:8])
             for tx in T.thread_binding(_I(0), _I(32), "threadIdx.x"):
-                # B fragment of n8 half h: register r holds codes k = 16r + 4(tx%4) + 0..3 of column
-                # n = 8h + tx/4, i.e. exactly packed byte [n, 4r + tx%4]
+                # the block's word tx: B fragment register 2h + r of n8 half h (TC_LAYOUT), one 32-bit shared load
                 with T.sblock("decode"):  # a block, so that software pipelining sees the fragment buffer
-                    T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:16, 0:8])
+                    T.reads(C[0:F, 0:1, 0:32, 0:8], A[0:F, 0:1, 0:32, 0:16], B[0:1, 0:1, 0:128])
                     T.writes(C[0:F, 0:1, 0:32, 0:8])
                     frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
-                    for h in range(2):  # registers r = 0 and 1 from one selector word
-                        sel = T.meta_var(_selectors(B[_I(8) * h + tx // 4, tx % 4], B[_I(8) * h + tx // 4, 4 + tx % 4]))
-                        frag[h * 2] = _lookup(sel)
-                        frag[h * 2 + 1] = _lookup(T.shift_right(sel, T.uint32(16)))
+                    # a vector load of B itself (software pipelining rewrites B's loads to the stage's buffer)
+                    word = T.meta_var(T.reinterpret("uint32", B[0, 0, T.ramp(tx * 4, 1, 4)]))
+                    r0, r1 = T.meta_var(_selectors(word))
+                    frag[0] = _lookup(r0)
+                    frag[1] = _lookup(r1)
+                    frag[2] = _lookup(T.shift_right(r0, T.uint32(16)))
+                    frag[3] = _lookup(T.shift_right(r1, T.uint32(16)))
                     for f, h in T.grid(F, 2):
                         T.evaluate(T.ptx_legacy.mma("m16n8k32", "row", "col", "int8", "int8", "int32",
                                                     A.data, A.elem_offset + f * a0 + tx * _I(16),

@@ -6,7 +6,8 @@ This file is the contract between the passes and every backend's schedule:
 - `w2a8_compute` is the reference compute definition (TIR, unscheduled) the passes call and every
   schedule (schedules/w2a8_*.py) transforms; `w2a8_numpy` is its independent numpy reference.
 
-Packed layout (row-major over output features n, 4 codes per byte, low bits first):
+Packed layout (row-major over output features n, 4 codes per byte, low bits first; the CUDA kernel's weights
+are relaid out at compile time in its own, schedules/w2a8_cuda.py's TC_LAYOUT):
     u[n, k] = T[n, k] + 1 in {0, 1, 2}            (T ternary in {-1, 0, +1}; 3 never occurs)
     packed[n, k // 4] |= u[n, k] << (2 * (k % 4))  -> uint8[N, ceil(K / 4)]
 K is padded to a multiple of 4 with u = 1 (T = 0), which adds nothing to the dot product.
@@ -126,11 +127,14 @@ def apply_epilogue(epilogue: str, v, res, vi, vj, divide=operator.truediv):
     return v
 
 
-def w2a8_compute(cfg: W2A8Config):
+def w2a8_compute(cfg: W2A8Config, layout=None):
     """Unscheduled TIR PrimFunc (q, packed, x_scale, w_scale[, residual]) -> out float32[M, N].
 
     Two blocks in every variant: "acc" (int32 reduction) then "dequant", which applies the
     epilogue in place (see EPILOGUES; "residual" and the bias epilogues read an extra input).
+    `layout` replaces the packed layout above by another one a backend chooses at compile time
+    (schedules/w2a8_cuda.py's TC_LAYOUT): its `shape(n, k)` is the packed buffer's, its `locate(wp, n, k)`
+    the byte of wp holding code u[n, k] and the code's bit offset in it.
 
     Indices are int64 throughout and the function is opaque (op_pattern 8), so Relax fusion and
     DLight leave it to bmvcc's schedules.
@@ -138,10 +142,14 @@ def w2a8_compute(cfg: W2A8Config):
     from tvm.script import tirx as T
 
     M, N, K, KP = (T.int64(v) for v in (cfg.m, cfg.n, cfg.k, cfg.k_packed))
+    WP = (N, KP) if layout is None else tuple(T.int64(v) for v in layout.shape(cfg.n, cfg.k))
 
     def decode(wp, vj, vk):
-        byte = wp[vj, vk // T.int64(4)]
-        code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", (vk % T.int64(4)) * T.int64(2))), T.uint8(3))
+        if layout is None:
+            byte, shift = wp[vj, vk // T.int64(4)], (vk % T.int64(4)) * T.int64(2)
+        else:
+            byte, shift = layout.locate(wp, vj, vk)
+        code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", shift)), T.uint8(3))
         return T.Cast("int32", code) - 1
 
     @T.macro
@@ -165,7 +173,7 @@ def w2a8_compute(cfg: W2A8Config):
     if operand is None:
 
         @T.prim_func(private=True, s_tir=True)
-        def w2a8(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
+        def w2a8(q: T.Buffer((M, K), "int8"), wp: T.Buffer(WP, "uint8"),
                  xs: T.Buffer((M, T.int64(1)), "float32"), ws: T.Buffer((T.int64(1),), "float32"),
                  out: T.Buffer((M, N), "float32")):
             T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})
@@ -176,7 +184,7 @@ def w2a8_compute(cfg: W2A8Config):
     rows = M if operand == "residual" else T.int64(1)
 
     @T.prim_func(private=True, s_tir=True)
-    def w2a8_residual(q: T.Buffer((M, K), "int8"), wp: T.Buffer((N, KP), "uint8"),
+    def w2a8_residual(q: T.Buffer((M, K), "int8"), wp: T.Buffer(WP, "uint8"),
                       xs: T.Buffer((M, T.int64(1)), "float32"), ws: T.Buffer((T.int64(1),), "float32"),
                       res: T.Buffer((rows, N), "float32"), out: T.Buffer((M, N), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "w2a8"})

@@ -1,12 +1,14 @@
 """W2A8 tensor-core schedule for NVIDIA Ampere (sm_80/86/87; tuned defaults for Jetson Orin Nano).
 
-Schedules schedules/w2a8.py's `w2a8_compute` unchanged (every step is an s_tir.Schedule primitive):
+Schedules `tc_compute`, schedules/w2a8.py's `w2a8_compute` with the weights in the TC_LAYOUT defined here (every
+step is an s_tir.Schedule primitive):
 
     global --cp.async (LDGSTS, `stages`-deep pipeline)--> shared: q tile [BM, BK] int8,
-                                                          packed tile [BN, BK/4] uint8 (2 bits/weight)
+                                                          packed tile [BN/16, BK/32, 128] uint8 (2 bits/weight)
     shared q --ldmatrix.x4--> warp A fragments
-    shared packed --LDS.U8, two bytes -> one prmt selector word, prmt lookups--> B fragment decoded in registers,
-        once per 16-column strip and k step, feeding all of the warp's row fragments (cuda_intrinsics.mma_decode)
+    shared packed --one 32-bit LDS per lane: 16 weights, two masks, three shifts, four prmt lookups--> B fragment
+        decoded in registers, once per 16-column strip and k step, feeding all of the warp's row fragments
+        (cuda_intrinsics.mma_decode)
     mma.sync.m16n8k32.s8.s8.s32 -> int32 accumulators (registers)
     epilogue: out = float(acc) * (w_scale / x_scale[row]), then GELU (in registers) or + residual[row, col]
         (read from global memory) per the config, from the registers to global memory in one store.
@@ -16,7 +18,7 @@ Tiles of up to 48 KB live in static __shared__ arrays; larger ones (tuning candi
 per block sm_87 allows) in dynamic shared memory, whose limit TVM's CUDA runtime raises at launch.
 
 Shapes: the tiles need M % BM == N % BN == K % BK == 0. `default_knobs` shrinks the tiles until they
-divide the shape (ViT shapes need no padding); otherwise the kernel is `w2a8_compute(padded(cfg, knobs))`
+divide the shape (ViT shapes need no padding); otherwise the kernel is `tc_compute(padded(cfg, knobs))`
 and the caller pads (q with 0, packed with code 1 = weight 0, x_scale with 1, residual with 0) and slices
 the output: `padded` and `pad_operands` define it. The epilogue reads accumulators through LowerWarpMemory, which
 emits one SHFL (to the own lane) per element.
@@ -40,6 +42,57 @@ from .w2a8 import KERNEL_ATTR, W2A8Config, config_of, epilogue_operand, w2a8_com
 PACKED_ZERO = 0x55  # a packed byte of four codes u = 1, i.e. four zero weights
 
 
+class TCLayout:
+    """The packed layout of the tensor-core kernel, chosen at compile time for CUDA targets (the CPU keeps
+    schedules/w2a8.py's; passes/pad_w2a8_to_tiles.py relays the weights out, `tc_pack` is the same in numpy):
+    uint8[N/16, K/32, 128], one 128-byte block per 16 output features x 32 k, i.e. the B operand of one
+    mma.m16n8k32 pair. Its 32 little-endian words are the warp's 32 lanes: word L holds the 16 weights lane L
+    needs, code u = T + 1 of weight (n, k) of the block with n = 8h + L/4 and k = 16r + 4(L%4) + i (B fragment
+    register 2h + r, byte i; h, r in {0, 1}, i < 4) at bits 16h + 4i + 2r of word L. So w & 0x33333333 holds
+    registers 0 and 2 (r = 0) as prmt selector nibbles (low and high 16 bits), (w >> 2) & 0x33333333 registers
+    1 and 3 (cuda_intrinsics.mma_decode): one 32-bit shared load decodes into 16 weights."""
+
+    def shape(self, n: int, k: int) -> tuple[int, int, int]:
+        if n % 16 or k % 32:
+            raise ValueError(f"TC_LAYOUT needs N a multiple of 16 and K of 32, not {n} x {k}; pad the GEMM (padded)")
+        return n // 16, k // 32, 128
+
+    def position(self, n, k):
+        """(byte of its block, bit offset in that byte) of code u[n, k] (ints, numpy arrays or TIR expressions)."""
+        return (16 * (n % 8) + 4 * (k % 16 // 4) + 2 * (n % 16 // 8) + k % 4 // 2,
+                4 * (k % 2) + 2 * (k % 32 // 16))
+
+    def locate(self, wp, n, k):
+        """(the byte of wp holding code u[n, k], the code's bit offset in it): schedules/w2a8.py's layout interface."""
+        byte, shift = self.position(n, k)
+        return wp[n // 16, k // 32, byte], shift
+
+
+TC_LAYOUT = TCLayout()
+
+
+def tc_order() -> np.ndarray:
+    """int64[128, 4]: entry [b, j] = 32n + k of the weight whose code is bits 2j of byte b of a TC_LAYOUT block."""
+    n, k = np.meshgrid(np.arange(16), np.arange(32), indexing="ij")
+    byte, shift = TC_LAYOUT.position(n, k)
+    order = np.empty((128, 4), np.int64)
+    order[byte, shift // 2] = 32 * n + k
+    return order
+
+
+def tc_pack(packed: np.ndarray) -> np.ndarray:
+    """The contract's packed weights uint8[N, K/4] (N a multiple of 16, K of 32) in TC_LAYOUT."""
+    n, kp = packed.shape
+    codes = (packed[..., None] >> np.array([0, 2, 4, 6], np.uint8)) & 3
+    blocks = codes.reshape(n // 16, 16, kp // 8, 32).transpose(0, 2, 1, 3).reshape(n // 16, kp // 8, 512)
+    return np.ascontiguousarray((blocks[..., tc_order()] << np.array([0, 2, 4, 6], np.uint8)).sum(-1, dtype=np.uint8))
+
+
+def tc_compute(cfg: W2A8Config):
+    """The compute definition of the tensor-core kernel: w2a8_compute with the weights in TC_LAYOUT."""
+    return w2a8_compute(cfg, TC_LAYOUT)
+
+
 @dataclass(frozen=True)
 class W2A8CudaKnobs:
     """Tile sizes and pipeline depth of one kernel instance (the tuning space)."""
@@ -59,15 +112,15 @@ class W2A8CudaKnobs:
                              "block_k a multiple of 32, stages >= 2")
         if not (self.q_vector and self.packed_vector):
             raise ValueError(f"invalid W2A8 CUDA knobs {self}: the q and packed tiles must split into one "
-                             "4-, 8- or 16-byte cp.async vector per thread per copy round")
+                             "4-, 8- or 16-byte (packed: 8- or 16-byte) cp.async vector per thread per copy round")
 
     @property
     def threads(self) -> int:
         return 32 * self.warps_m * self.warps_n
 
-    def _vector(self, tile_bytes: int, row_bytes: int) -> int:
-        """Widest cp.async size (16, 8 or 4 bytes; 0 if none) dividing a row and tiling the tile evenly."""
-        return next((v for v in (16, 8, 4) if row_bytes % v == 0 and tile_bytes % (v * self.threads) == 0), 0)
+    def _vector(self, tile_bytes: int, row_bytes: int, widths=(16, 8, 4)) -> int:
+        """Widest cp.async size (of `widths` bytes; 0 if none) dividing a row and tiling the tile evenly."""
+        return next((v for v in widths if row_bytes % v == 0 and tile_bytes % (v * self.threads) == 0), 0)
 
     @property
     def q_vector(self) -> int:
@@ -75,7 +128,10 @@ class W2A8CudaKnobs:
 
     @property
     def packed_vector(self) -> int:
-        return self._vector(self.block_n * self.block_k // 4, self.block_k // 4)
+        """TC_LAYOUT: 4 * block_k contiguous bytes per 16 columns; copies of 8 or 16 bytes (were every access of the
+        packed tile 4 bytes wide, as the decode's loads are, TVM would retype it to uint32, and then reject its
+        cp.async from the uint8 weights)."""
+        return self._vector(self.block_n * self.block_k // 4, 4 * self.block_k, (16, 8))
 
     def fits(self, facts: dict) -> bool:
         """Within a CUDA target's shared memory per block (opt-in) and block size (targets/cuda.py facts)."""
@@ -190,8 +246,9 @@ def padded(cfg: W2A8Config, knobs: W2A8CudaKnobs) -> W2A8Config:
 
 
 def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale, residual=None):
-    """numpy operands of cfg -> operands of padded(cfg): padding rows/columns contribute 0 (the residual,
-    given for the "residual" epilogue, or the [1, N] bias of a bias epilogue, is padded with 0 and comes last)."""
+    """numpy operands of cfg -> operands of tc_compute(padded(cfg)): padding rows/columns contribute 0 (the
+    residual, given for the "residual" epilogue, or the [1, N] bias of a bias epilogue, is padded with 0 and comes
+    last); the packed weights padded, then in TC_LAYOUT."""
     p = padded(cfg, knobs)
 
     def pad(a, shape, dtype, value):
@@ -199,14 +256,14 @@ def pad_operands(cfg: W2A8Config, knobs: W2A8CudaKnobs, q, packed, x_scale, resi
         out[tuple(slice(0, d) for d in a.shape)] = a
         return out
 
-    ops = [pad(q, (p.m, p.k), np.int8, 0), pad(packed, (p.n, p.k_packed), np.uint8, PACKED_ZERO),
+    ops = [pad(q, (p.m, p.k), np.int8, 0), tc_pack(pad(packed, (p.n, p.k_packed), np.uint8, PACKED_ZERO)),
            pad(x_scale, (p.m, 1), np.float32, 1.0)]
     rows = 1 if epilogue_operand(cfg.epilogue) == "bias" else p.m
     return tuple(ops if residual is None else ops + [pad(residual, (rows, p.n), np.float32, 0.0)])
 
 
 def schedule(func, target, knobs: W2A8CudaKnobs | None = None):
-    """The W2A8 PrimFunc `func` (w2a8_compute of a config that is a multiple of the knobs' tiles; default knobs:
+    """The W2A8 PrimFunc `func` (tc_compute of a config that is a multiple of the knobs' tiles; default knobs:
     default_knobs of its config) scheduled, marked tirx.is_scheduled so that DLight in a GPU build leaves it alone."""
     from tvm import s_tir
 
@@ -217,7 +274,7 @@ def schedule(func, target, knobs: W2A8CudaKnobs | None = None):
 
 
 def _schedule(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
-    """Schedule `sch`, which holds w2a8_compute(cfg) with cfg a multiple of the knobs' tiles, in place:
+    """Schedule `sch`, which holds tc_compute(cfg) with cfg a multiple of the knobs' tiles, in place:
     schedule primitives only, so the trace replays on the unscheduled function (the tuning database)."""
     if padded(cfg, knobs) != cfg:
         raise ValueError(f"W2A8 {cfg} is not a multiple of the tiles of {knobs}; schedule padded(cfg, knobs)")
@@ -251,7 +308,8 @@ def _schedule(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
     def to_shared(idx, vec):
         blk = sch.cache_read(tile, idx, scope)
         sch.compute_at(blk, k0)
-        _, ty, tx, v = sch.split(sch.fuse(*sch.get_loops(blk)[-2:]), [None, knobs.warps_m * knobs.warps_n, 32, vec])
+        # the copy's loops after (blockIdx, warp, k0): q [BM, BK], packed [BN/16, BK/32, 128]
+        _, ty, tx, v = sch.split(sch.fuse(*sch.get_loops(blk)[3:]), [None, knobs.warps_m * knobs.warps_n, 32, vec])
         sch.bind(ty, "threadIdx.y")
         sch.bind(tx, "threadIdx.x")
         sch.vectorize(v)
@@ -312,12 +370,13 @@ def kernel_report(cfg: W2A8Config, spec, knobs: W2A8CudaKnobs | None = None) -> 
     from ..targets import cuda_toolchain
 
     knobs = knobs or default_knobs(cfg)
-    func = schedule(w2a8_compute(padded(cfg, knobs)), spec.target(), knobs)
+    func = schedule(tc_compute(padded(cfg, knobs)), spec.target(), knobs)
     cubin = cuda_toolchain.compile_cuda(cuda_source(func, spec), spec.facts["arch"])
     (res,) = cubin.resources
     return {"config": cfg, "knobs": knobs, "padded": padded(cfg, knobs), "resources": res,
             "sass": cubin.opcode_counts()}
 
 
-__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "W2A8CudaKnobs", "cuda_source", "default_knobs",
-           "estimated_registers", "kernel_report", "pad_operands", "padded", "schedule", "space", "tuning_knobs"]
+__all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "TC_LAYOUT", "W2A8CudaKnobs", "cuda_source", "default_knobs",
+           "estimated_registers", "kernel_report", "pad_operands", "padded", "schedule", "space", "tc_compute",
+           "tc_order", "tc_pack", "tuning_knobs"]

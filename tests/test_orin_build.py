@@ -227,8 +227,9 @@ def test_report_names_the_kernels_whose_issue_time_it_cannot_count(orin_build, t
 
 def test_w2a8_call_rewrite_matches_pytorch_on_the_host():
     """The GPU build's Relax structure around each W2A8 call (operands, the residual included, padded to
-    the tile-aligned shape, the output sliced; GELU / residual inside the kernel), with the reference
-    compute of the same padded shape in place of the tensor-core kernel, compiled for and run on the host.
+    the tile-aligned shape, the weights relaid out in TC_LAYOUT, the output sliced; GELU / residual inside the
+    kernel), with the tensor-core kernel's compute definition (tc_compute) of the same padded shape in its place,
+    compiled as written (no CPU schedule) for and run on the host.
     dim 40 (K, N not multiples of 32) and 25 tokens (M not a multiple of 16) force padding on every
     axis. Tolerance 2e-3 as in test_passes_model.py (an int8 code at a .5 tie may round the other way)."""
     import numpy as np
@@ -257,6 +258,9 @@ def test_w2a8_call_rewrite_matches_pytorch_on_the_host():
     assert any(p.k != 40 for p in kernels) and any(p.m != 25 for p in kernels)
     assert {p.epilogue for p in kernels} == {"none", "gelu", "residual"}
     assert "R.nn.gelu" not in mod["main"].script()  # applied by the kernels
+    for gv, func in mod.functions_items():
+        if kernel_of(func) == "w2a8":
+            mod[gv] = func.with_attr("tirx.is_scheduled", True)
     target = targets.get("host").target()
     vm = relax.VirtualMachine(tvm.compile(schedule_cpu_module(mod, target), target=target), tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x), *weights)
@@ -326,12 +330,12 @@ def test_tune_builds_cuda_candidates_as_aarch64_so_with_the_cubin():
     from tvm.s_tir import meta_schedule as ms
 
     from bmvcc.schedules import w2a8_cuda as wc
-    from bmvcc.schedules.w2a8 import W2A8Config, w2a8_compute
+    from bmvcc.schedules.w2a8 import W2A8Config
     from bmvcc.targets import cuda_toolchain, get
     from bmvcc.tune import _builder
 
     spec = get("jetson-orin-nano")
-    mod = tvm.IRModule({"main": wc.schedule(w2a8_compute(W2A8Config(16, 128, 64, "gelu")), spec.target()).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": wc.schedule(wc.tc_compute(W2A8Config(16, 128, 64, "gelu")), spec.target()).with_attr("global_symbol", "main")})
     (built,) = _builder(spec).build([ms.builder.BuilderInput(mod, spec.target())])
     assert built.error_msg is None, built.error_msg
     try:

@@ -358,7 +358,7 @@ def test_pad_w2a8_to_tiles_pads_operands_and_slices_the_output():
     @I.ir_module
     class Expected:
         @T.prim_func(private=True)
-        def w2a8_tc_m32_n128_k128_residual(q: T.Buffer((32, 128), "int8"), wp: T.Buffer((128, 32), "uint8"),
+        def w2a8_tc_m32_n128_k128_residual(q: T.Buffer((32, 128), "int8"), wp: T.Buffer((8, 4, 128), "uint8"),
                                            xs: T.Buffer((32, 1), "float32"), ws: T.Buffer((1,), "float32"),
                                            res: T.Buffer((32, 128), "float32"), out: T.Buffer((32, 128), "float32")):
             T.evaluate(0)
@@ -368,30 +368,49 @@ def test_pad_w2a8_to_tiles_pads_operands_and_slices_the_output():
                  w_scale: R.Tensor((1,), "float32"), residual: R.Tensor((20, 40), "float32")) -> R.Tensor((20, 40), "float32"):
             cls = Expected
             with R.dataflow():  # padding that adds exactly 0: codes 0, weights 0x55 (four zero codes), scales 1
-                tile = R.call_tir(cls.w2a8_tc_m32_n128_k128_residual,
-                                  (R.nn.pad(q, [0, 12, 0, 88], pad_value=0), R.nn.pad(packed, [0, 88, 0, 22], pad_value=0x55),
-                                   R.nn.pad(x_scale, [0, 12, 0, 0], pad_value=1.0), w_scale,
-                                   R.nn.pad(residual, [0, 12, 0, 88], pad_value=0.0)),
+                qp = R.nn.pad(q, [0, 12, 0, 88], pad_value=0)
+                wp = R.nn.pad(packed, [0, 88, 0, 22], pad_value=0x55)
+                xp = R.nn.pad(x_scale, [0, 12, 0, 0], pad_value=1.0)
+                rp = R.nn.pad(residual, [0, 12, 0, 88], pad_value=0.0)
+                # TC_LAYOUT: the codes, in 16 x 32 blocks, each block's 512 codes gathered in tc_order and packed
+                codes = R.bitwise_and(R.right_shift(R.expand_dims(wp, [-1]), R.const(SHIFTS)), R.const(3, "uint8"))
+                blocks = R.permute_dims(R.reshape(codes, [8, 16, 4, 32]), [0, 2, 1, 3])
+                slots = R.take(R.reshape(blocks, [8, 4, 512]), R.const(w2a8_cuda.tc_order()), axis=2, mode="clip")
+                wt = R.sum(R.left_shift(slots, R.const(SHIFTS)), axis=[-1])
+                tile = R.call_tir(cls.w2a8_tc_m32_n128_k128_residual, (qp, wt, xp, w_scale, rp),
                                   out_ty=R.Tensor((32, 128), "float32"))
                 y = R.strided_slice(tile, axes=[0, 1], begin=[0, 0], end=[20, 40], assume_inbound=True)
                 R.output(y)
             return y
 
     before = _with_kernels(Before, w2a8_m20_n40_k40_residual=w2a8_compute(cfg))
-    kernel = w2a8_compute(tiles).with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": vars(knobs)})
+    kernel = w2a8_cuda.tc_compute(tiles).with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": vars(knobs)})
     tvm.ir.assert_structural_equal(pad_w2a8_to_tiles(before), _with_kernels(Expected, w2a8_tc_m32_n128_k128_residual=kernel))
 
 
-def test_pad_w2a8_to_tiles_keeps_an_aligned_kernel():
+SHIFTS = np.array([0, 2, 4, 6], np.uint8)  # the 2-bit codes' offsets in a packed byte
+
+
+def test_pad_w2a8_to_tiles_relays_out_an_aligned_kernels_weights():
+    """Nothing to pad: the call keeps its operands but the packed weights, relaid out (TC_LAYOUT), and calls the
+    tensor-core kernel's compute definition carrying its knobs; constant weights are relaid out at compile time."""
     cfg = W2A8Config(16, 32, 64)
     assert w2a8_cuda.padded(cfg, w2a8_cuda.default_knobs(cfg)) == cfg
     before = _w2a8_module(cfg)
     after = pad_w2a8_to_tiles(before)
     (name,) = [gv.name_hint for gv in after.functions if gv.name_hint != "main"]
-    assert name == "w2a8_m16_n32_k64"  # the same function, now carrying its knobs
-    tvm.ir.assert_structural_equal(after["main"], before["main"])
+    assert name == "w2a8_tc_m16_n32_k64"
     knobs = vars(w2a8_cuda.default_knobs(cfg))
-    tvm.ir.assert_structural_equal(after[name], before[name].with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": knobs}))
+    tvm.ir.assert_structural_equal(after[name], w2a8_cuda.tc_compute(cfg).with_attr(
+        PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": knobs}))
+    script = after["main"].script()
+    assert "R.nn.pad" not in script and "R.strided_slice" not in script and "R.take" in script
+
+    packed = np.random.default_rng(0).integers(0, 256, (cfg.n, cfg.k_packed), dtype=np.uint8)
+    folded = pad_w2a8_to_tiles(relax.transform.BindParams("main", {"packed": packed})(before))
+    (call,) = [b.value for b in folded["main"].body.blocks[0].bindings]
+    assert isinstance(call.args[1].fields[1], tvm.ir.GenericConst)  # FoldConstant: no relayout left at run time
+    np.testing.assert_array_equal(call.args[1].fields[1].value.numpy(), w2a8_cuda.tc_pack(packed))
 
 
 def test_pad_w2a8_to_tiles_keeps_a_call_of_another_primfunc():

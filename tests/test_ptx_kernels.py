@@ -2,8 +2,8 @@
 bmvcc's PTX emulator against their TIR compute definitions built for llvm. W2A8: every epilogue, the small-M
 variant and tuning-space knob sets (one with > 48 KB of dynamic shared memory), at shapes with a partial tile
 (padding) and at least 4 k tiles through the cp.async pipeline's steady state. Negative controls: mutated PTX
-that a GPU would run silently wrong must be caught (wrong ldmatrix layout, a missing bar.sync, a
-cp.async.wait_group that waits too little)."""
+that a GPU would run silently wrong must be caught (wrong ldmatrix layout, a misread packed weight word, a
+missing bar.sync, a cp.async.wait_group that waits too little)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from bmvcc.ptx import parse_ptx
 from bmvcc.ptx.launches import kernel_launches
 from bmvcc.ptx.verify import emulate
 from bmvcc.schedules import w2a8_cuda as wc
-from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute
+from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary
 from bmvcc.targets import cuda_toolchain as tc
 
 ORIN = targets.get("jetson-orin-nano")
@@ -28,15 +28,16 @@ ORIN = targets.get("jetson-orin-nano")
 @functools.cache
 def _build(cfg: W2A8Config, knobs: wc.W2A8CudaKnobs):
     """(PTX text, launches) of the scheduled kernel, as the GPU build makes them."""
-    func = wc.schedule(w2a8_compute(wc.padded(cfg, knobs)), ORIN.target(), knobs).with_attr("global_symbol", "w2a8")
+    func = wc.schedule(wc.tc_compute(wc.padded(cfg, knobs)), ORIN.target(), knobs).with_attr("global_symbol", "w2a8")
     ptx = tc.cuda_to_ptx(wc.cuda_source(func, ORIN), "sm_87")
     return ptx, kernel_launches(tvm.IRModule({"w2a8": func}), ORIN.target())["w2a8"]
 
 
 def _operands(p: W2A8Config, seed=0):
-    """Random operands of the padded instance in w2a8_compute's parameter order, output last (zeros)."""
+    """Random operands of the padded instance in tc_compute's parameter order, output last (zeros)."""
     rng = np.random.default_rng(seed)
-    arrays = [rng.integers(-128, 128, (p.m, p.k), dtype=np.int8), pack_ternary(rng.integers(-1, 2, (p.n, p.k))),
+    packed = wc.tc_pack(pack_ternary(rng.integers(-1, 2, (p.n, p.k))))
+    arrays = [rng.integers(-128, 128, (p.m, p.k), dtype=np.int8), packed,
               rng.uniform(0.5, 40.0, (p.m, 1)).astype(np.float32), np.array([0.0123], np.float32)]
     if p.epilogue == "residual":
         arrays.append(rng.normal(0.0, 4.0, (p.m, p.n)).astype(np.float32))
@@ -45,7 +46,7 @@ def _operands(p: W2A8Config, seed=0):
 
 @functools.cache
 def _reference(p: W2A8Config):
-    lib = tvm.compile(tvm.IRModule({"main": w2a8_compute(p).with_attr("global_symbol", "main")}), target="llvm")
+    lib = tvm.compile(tvm.IRModule({"main": wc.tc_compute(p).with_attr("global_symbol", "main")}), target="llvm")
     args = [tvm.runtime.tensor(a) for a in _operands(p)]
     lib["main"](*args)
     return args[-1].numpy()
@@ -111,6 +112,18 @@ def test_wrong_ldmatrix_layout_is_caught():
     """.trans on one ldmatrix (A fragments transposed): the result disagrees with the definition."""
     res, out, ref = _emulate(NEG_CFG, NEG_KNOBS, _mutate(r"\.x4\.shared\.b16", ".x4.trans.shared.b16", 3))
     assert np.abs(out - ref).max() > 1.0
+
+
+@pytest.mark.parametrize("pattern,replacement", [(r"(shr\.u32\s+%r\d+, %r\d+), 2;", r"\1, 4;"),
+                                                 (r"(ld\.shared\.u32\s+%r\d+, \[%rd\d+)\];", r"\1+4];")],
+                         ids=["selector-of-the-wrong-2-bit-field", "word-of-the-next-lane"])
+def test_wrong_weight_decode_is_caught(pattern, replacement):
+    """The TC_LAYOUT decode of one k step misread: its second selector word shifted by 4 bits instead of 2 (B fragment
+    registers 1 and 3 get other weights' codes), or a lane loading its neighbour's word."""
+    text, _ = _build(NEG_CFG, NEG_KNOBS)
+    m = re.search(pattern, text)
+    res, out, ref = _emulate(NEG_CFG, NEG_KNOBS, text[:m.start()] + m.expand(replacement) + text[m.end():])
+    assert res.races == 0 and np.abs(out - ref).max() > 1.0
 
 
 @pytest.mark.parametrize("occurrence", [4, 5], ids=["before-refill", "after-wait"])

@@ -3,6 +3,7 @@ same definition, and static checks of the SASS ptxas produces (no GPU needed; GP
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -13,7 +14,7 @@ from bmvcc import targets
 from bmvcc.report import w2a8_roofline
 from bmvcc.schedules import cuda_intrinsics as ci
 from bmvcc.schedules import w2a8_cuda as wc
-from bmvcc.schedules.w2a8 import W2A8Config, epilogue_operand, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy
+from bmvcc.schedules.w2a8 import W2A8Config, epilogue_operand, pack_ternary, w2a8_numpy
 from bmvcc.targets import cuda_toolchain as tc
 
 ORIN = targets.get("jetson-orin-nano")
@@ -43,62 +44,82 @@ def _extra_operand(cfg: W2A8Config):
 @pytest.mark.parametrize("epilogue", ["none", "gelu", "residual", "bias_gelu_tanh"])
 @pytest.mark.parametrize("m,n,k", [(16, 128, 64), (5, 24, 70)])
 def test_padded_compute_matches_numpy(m, n, k, epilogue):
-    """The definition the GPU kernel computes: w2a8_compute on the tile-padded operands (the residual padded
-    with 0), sliced back, equals numpy's W2A8 on the original ones (K = 70: neither a multiple of 32 nor of 4)."""
+    """The definition the GPU kernel computes: tc_compute on the tile-padded operands (the residual padded
+    with 0, the weights then in TC_LAYOUT), sliced back, equals numpy's W2A8 on the original ones (K = 70:
+    neither a multiple of 32 nor of 4)."""
     cfg = W2A8Config(m, n, k, epilogue)
     knobs = wc.default_knobs(cfg)
     p = wc.padded(cfg, knobs)
     q, packed, xs, ws = _operands(cfg)
     res = _extra_operand(cfg)
     qp, wp, xp, *rp = wc.pad_operands(cfg, knobs, q, packed, xs, res)
-    assert (unpack_ternary(wp, p.k)[cfg.n:] == 0).all() and (unpack_ternary(wp, p.k)[:, cfg.k:] == 0).all()
-    got = _run_cpu(w2a8_compute(p), qp, wp, xp, np.array([ws], np.float32), *rp, out_shape=(p.m, p.n))[:m, :n]
+    assert wp.shape == (p.n // 16, p.k // 32, 128)
+    got = _run_cpu(wc.tc_compute(p), qp, wp, xp, np.array([ws], np.float32), *rp, out_shape=(p.m, p.n))[:m, :n]
     # acc is exact in both; the dequantization is the same two fp32 roundings (1e-6 relative); GELU's
     # rational erf is within 2e-7 of math.erf, i.e. 1e-7 * |x| on GELU(x), plus a few fp32 roundings
     np.testing.assert_allclose(got, w2a8_numpy(q, packed, xs, ws, k, epilogue, res), rtol=1e-6, atol=1e-6)
 
 
-def test_register_decode_matches_unpack():
-    """The in-register decode for all 65536 pairs of packed bytes: the prmt selector word (cuda_intrinsics._selectors),
-    run on the CPU as TIR, looked up in DECODE_LUT as prmt does (byte (sel >> 4i) & 7 of the table, twice
-    DECODE_LUT; the upper 16 bits for the second byte), equals the contract's unpack_ternary for valid codes and
-    w2a8_compute's u - 1 for the unused code 3; every nibble's bit 3 (prmt's sign mode) is 0."""
+def _register_decode(words: np.ndarray) -> np.ndarray:
+    """uint32 words -> int8 [word, register, byte]: the prmt selector words of cuda_intrinsics._selectors, run on the
+    CPU as TIR, looked up in DECODE_LUT as prmt does (byte (sel >> 4i) & 7 of the table, twice DECODE_LUT, the low 16
+    bits of the selector only: registers 0, 1 from the two selector words, 2, 3 from their upper halves); every
+    nibble's bit 3 (prmt's sign mode) must be 0."""
     from tvm.script import tirx as T
 
+    size = words.size
+
     @T.prim_func
-    def selectors(b: T.Buffer((65536,), "uint16"), w: T.Buffer((65536,), "uint32")):
-        for i in range(65536):
-            w[i] = ci._selectors(T.Cast("uint8", b[i]), T.Cast("uint8", T.shift_right(b[i], T.uint16(8))))
+    def selectors(w: T.Buffer((size,), "uint32"), s: T.Buffer((size, 2), "uint32")):
+        for i, j in T.grid(size, 2):
+            s[i, j] = T.if_then_else(j == 0, *ci._selectors(w[i]))
 
     lib = tvm.compile(tvm.IRModule({"main": selectors.with_attr("global_symbol", "main")}), target="llvm")
-    pairs = np.arange(65536, dtype=np.uint16)
-    sel = tvm.runtime.empty((65536,), "uint32", tvm.cpu())
-    lib["main"](tvm.runtime.tensor(pairs), sel)
+    sel = tvm.runtime.empty((size, 2), "uint32", tvm.cpu())
+    lib["main"](tvm.runtime.tensor(words), sel)
     sel = sel.numpy()
     assert not (sel & 0x88888888).any()
+    regs = np.stack([sel[:, 0], sel[:, 1], sel[:, 0] >> 16, sel[:, 1] >> 16], axis=1)  # prmt reads bits 0-15
     table = np.array([ci.DECODE_LUT, ci.DECODE_LUT], np.uint32).view(np.int8)
-    nibbles = (sel[:, None] >> (4 * np.arange(8, dtype=np.uint32))) & 7
-    lanes = table[nibbles].reshape(65536, 2, 4)  # [pair, byte (lo, hi), code i]
-    byte = np.stack([pairs & 0xFF, pairs >> 8], axis=1).astype(np.uint8)
-    codes = ((byte[..., None] >> np.array([0, 2, 4, 6], np.uint8)) & 3).astype(np.int8) - 1
-    np.testing.assert_array_equal(lanes, codes)
-    valid = [b for b in range(256) if all((b >> s) & 3 != 3 for s in (0, 2, 4, 6))]
-    np.testing.assert_array_equal(lanes[valid, 0], unpack_ternary(byte[valid, 0, None], 4))
+    return table[(regs[..., None] >> (4 * np.arange(4, dtype=np.uint32))) & 7]
+
+
+def test_tc_layout_decodes_to_the_mma_b_fragments():
+    """tc_pack's words of real ternary weights, decoded as the kernel does (_register_decode), are the mma.m16n8k32 B
+    fragments the PTX ISA defines: lane L, register 2h + r, byte i holds T[n, k] of its 16 x 32 block with
+    n = 8h + L/4 (the n8 half h) and k = 16r + 4(L%4) + i."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 2, (32, 64))
+    words = wc.tc_pack(pack_ternary(codes)).view("<u4")  # [N/16, K/32, 32 lanes]
+    got = _register_decode(words.reshape(-1)).reshape(2, 2, 32, 2, 2, 4)  # [block n, block k, L, h, r, i]
+    lane, h, r, i = np.meshgrid(np.arange(32), [0, 1], [0, 1], np.arange(4), indexing="ij")
+    blocks = codes.reshape(2, 16, 2, 32).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(got, blocks[:, :, 8 * h + lane // 4, 16 * r + 4 * (lane % 4) + i])
+
+
+def test_register_decode_matches_the_compute_definition():
+    """Any word, the code 3 that packing never writes included: register 2h + r, byte i is u - 1 for the code u at
+    bits 16h + 4i + 2r, as tc_compute decodes it (u - 1, 2 for u = 3)."""
+    words = np.random.default_rng(1).integers(0, 2**32, 1 << 14, dtype=np.uint32)
+    words[:4] = [0, 0x55555555, 0xAAAAAAAA, 0xFFFFFFFF]
+    h, r, i = np.meshgrid([0, 1], [0, 1], np.arange(4), indexing="ij")
+    codes = (words[:, None, None, None] >> (16 * h + 4 * i + 2 * r).astype(np.uint32)) & 3
+    np.testing.assert_array_equal(_register_decode(words), (codes.astype(np.int8) - 1).reshape(-1, 4, 4))
 
 
 @pytest.mark.parametrize("epilogue", ["none", "gelu", "residual"])
 def test_schedule_derives_from_contract(epilogue):
-    """Replaying the schedule's trace on a fresh w2a8_compute gives the same scheduled function: every step
+    """Replaying the schedule's trace on a fresh tc_compute gives the same scheduled function: every step
     is a schedule primitive on the contract's definition, and the interface is unchanged."""
     from tvm import s_tir
 
     cfg = W2A8Config(1024, 2048, 512, epilogue)
-    sch = s_tir.Schedule(w2a8_compute(cfg))
+    sch = s_tir.Schedule(wc.tc_compute(cfg))
     wc._schedule(sch, cfg, wc.default_knobs(cfg))  # the primitives wc.schedule and wc.space apply
-    fresh = s_tir.Schedule(tvm.IRModule({"main": w2a8_compute(cfg)}))
+    fresh = s_tir.Schedule(tvm.IRModule({"main": wc.tc_compute(cfg)}))
     sch.trace.apply_to_schedule(fresh, remove_postproc=False)
     tvm.ir.assert_structural_equal(fresh.mod, sch.mod)
-    scheduled, contract = sch.mod["main"], w2a8_compute(cfg)
+    scheduled, contract = sch.mod["main"], wc.tc_compute(cfg)
     assert [str(p.name) for p in scheduled.params] == [str(p.name) for p in contract.params]
     for p_s, p_c in zip(scheduled.params, contract.params):
         assert (p_s.ty.dtype, [int(x) for x in p_s.ty.shape]) == (p_c.ty.dtype, [int(x) for x in p_c.ty.shape])
@@ -112,10 +133,10 @@ def test_schedule_derives_from_contract(epilogue):
                                        (W2A8Config(1024, 512, 2048, "residual"), wc.DEFAULT),
                                        (W2A8Config(8, 512, 100), wc.SMALL_M),
                                        (W2A8Config(8, 512, 100, "residual"), wc.SMALL_M),
-                                       (W2A8Config(16, 48, 32), wc.default_knobs(W2A8Config(16, 48, 32))),
+                                       (W2A8Config(16, 48, 64), wc.default_knobs(W2A8Config(16, 48, 64))),
                                        (W2A8Config(1024, 2048, 512, "residual"), wc.W2A8CudaKnobs(256, 128, 64, 4, 2, 3))],
                          ids=["ffn1-1024x2048x512", "ffn1-gelu", "ffn2-residual-1024x512x2048", "small-m-8x512x100",
-                              "small-m-residual", "tiny-16x48x32-one-warp", "dynamic-smem-66KB-8-warps"])
+                              "small-m-residual", "tiny-16x48x64-one-warp", "dynamic-smem-66KB-8-warps"])
 def test_sass_static(cfg, knobs):
     """ptxas output for Jetson Orin Nano (sm_87): tensor-core IMMA, ldmatrix (LDSM), cp.async (LDGSTS),
     no spills and no local memory (the fused GELU / residual epilogue keeps the accumulators in registers),
@@ -134,8 +155,8 @@ def test_sass_static(cfg, knobs):
     # runtime raises the kernel's limit at launch), which ptxas does not count
     static = knobs.shared_bytes() <= facts["static_shared_bytes"]
     assert res.shared_bytes == (knobs.shared_bytes() if static else 0)
-    # B reaches registers as packed bytes (1 byte = 4 weights), never as an int8 tile
-    assert ops.get("LDS.U8", 0) > 0
+    # B reaches registers as packed 32-bit words (16 weights), never as an int8 tile or byte by byte
+    assert ops.get("LDS", 0) > 0 and "LDS.U8" not in ops
     # one store per output element, as in the plain kernel: the epilogue does not write and re-read out
     plain = wc.kernel_report(replace(cfg, epilogue="none"), ORIN, knobs)["sass"] if cfg.epilogue != "none" else ops
     assert ops["STG.E"] == plain["STG.E"]
@@ -149,20 +170,22 @@ def test_sass_static(cfg, knobs):
 
 
 def test_sass_main_loop_instructions_per_imma():
-    """ptxas's main loop of the default 1024x2048x512 kernel for sm_87 (its SASS from the first shared load of
-    packed weights to the last IMMA):
-    the packed weights' shared loads and every integer instruction (the decode, and addresses) number at most 1.9
-    per IMMA (4.2 with 2x2 warps of 64x64 tiles and the byte-wise decode): 128x32 warp tiles decode each weight
-    once per CTA for 8 row fragments, two packed bytes at a time into prmt lookups."""
+    """ptxas's main loop of the default 1024x2048x512 kernel for sm_87 (its SASS from the first shared load that is
+    not an ldmatrix to the last IMMA): the packed weights' shared loads and every integer instruction (the decode,
+    and addresses) number at most 1.5 per IMMA (1.84 with two packed bytes per prmt selector word, 4.2 with 2x2
+    warps of 64x64 tiles and the byte-wise decode): each lane loads its 16 weights of a 16-column strip and k step
+    as one 32-bit word (TC_LAYOUT), decoded once per CTA for the warp's 8 row fragments."""
     cfg = W2A8Config(1024, 2048, 512)
-    func = wc.schedule(w2a8_compute(cfg), ORIN.target()).with_attr("global_symbol", "w2a8")
-    ops = tc.compile_cuda(wc.cuda_source(func, ORIN), "sm_87").opcodes()
+    func = wc.schedule(wc.tc_compute(cfg), ORIN.target()).with_attr("global_symbol", "w2a8")
+    cubin = tc.compile_cuda(wc.cuda_source(func, ORIN), "sm_87")
+    ops = cubin.opcodes()
     imma = [i for i, o in enumerate(ops) if o == "IMMA.16832.S8.S8"]
-    loop = ops[ops.index("LDS.U8"):imma[-1] + 1]
+    loop = ops[ops.index("LDS"):imma[-1] + 1]
     assert len(imma) == 512  # every k step of the 128x32 warp tile (8 x 4 IMMA each), the k loop unrolled
-    assert loop.count("PRMT") > 0 and loop.count("LDS.U8") * 4 == len(imma)  # a byte of weights feeds 4 IMMA
-    decode = [o for o in loop if o == "LDS.U8" or o.split(".")[0] in ("PRMT", "LOP3", "IMAD", "SHF", "IADD3", "LEA")]
-    assert len(decode) <= 1.9 * len(imma)
+    # one 32-bit load (ptxas's never-executed "@!PT LDS RZ, [RZ]" aside) and four prmt per 16 IMMA
+    assert len(re.findall(r"\bLDS R\d+, \[R\d+", cubin.sass())) * 16 == len(imma) == loop.count("PRMT") * 4
+    decode = [o for o in loop if o == "LDS" or o.split(".")[0] in ("PRMT", "LOP3", "IMAD", "SHF", "IADD3", "LEA")]
+    assert len(decode) <= 1.5 * len(imma)
 
 
 @pytest.mark.parametrize("factor", [1 - 2**-22, 1 + 2**-22], ids=["quotient-low", "quotient-high"])
@@ -251,7 +274,7 @@ def test_gpu_matches_numpy(m, n, k, epilogue):
     dev = tvm.cuda(0)
     arch = "sm_" + dev.compute_version.replace(".", "")
     target = tvm.target.Target({"kind": "cuda", "arch": arch, "host": {"kind": "llvm"}})
-    mod = tvm.IRModule({"main": wc.schedule(w2a8_compute(p), target, knobs).with_attr("global_symbol", "main")})
+    mod = tvm.IRModule({"main": wc.schedule(wc.tc_compute(p), target, knobs).with_attr("global_symbol", "main")})
     with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
         lib = tvm.compile(mod, target=target)
     args = [tvm.runtime.tensor(a, dev) for a in (*operands[:3], np.array([ws], np.float32), *operands[3:])]
@@ -304,7 +327,7 @@ def test_tuning_space_builds_for_orin():
 
     cfg = W2A8Config(16, 128, 64, "gelu")  # the example model's FFN1
     target = ORIN.target()
-    mod = tvm.IRModule({"main": w2a8_compute(cfg)})
+    mod = tvm.IRModule({"main": wc.tc_compute(cfg)})
     assert has_space("w2a8", target)
     # as bmvcc tune creates it (tune._context_imports): TVM's own intrinsics, once registered by
     # metaschedule_cuda in this process (tests/test_tune_gpu.py), cannot be imported again
@@ -320,7 +343,7 @@ def test_tuning_space_builds_for_orin():
         spaces[index].trace.apply_to_schedule(sch, remove_postproc=True)
         assert all(p.apply(sch) for p in ctx.space_generator.postprocs)
         tvm.ir.assert_structural_equal(sch.mod["main"].with_attr("tirx.is_scheduled", True),
-                                       wc.schedule(w2a8_compute(cfg), target, knobs[index]))
+                                       wc.schedule(wc.tc_compute(cfg), target, knobs[index]))
         cubin = tc.compile_cuda(wc.cuda_source(sch.mod["main"], ORIN), "sm_87")
         (res,), ops = cubin.resources, cubin.opcode_counts()
         assert ops.get("IMMA.16832.S8.S8", 0) > 0 and any(o.startswith("LDSM") for o in ops), (knobs[index], ops)
