@@ -1,12 +1,23 @@
-"""Fold the elementwise work behind a float matmul into it (run by cpu_default.legalize_and_fuse).
+"""Fold the elementwise work behind a float matmul into it (run by cpu_default.legalize_and_fuse and
+bmvcc/gpu_build.py:fuse).
 
 TVM's FuseOps fuses a matmul with the elementwise consumers it sees directly, but not with one behind
 a reshape: the residual add after each output projection and the position embedding after the patch
 embedding stay kernels of their own, one more pass over the activations each. `fold_into_matmuls(mod)`
 groups each matmul call whose only reader is a spatial (loop nest without reduction) function with
-that reader into one primitive function and lets FuseTIR make one PrimFunc of it; the matmul rule
-(cpu_rules/matmul.py) inlines the consumer into the accumulator write-back. bmvcc's kernels (attr
+that reader into one primitive function and lets FuseTIR make one PrimFunc of it; the CPU matmul rule
+(cpu_rules/matmul.py) inlines the consumer into the accumulator write-back, DLight's GPU matmul rule takes it
+as the epilogue (on Orin: 4 launches fewer in the paper-size model, the residual stream read once less). bmvcc's kernels (attr
 "bmvcc.kernel") are never folded: their schedules expect their own definitions.
+
+For DLight (`per_axis=True`) only a reader that indexes each axis of the matmul's output by a loop of its own
+folds (a reshape adding or dropping unit axes, an elementwise op, a transpose). DLight pads the matmul to its
+tiles and reverse-inlines the reader into the padded write-back; TVM bounds that write by the reader's loops
+(reverse_compute_inline's predicate), which bounds each padded axis only when each has its own loop. A reader
+that fuses two axes, as attention's head merge (heads, tokens, head_dim) -> (tokens, heads * head_dim) after
+P V does, is refused by TVM when its index comes through reshapes ("consumers of the cache-write stage that
+are not properly inlined") and, written plainly, would be inlined with only `head * head_dim + d < width`
+as the bound: the padded columns d >= head_dim would overwrite the next head's.
 
 The other direction, a layout copy folded into the matmul's A loads (the head transpose before the
 output projection), is not done: its index arithmetic in the micro kernel measured slower than the
@@ -16,22 +27,23 @@ copy, which runs at memory speed.
 from __future__ import annotations
 
 import tvm
-from tvm import relax, s_tir, tirx
+from tvm import relax, s_tir, sym, tirx
 
-from .cpu_rules.common import has_root, is_reduction
+from .cpu_rules.common import has_root, inline_single_use, is_reduction
 from .cpu_rules.matmul import _analyze_matmul
 from .w2a8 import KERNEL_ATTR
 
 
-def fold_into_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
-    """`mod` (after FuseTIR) with every matmul's only, spatial, reader folded into it."""
+def fold_into_matmuls(mod: tvm.IRModule, per_axis: bool = False) -> tvm.IRModule:
+    """`mod` (after FuseTIR) with every matmul's only, spatial, reader folded into it; with `per_axis`, only
+    readers that give each axis of the matmul's output a loop of their own (module docstring)."""
     folded = False
-    while (pair := _next_pair(mod)) is not None:
+    while (pair := _next_pair(mod, per_axis)) is not None:
         mod, folded = _fuse_pair(mod, *pair), True
     return relax.transform.DeadCodeElimination()(mod) if folded else mod  # the PrimFuncs folded into others
 
 
-def _next_pair(mod):
+def _next_pair(mod, per_axis: bool):
     """(matmul binding, its reader's binding) of main's first foldable pair, or None."""
     if not any(gv.name_hint == "main" for gv in mod.get_global_vars()):
         return None
@@ -51,9 +63,10 @@ def _next_pair(mod):
         func = _callee(mod, consumer)
         if func is None or _kind(func) != "spatial":
             continue
-        for arg in consumer.value.args[1].fields:
+        for i, arg in enumerate(consumer.value.args[1].fields):
             producer = producers.get(arg)
-            if producer is not None and readers[arg] == 1 and _kind(_callee(mod, producer)) == "matmul":
+            if producer is not None and readers[arg] == 1 and _kind(_callee(mod, producer)) == "matmul" and (
+                    not per_axis or _reads_per_axis(func, i)):
                 return producer, consumer
     return None
 
@@ -79,6 +92,33 @@ def _kind(func) -> str | None:
     if not reductions:
         return "spatial"
     return "matmul" if len(reductions) == 1 and _analyze_matmul(sch, reductions[0]) is not None else None
+
+
+def _reads_per_axis(func, param: int) -> bool:
+    """Whether every read of `func`'s parameter `param` (its single-use blocks inlined) indexes each axis by an
+    iterator of the reading block that spans it, a different one per axis (0 on a unit axis), and the block has
+    no other iterator but unit ones: one element per iteration, no axis split, fused, offset or broadcast."""
+    sch = s_tir.Schedule(inline_single_use(func))
+    buffer = sch.mod["main"].params[param]
+    for block in (sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))):
+        analyzer = sym.Analyzer()
+        for iv in block.iter_vars:
+            analyzer.bind(iv.var, iv.dom)
+        unit = [analyzer.can_prove_equal(iv.dom.extent, 1) for iv in block.iter_vars]
+        for read in (r for r in block.reads if r.source.same_as(buffer)):
+            used = set()
+            for axis, extent in zip(read.region, buffer.shape):
+                index = analyzer.simplify(axis.min)
+                at = [i for i, iv in enumerate(block.iter_vars) if iv.var.same_as(index)]
+                if not analyzer.can_prove_equal(axis.extent, 1):
+                    return False
+                if at and at[0] not in used and analyzer.can_prove_equal(block.iter_vars[at[0]].dom.extent, extent):
+                    used.add(at[0])
+                elif not (analyzer.can_prove_equal(extent, 1) and analyzer.can_prove_equal(index, 0)):
+                    return False
+            if not all(unit[i] or i in used for i in range(len(unit))):
+                return False
+    return True
 
 
 def _fuse_pair(mod, producer, consumer) -> tvm.IRModule:
