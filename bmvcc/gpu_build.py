@@ -40,10 +40,10 @@ def fuse(mod, spec):
     passes/pad_w2a8_to_tiles.py) -> (fused module, kernel table {PrimFunc name: entry}, read from the kernels'
     attributes): tvm.compile's CUDA library dispatch, legalization and fusion (relax.backend.cuda's legalize
     passes but the last, DLight), then each float matmul's elementwise reader behind a reshape folded into it
-    where it reads each axis of the matmul's output by a loop of its own (schedules/matmul_fold.py; DLight's matmul
-    rule takes it as the epilogue). Nothing is scheduled yet: these
-    PrimFuncs are `bmvcc tune`'s tasks and what `compile --db` applies a tuning database to, before
-    `schedule_kernels` and DLight."""
+    where it reads each axis of the matmul's output by a loop of its own, and each copy that only the matmul reads
+    (schedules/matmul_fold.py; DLight's matmul rule takes them as its epilogue and operand loads). Nothing is
+    scheduled yet: these PrimFuncs are `bmvcc tune`'s tasks and what `compile --db` applies a tuning database to,
+    before `schedule_kernels` and DLight."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
 
@@ -54,7 +54,7 @@ def fuse(mod, spec):
     target = spec.target()
     with target:
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target)[:-1])(mod)
-    return fold_into_matmuls(mod, per_axis=True), table
+    return fold_into_matmuls(mod, dlight=True), table
 
 
 def _entry(func) -> dict:

@@ -1,5 +1,5 @@
 """Fold the elementwise work behind a float matmul into it (run by cpu_default.legalize_and_fuse and
-bmvcc/gpu_build.py:fuse).
+bmvcc/gpu_build.py:fuse), and for DLight the layout copies before it.
 
 TVM's FuseOps fuses a matmul with the elementwise consumers it sees directly, but not with one behind
 a reshape: the residual add after each output projection and the position embedding after the patch
@@ -7,10 +7,10 @@ embedding stay kernels of their own, one more pass over the activations each. `f
 groups each matmul call whose only reader is a spatial (loop nest without reduction) function with
 that reader into one primitive function and lets FuseTIR make one PrimFunc of it; the CPU matmul rule
 (cpu_rules/matmul.py) inlines the consumer into the accumulator write-back, DLight's GPU matmul rule takes it
-as the epilogue (on Orin: 4 launches fewer in the paper-size model, the residual stream read once less). bmvcc's kernels (attr
-"bmvcc.kernel") are never folded: their schedules expect their own definitions.
+as the epilogue. bmvcc's kernels (attr "bmvcc.kernel") are never folded: their schedules expect their own
+definitions.
 
-For DLight (`per_axis=True`) only a reader that indexes each axis of the matmul's output by a loop of its own
+For DLight (`dlight=True`) only a reader that indexes each axis of the matmul's output by a loop of its own
 folds (a reshape adding or dropping unit axes, an elementwise op, a transpose). DLight pads the matmul to its
 tiles and reverse-inlines the reader into the padded write-back; TVM bounds that write by the reader's loops
 (reverse_compute_inline's predicate), which bounds each padded axis only when each has its own loop. A reader
@@ -18,10 +18,11 @@ that fuses two axes, as attention's head merge (heads, tokens, head_dim) -> (tok
 P V does, is refused by TVM when its index comes through reshapes ("consumers of the cache-write stage that
 are not properly inlined") and, written plainly, would be inlined with only `head * head_dim + d < width`
 as the bound: the padded columns d >= head_dim would overwrite the next head's.
-
-The other direction, a layout copy folded into the matmul's A loads (the head transpose before the
-output projection), is not done: its index arithmetic in the micro kernel measured slower than the
-copy, which runs at memory speed.
+The other direction folds too for DLight: a copy (or cast) whose output only the matmul reads, such as the
+patch embedding's im2col and the layout copies of float attention (the head merge above included), joins the
+matmul, whose rule inlines it into its operand loads (guarded by the padding's bounds). On CPUs it does not:
+its index arithmetic in the micro kernel measured slower than the copy, which runs at memory speed.
+Paper-size model on Orin: 33 -> 28 launches.
 """
 
 from __future__ import annotations
@@ -34,17 +35,18 @@ from .cpu_rules.matmul import _analyze_matmul
 from .w2a8 import KERNEL_ATTR
 
 
-def fold_into_matmuls(mod: tvm.IRModule, per_axis: bool = False) -> tvm.IRModule:
-    """`mod` (after FuseTIR) with every matmul's only, spatial, reader folded into it; with `per_axis`, only
-    readers that give each axis of the matmul's output a loop of their own (module docstring)."""
+def fold_into_matmuls(mod: tvm.IRModule, dlight: bool = False) -> tvm.IRModule:
+    """`mod` (after FuseTIR) with every matmul's only, spatial, reader folded into it; for DLight's matmul rule
+    (`dlight`) only readers that give each axis of the matmul's output a loop of their own, and each copy (or cast)
+    that produces an operand only the matmul reads folded too (module docstring)."""
     folded = False
-    while (pair := _next_pair(mod, per_axis)) is not None:
+    while (pair := _next_pair(mod, dlight)) is not None:
         mod, folded = _fuse_pair(mod, *pair), True
     return relax.transform.DeadCodeElimination()(mod) if folded else mod  # the PrimFuncs folded into others
 
 
-def _next_pair(mod, per_axis: bool):
-    """(matmul binding, its reader's binding) of main's first foldable pair, or None."""
+def _next_pair(mod, dlight: bool):
+    """(producer binding, its reader's binding) of main's first foldable pair, or None."""
     if not any(gv.name_hint == "main" for gv in mod.get_global_vars()):
         return None
     main = mod["main"]
@@ -61,12 +63,15 @@ def _next_pair(mod, per_axis: bool):
     producers = {b.var: b for b in bindings if _callee(mod, b) is not None}
     for consumer in bindings:
         func = _callee(mod, consumer)
-        if func is None or _kind(func) != "spatial":
-            continue
-        for i, arg in enumerate(consumer.value.args[1].fields):
+        kind = func is not None and _kind(func)
+        for i, arg in enumerate(consumer.value.args[1].fields if kind else ()):
             producer = producers.get(arg)
-            if producer is not None and readers[arg] == 1 and _kind(_callee(mod, producer)) == "matmul" and (
-                    not per_axis or _reads_per_axis(func, i)):
+            if producer is None or readers[arg] != 1:
+                continue
+            before = _callee(mod, producer)
+            if kind == "spatial" and _kind(before) == "matmul" and (not dlight or _reads_per_axis(func, i)):
+                return producer, consumer
+            if dlight and kind == "matmul" and _copies(before):
                 return producer, consumer
     return None
 
@@ -92,6 +97,17 @@ def _kind(func) -> str | None:
     if not reductions:
         return "spatial"
     return "matmul" if len(reductions) == 1 and _analyze_matmul(sch, reductions[0]) is not None else None
+
+
+def _copies(func) -> bool:
+    """Whether every block of `func` (no reduction) stores an element it loads, at most cast: a layout copy."""
+    sch = s_tir.Schedule(func)
+    if not has_root(sch):
+        return False
+    blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    values = [b.body.value if isinstance(b.body, tirx.BufferStore) else None for b in blocks]
+    values = [v.value if isinstance(v, tirx.Cast) else v for v in values]
+    return all(isinstance(v, tvm.ir.TensorLoad) and not is_reduction(b) for b, v in zip(blocks, values))
 
 
 def _reads_per_axis(func, param: int) -> bool:

@@ -1,50 +1,72 @@
 """schedules/matmul_fold.py in the GPU build (bmvcc/gpu_build.py:fuse): what folds into a float matmul is what
-DLight's matmul rule can schedule correctly. Numerics of the folded kernels: `bmvcc verify` in
-tests/test_orin_build.py (the PTX emulator against their definitions)."""
+DLight's matmul rule can schedule correctly. The folded definitions are compiled for the host against numpy here;
+the scheduled kernels against their definitions by `bmvcc verify` (tests/test_orin_build.py, the PTX emulator)."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
+import tvm
 from tvm import relax
 
 from bmvcc import gpu_build
 from bmvcc.targets import get as get_target
 
 HEADS, TOKENS, HEAD_DIM = 4, 25, 10  # tests/test_tune_gpu.py's model: DLight pads the head dimension
+WIDTH = HEADS * HEAD_DIM
 
 
 def _attention_tail():
     """P V per head, the head merge (heads, tokens, head_dim) -> (tokens, heads * head_dim), the output projection
     and the residual add behind its reshape: the float attention path of a model whose head size the attention
     kernels do not take."""
-    width = HEADS * HEAD_DIM
-    shapes = {"p": (HEADS, TOKENS, TOKENS), "v": (HEADS, TOKENS, HEAD_DIM), "w": (width, width), "b": (width,),
-              "r": (1, TOKENS, width)}
+    shapes = {"p": (HEADS, TOKENS, TOKENS), "v": (HEADS, TOKENS, HEAD_DIM), "w": (WIDTH, WIDTH), "b": (WIDTH,),
+              "r": (1, TOKENS, WIDTH)}
     bb = relax.BlockBuilder()
     params = {n: relax.Var(n, relax.TensorType(s, "float16" if n in "pvw" else "float32")) for n, s in shapes.items()}
     with bb.function("main", list(params.values())):
         with bb.dataflow():
             pv = bb.emit(relax.op.matmul(params["p"], params["v"], out_dtype="float32"))
             heads = relax.op.permute_dims(relax.op.reshape(pv, (1, HEADS, TOKENS, HEAD_DIM)), [0, 2, 1, 3])
-            merged = bb.emit(relax.op.astype(relax.op.reshape(heads, (TOKENS, width)), "float16"))
+            merged = bb.emit(relax.op.astype(relax.op.reshape(heads, (TOKENS, WIDTH)), "float16"))
             proj = bb.emit(relax.op.add(relax.op.matmul(merged, params["w"], out_dtype="float32"), params["b"]))
-            out = bb.emit_output(relax.op.add(relax.op.reshape(proj, (1, TOKENS, width)), params["r"]))
+            out = bb.emit_output(relax.op.add(relax.op.reshape(proj, (1, TOKENS, WIDTH)), params["r"]))
         bb.emit_func_output(out)
     return bb.get()
 
 
-def test_residual_add_folds_and_the_head_merge_does_not():
+def test_head_merge_folds_into_the_projection_not_into_p_v():
     """The residual add reads the projection's output one element per iteration (the reshape adds a unit axis):
-    folded, DLight's epilogue. The head merge reads P V's output with its head and head_dim axes fused into one
-    column index, which DLight's padded write-back cannot bound per axis: not folded (before, DLight refused the
-    folded function: "consumers of the cache-write stage that are not properly inlined"). DLight schedules every
-    function of the result."""
+    folded as its epilogue. The head merge reads P V's output with its head and head_dim axes fused into one column
+    index, which DLight's padded write-back of P V cannot bound per axis: not folded there (before, DLight refused
+    that function: "consumers of the cache-write stage that are not properly inlined"); being a copy (and cast), it
+    folds into the projection's operand loads instead. DLight schedules every function of the result."""
     spec = get_target("jetson-orin-nano")
     fused, _ = gpu_build.fuse(_attention_tail(), spec)
-    names = [gv.name_hint for gv, f in fused.functions_items() if gv.name_hint != "main"]
-    assert [n for n in names if re.fullmatch(r"fused_matmul\d*_add\d*_reshape\d*_add\d*", n)], names
-    (pv,) = [n for n in names if "matmul" in n and "add" not in n]
-    assert "reshape" not in pv and "transpose" not in pv, names
+    names = sorted(gv.name_hint for gv in fused.get_global_vars() if gv.name_hint != "main")
+    assert len(names) == 2 and re.fullmatch(r"matmul\d*", names[1]), names
+    assert re.fullmatch(r"fused_reshape\d*_transpose\d*_reshape\d*_cast\d*_matmul\d*_add\d*_reshape\d*_add\d*", names[0])
     scheduled = gpu_build.schedule_rest(fused, spec)
-    assert all(f.attrs.get("tirx.is_scheduled", False) for gv, f in scheduled.functions_items() if gv.name_hint != "main")
+    assert all(scheduled[name].attrs.get("tirx.is_scheduled", False) for name in names)
+
+
+def test_folded_definitions_compute_the_attention_tail():
+    """fuse's module (the folded functions unscheduled) built for the host, against numpy in float64 with the
+    model's one fp16 rounding (the merged heads, the projection's operand). Tolerance: the fp32 sums reordered
+    (1e-5 of the output's scale), plus every merged element possibly rounded to the other fp16 neighbour (its
+    ulp, 2^-10 relative, times the largest column sum of |w|); a wrong head, token or column is off by O(1)."""
+    rng = np.random.default_rng(0)
+    p = rng.random((HEADS, TOKENS, TOKENS)).astype("float16")
+    v = rng.standard_normal((HEADS, TOKENS, HEAD_DIM)).astype("float16")
+    w = rng.standard_normal((WIDTH, WIDTH)).astype("float16")
+    b, r = rng.standard_normal(WIDTH).astype("float32"), rng.standard_normal((1, TOKENS, WIDTH)).astype("float32")
+    fused, _ = gpu_build.fuse(_attention_tail(), get_target("jetson-orin-nano"))
+    host = get_target("host").target()
+    vm = relax.VirtualMachine(tvm.compile(fused, target=host), tvm.cpu())
+    out = vm["main"](*(tvm.runtime.tensor(a) for a in (p, v, w, b, r))).numpy()
+    pv = p.astype(np.float64) @ v
+    merged = pv.transpose(1, 0, 2).reshape(TOKENS, WIDTH).astype(np.float16).astype(np.float64)
+    ref = merged @ w + b + r
+    bound = 1e-5 * np.abs(ref).max() + 2.0**-10 * np.abs(pv).max() * np.abs(w.astype(np.float64)).sum(0).max()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=bound)

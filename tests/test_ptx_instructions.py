@@ -70,6 +70,21 @@ def test_prmt_default_mode():
         assert got[t] == out
 
 
+@pytest.mark.parametrize("mode", ["lo", "hi"])
+@pytest.mark.parametrize("atype,btype", [("u32", "u32"), ("s32", "u32"), ("u32", "s32"), ("s32", "s32")])
+def test_dp2a(mode, atype, btype):
+    """dp2a: d = c + sum over i < 2 of a's 16-bit half i times b's byte (i, or i + 2 for .hi), each extended as its
+    type says, modulo 2^32 (the PTX ISA's pseudo code, in Python integers)."""
+    got = run(f"dp2a.{mode}.{atype}.{btype} %r4, %r2, %r3, %r5;", A32, B32, C32)
+    for t in range(32):
+        halves = int(A32[t]).to_bytes(4, "little")
+        va = [int.from_bytes(halves[2 * i:2 * i + 2], "little", signed=atype == "s32") for i in range(2)]
+        vb = list(int(B32[t]).to_bytes(4, "little"))
+        vb = [v - 256 if btype == "s32" and v >= 128 else v for v in vb]
+        first = 0 if mode == "lo" else 2
+        assert got[t] == (int(C32[t]) + va[0] * vb[first] + va[1] * vb[first + 1]) % 2**32
+
+
 def test_bfi_bfe_shifts():
     pos, ln = RNG.integers(0, 40, 32), RNG.integers(0, 40, 32)
     body = "shr.u32 %r7, %r5, 8; and.b32 %r6, %r5, 255; bfi.b32 %r4, %r2, %r3, %r6, %r7;"
