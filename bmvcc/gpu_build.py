@@ -41,7 +41,7 @@ def fuse(mod, spec):
     attributes): tvm.compile's CUDA library dispatch, legalization and fusion (relax.backend.cuda's legalize
     passes but the last, DLight), then each float matmul's elementwise reader behind a reshape folded into it
     where it reads each axis of the matmul's output by a loop of its own, and each copy that only the matmul reads
-    (schedules/matmul_fold.py; DLight's matmul rule takes them as its epilogue and operand loads). Nothing is
+    (and a one-row matmul's layer norm; schedules/matmul_fold.py: DLight's rules take them in). Nothing is
     scheduled yet: these PrimFuncs are `bmvcc tune`'s tasks and what `compile --db` applies a tuning database to,
     before `schedule_kernels` and DLight."""
     import tvm

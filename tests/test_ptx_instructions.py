@@ -368,6 +368,58 @@ def test_wmma_m16n16k16_f16_f32():
     np.testing.assert_array_equal(d, want)
 
 
+def test_barrier_waits_for_a_group_behind_it():
+    """A rotated loop (its latch placed before the body, as NVRTC lays out the DLight reduction loops): thread 0
+    stores the next value to shared memory while the others branch straight back to the latch. They reach the
+    body's bar.sync first and wait there for thread 0; every thread then reads what it stored."""
+    body = """mov.u32 %r4, 0;
+ mov.u32 %r6, 0;
+ mov.u32 %r9, sm;
+ setp.ne.u32 %p2, %r1, 0;
+ @!%p2 st.shared.u32 [%r9], %r6;
+ bra.uni BODY;
+LATCH:
+ add.s32 %r6, %r6, 1;
+BODY:
+ bar.sync 0;
+ ld.shared.u32 %r7, [%r9];
+ add.s32 %r4, %r4, %r7;
+ setp.eq.u32 %p1, %r6, 3;
+ @%p1 bra DONE;
+ bar.sync 0;
+ @%p2 bra LATCH;
+ add.s32 %r8, %r6, %r2;
+ st.shared.u32 [%r9], %r8;
+ bra.uni LATCH;
+DONE:
+"""
+    np.testing.assert_array_equal(run(body, A32, B32), [(3 * int(A32[0]) + 3) % 2**32] * 32)
+
+
+def test_warp_shuffle_waits_for_a_group_behind_it():
+    """The same rotated loop with a warp shuffle from lane 0 (under activemask, as TVM's reductions issue it):
+    lane 0 adds its a to a register on the way to the latch; every lane reads the sum at the top of the body."""
+    body = """mov.u32 %r4, 0;
+ mov.u32 %r6, 0;
+ mov.u32 %r8, 0;
+ setp.ne.u32 %p2, %r1, 0;
+ bra.uni BODY;
+LATCH:
+ add.s32 %r6, %r6, 1;
+BODY:
+ activemask.b32 %r10;
+ shfl.sync.idx.b32 %r11, %r8, 0, 31, %r10;
+ add.s32 %r4, %r4, %r11;
+ setp.eq.u32 %p1, %r6, 3;
+ @%p1 bra DONE;
+ @%p2 bra LATCH;
+ add.s32 %r8, %r8, %r2;
+ bra.uni LATCH;
+DONE:
+"""
+    np.testing.assert_array_equal(run(body, A32, B32), [6 * int(A32[0]) % 2**32] * 32)
+
+
 def test_divergent_barrier_is_an_error():
     body = """setp.lt.u32 %p1, %r1, 40;
  @%p1 bra SKIP;
