@@ -38,17 +38,22 @@ def fuse(mod, spec):
     """bmvcc's Relax module (W2A8 calls already on their kernel's padded compute definition,
     passes/pad_w2a8_to_tiles.py) -> (fused module, kernel table {PrimFunc name: entry}, read from the kernels'
     attributes): tvm.compile's CUDA library dispatch, legalization and fusion (relax.backend.cuda's legalize
-    passes but the last, DLight). Nothing is scheduled yet: these PrimFuncs are `bmvcc tune`'s tasks and what
-    `compile --db` applies a tuning database to, before `schedule_kernels` and DLight."""
+    passes but the last, DLight), then each float matmul's elementwise reader behind a reshape folded into it
+    where it reads each axis of the matmul's output by a loop of its own, and each copy that only the matmul reads
+    (and a one-row matmul's layer norm; schedules/matmul_fold.py: DLight's rules take them in). Nothing is
+    scheduled yet: these PrimFuncs are `bmvcc tune`'s tasks and what `compile --db` applies a tuning database to,
+    before `schedule_kernels` and DLight."""
     import tvm
     from tvm.relax.backend.cuda import pipeline as cuda
+
+    from .schedules.matmul_fold import fold_into_matmuls
 
     table = {gv.name_hint: _entry(f) for gv, f in mod.functions_items()
              if kernel_of(f) in ("w2a8", "norm_quant", ATTENTION)}
     target = spec.target()
     with target:
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target)[:-1])(mod)
-    return mod, table
+    return fold_into_matmuls(mod, dlight=True), table
 
 
 def _entry(func) -> dict:

@@ -3,7 +3,7 @@
 `legalize_and_fuse(mod, target)` runs TVM's FastMathTransform and the Relax legalization and fusion of TVM's
 CPU backend (tvm/relax/backend/cpu_generic: library dispatch, LegalizeOps, AnnotateTIROpPattern,
 FoldConstant, FuseOps, FuseTIR), folds what FuseOps leaves behind a matmul's reshape into it
-(schedules/cpu_fold.py), then the kernels' staging rewrites (schedules/kernels.py).
+(schedules/matmul_fold.py), then the kernels' staging rewrites (schedules/kernels.py).
 `schedule_fused(mod, target)` gives each bmvcc kernel (attr "bmvcc.kernel") its own schedule
 (schedules/kernels.py) and every other PrimFunc not marked `tirx.is_scheduled` the first of RULES that
 applies, DLight style: each rule a module of schedules/cpu_rules/ with `apply(func, target)`, which returns
@@ -54,7 +54,7 @@ def legalize_and_fuse(mod: tvm.IRModule, target) -> tvm.IRModule:
         seq = [relax.transform.FastMathTransform()]
         seq += cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
         mod = tvm.transform.Sequential(seq)(mod)
-    from .cpu_fold import fold_into_matmuls
+    from .matmul_fold import fold_into_matmuls
     from .kernels import stage
 
     return stage(fold_into_matmuls(mod), target, "cpu")

@@ -201,7 +201,7 @@ def test_kernels_and_scheduled_functions_are_left_alone(target):
 
 def test_residual_add_behind_a_reshape_folds_into_the_matmul(target):
     """Two layers of (x w + b), reshaped to (1, M, N), plus a residual: FuseOps leaves each add behind
-    the reshape a kernel of its own; schedules/cpu_fold.py folds it into the matmul's write-back (one
+    the reshape a kernel of its own; schedules/matmul_fold.py folds it into the matmul's write-back (one
     function, no full-size intermediate buffer), the same function for both layers."""
     rng = np.random.default_rng(3)
     x, w, b, r = (rng.standard_normal(s).astype("float32") for s in ((128, 64), (64, 64), (64,), (1, 128, 64)))

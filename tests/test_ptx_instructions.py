@@ -70,6 +70,21 @@ def test_prmt_default_mode():
         assert got[t] == out
 
 
+@pytest.mark.parametrize("mode", ["lo", "hi"])
+@pytest.mark.parametrize("atype,btype", [("u32", "u32"), ("s32", "u32"), ("u32", "s32"), ("s32", "s32")])
+def test_dp2a(mode, atype, btype):
+    """dp2a: d = c + sum over i < 2 of a's 16-bit half i times b's byte (i, or i + 2 for .hi), each extended as its
+    type says, modulo 2^32 (the PTX ISA's pseudo code, in Python integers)."""
+    got = run(f"dp2a.{mode}.{atype}.{btype} %r4, %r2, %r3, %r5;", A32, B32, C32)
+    for t in range(32):
+        halves = int(A32[t]).to_bytes(4, "little")
+        va = [int.from_bytes(halves[2 * i:2 * i + 2], "little", signed=atype == "s32") for i in range(2)]
+        vb = list(int(B32[t]).to_bytes(4, "little"))
+        vb = [v - 256 if btype == "s32" and v >= 128 else v for v in vb]
+        first = 0 if mode == "lo" else 2
+        assert got[t] == (int(C32[t]) + va[0] * vb[first] + va[1] * vb[first + 1]) % 2**32
+
+
 def test_bfi_bfe_shifts():
     pos, ln = RNG.integers(0, 40, 32), RNG.integers(0, 40, 32)
     body = "shr.u32 %r7, %r5, 8; and.b32 %r6, %r5, 255; bfi.b32 %r4, %r2, %r3, %r6, %r7;"
@@ -351,6 +366,58 @@ def test_wmma_m16n16k16_f16_f32():
     run_kernel(parse_ptx(text)["k"], Launch("k", (1, 1, 1), (32, 1, 1), [a, np.ascontiguousarray(b.T), c, d]))
     want = (a.astype(np.float64) @ b.astype(np.float64) + c).astype(np.float32)
     np.testing.assert_array_equal(d, want)
+
+
+def test_barrier_waits_for_a_group_behind_it():
+    """A rotated loop (its latch placed before the body, as NVRTC lays out the DLight reduction loops): thread 0
+    stores the next value to shared memory while the others branch straight back to the latch. They reach the
+    body's bar.sync first and wait there for thread 0; every thread then reads what it stored."""
+    body = """mov.u32 %r4, 0;
+ mov.u32 %r6, 0;
+ mov.u32 %r9, sm;
+ setp.ne.u32 %p2, %r1, 0;
+ @!%p2 st.shared.u32 [%r9], %r6;
+ bra.uni BODY;
+LATCH:
+ add.s32 %r6, %r6, 1;
+BODY:
+ bar.sync 0;
+ ld.shared.u32 %r7, [%r9];
+ add.s32 %r4, %r4, %r7;
+ setp.eq.u32 %p1, %r6, 3;
+ @%p1 bra DONE;
+ bar.sync 0;
+ @%p2 bra LATCH;
+ add.s32 %r8, %r6, %r2;
+ st.shared.u32 [%r9], %r8;
+ bra.uni LATCH;
+DONE:
+"""
+    np.testing.assert_array_equal(run(body, A32, B32), [(3 * int(A32[0]) + 3) % 2**32] * 32)
+
+
+def test_warp_shuffle_waits_for_a_group_behind_it():
+    """The same rotated loop with a warp shuffle from lane 0 (under activemask, as TVM's reductions issue it):
+    lane 0 adds its a to a register on the way to the latch; every lane reads the sum at the top of the body."""
+    body = """mov.u32 %r4, 0;
+ mov.u32 %r6, 0;
+ mov.u32 %r8, 0;
+ setp.ne.u32 %p2, %r1, 0;
+ bra.uni BODY;
+LATCH:
+ add.s32 %r6, %r6, 1;
+BODY:
+ activemask.b32 %r10;
+ shfl.sync.idx.b32 %r11, %r8, 0, 31, %r10;
+ add.s32 %r4, %r4, %r11;
+ setp.eq.u32 %p1, %r6, 3;
+ @%p1 bra DONE;
+ @%p2 bra LATCH;
+ add.s32 %r8, %r8, %r2;
+ bra.uni LATCH;
+DONE:
+"""
+    np.testing.assert_array_equal(run(body, A32, B32), [6 * int(A32[0]) % 2**32] * 32)
 
 
 def test_divergent_barrier_is_an_error():

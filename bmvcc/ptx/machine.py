@@ -8,7 +8,12 @@ kernel into closures `fn(state, mask) -> None | (target, taken)` (mask None: eve
 Control flow: threads with the same program counter form a group; the group with the lowest pc runs next
 and groups that reach the same pc merge. For the structured code NVRTC emits (forward branches around
 if-bodies, backward branches closing loops) this reconverges at the immediate post-dominator.
-`bar.sync` must be reached by every live thread of a CTA (or by none of them).
+A group that reaches an instruction that synchronizes threads (`bar.sync`, the warp-wide `.sync` ones,
+`activemask`) waits there while another group can still run, and groups waiting at the same one merge: so the
+threads meet there as the hardware reconverges them, also where NVRTC lays a loop's latch out before its body
+and a branch skips the rest of the body back to it (min-pc scheduling alone would run that group ahead into the
+next iteration). `bar.sync` must be reached by every live thread of a CTA (or by none of them), at the same
+instruction; a thread that exits while others of its CTA wait at one never arrives.
 
 Memory: `.param` from the launch arguments; `.global` as numpy buffers at distinct addresses with a gap
 between them; `.shared` per CTA (static variables, then the dynamic `.extern` array); `.local` per thread.
@@ -95,6 +100,8 @@ class Ctx:
     param_bytes: int = 0
     static_shared: int = 0
     local_bytes: int = 0
+    syncs: frozenset = frozenset()  # pcs of instructions that synchronize threads (module docstring)
+    barriers: frozenset = frozenset()  # those of them that are bar.sync
 
 
 class State:
@@ -181,7 +188,11 @@ def run_batch(code: list, st: State) -> None:
     instruction's warp-instructions in st.issued (a predicated-off instruction issues too; a divergent warp issues
     both sides)."""
     groups: dict[int, np.ndarray] = {0: st.alive.copy()}
-    while groups:
+    waiting: dict[int, np.ndarray] = {}  # groups at a synchronizing instruction until no other group can run
+    syncs = st.ctx.syncs
+    while groups or waiting:
+        if not groups:  # every group waits: those at one instruction run it together
+            groups, waiting = waiting, {}
         pc = min(groups)
         mask = groups.pop(pc)
         m = None if mask.all() else mask
@@ -193,6 +204,13 @@ def run_batch(code: list, st: State) -> None:
                 else:
                     groups[pc] = mask.copy()
                 break
+            if pc in syncs and any(p not in syncs for p in groups):
+                waiting[pc] = waiting[pc] | mask if pc in waiting else mask.copy()
+                break
+            if pc in waiting:
+                mask = mask | waiting.pop(pc)
+                m = None if mask.all() else mask
+                warps = _warps(mask)
             r = code[pc](st, m)
             st.issued[pc] += warps
             if r is None:
@@ -204,6 +222,7 @@ def run_batch(code: list, st: State) -> None:
             elif m is not None:
                 taken = taken & mask
             if target == EXIT:
+                _never_arriving(st, taken, waiting)
                 st.alive &= ~taken
             elif taken.any():
                 groups[target] = groups[target] | taken if target in groups else taken.copy()
@@ -213,6 +232,17 @@ def run_batch(code: list, st: State) -> None:
             m = None if mask.all() else mask
             warps = _warps(mask)
             pc += 1
+
+
+def _never_arriving(st: State, exiting: np.ndarray, waiting: dict) -> None:
+    """Fails when threads exit while others of their CTA wait at a bar.sync."""
+    for pc, at_barrier in waiting.items():
+        if pc not in st.ctx.barriers:
+            continue
+        stranded = exiting & np.isin(st.cta_of, st.cta_of[at_barrier])
+        if stranded.any():
+            st.fail(st.ctx.kernel.instrs[pc].line, int(np.argmax(stranded)),
+                    "bar.sync not reached by every thread of the CTA (divergent barrier)")
 
 
 def _laid_out(variables) -> tuple[dict[str, int], int]:
@@ -241,6 +271,9 @@ def decode(kernel: Kernel) -> tuple[Ctx, list]:
         ctx.reg_dtype.append(storage_dtype(typ))
     ctx.shared_offsets, ctx.static_shared = _laid_out(kernel.shared)
     ctx.local_offsets, ctx.local_bytes = _laid_out(kernel.local)
+    parts = [ins.opcode.split(".") for ins in kernel.instrs]
+    ctx.syncs = frozenset(pc for pc, p in enumerate(parts) if "sync" in p or p[0] == "activemask")
+    ctx.barriers = frozenset(pc for pc in ctx.syncs if parts[pc][0] in ("bar", "barrier"))
     code = []
     collect = gc.isenabled()
     gc.disable()  # tens of thousands of closures: the cyclic collector would triple the decode time

@@ -182,6 +182,25 @@ def _prmt(ctx, ins, parts):
     return f
 
 
+@op("dp2a")
+def _dp2a(ctx, ins, parts):
+    """dp2a.mode.atype.btype d, a, b, c: d = c + a.h0 * b.byte(s) + a.h1 * b.byte(s + 1), s = 0 (.lo) or 2 (.hi),
+    halves and bytes sign- or zero-extended as their type says, modulo 2^32 (§9.7.1.23)."""
+    mode, atype, btype = parts[1:]
+    d = dest(ctx, ins.operands[0])
+    a, b = src(ctx, ins.operands[1], atype), src(ctx, ins.operands[2], btype)
+    c = src(ctx, ins.operands[3], "u32" if atype == btype == "u32" else "s32")
+    halves, bytes4 = (np.int16 if atype == "s32" else np.uint16), (np.int8 if btype == "s32" else np.uint8)
+    first = {"lo": 0, "hi": 2}[mode]
+
+    def f(st, m):
+        x = np.broadcast_to(a(st), (st.n,)).astype(np.uint32).view(halves).reshape(st.n, 2).astype(np.int64)
+        y = np.broadcast_to(b(st), (st.n,)).astype(np.uint32).view(bytes4).reshape(st.n, 4).astype(np.int64)
+        dot = x[:, 0] * y[:, first] + x[:, 1] * y[:, first + 1]
+        write(st, d, (np.asarray(c(st)).astype(np.int64) + dot).astype(np.uint32), m)
+    return f
+
+
 def _bitfield_operands(ctx, ins, parts, values: int):
     """bfi/bfe operands: (type, dtype, bits, destination, [`values` value operands of the type], pos, len)."""
     typ = type_of(parts)
