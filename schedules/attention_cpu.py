@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 from .w2a8 import CONFIG_ATTR, KERNEL_ATTR, attr_value
@@ -96,16 +97,25 @@ def vector_shape(target) -> tuple[int, int]:
 
 
 def _fast_exp(x):
-    """TVM's fast_exp_float32 (topi/elemwise.h): 2^n * p(f), x = n ln2 + f, clamped to +-88.38."""
-    c = T.max(T.min(x, T.float32(88.3762626647950)), T.float32(-88.3762626647949))
+    """exp(x) for x <= 0 (every exp here: a score or an old row max minus the new row max): TVM's
+    fast_exp_float32 (topi/elemwise.h), 2^n * p(f) with x = n ln2 + f, x clamped below at -88.38, less
+    its upper clamp and final max(., x) (both no-ops for x <= 0: same bits, two instructions fewer)."""
+    c = T.max(x, T.float32(-88.3762626647949))
     n = T.floor(c * T.float32(1.44269504088896341) + T.float32(0.5))
     f = c - n * T.float32(0.6931471805599453)
     p = T.float32(1.9875691500e-4)
     for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
         p = p * f + T.float32(coef)
     y = p * f * f + f + T.float32(1.0)
-    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n + T.float32(127.0)), 23))
-    return T.max(two_n * y, x)
+    return T.reinterpret("float32", T.shift_left(T.Cast("int32", n + T.float32(127.0)), 23)) * y
+
+
+def _across_lanes(op, x, lanes: int):
+    """op (max, +) over the lanes of the vector x, as log2(lanes) halvings (not a chain of lanes - 1 steps)."""
+    while lanes > 1:
+        lanes //= 2
+        x = op(*(tirx.Shuffle([x], [tirx.IntImm("int32", i) for i in range(h, h + lanes)]) for h in (0, lanes)))
+    return x
 
 
 def schedule(func, target):
@@ -135,86 +145,78 @@ def attention_cpu(cfg: AttentionConfig, target=None):
             for j in range(NK):
                 kp[gd // D, j // NR, gd % D, j % NR] = T.if_then_else(j < N, kt[gd // D, gd % D, j], T.float32(0))
         for task in T.parallel(G * NB):
-            g = task // NB
-            gk = g // H
-            u = task % NB  # row blocks in the order 0, NB - 1, 1, NB - 2, ..: any run of tasks mixes light and heavy
-            ib = T.Select(u % 2 == 0, u // 2, NB - 1 - u // 2)
-            i0 = ib * R
+            g = T.bind(task // NB)
+            gk = T.bind(g // H)
+            u = T.bind(task % NB)  # row blocks in the order 0, NB - 1, 1, NB - 2, ..: any run of tasks mixes light and heavy
+            i0 = T.bind(T.Select(u % 2 == 0, u // 2, NB - 1 - u // 2) * R)
             qs = T.alloc_buffer((R, D), "float32")
             s = T.alloc_buffer((R, BK), "float32")
             o = T.alloc_buffer((R, D), "float32")
             m = T.alloc_buffer((R,), "float32")  # row max so far
-            rsum = T.alloc_buffer((R,), "float32")  # sum of exp(s - m) so far
+            rsum = T.alloc_buffer((R, L), "float32")  # sum of exp(s - m) so far, per lane (added up at the end)
             a = T.alloc_buffer((R,), "float32")  # this key block's rescale of o and rsum
-            vec = T.alloc_buffer((L,), "float32", scope="local")
-            acc = T.alloc_buffer((MR, NR), "float32", scope="local")
-            acc2 = T.alloc_buffer((MR2, NC), "float32", scope="local")
+            vec = T.alloc_buffer((L,), "float32")
             for r in range(R):
                 m[r] = T.float32(MASKED)
-                rsum[r] = T.float32(0)
+                for l in T.vectorized(L):
+                    rsum[r, l] = T.float32(0)
                 for c in T.vectorized(D):
                     qs[r, c] = q[g, T.min(i0 + r, N - 1), c] * scale
                     o[r, c] = T.float32(0)
             for kb in range(i0 // BK + 1):
-                k0 = kb * BK
-                kn = T.min(BK, i0 + R - k0)  # keys of this block up to the row block's last row
+                k0 = T.bind(kb * BK)
+                kn = T.bind(T.min(BK, i0 + R - k0))  # keys of this block up to the row block's last row
                 for jt in range(kn // NR):  # scores: key strip outside, row tiles inside, none above the diagonal
                     for it in range(T.max(k0 + jt * NR - i0, 0) // MR, R // MR):
                         for r in T.unroll(MR):
                             for c in T.vectorized(NR):
-                                acc[r, c] = T.float32(0)
+                                s[it * MR + r, jt * NR + c] = T.float32(0)
                         for d in range(D):
                             for r in T.unroll(MR):
                                 for cv in T.unroll(NR // L):
                                     for c in T.vectorized(L):
-                                        acc[r, cv * L + c] = (acc[r, cv * L + c]
-                                                              + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
-                        for r in T.unroll(MR):
-                            for c in T.vectorized(NR):
-                                s[it * MR + r, jt * NR + c] = T.Select(k0 + jt * NR + c <= i0 + it * MR + r,
-                                                                       acc[r, c], T.float32(MASKED))
-                for r in range(R):  # online softmax over the row's vectors of keys; 0 after them
-                    nv = T.min(BK // L, (i0 + r - k0) // L + 1)
+                                        s[it * MR + r, jt * NR + cv * L + c] = (
+                                            s[it * MR + r, jt * NR + cv * L + c]
+                                            + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
+                for r in range(R):  # online softmax over the row's vectors of keys, the last masked past the row; 0 after
+                    last = T.bind(T.min(BK // L, (i0 + r - k0) // L + 1) - 1)
                     for l in T.vectorized(L):
-                        vec[l] = s[r, l]
-                    for j in range(1, nv):
+                        vec[l] = T.Select(k0 + last * L + l <= i0 + r, s[r, last * L + l], T.float32(MASKED))
+                    for j in range(last):
                         for l in T.vectorized(L):
                             vec[l] = T.max(vec[l], s[r, j * L + l])
-                    for l in range(1, L):
-                        vec[0] = T.max(vec[0], vec[l])
-                    vec[0] = T.max(vec[0], m[r])  # the new row max
-                    a[r] = _fast_exp(m[r] - vec[0])
-                    m[r] = vec[0]
+                    mr = T.bind(T.max(_across_lanes(T.max, vec[T.ramp(0, 1, L)], L), m[r]))  # the new row max
+                    a[r] = _fast_exp(m[r] - mr)
+                    m[r] = mr
                     for l in T.vectorized(L):
-                        vec[l] = T.float32(0)
-                    for j in range(nv):
+                        rsum[r, l] = rsum[r, l] * a[r]
+                    for j in range(last):
                         for l in T.vectorized(L):
-                            s[r, j * L + l] = T.Select(k0 + j * L + l <= i0 + r, _fast_exp(s[r, j * L + l] - m[r]),
-                                                       T.float32(0))
-                            vec[l] = vec[l] + s[r, j * L + l]
-                    for j in range(nv, kn // L):
+                            s[r, j * L + l] = _fast_exp(s[r, j * L + l] - mr)
+                            rsum[r, l] = rsum[r, l] + s[r, j * L + l]
+                    for l in T.vectorized(L):
+                        s[r, last * L + l] = T.Select(k0 + last * L + l <= i0 + r, _fast_exp(s[r, last * L + l] - mr),
+                                                      T.float32(0))
+                        rsum[r, l] = rsum[r, l] + s[r, last * L + l]
+                    for j in range(last + 1, kn // L):
                         for l in T.vectorized(L):
                             s[r, j * L + l] = T.float32(0)
-                    for l in range(1, L):
-                        vec[0] = vec[0] + vec[l]
-                    rsum[r] = rsum[r] * a[r] + vec[0]
                 for it in range(R // MR2):  # output: o = a o + s V_block
                     for ct in range(D // NC):
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
-                                acc2[r, c] = o[it * MR2 + r, ct * NC + c] * a[it * MR2 + r]
+                                o[it * MR2 + r, ct * NC + c] = o[it * MR2 + r, ct * NC + c] * a[it * MR2 + r]
                         for j in range(T.min(BK, T.min(i0 + it * MR2 + MR2, N) - k0)):
                             for r in T.unroll(MR2):
                                 for cv in T.unroll(NC // W):
                                     for c in T.vectorized(W):
-                                        acc2[r, cv * W + c] = (acc2[r, cv * W + c]
-                                                               + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c])
-                        for r in T.unroll(MR2):
-                            for c in T.vectorized(NC):
-                                o[it * MR2 + r, ct * NC + c] = acc2[r, c]
+                                        o[it * MR2 + r, ct * NC + cv * W + c] = (
+                                            o[it * MR2 + r, ct * NC + cv * W + c]
+                                            + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c])
             for r in range(T.min(R, N - i0)):
+                total = T.bind(_across_lanes(T.Add, rsum[r, T.ramp(0, 1, L)], L))
                 for c in T.vectorized(D):
-                    out[g, i0 + r, c] = o[r, c] / rsum[r]
+                    out[g, i0 + r, c] = o[r, c] / total
 
     attention = attention.with_attr(CONFIG_ATTR, vars(cfg))
     return attention if target is None else attention.with_attr("tirx.is_scheduled", True)
