@@ -14,8 +14,8 @@ block's last row (the masked half is never touched), with an online softmax (row
   scores  s[r, j] = qs[r] . K[k0 + j] in MR x NR register tiles over d (the D x NR strip stays in L1
           across the row tiles; tiles wholly above the diagonal skipped)
   softmax per row, over its keys only, in L-lane vectors (only the one holding the diagonal masked
-          past the row): m' = max(m, max_j s) (the lanes by a tree of halvings), a = exp(m - m'),
-          s = exp(s - m') (0 past the row), l = a l + sum_j s per lane, m = m'
+          past the row): m' = max(m, max_j s) (the lanes by a tree of halvings), a = exp(m - m'), m = m'
+          for every row, then s = exp(s - m) (0 past the row), l = a l + sum_j s per lane
   output  o[r, :] = a o[r, :] + sum_j s[r, j] v[k0 + j, :] in MR2 x NC register tiles, each tile's
           keys stopping at its last row
 then out = o / (l's lanes added). qs, s and o (R x (D + BK + D) floats) and the K/V block stay in L1/L2;
@@ -195,14 +195,16 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                     mr = T.bind(T.max(_across_lanes(T.max, vec[T.ramp(0, 1, L)], L), m[r]))  # the new row max
                     a[r] = _fast_exp(m[r] - mr)
                     m[r] = mr
+                for r in range(R):  # a second pass: no row's exps wait for its max (a chain of max instructions)
+                    last = T.bind(T.min(BK // L, (i0 + r - k0) // L + 1) - 1)
                     for l in T.vectorized(L):
                         rsum[r, l] = rsum[r, l] * a[r]
                     for j in range(last):
                         for l in T.vectorized(L):
-                            s[r, j * L + l] = _fast_exp(s[r, j * L + l] - mr)
+                            s[r, j * L + l] = _fast_exp(s[r, j * L + l] - m[r])
                             rsum[r, l] = rsum[r, l] + s[r, j * L + l]
                     for l in T.vectorized(L):
-                        s[r, last * L + l] = T.Select(k0 + last * L + l <= i0 + r, _fast_exp(s[r, last * L + l] - mr),
+                        s[r, last * L + l] = T.Select(k0 + last * L + l <= i0 + r, _fast_exp(s[r, last * L + l] - m[r]),
                                                       T.float32(0))
                         rsum[r, l] = rsum[r, l] + s[r, last * L + l]
                     for j in range(last + 1, kn // L):
