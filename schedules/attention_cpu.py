@@ -116,6 +116,12 @@ def _fast_exp(x):
     return tirx.Let(t, c * T.float32(1.44269504088896341) + T.float32(MAGIC + 127), two_n * p)
 
 
+def _last_vector(key, lanes: int, keys: int):
+    """The vector of `lanes` keys that holds `key` (a row's diagonal key within its key block), at most the
+    block's last of `keys` keys: the row's last vector there, the only one that can hold keys past the row."""
+    return T.min(keys // lanes, key // lanes + 1) - 1
+
+
 def _across_lanes(op, x, lanes: int):
     """op (max, +) over the lanes of the vector x (a power of two of them), as log2(lanes) halvings, not a
     chain of lanes - 1 steps."""
@@ -186,7 +192,7 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                                             s[it * MR + r, jt * NR + cv * L + c]
                                             + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
                 for r in range(R):  # online softmax over the row's vectors of keys (the last one masked), 0 after
-                    last = T.bind(T.min(BK // L, (i0 + r - k0) // L + 1) - 1)
+                    last = T.bind(_last_vector(i0 + r - k0, L, BK))
                     for l in T.vectorized(L):
                         vec[l] = T.Select(k0 + last * L + l <= i0 + r, s[r, last * L + l], T.float32(MASKED))
                     for j in range(last):
@@ -196,7 +202,7 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                     a[r] = _fast_exp(m[r] - mr)
                     m[r] = mr
                 for r in range(R):  # a second pass: no row's exps wait for its max (a chain of max instructions)
-                    last = T.bind(T.min(BK // L, (i0 + r - k0) // L + 1) - 1)
+                    last = T.bind(_last_vector(i0 + r - k0, L, BK))
                     for l in T.vectorized(L):
                         rsum[r, l] = rsum[r, l] * a[r]
                     for j in range(last):
