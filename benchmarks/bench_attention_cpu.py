@@ -9,10 +9,11 @@ timed the same way (best and median of --repeat calls after one warm-up):
   bmvcc unfused  the same graph without that pass: Q K^T and P V matmuls, scale + mask, softmax under
                  schedules/cpu_default.py's rules (what bmvcc built before the fused kernel)
   torch eager    the model's float32 expression; torch sdpa: F.scaled_dot_product_attention(is_causal=True)
-Each output is checked against a float64 numpy reference before it is timed. Beside the times: GFLOP/s
-of the causal half's work (Q K^T and P V over keys j <= i, 2 h d n (n + 1) operations, whatever an
-implementation computes) at the median, its % of this CPU's fp32 FMA peak for --threads cores
-(targets/cpu_peak.py), and the median's ratio to torch sdpa's in the same run.
+Each output is checked against a float64 numpy reference before it is timed; the timed call returns the
+output tensor, not a numpy copy (TVM's .numpy() copies 2 MiB at the default shape, torch's shares memory).
+Beside the times: GFLOP/s of the causal half's work (Q K^T and P V over keys j <= i, 2 h d n (n + 1)
+operations, whatever an implementation computes) at the median, its % of this CPU's fp32 FMA peak for
+--threads cores (targets/cpu_peak.py), and the median's ratio to torch sdpa's in the same run.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _bmvcc(h, n, d, arrays, fused: bool):
         mod = relax.transform.DeadCodeElimination(["main"])(fuse_causal_attention(mod).without_attr(REPORT_KEY))
     vm = relax.VirtualMachine(tvm.compile(schedule_cpu_module(mod, target), target=target), tvm.cpu())
     args = [tvm.runtime.tensor(a) for a in arrays]
-    return lambda: vm["main"](*args).numpy()
+    return lambda: vm["main"](*args)
 
 
 def _torch(arrays, sdpa: bool):
@@ -71,9 +72,9 @@ def _torch(arrays, sdpa: bool):
     n, d = q.shape[-2], q.shape[-1]
     if sdpa:
         k, v = k.expand_as(q), v.expand_as(q)
-        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).numpy()
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     mask = torch.triu(torch.full((n, n), float("-inf")), 1)
-    return lambda: ((q @ k.transpose(-1, -2) / math.sqrt(d) + mask).softmax(-1) @ v).numpy()
+    return lambda: (q @ k.transpose(-1, -2) / math.sqrt(d) + mask).softmax(-1) @ v
 
 
 def main(argv=None) -> int:
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     rows = []
     for name, make in peers.items():
         fn = make()
-        err = float(np.abs(fn() - ref).max())
+        err = float(np.abs(fn().numpy() - ref).max())
         rows.append({"name": name, "max_abs_err": err, **time_call(fn, args.repeat)})
     flop = 2.0 * h * d * n * (n + 1)
     peak = host_peak(args.threads)

@@ -12,28 +12,33 @@ block's last row (the masked half is never touched), with an online softmax (row
           kt's rows are N floats apart, which maps a whole strip onto one L1 set); qs = scale * q's
           R rows once per task
   scores  s[r, j] = qs[r] . K[k0 + j] in MR x NR register tiles over d (the D x NR strip stays in L1
-          across the row tiles; tiles wholly above the diagonal skipped); a key past the row: MASKED
-  softmax per row, over its keys only, in L-lane vectors: m' = max(m, max_j s), a = exp(m - m'),
-          s = exp(s - m') (0 past the row), l = a l + sum_j s, m = m'
+          across the row tiles; tiles wholly above the diagonal skipped)
+  softmax per row, over its keys only, in L-lane vectors (only the one holding the diagonal masked
+          past the row): m' = max(m, max_j s) (the lanes by a tree of halvings), a = exp(m - m'), m = m'
+          for every row, then s = exp(s - m) (0 past the row), l = a l + sum_j s per lane
   output  o[r, :] = a o[r, :] + sum_j s[r, j] v[k0 + j, :] in MR2 x NC register tiles, each tile's
           keys stopping at its last row
-then out = o / l. qs, s and o (R x (D + BK + D) floats) and the K/V block stay in L1/L2; the N x N
-scores never reach memory (unfused: 4 passes over G x N x N floats); the per-row bookkeeping (two
-horizontal reductions and a rescale) comes once per BK keys. Rows past N (the last block when R
-does not divide N) read q's row N - 1 and are not stored; keys past N are masked like any later key.
-Vector width L and register tiles come from the target (CpuFacts: L float32 lanes per SIMD register,
-accumulators within its registers). passes/fuse_causal_attention.py emits the kernel before a target
-is chosen (PORTABLE vectors: correct anywhere); `schedule` (schedules/kernels.py)
+then out = o / (l's lanes added). qs, s and o (R x (D + BK + D) floats) and the K/V block stay in L1/L2;
+the N x N scores never reach memory (unfused: 4 passes over G x N x N floats); the per-row bookkeeping
+(a max across lanes, a rescale) comes once per BK keys. The register tiles accumulate in s and o
+themselves (LLVM keeps them in registers across the d and key loops): a tile buffer of its own, 1 KiB
+on AVX-512, would be a TVM heap workspace, zeroed, stored and reloaded around every tile. Rows past N
+(the last block when R does not divide N) read q's row N - 1 and are not stored; keys past N are
+masked like any later key. Vector width L and register tiles come from the target (CpuFacts: L float32
+lanes per SIMD register, accumulators within its registers). passes/fuse_causal_attention.py emits the
+kernel before a target is chosen (PORTABLE vectors: correct anywhere); `schedule` (schedules/kernels.py)
 rebuilds it for the target at the CPU schedule stage.
-exp is TVM's fast_exp polynomial (topi fast_exp_float32, the one FastMathTransform uses elsewhere):
-relative error <= 3.1e-7 (2.6 float32 ulps) vs float64 where float32 is normal (x >= -87.3), and
-0 <= exp(x) < 1.2e-38 below (test_attention_cpu.py measures both).
+exp (_fast_exp) is TVM's fast_exp polynomial (topi fast_exp_float32, the one FastMathTransform uses
+elsewhere) in 13 instructions instead of 18: relative error <= 3.1e-7 (2.6 float32 ulps; 2.98e-7 measured,
+3.01e-7 before) vs float64 where float32 is normal (x >= -87.3), and 0 <= exp(x) < 1.2e-38 below
+(test_attention_cpu.py measures both).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 from .w2a8 import CONFIG_ATTR, KERNEL_ATTR, attr_value
@@ -42,6 +47,7 @@ MASKED = -3.0e38  # score of a masked key: below any real score, finite so that 
 PORTABLE = (8, 16)  # (lanes, registers) without a target: one AVX2 register; LLVM splits it on narrower SIMD
 MAX_ROWS = 64  # R: query rows per task
 MAX_KEYS = 512  # BK: keys per key block (a 64-row task's scores: 128 KiB, in L2)
+MAGIC = 1.5 * 2**23  # x + MAGIC rounds x to an integer held in the low mantissa bits (|x| < 2^22)
 
 
 @dataclass(frozen=True)
@@ -96,16 +102,33 @@ def vector_shape(target) -> tuple[int, int]:
 
 
 def _fast_exp(x):
-    """TVM's fast_exp_float32 (topi/elemwise.h): 2^n * p(f), x = n ln2 + f, clamped to +-88.38."""
-    c = T.max(T.min(x, T.float32(88.3762626647950)), T.float32(-88.3762626647949))
-    n = T.floor(c * T.float32(1.44269504088896341) + T.float32(0.5))
-    f = c - n * T.float32(0.6931471805599453)
+    """exp(x) for x <= 0 (every exp here: a score or an old row max minus the new row max) in 13 vector
+    instructions: TVM's fast_exp_float32 polynomial (topi/elemwise.h), 2^n * p(f) with x = n ln2 + f, x
+    clamped below at ln(FLT_MIN) (2^n stays normal: exp <= 1.2e-38 there); n rounded by the 1.5 * 2^23
+    trick (t's low mantissa bits are n + 127, shifted into 2^n's exponent), p evaluated by Horner."""
+    c = T.max(x, T.float32(-87.33654))
+    t = tirx.Var("t", "float32")  # bound, or TVM's simplifier folds (t - MAGIC - 127) back to c log2(e)
+    f = c - (t - T.float32(MAGIC + 127)) * T.float32(0.6931471805599453)
     p = T.float32(1.9875691500e-4)
-    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1, 1.0, 1.0):
         p = p * f + T.float32(coef)
-    y = p * f * f + f + T.float32(1.0)
-    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n + T.float32(127.0)), 23))
-    return T.max(two_n * y, x)
+    two_n = T.reinterpret("float32", T.shift_left(T.reinterpret("int32", t), 23))
+    return tirx.Let(t, c * T.float32(1.44269504088896341) + T.float32(MAGIC + 127), two_n * p)
+
+
+def _last_vector(key, lanes: int, keys: int):
+    """The vector of `lanes` keys that holds `key` (a row's diagonal key within its key block), at most the
+    block's last of `keys` keys: the row's last vector there, the only one that can hold keys past the row."""
+    return T.min(keys // lanes, key // lanes + 1) - 1
+
+
+def _across_lanes(op, x, lanes: int):
+    """op (max, +) over the lanes of the vector x (a power of two of them), as log2(lanes) halvings, not a
+    chain of lanes - 1 steps."""
+    while lanes > 1:
+        lanes //= 2
+        x = op(*(tirx.Shuffle([x], [tirx.IntImm("int32", i) for i in range(h, h + lanes)]) for h in (0, lanes)))
+    return x
 
 
 def schedule(func, target):
@@ -135,86 +158,80 @@ def attention_cpu(cfg: AttentionConfig, target=None):
             for j in range(NK):
                 kp[gd // D, j // NR, gd % D, j % NR] = T.if_then_else(j < N, kt[gd // D, gd % D, j], T.float32(0))
         for task in T.parallel(G * NB):
-            g = task // NB
-            gk = g // H
-            u = task % NB  # row blocks in the order 0, NB - 1, 1, NB - 2, ..: any run of tasks mixes light and heavy
-            ib = T.Select(u % 2 == 0, u // 2, NB - 1 - u // 2)
-            i0 = ib * R
+            g = T.bind(task // NB)
+            gk = T.bind(g // H)
+            u = T.bind(task % NB)  # row blocks in the order 0, NB - 1, 1, NB - 2, ..: any run mixes light and heavy
+            i0 = T.bind(T.Select(u % 2 == 0, u // 2, NB - 1 - u // 2) * R)
             qs = T.alloc_buffer((R, D), "float32")
             s = T.alloc_buffer((R, BK), "float32")
             o = T.alloc_buffer((R, D), "float32")
             m = T.alloc_buffer((R,), "float32")  # row max so far
-            rsum = T.alloc_buffer((R,), "float32")  # sum of exp(s - m) so far
+            rsum = T.alloc_buffer((R, L), "float32")  # sum of exp(s - m) so far, per lane (added up at the end)
             a = T.alloc_buffer((R,), "float32")  # this key block's rescale of o and rsum
-            vec = T.alloc_buffer((L,), "float32", scope="local")
-            acc = T.alloc_buffer((MR, NR), "float32", scope="local")
-            acc2 = T.alloc_buffer((MR2, NC), "float32", scope="local")
+            vec = T.alloc_buffer((L,), "float32")
             for r in range(R):
                 m[r] = T.float32(MASKED)
-                rsum[r] = T.float32(0)
+                for l in T.vectorized(L):
+                    rsum[r, l] = T.float32(0)
                 for c in T.vectorized(D):
                     qs[r, c] = q[g, T.min(i0 + r, N - 1), c] * scale
                     o[r, c] = T.float32(0)
             for kb in range(i0 // BK + 1):
-                k0 = kb * BK
-                kn = T.min(BK, i0 + R - k0)  # keys of this block up to the row block's last row
+                k0 = T.bind(kb * BK)
+                kn = T.bind(T.min(BK, i0 + R - k0))  # keys of this block up to the row block's last row
                 for jt in range(kn // NR):  # scores: key strip outside, row tiles inside, none above the diagonal
                     for it in range(T.max(k0 + jt * NR - i0, 0) // MR, R // MR):
                         for r in T.unroll(MR):
                             for c in T.vectorized(NR):
-                                acc[r, c] = T.float32(0)
+                                s[it * MR + r, jt * NR + c] = T.float32(0)
                         for d in range(D):
                             for r in T.unroll(MR):
                                 for cv in T.unroll(NR // L):
                                     for c in T.vectorized(L):
-                                        acc[r, cv * L + c] = (acc[r, cv * L + c]
-                                                              + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
-                        for r in T.unroll(MR):
-                            for c in T.vectorized(NR):
-                                s[it * MR + r, jt * NR + c] = T.Select(k0 + jt * NR + c <= i0 + it * MR + r,
-                                                                       acc[r, c], T.float32(MASKED))
-                for r in range(R):  # online softmax over the row's vectors of keys; 0 after them
-                    nv = T.min(BK // L, (i0 + r - k0) // L + 1)
+                                        s[it * MR + r, jt * NR + cv * L + c] = (
+                                            s[it * MR + r, jt * NR + cv * L + c]
+                                            + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
+                for r in range(R):  # online softmax over the row's vectors of keys (the last one masked), 0 after
+                    last = T.bind(_last_vector(i0 + r - k0, L, BK))
                     for l in T.vectorized(L):
-                        vec[l] = s[r, l]
-                    for j in range(1, nv):
+                        vec[l] = T.Select(k0 + last * L + l <= i0 + r, s[r, last * L + l], T.float32(MASKED))
+                    for j in range(last):
                         for l in T.vectorized(L):
                             vec[l] = T.max(vec[l], s[r, j * L + l])
-                    for l in range(1, L):
-                        vec[0] = T.max(vec[0], vec[l])
-                    vec[0] = T.max(vec[0], m[r])  # the new row max
-                    a[r] = _fast_exp(m[r] - vec[0])
-                    m[r] = vec[0]
+                    mr = T.bind(T.max(_across_lanes(T.max, vec[T.ramp(0, 1, L)], L), m[r]))  # the new row max
+                    a[r] = _fast_exp(m[r] - mr)
+                    m[r] = mr
+                for r in range(R):  # a second pass: no row's exps wait for its max (a chain of max instructions)
+                    last = T.bind(_last_vector(i0 + r - k0, L, BK))
                     for l in T.vectorized(L):
-                        vec[l] = T.float32(0)
-                    for j in range(nv):
+                        rsum[r, l] = rsum[r, l] * a[r]
+                    for j in range(last):
                         for l in T.vectorized(L):
-                            s[r, j * L + l] = T.Select(k0 + j * L + l <= i0 + r, _fast_exp(s[r, j * L + l] - m[r]),
-                                                       T.float32(0))
-                            vec[l] = vec[l] + s[r, j * L + l]
-                    for j in range(nv, kn // L):
+                            s[r, j * L + l] = _fast_exp(s[r, j * L + l] - m[r])
+                            rsum[r, l] = rsum[r, l] + s[r, j * L + l]
+                    for l in T.vectorized(L):
+                        s[r, last * L + l] = T.Select(k0 + last * L + l <= i0 + r, _fast_exp(s[r, last * L + l] - m[r]),
+                                                      T.float32(0))
+                        rsum[r, l] = rsum[r, l] + s[r, last * L + l]
+                    for j in range(last + 1, kn // L):
                         for l in T.vectorized(L):
                             s[r, j * L + l] = T.float32(0)
-                    for l in range(1, L):
-                        vec[0] = vec[0] + vec[l]
-                    rsum[r] = rsum[r] * a[r] + vec[0]
                 for it in range(R // MR2):  # output: o = a o + s V_block
                     for ct in range(D // NC):
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
-                                acc2[r, c] = o[it * MR2 + r, ct * NC + c] * a[it * MR2 + r]
+                                o[it * MR2 + r, ct * NC + c] = o[it * MR2 + r, ct * NC + c] * a[it * MR2 + r]
                         for j in range(T.min(BK, T.min(i0 + it * MR2 + MR2, N) - k0)):
                             for r in T.unroll(MR2):
                                 for cv in T.unroll(NC // W):
                                     for c in T.vectorized(W):
-                                        acc2[r, cv * W + c] = (acc2[r, cv * W + c]
-                                                               + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c])
-                        for r in T.unroll(MR2):
-                            for c in T.vectorized(NC):
-                                o[it * MR2 + r, ct * NC + c] = acc2[r, c]
+                                        o[it * MR2 + r, ct * NC + cv * W + c] = (
+                                            o[it * MR2 + r, ct * NC + cv * W + c]
+                                            + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c])
             for r in range(T.min(R, N - i0)):
+                total = T.bind(_across_lanes(T.Add, rsum[r, T.ramp(0, 1, L)], L))
                 for c in T.vectorized(D):
-                    out[g, i0 + r, c] = o[r, c] / rsum[r]
+                    out[g, i0 + r, c] = o[r, c] / total
 
     attention = attention.with_attr(CONFIG_ATTR, vars(cfg))
     return attention if target is None else attention.with_attr("tirx.is_scheduled", True)
