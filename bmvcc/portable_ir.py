@@ -1,7 +1,8 @@
 """IR saved as JSON without the installation's paths in it.
 
 TVMScript spans record the absolute path of the file a compute definition was parsed from (wherever
-bmvcc is installed). Artifacts and tuning databases name the module instead ("bmvcc/schedules/w2a8.py"), so the same bmvcc anywhere writes the same bytes and no user's paths leak.
+bmvcc is installed). Artifacts and tuning databases name the module instead ("bmvcc/schedules/w2a8.py"),
+so the same bmvcc anywhere writes the same bytes and no user's paths leak.
 """
 
 from __future__ import annotations
