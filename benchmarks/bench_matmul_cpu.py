@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         print(json.dumps({"threads": a.threads, "peak": peak.describe() if peak else None, "results": rows}, indent=2))
         return 0
     print(f"float projections x @ W + b, {a.threads} threads, best of {a.repeat} (median in parentheses)")
-    print(f"peak: {peak.describe() if peak else 'unknown (this CPU family is not in targets/cpu_peak.py)'}")
+    print(f"peak: {peak.describe() if peak else 'unknown (CPU not in targets/cpu_peak.py, or clock not measurable)'}")
     print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<6} {'ms':>16} {'GFLOP/s':>8} {'% fp32':>7}  bmvcc speedup")
     for r in rows:
         for name, s in r["impls"].items():

@@ -155,7 +155,7 @@ def _target_summary() -> str:
 def _table(result: dict) -> str:
     b = result["bound"]
     bound = (f"{b['ms']:.1f} ms: {b['int8_macs'] / 1e9:.2f} G int8 + {b['fp32_macs'] / 1e9:.2f} G fp32 MACs at {b['peak']}"
-             if b["ms"] else "unknown (this CPU family is not in targets/cpu_peak.py)")
+             if b["ms"] else "unknown (CPU not in targets/cpu_peak.py, or clock not measurable)")
     lines = [f"paper-size BitMedViT, batch 1, {result['threads']} threads, {result['cpu']}",
              f"machine bound: {bound}", "load average (1, 5, 15 min): " + ", ".join(f"{v:.2f}" for v in result["load_average"]), "",
              "| implementation | best ms | median ms | speedup vs eager | median / ORT | median / bound | max abs err | compile s |",

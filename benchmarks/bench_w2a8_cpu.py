@@ -167,7 +167,7 @@ def main(argv=None) -> int:
                           "results": rows, "norm_quant": norm_rows}, indent=2))
         return 0
     print(f"W2A8 CPU kernel, {a.threads} threads, best of {a.repeat} (median in parentheses)")
-    print(f"peak: {peak.describe() if peak else 'unknown (this CPU family is not in targets/cpu_peak.py)'}")
+    print(f"peak: {peak.describe() if peak else 'unknown (CPU not in targets/cpu_peak.py, or clock not measurable)'}")
     print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<13} {'ms':>16} {'GOPS':>7} {'% int8':>7} {'weights':>9}  W2A8 speedup")
     for r in rows:
         for name, s in r["impls"].items():

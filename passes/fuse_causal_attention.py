@@ -174,7 +174,8 @@ def _traced(call, idx: np.ndarray, shape) -> np.ndarray:
         return np.expand_dims(idx, tuple(int(a) for a in call.attrs.axis))
     if name == "relax.strided_slice":
         index = [slice(None)] * idx.ndim
-        for axis, begin, end, stride in zip(*(map(int, a) for a in args[1:5])):
+        axes, begins, ends, *strides = ([int(v) for v in a] for a in args[1:5])  # strides are optional
+        for axis, begin, end, stride in zip(axes, begins, ends, strides[0] if strides else [1] * len(axes)):
             index[axis] = slice(begin, end, stride)
         return idx[tuple(index)]
     return idx  # astype

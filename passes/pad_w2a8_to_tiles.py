@@ -5,7 +5,7 @@ Matches: call_tir of a PrimFunc with kernel kind "w2a8" (schedules/w2a8.py's ker
 from config_of). Produces: when the GEMM is not a multiple of the tiles, its operands padded (q with 0,
 packed weights with 0x55 = four zero weights, x_scale with 1, residual or bias with 0) and the output
 sliced back: the padding contributes exactly 0. The packed weights are then relaid out in the kernel's
-TC_LAYOUT (w2a8_cuda.tc_pack's steps as Relax ops, folded at compile time for constant weights: FoldConstant
+TC_LAYOUT (w2a8_cuda.tc_relayout: tc_pack's steps as Relax ops, folded at compile time for constant weights: FoldConstant
 runs last). The kernel applies the epilogue (bias, GELU, + residual) itself.
 The kernel (w2a8_tc_m{M}_n{N}_k{K}[_{epilogue}]) carries its padded W2A8Config (CONFIG_ATTR) and in
 PADDED_FROM_ATTR the model's config and the knobs it is scheduled with (bmvcc/gpu_build.py reads both).
@@ -13,7 +13,6 @@ PADDED_FROM_ATTR the model's config and the knobs it is scheduled with (bmvcc/gp
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax
 
@@ -31,23 +30,9 @@ def default_tiles(cfg):
     return p, w2a8_cuda.tc_compute(p), {"config": vars(cfg), "knobs": vars(knobs)}
 
 
-def tc_layout(packed, n: int, k: int):
-    """Relax ops relaying packed weights uint8[n, k/4] (n a multiple of 16, k of 32) out in TC_LAYOUT:
-    schedules/w2a8_cuda.py's tc_pack, step by step."""
-    from ..schedules.w2a8_cuda import tc_order
-
-    shifts = relax.const(np.array([0, 2, 4, 6], np.uint8))
-    codes = relax.op.bitwise_and(relax.op.right_shift(relax.op.expand_dims(packed, [-1]), shifts),
-                                 relax.const(3, "uint8"))
-    blocks = relax.op.permute_dims(relax.op.reshape(codes, [n // 16, 16, k // 32, 32]), [0, 2, 1, 3])
-    slots = relax.op.take(relax.op.reshape(blocks, [n // 16, k // 32, 512]), relax.const(tc_order()), axis=2,
-                          mode="clip")  # in range: clip only silences "fast" mode's warning
-    return relax.op.sum(relax.op.left_shift(slots, shifts), axis=[-1])
-
-
-def pad_w2a8_to_tiles(mod: tvm.IRModule, kernel_for=default_tiles) -> tvm.IRModule:
-    """`kernel_for(cfg)` = (padded cfg, its PrimFunc, PADDED_FROM_ATTR value)."""
-    from ..schedules.w2a8_cuda import PACKED_ZERO
+def pad_w2a8_to_tiles(mod: tvm.IRModule) -> tvm.IRModule:
+    """The module with each W2A8 call not yet on the tensor-core kernel's tiles moved onto them (module docstring)."""
+    from ..schedules.w2a8_cuda import PACKED_ZERO, tc_relayout
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
     added: dict = {}
@@ -56,11 +41,12 @@ def pad_w2a8_to_tiles(mod: tvm.IRModule, kernel_for=default_tiles) -> tvm.IRModu
     class _W2A8(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not call.op.same_as(call_tir) or kernel_of(mod[call.args[0]]) != "w2a8":
+            if (not call.op.same_as(call_tir) or kernel_of(mod[call.args[0]]) != "w2a8"
+                    or PADDED_FROM_ATTR in mod[call.args[0]].attrs):  # on the tiles already: its weights relaid out
                 return call
             cfg = config_of(mod[call.args[0]])
             if cfg not in added:
-                p, func, padded_from = kernel_for(cfg)
+                p, func, padded_from = default_tiles(cfg)
                 suffix = "" if cfg.epilogue == "none" else f"_{cfg.epilogue}"
                 gv = self.builder_.add_func(func, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}{suffix}")
                 self.builder_.update_func(gv, func.with_attr(PADDED_FROM_ATTR, padded_from))
@@ -72,7 +58,7 @@ def pad_w2a8_to_tiles(mod: tvm.IRModule, kernel_for=default_tiles) -> tvm.IRModu
                     (p.m - cfg.m, 0, 1.0), (0, 0, None), (extra_rows, p.n - cfg.n, 0.0)]
             kernel_args = [self.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
                            if rows or cols else a for a, (rows, cols, value) in zip(call.args[1].fields, pads)]
-            kernel_args[1] = self.builder_.emit(tc_layout(kernel_args[1], p.n, p.k))
+            kernel_args[1] = self.builder_.emit(tc_relayout(kernel_args[1], p.n, p.k))
             out = relax.call_tir(gv, kernel_args, relax.TensorType((p.m, p.n), "float32"))
             if p == cfg:
                 return out

@@ -41,9 +41,9 @@ def fold_into_matmuls(mod: tvm.IRModule, dlight: bool = False) -> tvm.IRModule:
     """`mod` (after FuseTIR) with every matmul's only, spatial, reader folded into it; for DLight's matmul rule
     (`dlight`) only readers that give each axis of the matmul's output a loop of their own, and each copy (or cast)
     that produces an operand only the matmul reads folded too (module docstring)."""
-    folded = False
+    folded: dict = {}  # (producer's callee, consumer's callee) -> name of the PrimFunc folded from them
     while (pair := _next_pair(mod, dlight)) is not None:
-        mod, folded = _fuse_pair(mod, *pair), True
+        mod = _fuse_pair(mod, *pair, folded)
     return relax.transform.DeadCodeElimination()(mod) if folded else mod  # the PrimFuncs folded into others
 
 
@@ -73,7 +73,8 @@ def _next_pair(mod, dlight: bool):
             before = _callee(mod, producer)
             if kind == "spatial" and _kind(before) == "matmul" and (not dlight or _reads_per_axis(func, i)):
                 return producer, consumer
-            if dlight and kind == "matmul" and (_copies(before) or _row_prologue(before, func)):
+            if dlight and kind == "matmul" and (_copies(before)
+                                                or _kind(before) != "matmul" and _row_prologue(before, func)):
                 return producer, consumer
     return None
 
@@ -109,7 +110,7 @@ def _copies(func) -> bool:
     blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
     values = [b.body.value if isinstance(b.body, tirx.BufferStore) else None for b in blocks]
     values = [v.value if isinstance(v, tirx.Cast) else v for v in values]
-    return all(isinstance(v, tvm.ir.TensorLoad) and not is_reduction(b) for b, v in zip(blocks, values))
+    return all(isinstance(v, tvm.ir.TensorLoad) for v in values)
 
 
 def _row_prologue(producer, matmul) -> bool:
@@ -155,14 +156,15 @@ def _reads_per_axis(func, param: int) -> bool:
     return True
 
 
-def _fuse_pair(mod, producer, consumer) -> tvm.IRModule:
-    """Replace the two bindings by one call of a primitive function holding both calls, then FuseTIR."""
+def _fuse_pair(mod, producer, consumer, folded: dict) -> tvm.IRModule:
+    """Replace the two bindings by one call of a primitive function holding both calls, then FuseTIR; `folded`
+    records the pair's callees, so the same pair in another layer calls the PrimFunc folded there."""
     first, second = producer.value, consumer.value
     outside = [a for a in first.args[1].fields] + [a for a in second.args[1].fields if not a.same_as(producer.var)]
+    key = (first.args[0].name_hint, second.args[0].name_hint)
+    if key in folded:
+        return _rebind(mod, producer, consumer, relax.call_tir(mod.get_global_var(folded[key]), outside, second.ty))
     name = f"{first.args[0].name_hint}_{second.args[0].name_hint.removeprefix('fused_')}"
-    fused = next((gv for gv in mod.get_global_vars() if gv.name_hint == name), None)
-    if fused is not None:  # the same pair in another layer: call the PrimFunc folded there
-        return _rebind(mod, producer, consumer, relax.call_tir(fused, outside, second.ty))
     params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(outside)]
     inner = dict(zip(outside, params))
     bb = relax.BlockBuilder(mod)
@@ -172,6 +174,7 @@ def _fuse_pair(mod, producer, consumer) -> tvm.IRModule:
             args = [mid if a.same_as(producer.var) else inner[a] for a in second.args[1].fields]
             out = bb.emit_output(relax.call_tir(second.args[0], args, second.ty))
         gv = bb.emit_func_output(out)
+    folded[key] = gv.name_hint
     return relax.transform.FuseTIR()(_rebind(bb.get(), producer, consumer, relax.Call(gv, outside)))
 
 

@@ -88,6 +88,20 @@ def tc_pack(packed: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((blocks[..., tc_order()] << np.array([0, 2, 4, 6], np.uint8)).sum(-1, dtype=np.uint8))
 
 
+def tc_relayout(packed, n: int, k: int):
+    """Relax ops relaying packed weights uint8[n, k/4] (n a multiple of 16, k of 32) out in TC_LAYOUT: tc_pack,
+    step by step (passes/pad_w2a8_to_tiles.py emits them; FoldConstant runs them at compile time)."""
+    from tvm import relax
+
+    shifts = relax.const(np.array([0, 2, 4, 6], np.uint8))
+    codes = relax.op.bitwise_and(relax.op.right_shift(relax.op.expand_dims(packed, [-1]), shifts),
+                                 relax.const(3, "uint8"))
+    blocks = relax.op.permute_dims(relax.op.reshape(codes, [n // 16, 16, k // 32, 32]), [0, 2, 1, 3])
+    slots = relax.op.take(relax.op.reshape(blocks, [n // 16, k // 32, 512]), relax.const(tc_order()), axis=2,
+                          mode="clip")  # in range: clip only silences "fast" mode's warning
+    return relax.op.sum(relax.op.left_shift(slots, shifts), axis=[-1])
+
+
 def tc_compute(cfg: W2A8Config):
     """The compute definition of the tensor-core kernel: w2a8_compute with the weights in TC_LAYOUT."""
     return w2a8_compute(cfg, TC_LAYOUT)
@@ -278,6 +292,9 @@ def _schedule(sch, cfg: W2A8Config, knobs: W2A8CudaKnobs) -> None:
     schedule primitives only, so the trace replays on the unscheduled function (the tuning database)."""
     if padded(cfg, knobs) != cfg:
         raise ValueError(f"W2A8 {cfg} is not a multiple of the tiles of {knobs}; schedule padded(cfg, knobs)")
+    weights = tuple(int(d) for d in sch.mod["main"].params[1].shape)
+    if weights != TC_LAYOUT.shape(cfg.n, cfg.k):
+        raise ValueError(f"W2A8 weights {weights} are not in TC_LAYOUT; schedule tc_compute(cfg)")
     acc, deq = sch.get_sblock("acc"), sch.get_sblock("dequant")
     wm, wn = knobs.block_m // knobs.warps_m, knobs.block_n // knobs.warps_n
 
@@ -379,4 +396,4 @@ def kernel_report(cfg: W2A8Config, spec, knobs: W2A8CudaKnobs | None = None) -> 
 
 __all__ = ["DEFAULT", "KERNEL_ATTR", "SMALL_M", "TC_LAYOUT", "W2A8CudaKnobs", "cuda_source", "default_knobs",
            "estimated_registers", "kernel_report", "pad_operands", "padded", "schedule", "space", "tc_compute",
-           "tc_order", "tc_pack", "tuning_knobs"]
+           "tc_order", "tc_pack", "tc_relayout", "tuning_knobs"]

@@ -58,27 +58,30 @@ class CpuPeak:
 
 def host_peak(cores: int, mcpu: str | None = None) -> CpuPeak | None:
     """The peak of this machine on `cores` cores (`mcpu`: LLVM's CPU name, this machine's by default; clock
-    measured); None for a CPU not in FAMILIES."""
+    measured); None for a CPU not in FAMILIES or a clock that could not be measured."""
     if mcpu is None:
         from tvm.target import codegen
 
         mcpu = str(codegen.llvm_get_system_cpu())
     if mcpu not in FAMILIES:
         return None
-    return CpuPeak(mcpu, *FAMILIES[mcpu], ghz=measured_ghz(), cores=cores, clock_measured=True)
+    ghz = measured_ghz()
+    return None if ghz is None else CpuPeak(mcpu, *FAMILIES[mcpu], ghz=ghz, cores=cores, clock_measured=True)
 
 
 CHAIN_STEPS = 1 << 21  # iterations of the short run (2 ops each, ~1 ms at 4 GHz); the long run does twice as many
 CHAIN_REPEATS = 7
+PLAUSIBLE_GHZ = (0.3, 7.0)  # outside: the runs were disturbed (a descheduled short run), not the clock
 
 
 @functools.cache
-def measured_ghz() -> float:
+def measured_ghz() -> float | None:
     """The clock one busy core sustains, in GHz: a chain of dependent integer adds and xors (one
     cycle each on every x86 and Arm core, and no closed form or reassociation for LLVM to find) run
     for 2 x CHAIN_STEPS and CHAIN_STEPS iterations; the difference of the two times (the call's
     overhead cancels) is 2 x CHAIN_STEPS cycles. Each time is the fastest of CHAIN_REPEATS runs: on a
-    shared machine other processes only ever add time. A few ms in all."""
+    shared machine other processes only ever add time. A few ms in all. Tried twice; None if neither
+    try gives a plausible clock."""
     import numpy as np
     import tvm
 
@@ -91,8 +94,12 @@ def measured_ghz() -> float:
         return time.perf_counter() - start
 
     run(state, CHAIN_STEPS)  # warm-up: first touch, the core leaves its idle clock
-    short, long = (min(seconds(steps) for _ in range(CHAIN_REPEATS)) for steps in (CHAIN_STEPS, 2 * CHAIN_STEPS))
-    return 2 * CHAIN_STEPS / (long - short) / 1e9
+    for _ in range(2):
+        short, long = (min(seconds(steps) for _ in range(CHAIN_REPEATS)) for steps in (CHAIN_STEPS, 2 * CHAIN_STEPS))
+        ghz = 2 * CHAIN_STEPS / (long - short) / 1e9 if long > short else 0.0
+        if PLAUSIBLE_GHZ[0] < ghz < PLAUSIBLE_GHZ[1]:
+            return ghz
+    return None
 
 
 def _dependent_chain():

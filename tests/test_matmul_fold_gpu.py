@@ -9,6 +9,7 @@ import re
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.s_tir import dlight as dl
 
 from bmvcc import gpu_build
 from bmvcc.schedules.cpu_default import schedule_fused
@@ -48,15 +49,16 @@ def test_head_merge_folds_into_the_projection_not_into_p_v():
     folded as its epilogue. The head merge reads P V's output with its head and head_dim axes fused into one column
     index, which DLight's padded write-back of P V cannot bound per axis: not folded there (before, DLight refused
     that function: "consumers of the cache-write stage that are not properly inlined"); being a copy (and cast), it
-    folds into the projection's operand loads instead. DLight schedules every function of the result."""
+    folds into the projection's operand loads instead. DLight's matmul rule takes both functions of the result."""
     spec = get_target("jetson-orin-nano")
     fused, _ = gpu_build.fuse(_attention_tail(), spec)
     names = sorted(gv.name_hint for gv in fused.get_global_vars() if gv.name_hint != "main")
     assert len(names) == 2 and re.fullmatch(r"matmul\d*", names[1]), names
     projection = r"fused_reshape\d*_transpose\d*_reshape\d*_cast\d*_matmul\d*_add\d*_reshape\d*_add\d*"
     assert re.fullmatch(projection, names[0]), names
-    scheduled = gpu_build.schedule_rest(fused, spec)
-    assert all(scheduled[name].attrs.get("tirx.is_scheduled", False) for name in names)
+    target = spec.target()
+    with target:  # DLight's matmul rule takes both (no fallback to its generic rules)
+        assert all(dl.gpu.Matmul().apply(fused[name], target, False) is not None for name in names)
 
 
 def test_folded_definitions_compute_the_attention_tail():
@@ -103,7 +105,10 @@ def test_layer_norm_folds_into_a_one_row_head():
     fused, _ = gpu_build.fuse(_head(1), spec)
     (name,) = [gv.name_hint for gv in fused.get_global_vars() if gv.name_hint != "main"]
     assert re.fullmatch(r"fused_layer_norm\d*_cast\d*_matmul\d*_add\d*", name), name
-    assert gpu_build.schedule_rest(fused.clone(), spec)[name].attrs.get("tirx.is_scheduled", False)  # (in place)
+    target = spec.target()
+    with target:  # DLight's GeneralReduction rule takes it (its matmul and GEMV rules do not)
+        assert dl.gpu.GeneralReduction().apply(fused[name], target, False) is not None
+        assert all(rule.apply(fused[name], target, False) is None for rule in (dl.gpu.Matmul(), dl.gpu.GEMV()))
     rng = np.random.default_rng(1)
     x, g, be = (rng.standard_normal(s).astype("float32") for s in ((1, 64), (64,), (64,)))
     w, b = rng.standard_normal((64, 10)).astype("float16"), rng.standard_normal(10).astype("float32")

@@ -114,14 +114,16 @@ def test_wrong_ldmatrix_layout_is_caught():
     assert np.abs(out - ref).max() > 1.0
 
 
-@pytest.mark.parametrize("pattern,replacement", [(r"(shr\.u32\s+%r\d+, %r\d+), 2;", r"\1, 4;"),
+@pytest.mark.parametrize("pattern,replacement", [(r"(shr\.u32\s+%r\d+, {word}), 2;", r"\1, 4;"),
                                                  (r"(ld\.shared\.u32\s+%r\d+, \[%rd\d+)\];", r"\1+4];")],
                          ids=["selector-of-the-wrong-2-bit-field", "word-of-the-next-lane"])
 def test_wrong_weight_decode_is_caught(pattern, replacement):
     """The TC_LAYOUT decode of one k step misread: its second selector word shifted by 4 bits instead of 2 (B fragment
-    registers 1 and 3 get other weights' codes), or a lane loading its neighbour's word."""
+    registers 1 and 3 get other weights' codes), or a lane loading its neighbour's word. {word}: the register the
+    first packed word is loaded into, so the shift mutated is the decode's."""
     text, _ = _build(NEG_CFG, NEG_KNOBS)
-    m = re.search(pattern, text)
+    word = re.search(r"ld\.shared\.u32\s+(%r\d+),", text).group(1)
+    m = re.search(pattern.format(word=word), text)
     res, out, ref = _emulate(NEG_CFG, NEG_KNOBS, text[:m.start()] + m.expand(replacement) + text[m.end():])
     assert res.races == 0 and np.abs(out - ref).max() > 1.0
 

@@ -273,7 +273,7 @@ def decode(kernel: Kernel) -> tuple[Ctx, list]:
     ctx.local_offsets, ctx.local_bytes = _laid_out(kernel.local)
     parts = [ins.opcode.split(".") for ins in kernel.instrs]
     ctx.syncs = frozenset(pc for pc, p in enumerate(parts) if "sync" in p or p[0] == "activemask")
-    ctx.barriers = frozenset(pc for pc in ctx.syncs if parts[pc][0] in ("bar", "barrier"))
+    ctx.barriers = frozenset(pc for pc in ctx.syncs if parts[pc][0] in ("bar", "barrier") and "warp" not in parts[pc])
     code = []
     collect = gc.isenabled()
     gc.disable()  # tens of thousands of closures: the cyclic collector would triple the decode time
