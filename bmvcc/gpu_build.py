@@ -158,14 +158,12 @@ def kernel_calls(mod) -> dict:
     argument once, also one passed twice: compulsory global-memory traffic), and TVM's static op count (None if
     unknown; attention: the `attention_ops` of the module that schedules it, for its config; TVM's count of the
     loops is meaningless)."""
-    import importlib
-
     import numpy as np
     import tvm
     from tvm import relax
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from .schedules.kernels import schedule_of
+    from .schedules.kernels import scheduler_of
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
     stats: dict = {}
@@ -186,8 +184,7 @@ def kernel_calls(mod) -> dict:
                     distinct = [p for i, p in enumerate(func.params[:n_in])
                                 if not any(inputs[i].same_as(x) for x in inputs[:i])]
                     if kernel_of(func) == ATTENTION:
-                        scheduler = importlib.import_module(schedule_of(ATTENTION, "cuda").__module__)
-                        ops = scheduler.attention_ops(attention_cuda.config_of(func))
+                        ops = scheduler_of(ATTENTION, "cuda").attention_ops(attention_cuda.config_of(func))
                     else:
                         try:
                             ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))

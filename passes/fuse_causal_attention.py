@@ -37,9 +37,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..schedules import attention_cuda_tc
 from ..schedules.attention_cpu import AttentionConfig, attention_cpu
-from ..schedules.attention_cuda import PrefillConfig, attention_compute
+from ..schedules.attention_cuda import KIND, PrefillConfig, attention_compute
+from ..schedules.kernels import scheduler_of
 from .relax_match import REPORT_PREFIX, Bindings, is_const, product, rewrite_main, scalar, static_shape, with_report
 
 REPORT_KEY = REPORT_PREFIX + "fuse_causal_attention"
@@ -135,15 +135,16 @@ def _cuda_plan(b, var, q, kt, v, g, gk, n, d, scale, causal):
     cfg = PrefillConfig(gk, g // gk, 1, n, d, scale, causal)
     if g % gk or not cfg.supported():
         return None
-    if not attention_cuda_tc.supported(cfg):  # TVM's prefill kernel: the copies stay
-        return var, (q, kt, v, cfg, False)
+    takes = scheduler_of(KIND, "cuda").supported  # the registered kernel (TVM's prefill kernel: the copies stay)
     key = var if (end := _output_end(var, b, cfg)) is None else end
     folded = cfg if key is var else replace(cfg, out_dtype=str(key.ty.dtype))
+    if not takes(folded):
+        return var, (q, kt, v, cfg, False)
     sources = [_columns(t, view, b, h, cfg) for t, view, h in zip((q, kt, v), _kernel_views(cfg), (cfg.heads, 1, 1))]
     if None not in sources and len({static_shape(x) for x, _ in sources}) == 1:
         offsets = dict(zip(("q_offset", "k_offset", "v_offset"), (c for _, c in sources)))
         read = replace(folded, width=static_shape(sources[0][0])[-1], **offsets)
-        if attention_cuda_tc.supported(read):  # 16-byte aligned rows
+        if takes(read):  # the tensor-core kernel: 16-byte aligned rows
             return key, (*(x for x, _ in sources), read, key is not var)
     return key, (q, kt, v, folded, key is not var)
 

@@ -163,6 +163,11 @@ def config_of(func) -> PrefillConfig:
     return PrefillConfig(**attr_value(func.attrs[CONFIG_ATTR]))
 
 
+def supported(cfg: PrefillConfig) -> bool:
+    """Whether `schedule` takes cfg (schedules/kernels.py's scheduler_of asks the registered scheduler)."""
+    return cfg.supported()
+
+
 def attention_ops(cfg: PrefillConfig) -> float:
     """Arithmetic of the prefill kernel: Q K^T and P V over every key tile (it does not skip masked ones),
     a multiply-add counted as 2."""

@@ -47,6 +47,12 @@ def stage(mod, target, device: str):
     return mod
 
 
+def scheduler_of(kind: str, device: str):
+    """The module of the kind's schedule on `device`, for what else the kernel's users ask it (the CUDA attention
+    schedulers' `supported(cfg)` and `attention_ops(cfg)`)."""
+    return importlib.import_module(f"{__package__}.{KERNELS[(kind, device)][0].split(':')[0]}")
+
+
 def _load(entry: str | None) -> Callable | None:
     if entry is None:
         return None

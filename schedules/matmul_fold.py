@@ -162,8 +162,9 @@ def _fuse_pair(mod, producer, consumer, folded: dict) -> tvm.IRModule:
     first, second = producer.value, consumer.value
     outside = [a for a in first.args[1].fields] + [a for a in second.args[1].fields if not a.same_as(producer.var)]
     key = (first.args[0].name_hint, second.args[0].name_hint)
-    if key in folded:
-        return _rebind(mod, producer, consumer, relax.call_tir(mod.get_global_var(folded[key]), outside, second.ty))
+    fused = next((gv for gv in mod.get_global_vars() if gv.name_hint == folded.get(key)), None)
+    if fused is not None:  # (gone once folded further and called no more: then folded again)
+        return _rebind(mod, producer, consumer, relax.call_tir(fused, outside, second.ty))
     name = f"{first.args[0].name_hint}_{second.args[0].name_hint.removeprefix('fused_')}"
     params = [relax.Var(f"p{i}", a.ty) for i, a in enumerate(outside)]
     inner = dict(zip(outside, params))
