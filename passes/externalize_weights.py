@@ -4,9 +4,8 @@ Matches: every constant tensor in `main` with at least `min_elements` elements (
 2-bit weights, position embeddings, masks). Produces: `main(img, w0, w1, ...)` where each w_i is a new
 parameter in order of first use, plus the arrays in that order, so that the compiled `.so` holds code
 only and the weights travel in a separate file the TVM runtime reads. Identical constants (same dtype,
-shape and bytes: each block's copy of a folded constant, such as the zeros of torch SDPA's guard, or
-equal norm gains) share one parameter, so weights.bin holds no tensor twice. Small constants (scalars,
-scales) stay inline.
+shape and bytes, content_key: each block's copy of a folded constant, such as equal norm gains) share one
+parameter, so weights.bin holds no tensor twice. Small constants (scalars, scales) stay inline.
 """
 
 from __future__ import annotations
@@ -15,6 +14,11 @@ import hashlib
 
 import tvm
 from tvm import relax
+
+
+def content_key(array) -> tuple:
+    """What makes two constants the same weight: dtype, shape and bytes."""
+    return array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).digest()
 
 
 @relax.expr_functor.mutator
@@ -30,8 +34,7 @@ class _Lifter(relax.PyExprMutator):
         value = const.value
         if not hasattr(value, "shape") or _numel(value.shape) < self.min_elements:
             return const
-        array = value.numpy()
-        key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).digest())
+        key = content_key(value.numpy())
         if key not in self.by_content:
             self.by_content[key] = relax.Var(f"w{len(self.params)}", const.ty)
             self.params.append(self.by_content[key])

@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 
 from .drop_training_outputs import drop_training_outputs
-from .externalize_weights import externalize_weights
+from .externalize_weights import content_key, externalize_weights
 from .fp16_matmuls import fp16_matmuls
 from .fuse_causal_attention import fuse_attention_cuda, fuse_causal_attention
 from .fuse_norm_quant import fuse_norm_quant
@@ -97,16 +97,18 @@ def _bitlinear_report(reports: dict, enabled: bool) -> dict:
 
 
 def _weight_bytes(mod) -> dict:
-    """Bytes of main's constants by kind: 2-bit packed (uint8), float tensors, one-element scalars
-    (the per-tensor ternary scales among them), other."""
+    """Bytes of main's distinct constants (each counted once, as weights.bin stores it) by kind: 2-bit packed
+    (uint8), float tensors, one-element scalars (the per-tensor ternary scales among them), other."""
     sizes = {"packed_2bit": 0, "float": 0, "scalar": 0, "other": 0}
+    seen: set = set()
 
     @relax.expr_functor.visitor
     class _Sizes(relax.PyExprVisitor):
         def visit_generic_const_(self, const):
             value = const.value
-            if not hasattr(value, "shape"):
+            if not hasattr(value, "shape") or (key := content_key(value.numpy())) in seen:
                 return
+            seen.add(key)
             nbytes = int(np.prod([int(d) for d in value.shape])) * np.dtype(str(value.dtype)).itemsize
             dtype = str(value.dtype)
             kind = ("packed_2bit" if dtype == "uint8" else "other" if "float" not in dtype
