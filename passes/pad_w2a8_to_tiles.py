@@ -5,8 +5,8 @@ Matches: call_tir of a PrimFunc with kernel kind "w2a8" (schedules/w2a8.py's ker
 from config_of). Produces: when the GEMM is not a multiple of the tiles, its operands padded (q with 0,
 packed weights with 0x55 = four zero weights, x_scale with 1, residual or bias with 0) and the output
 sliced back: the padding contributes exactly 0. The packed weights are then relaid out in the kernel's
-TC_LAYOUT (w2a8_cuda.tc_relayout: tc_pack's steps as Relax ops, folded at compile time for constant weights: FoldConstant
-runs last). The kernel applies the epilogue (bias, GELU, + residual) itself.
+TC_LAYOUT (w2a8_cuda.tc_relayout: tc_pack's steps as Relax ops, which the pipeline's next step folds at compile
+time for constant weights). The kernel applies the epilogue (bias, GELU, + residual) itself.
 The kernel (w2a8_tc_m{M}_n{N}_k{K}[_{epilogue}]) carries its padded W2A8Config (CONFIG_ATTR) and in
 PADDED_FROM_ATTR the model's config and the knobs it is scheduled with (bmvcc/gpu_build.py reads both).
 """
@@ -69,5 +69,4 @@ def pad_w2a8_to_tiles(mod: tvm.IRModule) -> tvm.IRModule:
     main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = main
-    out = relax.transform.FoldConstant()(out)  # constant weights: padded and relaid out at compile time
-    return relax.transform.DeadCodeElimination(["main"])(out)  # the replaced W2A8 PrimFuncs
+    return out

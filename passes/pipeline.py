@@ -53,8 +53,11 @@ def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str,
         *([("fuse_causal_attention", module_pass(fuse_causal_attention))] if device == "cpu" else []),
         *([("fuse_causal_attention", module_pass(fuse_attention_cuda))] if device == "cuda" else []),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
-        # GPU only: W2A8 calls on the tensor-core kernel's tiles (operands padded, output sliced)
-        *([("pad_w2a8_to_tiles", module_pass(pad_w2a8_to_tiles))] if device == "cuda" else []),
+        # GPU only: W2A8 calls on the tensor-core kernel's tiles (operands padded, output sliced), their constant
+        # weights then padded and relaid out at compile time, the replaced W2A8 PrimFuncs dropped
+        *([("pad_w2a8_to_tiles", module_pass(pad_w2a8_to_tiles)),
+           ("fold_tiled_weights", relax.transform.FoldConstant()),
+           ("drop_untiled_kernels", relax.transform.DeadCodeElimination(["main"]))] if device == "cuda" else []),
     ]
 
 

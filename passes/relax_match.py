@@ -214,8 +214,9 @@ def named_const(value: np.ndarray, name: str | None = None):
 @relax.expr_functor.mutator
 class PlanRewriter(relax.PyExprMutator):
     """Rebinds every var of main that has a plan (found by a pass's matching phase) to
-    `rewrite(self, binding, plan)`, which may emit helper bindings into `self.builder_` first;
-    other bindings are copied. `kernel` adds each TIR kernel once per config."""
+    `rewrite(self, binding, plan)`, which may emit helper bindings into `self.builder_` first, or drops
+    its binding when that returns None (the var must be read no more); other bindings are copied.
+    `kernel` adds each TIR kernel once per config."""
 
     def __init__(self, mod, plans: dict, rewrite):
         super().__init__(mod)
@@ -227,7 +228,8 @@ class PlanRewriter(relax.PyExprMutator):
         if plan is None:
             return super().visit_var_binding_(binding)
         value = self.rewrite(self, binding, plan)
-        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
+        if value is not None:
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
 
     def kernel(self, cfg, make, name: str):
         if cfg not in self.kernels:

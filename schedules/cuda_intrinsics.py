@@ -9,7 +9,7 @@ module defines only what schedules/w2a8_cuda.py tensorizes, with int64 indices l
 - MMA_DECODE (mma_decode_name(F, scope)): C[16F,16] += A[16F,32] * T[16,32]^T where T is read as *packed 2-bit
   codes* from shared (one 128-byte block of schedules/w2a8_cuda.py's TC_LAYOUT), each lane's 16 weights decoded
   from one 32-bit word in registers straight into the mma.sync B fragment, then 2F
-  `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description is tc_compute's decode expression.
+  `mma.sync.m16n8k32.row.col.s32.s8.s8.s32`. The description decodes as tc_compute (w2a8.ternary_weight).
 - FILL: zero a 16x16 int32 accumulator fragment.
 - STORE_DEQUANT (store_dequant_name(epilogue)): out[16,16] = epilogue(float(C) * w_scale / x_scale[row]), the
   dequantizing epilogue (none, GELU, + residual) written from the accumulator fragment to global memory.
@@ -110,6 +110,7 @@ def mma_decode(frags: int, scope: str):
 
     A and C are a warp's fragments [F, 1, 32, elems] (row fragment, column fragment, thread, element),
     the layouts schedules/w2a8_cuda.py gives them."""
+    from .w2a8 import ternary_weight
     from .w2a8_cuda import TC_LAYOUT
 
     F, M = _I(frags), _I(16 * frags)
@@ -130,8 +131,8 @@ def mma_decode(frags: int, scope: str):
                     byte, shift = T.meta_var(TC_LAYOUT.locate(B, vj, vk))  # tc_compute's decode of T[vj, vk]
                     T.reads(C[vi // 16, 0, tc, ec], A[vi // 16, 0, ta, ea], byte)
                     T.writes(C[vi // 16, 0, tc, ec])
-                    C[vi // 16, 0, tc, ec] = (C[vi // 16, 0, tc, ec] + T.Cast("int32", A[vi // 16, 0, ta, ea]) * (
-                        T.Cast("int32", T.bitwise_and(T.shift_right(byte, T.Cast("uint8", shift)), T.uint8(3))) - 1))
+                    C[vi // 16, 0, tc, ec] = (C[vi // 16, 0, tc, ec] + T.Cast("int32", A[vi // 16, 0, ta, ea])
+                                              * ternary_weight(byte, shift))
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:

@@ -29,9 +29,12 @@ as the final layer norm does: DLight's GeneralReduction rule runs both in one CT
 
 from __future__ import annotations
 
+import functools
+
 import tvm
 from tvm import relax, s_tir, sym, tirx
 
+from ..passes.relax_match import Bindings, rewrite_main
 from .cpu_rules.common import has_root, inline_single_use, is_reduction
 from .cpu_rules.matmul import _analyze_matmul
 from .w2a8 import KERNEL_ATTR
@@ -41,47 +44,41 @@ def fold_into_matmuls(mod: tvm.IRModule, dlight: bool = False) -> tvm.IRModule:
     """`mod` (after FuseTIR) with every matmul's only, spatial, reader folded into it; for DLight's matmul rule
     (`dlight`) only readers that give each axis of the matmul's output a loop of their own, and each copy (or cast)
     that produces an operand only the matmul reads folded too (module docstring)."""
+    # each callee analysed once (PrimFuncs hash by identity; a folded one is a new callee)
+    kind, copies, row_prologue, reads_per_axis = map(functools.cache, (_kind, _copies, _row_prologue, _reads_per_axis))
+
+    def folds(before, func, param: int) -> bool:
+        """Whether a call of `before` whose output only parameter `param` of a call of `func` reads folds into it."""
+        if kind(func) == "spatial" and kind(before) == "matmul":
+            return not dlight or reads_per_axis(func, param)
+        return dlight and kind(func) == "matmul" and (copies(before) or kind(before) != "matmul"
+                                                      and row_prologue(before, func))
+
     folded: dict = {}  # (producer's callee, consumer's callee) -> name of the PrimFunc folded from them
-    while (pair := _next_pair(mod, dlight)) is not None:
+    while (pair := _next_pair(mod, folds)) is not None:
         mod = _fuse_pair(mod, *pair, folded)
     return relax.transform.DeadCodeElimination()(mod) if folded else mod  # the PrimFuncs folded into others
 
 
-def _next_pair(mod, dlight: bool):
-    """(producer binding, its reader's binding) of main's first foldable pair, or None."""
+def _next_pair(mod, folds):
+    """(producer var, its call, consumer var, its call) of main's first pair that `folds`, or None."""
     if not any(gv.name_hint == "main" for gv in mod.get_global_vars()):
         return None
-    main = mod["main"]
-    blocks = main.body.blocks
+    blocks = mod["main"].body.blocks
     if len(blocks) != 1 or not isinstance(blocks[0], relax.DataflowBlock):
         return None
-    bindings = blocks[0].bindings
-    readers: dict = {}
-    for b in bindings:
-        for v in relax.analysis.free_vars(b.value):
-            readers[v] = readers.get(v, 0) + 1
-    for v in relax.analysis.free_vars(main.body.body):
-        readers[v] = readers.get(v, 0) + 1
-    producers = {b.var: b for b in bindings if _callee(mod, b) is not None}
-    for consumer in bindings:
-        func = _callee(mod, consumer)
-        kind = func is not None and _kind(func)
-        for i, arg in enumerate(consumer.value.args[1].fields if kind else ()):
-            producer = producers.get(arg)
-            if producer is None or readers[arg] != 1:
-                continue
-            before = _callee(mod, producer)
-            if kind == "spatial" and _kind(before) == "matmul" and (not dlight or _reads_per_axis(func, i)):
-                return producer, consumer
-            if dlight and kind == "matmul" and (_copies(before)
-                                                or _kind(before) != "matmul" and _row_prologue(before, func)):
-                return producer, consumer
+    b = Bindings(mod["main"])
+    for consumer in b.order:
+        func = _callee(mod, b.values[consumer])
+        for i, arg in enumerate(b.values[consumer].args[1].fields if func is not None else ()):
+            before = _callee(mod, b.values.get(arg))
+            if before is not None and b.uses[arg] == 1 and folds(before, func, i):
+                return arg, b.values[arg], consumer, b.values[consumer]
     return None
 
 
-def _callee(mod, binding):
-    """The PrimFunc a binding's call_tir calls, or None (not a call_tir, or a bmvcc kernel)."""
-    call = binding.value
+def _callee(mod, call):
+    """The PrimFunc a call_tir calls, or None (not a call_tir, or a bmvcc kernel)."""
     if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
         return None
     func = mod[call.args[0]]
@@ -156,11 +153,11 @@ def _reads_per_axis(func, param: int) -> bool:
     return True
 
 
-def _fuse_pair(mod, producer, consumer, folded: dict) -> tvm.IRModule:
-    """Replace the two bindings by one call of a primitive function holding both calls, then FuseTIR; `folded`
-    records the pair's callees, so the same pair in another layer calls the PrimFunc folded there."""
-    first, second = producer.value, consumer.value
-    outside = [a for a in first.args[1].fields] + [a for a in second.args[1].fields if not a.same_as(producer.var)]
+def _fuse_pair(mod, producer, first, consumer, second, folded: dict) -> tvm.IRModule:
+    """Replace the producer's and the consumer's bindings (vars and calls) by one call of a primitive function
+    holding both calls, then FuseTIR; `folded` records the pair's callees, so the same pair in another layer calls
+    the PrimFunc folded there."""
+    outside = [a for a in first.args[1].fields] + [a for a in second.args[1].fields if not a.same_as(producer)]
     key = (first.args[0].name_hint, second.args[0].name_hint)
     fused = next((gv for gv in mod.get_global_vars() if gv.name_hint == folded.get(key)), None)
     if fused is not None:  # (gone once folded further and called no more: then folded again)
@@ -172,7 +169,7 @@ def _fuse_pair(mod, producer, consumer, folded: dict) -> tvm.IRModule:
     with bb.function(name, params, {"Primitive": True}, private=True):
         with bb.dataflow():
             mid = bb.emit(relax.call_tir(first.args[0], [inner[a] for a in first.args[1].fields], first.ty))
-            args = [mid if a.same_as(producer.var) else inner[a] for a in second.args[1].fields]
+            args = [mid if a.same_as(producer) else inner[a] for a in second.args[1].fields]
             out = bb.emit_output(relax.call_tir(second.args[0], args, second.ty))
         gv = bb.emit_func_output(out)
     folded[key] = gv.name_hint
@@ -180,11 +177,6 @@ def _fuse_pair(mod, producer, consumer, folded: dict) -> tvm.IRModule:
 
 
 def _rebind(mod, producer, consumer, call) -> tvm.IRModule:
-    """main without the producer's binding and with the consumer's var bound to `call`."""
-    main = mod["main"]
-    bindings = [relax.VarBinding(b.var, call) if b.var.same_as(consumer.var) else b
-                for b in main.body.blocks[0].bindings if not b.var.same_as(producer.var)]
-    body = relax.SeqExpr([relax.DataflowBlock(bindings)], main.body.body)
-    mod = mod.clone()
-    mod["main"] = relax.Function(main.params, body, main.ret_ty, main.is_pure, main.attrs)
-    return mod
+    """main without the producer's binding and with the consumer's var bound to `call` (rewrite_main's plans: a
+    [value] each, None dropping the binding)."""
+    return rewrite_main(mod, {producer: [None], consumer: [call]}, lambda _rewriter, _binding, plan: plan[0])

@@ -145,12 +145,12 @@ def w2a8_compute(cfg: W2A8Config, layout=None):
     WP = (N, KP) if layout is None else tuple(T.int64(v) for v in layout.shape(cfg.n, cfg.k))
 
     def decode(wp, vj, vk):
+        """The weight T[vj, vk] of the packed buffer wp (ternary_weight: the decode tensor intrinsics match)."""
         if layout is None:
             byte, shift = wp[vj, vk // T.int64(4)], (vk % T.int64(4)) * T.int64(2)
         else:
             byte, shift = layout.locate(wp, vj, vk)
-        code = T.bitwise_and(T.shift_right(byte, T.Cast("uint8", shift)), T.uint8(3))
-        return T.Cast("int32", code) - 1
+        return ternary_weight(byte, shift)
 
     @T.macro
     def body(q, wp, xs, ws, res, out):
@@ -196,6 +196,20 @@ def w2a8_compute(cfg: W2A8Config, layout=None):
 # Below w2a8_compute: device_definitions.json records the source lines of its TVMScript (spans), so lines
 # added above it would change GPU artifacts.
 CONFIG_ATTR = "bmvcc.config"  # PrimFunc attribute: the configuration it was built from ({field: value})
+
+
+def packed_code(byte, shift):
+    """int32 code u = T + 1 of a packed weight: bits shift..shift+1 of `byte` (TIR uint8, the layout of the module
+    docstring or a backend's, which locates the byte and shift), (byte >> shift) & 3."""
+    from tvm.script import tirx as T
+
+    return T.Cast("int32", T.bitwise_and(T.shift_right(byte, T.Cast("uint8", shift)), T.uint8(3)))
+
+
+def ternary_weight(byte, shift):
+    """int32 weight T = u - 1 of a packed byte: w2a8_compute's decode, which a tensor intrinsic's description
+    (schedules/cuda_intrinsics.py) must match structurally, so both call this."""
+    return packed_code(byte, shift) - 1
 
 
 def kernel_of(func) -> str | None:

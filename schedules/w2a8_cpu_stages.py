@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from .w2a8 import packed_code
+
 
 def _guarded(buf, idx, extents, padded):
     """buf[idx], or 0 where an index lies in the padding (extent < padded extent)."""
@@ -38,7 +40,7 @@ def _guarded(buf, idx, extents, padded):
 def _decode(wp, vj, vk, padded, unsigned):
     """Decoded code of wp at (vj, vk), 0 in the padding beyond wp's N x 4 KP codes."""
     n, kp = wp.shape
-    code = T.Cast("int32", T.bitwise_and(T.shift_right(wp[vj, vk // 4], T.Cast("uint8", (vk % 4) * 2)), T.uint8(3)))
+    code = packed_code(wp[vj, vk // 4], (vk % 4) * 2)
     dtype = "uint8" if unsigned else "int8"
     val = T.Cast(dtype, code if unsigned else code - 1)
     conds = [c for c, e, p in ((vj < n, n, padded[0]), (vk < kp * 4, kp * 4, padded[1])) if int(e) != int(p)]

@@ -61,6 +61,19 @@ def test_head_merge_folds_into_the_projection_not_into_p_v():
         assert all(dl.gpu.Matmul().apply(fused[name], target, False) is not None for name in names)
 
 
+def test_each_callee_is_analysed_once(monkeypatch):
+    """fold_into_matmuls works out a PrimFunc's kind once, not again after every fold (that made it quadratic in the
+    bindings): the attention tail's two folds see each callee, the folded ones included, once."""
+    from bmvcc.schedules import matmul_fold
+
+    analysed = []
+    kind = matmul_fold._kind
+    monkeypatch.setattr(matmul_fold, "_kind", lambda func: analysed.append(func) or kind(func))
+    gpu_build.fuse(_attention_tail(), get_target("jetson-orin-nano"))
+    distinct = len(set(analysed))  # PrimFuncs hash and compare by identity
+    assert distinct >= 4 and len(analysed) == distinct, f"{len(analysed)} analyses of {distinct} PrimFuncs"
+
+
 def test_folded_definitions_compute_the_attention_tail():
     """fuse's module (the folded functions as bmvcc's CPU rules schedule them) built for the host, against numpy in
     float64 with the model's one fp16 rounding (the merged heads, the projection's operand). Tolerance: the fp32

@@ -68,6 +68,15 @@ def test_epilogues_run_inside_the_w2a8_kernels(orin_build):
     assert not [n for n in calls if re.fullmatch(r"reshape\d*", n)]
 
 
+def test_packed_weights_are_relaid_out_at_compile_time(orin_build):
+    """The pipeline folds pad_w2a8_to_tiles' relayout of the constant packed weights: weights.bin holds them in
+    TC_LAYOUT (uint8[N/16, K/32, 128]) and no launched kernel relays them out (tc_relayout's shifts and take)."""
+    packed = [w["shape"] for w in artifact.read_metadata(orin_build)["weights"] if w["dtype"] == "uint8"]
+    assert len(packed) == 8 and all(len(shape) == 3 and shape[-1] == 128 for shape in packed), packed
+    calls = json.loads((orin_build / artifact.DEVICE_INFO).read_text())["calls"]
+    assert not [n for n in calls if "shift" in n or "take" in n], list(calls)
+
+
 def test_attention_is_one_kernel_per_block_and_no_mask_is_stored(orin_build):
     """small_config's causal multi-query attention: one kernel launch per block (schedules/attention_cuda.py, the
     causal condition from indices), no softmax or score kernel beside it, no [16, 16] mask in weights.bin; the
@@ -257,7 +266,7 @@ def test_w2a8_call_rewrite_matches_pytorch_on_the_host():
         ref = model(torch.from_numpy(x)).numpy()
 
     mod, weights, _ = run_pipeline(to_relax(Source(model, (1, 35, 35), 10, None, cfg), 1), None)
-    mod = pad_w2a8_to_tiles(mod)
+    mod = relax.transform.DeadCodeElimination(["main"])(pad_w2a8_to_tiles(mod))  # as the pipeline, weights unfolded
     kernels = [config_of(f) for _, f in mod.functions_items() if kernel_of(f) == "w2a8"]
     assert any(p.k != 40 for p in kernels) and any(p.m != 25 for p in kernels)
     assert {p.epilogue for p in kernels} == {"none", "gelu", "residual"}

@@ -385,10 +385,17 @@ def test_pad_w2a8_to_tiles_pads_operands_and_slices_the_output():
 
     before = _with_kernels(Before, w2a8_m20_n40_k40_residual=w2a8_compute(cfg))
     kernel = w2a8_cuda.tc_compute(tiles).with_attr(PADDED_FROM_ATTR, {"config": vars(cfg), "knobs": vars(knobs)})
-    tvm.ir.assert_structural_equal(pad_w2a8_to_tiles(before), _with_kernels(Expected, w2a8_tc_m32_n128_k128_residual=kernel))
+    tvm.ir.assert_structural_equal(_tiled(before), _with_kernels(Expected, w2a8_tc_m32_n128_k128_residual=kernel))
 
 
 SHIFTS = np.array([0, 2, 4, 6], np.uint8)  # the 2-bit codes' offsets in a packed byte
+
+
+def _tiled(mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` through the GPU pipeline's passes from pad_w2a8_to_tiles on (the fold and the dead code elimination)."""
+    listed = passes(device="cuda")
+    start = [name for name, _ in listed].index("pad_w2a8_to_tiles")
+    return tvm.transform.Sequential([p for _, p in listed[start:]])(mod)
 
 
 def test_pad_w2a8_to_tiles_relays_out_an_aligned_kernels_weights():
@@ -397,7 +404,7 @@ def test_pad_w2a8_to_tiles_relays_out_an_aligned_kernels_weights():
     cfg = W2A8Config(16, 32, 64)
     assert w2a8_cuda.padded(cfg, w2a8_cuda.default_knobs(cfg)) == cfg
     before = _w2a8_module(cfg)
-    after = pad_w2a8_to_tiles(before)
+    after = _tiled(before)
     (name,) = [gv.name_hint for gv in after.functions if gv.name_hint != "main"]
     assert name == "w2a8_tc_m16_n32_k64"
     knobs = vars(w2a8_cuda.default_knobs(cfg))
@@ -407,9 +414,9 @@ def test_pad_w2a8_to_tiles_relays_out_an_aligned_kernels_weights():
     assert "R.nn.pad" not in script and "R.strided_slice" not in script and "R.take" in script
 
     packed = np.random.default_rng(0).integers(0, 256, (cfg.n, cfg.k_packed), dtype=np.uint8)
-    folded = pad_w2a8_to_tiles(relax.transform.BindParams("main", {"packed": packed})(before))
+    folded = _tiled(relax.transform.BindParams("main", {"packed": packed})(before))
     (call,) = [b.value for b in folded["main"].body.blocks[0].bindings]
-    assert isinstance(call.args[1].fields[1], tvm.ir.GenericConst)  # FoldConstant: no relayout left at run time
+    assert isinstance(call.args[1].fields[1], tvm.ir.GenericConst)  # fold_tiled_weights: no relayout at run time
     np.testing.assert_array_equal(call.args[1].fields[1].value.numpy(), w2a8_cuda.tc_pack(packed))
 
 

@@ -431,6 +431,26 @@ SKIP:
         run(body, np.zeros(64), np.zeros(64), threads=64)
 
 
+@pytest.mark.parametrize("body, divergent", [
+    ("setp.lt.u32 %p1, %r1, 40;\n @%p1 ret;\n bar.sync 0;\n mov.u32 %r4, 0;\n", True),
+    ("setp.lt.u32 %p1, %r1, 40;\n @%p1 bra EXIT;\n bar.sync 0;\n mov.u32 %r4, 0;\n bra.uni DONE;\n"
+     "EXIT:\n ret;\nDONE:\n", True),
+    ("mov.u32 %r4, 0;\n bar.sync 0;\n setp.lt.u32 %p1, %r1, 40;\n @%p1 ret;\n", False)],
+    ids=["exit-before-barrier", "exit-while-barrier-waits", "exit-after-barrier"])
+def test_thread_exiting_before_its_ctas_barrier_is_an_error(body, divergent):
+    """Threads 0-39 of 64 exit: first in program order (the others reach bar.sync after them), or after the
+    others wait at bar.sync; either way they never arrive, which the hardware does not define. Exiting after the
+    barrier is fine."""
+    a = np.zeros(64)
+    if not divergent:
+        run(body, a, a, threads=64)
+        return
+    line = HEAD.count("\n") + 1 + body.split("\n").index(" bar.sync 0;")  # parse_ptx numbers lines from 1
+    with pytest.raises(EmulationError, match=rf"bar.sync not reached by every thread .* PTX line {line}, .*"
+                                             r"thread \(0, 0, 0\)"):
+        run(body, a, a, threads=64)
+
+
 def test_local_array_through_generic_addresses():
     """A per-thread .local array (NVRTC's __local_depot) written and read back through cvta.local generic
     addresses with a per-thread index: each thread sees only its own array."""

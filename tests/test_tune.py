@@ -358,6 +358,29 @@ def test_saved_workloads_name_no_installation_path(tmp_path):
     assert tunedb.open_database(tmp_path).has_workload(module)
 
 
+def test_portable_json_resolves_the_modules_once_and_sees_new_imports(tmp_path, monkeypatch):
+    """portable_json resolves the imported modules' files once while no module is imported (bmvcc tune saves the
+    workloads one after another), and names a module imported since."""
+    import importlib
+
+    from bmvcc.portable_ir import portable_json
+
+    (tmp_path / "bmvcc_probe.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = str((tmp_path / "bmvcc_probe.py").resolve())
+    graph = json.dumps({"nodes": [{"type": "ir.SourceName", "data": path}]})
+
+    def sources(text: str) -> list[str]:
+        return [node["data"] for node in json.loads(text)["nodes"]]
+
+    assert sources(portable_json(graph)) == [path]  # not an imported module's file: kept
+    resolved, realpath = [], os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p: resolved.append(p) or realpath(p))
+    assert sources(portable_json(graph)) == [path] and resolved == [path]  # the graph's own path only
+    monkeypatch.setitem(sys.modules, "bmvcc_probe", importlib.import_module("bmvcc_probe"))  # removed after
+    assert sources(portable_json(graph)) == ["bmvcc_probe.py"]
+
+
 def test_unreachable_tracker_and_unknown_key(capsys, tmp_path, checkpoint, rpc_tracker):
     ckpt, _ = checkpoint(small_config(), seed=3)
     dead = f"127.0.0.1:{_free_port()}"

@@ -12,8 +12,8 @@ A group that reaches an instruction that synchronizes threads (`bar.sync`, the w
 `activemask`) waits there while another group can still run, and groups waiting at the same one merge: so the
 threads meet there as the hardware reconverges them, also where NVRTC lays a loop's latch out before its body
 and a branch skips the rest of the body back to it (min-pc scheduling alone would run that group ahead into the
-next iteration). `bar.sync` must be reached by every live thread of a CTA (or by none of them), at the same
-instruction; a thread that exits while others of its CTA wait at one never arrives.
+next iteration). `bar.sync` must be reached by every thread of a CTA (or by none of them), at the same
+instruction; a thread that exited, before the others reached it or while they wait at it, never arrives.
 
 Memory: `.param` from the launch arguments; `.global` as numpy buffers at distinct addresses with a gap
 between them; `.shared` per CTA (static variables, then the dynamic `.extern` array); `.local` per thread.
@@ -101,7 +101,6 @@ class Ctx:
     static_shared: int = 0
     local_bytes: int = 0
     syncs: frozenset = frozenset()  # pcs of instructions that synchronize threads (module docstring)
-    barriers: frozenset = frozenset()  # those of them that are bar.sync
 
 
 class State:
@@ -118,6 +117,7 @@ class State:
         local = t % self.padded
         self.cta_of = t // self.padded
         self.alive = local < self.cta_threads
+        self.exited = np.zeros(n, bool)  # threads that ran ret or exit (never arriving at a bar.sync)
         self.warp_bit = (np.uint32(1) << (local // 32).astype(np.uint32)).astype(np.uint32)  # the CTA's warp
         self.lane = (local % 32).astype(np.uint32)
         u32 = np.uint32
@@ -222,8 +222,8 @@ def run_batch(code: list, st: State) -> None:
             elif m is not None:
                 taken = taken & mask
             if target == EXIT:
-                _never_arriving(st, taken, waiting)
                 st.alive &= ~taken
+                st.exited |= taken
             elif taken.any():
                 groups[target] = groups[target] | taken if target in groups else taken.copy()
             mask = mask & ~taken
@@ -232,17 +232,6 @@ def run_batch(code: list, st: State) -> None:
             m = None if mask.all() else mask
             warps = _warps(mask)
             pc += 1
-
-
-def _never_arriving(st: State, exiting: np.ndarray, waiting: dict) -> None:
-    """Fails when threads exit while others of their CTA wait at a bar.sync."""
-    for pc, at_barrier in waiting.items():
-        if pc not in st.ctx.barriers:
-            continue
-        stranded = exiting & np.isin(st.cta_of, st.cta_of[at_barrier])
-        if stranded.any():
-            st.fail(st.ctx.kernel.instrs[pc].line, int(np.argmax(stranded)),
-                    "bar.sync not reached by every thread of the CTA (divergent barrier)")
 
 
 def _laid_out(variables) -> tuple[dict[str, int], int]:
@@ -273,7 +262,6 @@ def decode(kernel: Kernel) -> tuple[Ctx, list]:
     ctx.local_offsets, ctx.local_bytes = _laid_out(kernel.local)
     parts = [ins.opcode.split(".") for ins in kernel.instrs]
     ctx.syncs = frozenset(pc for pc, p in enumerate(parts) if "sync" in p or p[0] == "activemask")
-    ctx.barriers = frozenset(pc for pc in ctx.syncs if parts[pc][0] in ("bar", "barrier") and "warp" not in parts[pc])
     code = []
     collect = gc.isenabled()
     gc.disable()  # tens of thousands of closures: the cyclic collector would triple the decode time

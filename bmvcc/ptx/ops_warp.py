@@ -27,9 +27,9 @@ def _bar(ctx, ins, parts):
             st.epoch += 1
             return
         ctas = np.unique(st.cta_of[m])
-        waiting = st.alive & np.isin(st.cta_of, ctas) & ~m
-        if waiting.any():
-            st.fail(ins.line, int(np.argmax(waiting)), "bar.sync not reached by every thread of the CTA "
+        missing = (st.alive | st.exited) & np.isin(st.cta_of, ctas) & ~m  # elsewhere, or exited
+        if missing.any():
+            st.fail(ins.line, int(np.argmax(missing)), "bar.sync not reached by every thread of the CTA "
                                                       "(divergent barrier)")
         st.races.barrier(ctas)
         st.epoch[ctas] += 1
