@@ -16,7 +16,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..schedules.w2a8 import config_of, epilogue_operand, kernel_of
+from ..schedules.w2a8 import config_of, epilogue_operand
+from .relax_match import Bindings, kernel_of, rewrite_main
 
 PADDED_FROM_ATTR = "bmvcc.padded_from"  # {"config": the model's W2A8Config, "knobs": W2A8CudaKnobs}
 
@@ -32,41 +33,28 @@ def default_tiles(cfg):
 
 def pad_w2a8_to_tiles(mod: tvm.IRModule) -> tvm.IRModule:
     """The module with each W2A8 call not yet on the tensor-core kernel's tiles moved onto them (module docstring)."""
+    b = Bindings(mod["main"])
+    plans = {var: config_of(mod[call.args[0]]) for var in b.order
+             if kernel_of(mod, call := b.values[var]) == "w2a8"
+             and PADDED_FROM_ATTR not in mod[call.args[0]].attrs}  # on the tiles already: its weights relaid out
+    return rewrite_main(mod, plans, _rewrite)
+
+
+def _rewrite(rw, binding, cfg):
     from ..schedules.w2a8_cuda import PACKED_ZERO, tc_relayout
 
-    call_tir = tvm.ir.Op.get("relax.call_tir")
-    added: dict = {}
-
-    @relax.expr_functor.mutator
-    class _W2A8(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if (not call.op.same_as(call_tir) or kernel_of(mod[call.args[0]]) != "w2a8"
-                    or PADDED_FROM_ATTR in mod[call.args[0]].attrs):  # on the tiles already: its weights relaid out
-                return call
-            cfg = config_of(mod[call.args[0]])
-            if cfg not in added:
-                p, func, padded_from = default_tiles(cfg)
-                suffix = "" if cfg.epilogue == "none" else f"_{cfg.epilogue}"
-                gv = self.builder_.add_func(func, f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}{suffix}")
-                self.builder_.update_func(gv, func.with_attr(PADDED_FROM_ATTR, padded_from))
-                added[cfg] = (p, gv)
-            p, gv = added[cfg]
-            # (rows, cols, value) of padding per operand: q, packed, x_scale, w_scale (none), residual or bias
-            extra_rows = 0 if epilogue_operand(cfg.epilogue) == "bias" else p.m - cfg.m  # a bias is one row
-            pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, PACKED_ZERO),
-                    (p.m - cfg.m, 0, 1.0), (0, 0, None), (extra_rows, p.n - cfg.n, 0.0)]
-            kernel_args = [self.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
-                           if rows or cols else a for a, (rows, cols, value) in zip(call.args[1].fields, pads)]
-            kernel_args[1] = self.builder_.emit(tc_relayout(kernel_args[1], p.n, p.k))
-            out = relax.call_tir(gv, kernel_args, relax.TensorType((p.m, p.n), "float32"))
-            if p == cfg:
-                return out
-            return relax.op.strided_slice(self.builder_.emit(out), axes=[0, 1], begin=[0, 0], end=[cfg.m, cfg.n],
-                                          assume_inbound=True)
-
-    mutator = _W2A8(mod)
-    main = mutator.visit_expr(mod["main"])
-    out = mutator.builder_.get()
-    out["main"] = main
-    return out
+    p, func, padded_from = default_tiles(cfg)
+    suffix = "" if cfg.epilogue == "none" else f"_{cfg.epilogue}"
+    gv = rw.kernel(cfg, lambda _: func.with_attr(PADDED_FROM_ATTR, padded_from), f"w2a8_tc_m{p.m}_n{p.n}_k{p.k}{suffix}")
+    # (rows, cols, value) of padding per operand: q, packed, x_scale, w_scale (none), residual or bias
+    extra_rows = 0 if epilogue_operand(cfg.epilogue) == "bias" else p.m - cfg.m  # a bias is one row
+    pads = [(p.m - cfg.m, p.k - cfg.k, 0), (p.n - cfg.n, p.k_packed - cfg.k_packed, PACKED_ZERO),
+            (p.m - cfg.m, 0, 1.0), (0, 0, None), (extra_rows, p.n - cfg.n, 0.0)]
+    kernel_args = [rw.builder_.emit(relax.op.nn.pad(a, [0, rows, 0, cols], pad_value=value))
+                   if rows or cols else a for a, (rows, cols, value) in zip(binding.value.args[1].fields, pads)]
+    kernel_args[1] = rw.builder_.emit(tc_relayout(kernel_args[1], p.n, p.k))
+    out = relax.call_tir(gv, kernel_args, relax.TensorType((p.m, p.n), "float32"))
+    if p == cfg:
+        return out
+    return relax.op.strided_slice(rw.builder_.emit(out), axes=[0, 1], begin=[0, 0], end=[cfg.m, cfg.n],
+                                  assume_inbound=True)

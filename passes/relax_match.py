@@ -1,4 +1,4 @@
-"""Structural matching helpers shared by the BitLinear passes (not a pass).
+"""Structural matching helpers shared by bmvcc's passes and schedules/matmul_fold.py (not a pass).
 
 The passes match BitLinear by its math, not by one spelling: `Bindings` resolves dataflow variables
 to the expressions bound to them, and `product` reads a chain of multiply/divide as a coefficient
@@ -224,10 +224,9 @@ class PlanRewriter(relax.PyExprMutator):
         self.kernels: dict = {}
 
     def visit_var_binding_(self, binding):
-        plan = self.plans.get(binding.var)
-        if plan is None:
+        if binding.var not in self.plans:
             return super().visit_var_binding_(binding)
-        value = self.rewrite(self, binding, plan)
+        value = self.rewrite(self, binding, self.plans[binding.var])
         if value is not None:
             self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
 

@@ -177,6 +177,6 @@ def _fuse_pair(mod, producer, first, consumer, second, folded: dict) -> tvm.IRMo
 
 
 def _rebind(mod, producer, consumer, call) -> tvm.IRModule:
-    """main without the producer's binding and with the consumer's var bound to `call` (rewrite_main's plans: a
-    [value] each, None dropping the binding)."""
-    return rewrite_main(mod, {producer: [None], consumer: [call]}, lambda _rewriter, _binding, plan: plan[0])
+    """main without the producer's binding (rewrite_main drops a binding rewritten to None) and with the consumer's
+    var bound to `call`."""
+    return rewrite_main(mod, {producer: None, consumer: call}, lambda _rewriter, _binding, plan: plan)

@@ -72,7 +72,7 @@ def test_packed_weights_are_relaid_out_at_compile_time(orin_build):
     """The pipeline folds pad_w2a8_to_tiles' relayout of the constant packed weights: weights.bin holds them in
     TC_LAYOUT (uint8[N/16, K/32, 128]) and no launched kernel relays them out (tc_relayout's shifts and take)."""
     packed = [w["shape"] for w in artifact.read_metadata(orin_build)["weights"] if w["dtype"] == "uint8"]
-    assert len(packed) == 8 and all(len(shape) == 3 and shape[-1] == 128 for shape in packed), packed
+    assert packed and all(len(shape) == 3 and shape[-1] == 128 for shape in packed), packed
     calls = json.loads((orin_build / artifact.DEVICE_INFO).read_text())["calls"]
     assert not [n for n in calls if "shift" in n or "take" in n], list(calls)
 

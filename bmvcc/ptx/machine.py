@@ -116,8 +116,8 @@ class State:
         t = np.arange(n)
         local = t % self.padded
         self.cta_of = t // self.padded
-        self.alive = local < self.cta_threads
-        self.exited = np.zeros(n, bool)  # threads that ran ret or exit (never arriving at a bar.sync)
+        self.launched = local < self.cta_threads
+        self.alive = self.launched.copy()  # launched and not yet exited (ret / exit)
         self.warp_bit = (np.uint32(1) << (local // 32).astype(np.uint32)).astype(np.uint32)  # the CTA's warp
         self.lane = (local % 32).astype(np.uint32)
         u32 = np.uint32
@@ -223,7 +223,6 @@ def run_batch(code: list, st: State) -> None:
                 taken = taken & mask
             if target == EXIT:
                 st.alive &= ~taken
-                st.exited |= taken
             elif taken.any():
                 groups[target] = groups[target] | taken if target in groups else taken.copy()
             mask = mask & ~taken

@@ -27,7 +27,7 @@ def _bar(ctx, ins, parts):
             st.epoch += 1
             return
         ctas = np.unique(st.cta_of[m])
-        missing = (st.alive | st.exited) & np.isin(st.cta_of, ctas) & ~m  # elsewhere, or exited
+        missing = st.launched & np.isin(st.cta_of, ctas) & ~m  # elsewhere, or exited
         if missing.any():
             st.fail(ins.line, int(np.argmax(missing)), "bar.sync not reached by every thread of the CTA "
                                                       "(divergent barrier)")
