@@ -59,18 +59,20 @@ def norm_matmul_tc(cfg: NormMatmulConfig):
     XL = K // (32 * XV)  # loads per lane per row
     ROWS = BM // WARPS  # rows each warp normalizes
     KP, WP = K + PAD, BN + PAD
-    NT = -(-N // BN)
+    NT, KT = -(-N // BN), K // BK  # column blocks, k tiles per column block
     COPIES = BK * BN // VEC // (32 * WARPS)  # 16-byte copies per thread per W tile
     kf, eps = T.float32(K), T.float32(cfg.eps)
 
     @T.macro
-    def load_w(ws, w, n0, tid, stage, kt):
+    def load_w(ws, w, tid, t):
+        """W tile t (column block t / KT, k tile t % KT) into stage t % 2."""
         for c in T.unroll(COPIES):
             r = T.meta_var((c * 32 * WARPS + tid) // (BN // VEC))
-            col = T.meta_var((c * 32 * WARPS + tid) % (BN // VEC) * VEC)
-            size = T.meta_var(T.Cast("uint32", T.if_then_else(n0 + col < N, 16, 0)))  # zero fill past column N
+            col = T.meta_var(t // KT * BN + (c * 32 * WARPS + tid) % (BN // VEC) * VEC)
+            size = T.meta_var(T.Cast("uint32", T.if_then_else(col < N, 16, 0)))  # zero fill past column N
             T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                T.address_of(ws[stage, r, col]), T.address_of(w[kt * BK + r, T.min(n0 + col, N - VEC)]), 16, size))
+                T.address_of(ws[t % 2, r, (c * 32 * WARPS + tid) % (BN // VEC) * VEC]),
+                T.address_of(w[t % KT * BK + r, T.min(col, N - VEC)]), 16, size))
         T.evaluate(T.ptx["cp.async.commit_group"]())
 
     @T.prim_func(private=True, s_tir=True)
@@ -78,7 +80,7 @@ def norm_matmul_tc(cfg: NormMatmulConfig):
                     beta: T.Buffer((K,), "float32"), w: T.Buffer((K, N), DTYPE), bias: T.Buffer((N,), "float32"),
                     out: T.Buffer((M, N), cfg.out_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for bx in T.thread_binding(-(-M // BM) * NT, thread="blockIdx.x"):
+        for bx in T.thread_binding(-(-M // BM), thread="blockIdx.x"):
             for ty in T.thread_binding(WARPS, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     with T.sblock("norm_matmul"):
@@ -94,10 +96,9 @@ def norm_matmul_tc(cfg: NormMatmulConfig):
                         af = T.sblock_alloc_buffer((8,), DTYPE, scope="local")
                         bf = T.sblock_alloc_buffer((8,), DTYPE, scope="local")
                         acc = T.sblock_alloc_buffer((16,), "float32", scope="local")
-                        m0: T.let[T.int32] = vbx // NT * BM
-                        n0: T.let[T.int32] = vbx % NT * BN
+                        m0: T.let[T.int32] = vbx * BM
                         tid: T.let[T.int32] = warp * 32 + lane
-                        load_w(ws, w, n0, tid, 0, 0)
+                        load_w(ws, w, tid, 0)
                         for i in T.unroll(XL):  # lane's columns (i 32 + lane) XV + e
                             for e in T.vectorized(XV):
                                 gr[i * XV + e] = gamma[(i * 32 + lane) * XV + e]
@@ -126,40 +127,43 @@ def norm_matmul_tc(cfg: NormMatmulConfig):
                                 for e in T.vectorized(XV):
                                     a_s[row, (i * 32 + lane) * XV + e] = T.Cast(
                                         DTYPE, (xr[i * XV + e] - stat[0]) * stat[1] * gr[i * XV + e] + br[i * XV + e])
-                        for i in T.unroll(16):
-                            acc[i] = T.float32(0)
-                        for kt in T.serial(K // BK):
-                            if kt + 1 < K // BK:
-                                load_w(ws, w, n0, tid, (kt + 1) % 2, kt + 1)
+                        for t in T.serial(NT * KT):  # column block t / KT, k tile t % KT
+                            if t + 1 < NT * KT:
+                                load_w(ws, w, tid, t + 1)
                             else:
                                 T.evaluate(T.ptx["cp.async.commit_group"]())  # an empty group: wait_group 1 below
                             T.evaluate(T.ptx["cp.async.wait_group"](1))
-                            T.tvm_storage_sync("shared")  # tile kt (and at kt = 0 the panel) visible to all warps
+                            T.tvm_storage_sync("shared")  # tile t (and at t = 0 the panel) visible to all warps
+                            if t % KT == 0:
+                                for i in T.unroll(16):
+                                    acc[i] = T.float32(0)
                             for kk in T.unroll(BK // 16):
                                 # lanes address rows lane % 16, columns 8 (lane / 16) of the warp's 16 x 16 A tile
                                 T.evaluate(T.ptx_legacy.ldmatrix(
                                     False, 4, ".b16", af.data, 0, a_s.access_ptr("r"),
-                                    (warp % 2 * 16 + lane % 16) * KP + kt * BK + kk * 16 + lane // 16 * 8,
+                                    (warp % 2 * 16 + lane % 16) * KP + t % KT * BK + kk * 16 + lane // 16 * 8,
                                     dtype=DTYPE))
                                 for n2 in T.unroll(2):
                                     # matrices (k 0-7 | 8-15) x (n 0-7 | 8-15), transposed: B of n8 tiles 2 n2, +1
                                     T.evaluate(T.ptx_legacy.ldmatrix(
                                         True, 4, ".b16", bf.data, 0, ws.access_ptr("r"),
-                                        kt % 2 * BK * WP + (kk * 16 + lane // 8 % 2 * 8 + lane % 8) * WP
+                                        t % 2 * BK * WP + (kk * 16 + lane // 8 % 2 * 8 + lane % 8) * WP
                                         + warp // 2 * 32 + n2 * 16 + lane // 16 * 8, dtype=DTYPE))
                                     for half in T.unroll(2):
                                         T.evaluate(T.ptx_legacy.mma(
                                             "m16n8k16", "row", "col", "fp16", "fp16", "fp32", af.data, 0,
                                             bf.data, half * 4, acc.data, (n2 * 2 + half) * 4, False,
                                             dtype="float32"))
-                            T.tvm_storage_sync("shared")  # every warp done with stage kt % 2 before it is refilled
-                        for nt in T.unroll(4):
-                            for h in T.unroll(2):  # accumulator rows lane / 4 + 8 h, columns 2 (lane % 4) + c
-                                for c in T.unroll(2):
-                                    r = T.meta_var(m0 + warp % 2 * 16 + lane // 4 + 8 * h)
-                                    col = T.meta_var(n0 + warp // 2 * 32 + nt * 8 + lane % 4 * 2 + c)
-                                    if r < M and col < N:
-                                        out[r, col] = T.Cast(cfg.out_dtype, acc[nt * 4 + h * 2 + c] + bias[col])
+                            T.tvm_storage_sync("shared")  # every warp done with stage t % 2 before it is refilled
+                            if t % KT == KT - 1:
+                                for nt in T.unroll(4):
+                                    for h in T.unroll(2):  # accumulator rows lane / 4 + 8 h, columns 2 (lane % 4) + c
+                                        for c in T.unroll(2):
+                                            r = T.meta_var(m0 + warp % 2 * 16 + lane // 4 + 8 * h)
+                                            col = T.meta_var(t // KT * BN + warp // 2 * 32 + nt * 8 + lane % 4 * 2 + c)
+                                            if r < M and col < N:
+                                                out[r, col] = T.Cast(cfg.out_dtype,
+                                                                     acc[nt * 4 + h * 2 + c] + bias[col])
 
     return norm_matmul
 

@@ -1,0 +1,155 @@
+"""LayerNorm + matmul on CUDA targets: schedules/norm_matmul.py's compute definition against numpy, bmvcc's tensor-core
+kernel (schedules/norm_matmul_cuda.py) built for sm_87 and emulated from its PTX against the definition within the
+stated bound, negative controls (mutated kernels) that must disagree, its SASS, and passes/fuse_norm_matmul.py."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import tvm
+
+from bmvcc import targets
+from bmvcc.schedules.norm_matmul import NormMatmulConfig, norm_matmul_compute
+from bmvcc.schedules.norm_matmul_cuda import schedule, supported
+
+U = 2.0**-11  # fp16 unit roundoff
+E = 2.0**-24  # float32's
+ORIN = targets.get("jetson-orin-nano")
+CONFIGS = {  # partial row tiles (M not a multiple of 32), a partial column tile (N = 72), float4 and scalar loads
+    "m40-k128-n72-f32": (NormMatmulConfig(40, 128, 72), 1.0),
+    "m33-k64-n48-f16": (NormMatmulConfig(33, 64, 48, out_dtype="float16"), 1.0),
+    "m40-k128-n64-small-var": (NormMatmulConfig(40, 128, 64, out_dtype="float16"), 3e-3),  # variance ~ eps
+}
+
+
+def _inputs(cfg: NormMatmulConfig, sigma: float, seed: int = 0) -> list[np.ndarray]:
+    """x (rows of spread sigma around a mean of a few sigma), gamma, beta, w, bias, out (zeros)."""
+    rng = np.random.default_rng(seed)
+    x = sigma * (rng.standard_normal((cfg.m, cfg.k)) + rng.uniform(-3, 3, (cfg.m, 1)))
+    gamma, beta = 1.0 + 0.3 * rng.standard_normal(cfg.k), 0.2 * rng.standard_normal(cfg.k)
+    w = rng.standard_normal((cfg.k, cfg.n)) / np.sqrt(cfg.k)
+    return [x.astype(np.float32), gamma.astype(np.float32), beta.astype(np.float32), w.astype(np.float16),
+            rng.standard_normal(cfg.n).astype(np.float32), np.zeros((cfg.m, cfg.n), cfg.out_dtype)]
+
+
+def _numpy(cfg: NormMatmulConfig, x, gamma, beta, w, bias, _out) -> tuple[np.ndarray, np.ndarray]:
+    """(the fp16 normalized rows, out): the LayerNorm in float32 numpy (its own summation order), the fp16 products
+    summed in float64."""
+    mean = x.sum(1, keepdims=True, dtype=np.float32) / np.float32(cfg.k)
+    var = ((x - mean) ** 2).sum(1, keepdims=True, dtype=np.float32) / np.float32(cfg.k)
+    a = ((x - mean) / np.sqrt(var + np.float32(cfg.eps)) * gamma + beta).astype(np.float16)
+    return a, (a.astype(np.float64) @ w.astype(np.float64) + bias).astype(cfg.out_dtype)
+
+
+def _ulp16(v):
+    return np.maximum(2.0 * U * np.abs(v), 2.0**-24)  # fp16's spacing at |v| (at most; subnormals: 2^-24)
+
+
+def _bound(cfg: NormMatmulConfig, x, gamma, beta, w, bias, a, out):
+    """schedules/norm_matmul_cuda.py's bound on |out' - out| for two computations of `out` whose row statistics are
+    summed in different float32 orders: a normalized value differs by delta_k (the statistics' float32 error) plus one
+    fp16 ulp (the neighbouring fp16), each weighted by |w_kn| in the dot product; both float32 accumulations
+    (K + 1 terms with the bias) within (K + 1) 2^-24 sum |a_k w_kn|; an fp16 output one ulp more.
+    delta_k = rstd |gamma_k| 2 K 2^-24 max|x| (the means) + (|a_k - beta_k| + ulp) (2 K + 8) 2^-24 (rstd, relative)."""
+    x64 = x.astype(np.float64)
+    rstd = 1.0 / np.sqrt(x64.var(1, keepdims=True) + cfg.eps)
+    a64 = a.astype(np.float64)
+    delta = (rstd * np.abs(gamma) * 2 * cfg.k * E * np.abs(x64).max(1, keepdims=True)
+             + (np.abs(a64 - beta) + _ulp16(a64)) * (2 * cfg.k + 8) * E)
+    a_max = np.abs(a64) + delta + 2 * _ulp16(a64)  # |a| of either computation
+    w64 = np.abs(w.astype(np.float64))
+    terms = a_max @ w64 + np.abs(bias)
+    err = (delta + _ulp16(a_max)) @ w64 + 2 * (cfg.k + 1) * E * terms
+    return err + (_ulp16(np.abs(out.astype(np.float64)) + err) if cfg.out_dtype == "float16" else 0.0)
+
+
+def _within_bound(cfg, arrays, a, out, reference):
+    err = np.abs(out.astype(np.float64) - reference.astype(np.float64))
+    bound = _bound(cfg, *arrays[:5], a, reference)
+    assert (err <= bound).all(), (err - bound).max()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_definition_matches_numpy_within_the_bound(name):
+    """The definition (built for llvm) against the LayerNorm and fp16 matmul in numpy, whose float32 row sums run in
+    another order: within the stated bound."""
+    from bmvcc.ptx.verify import run_definition
+
+    cfg, sigma = CONFIGS[name]
+    arrays = _inputs(cfg, sigma)
+    a, ref = _numpy(cfg, *arrays)
+    out = run_definition(norm_matmul_compute(cfg), arrays)[-1]
+    _within_bound(cfg, arrays, a, out, ref)
+    assert np.abs(out.astype(np.float64) - ref).max() < 0.1 * np.abs(ref).max()  # not a vacuous bound
+
+
+@functools.cache
+def _kernel_ptx(cfg: NormMatmulConfig, mutation: tuple[str, str] | None = None):
+    """(PTX kernels, launches) of the scheduled kernel for sm_87 as the GPU build makes them (cp.async, NVRTC);
+    `mutation`: (text, its replacement) in the CUDA source first (a negative control)."""
+    from bmvcc.ptx.launches import kernel_launches
+    from bmvcc.ptx.parse import parse_ptx
+    from bmvcc.targets.cuda_toolchain import cuda_to_ptx
+
+    mod = tvm.IRModule({"norm_matmul": schedule(norm_matmul_compute(cfg), ORIN.target()).with_attr(
+        "global_symbol", "norm_matmul")})
+    with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
+        source = tvm.compile(mod, target=ORIN.target()).mod.imports[0].inspect_source("cuda")
+    if mutation is not None:
+        assert source.count(mutation[0]) == 1, mutation[0]
+        source = source.replace(*mutation)
+    return parse_ptx(cuda_to_ptx(source, "sm_87")), kernel_launches(mod, ORIN.target())
+
+
+def _emulated(cfg: NormMatmulConfig, sigma: float, mutation=None):
+    """(inputs, the emulated kernel's output, the definition's): every CTA run and every output written, no race."""
+    from bmvcc.ptx.verify import emulate, run_definition
+
+    arrays = _inputs(cfg, sigma)
+    reference = run_definition(norm_matmul_compute(cfg), arrays)[-1]
+    kernels, launches = _kernel_ptx(cfg, mutation)
+    emulated = [x.copy() for x in arrays]
+    res = emulate(kernels, launches["norm_matmul"], emulated)
+    assert res.ctas_run == res.ctas_total > 1 and res.races == 0 and res.written[-1].all()
+    return arrays, emulated[-1], reference
+
+
+def _agree(cfg: NormMatmulConfig, out, reference) -> bool:
+    """As `bmvcc verify` compares (the definition's PRECISION_ATTR: fp16)."""
+    from bmvcc.ptx.verify import PRECISION_ATTR, compare
+
+    precision = str(norm_matmul_compute(cfg).attrs[PRECISION_ATTR])
+    return compare([out], [reference], [np.ones(out.shape, bool)], complete=True, precision=precision)[1]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_kernel_emulated_from_sm87_ptx_matches_the_definition(name):
+    """Every CTA of the kernel run by bmvcc's PTX emulator: within the stated bound of the definition, and agreeing
+    as `bmvcc verify` compares."""
+    cfg, sigma = CONFIGS[name]
+    arrays, out, reference = _emulated(cfg, sigma)
+    _within_bound(cfg, arrays, _numpy(cfg, *arrays)[0], out, reference)
+    assert _agree(cfg, out, reference)
+
+
+MUTATIONS = {  # the kernel's CUDA source for CONFIGS' small-variance case (K = 128) -> a wrong kernel
+    "variance-without-eps": (" + 0x1.4f8b588e368f1p-17f/*1.000000e-05*/)", ")"),
+    "gamma-index-shifted": ("(gamma_ptr + (((int)threadIdx.x) * 4))", "(gamma_ptr + ((((int)threadIdx.x) * 4 + 4) & 127))"),
+    "variance-of-half-a-row": ("stat_ptr[1] = (stat_ptr[1] + __shfl_xor_sync(__activemask(), stat_ptr[1], 16, 32));",
+                               ""),
+    "panel-row-off-by-one": ("(rr * 136)", "(((rr + 1) & 7) * 136)"),
+}
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_mutated_kernel_disagrees(name):
+    """Negative controls: a kernel that drops the eps from the variance (rows whose variance is about eps), reads
+    gamma 4 columns off, sums the squared deviations over half of the row's lanes, or writes a normalized row into
+    its neighbour's panel row runs without a race but breaks the stated bound and `bmvcc verify`'s comparison."""
+    cfg, sigma = CONFIGS["m40-k128-n64-small-var"]
+    arrays, out, reference = _emulated(cfg, sigma, MUTATIONS[name])
+    err = np.abs(out.astype(np.float64) - reference.astype(np.float64))
+    assert (err > _bound(cfg, *arrays[:5], _numpy(cfg, *arrays)[0], reference)).any()
+    assert not _agree(cfg, out, reference)
