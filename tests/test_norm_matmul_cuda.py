@@ -153,3 +153,95 @@ def test_mutated_kernel_disagrees(name):
     err = np.abs(out.astype(np.float64) - reference.astype(np.float64))
     assert (err > _bound(cfg, *arrays[:5], _numpy(cfg, *arrays)[0], reference)).any()
     assert not _agree(cfg, out, reference)
+
+
+def test_paper_size_kernel_on_tensor_cores_without_spills():
+    """The paper model's pre-attention LayerNorm + QKV projection (1024 tokens, K = 512, N = 640 = Q, K, V of a
+    multi-query layer) for sm_87: HMMA (fp16 in, fp32 accumulation), ldmatrix (plain for the panel, transposed for
+    W), cp.async in the SASS; no spills, static shared memory within 48 KB (the 32 x 520 fp16 panel and two 32 x 72
+    W stages: 42,496 B); 32 CTAs of 128 threads (one per 32-row tile, each looping over the 10 column blocks)."""
+    from bmvcc.ptx.launches import kernel_launches
+    from bmvcc.schedules.norm_matmul_cuda import shared_bytes, tensor_core_ops
+    from bmvcc.targets.cuda_toolchain import cuda_to_ptx, ptx_to_cubin
+
+    cfg = NormMatmulConfig(1024, 512, 640, out_dtype="float16")
+    mod = tvm.IRModule({"norm_matmul": schedule(norm_matmul_compute(cfg), ORIN.target()).with_attr(
+        "global_symbol", "norm_matmul")})
+    with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
+        source = tvm.compile(mod, target=ORIN.target()).mod.imports[0].inspect_source("cuda")
+    cubin = ptx_to_cubin(cuda_to_ptx(source, "sm_87"), "sm_87")
+    (res,) = cubin.resources
+    assert res.spill_stores == res.spill_loads == 0 and res.shared_bytes == shared_bytes(cfg) == 42496, res
+    sass = cubin.sass()
+    for op in ("HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4", "LDGSTS", "SHFL.BFLY", "MUFU.RSQ"):
+        assert op in sass, op
+    (launch,) = kernel_launches(mod, ORIN.target())["norm_matmul"]
+    assert launch.grid == (32, 1, 1) and launch.block == (32, 4, 1)
+    assert tensor_core_ops(cfg) == 2.0 * 1024 * 640 * 512
+
+
+def test_shapes_the_kernel_takes():
+    """K a multiple of 32 up to 608 (panel and W stages within 48 KB), N a multiple of 8, any M."""
+    paper = NormMatmulConfig(1024, 512, 640)
+    assert supported(paper) and supported(NormMatmulConfig(1, 608, 8)) and supported(NormMatmulConfig(33, 32, 48))
+    assert not any(supported(NormMatmulConfig(16, k, n)) for k, n in ((48, 64), (640, 64), (512, 10)))
+
+
+def _norm_projection(rows: int, n: int, second_reader: bool = False):
+    """layer_norm(x) -> fp16 -> matmul(., W) + bias -> fp16, as the GPU pipeline leaves a float-attention model's
+    pre-attention norm and QKV projection (constants from make_model's ranges); `second_reader`: the normalized rows
+    are also returned."""
+    from tvm import relax
+
+    rng = np.random.default_rng(0)
+    consts = [relax.const(v) for v in (1 + 0.3 * rng.standard_normal(64).astype(np.float32),
+                                       0.2 * rng.standard_normal(64).astype(np.float32),
+                                       (rng.standard_normal((64, n)) / 8).astype(np.float16),
+                                       0.2 * rng.standard_normal(n).astype(np.float32))]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, rows, 64), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            normed = bb.emit(relax.op.nn.layer_norm(x, consts[0], consts[1], [-1]))
+            half = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(normed, "float16")), (rows, 64)))
+            out = bb.emit(relax.op.astype(relax.op.add(consts[3], relax.op.matmul(half, consts[2], out_dtype="float32")),
+                                          "float16"))
+            out = bb.emit_output(relax.Tuple([out, normed]) if second_reader else out)
+        bb.emit_func_output(out)
+    return bb.get(), consts
+
+
+def test_pass_makes_one_kernel_call_that_computes_the_chain():
+    """passes/fuse_norm_matmul.py: the chain becomes one norm_matmul call (no layer_norm, matmul or cast left),
+    and the module built for the host computes what the unfused one computes: the same float32 operations in the
+    same order (TVM's layer_norm legalization), up to one fp16 rounding of the output (llvm may contract an FMA)."""
+    from tvm import relax
+
+    from bmvcc.passes.fuse_norm_matmul import REPORT_KEY, fuse_norm_matmul
+    from bmvcc.passes.relax_match import read_report
+
+    mod, _ = _norm_projection(40, 48)
+    fused = fuse_norm_matmul(mod)
+    assert read_report(fused, REPORT_KEY) == {"fused": 1}
+    fused = relax.transform.DeadCodeElimination(["main"])(fused.without_attr(REPORT_KEY))  # as the pipeline does
+    script = fused["main"].script()
+    assert "norm_matmul_m40_k64_n48" in script and not any(op in script for op in ("layer_norm", "matmul(", "astype"))
+    x = np.random.default_rng(1).standard_normal((1, 40, 64)).astype(np.float32)
+    host = targets.get("host").target()
+    outs = []
+    for m in (mod, fused):
+        m = relax.transform.LegalizeOps()(m)
+        outs.append(relax.VirtualMachine(tvm.compile(m, target=host), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
+    assert outs[1].shape == (40, 48) and outs[1].dtype == np.float16
+    np.testing.assert_allclose(outs[1].astype(np.float32), outs[0].astype(np.float32), rtol=2 * U, atol=2 * U)
+
+
+@pytest.mark.parametrize("rows, n, second_reader", [(40, 48, True), (1, 10, False)])
+def test_pass_leaves_what_it_must_not_fuse(rows, n, second_reader):
+    """Normalized rows read elsewhere too (fusing would compute the norm twice) and a one-row classifier head with
+    10 classes (N not a multiple of 8: schedules/matmul_fold.py folds its norm instead) stay as they are."""
+    from bmvcc.passes.fuse_norm_matmul import REPORT_KEY, fuse_norm_matmul
+    from bmvcc.passes.relax_match import read_report
+
+    mod, _ = _norm_projection(rows, n, second_reader)
+    assert read_report(fuse_norm_matmul(mod), REPORT_KEY) == {"fused": 0}
