@@ -1,27 +1,30 @@
 """bmvcc's LayerNorm + matmul kernel on fp16 tensor cores for schedules/norm_matmul.py's compute definition.
 
-One CTA of 4 warps takes BM = 32 rows and BN = 64 output columns (grid: row tiles x column tiles):
+One CTA of 4 warps per BM = 32 rows (grid: the row tiles), every output column:
 
-    prologue: warp w normalizes rows 8 w .. 8 w + 7; per row each lane holds K / 32 elements in registers
-        (float4 loads where K is a multiple of 128), mean and then the sum of squared deviations by warp
+    prologue: warp w normalizes rows 8 w .. 8 w + 7 once; per row each lane holds K / 32 elements in registers
+        (float4 loads where K is a multiple of 128), the mean and then the sum of squared deviations by warp
         shuffles (two passes over the registers), y = (x - mean) * rsqrt(var + eps) * gamma + beta rounded to
-        fp16 into a shared A panel of BM x (K + 8) halves resident for the whole GEMM (rows past M: row M - 1's)
-    W tiles of BK = 32 x BN: global --cp.async (16 bytes, zero-filled past column N)--> shared, double
-        buffered (tile kt + 1 in flight while tile kt is computed), the first one in flight during the prologue
-    warp (wm, wn) = (w % 2, w / 2): rows 16 wm, columns 32 wn; A --ldmatrix.x4--> from the panel, W
-        --ldmatrix.x4.trans--> B fragments, mma.sync.m16n8k16 f16 x f16 + f32 (registers)
-    out = out_dtype(acc + bias) for rows < M and columns < N
-The 8 halves of padding per shared row put ldmatrix's 8 row addresses in distinct banks.
+        fp16 into a shared A panel of BM x (K + 8) halves, resident for the whole GEMM (rows past M: row M - 1's)
+    GEMM: column blocks of BN = 64 one after the other, each over W tiles of BK = 32 x BN: global --cp.async
+        (16 bytes, zero-filled past column N)--> shared, double buffered across the whole sequence of tiles (tile
+        t + 1 in flight while tile t is computed; the first one during the prologue); warp (wm, wn) = (w % 2,
+        w / 2) computes rows 16 wm and columns 32 wn of the block: A --ldmatrix.x4--> from the panel, W
+        --ldmatrix.x4.trans--> B fragments, mma.sync.m16n8k16 f16 x f16 + f32 (registers); after the block's
+        last tile out = out_dtype(acc + bias) for rows < M and columns < N
+The 8 halves of padding per shared row put ldmatrix's 8 row addresses in distinct banks. One CTA per row tile
+normalizes each row once (a grid over column blocks too would repeat the prologue per block: for the paper's
+1024 x 512 x 640 QKV projection 10 times, twice the instructions of the GEMM).
 Shapes (`supported`): K a multiple of 32 whose panel fits static shared memory with the W stages (K <= 608),
 N a multiple of 8 (16-byte rows of W), M any.
 
-Error versus the definition: the kernel's float32 row sums run in another order (lanes, then a shuffle tree),
-so mean and variance differ by a few float32 roundings and a normalized value y may round to the neighbouring
-fp16 of the definition's: |a_k - a*_k| <= ulp16(a*_k) <= 2u |a*_k| (u = 2^-11; a flip only, both in range).
-Through the fp32-accumulated dot product that is at most 2u sum_k |a*_k w_kn|, plus both sums' float32
-accumulation in different orders (each within K 2^-24 sum_k |a_k w_kn|), plus, for an fp16 output, one fp16
-ulp of the output: |out - out*| <= (2u + 2 K 2^-24) sum_k |a*_k w_kn| (1 + 2u) + ulp16(out*)
-(tests/test_norm_matmul_cuda.py).
+Error versus the definition (tests/test_norm_matmul_cuda.py): the kernel's float32 row sums run in another order
+(lanes, then a shuffle tree), so the mean moves by at most 2 K 2^-24 max|x| and rsqrt(var + eps) by a relative
+(2 K + 8) 2^-24, hence y_k by delta_k = rstd |gamma_k| 2 K 2^-24 max|x| + |y_k - beta_k| (2 K + 8) 2^-24, and its
+fp16 value a_k may round to the neighbouring fp16 of the definition's a*_k: |a_k - a*_k| <= delta_k + ulp16(a*_k)
+(ulp16(v) <= 2u |v|, u = 2^-11: the flip dominates unless a row's spread is tiny against its mean). Through the
+fp32-accumulated dot product: |out - out*| <= sum_k (delta_k + ulp16(a*_k)) |w_kn| + 2 (K + 1) 2^-24
+(sum_k |a_k w_kn| + |bias_n|) (both accumulation orders), plus one ulp16(out*) for an fp16 output.
 """
 
 from __future__ import annotations
