@@ -5,7 +5,8 @@ fp16_matmuls.py's cast) -> reshapes -> `matmul(., W)` with a constant fp16 W [K,
 a constant bias [N] (either operand order) -> optionally astype float16 (the projection's cast for its fp16
 readers), each step read by the next only (the LayerNorm's input x, the residual stream, stays as it is), and
 only where schedules/kernels.py's registered CUDA scheduler `supported` the configuration (the pre-attention
-norm and QKV projection; not a one-row classifier head, whose norm schedules/matmul_fold.py folds already).
+norm and Wqkv projection of multi-query float attention; not multi-head attention's, read by three projections,
+nor a classifier head with N not a multiple of 8, whose norm schedules/matmul_fold.py folds at batch 1).
 Produces `reshape(call_tir(norm_matmul, [reshape(x, (M, K)), gamma, beta, W, bias]), shape of the last step)`,
 schedules/norm_matmul.py's compute definition with its output in the last step's dtype; the GPU build schedules
 it (bmvcc/gpu_build.py:schedule_kernels). Report (module attr REPORT_KEY, JSON): {"fused": n}.
@@ -79,7 +80,7 @@ def _match(var, b: Bindings):
     cast = _single_user(end, b, "relax.astype")
     if cast is not None and str(cast[1].attrs.dtype) == "float16":
         end = cast[0]
-    if math.prod(static_shape(end)) != m * n:
+    if (end_shape := static_shape(end)) is None or math.prod(end_shape) != m * n:
         return None
     cfg = NormMatmulConfig(m, k, n, float(ln.attrs.epsilon), str(end.ty.dtype))
     if not (ln.attrs.center and ln.attrs.scale) or not scheduler_of(KIND, "cuda").supported(cfg):

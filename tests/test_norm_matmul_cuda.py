@@ -136,7 +136,8 @@ def test_kernel_emulated_from_sm87_ptx_matches_the_definition(name):
 
 MUTATIONS = {  # the kernel's CUDA source for CONFIGS' small-variance case (K = 128) -> a wrong kernel
     "variance-without-eps": (" + 0x1.4f8b588e368f1p-17f/*1.000000e-05*/)", ")"),
-    "gamma-index-shifted": ("(gamma_ptr + (((int)threadIdx.x) * 4))", "(gamma_ptr + ((((int)threadIdx.x) * 4 + 4) & 127))"),
+    "gamma-index-shifted": ("(gamma_ptr + (((int)threadIdx.x) * 4))",
+                            "(gamma_ptr + ((((int)threadIdx.x) * 4 + 4) & 127))"),
     "variance-of-half-a-row": ("stat_ptr[1] = (stat_ptr[1] + __shfl_xor_sync(__activemask(), stat_ptr[1], 16, 32));",
                                ""),
     "panel-row-off-by-one": ("(rr * 136)", "(((rr + 1) & 7) * 136)"),
@@ -204,8 +205,8 @@ def _norm_projection(rows: int, n: int, second_reader: bool = False):
         with bb.dataflow():
             normed = bb.emit(relax.op.nn.layer_norm(x, consts[0], consts[1], [-1]))
             half = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(normed, "float16")), (rows, 64)))
-            out = bb.emit(relax.op.astype(relax.op.add(consts[3], relax.op.matmul(half, consts[2], out_dtype="float32")),
-                                          "float16"))
+            projected = relax.op.add(consts[3], relax.op.matmul(half, consts[2], out_dtype="float32"))
+            out = bb.emit(relax.op.astype(projected, "float16"))
             out = bb.emit_output(relax.Tuple([out, normed]) if second_reader else out)
         bb.emit_func_output(out)
     return bb.get(), consts
