@@ -19,6 +19,7 @@ E = 2.0**-24  # float32's
 ORIN = targets.get("jetson-orin-nano")
 CONFIGS = {  # partial row tiles (M not a multiple of 32), a partial column tile (N = 72), float4 and scalar loads
     "m40-k128-n72-f32": (NormMatmulConfig(40, 128, 72), 1.0),
+    "m33-k512-n136-f16": (NormMatmulConfig(33, 512, 136, out_dtype="float16"), 1.0),  # the paper's K, 3 column blocks
     "m33-k64-n48-f16": (NormMatmulConfig(33, 64, 48, out_dtype="float16"), 1.0),
     "m40-k128-n64-small-var": (NormMatmulConfig(40, 128, 64, out_dtype="float16"), 3e-3),  # variance ~ eps
 }
