@@ -8,7 +8,8 @@ stages in order.
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
    schedule, norm_quant schedules/norm_quant_cuda.py's, the attention compute definitions
    (passes/fuse_causal_attention.py) bmvcc's fp16 tensor-core flash kernel (schedules/attention_cuda_tc.py; TVM's
-   flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), all through
+   flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), the LayerNorm + QKV
+   projection calls (passes/fuse_norm_matmul.py) schedules/norm_matmul_cuda.py's tensor-core kernel, all through
    schedules/kernels.py and marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head;
    matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
 2. `tvm.compile` with cp.async enabled and TVM's CUDA graph rewrite (PASS_CONFIG); the device code is compiled
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
 from .portable_ir import portable_json
-from .schedules import attention_cuda
+from .schedules import attention_cuda, norm_matmul
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
 # cp.async (LDGSTS) in the W2A8 pipeline; TVM's RewriteCUDAGraph (in relax.backend.cuda's finalize passes) lifts
@@ -32,6 +33,7 @@ from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 PASS_CONFIG = {"tirx.use_async_copy": True, "relax.backend.use_cuda_graph": True}
 RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
 ATTENTION = attention_cuda.KIND
+NORM_MATMUL = norm_matmul.KIND
 
 
 def fuse(mod, spec):
@@ -49,7 +51,7 @@ def fuse(mod, spec):
     from .schedules.matmul_fold import fold_into_matmuls
 
     table = {gv.name_hint: _entry(f) for gv, f in mod.functions_items()
-             if kernel_of(f) in ("w2a8", "norm_quant", ATTENTION)}
+             if kernel_of(f) in ("w2a8", "norm_quant", ATTENTION, NORM_MATMUL)}
     target = spec.target()
     with target:
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target)[:-1])(mod)
@@ -63,8 +65,8 @@ def _entry(func) -> dict:
 
     if kernel_of(func) == "norm_quant":
         return {"kernel": "norm_quant"}
-    if kernel_of(func) == ATTENTION:
-        return {"kernel": ATTENTION, "config": attr_value(func.attrs[CONFIG_ATTR])}
+    if kernel_of(func) in (ATTENTION, NORM_MATMUL):
+        return {"kernel": kernel_of(func), "config": attr_value(func.attrs[CONFIG_ATTR])}
     padded_from = attr_value(func.attrs[PADDED_FROM_ATTR])
     return {"kernel": "w2a8", "config": padded_from["config"], "padded": vars(config_of(func)),
             "knobs": padded_from["knobs"]}
@@ -157,7 +159,7 @@ def kernel_calls(mod) -> dict:
     """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
     argument once, also one passed twice: compulsory global-memory traffic), and TVM's static op count (None if
     unknown; attention: the `attention_ops` of the module that schedules it, for its config; TVM's count of the
-    loops is meaningless)."""
+    loops is meaningless; norm_matmul: its scheduler's `tensor_core_ops`)."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -185,6 +187,8 @@ def kernel_calls(mod) -> dict:
                                 if not any(inputs[i].same_as(x) for x in inputs[:i])]
                     if kernel_of(func) == ATTENTION:
                         ops = scheduler_of(ATTENTION, "cuda").attention_ops(attention_cuda.config_of(func))
+                    elif kernel_of(func) == NORM_MATMUL:  # the GEMM on the kernel's tiles (the norm: issue time)
+                        ops = scheduler_of(NORM_MATMUL, "cuda").tensor_core_ops(norm_matmul.config_of(func))
                     else:
                         try:
                             ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))

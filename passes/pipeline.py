@@ -16,6 +16,7 @@ from .drop_training_outputs import drop_training_outputs
 from .externalize_weights import content_key, externalize_weights
 from .fp16_matmuls import fp16_matmuls
 from .fuse_causal_attention import fuse_attention_cuda, fuse_causal_attention
+from .fuse_norm_matmul import fuse_norm_matmul
 from .fuse_norm_quant import fuse_norm_quant
 from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from .pad_w2a8_to_tiles import pad_w2a8_to_tiles
@@ -52,6 +53,8 @@ def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str,
         # Phase 4: attention -> one kernel (CPU: causal, skipping the masked half; CUDA: causal or unmasked)
         *([("fuse_causal_attention", module_pass(fuse_causal_attention))] if device == "cpu" else []),
         *([("fuse_causal_attention", module_pass(fuse_attention_cuda))] if device == "cuda" else []),
+        # GPU only: a LayerNorm read only by a float matmul + bias (the QKV projection's) -> one kernel
+        *([("fuse_norm_matmul", module_pass(fuse_norm_matmul))] if device == "cuda" else []),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
         # GPU only: W2A8 calls on the tensor-core kernel's tiles (operands padded, output sliced), their constant
         # weights then padded and relaid out at compile time, the replaced W2A8 PrimFuncs dropped

@@ -2,7 +2,7 @@
 
 KERNELS[(kind, device)] = (schedule, space), each "module:function" in this package (imported when used:
 the modules import TVM), or None. Each kernel's compute definition has a module of its own
-(w2a8.py, norm_quant.py) and each backend's schedules a module beside it (<kernel>_<device>.py), with
+(w2a8.py, norm_quant.py, norm_matmul.py) and each backend's schedules a module beside it (<kernel>_<device>.py), with
 the same two entry points:
   schedule(func, target[, knobs])  the hand schedule of the kernel's unscheduled PrimFunc, returned
                                    marked tirx.is_scheduled (CPU: run by cpu_default.schedule_fused; GPU:
@@ -28,6 +28,7 @@ KERNELS: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("w2a8", "cuda"): ("w2a8_cuda:schedule", "w2a8_cuda:space"),
     ("norm_quant", "cuda"): ("norm_quant_cuda:schedule", None),
     ("attention_prefill", "cuda"): ("attention_cuda_tc:schedule", None),
+    ("norm_matmul", "cuda"): ("norm_matmul_cuda:schedule", None),
 }
 STAGING: dict[str, tuple[str, ...]] = {"cpu": ("w2a8_cpu:stage_w2a8_kernels",)}
 
@@ -49,7 +50,7 @@ def stage(mod, target, device: str):
 
 def scheduler_of(kind: str, device: str):
     """The module of the kind's schedule on `device`, for what else the kernel's users ask it (the CUDA attention
-    schedulers' `supported(cfg)` and `attention_ops(cfg)`)."""
+    schedulers' `supported(cfg)` and `attention_ops(cfg)`, norm_matmul's `supported` and `tensor_core_ops`)."""
     return importlib.import_module(f"{__package__}.{KERNELS[(kind, device)][0].split(':')[0]}")
 
 

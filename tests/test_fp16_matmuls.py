@@ -66,6 +66,9 @@ def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_att
         ref = model(torch.from_numpy(x)).numpy()
     mod, weights, report = _pipeline(model, cfg, "jetson-orin-nano")
     assert report["causal_attention_fused"] == cfg.depth  # causal (multi-query) or not: one attention kernel
+    # multi-query float attention: the pre-attention LayerNorm and the Wqkv projection in one kernel (one definition,
+    # every block); multi-head: q, k and v projections all read the normalized rows, which stay a tensor of their own
+    assert sum(kernel_of(f) == "norm_matmul" for _, f in mod.functions_items()) == (fp_attn and multi_query)
     calls = _matmuls(mod)
     assert calls and all(a.ty.dtype == "float16" for c in calls for a in c.args)
     assert all(c.ty.dtype == "float32" for c in calls)
@@ -96,8 +99,9 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
 
 
 def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, tmp_path):
-    """81 tokens, dim 128, head size 64: the Wqkv (81x256x128) and output (81x128x128) projections have
-    every extent above 64, DLight's threshold for its wmma rule; so is the attention kernel
+    """81 tokens, dim 128, head size 64: the Wqkv projection (81x256x128) runs in bmvcc's LayerNorm + matmul
+    kernel (schedules/norm_matmul_cuda.py), the output projection (81x128x128) has every extent above 64, DLight's
+    threshold for its wmma rule; so is the attention kernel
     (schedules/attention_cuda_tc.py, with the layout copies around it folded in); the patch embedding (K = 49) and
     the head (M = 1) stay on CUDA cores. The build must not import tvm.s_tir.tensor_intrin.cuda
     (schedules/wmma_intrinsics.py stands in for it)."""
@@ -114,8 +118,9 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     assert imported_before or TVM_MODULE not in sys.modules
     rows = report(tmp_path / "out")["kernels"]
     tensor_core = [k for k in rows if k["unit"] == "fp16 tensor cores"]
-    kinds = Counter(next((w for w in ("matmul", "attention") if w in k["kernel"]), k["kernel"]) for k in tensor_core)
-    assert kinds == {"matmul": 2, "attention": 1}, kinds
+    kinds = Counter(next((w for w in ("norm_matmul", "matmul", "attention") if w in k["kernel"]), k["kernel"])
+                    for k in tensor_core)
+    assert kinds == {"norm_matmul": 1, "matmul": 1, "attention": 1}, kinds
     assert all(k["sass_mix"]["HMMA"] > 0 for k in tensor_core)
     assert {k["calls"] for k in tensor_core} == {cfg.depth}
     # attention reads Q, K and V from the Wqkv projection's [1, 81, 256] fp16 output (one tensor, counted once) and
