@@ -1,0 +1,148 @@
+"""--float-precision bf16: the Linear layers' matmuls on bf16 operands, vdpbf16ps on CPUs with AVX-512 BF16.
+
+Error model. bf16 keeps 8 significand bits, so rounding an operand to nearest is off by at most u = 2^-9
+relative; a product of two rounded operands by at most (1 + u)^2 - 1 < 2^-8 relative (vdpbf16ps forms it
+exactly in fp32: 8 x 8 bits), and a K-long dot product by at most 2^-8 * sum_k |a_k w_k|, plus fp32
+accumulation's K * 2^-24 * sum_k |a_k w_k|. Through a model that bound does not stay elementwise (layer
+norms, softmax, BitLinear's int8 rounding), so the model is compared instead with PyTorch computing the same
+roundings (operands of every float Linear rounded to bf16), which leaves fp32 summation order and fast-math
+exp/erf, the float32 build's differences (1e-3, as tests/test_passes_model.py allows them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from bmvcc import precision
+from bmvcc.cli import main
+from bmvcc.errors import BmvccError
+from bmvcc.passes.bf16_matmuls import bf16_matmuls
+from bmvcc.schedules.cpu_default import schedule_cpu_module
+from bmvcc.targets import get as get_target
+from bmvcc.targets.base import TargetSpec
+from bmvcc.targets.cpu import BF16_DOT_FEATURE, has_bf16_dot
+
+from conftest import cli_error, small_config
+
+HOST = get_target("host").target()
+needs_bf16 = pytest.mark.skipif(not has_bf16_dot(HOST), reason=f"this CPU ({HOST.attrs.get('mcpu')}) lacks "
+                                f"{BF16_DOT_FEATURE}: a bf16 build cannot run here")
+PRODUCT_BOUND = 2.0**-8  # relative error of a product of two bf16-rounded operands
+ACCUMULATION = 2.0**-24  # fp32 rounding per addition
+M, K, N = 64, 96, 80  # N: 5 vectors of 16 lanes (not one register tile), K: 48 pairs
+
+
+def _linear(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
+    """relu(x) @ w + b, w and b constants (a Linear layer after an activation, whose kernel the cast joins)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((M, K), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = relax.op.add(relax.op.matmul(relax.op.nn.relu(x), relax.const(w)), relax.const(b))
+            out = bb.emit_output(bb.emit(y))
+        bb.emit_func_output(out)
+    return relax.transform.FoldConstant()(bf16_matmuls(bb.get()))
+
+
+def _weights():
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((M, K)).astype("float32"), (rng.standard_normal((K, N)) / np.sqrt(K)).astype("float32"),
+            rng.standard_normal(N).astype("float32"))
+
+
+@needs_bf16
+def test_linear_within_the_bf16_bound_of_float64():
+    x, w, b = _weights()
+    scheduled = schedule_cpu_module(_linear(w, b), HOST)
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target=HOST), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    a = np.maximum(x.astype(np.float64), 0)
+    magnitude = np.abs(a) @ np.abs(w.astype(np.float64))  # sum_k |a_k w_k| per output
+    error = np.abs(out - (a @ w + b))
+    assert (error <= (PRODUCT_BOUND + K * ACCUMULATION) * magnitude + ACCUMULATION * np.abs(b)).all()
+    # bf16 really rounded the operands: a float32 build stays within K * 2^-24 ~ 2^-17 of the magnitude
+    assert (error / magnitude).max() > 2.0**-12
+
+
+@pytest.mark.parametrize("mcpu", ["sapphirerapids", "znver4"])
+def test_linear_runs_on_vdpbf16ps(mcpu):
+    """Built (not run) for AVX-512 BF16 CPUs, whatever this machine is: the register tile on zmm vdpbf16ps."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    _, w, b = _weights()
+    (llvm,) = [m for m in tvm.compile(schedule_cpu_module(_linear(w, b), target), target=target).mod.imports
+               if m.kind == "llvm"]
+    asm = llvm.inspect_source("asm")
+    assert "vdpbf16ps\t%zmm" in asm, "the bf16 matmul does not use vdpbf16ps"
+
+
+def _bf16_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose float Linear layers (not BitLinear) round weights and inputs to bf16."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.weight.data = m.weight.data.bfloat16().float()
+            m.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(),))
+    return model
+
+
+@needs_bf16
+def test_compile_bf16_matches_pytorch_with_bf16_linears(checkpoint, tmp_path):
+    path, model = checkpoint(small_config(fp_attn=True))
+    out = tmp_path / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(["compile", str(path), "-o", str(out), "--float-precision", "bf16", "--json"])
+    summary = json.loads(stdout.getvalue())
+    assert summary["float_precision"] == "bf16"
+    assert json.loads((out / "metadata.json").read_text())["float_precision"] == "bf16"
+    from bmvcc.runtime import load
+
+    images = np.random.default_rng(1).standard_normal((4, 1, 28, 28)).astype("float32")
+    logits = load(out)(images)
+    with torch.no_grad():
+        emulated = _bf16_linears(model)(torch.from_numpy(images)).numpy()
+        float32 = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(logits, emulated, atol=1e-3, rtol=0)
+    # the reported error is the build's against the float32 model on the seeded images
+    seeded = np.random.default_rng(precision.ERROR_SEED).standard_normal((precision.ERROR_IMAGES, 1, 28, 28))
+    with torch.no_grad():
+        reference = model(torch.from_numpy(seeded.astype("float32"))).numpy()
+    error = summary["float32_error"]
+    assert error["max_abs_logit_error"] == pytest.approx(np.abs(load(out)(seeded.astype("float32")) - reference).max())
+    assert np.abs(logits - float32).max() > 1e-4  # the bf16 rounding shows against float32
+
+
+@pytest.mark.parametrize("target, needle", [
+    ("aarch64", "error: --float-precision bf16 needs a CPU with AVX-512 BF16 (avx512bf16: vdpbf16ps), which target "
+                "'aarch64' (cortex-a78) lacks; compile with the default --float-precision float32"),
+    ("jetson-orin-nano", "error: --float-precision bf16 is for CPU targets, and 'jetson-orin-nano' is a GPU"),
+])
+def test_bf16_refused_without_the_instructions(checkpoint, tmp_path, capsys, target, needle):
+    out = tmp_path / "out"
+    line = cli_error(capsys, ["compile", str(checkpoint(small_config())[0]), "-o", str(out), "-t", target,
+                              "--float-precision", "bf16"])
+    assert line.startswith(needle), line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_precision(checkpoint, tmp_path, capsys):
+    line = cli_error(capsys, ["compile", str(checkpoint(small_config())[0]), "-o", str(tmp_path / "out"),
+                              "--float-precision", "fp8"])
+    assert line == "error: unknown --float-precision 'fp8'; choose one of: float32, bf16"
+
+
+def test_x86_without_avx512bf16_refused():
+    """An AVX2 CPU (Zen 3) and an AVX-512 one without BF16 (Skylake-SP), as the CI machines may be."""
+    for mcpu in ("znver3", "skylake-avx512"):
+        spec = TargetSpec(mcpu, "", lambda mcpu=mcpu: {"kind": "llvm", "mcpu": mcpu}, "x86_64")
+        with pytest.raises(BmvccError, match=f"which target '{mcpu}' \\({mcpu}\\) lacks"):
+            precision.check("bf16", spec)
