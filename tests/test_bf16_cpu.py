@@ -59,6 +59,23 @@ def _weights():
             rng.standard_normal(N).astype("float32"))
 
 
+def test_only_matmuls_with_a_weight_take_bf16():
+    """x @ W (W a constant, behind a transpose) narrows; x @ y of two computed operands (attention) does not."""
+    bb = relax.BlockBuilder()
+    x, y = (relax.Var(n, relax.TensorType((8, 8), "float32")) for n in "xy")
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            w = relax.op.permute_dims(relax.const(np.ones((8, 8), "float32")))
+            out = bb.emit_output(bb.emit(relax.op.add(relax.op.matmul(x, w), relax.op.matmul(x, y))))
+        bb.emit_func_output(out)
+    narrowed = bf16_matmuls(bb.get())
+    matmuls = []
+    relax.analysis.post_order_visit(narrowed["main"], lambda e: matmuls.append(e) if isinstance(e, relax.Call)
+                                    and e.op.same_as(tvm.ir.Op.get("relax.matmul")) else None)
+    operand_dtypes = sorted(tuple(str(a.ty.dtype) for a in m.args) for m in matmuls)
+    assert operand_dtypes == [("bfloat16", "bfloat16"), ("float32", "float32")], narrowed
+
+
 @needs_bf16
 def test_linear_within_the_bf16_bound_of_float64():
     x, w, b = _weights()
@@ -102,7 +119,7 @@ def test_compile_bf16_matches_pytorch_with_bf16_linears(checkpoint, tmp_path):
     with contextlib.redirect_stdout(stdout):
         main(["compile", str(path), "-o", str(out), "--float-precision", "bf16", "--json"])
     summary = json.loads(stdout.getvalue())
-    assert summary["float_precision"] == "bf16"
+    assert summary["float_precision"] == "bf16" and summary["causal_attention_fused"] == 2  # attention still found
     assert json.loads((out / "metadata.json").read_text())["float_precision"] == "bf16"
     from bmvcc.runtime import load
 
