@@ -16,17 +16,19 @@ import copy
 import io
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax
+from tvm import relax, te
 
 from bmvcc import precision
 from bmvcc.cli import main
 from bmvcc.errors import BmvccError
 from bmvcc.passes.bf16_matmuls import bf16_matmuls
 from bmvcc.schedules.cpu_default import schedule_cpu_module
+from bmvcc.schedules.cpu_rules import matmul as matmul_rule
 from bmvcc.targets import get as get_target
 from bmvcc.targets.base import TargetSpec
 from bmvcc.targets.cpu import BF16_DOT_FEATURE, has_bf16_dot
@@ -88,6 +90,26 @@ def test_linear_within_the_bf16_bound_of_float64():
     assert (error <= (PRODUCT_BOUND + K * ACCUMULATION) * magnitude + ACCUMULATION * np.abs(b)).all()
     # bf16 really rounded the operands: a float32 build stays within K * 2^-24 ~ 2^-17 of the magnitude
     assert (error / magnitude).max() > 2.0**-12
+
+
+@needs_bf16
+def test_matmul_rule_with_a_prologue_and_one_column_strip():
+    """A bf16 A computed in the same function (a cast behind a reshape) stays a block of its own, whose
+    buffer vdpbf16ps reads; N = 48 is one register tile (B packed for its pairs all the same); int32 indices."""
+    m, k, n = 32, 64, 48
+    x, b = te.placeholder((m * k,), "float32", name="x"), te.placeholder((k, n), "bfloat16", name="b")
+    a = te.compute((m, k), lambda i, r: x[i * k + r].astype("bfloat16"), name="a")
+    r = te.reduce_axis((0, k), "r")
+    c = te.compute((m, n), lambda i, j: te.sum(a[i, r].astype("float32") * b[r, j].astype("float32"), axis=r))
+    built = tvm.compile(matmul_rule.apply(te.create_prim_func([x, b, c]), HOST).mod, target=HOST)
+    assert "vdpbf16ps" in built.mod.inspect_source("asm")
+    rng = np.random.default_rng(0)
+    xs, bs = rng.standard_normal(m * k).astype("float32"), rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
+    out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
+    built(tvm.runtime.tensor(xs), tvm.runtime.tensor(bs), out)
+    a64, b64 = xs.astype(ml_dtypes.bfloat16).astype(np.float64).reshape(m, k), bs.astype(np.float64)
+    exact, magnitude = a64 @ b64, np.abs(a64) @ np.abs(b64)  # the bf16 operands' products, exactly
+    assert (np.abs(out.numpy() - exact) <= 1.01 * k * ACCUMULATION * magnitude).all()  # fp32 sums only
 
 
 @pytest.mark.parametrize("mcpu", ["sapphirerapids", "znver4"])

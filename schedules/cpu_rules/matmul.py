@@ -52,8 +52,9 @@ def _matmul_rule(func, facts: CpuFacts):
     if mm is None:
         return None
     at = blocks.index(reductions[0])
-    for b in blocks[:at]:  # spatial prologue (e.g. a fused reshape of A)
-        try_primitive(sch.compute_inline, b)
+    if not _dot_bf16(mm, facts):  # vdpbf16ps reads A's pairs from a bf16 buffer: a prologue stays a block of its own
+        for b in blocks[:at]:  # spatial prologue (e.g. a fused reshape of A)
+            try_primitive(sch.compute_inline, b)
     for b in blocks[at + 1 : -1]:  # epilogue DAG (gelu reads x twice) folds into its last block
         try_primitive(sch.compute_inline, b)
     _tile_matmul(sch, mm, facts)
@@ -128,8 +129,9 @@ def _row_block(m: int, k: int, mr: int, a_bytes: int, strips: int, cores: int) -
     return max(busy) if busy else mr
 
 
-def _dot_bf16(mm: _Matmul, facts: CpuFacts, lanes: int) -> bool:
+def _dot_bf16(mm: _Matmul, facts: CpuFacts) -> bool:
     """Whether the register tile runs on vdpbf16ps: bf16 operands, packable B, whole vectors and pairs of k."""
+    lanes = facts.lanes(mm.dtype)
     return (facts.bf16_dot and mm.bf16 and mm.dtype == "float32" and mm.b_buffer is not None
             and lanes == bf16_intrinsics.LANES and mm.n % lanes == 0 and mm.k_extent % bf16_intrinsics.PAIR == 0)
 
@@ -139,7 +141,7 @@ def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
     mr, nv, nr = _register_tile(mm.m, mm.n, lanes, facts.vector_registers, mm.contiguous_j)
     strips = product(sch.get(lp).extent for lp in mm.batch) * (mm.n // nr)
     mc = _row_block(mm.m, mm.k_extent, mr, mm.a_bytes, strips, facts.cores)
-    pair = bf16_intrinsics.PAIR if _dot_bf16(mm, facts, lanes) else 1
+    pair = bf16_intrinsics.PAIR if _dot_bf16(mm, facts) else 1
     if nv and mm.b_buffer is not None and (mm.n > nr or pair > 1):  # vdpbf16ps needs the pairs interleaved
         _pack_columns(sch, mm, nr, pair)
     i0, i1, i2 = sch.split(mm.i, [None, mc // mr, mr])
@@ -181,10 +183,10 @@ def _pack_columns(sch, mm: _Matmul, nr: int, pair: int) -> None:
     reads = sch.get(mm.block).reads
     index = next(i for i, r in enumerate(reads) if r.source.same_as(mm.b_buffer))
     sch.cache_read(mm.block, index, "global")
-    ndim = len(mm.b_buffer.shape)
+    ndim, index_dtype = len(mm.b_buffer.shape), str(mm.b_buffer.shape[0].ty)
     if pair > 1:
-        pack = tirx.IndexMap.from_func(
-            lambda *idx: (*idx[:-2], idx[-1] // nr, idx[-2] // pair, idx[-1] % nr, idx[-2] % pair), ndim=ndim)
+        pack = tirx.IndexMap.from_func(lambda *idx: (*idx[:-2], idx[-1] // nr, idx[-2] // pair, idx[-1] % nr,
+                                                     idx[-2] % pair), ndim=ndim, index_dtype=index_dtype)
     else:
         pack = tirx.IndexMap.from_func(lambda *idx: (*idx[:-2], idx[-1] // nr, idx[-2], idx[-1] % nr), ndim=ndim)
     sch.transform_layout(mm.block, ("read", index), pack)
