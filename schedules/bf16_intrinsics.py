@@ -20,7 +20,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 NAME = "bmvcc_dot_16x2_bf16"
-LANES = 16  # targets/cpu.py BF16_DOT_LANES: fp32 lanes of a 512-bit register
+LANES = 16  # fp32 lanes of a 512-bit register (targets/cpu.py has_bf16_dot: the CPUs that have it)
 PAIR = 2  # k values per lane and instruction
 
 _DPBF16PS = """

@@ -38,7 +38,6 @@ AARCH64 = TargetSpec(
 # AVX-512 BF16 (Cooper Lake, Sapphire Rapids and later Xeons, Zen 4 and later): vdpbf16ps multiplies
 # pairs of bf16 and adds both products to one fp32 lane, 16 lanes a 512-bit register.
 BF16_DOT_FEATURE = "avx512bf16"
-BF16_DOT_LANES = 16
 
 
 def has_bf16_dot(target) -> bool:

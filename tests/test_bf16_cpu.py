@@ -5,8 +5,10 @@ relative; a product of two rounded operands by at most (1 + u)^2 - 1 < 2^-8 rela
 exactly in fp32: 8 x 8 bits), and a K-long dot product by at most 2^-8 * sum_k |a_k w_k|, plus fp32
 accumulation's K * 2^-24 * sum_k |a_k w_k|. Through a model that bound does not stay elementwise (layer
 norms, softmax, BitLinear's int8 rounding), so the model is compared instead with PyTorch computing the same
-roundings (operands of every float Linear rounded to bf16), which leaves fp32 summation order and fast-math
-exp/erf, the float32 build's differences (1e-3, as tests/test_passes_model.py allows them).
+roundings (operands of every float Linear rounded to bf16). What remains are the float32 build's differences
+(tests/test_passes_model.py): fp32 sums in another order, ~1e-6, unless a value within an ulp of a rounding
+tie (int8 code, or here a bf16 one) lands on the other side, which moves the logits by at most ~1e-3:
+ATOL 2e-3, as there. bf16 itself moves the logits by more than that (asserted), so the test tells them apart.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from conftest import cli_error, small_config
 HOST = get_target("host").target()
 needs_bf16 = pytest.mark.skipif(not has_bf16_dot(HOST), reason=f"this CPU ({HOST.attrs.get('mcpu')}) lacks "
                                 f"{BF16_DOT_FEATURE}: a bf16 build cannot run here")
+ATOL = 2e-3  # logits against PyTorch with the same roundings (see the module docstring)
 PRODUCT_BOUND = 2.0**-8  # relative error of a product of two bf16-rounded operands
 ACCUMULATION = 2.0**-24  # fp32 rounding per addition
 M, K, N = 64, 96, 80  # N: 5 vectors of 16 lanes (not one register tile), K: 48 pairs
@@ -150,14 +153,14 @@ def test_compile_bf16_matches_pytorch_with_bf16_linears(checkpoint, tmp_path):
     with torch.no_grad():
         emulated = _bf16_linears(model)(torch.from_numpy(images)).numpy()
         float32 = model(torch.from_numpy(images)).numpy()
-    np.testing.assert_allclose(logits, emulated, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(logits, emulated, atol=ATOL, rtol=0)
     # the reported error is the build's against the float32 model on the seeded images
     seeded = np.random.default_rng(precision.ERROR_SEED).standard_normal((precision.ERROR_IMAGES, 1, 28, 28))
     with torch.no_grad():
         reference = model(torch.from_numpy(seeded.astype("float32"))).numpy()
     error = summary["float32_error"]
     assert error["max_abs_logit_error"] == pytest.approx(np.abs(load(out)(seeded.astype("float32")) - reference).max())
-    assert np.abs(logits - float32).max() > 1e-4  # the bf16 rounding shows against float32
+    assert np.abs(logits - float32).max() > ATOL  # the bf16 rounding shows against float32
 
 
 @pytest.mark.parametrize("target, needle", [
