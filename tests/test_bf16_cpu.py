@@ -64,21 +64,24 @@ def _weights():
             rng.standard_normal(N).astype("float32"))
 
 
-def test_only_matmuls_with_a_weight_take_bf16():
-    """x @ W (W a constant, behind a transpose) narrows; x @ y of two computed operands (attention) does not."""
+def test_only_matmuls_with_a_weight_of_whole_pairs_and_vectors_take_bf16():
+    """x @ W (W [16, 16] a constant, behind a transpose) narrows; x @ y (two computed operands, as attention's)
+    does not, nor z @ V with V [15, 16] (K not in pairs of k: vdpbf16ps would not take it)."""
     bb = relax.BlockBuilder()
-    x, y = (relax.Var(n, relax.TensorType((8, 8), "float32")) for n in "xy")
-    with bb.function("main", [x, y]):
+    x, y, z = (relax.Var(n, relax.TensorType(s, "float32")) for n, s in (("x", (8, 16)), ("y", (16, 16)), ("z", (8, 15))))
+    with bb.function("main", [x, y, z]):
         with bb.dataflow():
-            w = relax.op.permute_dims(relax.const(np.ones((8, 8), "float32")))
-            out = bb.emit_output(bb.emit(relax.op.add(relax.op.matmul(x, w), relax.op.matmul(x, y))))
+            w = relax.op.permute_dims(relax.const(np.ones((16, 16), "float32")))
+            odd = relax.const(np.ones((15, 16), "float32"))
+            products = [relax.op.matmul(x, w), relax.op.matmul(x, y), relax.op.matmul(z, odd)]
+            out = bb.emit_output(bb.emit(relax.op.add(relax.op.add(*products[:2]), products[2])))
         bb.emit_func_output(out)
     narrowed = bf16_matmuls(bb.get())
     matmuls = []
     relax.analysis.post_order_visit(narrowed["main"], lambda e: matmuls.append(e) if isinstance(e, relax.Call)
                                     and e.op.same_as(tvm.ir.Op.get("relax.matmul")) else None)
     operand_dtypes = sorted(tuple(str(a.ty.dtype) for a in m.args) for m in matmuls)
-    assert operand_dtypes == [("bfloat16", "bfloat16"), ("float32", "float32")], narrowed
+    assert operand_dtypes == [("bfloat16", "bfloat16")] + [("float32", "float32")] * 2, narrowed
 
 
 @needs_bf16
@@ -127,10 +130,11 @@ def test_linear_runs_on_vdpbf16ps(mcpu):
 
 
 def _bf16_linears(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` whose float Linear layers (not BitLinear) round weights and inputs to bf16."""
+    """A copy of `model` whose float Linear layers (not BitLinear) that vdpbf16ps takes (in features in pairs,
+    out features in vectors of 16) round weights and inputs to bf16."""
     model = copy.deepcopy(model)
     for m in model.modules():
-        if type(m) is torch.nn.Linear:
+        if type(m) is torch.nn.Linear and m.in_features % 2 == 0 and m.out_features % 16 == 0:
             m.weight.data = m.weight.data.bfloat16().float()
             m.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(),))
     return model
