@@ -36,7 +36,7 @@ def fp16_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
 
 def narrow_matmul_operands(mod: tvm.IRModule, dtype: str, selects=lambda mutator, call: True) -> tvm.IRModule:
     """Every float32 `matmul` that `selects(mutator, call)` on `dtype` operands, out_dtype float32."""
-    mutator = _Fp16(mod.clone(), dtype, selects)  # out is its builder's module, which would be `mod` itself
+    mutator = _NarrowOperands(mod.clone(), dtype, selects)  # out is its builder's module, which would be `mod` itself
     main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = main
@@ -48,7 +48,7 @@ def _dtype(e) -> str | None:
 
 
 @relax.expr_functor.mutator
-class _Fp16(relax.PyExprMutator):
+class _NarrowOperands(relax.PyExprMutator):
     def __init__(self, mod, dtype: str, selects):
         super().__init__(mod)
         self.dtype, self.selects = dtype, selects
