@@ -195,7 +195,8 @@ _ATTENTION = re.compile(r"causal_attention_g(\d+)_kv\d+_n(\d+)_d(\d+)")
 
 
 def _ops(symbol: str, shapes: list) -> tuple[float, str]:
-    """(arithmetic operations of one call, "int8", "bf16" or "fp32") for the kernels with a known op count, else (0, "")."""
+    """(arithmetic operations of one call, "int8", "bf16" or "fp32") for the kernels with a known op count,
+    else (0, "")."""
     if m := _W2A8.search(symbol):
         mm, n, k = map(int, m.groups())
         return 2.0 * mm * n * k, "int8"

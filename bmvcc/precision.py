@@ -54,5 +54,6 @@ def describe(precision: str, error: dict | None) -> str:
     what = f"float precision: {precision} (Linear layers' matmuls on {precision} operands, float32 accumulation)"
     if error is None:
         return what + "; error against float32 not measured (it needs the host target and a PyTorch source)"
-    return (what + f"; against the float32 PyTorch model on {error['images']} seeded random images: "
-            f"max |logit error| {error['max_abs_logit_error']:.2e}, argmax agrees on {error['argmax_agrees']} of {error['images']}")
+    n = error["images"]
+    return (what + f"; against the float32 PyTorch model on {n} seeded random images: max |logit error| "
+            f"{error['max_abs_logit_error']:.2e}, argmax agrees on {error['argmax_agrees']} of {n}")

@@ -68,7 +68,8 @@ def test_only_matmuls_with_a_weight_of_whole_pairs_and_vectors_take_bf16():
     """x @ W (W [16, 16] a constant, behind a transpose) narrows; x @ y (two computed operands, as attention's)
     does not, nor z @ V with V [15, 16] (K not in pairs of k: vdpbf16ps would not take it)."""
     bb = relax.BlockBuilder()
-    x, y, z = (relax.Var(n, relax.TensorType(s, "float32")) for n, s in (("x", (8, 16)), ("y", (16, 16)), ("z", (8, 15))))
+    x, y, z = (relax.Var(n, relax.TensorType(shape, "float32"))
+               for n, shape in (("x", (8, 16)), ("y", (16, 16)), ("z", (8, 15))))
     with bb.function("main", [x, y, z]):
         with bb.dataflow():
             w = relax.op.permute_dims(relax.const(np.ones((16, 16), "float32")))
