@@ -1,12 +1,14 @@
 """Whole-model CPU benchmark: the paper-size BitMedViT compiled by bmvcc vs PyTorch eager float32.
 
-    python benchmarks/bench_model_cpu.py [--threads 2] [--repeat 5] [--variants bitlinear,float] [--json]
+    python benchmarks/bench_model_cpu.py [--threads 2] [--repeat 5] [--variants bitlinear,float,bf16] [--json]
 
 The model is the paper's configuration (benchmarks/common.py PAPER) with random weights (seed 0),
 batch 1, saved as a state dict in a temporary directory; ONNX Runtime runs it as exported by
 `bmvcc export-onnx`, with the same thread count. Each variant is compiled for target `host` through
 bmvcc.driver.compile_model (`bitlinear`: the BitLinear rewrite; `float`: --no-bitlinear, every layer a
-float matmul with TVM's default CPU schedules), its compile stages timed from the driver's progress
+float matmul with TVM's default CPU schedules; `bf16`: the BitLinear rewrite with --float-precision bf16,
+by default only on a CPU with AVX-512 BF16, its median also as a ratio to `bitlinear`'s, the float32
+build), its compile stages timed from the driver's progress
 messages, then loaded with bmvcc.load and timed in this process with the same thread count as
 PyTorch (best and median of --repeat calls after one warm-up). Every output is compared with the
 PyTorch logits before it is timed. A variant that fails to compile is reported, not fatal.
@@ -31,14 +33,14 @@ from pathlib import Path
 import numpy as np
 from common import PAPER, model_macs, onnxruntime_session, paper_checkpoint, time_call
 
-VARIANTS = {"bitlinear": True, "float": False}
+VARIANTS = {"bitlinear": {}, "float": {"bitlinear": False}, "bf16": {"float_precision": "bf16"}}  # CompileOptions
 
 
 
 
 
 
-def _compile(path: Path, outdir: Path, bitlinear: bool, log) -> dict:
+def _compile(path: Path, outdir: Path, options: dict, log) -> dict:
     """Compile one variant; returns seconds per driver stage and in total."""
     from bmvcc.driver import CompileOptions, compile_model
 
@@ -49,7 +51,7 @@ def _compile(path: Path, outdir: Path, bitlinear: bool, log) -> dict:
         log(f"  {msg}")
 
     start = time.perf_counter()
-    compile_model(path, outdir, CompileOptions(target="host", bitlinear=bitlinear), progress=progress)
+    compile_model(path, outdir, CompileOptions(target="host", **options), progress=progress)
     end = time.perf_counter()
     stages = {}
     for (msg, t0), (_, t1) in zip(marks, marks[1:] + [("end", end)]):
@@ -72,10 +74,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="comma list of: " + ", ".join(VARIANTS)
+                    + " (default: all, bf16 only on a CPU with AVX-512 BF16)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
-    variants = [v for v in args.variants.split(",") if v]
+    variants = [v for v in (args.variants or _default_variants()).split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -120,6 +123,9 @@ def main(argv=None) -> int:
                          "argmax_matches": bool((out.argmax(-1) == ref.argmax(-1)).all()),
                          **time_call(lambda: compiled(image), args.repeat)})
     eager, ort = rows[0]["best_ms"], rows[1]["median_ms"]
+    bf16, float32 = ({r["name"]: r for r in rows}.get(f"bmvcc {v}", {}) for v in ("bf16", "bitlinear"))
+    if "median_ms" in bf16 and "median_ms" in float32:
+        bf16["median_vs_float32_build"] = bf16["median_ms"] / float32["median_ms"]
     bound = _bound(args.threads)
     for r in rows:
         if "best_ms" in r:
@@ -134,6 +140,13 @@ def main(argv=None) -> int:
     else:
         print(_table(result))
     return 0
+
+
+def _default_variants() -> str:
+    from bmvcc.targets import get
+    from bmvcc.targets.cpu import has_bf16_dot
+
+    return ",".join(v for v in VARIANTS if v != "bf16" or has_bf16_dot(get("host").target()))
 
 
 def _bound(threads: int) -> dict:
@@ -169,6 +182,11 @@ def _table(result: dict) -> str:
         vs_bound = f"{r['median_vs_bound']:.2f}x" if "median_vs_bound" in r else ""
         lines.append(f"| {r['name']} | {r['best_ms']:.1f} | {r['median_ms']:.1f} | {r['speedup_vs_eager']:.2f}x | "
                      f"{r['median_vs_onnxruntime']:.2f} | {vs_bound} | {err} | {comp} |")
+    for r in result["rows"]:
+        if "median_vs_float32_build" in r:
+            lines += ["", f"{r['name']}: median {r['median_vs_float32_build']:.2f}x the float32 build's (bmvcc bitlinear), "
+                          f"{r['median_vs_onnxruntime']:.2f}x ONNX Runtime's; max abs logit err vs PyTorch float32 "
+                          f"{r['max_abs_err_vs_torch']:.2e}, argmax {'matches' if r['argmax_matches'] else 'differs'}"]
     for r in result["rows"]:
         if "stages_s" in r:
             lines += ["", f"compile stages, {r['name']}:", "", "| stage | s |", "|---|---|"]

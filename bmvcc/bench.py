@@ -166,10 +166,12 @@ def _time_remotely(calls: list, lib, dev, repeat: int) -> list:
 def _kernel_table(calls: list, runs: int, peak) -> list[dict]:
     """Per kernel (VM call symbol): calls and ms in one call of `main` (`calls` spans `runs` calls), %, GB/s, GOP/s."""
     count, seconds, ops, nbytes = defaultdict(int), defaultdict(float), defaultdict(float), defaultdict(float)
+    kinds = {}
     for symbol, s, shapes in calls:
         count[symbol] += 1
         seconds[symbol] += s
-        ops[symbol] += _ops(symbol, shapes)[0]
+        n, kinds[symbol] = _ops(symbol, shapes)
+        ops[symbol] += n
         nbytes[symbol] += sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in shapes)
     total = sum(seconds.values())
     rows = []
@@ -178,11 +180,11 @@ def _kernel_table(calls: list, runs: int, peak) -> list[dict]:
         row = {"name": symbol, "calls": count[symbol] // runs, "ms": 1e3 * s / runs, "percent": 100 * s / total}
         if not symbol.startswith("vm.builtin."):  # the VM's own bookkeeping moves no tensor data
             row["gb_per_s"] = nbytes[symbol] / s / 1e9  # every argument's bytes once: what the kernel must read or write
-        kind = _ops(symbol, [])[1]
+        kind = kinds[symbol]
         if ops[symbol]:
             row.update({"ops_kind": kind, "gop_per_s": ops[symbol] / s / 1e9})
             if peak is not None:
-                rate = peak.int8_ops_per_s() if kind == "int8" else peak.fp32_ops_per_s()
+                rate = {"int8": peak.int8_ops_per_s, "bf16": peak.bf16_ops_per_s}.get(kind, peak.fp32_ops_per_s)()
                 row["percent_of_peak"] = 100 * ops[symbol] / s / rate
         rows.append(row)
     return rows
@@ -193,7 +195,8 @@ _ATTENTION = re.compile(r"causal_attention_g(\d+)_kv\d+_n(\d+)_d(\d+)")
 
 
 def _ops(symbol: str, shapes: list) -> tuple[float, str]:
-    """(arithmetic operations of one call, "int8" or "fp32") for the kernels with a known op count, else (0, "")."""
+    """(arithmetic operations of one call, "int8", "bf16" or "fp32") for the kernels with a known op count,
+    else (0, "")."""
     if m := _W2A8.search(symbol):
         mm, n, k = map(int, m.groups())
         return 2.0 * mm * n * k, "int8"
@@ -201,7 +204,8 @@ def _ops(symbol: str, shapes: list) -> tuple[float, str]:
         g, n, d = map(int, m.groups())
         return 2.0 * g * d * n * (n + 1), "fp32"
     if "matmul" in symbol:  # A[.., K] x B -> out (the last argument): 2 K operations per output
-        return (2.0 * shapes[0][0][-1] * math.prod(shapes[-1][0]) if shapes else 0.0), "fp32"
+        kind = "bf16" if shapes and shapes[0][1] == "bfloat16" else "fp32"  # --float-precision bf16: vdpbf16ps
+        return (2.0 * shapes[0][0][-1] * math.prod(shapes[-1][0]) if shapes else 0.0), kind
     return 0.0, ""
 
 

@@ -50,6 +50,7 @@ def compile(
     db: Optional[Path] = typer.Option(None, "--db", help="tuning database from bmvcc tune (same target) to apply"),
     force: bool = typer.Option(False, "--force", help="replace OUTDIR even if it is not a bmvcc artifact (its files are deleted)"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after every pass and build stage to this directory (TVMScript)"),
+    float_precision: str = typer.Option("float32", "--float-precision", help="float32 (default), or bf16: the Linear layers' matmuls on bf16 operands (CPUs with AVX-512 BF16)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Compile a checkpoint into an artifact directory (module .so, weights, metadata.json)."""
@@ -57,10 +58,11 @@ def compile(
 
     options = CompileOptions(target=target, batch=batch, heads=heads, image_size=image_size,
                              trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset, db=db,
-                             force=force, dump_ir=dump_ir)
+                             force=force, dump_ir=dump_ir, float_precision=float_precision)
     report = compile_model(source, output, options, progress=_progress)
     summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
-               "kernels_from_db": report.metadata["tuning"]["kernels_from_db"]}
+               "kernels_from_db": report.metadata["tuning"]["kernels_from_db"],
+               "float_precision": float_precision, "float32_error": report.float32_error}
     tuning = report.metadata["tuning"]
     source_db = f"shipped database {tuning['db']}" if tuning["shipped"] else tuning["db"]
     tuned = f" ({tuning['kernels_from_db']} kernels from {source_db})" if tuning["db"] else ""
@@ -69,6 +71,10 @@ def compile(
         from .passes.pipeline import describe
 
         typer.echo(describe(report.metadata["passes"]))
+        if float_precision != "float32":
+            from .precision import describe as describe_precision
+
+            typer.echo(describe_precision(float_precision, report.float32_error))
 
 
 @app.command()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, artifact
+from . import __version__, artifact, precision
 from .artifact import sha256
 from .data import dataset as medmnist_dataset
 from .errors import BmvccError
@@ -28,6 +28,7 @@ class CompileOptions:
     shipped_databases: Path | None = None  # where shipped databases are found (None: tunedb.SHIPPED_DATABASES)
     force: bool = False  # replace an existing OUTDIR that is not a bmvcc artifact (artifact.check_outdir)
     dump_ir: Path | None = None  # directory for the IR after every pass and stage (bmvcc/irdump.py)
+    float_precision: str = "float32"  # "bf16": the Linear layers' matmuls on bf16 operands (bmvcc/precision.py)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class CompileReport:
     outdir: Path
     seconds: float
     metadata: dict = field(default_factory=dict)
+    float32_error: dict | None = None  # a build not in float32, on the host: precision.error_vs_float32
 
 
 def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
@@ -45,6 +47,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     spec = get_target(options.target)
     artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
     check_source(source_path, options.heads)  # and before the seconds importing torch and TVM take
+    precision.check(options.float_precision, spec)
     dataset = medmnist_dataset(options.dataset) if options.dataset else None
     dump = IRDump(options.dump_ir)
     from . import tunedb
@@ -69,7 +72,8 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     from .passes.pipeline import run_pipeline
 
     progress(f"running bmvcc passes for {spec.name}")
-    mod, weights, pass_report = run_pipeline(mod, spec, bitlinear=options.bitlinear, dump=dump)
+    mod, weights, pass_report = run_pipeline(mod, spec, bitlinear=options.bitlinear, dump=dump,
+                                             float_precision=options.float_precision)
     progress(f"building for {spec.name}: {spec.description}")
     from .build import build
 
@@ -80,8 +84,12 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
         metadata["tuning"] = {"db": db.name if db else None,  # the name only: builds record no directory
                               "shipped": db is not None and options.db is None, "kernels_from_db": from_db}
         artifact.write_metadata(tmp, metadata)
+    error = None
+    if options.float_precision != "float32" and spec.name == "host":  # the one target whose module runs here
+        progress(f"measuring the {options.float_precision} build against the float32 model")
+        error = precision.error_vs_float32(Path(outdir), source)
     seconds = time.perf_counter() - start
-    return CompileReport(Path(outdir), seconds, metadata)
+    return CompileReport(Path(outdir), seconds, metadata, error)
 
 
 def _save_weights(weights, path: Path) -> None:
@@ -109,6 +117,7 @@ def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights,
         "num_weights": len(weights),
         "weights": [{"shape": [int(d) for d in w.shape], "dtype": str(w.dtype)} for w in weights],
         "passes": pass_report,
+        "float_precision": options.float_precision,
     }
 
 

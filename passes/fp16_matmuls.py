@@ -31,7 +31,12 @@ _LAYOUT = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "relax.
 
 
 def fp16_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
-    mutator = _Fp16(mod.clone())  # out is its builder's module, which would be `mod` itself
+    return narrow_matmul_operands(mod, "float16")
+
+
+def narrow_matmul_operands(mod: tvm.IRModule, dtype: str, selects=lambda mutator, call: True) -> tvm.IRModule:
+    """Every float32 `matmul` that `selects(mutator, call)` on `dtype` operands, out_dtype float32."""
+    mutator = _NarrowOperands(mod.clone(), dtype, selects)  # out is its builder's module, which would be `mod` itself
     main = mutator.visit_expr(mod["main"])
     out = mutator.builder_.get()
     out["main"] = main
@@ -43,25 +48,27 @@ def _dtype(e) -> str | None:
 
 
 @relax.expr_functor.mutator
-class _Fp16(relax.PyExprMutator):
-    def __init__(self, mod):
+class _NarrowOperands(relax.PyExprMutator):
+    def __init__(self, mod, dtype: str, selects):
         super().__init__(mod)
-        self.half: dict = {}  # float32 var -> its fp16 version (one cast per computed value)
+        self.dtype, self.selects = dtype, selects
+        self.half: dict = {}  # float32 var -> its `dtype` version (one cast per computed value)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not call.op.same_as(_MATMUL) or any(_dtype(a) != "float32" for a in call.args):
+        if (not call.op.same_as(_MATMUL) or any(_dtype(a) != "float32" for a in call.args)
+                or not self.selects(self, call)):
             return call
         return relax.op.matmul(*(self.to_half(a) for a in call.args), out_dtype="float32")
 
     def to_half(self, e):
-        """e in fp16: its layout ops replayed on the cast of the value they move."""
+        """e in self.dtype: its layout ops replayed on the cast of the value they move."""
         if e in self.half:
             return self.half[e]
         value = self.lookup_binding(e) if isinstance(e, relax.Var) else None
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name in _LAYOUT:
             half = relax.Call(value.op, [self.to_half(value.args[0]), *value.args[1:]], value.attrs)
         else:
-            half = relax.op.astype(e, "float16")
+            half = relax.op.astype(e, self.dtype)
         self.half[e] = self.builder_.emit(half)
         return self.half[e]

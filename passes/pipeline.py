@@ -12,6 +12,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from .bf16_matmuls import bf16_matmuls
 from .drop_training_outputs import drop_training_outputs
 from .externalize_weights import content_key, externalize_weights
 from .fp16_matmuls import fp16_matmuls
@@ -30,8 +31,10 @@ def module_pass(func) -> tvm.transform.Pass:
     return tvm.transform.module_pass(lambda mod, _ctx: func(mod), opt_level=0, name=func.__name__)
 
 
-def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str, tvm.transform.Pass]]:
-    """The ordered passes; `device` ("cpu" / "cuda", the target's): passes that exist for one kind only."""
+def passes(bitlinear: bool = True, device: str | None = None,
+           float_precision: str = "float32") -> list[tuple[str, tvm.transform.Pass]]:
+    """The ordered passes; `device` ("cpu" / "cuda", the target's): passes that exist for one kind only;
+    `float_precision` "bf16" (CPU): the Linear layers' matmuls on bf16 operands."""
     bitlinear_passes = [
         # Phase 2: BitLinear -> int8 x 2-bit kernels (weights ternarized and packed at compile time)
         ("quantize_bitlinear", module_pass(quantize_bitlinear)),
@@ -46,6 +49,8 @@ def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str,
         *(bitlinear_passes if bitlinear else []),
         # GPU only: float matmuls on fp16 operands (before fold_constants, which casts their weights)
         *([("fp16_matmuls", module_pass(fp16_matmuls))] if device == "cuda" else []),
+        # CPU --float-precision bf16: the Linear layers' matmuls on bf16 operands (also before fold_constants)
+        *([("bf16_matmuls", module_pass(bf16_matmuls))] if float_precision == "bf16" else []),
         # Phase 3: fold what is known at compile time (weight quantization of float paths)
         ("drop_dead_weights", relax.transform.DeadCodeElimination(["main"])),
         ("fold_constants", relax.transform.FoldConstant()),
@@ -64,7 +69,7 @@ def passes(bitlinear: bool = True, device: str | None = None) -> list[tuple[str,
     ]
 
 
-def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None):
+def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None, float_precision: str = "float32"):
     """Returns (module, weights, report): weights are main's parameters after the image.
 
     externalize_weights always runs last. The report states the BitLinear layers rewritten and
@@ -73,7 +78,7 @@ def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None)
     """
     reports: dict = {}
     dump("import", mod)
-    for name, p in passes(bitlinear, spec.device if spec is not None else None):
+    for name, p in passes(bitlinear, spec.device if spec is not None else None, float_precision):
         mod = p(mod)
         key = REPORT_PREFIX + name
         if mod.attrs is not None and key in mod.attrs:

@@ -6,6 +6,7 @@ returns the intrinsic's (description, implementation) PrimFuncs. `ensure(name)` 
 names its intrinsic through ensure. `ensure_all(user)` registers a user's whole set, for what replays traces
 that name them (a tuning database: bmvcc/tunedb.py; a MetaSchedule TuneContext). Users:
   w2a8_cpu      dot_intrinsics.py: the int8 dot products of the CPU W2A8 schedules
+  matmul_cpu    bf16_intrinsics.py: vdpbf16ps, the bf16 micro kernel of cpu_rules/matmul.py
   w2a8_cuda     cuda_intrinsics.py: ldmatrix, mma.sync on decoded 2-bit weights, fill, dequantizing store
   dlight        TVM's wmma intrinsics (wmma_intrinsics.py), for DLight's tensor-core matmul rule, under
                 "bmvcc_" + TVM's name, so that TVM's own module can still register its names
@@ -18,7 +19,7 @@ import importlib
 
 from ..errors import InternalError
 from . import cuda_intrinsics as ci
-from . import dot_intrinsics
+from . import bf16_intrinsics, dot_intrinsics
 from .w2a8 import EPILOGUES
 
 SHARED_SCOPES = ("shared", "shared.dyn")  # static __shared__ arrays, or dynamic shared memory above 48 KB
@@ -42,6 +43,7 @@ METASCHEDULE_TENSOR_CORE = tuple(
 
 INTRINSICS: dict[str, tuple[str, str, tuple]] = {
     **{i.name: ("w2a8_cpu", "dot_intrinsics:definition", (i.name,)) for i in dot_intrinsics.ALL},
+    bf16_intrinsics.NAME: ("matmul_cpu", "bf16_intrinsics:definition", ()),
     ci.FILL: ("w2a8_cuda", "cuda_intrinsics:fill", ()),
     **{ci.ldmatrix_a_name(s): ("w2a8_cuda", "cuda_intrinsics:ldmatrix_a", (s,)) for s in SHARED_SCOPES},
     **{ci.mma_decode_name(f, s): ("w2a8_cuda", "cuda_intrinsics:mma_decode", (f, s))

@@ -33,3 +33,15 @@ AARCH64 = TargetSpec(
     arch="aarch64",
     cross_compiler="aarch64",
 )
+
+
+# AVX-512 BF16 (Cooper Lake, Sapphire Rapids and later Xeons, Zen 4 and later): vdpbf16ps multiplies
+# pairs of bf16 and adds both products to one fp32 lane, 16 lanes a 512-bit register.
+BF16_DOT_FEATURE = "avx512bf16"
+
+
+def has_bf16_dot(target) -> bool:
+    """Whether the TVM llvm `target`'s CPU has vdpbf16ps (from its features, as LLVM knows them)."""
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features(BF16_DOT_FEATURE, target))

@@ -45,6 +45,9 @@ class CpuPeak:
     def fp32_ops_per_s(self) -> float:
         return 2 * self.fp32_fmas_per_cycle * self.cores * self.ghz * 1e9
 
+    def bf16_ops_per_s(self) -> float:  # vdpbf16ps (AVX-512 BF16): two bf16 products per fp32 lane, at the FMA rate
+        return 2 * self.fp32_ops_per_s()
+
     def bound_ms(self, int8_macs: float, fp32_macs: float) -> float:
         """Time for these MACs at the int8 and fp32 peaks, one after the other (they share the vector pipes)."""
         return 1e3 * (2 * int8_macs / self.int8_ops_per_s() + 2 * fp32_macs / self.fp32_ops_per_s())

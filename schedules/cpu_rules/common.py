@@ -8,6 +8,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.target import codegen
 
+from ...targets.cpu import has_bf16_dot
+
 MIN_PARALLEL_WORK = 4096  # fewer elements than this are not worth waking the thread pool
 DEFAULT_CORES = 8  # a target without num-cores (a cross target): enough parallel tasks for an 8-core device
 
@@ -19,6 +21,7 @@ class CpuFacts:
     vector_bits: int  # SIMD register width
     vector_registers: int  # architectural SIMD registers (register-tile budget)
     cores: int  # threads the parallel loops should keep busy (the target's num-cores)
+    bf16_dot: bool = False  # vdpbf16ps (targets/cpu.py has_bf16_dot): bf16 matmuls on it
 
     @staticmethod
     def of(target) -> "CpuFacts":
@@ -28,7 +31,7 @@ class CpuFacts:
             raise ValueError(f"CPU schedules need an llvm target, got {target.kind.name}")
         cores = int(target.attrs.get("num-cores") or DEFAULT_CORES)
         if codegen.target_has_features("avx512f", target):
-            return CpuFacts(512, 32, cores)
+            return CpuFacts(512, 32, cores, has_bf16_dot(target))
         if codegen.target_has_features("avx", target):
             return CpuFacts(256, 16, cores)
         if codegen.target_has_features("sse2", target):

@@ -1,7 +1,9 @@
 """matmul: C[b.., i, j] = sum_k A * B, with fused spatial prologue/epilogue (Linear layers, the batched
 attention matmuls): register tile MR x (NV vectors) accumulated in a local buffer, k directly outside the tile,
 row blocks sized for L2 and small enough that (batch, row block, column strip), the parallel loop, has a task
-for every core (where M allows), B packed per call into contiguous column strips."""
+for every core (where M allows), B packed per call into contiguous column strips. bf16 operands with an fp32
+accumulator (passes/bf16_matmuls.py) on a CPU with vdpbf16ps: B packed with pairs of k interleaved per column,
+the register tile's columns tensorized with schedules/bf16_intrinsics.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, tirx
 
+from .. import bf16_intrinsics
+from ..intrinsics import ensure
 from .common import (MIN_PARALLEL_WORK, CpuFacts, has_root, is_reduction, product, schedule_spatial_block,
                      trivially_bound, try_primitive)
 
@@ -35,6 +39,7 @@ class _Matmul:
     a_bytes: int  # element size of the operand indexed by (i, k)
     contiguous_j: bool  # one operand is read at [..., j] (stride 1), so j vectorizes
     b_buffer: object  # the column operand's buffer when it is read at [..., k, j] (packable), else None
+    bf16: bool  # both operands bfloat16 (the accumulator is then float32)
 
 
 def _matmul_rule(func, facts: CpuFacts):
@@ -47,8 +52,9 @@ def _matmul_rule(func, facts: CpuFacts):
     if mm is None:
         return None
     at = blocks.index(reductions[0])
-    for b in blocks[:at]:  # spatial prologue (e.g. a fused reshape of A)
-        try_primitive(sch.compute_inline, b)
+    if not _dot_bf16(mm, facts):  # vdpbf16ps reads A's pairs from a bf16 buffer: a prologue stays a block of its own
+        for b in blocks[:at]:  # spatial prologue (e.g. a fused reshape of A)
+            try_primitive(sch.compute_inline, b)
     for b in blocks[at + 1 : -1]:  # epilogue DAG (gelu reads x twice) folds into its last block
         try_primitive(sch.compute_inline, b)
     _tile_matmul(sch, mm, facts)
@@ -93,7 +99,7 @@ def _analyze_matmul(sch, block) -> _Matmul | None:
     packable = contiguous_j and len(b.indices) >= 2 and b.indices[-2].same_as(k_var)
     return _Matmul(block, loops[:-3], loops[-3], loops[-2], loops[-1], int(extents[-3]), int(extents[-2]),
                    int(extents[-1]), store.buffer.dtype, tvm.DataType(a.source.dtype).bits // 8, contiguous_j,
-                   b.source if packable else None)
+                   b.source if packable else None, a.source.dtype == b.source.dtype == "bfloat16")
 
 
 def _register_tile(m: int, n: int, lanes: int, registers: int, contiguous_j: bool) -> tuple[int, int, int]:
@@ -123,13 +129,21 @@ def _row_block(m: int, k: int, mr: int, a_bytes: int, strips: int, cores: int) -
     return max(busy) if busy else mr
 
 
+def _dot_bf16(mm: _Matmul, facts: CpuFacts) -> bool:
+    """Whether the register tile runs on vdpbf16ps: bf16 operands, packable B, whole vectors and pairs of k."""
+    lanes = facts.lanes(mm.dtype)
+    return (facts.bf16_dot and mm.bf16 and mm.dtype == "float32" and mm.b_buffer is not None
+            and lanes == bf16_intrinsics.LANES and mm.n % lanes == 0 and mm.k_extent % bf16_intrinsics.PAIR == 0)
+
+
 def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
     lanes = facts.lanes(mm.dtype)
     mr, nv, nr = _register_tile(mm.m, mm.n, lanes, facts.vector_registers, mm.contiguous_j)
     strips = product(sch.get(lp).extent for lp in mm.batch) * (mm.n // nr)
     mc = _row_block(mm.m, mm.k_extent, mr, mm.a_bytes, strips, facts.cores)
-    if nv and mm.b_buffer is not None and mm.n > nr:
-        _pack_columns(sch, mm, nr)
+    pair = bf16_intrinsics.PAIR if _dot_bf16(mm, facts) else 1
+    if nv and mm.b_buffer is not None and (mm.n > nr or pair > 1):  # vdpbf16ps needs the pairs interleaved
+        _pack_columns(sch, mm, nr, pair)
     i0, i1, i2 = sch.split(mm.i, [None, mc // mr, mr])
     if nv:
         j1, j2, j3 = sch.split(mm.j, [None, nv, lanes])
@@ -137,8 +151,10 @@ def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
     else:
         j1, j3 = sch.split(mm.j, [None, nr])
         inner_j = [j3]
-    # loop nest: (batch, row block, column strip) parallel | row tile | k | MR x NV x lanes register tile
-    sch.reorder(*mm.batch, i0, j1, i1, mm.k, i2, *inner_j)
+    k, k_pair = sch.split(mm.k, [None, pair]) if pair > 1 else (mm.k, None)
+    # loop nest: (batch, row block, column strip) parallel | row tile | k (/ pair) | MR x NV x lanes register tile
+    # (x pair: the intrinsic's)
+    sch.reorder(*mm.batch, i0, j1, i1, k, i2, *inner_j, *([k_pair] if k_pair else []))
     outer = sch.fuse(*mm.batch, i0, j1)
     if mm.m * mm.n >= MIN_PARALLEL_WORK:
         sch.parallel(outer)
@@ -148,23 +164,31 @@ def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
     sch.unroll(i2)
     if nv:
         sch.unroll(j2)
-        sch.vectorize(j3)
+        if pair == 1:
+            sch.vectorize(j3)
     else:
         sch.unroll(j3)
     # after the loop kinds: vectorizing the update of a decomposed reduction is rejected
-    init = sch.decompose_reduction(mm.block, mm.k)
+    init = sch.decompose_reduction(mm.block, k)
+    if pair > 1:
+        sch.tensorize(j3, ensure(bf16_intrinsics.NAME))
     _tile_inner(sch, sch.get_loops(init)[-2:], lanes if nv else 0)
     _tile_inner(sch, sch.get_loops(acc)[-2:], lanes if nv else 0)
 
 
-def _pack_columns(sch, mm: _Matmul, nr: int) -> None:
+def _pack_columns(sch, mm: _Matmul, nr: int, pair: int) -> None:
     """Copy B[..., k, j] once per call into Bp[..., j // NR, k, j % NR]: each NR-column strip the
-    register tile streams becomes contiguous (no TLB-hostile row stride, one prefetch stream)."""
+    register tile streams becomes contiguous (no TLB-hostile row stride, one prefetch stream). pair > 1
+    (vdpbf16ps): Bp[..., j // NR, k // pair, j % NR, k % pair], each column's pair of k adjacent."""
     reads = sch.get(mm.block).reads
     index = next(i for i, r in enumerate(reads) if r.source.same_as(mm.b_buffer))
     sch.cache_read(mm.block, index, "global")
-    ndim = len(mm.b_buffer.shape)
-    pack = tirx.IndexMap.from_func(lambda *idx: (*idx[:-2], idx[-1] // nr, idx[-2], idx[-1] % nr), ndim=ndim)
+    ndim, index_dtype = len(mm.b_buffer.shape), str(mm.b_buffer.shape[0].ty)
+    if pair > 1:
+        pack = tirx.IndexMap.from_func(lambda *idx: (*idx[:-2], idx[-1] // nr, idx[-2] // pair, idx[-1] % nr,
+                                                     idx[-2] % pair), ndim=ndim, index_dtype=index_dtype)
+    else:
+        pack = tirx.IndexMap.from_func(lambda *idx: (*idx[:-2], idx[-1] // nr, idx[-2], idx[-1] % nr), ndim=ndim)
     sch.transform_layout(mm.block, ("read", index), pack)
 
 

@@ -1,0 +1,59 @@
+"""--float-precision: the precision of the float matmuls, whether a target takes it, and the error of a
+build in it against the float32 model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import BmvccError
+
+FLOAT_PRECISIONS = ("float32", "bf16")  # float32 (the default): float parts exactly as the model computes them
+ERROR_IMAGES = 4  # seeded standard-normal images, the scale of preprocessed pixels
+ERROR_SEED = 0
+
+
+def check(precision: str, spec) -> None:
+    """Refuses a precision bmvcc does not know, and bf16 on a target whose CPU lacks vdpbf16ps."""
+    if precision not in FLOAT_PRECISIONS:
+        raise BmvccError(f"unknown --float-precision '{precision}'; choose one of: {', '.join(FLOAT_PRECISIONS)}")
+    if precision == "float32":
+        return
+    if spec.device != "cpu":
+        raise BmvccError(f"--float-precision {precision} is for CPU targets, and '{spec.name}' is a GPU (its float "
+                         "matmuls run on fp16 tensor cores already); drop --float-precision")
+    from .targets.cpu import BF16_DOT_FEATURE, has_bf16_dot
+
+    target = spec.target()
+    if not has_bf16_dot(target):
+        cpu = target.attrs.get("mcpu", "its CPU")
+        raise BmvccError(f"--float-precision bf16 needs a CPU with AVX-512 BF16 ({BF16_DOT_FEATURE}: vdpbf16ps), "
+                         f"which target '{spec.name}' ({cpu}) lacks; compile with the default --float-precision float32")
+
+
+def error_vs_float32(outdir: Path, source) -> dict | None:
+    """The compiled model in `outdir` against `source`'s PyTorch model (float32) on ERROR_IMAGES seeded
+    images: the largest absolute logit difference and on how many images the argmax agrees. None for an
+    ONNX source (no PyTorch model to run)."""
+    if source.module is None:
+        return None
+    import numpy as np
+    import torch
+
+    from .runtime import load
+
+    images = np.random.default_rng(ERROR_SEED).standard_normal((ERROR_IMAGES, *source.input_shape)).astype("float32")
+    with torch.no_grad():
+        reference = source.module(torch.from_numpy(images)).numpy()
+    logits = load(outdir)(images)
+    return {"images": ERROR_IMAGES, "max_abs_logit_error": float(np.abs(logits - reference).max()),
+            "argmax_agrees": int((logits.argmax(1) == reference.argmax(1)).sum())}
+
+
+def describe(precision: str, error: dict | None) -> str:
+    """The summary line of a build in `precision` (not float32)."""
+    what = f"float precision: {precision} (Linear layers' matmuls on {precision} operands, float32 accumulation)"
+    if error is None:
+        return what + "; error against float32 not measured (it needs the host target and a PyTorch source)"
+    n = error["images"]
+    return (what + f"; against the float32 PyTorch model on {n} seeded random images: max |logit error| "
+            f"{error['max_abs_logit_error']:.2e}, argmax agrees on {error['argmax_agrees']} of {n}")

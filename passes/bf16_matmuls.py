@@ -1,0 +1,45 @@
+"""bf16_matmuls: the Linear layers' matmuls on bf16 operands with fp32 accumulation (CPU builds with
+`--float-precision bf16`, on CPUs with AVX-512 BF16; cpu_rules/matmul.py runs them on vdpbf16ps).
+
+Matches every float32 `matmul(x, w)` in main whose w is computed from constants only (a weight) and has a
+shape vdpbf16ps takes whole (schedules/bf16_intrinsics.py: K in pairs, N in vectors of 16 columns): the
+float projections (QKV and output, fp_attn models), the patch embedding and the classifier head where
+their shapes allow, and float BitLinear weights under --no-bitlinear. A matmul of another shape (a
+7 x 7 x 3 patch, a 9-class head) stays float32: it would round without running faster. Attention's
+Q.K^T and P.V (both operands computed) stay float32, so fuse_causal_attention still finds them; the W2A8
+kernels are call_tir and untouched.
+Produces `matmul(a16, b16, out_dtype="float32")` as fp16_matmuls does: the activation cast sits after the
+op that computes it (fused into that kernel, which then writes 2-byte elements), weights are constants
+that fold_constants stores in bf16 (half the bytes). bf16 keeps float32's exponent, so nothing overflows;
+each operand is rounded to 8 significand bits (relative 2^-9), products and sums are fp32.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..schedules.bf16_intrinsics import LANES, PAIR
+from .fp16_matmuls import narrow_matmul_operands
+from .relax_match import static_shape
+
+_STATIC = (tvm.ir.Constant, relax.ShapeExpr)  # tensors and prim values; shapes
+
+
+def bf16_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
+    return narrow_matmul_operands(mod, "bfloat16", _weight_on_vdpbf16ps)
+
+
+def _weight_on_vdpbf16ps(mutator, call) -> bool:
+    w = call.args[1]
+    shape = static_shape(w)
+    return (shape is not None and len(shape) >= 2 and shape[-2] % PAIR == 0 and shape[-1] % LANES == 0
+            and _constant(mutator, w))
+
+
+def _constant(mutator, e) -> bool:
+    """Whether e is computed from constants only (main's image is the one parameter it may not read)."""
+    if isinstance(e, _STATIC):
+        return True
+    value = mutator.lookup_binding(e) if isinstance(e, relax.Var) else None
+    return isinstance(value, relax.Call) and all(_constant(mutator, a) for a in value.args)

@@ -1,0 +1,196 @@
+"""--float-precision bf16: the Linear layers' matmuls on bf16 operands, vdpbf16ps on CPUs with AVX-512 BF16.
+
+Error model. bf16 keeps 8 significand bits, so rounding an operand to nearest is off by at most u = 2^-9
+relative; a product of two rounded operands by at most (1 + u)^2 - 1 < 2^-8 relative (vdpbf16ps forms it
+exactly in fp32: 8 x 8 bits), and a K-long dot product by at most 2^-8 * sum_k |a_k w_k|, plus fp32
+accumulation's K * 2^-24 * sum_k |a_k w_k|. Through a model that bound does not stay elementwise (layer
+norms, softmax, BitLinear's int8 rounding), so the model is compared instead with PyTorch computing the same
+roundings (operands of every float Linear rounded to bf16). What remains are the float32 build's differences
+(tests/test_passes_model.py): fp32 sums in another order, ~1e-6, unless a value within an ulp of a rounding
+tie (int8 code, or here a bf16 one) lands on the other side, which moves the logits by at most ~1e-3:
+ATOL 2e-3, as there. bf16 itself moves the logits by more than that (asserted), so the test tells them apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import re
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax, te
+
+from bmvcc import precision
+from bmvcc.cli import main
+from bmvcc.errors import BmvccError
+from bmvcc.passes.bf16_matmuls import bf16_matmuls
+from bmvcc.schedules.cpu_default import schedule_cpu_module
+from bmvcc.schedules.cpu_rules import matmul as matmul_rule
+from bmvcc.targets import get as get_target
+from bmvcc.targets.base import TargetSpec
+from bmvcc.targets.cpu import BF16_DOT_FEATURE, has_bf16_dot
+
+from conftest import cli_error, small_config
+
+HOST = get_target("host").target()
+needs_bf16 = pytest.mark.skipif(not has_bf16_dot(HOST), reason=f"this CPU ({HOST.attrs.get('mcpu')}) lacks "
+                                f"{BF16_DOT_FEATURE}: a bf16 build cannot run here")
+ATOL = 2e-3  # logits against PyTorch with the same roundings (see the module docstring)
+PRODUCT_BOUND = 2.0**-8  # relative error of a product of two bf16-rounded operands
+ACCUMULATION = 2.0**-24  # fp32 rounding per addition
+M, K, N = 64, 96, 80  # N: 5 vectors of 16 lanes (not one register tile), K: 48 pairs
+
+
+def _linear(w: np.ndarray, b: np.ndarray) -> tvm.IRModule:
+    """relu(x) @ w + b, w and b constants (a Linear layer after an activation, whose kernel the cast joins)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((M, K), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = relax.op.add(relax.op.matmul(relax.op.nn.relu(x), relax.const(w)), relax.const(b))
+            out = bb.emit_output(bb.emit(y))
+        bb.emit_func_output(out)
+    return relax.transform.FoldConstant()(bf16_matmuls(bb.get()))
+
+
+def _weights():
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((M, K)).astype("float32"), (rng.standard_normal((K, N)) / np.sqrt(K)).astype("float32"),
+            rng.standard_normal(N).astype("float32"))
+
+
+def test_only_matmuls_with_a_weight_of_whole_pairs_and_vectors_take_bf16():
+    """x @ W (W [16, 16] a constant, behind a transpose) narrows; x @ y (two computed operands, as attention's)
+    does not, nor z @ V with V [15, 16] (K not in pairs of k: vdpbf16ps would not take it)."""
+    bb = relax.BlockBuilder()
+    x, y, z = (relax.Var(n, relax.TensorType(shape, "float32"))
+               for n, shape in (("x", (8, 16)), ("y", (16, 16)), ("z", (8, 15))))
+    with bb.function("main", [x, y, z]):
+        with bb.dataflow():
+            w = relax.op.permute_dims(relax.const(np.ones((16, 16), "float32")))
+            odd = relax.const(np.ones((15, 16), "float32"))
+            products = [relax.op.matmul(x, w), relax.op.matmul(x, y), relax.op.matmul(z, odd)]
+            out = bb.emit_output(bb.emit(relax.op.add(relax.op.add(*products[:2]), products[2])))
+        bb.emit_func_output(out)
+    narrowed = bf16_matmuls(bb.get())
+    matmuls = []
+    relax.analysis.post_order_visit(narrowed["main"], lambda e: matmuls.append(e) if isinstance(e, relax.Call)
+                                    and e.op.same_as(tvm.ir.Op.get("relax.matmul")) else None)
+    operand_dtypes = sorted(tuple(str(a.ty.dtype) for a in m.args) for m in matmuls)
+    assert operand_dtypes == [("bfloat16", "bfloat16")] + [("float32", "float32")] * 2, narrowed
+
+
+@needs_bf16
+def test_linear_within_the_bf16_bound_of_float64():
+    x, w, b = _weights()
+    scheduled = schedule_cpu_module(_linear(w, b), HOST)
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target=HOST), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    a = np.maximum(x.astype(np.float64), 0)
+    magnitude = np.abs(a) @ np.abs(w.astype(np.float64))  # sum_k |a_k w_k| per output
+    error = np.abs(out - (a @ w + b))
+    assert (error <= (PRODUCT_BOUND + K * ACCUMULATION) * magnitude + ACCUMULATION * np.abs(b)).all()
+    # bf16 really rounded the operands: a float32 build stays within K * 2^-24 ~ 2^-17 of the magnitude
+    assert (error / magnitude).max() > 2.0**-12
+
+
+@needs_bf16
+def test_matmul_rule_with_a_prologue_and_one_column_strip():
+    """A bf16 A computed in the same function (a cast behind a reshape) stays a block of its own, whose
+    buffer vdpbf16ps reads; N = 48 is one register tile (B packed for its pairs all the same); int32 indices."""
+    m, k, n = 32, 64, 48
+    x, b = te.placeholder((m * k,), "float32", name="x"), te.placeholder((k, n), "bfloat16", name="b")
+    a = te.compute((m, k), lambda i, r: x[i * k + r].astype("bfloat16"), name="a")
+    r = te.reduce_axis((0, k), "r")
+    c = te.compute((m, n), lambda i, j: te.sum(a[i, r].astype("float32") * b[r, j].astype("float32"), axis=r))
+    built = tvm.compile(matmul_rule.apply(te.create_prim_func([x, b, c]), HOST).mod, target=HOST)
+    assert "vdpbf16ps" in built.mod.inspect_source("asm")
+    rng = np.random.default_rng(0)
+    xs, bs = rng.standard_normal(m * k).astype("float32"), rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
+    out = tvm.runtime.tensor(np.zeros((m, n), "float32"))
+    built(tvm.runtime.tensor(xs), tvm.runtime.tensor(bs), out)
+    a64, b64 = xs.astype(ml_dtypes.bfloat16).astype(np.float64).reshape(m, k), bs.astype(np.float64)
+    exact, magnitude = a64 @ b64, np.abs(a64) @ np.abs(b64)  # the bf16 operands' products, exactly
+    assert (np.abs(out.numpy() - exact) <= 1.01 * k * ACCUMULATION * magnitude).all()  # fp32 sums only
+
+
+@pytest.mark.parametrize("mcpu", ["sapphirerapids", "znver4"])
+def test_linear_runs_on_vdpbf16ps(mcpu):
+    """Built (not run) for AVX-512 BF16 CPUs, whatever this machine is: the register tile on zmm vdpbf16ps."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    _, w, b = _weights()
+    (llvm,) = [m for m in tvm.compile(schedule_cpu_module(_linear(w, b), target), target=target).mod.imports
+               if m.kind == "llvm"]
+    asm = llvm.inspect_source("asm")
+    assert re.search(r"vdpbf16ps\s+\S+, %zmm\d+, %zmm\d+", asm), "the bf16 matmul does not use vdpbf16ps on zmm"
+
+
+def _bf16_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose float Linear layers (not BitLinear) that vdpbf16ps takes (in features in pairs,
+    out features in vectors of 16) round weights and inputs to bf16."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is torch.nn.Linear and m.in_features % 2 == 0 and m.out_features % 16 == 0:
+            m.weight.data = m.weight.data.bfloat16().float()
+            m.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(),))
+    return model
+
+
+@needs_bf16
+def test_compile_bf16_matches_pytorch_with_bf16_linears(checkpoint, tmp_path):
+    path, model = checkpoint(small_config(fp_attn=True))
+    out = tmp_path / "out"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(["compile", str(path), "-o", str(out), "--float-precision", "bf16", "--json"])
+    summary = json.loads(stdout.getvalue())
+    assert summary["float_precision"] == "bf16" and summary["causal_attention_fused"] == 2  # attention still found
+    assert json.loads((out / "metadata.json").read_text())["float_precision"] == "bf16"
+    from bmvcc.runtime import load
+
+    images = np.random.default_rng(1).standard_normal((4, 1, 28, 28)).astype("float32")
+    logits = load(out)(images)
+    with torch.no_grad():
+        emulated = _bf16_linears(model)(torch.from_numpy(images)).numpy()
+        float32 = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(logits, emulated, atol=ATOL, rtol=0)
+    # the reported error is the build's against the float32 model on the seeded images
+    seeded = np.random.default_rng(precision.ERROR_SEED).standard_normal((precision.ERROR_IMAGES, 1, 28, 28))
+    with torch.no_grad():
+        reference = model(torch.from_numpy(seeded.astype("float32"))).numpy()
+    error = summary["float32_error"]
+    assert error["max_abs_logit_error"] == pytest.approx(np.abs(load(out)(seeded.astype("float32")) - reference).max())
+    assert np.abs(logits - float32).max() > ATOL  # the bf16 rounding shows against float32
+
+
+@pytest.mark.parametrize("target, needle", [
+    ("aarch64", "error: --float-precision bf16 needs a CPU with AVX-512 BF16 (avx512bf16: vdpbf16ps), which target "
+                "'aarch64' (cortex-a78) lacks; compile with the default --float-precision float32"),
+    ("jetson-orin-nano", "error: --float-precision bf16 is for CPU targets, and 'jetson-orin-nano' is a GPU"),
+], ids=["aarch64", "gpu"])
+def test_bf16_refused_without_the_instructions(checkpoint, tmp_path, capsys, target, needle):
+    out = tmp_path / "out"
+    line = cli_error(capsys, ["compile", str(checkpoint(small_config())[0]), "-o", str(out), "-t", target,
+                              "--float-precision", "bf16"])
+    assert line.startswith(needle), line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_precision(checkpoint, tmp_path, capsys):
+    line = cli_error(capsys, ["compile", str(checkpoint(small_config())[0]), "-o", str(tmp_path / "out"),
+                              "--float-precision", "fp8"])
+    assert line == "error: unknown --float-precision 'fp8'; choose one of: float32, bf16"
+
+
+def test_x86_without_avx512bf16_refused():
+    """An AVX2 CPU (Zen 3) and an AVX-512 one without BF16 (Skylake-SP), as the CI machines may be."""
+    for mcpu in ("znver3", "skylake-avx512"):
+        spec = TargetSpec(mcpu, "", lambda mcpu=mcpu: {"kind": "llvm", "mcpu": mcpu}, "x86_64")
+        with pytest.raises(BmvccError, match=f"which target '{mcpu}' \\({mcpu}\\) lacks"):
+            precision.check("bf16", spec)
