@@ -11,7 +11,8 @@ kernels are call_tir and untouched.
 Produces `matmul(a16, b16, out_dtype="float32")` as fp16_matmuls does: the activation cast sits after the
 op that computes it (fused into that kernel, which then writes 2-byte elements), weights are constants
 that fold_constants stores in bf16 (half the bytes). bf16 keeps float32's exponent, so nothing overflows;
-each operand is rounded to 8 significand bits (relative 2^-9), products and sums are fp32.
+each operand is rounded to nearest even at 8 significand bits (relative u = 2^-8), the products
+of the rounded operands are exact in fp32 and the sums fp32.
 """
 
 from __future__ import annotations
