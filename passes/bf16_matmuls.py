@@ -18,29 +18,20 @@ of the rounded operands are exact in fp32 and the sums fp32.
 from __future__ import annotations
 
 import tvm
-from tvm import relax
 
 from ..schedules.bf16_intrinsics import LANES, PAIR
 from .fp16_matmuls import narrow_matmul_operands
-from .relax_match import static_shape
-
-_STATIC = (tvm.ir.Constant, relax.ShapeExpr)  # tensors and prim values; shapes
+from .relax_match import Bindings, is_const, static_shape
 
 
 def bf16_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
-    return narrow_matmul_operands(mod, "bfloat16", _weight_on_vdpbf16ps)
+    bindings = Bindings(mod["main"])  # the weights' producers (the mutator leaves constant-only bindings as they are)
+    return narrow_matmul_operands(mod, "bfloat16", lambda _mutator, call: _weight_on_vdpbf16ps(bindings, call.args[1]))
 
 
-def _weight_on_vdpbf16ps(mutator, call) -> bool:
-    w = call.args[1]
+def _weight_on_vdpbf16ps(bindings: Bindings, w) -> bool:
+    """Whether w is computed from constants only (main's image is the one parameter it may not read) and has a
+    shape vdpbf16ps takes whole."""
     shape = static_shape(w)
     return (shape is not None and len(shape) >= 2 and shape[-2] % PAIR == 0 and shape[-1] % LANES == 0
-            and _constant(mutator, w))
-
-
-def _constant(mutator, e) -> bool:
-    """Whether e is computed from constants only (main's image is the one parameter it may not read)."""
-    if isinstance(e, _STATIC):
-        return True
-    value = mutator.lookup_binding(e) if isinstance(e, relax.Var) else None
-    return isinstance(value, relax.Call) and all(_constant(mutator, a) for a in value.args)
+            and all(is_const(leaf) for leaf in bindings.leaves(w)))
