@@ -6,10 +6,11 @@ forms the products of the rounded operands exactly in fp32 (8 x 8 bits), so agai
 same rounded operands a K-long dot product is off by fp32 accumulation only, K * 2^-24 * sum_k |a_k w_k|:
 the kernel tests compare so, which also tells rounding to nearest even from truncation (off by up to 2^-7).
 Through a model no bound stays elementwise (layer norms, softmax, BitLinear's int8 rounding), so the model is
-compared instead with PyTorch computing the same roundings (operands of every float Linear rounded to bf16). What remains are the float32 build's differences
-(tests/test_passes_model.py): fp32 sums in another order, ~1e-6, unless a value within an ulp of a rounding
-tie (int8 code, or here a bf16 one) lands on the other side, which moves the logits by at most ~1e-3:
-ATOL 2e-3, as there. bf16 itself moves the logits by more than that (asserted), so the test tells them apart.
+compared instead with PyTorch computing the same roundings (operands of every float Linear rounded to bf16).
+What remains are the float32 build's differences (tests/test_passes_model.py): fp32 sums in another order,
+~1e-6, unless a value within an ulp of a rounding tie (int8 code, or here a bf16 one) lands on the other side,
+which moves the logits by at most ~1e-3: ATOL 2e-3, as there. bf16 itself moves the logits by more than that
+(asserted), so the test tells them apart.
 """
 
 from __future__ import annotations
