@@ -49,9 +49,13 @@ def error_vs_float32(outdir: Path, source) -> dict | None:
             "argmax_agrees": int((logits.argmax(1) == reference.argmax(1)).sum())}
 
 
-def describe(precision: str, error: dict | None) -> str:
-    """The summary line of a build in `precision` (not float32)."""
-    what = f"float precision: {precision} (Linear layers' matmuls on {precision} operands, float32 accumulation)"
+def describe(precision: str, narrowed: int, error: dict | None) -> str:
+    """The summary line of a build in `precision` (not float32) with `narrowed` matmuls on its operands
+    (the pass report's bf16_narrowed)."""
+    if not narrowed:
+        return (f"float precision: {precision} requested, but no matmul fits vdpbf16ps (a constant K x N weight, K even, "
+                "N a multiple of 16): the build is float32")
+    what = f"float precision: {precision} ({narrowed} Linear layers' matmuls on {precision} operands, float32 accumulation)"
     if error is None:
         return what + "; error against float32 not measured (it needs the host target and a PyTorch source)"
     n = error["images"]

@@ -21,12 +21,23 @@ import tvm
 
 from ..schedules.bf16_intrinsics import LANES, PAIR
 from .fp16_matmuls import narrow_matmul_operands
-from .relax_match import Bindings, is_const, static_shape
+from .relax_match import REPORT_PREFIX, Bindings, is_const, static_shape, with_report
+
+REPORT_KEY = REPORT_PREFIX + "bf16_matmuls"  # {"narrowed": matmuls on bf16 operands}
 
 
 def bf16_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
     bindings = Bindings(mod["main"])  # the weights' producers (the mutator leaves constant-only bindings as they are)
-    return narrow_matmul_operands(mod, "bfloat16", lambda _mutator, call: _weight_on_vdpbf16ps(bindings, call.args[1]))
+    narrowed = []
+
+    def selects(_mutator, call) -> bool:
+        if not _weight_on_vdpbf16ps(bindings, call.args[1]):
+            return False
+        narrowed.append(call)
+        return True
+
+    out = narrow_matmul_operands(mod, "bfloat16", selects)
+    return with_report(out, REPORT_KEY, {"narrowed": len(narrowed)})
 
 
 def _weight_on_vdpbf16ps(bindings: Bindings, w) -> bool:

@@ -31,6 +31,9 @@ from tvm import relax, te
 from bmvcc import precision
 from bmvcc.cli import main
 from bmvcc.errors import BmvccError
+from bmvcc.frontend import Source, to_relax
+from bmvcc.model import BitMedViT
+from bmvcc.passes.pipeline import run_pipeline
 from bmvcc.passes.bf16_matmuls import bf16_matmuls
 from bmvcc.schedules.cpu_default import schedule_cpu_module
 from bmvcc.schedules.cpu_rules import matmul as matmul_rule
@@ -140,12 +143,30 @@ def test_linear_runs_on_vdpbf16ps(mcpu):
     assert re.search(r"vdpbf16ps\s+\S+, %zmm\d+, %zmm\d+", asm), "the bf16 matmul does not use vdpbf16ps on zmm"
 
 
+def _fits_vdpbf16ps(m: torch.nn.Module) -> bool:
+    """A float Linear layer (not BitLinear) that vdpbf16ps takes: in features in pairs, out features in vectors of 16."""
+    return type(m) is torch.nn.Linear and m.in_features % 2 == 0 and m.out_features % 16 == 0
+
+
+@pytest.mark.parametrize("fp_attn", [False, True], ids=["bitlinear", "fp_attn"])
+def test_report_counts_the_narrowed_matmuls(fp_attn):
+    """small_config's projections are BitLinear (W2A8), its patch embedding has K = 7 x 7 (odd) and its head 10
+    columns: nothing fits, and the summary says the build is float32; fp_attn's float projections fit."""
+    cfg = small_config(fp_attn=fp_attn)
+    model = BitMedViT(cfg).eval()
+    mod = to_relax(Source(model, (1, 28, 28), cfg.num_classes, None, cfg), 1)
+    _, _, report = run_pipeline(mod, get_target("host"), float_precision="bf16")
+    fitting = sum(map(_fits_vdpbf16ps, model.modules()))
+    assert report["bf16_narrowed"] == fitting and (fitting > 0) == fp_attn
+    line = precision.describe("bf16", report["bf16_narrowed"], None)
+    assert ("no matmul fits vdpbf16ps" in line and "the build is float32" in line) == (not fp_attn), line
+
+
 def _bf16_linears(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` whose float Linear layers (not BitLinear) that vdpbf16ps takes (in features in pairs,
-    out features in vectors of 16) round weights and inputs to bf16."""
+    """A copy of `model` whose float Linear layers that vdpbf16ps takes round weights and inputs to bf16."""
     model = copy.deepcopy(model)
     for m in model.modules():
-        if type(m) is torch.nn.Linear and m.in_features % 2 == 0 and m.out_features % 16 == 0:
+        if _fits_vdpbf16ps(m):
             m.weight.data = m.weight.data.bfloat16().float()
             m.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(),))
     return model
