@@ -145,9 +145,9 @@ def main(argv=None) -> int:
 
 def _default_variants() -> str:
     from bmvcc.targets import get
-    from bmvcc.targets.cpu import has_bf16_dot
+    from bmvcc.targets.cpu import host_runs_bf16_dot
 
-    return ",".join(v for v in VARIANTS if v != "bf16" or has_bf16_dot(get("host").target()))
+    return ",".join(v for v in VARIANTS if v != "bf16" or host_runs_bf16_dot(get("host").target()))
 
 
 def _bound(threads: int) -> dict:
