@@ -87,7 +87,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     error = None
     if options.float_precision != "float32" and spec.name == "host":  # the one target whose module runs here
         progress(f"measuring the {options.float_precision} build against the float32 model")
-        error = precision.error_vs_float32(Path(outdir), source)
+        error = precision.error_vs_float32(Path(outdir), source, progress)
     seconds = time.perf_counter() - start
     return CompileReport(Path(outdir), seconds, metadata, error)
 

@@ -144,7 +144,7 @@ def test_linear_runs_on_vdpbf16ps(mcpu):
 
 
 def _fits_vdpbf16ps(m: torch.nn.Module) -> bool:
-    """A float Linear layer (not BitLinear) that vdpbf16ps takes: in features in pairs, out features in vectors of 16."""
+    """A float Linear layer (not BitLinear) that vdpbf16ps takes: in features in pairs, out in vectors of 16."""
     return type(m) is torch.nn.Linear and m.in_features % 2 == 0 and m.out_features % 16 == 0
 
 
@@ -172,15 +172,38 @@ def _bf16_linears(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _compile_bf16(source, out) -> dict:
+    """`bmvcc compile SOURCE -o OUT --float-precision bf16 --json`: the summary."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(["compile", str(source), "-o", str(out), "--float-precision", "bf16", "--json"])
+    return json.loads(stdout.getvalue())
+
+
+def _check_reported_error(error: dict, model: torch.nn.Module, input_shape: tuple) -> None:
+    """The summary's float32_error against PyTorch's on the seeded images: the bf16-emulated model's error
+    from the float32 model (above 2 ATOL, so no error at all would fail), which the build's is within ATOL of
+    (the build is within ATOL of the emulation), and the argmax agreement counted on the emulation (whose top
+    two logits lie more than 2 ATOL apart, so the build's argmax is the emulation's)."""
+    seeded = np.random.default_rng(precision.ERROR_SEED).standard_normal((precision.ERROR_IMAGES, *input_shape))
+    x = torch.from_numpy(seeded.astype("float32"))
+    with torch.no_grad():
+        emulated, float32 = (m(x) for m in (_bf16_linears(model), model))
+    emulated, float32 = ((y[0] if isinstance(y, tuple) else y).numpy() for y in (emulated, float32))
+    top2 = np.sort(emulated, axis=1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0] > 2 * ATOL).all() and np.abs(emulated - float32).max() > 2 * ATOL
+    assert error["images"] == 4
+    assert abs(error["max_abs_logit_error"] - np.abs(emulated - float32).max()) <= ATOL
+    assert error["argmax_agrees"] == int((emulated.argmax(1) == float32.argmax(1)).sum())
+
+
 @needs_bf16
 def test_compile_bf16_matches_pytorch_with_bf16_linears(checkpoint, tmp_path):
     path, model = checkpoint(small_config(fp_attn=True))
     out = tmp_path / "out"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        main(["compile", str(path), "-o", str(out), "--float-precision", "bf16", "--json"])
-    summary = json.loads(stdout.getvalue())
+    summary = _compile_bf16(path, out)
     assert summary["float_precision"] == "bf16" and summary["causal_attention_fused"] == 2  # attention still found
+    assert summary["bf16_narrowed"] == sum(map(_fits_vdpbf16ps, model.modules()))
     assert json.loads((out / "metadata.json").read_text())["float_precision"] == "bf16"
     from bmvcc.runtime import load
 
@@ -190,13 +213,49 @@ def test_compile_bf16_matches_pytorch_with_bf16_linears(checkpoint, tmp_path):
         emulated = _bf16_linears(model)(torch.from_numpy(images)).numpy()
         float32 = model(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(logits, emulated, atol=ATOL, rtol=0)
-    # the reported error is the build's against the float32 model on the seeded images
-    seeded = np.random.default_rng(precision.ERROR_SEED).standard_normal((precision.ERROR_IMAGES, 1, 28, 28))
-    with torch.no_grad():
-        reference = model(torch.from_numpy(seeded.astype("float32"))).numpy()
-    error = summary["float32_error"]
-    assert error["max_abs_logit_error"] == pytest.approx(np.abs(load(out)(seeded.astype("float32")) - reference).max())
     assert np.abs(logits - float32).max() > ATOL  # the bf16 rounding shows against float32
+    _check_reported_error(summary["float32_error"], model, (1, 28, 28))
+
+
+class _TupleOut(torch.nn.Module):
+    """Two Linear layers vdpbf16ps takes (64 -> 32 -> 16), the logits in a 1-tuple; logits of a few units (the
+    head's weights scaled), on which bf16 moves the argmax of one seeded image."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(64, 32), torch.nn.Linear(32, 16)
+        with torch.no_grad():
+            self.fc2.weight *= 10
+
+    def forward(self, x):
+        return (self.fc2(torch.relu(self.fc1(x.flatten(1)))),)
+
+
+@needs_bf16
+def test_compile_bf16_of_a_static_batch_pt2_with_a_tuple_output(tmp_path):
+    """A .pt2 exported for a fixed batch of 3 (torch.export's default) takes no batch of 4 seeded images:
+    the measurement runs it in chunks of 3 (the last padded), and reads the tuple's logits."""
+    model = _TupleOut().eval()
+    torch.export.save(torch.export.export(model, (torch.zeros(3, 1, 8, 8),)), tmp_path / "m.pt2")
+    summary = _compile_bf16(tmp_path / "m.pt2", tmp_path / "out")
+    assert summary["bf16_narrowed"] == 2
+    _check_reported_error(summary["float32_error"], model, (1, 8, 8))
+    assert summary["float32_error"]["argmax_agrees"] == 3
+
+
+def test_a_failed_measurement_is_noted_not_raised(tmp_path):
+    """The artifact is finished when the measurement runs: a source whose forward fails leaves no error
+    measured and a note saying why, no exception."""
+
+    class Fails(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no kernel for\nthis input")
+
+    notes = []
+    source = Source(Fails(), (1, 8, 8), 16, tmp_path / "m.pt2")
+    assert precision.error_vs_float32(tmp_path, source, notes.append) is None
+    assert notes == ["error against float32 not measured: RuntimeError: no kernel for this input"]
 
 
 @pytest.mark.parametrize("target, needle", [
