@@ -68,7 +68,7 @@ def describe(precision: str, narrowed: int, error: dict | None) -> str:
     what = (f"float precision: {precision} ({narrowed} Linear layers' matmuls on {precision} operands, "
             "float32 accumulation)")
     if error is None:
-        return what + "; error against float32 not measured (it needs the host target and a PyTorch source)"
+        return what + "; error against float32 not measured (it needs a PyTorch source)"
     n = error["images"]
     return (what + f"; against the float32 PyTorch model on {n} seeded random images: max |logit error| "
             f"{error['max_abs_logit_error']:.2e}, argmax agrees on {error['argmax_agrees']} of {n}")

@@ -20,6 +20,7 @@ import copy
 import io
 import json
 import re
+from dataclasses import replace
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +31,7 @@ from tvm import relax, te
 
 from bmvcc import precision
 from bmvcc.cli import main
+from bmvcc.driver import CompileOptions, compile_model
 from bmvcc.errors import BmvccError
 from bmvcc.frontend import Source, to_relax
 from bmvcc.model import BitMedViT
@@ -242,6 +244,20 @@ def test_compile_bf16_of_a_static_batch_pt2_with_a_tuple_output(tmp_path):
     assert summary["bf16_narrowed"] == 2
     _check_reported_error(summary["float32_error"], model, (1, 8, 8))
     assert summary["float32_error"]["argmax_agrees"] == 3
+
+
+@needs_bf16
+def test_compile_model_measures_only_when_asked(tmp_path):
+    """The measurement (a PyTorch forward, a module load) is the CLI's summary's: compile_model's other callers
+    (bench_model_cpu) do not pay for it unless they set measure_float32_error."""
+    model = _TupleOut().eval()
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 8, 8),)), tmp_path / "m.pt2")
+    notes = []
+    options = CompileOptions(float_precision="bf16")
+    assert compile_model(tmp_path / "m.pt2", tmp_path / "out", options, notes.append).float32_error is None
+    assert not any("measuring" in note for note in notes), notes
+    measured = compile_model(tmp_path / "m.pt2", tmp_path / "measured", replace(options, measure_float32_error=True))
+    assert measured.float32_error["images"] == 4
 
 
 def test_a_failed_measurement_is_noted_not_raised(tmp_path):
