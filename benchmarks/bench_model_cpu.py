@@ -123,7 +123,8 @@ def main(argv=None) -> int:
                          "argmax_matches": bool((out.argmax(-1) == ref.argmax(-1)).all()),
                          **time_call(lambda: compiled(image), args.repeat)})
     eager, ort = rows[0]["best_ms"], rows[1]["median_ms"]
-    bf16, float32 = ({r["name"]: r for r in rows}.get(f"bmvcc {v}", {}) for v in ("bf16", "bitlinear"))
+    by_name = {r["name"]: r for r in rows}
+    bf16, float32 = (by_name.get(f"bmvcc {v}", {}) for v in ("bf16", "bitlinear"))
     if "median_ms" in bf16 and "median_ms" in float32:
         bf16["median_vs_float32_build"] = bf16["median_ms"] / float32["median_ms"]
     bound = _bound(args.threads)
@@ -144,9 +145,9 @@ def main(argv=None) -> int:
 
 def _default_variants() -> str:
     from bmvcc.targets import get
-    from bmvcc.targets.cpu import has_bf16_dot
+    from bmvcc.targets.cpu import host_runs_bf16_dot
 
-    return ",".join(v for v in VARIANTS if v != "bf16" or has_bf16_dot(get("host").target()))
+    return ",".join(v for v in VARIANTS if v != "bf16" or host_runs_bf16_dot(get("host").target()))
 
 
 def _bound(threads: int) -> dict:

@@ -58,7 +58,8 @@ def compile(
 
     options = CompileOptions(target=target, batch=batch, heads=heads, image_size=image_size,
                              trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset, db=db,
-                             force=force, dump_ir=dump_ir, float_precision=float_precision)
+                             force=force, dump_ir=dump_ir, float_precision=float_precision,
+                             measure_float32_error=float_precision != "float32")
     report = compile_model(source, output, options, progress=_progress)
     summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
                "kernels_from_db": report.metadata["tuning"]["kernels_from_db"],
@@ -74,7 +75,8 @@ def compile(
         if float_precision != "float32":
             from .precision import describe as describe_precision
 
-            typer.echo(describe_precision(float_precision, report.float32_error))
+            typer.echo(describe_precision(float_precision, report.metadata["passes"]["bf16_narrowed"],
+                                          report.float32_error))
 
 
 @app.command()

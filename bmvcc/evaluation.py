@@ -88,23 +88,14 @@ def evaluate(outdir: Path, dataset_name: str, data_dir: Path, split: str = "test
 
 def _reference(ckpt: Path, meta: dict):
     """The PyTorch model of `ckpt` as a numpy -> numpy function (the compiler's own frontend loads it)."""
-    import torch
-
-    from .frontend import load_source
+    from .frontend import load_source, torch_logits
 
     config = meta.get("config") or {}
     source = load_source(Path(ckpt), heads=config.get("heads"), image_size=config.get("image_size"))
     if list(source.input_shape) != meta["input"]["shape"][1:] or source.num_classes != meta["num_classes"]:
         raise BmvccError(f"--ckpt '{ckpt}' takes {source.input_shape} images and has {source.num_classes} classes, the "
                          f"artifact {tuple(meta['input']['shape'][1:])} and {meta['num_classes']}; pass the checkpoint it was compiled from")
-    module = source.module.eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            out = module(torch.from_numpy(x))
-        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
-
-    return run
+    return torch_logits(source)
 
 
 @contextlib.contextmanager

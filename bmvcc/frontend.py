@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import checkpoint, onnx_import, resources
@@ -68,6 +69,28 @@ def _load_program(path: Path) -> Source:
     batch = image.meta["val"].shape[0]  # an int when exported without a dynamic batch dimension
     info = {"static_batch": batch} if isinstance(batch, int) else {}
     return Source(module, tuple(args[0].shape[1:]), int(out.shape[-1]), path, info=info)
+
+
+def torch_logits(source: Source) -> Callable[[np.ndarray], np.ndarray]:
+    """`source`'s PyTorch model as a numpy -> numpy function of [N, C, H, W] float32 images: the first
+    output of a tuple, and for a .pt2 program exported for a fixed batch (which takes no other) images in
+    chunks of that batch, the last padded with zeros (their logits dropped)."""
+    fixed = source.info.get("static_batch")
+
+    def run(images: np.ndarray) -> np.ndarray:
+        size = fixed or max(len(images), 1)
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(images), size):
+                x = torch.from_numpy(images[start : start + size])
+                n = len(x)
+                if n < size:
+                    x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
+                out = source.module(x)
+                chunks.append((out[0] if isinstance(out, (tuple, list)) else out)[:n].numpy())
+        return np.concatenate(chunks)
+
+    return run
 
 
 def _load_onnx(path: Path, image_size: int | None) -> Source:

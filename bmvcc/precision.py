@@ -4,6 +4,7 @@ build in it against the float32 model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .errors import BmvccError
 
@@ -12,8 +13,9 @@ ERROR_IMAGES = 4  # seeded standard-normal images, the scale of preprocessed pix
 ERROR_SEED = 0
 
 
-def check(precision: str, spec) -> None:
-    """Refuses a precision bmvcc does not know, and bf16 on a target whose CPU lacks vdpbf16ps."""
+def check(precision: str, spec, cpu_flags: frozenset[str] | None = None) -> None:
+    """Refuses a precision bmvcc does not know, and bf16 on a target whose CPU lacks vdpbf16ps (for the host:
+    or does not report it, `cpu_flags` as targets/cpu.py host_runs_bf16_dot takes them)."""
     if precision not in FLOAT_PRECISIONS:
         raise BmvccError(f"unknown --float-precision '{precision}'; choose one of: {', '.join(FLOAT_PRECISIONS)}")
     if precision == "float32":
@@ -21,39 +23,52 @@ def check(precision: str, spec) -> None:
     if spec.device != "cpu":
         raise BmvccError(f"--float-precision {precision} is for CPU targets, and '{spec.name}' is a GPU (its float "
                          "matmuls run on fp16 tensor cores already); drop --float-precision")
-    from .targets.cpu import BF16_DOT_FEATURE, has_bf16_dot
+    from .targets.cpu import BF16_DOT_FEATURE, CPUINFO_BF16_FLAG, has_bf16_dot, host_runs_bf16_dot
 
     target = spec.target()
+    needs = f"--float-precision bf16 needs a CPU with AVX-512 BF16 ({BF16_DOT_FEATURE}: vdpbf16ps)"
+    instead = "compile with the default --float-precision float32"
+    cpu = target.attrs.get("mcpu", "its CPU")
     if not has_bf16_dot(target):
-        cpu = target.attrs.get("mcpu", "its CPU")
-        raise BmvccError(f"--float-precision bf16 needs a CPU with AVX-512 BF16 ({BF16_DOT_FEATURE}: vdpbf16ps), "
-                         f"which target '{spec.name}' ({cpu}) lacks; compile with the default --float-precision float32")
+        raise BmvccError(f"{needs}, which target '{spec.name}' ({cpu}) lacks; {instead}")
+    if spec.name == "host" and not host_runs_bf16_dot(target, cpu_flags):
+        raise BmvccError(f"{needs}; this machine's CPU is a {cpu} but does not report {CPUINFO_BF16_FLAG} "
+                         f"(a virtual machine may hide it); {instead}")
 
 
-def error_vs_float32(outdir: Path, source) -> dict | None:
+def error_vs_float32(outdir: Path, source, progress: Callable[[str], None]) -> dict | None:
     """The compiled model in `outdir` against `source`'s PyTorch model (float32) on ERROR_IMAGES seeded
     images: the largest absolute logit difference and on how many images the argmax agrees. None for an
-    ONNX source (no PyTorch model to run)."""
+    ONNX source (no PyTorch model to run), or, said through `progress`, where the measurement fails: the
+    artifact is finished and stands without it."""
     if source.module is None:
         return None
     import numpy as np
-    import torch
 
+    from .frontend import torch_logits
     from .runtime import load
 
     images = np.random.default_rng(ERROR_SEED).standard_normal((ERROR_IMAGES, *source.input_shape)).astype("float32")
-    with torch.no_grad():
-        reference = source.module(torch.from_numpy(images)).numpy()
-    logits = load(outdir)(images)
+    try:
+        reference = torch_logits(source)(images)
+        logits = load(outdir)(images)
+    except Exception as e:  # noqa: BLE001  (whatever the source's own code raises: the build is done)
+        progress(f"error against float32 not measured: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        return None
     return {"images": ERROR_IMAGES, "max_abs_logit_error": float(np.abs(logits - reference).max()),
             "argmax_agrees": int((logits.argmax(1) == reference.argmax(1)).sum())}
 
 
-def describe(precision: str, error: dict | None) -> str:
-    """The summary line of a build in `precision` (not float32)."""
-    what = f"float precision: {precision} (Linear layers' matmuls on {precision} operands, float32 accumulation)"
+def describe(precision: str, narrowed: int, error: dict | None) -> str:
+    """The summary line of a build in `precision` (not float32) with `narrowed` matmuls on its operands
+    (the pass report's bf16_narrowed)."""
+    if not narrowed:
+        return (f"float precision: {precision} requested, but no matmul fits vdpbf16ps (a constant K x N weight, "
+                "K even, N a multiple of 16): the build is float32")
+    what = (f"float precision: {precision} ({narrowed} Linear layers' matmuls on {precision} operands, "
+            "float32 accumulation)")
     if error is None:
-        return what + "; error against float32 not measured (it needs the host target and a PyTorch source)"
+        return what + "; error against float32 not measured (it needs a PyTorch source)"
     n = error["images"]
     return (what + f"; against the float32 PyTorch model on {n} seeded random images: max |logit error| "
             f"{error['max_abs_logit_error']:.2e}, argmax agrees on {error['argmax_agrees']} of {n}")

@@ -11,35 +11,38 @@ kernels are call_tir and untouched.
 Produces `matmul(a16, b16, out_dtype="float32")` as fp16_matmuls does: the activation cast sits after the
 op that computes it (fused into that kernel, which then writes 2-byte elements), weights are constants
 that fold_constants stores in bf16 (half the bytes). bf16 keeps float32's exponent, so nothing overflows;
-each operand is rounded to 8 significand bits (relative 2^-9), products and sums are fp32.
+each operand is rounded to nearest even at 8 significand bits (relative u = 2^-8), the products
+of the rounded operands are exact in fp32 and the sums fp32.
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import relax
 
 from ..schedules.bf16_intrinsics import LANES, PAIR
 from .fp16_matmuls import narrow_matmul_operands
-from .relax_match import static_shape
+from .relax_match import REPORT_PREFIX, Bindings, is_const, static_shape, with_report
 
-_STATIC = (tvm.ir.Constant, relax.ShapeExpr)  # tensors and prim values; shapes
+REPORT_KEY = REPORT_PREFIX + "bf16_matmuls"  # {"narrowed": matmuls on bf16 operands}
 
 
 def bf16_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
-    return narrow_matmul_operands(mod, "bfloat16", _weight_on_vdpbf16ps)
+    bindings = Bindings(mod["main"])  # the weights' producers (the mutator leaves constant-only bindings as they are)
+    narrowed = []
+
+    def selects(_mutator, call) -> bool:
+        if not _weight_on_vdpbf16ps(bindings, call.args[1]):
+            return False
+        narrowed.append(call)
+        return True
+
+    out = narrow_matmul_operands(mod, "bfloat16", selects)
+    return with_report(out, REPORT_KEY, {"narrowed": len(narrowed)})
 
 
-def _weight_on_vdpbf16ps(mutator, call) -> bool:
-    w = call.args[1]
+def _weight_on_vdpbf16ps(bindings: Bindings, w) -> bool:
+    """Whether w is computed from constants only (main's image is the one parameter it may not read) and has a
+    shape vdpbf16ps takes whole."""
     shape = static_shape(w)
     return (shape is not None and len(shape) >= 2 and shape[-2] % PAIR == 0 and shape[-1] % LANES == 0
-            and _constant(mutator, w))
-
-
-def _constant(mutator, e) -> bool:
-    """Whether e is computed from constants only (main's image is the one parameter it may not read)."""
-    if isinstance(e, _STATIC):
-        return True
-    value = mutator.lookup_binding(e) if isinstance(e, relax.Var) else None
-    return isinstance(value, relax.Call) and all(_constant(mutator, a) for a in value.args)
+            and all(is_const(leaf) for leaf in bindings.leaves(w)))

@@ -88,6 +88,7 @@ def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None,
     report = _bitlinear_report(reports, bitlinear)
     report["causal_attention_fused"] = reports.get("fuse_causal_attention", {"fused": 0})["fused"]
     report["weight_bytes"] = _weight_bytes(mod)
+    report["bf16_narrowed"] = reports.get("bf16_matmuls", {"narrowed": 0})["narrowed"]  # --float-precision bf16
     mod, weights = externalize_weights(mod)
     dump("externalize_weights", mod)
     return mod, weights, report

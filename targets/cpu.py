@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 from .base import TargetSpec
 
@@ -40,8 +41,25 @@ AARCH64 = TargetSpec(
 BF16_DOT_FEATURE = "avx512bf16"
 
 
+CPUINFO_BF16_FLAG = "avx512_bf16"  # Linux's name of the feature in /proc/cpuinfo
+
+
 def has_bf16_dot(target) -> bool:
     """Whether the TVM llvm `target`'s CPU has vdpbf16ps (from its features, as LLVM knows them)."""
     from tvm.target import codegen
 
     return target.kind.name == "llvm" and bool(codegen.target_has_features(BF16_DOT_FEATURE, target))
+
+
+def host_runs_bf16_dot(target, cpu_flags: frozenset[str] | None = None) -> bool:
+    """Whether this machine runs vdpbf16ps for the host `target`. That target carries only LLVM's CPU name,
+    whose features a virtual machine may hide (a Zen 4 or Sapphire Rapids model without AVX-512 BF16 would
+    SIGILL), so the running CPU must report the flag too: `cpu_flags`, by default /proc/cpuinfo's (where
+    there is none, not Linux, the name decides)."""
+    if cpu_flags is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return has_bf16_dot(target)
+        cpu_flags = frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split())
+    return CPUINFO_BF16_FLAG in cpu_flags and has_bf16_dot(target)

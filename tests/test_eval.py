@@ -104,6 +104,18 @@ def test_eval_3ch_agrees_with_pytorch(blood, data_dir):
     assert result["acc"] == pytest.approx(acc, abs=1e-12)
 
 
+def test_eval_ckpt_a_static_batch_pt2(blood, data_dir, tmp_path):
+    """--ckpt a .pt2 exported for batch 1 (torch.export's default): the reference runs it an image at a time
+    (eval feeds up to 64 at once), which is the model the artifact was compiled from."""
+    out, _, model = blood
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 28, 28),)), tmp_path / "blood.pt2")
+    reference = evaluate(out, "bloodmnist", data_dir, ckpt=tmp_path / "blood.pt2")["reference"]
+    npz = np.load(data_dir / "bloodmnist.npz")
+    assert reference["agreement"] == 1.0
+    acc, _ = torch_accuracy(model, npz["test_images"], npz["test_labels"])
+    assert reference["acc"] == pytest.approx(acc, abs=1e-12)
+
+
 def test_eval_resizes_when_the_file_size_differs(organ, data_dir):
     out, ckpt, _ = organ
     steps = []

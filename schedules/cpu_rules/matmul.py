@@ -52,12 +52,13 @@ def _matmul_rule(func, facts: CpuFacts):
     if mm is None:
         return None
     at = blocks.index(reductions[0])
-    if not _dot_bf16(mm, facts):  # vdpbf16ps reads A's pairs from a bf16 buffer: a prologue stays a block of its own
+    pair = bf16_intrinsics.PAIR if _dot_bf16(mm, facts) else 1  # k values per vdpbf16ps lane, or plain FMAs
+    if pair == 1:  # vdpbf16ps reads A's pairs from a bf16 buffer: a prologue stays a block of its own
         for b in blocks[:at]:  # spatial prologue (e.g. a fused reshape of A)
             try_primitive(sch.compute_inline, b)
     for b in blocks[at + 1 : -1]:  # epilogue DAG (gelu reads x twice) folds into its last block
         try_primitive(sch.compute_inline, b)
-    _tile_matmul(sch, mm, facts)
+    _tile_matmul(sch, mm, facts, pair)
     return sch
 
 
@@ -130,18 +131,18 @@ def _row_block(m: int, k: int, mr: int, a_bytes: int, strips: int, cores: int) -
 
 
 def _dot_bf16(mm: _Matmul, facts: CpuFacts) -> bool:
-    """Whether the register tile runs on vdpbf16ps: bf16 operands, packable B, whole vectors and pairs of k."""
-    lanes = facts.lanes(mm.dtype)
+    """Whether the register tile runs on vdpbf16ps: bf16 operands, packable B, whole vectors and pairs of k
+    (a CPU with it has 512-bit registers: bf16_intrinsics.LANES float32 lanes)."""
     return (facts.bf16_dot and mm.bf16 and mm.dtype == "float32" and mm.b_buffer is not None
-            and lanes == bf16_intrinsics.LANES and mm.n % lanes == 0 and mm.k_extent % bf16_intrinsics.PAIR == 0)
+            and mm.n % bf16_intrinsics.LANES == 0 and mm.k_extent % bf16_intrinsics.PAIR == 0)
 
 
-def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts) -> None:
+def _tile_matmul(sch, mm: _Matmul, facts: CpuFacts, pair: int) -> None:
+    """`pair`: k values per lane of the register tile's instruction (bf16_intrinsics.PAIR on vdpbf16ps, else 1)."""
     lanes = facts.lanes(mm.dtype)
     mr, nv, nr = _register_tile(mm.m, mm.n, lanes, facts.vector_registers, mm.contiguous_j)
     strips = product(sch.get(lp).extent for lp in mm.batch) * (mm.n // nr)
     mc = _row_block(mm.m, mm.k_extent, mr, mm.a_bytes, strips, facts.cores)
-    pair = bf16_intrinsics.PAIR if _dot_bf16(mm, facts) else 1
     if nv and mm.b_buffer is not None and (mm.n > nr or pair > 1):  # vdpbf16ps needs the pairs interleaved
         _pack_columns(sch, mm, nr, pair)
     i0, i1, i2 = sch.split(mm.i, [None, mc // mr, mr])
