@@ -33,8 +33,8 @@ import math
 
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import attention_cuda
-from .attention_cuda import (CONFIG_ATTR, DTYPE, KERNEL_ATTR, PrefillConfig, config_of, element, operand_shapes,
-                             output_value)
+from .attention_cuda import DTYPE, PrefillConfig, config_of, element, operand_shapes, output_value
+from .w2a8 import with_kernel_attrs
 
 BM = 64  # query rows per CTA (4 warps x 16)
 BN = 64  # keys per K/V tile
@@ -247,6 +247,4 @@ def schedule(func, target, knobs=None):
     if not supported(cfg):
         return attention_cuda.schedule(func, target)
     kernel = attention_tc(cfg)
-    for key in ("tirx.noalias", "op_pattern", KERNEL_ATTR, CONFIG_ATTR):
-        kernel = kernel.with_attr(key, func.attrs[key])
-    return kernel
+    return with_kernel_attrs(kernel, func)

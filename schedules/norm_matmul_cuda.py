@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from ..targets.cuda import STATIC_SHARED_BYTES
 from .norm_matmul import DTYPE, NormMatmulConfig, config_of
-from .w2a8 import CONFIG_ATTR, KERNEL_ATTR
+from .w2a8 import with_kernel_attrs
 
 BM, BN, BK = 32, 64, 32  # rows and columns per CTA, k per W tile
 WARPS = 4
@@ -173,7 +173,4 @@ def norm_matmul_tc(cfg: NormMatmulConfig):
 
 def schedule(func, target, knobs=None):
     """norm_matmul_tc for `func`'s configuration, with `func`'s kernel attributes. No knobs."""
-    kernel = norm_matmul_tc(config_of(func))
-    for key in ("tirx.noalias", "op_pattern", KERNEL_ATTR, CONFIG_ATTR):
-        kernel = kernel.with_attr(key, func.attrs[key])
-    return kernel
+    return with_kernel_attrs(norm_matmul_tc(config_of(func)), func)
