@@ -168,9 +168,10 @@ def supported(cfg: PrefillConfig) -> bool:
     return cfg.supported()
 
 
-def attention_ops(cfg: PrefillConfig) -> float:
-    """Arithmetic of the prefill kernel: Q K^T and P V over every key tile (it does not skip masked ones),
-    a multiply-add counted as 2."""
+def kernel_ops(func) -> float:
+    """Arithmetic of the prefill kernel for `func`'s configuration: Q K^T and P V over every key tile (it does not
+    skip masked ones), a multiply-add counted as 2."""
+    cfg = config_of(func)
     return 4.0 * cfg.batch * cfg.heads * cfg.tokens * cfg.tokens * cfg.head_dim
 
 

@@ -231,11 +231,13 @@ def attention_tc(cfg: PrefillConfig):
     return attention
 
 
-def attention_ops(cfg: PrefillConfig) -> float:
-    """Arithmetic of the kernel serving `cfg`: Q K^T and P V over the (BM x BN) tiles it visits (causal: the
-    tiles up to each CTA's last token's), a multiply-add counted as 2; TVM's kernel's count where it serves."""
+def kernel_ops(func) -> float:
+    """Arithmetic of the kernel serving `func`'s configuration: Q K^T and P V over the (BM x BN) tiles it visits
+    (causal: the tiles up to each CTA's last token's), a multiply-add counted as 2; TVM's kernel's count where it
+    serves."""
+    cfg = config_of(func)
     if not supported(cfg):
-        return attention_cuda.attention_ops(cfg)
+        return attention_cuda.kernel_ops(func)
     visited = sum(key_tiles(cfg, t0) for t0 in range(0, cfg.tokens, tokens_per_cta(cfg)))
     return 4.0 * cfg.batch * cfg.kv_heads * visited * BM * BN * cfg.head_dim
 

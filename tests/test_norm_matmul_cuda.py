@@ -163,7 +163,7 @@ def test_paper_size_kernel_on_tensor_cores_without_spills():
     W), cp.async in the SASS; no spills, static shared memory within 48 KB (the 32 x 520 fp16 panel and two 32 x 72
     W stages: 42,496 B); 32 CTAs of 128 threads (one per 32-row tile, each looping over the 10 column blocks)."""
     from bmvcc.ptx.launches import kernel_launches
-    from bmvcc.schedules.norm_matmul_cuda import shared_bytes, tensor_core_ops
+    from bmvcc.schedules.norm_matmul_cuda import kernel_ops, shared_bytes
     from bmvcc.targets.cuda_toolchain import cuda_to_ptx, ptx_to_cubin
 
     cfg = NormMatmulConfig(1024, 512, 640, out_dtype="float16")
@@ -179,7 +179,7 @@ def test_paper_size_kernel_on_tensor_cores_without_spills():
         assert op in sass, op
     (launch,) = kernel_launches(mod, ORIN.target())["norm_matmul"]
     assert launch.grid == (32, 1, 1) and launch.block == (32, 4, 1)
-    assert tensor_core_ops(cfg) == 2.0 * 1024 * 640 * 512
+    assert kernel_ops(norm_matmul_compute(cfg)) == 2.0 * 1024 * 640 * 512
 
 
 def test_shapes_the_kernel_takes():
