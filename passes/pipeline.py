@@ -87,6 +87,7 @@ def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None,
         dump(name, mod)
     report = _bitlinear_report(reports, bitlinear)
     report["causal_attention_fused"] = reports.get("fuse_causal_attention", {"fused": 0})["fused"]
+    report["norm_matmul_fused"] = reports.get("fuse_norm_matmul", {"fused": 0})["fused"]
     report["weight_bytes"] = _weight_bytes(mod)
     mod, weights = externalize_weights(mod)
     dump("externalize_weights", mod)
@@ -144,6 +145,8 @@ def describe(report: dict) -> str:
                   for r in bl["not_rewritten"]]
     if report["causal_attention_fused"]:
         lines.append(f"attention: {report['causal_attention_fused']} layers -> one kernel each")
+    if report["norm_matmul_fused"]:
+        lines.append(f"layer norm: {report['norm_matmul_fused']} float projections take their LayerNorm in one kernel")
     lines.append(f"weights: {wb['packed_2bit']:,} B 2-bit packed, {wb['float']:,} B float, "
                  f"{wb['scalar']:,} B scalars")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from tvm import relax
 
 from bmvcc import targets
 from bmvcc.frontend import Source, to_relax
-from bmvcc.passes.pipeline import run_pipeline
+from bmvcc.passes.pipeline import describe, run_pipeline
 
 from conftest import FAMILIES, family_id, make_model, small_config
 
@@ -67,7 +67,11 @@ def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_att
     mod, weights, report = _pipeline(model, cfg, "jetson-orin-nano")
     assert report["causal_attention_fused"] == cfg.depth  # causal (multi-query) or not: one attention kernel
     # multi-query float attention: the pre-attention LayerNorm and the Wqkv projection in one kernel (one definition,
-    # every block); multi-head: q, k and v projections all read the normalized rows, which stay a tensor of their own
+    # called by every block); multi-head: q, k and v projections all read the normalized rows, which stay a tensor of
+    # their own
+    assert report["norm_matmul_fused"] == (cfg.depth if fp_attn and multi_query else 0)
+    summary = f"layer norm: {cfg.depth} float projections take their LayerNorm in one kernel"
+    assert (summary in describe(report).splitlines()) == (fp_attn and multi_query)
     assert sum(kernel_of(f) == "norm_matmul" for _, f in mod.functions_items()) == (fp_attn and multi_query)
     calls = _matmuls(mod)
     assert calls and all(a.ty.dtype == "float16" for c in calls for a in c.args)
