@@ -66,10 +66,12 @@ def _bound(cfg: NormMatmulConfig, x, gamma, beta, w, bias, a, out):
     return err + (_ulp16(np.abs(out.astype(np.float64)) + err) if cfg.out_dtype == "float16" else 0.0)
 
 
-def _within_bound(cfg, arrays, a, out, reference):
+def _within_bound(cfg, arrays, a, out, reference) -> np.ndarray:
+    """Asserts |out - reference| within the bound; returns the bound."""
     err = np.abs(out.astype(np.float64) - reference.astype(np.float64))
     bound = _bound(cfg, *arrays[:5], a, reference)
     assert (err <= bound).all(), (err - bound).max()
+    return bound
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -82,8 +84,9 @@ def test_definition_matches_numpy_within_the_bound(name):
     arrays = _inputs(cfg, sigma)
     a, ref = _numpy(cfg, *arrays)
     out = run_definition(norm_matmul_compute(cfg), arrays)[-1]
-    _within_bound(cfg, arrays, a, out, ref)
-    assert np.abs(out.astype(np.float64) - ref).max() < 0.1 * np.abs(ref).max()  # not a vacuous bound
+    bound = _within_bound(cfg, arrays, a, out, ref)
+    # not a vacuous bound: about 2u sum_k |a_k w_kn| (one fp16 ulp per normalized value), 0.2-0.5% of max|ref| here
+    assert bound.max() < 0.01 * np.abs(ref).max()
 
 
 @functools.cache
