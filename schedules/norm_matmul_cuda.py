@@ -25,6 +25,9 @@ fp16 value a_k may round to the neighbouring fp16 of the definition's a*_k: |a_k
 (ulp16(v) <= 2u |v|, u = 2^-11: the flip dominates unless a row's spread is tiny against its mean). Through the
 fp32-accumulated dot product: |out - out*| <= sum_k (delta_k + ulp16(a*_k)) |w_kn| + 2 (K + 1) 2^-24
 (sum_k |a_k w_kn| + |bias_n|) (both accumulation orders), plus one ulp16(out*) for an fp16 output.
+The bound is first-order: it leaves out the mean's error's effect on the variance and the rounding of + beta
+relative to |y|, both absorbed by taking ulp16(v) as 2u |v|. It is checked in bmvcc's PTX emulator, which rounds
+rsqrt.approx correctly and each mma's sum once (bmvcc/ptx); no GPU has run the kernel.
 """
 
 from __future__ import annotations
