@@ -1,6 +1,9 @@
 """LayerNorm + matmul on CUDA targets: schedules/norm_matmul.py's compute definition against numpy, bmvcc's tensor-core
 kernel (schedules/norm_matmul_cuda.py) built for sm_87 and emulated from its PTX against the definition within the
-stated bound, negative controls (mutated kernels) that must disagree, its SASS, and passes/fuse_norm_matmul.py."""
+stated bound, negative controls (kernels with a mistake in the norm prologue) that must disagree, its SASS, and
+passes/fuse_norm_matmul.py. A mistake in the GEMM or the epilogue (a W tile, a fragment's row or column, the guards)
+moves outputs by far more than the bound (under 1% of their scale): the positive tests catch it, their partial
+column blocks (N = 72, 136) and row tiles (M = 33, 40) covering the guards."""
 
 from __future__ import annotations
 
@@ -150,9 +153,10 @@ MUTATIONS = {  # the kernel's CUDA source for CONFIGS' small-variance case (K = 
 
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_mutated_kernel_disagrees(name):
-    """Negative controls: a kernel that drops the eps from the variance (rows whose variance is about eps), reads
-    gamma 4 columns off, sums the squared deviations over half of the row's lanes, or writes a normalized row into
-    its neighbour's panel row runs without a race but breaks the stated bound and `bmvcc verify`'s comparison."""
+    """Negative controls, each a mistake in the norm prologue (GEMM and epilogue mistakes: the module docstring): a
+    kernel that drops the eps from the variance (rows whose variance is about eps), reads gamma 4 columns off, sums
+    the squared deviations over half of the row's lanes, or writes a normalized row into its neighbour's panel row
+    runs without a race but breaks the stated bound and `bmvcc verify`'s comparison."""
     cfg, sigma = CONFIGS["m40-k128-n64-small-var"]
     arrays, out, reference = _emulated(cfg, sigma, MUTATIONS[name])
     err = np.abs(out.astype(np.float64) - reference.astype(np.float64))
