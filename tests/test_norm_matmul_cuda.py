@@ -92,18 +92,23 @@ def test_definition_matches_numpy_within_the_bound(name):
     assert bound.max() < 0.01 * np.abs(ref).max()
 
 
+def _scheduled(cfg: NormMatmulConfig):
+    """(IRModule of the scheduled kernel, its CUDA source) for the Orin as the GPU build makes them (cp.async)."""
+    mod = tvm.IRModule({"norm_matmul": schedule(norm_matmul_compute(cfg), ORIN.target()).with_attr(
+        "global_symbol", "norm_matmul")})
+    with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
+        return mod, tvm.compile(mod, target=ORIN.target()).mod.imports[0].inspect_source("cuda")
+
+
 @functools.cache
 def _kernel_ptx(cfg: NormMatmulConfig, mutation: tuple[str, str] | None = None):
-    """(PTX kernels, launches) of the scheduled kernel for sm_87 as the GPU build makes them (cp.async, NVRTC);
-    `mutation`: (text, its replacement) in the CUDA source first (a negative control)."""
+    """(PTX kernels, launches) of the scheduled kernel for sm_87 (NVRTC); `mutation`: (text, its replacement) in the
+    CUDA source first (a negative control)."""
     from bmvcc.ptx.launches import kernel_launches
     from bmvcc.ptx.parse import parse_ptx
     from bmvcc.targets.cuda_toolchain import cuda_to_ptx
 
-    mod = tvm.IRModule({"norm_matmul": schedule(norm_matmul_compute(cfg), ORIN.target()).with_attr(
-        "global_symbol", "norm_matmul")})
-    with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
-        source = tvm.compile(mod, target=ORIN.target()).mod.imports[0].inspect_source("cuda")
+    mod, source = _scheduled(cfg)
     if mutation is not None:
         assert source.count(mutation[0]) == 1, mutation[0]
         source = source.replace(*mutation)
@@ -174,10 +179,7 @@ def test_paper_size_kernel_on_tensor_cores_without_spills():
     from bmvcc.targets.cuda_toolchain import cuda_to_ptx, ptx_to_cubin
 
     cfg = NormMatmulConfig(1024, 512, 640, out_dtype="float16")
-    mod = tvm.IRModule({"norm_matmul": schedule(norm_matmul_compute(cfg), ORIN.target()).with_attr(
-        "global_symbol", "norm_matmul")})
-    with tvm.transform.PassContext(config={"tirx.use_async_copy": True}):
-        source = tvm.compile(mod, target=ORIN.target()).mod.imports[0].inspect_source("cuda")
+    mod, source = _scheduled(cfg)
     cubin = ptx_to_cubin(cuda_to_ptx(source, "sm_87"), "sm_87")
     (res,) = cubin.resources
     assert res.spill_stores == res.spill_loads == 0 and res.shared_bytes == shared_bytes(cfg) == 42496, res
