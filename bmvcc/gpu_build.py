@@ -72,8 +72,9 @@ def _entry(func) -> dict:
 
 def schedule_kernels(mod, table, spec):
     """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their kind's CUDA hand schedule
-    (schedules/kernels.py; W2A8's with its table knobs), marked tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a
-    tuning database: its entry says so instead of naming knobs. Returns (mod, table)."""
+    (schedules/kernels.py; W2A8's with its table knobs), marked tirx.is_scheduled so that DLight leaves them alone.
+    A kernel already scheduled came from a tuning database: its entry says so instead of naming knobs. Returns
+    (mod, table)."""
     from .schedules.kernels import schedule_of
     from .schedules.w2a8_cuda import W2A8CudaKnobs
 
