@@ -8,7 +8,7 @@ stages in order.
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
    schedule, norm_quant schedules/norm_quant_cuda.py's, the attention compute definitions
    (passes/fuse_causal_attention.py) bmvcc's fp16 tensor-core flash kernel (schedules/attention_cuda_tc.py; TVM's
-   flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), the LayerNorm + QKV
+   flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), the LayerNorm + float
    projection calls (passes/fuse_norm_matmul.py) schedules/norm_matmul_cuda.py's tensor-core kernel, all through
    schedules/kernels.py and marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head;
    matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.

@@ -4,9 +4,12 @@ Matches `layer_norm(x, gamma, beta)` over the last axis (constant gamma, beta) -
 fp16_matmuls.py's cast) -> reshapes -> `matmul(., W)` with a constant fp16 W [K, N] and a float32 output -> add of
 a constant bias [N] (either operand order) -> optionally astype float16 (the projection's cast for its fp16
 readers), each step read by the next only (the LayerNorm's input x, the residual stream, stays as it is), and
-only where schedules/kernels.py's registered CUDA scheduler `supported` the configuration (the pre-attention
-norm and Wqkv projection of multi-query float attention; not multi-head attention's, read by three projections,
-nor a classifier head with N not a multiple of 8, whose norm schedules/matmul_fold.py folds at batch 1).
+only where schedules/kernels.py's registered CUDA scheduler `supported` the configuration. The match is by
+structure, so any float Linear with a bias that alone reads a LayerNorm qualifies: in BitMedViT the pre-attention
+norm and Wqkv projection of multi-query float attention (not multi-head attention's, read by three projections,
+nor a BitLinear's, read by its quantizer); in a model with float Linear layers also a timm-style norm1 -> qkv and
+the MLP's norm2 -> fc1 (tests/test_fp16_matmuls.py); not a classifier head with N not a multiple of 8, whose norm
+schedules/matmul_fold.py folds at batch 1.
 Produces `reshape(call_tir(norm_matmul, [reshape(x, (M, K)), gamma, beta, W, bias]), shape of the last step)`,
 schedules/norm_matmul.py's compute definition with its output in the last step's dtype; the GPU build schedules
 it (bmvcc/gpu_build.py:schedule_kernels). Report (module attr REPORT_KEY, JSON): {"fused": n}.

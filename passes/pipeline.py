@@ -58,7 +58,7 @@ def passes(bitlinear: bool = True, device: str | None = None,
         # Phase 4: attention -> one kernel (CPU: causal, skipping the masked half; CUDA: causal or unmasked)
         *([("fuse_causal_attention", module_pass(fuse_causal_attention))] if device == "cpu" else []),
         *([("fuse_causal_attention", module_pass(fuse_attention_cuda))] if device == "cuda" else []),
-        # GPU only: a LayerNorm read only by a float matmul + bias (the QKV projection's) -> one kernel
+        # GPU only: a LayerNorm read only by a float matmul + bias (a float QKV projection's, fc1's) -> one kernel
         *([("fuse_norm_matmul", module_pass(fuse_norm_matmul))] if device == "cuda" else []),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
         # GPU only: W2A8 calls on the tensor-core kernel's tiles (operands padded, output sliced), their constant
