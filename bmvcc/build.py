@@ -28,7 +28,7 @@ def build(mod, spec, path: Path, progress: Callable[[str], None] = lambda msg: N
             applied, from_db = apply_database(stage.mod, spec, db, progress=progress)
             stage = replace(stage, mod=applied)
             dump("apply_database", stage.mod)
-        progress("scheduling (W2A8 tensor-core and norm_quant kernels; DLight for the rest)" if spec.device == "cuda"
+        progress("scheduling (bmvcc kernels; DLight for the rest)" if spec.device == "cuda"
                  else "scheduling (bmvcc kernels; default CPU schedules for the rest)")
         stage = lowering.schedule(stage, spec)
         dump("schedule", stage.mod)

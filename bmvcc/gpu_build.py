@@ -8,7 +8,7 @@ stages in order.
    `schedule_kernels`: the W2A8 kernels not from the database get schedules/w2a8_cuda.py's tensor-core
    schedule, norm_quant schedules/norm_quant_cuda.py's, the attention compute definitions
    (passes/fuse_causal_attention.py) bmvcc's fp16 tensor-core flash kernel (schedules/attention_cuda_tc.py; TVM's
-   flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), the LayerNorm + QKV
+   flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), the LayerNorm + float
    projection calls (passes/fuse_norm_matmul.py) schedules/norm_matmul_cuda.py's tensor-core kernel, all through
    schedules/kernels.py and marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head;
    matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .artifact import DEVICE_BINARY, DEVICE_DEFINITIONS, DEVICE_INFO, DEVICE_PTX
 from .portable_ir import portable_json
-from .schedules import attention_cuda, norm_matmul
+from .schedules.kernels import KERNELS, scheduler_of
 from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 
 # cp.async (LDGSTS) in the W2A8 pipeline; TVM's RewriteCUDAGraph (in relax.backend.cuda's finalize passes) lifts
@@ -32,8 +32,6 @@ from .schedules.w2a8 import CONFIG_ATTR, attr_value, config_of, kernel_of
 # captures on the first call and replays after: one graph launch instead of a launch per kernel
 PASS_CONFIG = {"tirx.use_async_copy": True, "relax.backend.use_cuda_graph": True}
 RUN_OR_CAPTURE = "vm.builtin.cuda_graph.run_or_capture"
-ATTENTION = attention_cuda.KIND
-NORM_MATMUL = norm_matmul.KIND
 
 
 def fuse(mod, spec):
@@ -51,7 +49,7 @@ def fuse(mod, spec):
     from .schedules.matmul_fold import fold_into_matmuls
 
     table = {gv.name_hint: _entry(f) for gv, f in mod.functions_items()
-             if kernel_of(f) in ("w2a8", "norm_quant", ATTENTION, NORM_MATMUL)}
+             if (kernel_of(f), "cuda") in KERNELS}
     target = spec.target()
     with target:
         mod = tvm.transform.Sequential(cuda.library_dispatch_passes(target) + cuda.legalize_passes(target)[:-1])(mod)
@@ -59,24 +57,24 @@ def fuse(mod, spec):
 
 
 def _entry(func) -> dict:
-    """A bmvcc kernel's entry in the kernel table (device.json's bmvcc_kernels): its kind, and for W2A8 the
-    model's config, the padded one it computes and the knobs it is scheduled with."""
+    """A bmvcc kernel's entry in the kernel table (device.json's bmvcc_kernels): its kind and config (where it has
+    one), and for one padded to its tiles (W2A8: passes/pad_w2a8_to_tiles.py) the model's config, the padded one it
+    computes and the knobs it is scheduled with."""
     from .passes.pad_w2a8_to_tiles import PADDED_FROM_ATTR
 
-    if kernel_of(func) == "norm_quant":
-        return {"kernel": "norm_quant"}
-    if kernel_of(func) in (ATTENTION, NORM_MATMUL):
-        return {"kernel": kernel_of(func), "config": attr_value(func.attrs[CONFIG_ATTR])}
-    padded_from = attr_value(func.attrs[PADDED_FROM_ATTR])
-    return {"kernel": "w2a8", "config": padded_from["config"], "padded": vars(config_of(func)),
-            "knobs": padded_from["knobs"]}
+    entry = {"kernel": kernel_of(func)}
+    if PADDED_FROM_ATTR in func.attrs:
+        padded_from = attr_value(func.attrs[PADDED_FROM_ATTR])
+        return {**entry, "config": padded_from["config"], "padded": vars(config_of(func)),
+                "knobs": padded_from["knobs"]}
+    return {**entry, "config": attr_value(func.attrs[CONFIG_ATTR])} if CONFIG_ATTR in func.attrs else entry
 
 
 def schedule_kernels(mod, table, spec):
-    """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their hand schedules
-    (schedules/kernels.py: W2A8 with its table knobs, norm_quant, attention as schedules/attention_cuda_tc.py's
-    kernel); all marked tirx.is_scheduled so that DLight leaves them alone. A kernel already scheduled came from a
-    tuning database: its entry says so instead of naming knobs. Returns (mod, table)."""
+    """The bmvcc kernels of a `fuse`d module that are not scheduled yet get their kind's CUDA hand schedule
+    (schedules/kernels.py; W2A8's with its table knobs), marked tirx.is_scheduled so that DLight leaves them alone.
+    A kernel already scheduled came from a tuning database: its entry says so instead of naming knobs. Returns
+    (mod, table)."""
     from .schedules.kernels import schedule_of
     from .schedules.w2a8_cuda import W2A8CudaKnobs
 
@@ -158,14 +156,12 @@ def _launched(mod) -> tuple[dict, dict, int]:
 def kernel_calls(mod) -> dict:
     """Per PrimFunc that main calls with call_tir: calls, bytes of its inputs and outputs (each tensor
     argument once, also one passed twice: compulsory global-memory traffic), and TVM's static op count (None if
-    unknown; attention: the `attention_ops` of the module that schedules it, for its config; TVM's count of the
-    loops is meaningless; norm_matmul: its scheduler's `tensor_core_ops`)."""
+    unknown; a bmvcc kernel whose scheduler offers `kernel_ops` (schedules/kernels.py): that count, where TVM's of
+    the loops is meaningless or counts the wrong work)."""
     import numpy as np
     import tvm
     from tvm import relax
     from tvm.s_tir.analysis import estimate_tir_flops
-
-    from .schedules.kernels import scheduler_of
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
     stats: dict = {}
@@ -185,10 +181,8 @@ def kernel_calls(mod) -> dict:
                     n_in = len(inputs)
                     distinct = [p for i, p in enumerate(func.params[:n_in])
                                 if not any(inputs[i].same_as(x) for x in inputs[:i])]
-                    if kernel_of(func) == ATTENTION:
-                        ops = scheduler_of(ATTENTION, "cuda").attention_ops(attention_cuda.config_of(func))
-                    elif kernel_of(func) == NORM_MATMUL:  # the GEMM on the kernel's tiles (the norm: issue time)
-                        ops = scheduler_of(NORM_MATMUL, "cuda").tensor_core_ops(norm_matmul.config_of(func))
+                    if (kernel_ops := getattr(scheduler_of(kernel_of(func), "cuda"), "kernel_ops", None)) is not None:
+                        ops = kernel_ops(func)
                     else:
                         try:
                             ops = float(estimate_tir_flops(tvm.IRModule({"main": func})))

@@ -212,17 +212,12 @@ def _columns(e, view, b: Bindings, heads: int, cfg: PrefillConfig):
 def _output_end(var, b: Bindings, cfg: PrefillConfig):
     """The last var of P V's single-use chain of reshapes, permute_dims and fp16/fp32 casts that holds the kernel's
     [Gk, N, heads, D] output in order (the consumer's layout: its copy folds into the kernel), else None."""
-    users = {}
-    for u in b.order:
-        call = b.call(u, "relax.reshape", "relax.permute_dims", "relax.astype")
-        if call is not None:
-            users.setdefault(b.root(call.args[0]), []).append((u, call))
     shape = (cfg.batch, cfg.tokens, cfg.heads, cfg.head_dim)
     order = np.arange(math.prod(shape))
     idx = order.reshape(shape).transpose(0, 2, 1, 3).reshape(static_shape(var))  # P V from the kernel's output
     end = None
-    while b.uses.get(var, 0) == 1 and len(users.get(var, ())) == 1:
-        var, call = users[var][0]
+    while (user := b.sole_user(var, "relax.reshape", "relax.permute_dims", "relax.astype")) is not None:
+        var, call = user
         if static_shape(var) is None or str(var.ty.dtype) not in _FLOATS:
             break
         idx = _traced(call, idx, static_shape(var))

@@ -4,9 +4,12 @@ Matches `layer_norm(x, gamma, beta)` over the last axis (constant gamma, beta) -
 fp16_matmuls.py's cast) -> reshapes -> `matmul(., W)` with a constant fp16 W [K, N] and a float32 output -> add of
 a constant bias [N] (either operand order) -> optionally astype float16 (the projection's cast for its fp16
 readers), each step read by the next only (the LayerNorm's input x, the residual stream, stays as it is), and
-only where schedules/kernels.py's registered CUDA scheduler `supported` the configuration (the pre-attention
-norm and Wqkv projection of multi-query float attention; not multi-head attention's, read by three projections,
-nor a classifier head with N not a multiple of 8, whose norm schedules/matmul_fold.py folds at batch 1).
+only where schedules/kernels.py's registered CUDA scheduler `supported` the configuration. The match is by
+structure, so any float Linear with a bias that alone reads a LayerNorm qualifies: in BitMedViT the pre-attention
+norm and Wqkv projection of multi-query float attention (not multi-head attention's, read by three projections,
+nor a BitLinear's, read by its quantizer); in a model with float Linear layers also a timm-style norm1 -> qkv and
+the MLP's norm2 -> fc1 (tests/test_fp16_matmuls.py); not a classifier head with N not a multiple of 8, whose norm
+schedules/matmul_fold.py folds at batch 1.
 Produces `reshape(call_tir(norm_matmul, [reshape(x, (M, K)), gamma, beta, W, bias]), shape of the last step)`,
 schedules/norm_matmul.py's compute definition with its output in the last step's dtype; the GPU build schedules
 it (bmvcc/gpu_build.py:schedule_kernels). Report (module attr REPORT_KEY, JSON): {"fused": n}.
@@ -36,17 +39,6 @@ def fuse_norm_matmul(mod: tvm.IRModule) -> tvm.IRModule:
     return with_report(mod, REPORT_KEY, {"fused": len(plans)})
 
 
-def _single_user(var, b: Bindings, *ops: str):
-    """(user var, its call) when `var` is read once, by a binding of one of `ops`, else None."""
-    if b.uses.get(var, 0) != 1:
-        return None
-    for u in b.order:
-        call = b.call(u, *ops)
-        if call is not None and any(b.root(a).same_as(var) for a in call.args if isinstance(a, relax.Var)):
-            return u, call
-    return None
-
-
 def _match(var, b: Bindings):
     """(var to rebind, x, gamma, beta, w, bias, cfg) when `var` is the LayerNorm of a chain the module docstring
     describes, else None."""
@@ -57,10 +49,10 @@ def _match(var, b: Bindings):
     shape = static_shape(var)
     if shape is None or not (is_const(gamma) and is_const(beta)) or str(var.ty.dtype) != "float32":
         return None
-    step = _single_user(var, b, "relax.astype")
+    step = b.sole_user(var, "relax.astype")
     if step is None or str(step[1].attrs.dtype) != "float16":
         return None
-    while (nxt := _single_user(step[0], b, "relax.reshape", "relax.matmul")) is not None and \
+    while (nxt := b.sole_user(step[0], "relax.reshape", "relax.matmul")) is not None and \
             nxt[1].op.name == "relax.reshape":
         step = nxt
     if nxt is None or not b.root(nxt[1].args[0]).same_as(step[0]):
@@ -71,13 +63,13 @@ def _match(var, b: Bindings):
             or str(nxt[0].ty.dtype) != "float32" or static_shape(nxt[0]) is None:
         return None
     n = int(w.value.shape[1])
-    added = _single_user(nxt[0], b, "relax.add")
+    added = b.sole_user(nxt[0], "relax.add")
     bias = None if added is None else next(
         (b.value(a) for a in added[1].args if not b.root(a).same_as(nxt[0]) and is_const(b.value(a))), None)
     if bias is None or tuple(int(d) for d in bias.value.shape) != (n,) or str(bias.value.dtype) != "float32":
         return None
     end = added[0]
-    cast = _single_user(end, b, "relax.astype")
+    cast = b.sole_user(end, "relax.astype")
     if cast is not None and str(cast[1].attrs.dtype) == "float16":
         end = cast[0]
     if (end_shape := static_shape(end)) is None or math.prod(end_shape) != m * n:

@@ -58,7 +58,7 @@ def passes(bitlinear: bool = True, device: str | None = None,
         # Phase 4: attention -> one kernel (CPU: causal, skipping the masked half; CUDA: causal or unmasked)
         *([("fuse_causal_attention", module_pass(fuse_causal_attention))] if device == "cpu" else []),
         *([("fuse_causal_attention", module_pass(fuse_attention_cuda))] if device == "cuda" else []),
-        # GPU only: a LayerNorm read only by a float matmul + bias (the QKV projection's) -> one kernel
+        # GPU only: a LayerNorm read only by a float matmul + bias (a float QKV projection's, fc1's) -> one kernel
         *([("fuse_norm_matmul", module_pass(fuse_norm_matmul))] if device == "cuda" else []),
         ("dead_code_elimination", relax.transform.DeadCodeElimination(["main"])),
         # GPU only: W2A8 calls on the tensor-core kernel's tiles (operands padded, output sliced), their constant
@@ -87,6 +87,7 @@ def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None,
         dump(name, mod)
     report = _bitlinear_report(reports, bitlinear)
     report["causal_attention_fused"] = reports.get("fuse_causal_attention", {"fused": 0})["fused"]
+    report["norm_matmul_fused"] = reports.get("fuse_norm_matmul", {"fused": 0})["fused"]
     report["weight_bytes"] = _weight_bytes(mod)
     report["bf16_narrowed"] = reports.get("bf16_matmuls", {"narrowed": 0})["narrowed"]  # --float-precision bf16
     mod, weights = externalize_weights(mod)
@@ -145,6 +146,8 @@ def describe(report: dict) -> str:
                   for r in bl["not_rewritten"]]
     if report["causal_attention_fused"]:
         lines.append(f"attention: {report['causal_attention_fused']} layers -> one kernel each")
+    if report["norm_matmul_fused"]:
+        lines.append(f"layer norm: {report['norm_matmul_fused']} float projections take their LayerNorm in one kernel")
     lines.append(f"weights: {wb['packed_2bit']:,} B 2-bit packed, {wb['float']:,} B float, "
                  f"{wb['scalar']:,} B scalars")
     return "\n".join(lines)

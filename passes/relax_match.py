@@ -19,7 +19,8 @@ REPORT_PREFIX = "bmvcc.report."  # + pass name: module attr (JSON) a pass leaves
 
 
 class Bindings:
-    """var -> bound expression for every VarBinding of a function, plus use counts."""
+    """var -> bound expression for every VarBinding of a function, plus use counts and, per var, the bound calls
+    that read it (through aliases)."""
 
     def __init__(self, func: relax.Function):
         self.values: dict = {}
@@ -31,6 +32,18 @@ class Bindings:
                     self.order.append(b.var)
         self.uses: dict = {}
         _UseCounter(self.uses).visit_expr(func)
+        self.readers: dict = {}  # var -> the vars bound to calls with it (or an alias of it) as an argument
+        for u in self.order:
+            if isinstance(call := self.values[u], relax.Call):
+                for var in {self.root(a) for a in call.args if isinstance(a, relax.Var)}:
+                    self.readers.setdefault(var, []).append(u)
+
+    def sole_user(self, var, *ops: str):
+        """(user var, its call) when `var` is read once, by a call of one of `ops`, else None."""
+        if self.uses.get(var, 0) != 1 or len(users := self.readers.get(var, ())) != 1:
+            return None
+        call = self.call(users[0], *ops)
+        return None if call is None else (users[0], call)
 
     def root(self, e):
         """Follow var-to-var aliases."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .w2a8 import CONFIG_ATTR, KERNEL_ATTR
+from .w2a8 import CONFIG_ATTR, KERNEL_ATTR, with_kernel_attrs
 
 KIND = "attention_prefill"
 DTYPE = "float16"
@@ -168,9 +168,10 @@ def supported(cfg: PrefillConfig) -> bool:
     return cfg.supported()
 
 
-def attention_ops(cfg: PrefillConfig) -> float:
-    """Arithmetic of the prefill kernel: Q K^T and P V over every key tile (it does not skip masked ones),
-    a multiply-add counted as 2."""
+def kernel_ops(func) -> float:
+    """Arithmetic of the prefill kernel for `func`'s configuration: Q K^T and P V over every key tile (it does not
+    skip masked ones), a multiply-add counted as 2."""
+    cfg = config_of(func)
     return 4.0 * cfg.batch * cfg.heads * cfg.tokens * cfg.tokens * cfg.head_dim
 
 
@@ -186,6 +187,4 @@ def schedule(func, target, knobs=None):
     shapes = {str(p.name): p.ty.shape for p in func.params}
     names = ("q", "k", "v", "out", "lse")  # the definition's parameters, in the kernel's order
     kernel = kernel.specialize({p: tirx.decl_buffer(shapes[n], DTYPE) for p, n in zip(kernel.params, names)})
-    for key in ("tirx.noalias", "op_pattern", KERNEL_ATTR, CONFIG_ATTR):
-        kernel = kernel.with_attr(key, func.attrs[key])
-    return kernel
+    return with_kernel_attrs(kernel, func)

@@ -33,8 +33,8 @@ import math
 
 from ..targets.cuda import STATIC_SHARED_BYTES
 from . import attention_cuda
-from .attention_cuda import (CONFIG_ATTR, DTYPE, KERNEL_ATTR, PrefillConfig, config_of, element, operand_shapes,
-                             output_value)
+from .attention_cuda import DTYPE, PrefillConfig, config_of, element, operand_shapes, output_value
+from .w2a8 import with_kernel_attrs
 
 BM = 64  # query rows per CTA (4 warps x 16)
 BN = 64  # keys per K/V tile
@@ -231,11 +231,13 @@ def attention_tc(cfg: PrefillConfig):
     return attention
 
 
-def attention_ops(cfg: PrefillConfig) -> float:
-    """Arithmetic of the kernel serving `cfg`: Q K^T and P V over the (BM x BN) tiles it visits (causal: the
-    tiles up to each CTA's last token's), a multiply-add counted as 2; TVM's kernel's count where it serves."""
+def kernel_ops(func) -> float:
+    """Arithmetic of the kernel serving `func`'s configuration: Q K^T and P V over the (BM x BN) tiles it visits
+    (causal: the tiles up to each CTA's last token's), a multiply-add counted as 2; TVM's kernel's count where it
+    serves."""
+    cfg = config_of(func)
     if not supported(cfg):
-        return attention_cuda.attention_ops(cfg)
+        return attention_cuda.kernel_ops(func)
     visited = sum(key_tiles(cfg, t0) for t0 in range(0, cfg.tokens, tokens_per_cta(cfg)))
     return 4.0 * cfg.batch * cfg.kv_heads * visited * BM * BN * cfg.head_dim
 
@@ -247,6 +249,4 @@ def schedule(func, target, knobs=None):
     if not supported(cfg):
         return attention_cuda.schedule(func, target)
     kernel = attention_tc(cfg)
-    for key in ("tirx.noalias", "op_pattern", KERNEL_ATTR, CONFIG_ATTR):
-        kernel = kernel.with_attr(key, func.attrs[key])
-    return kernel
+    return with_kernel_attrs(kernel, func)

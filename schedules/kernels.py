@@ -9,6 +9,9 @@ the same two entry points:
                                    by bmvcc/gpu_build.py:schedule_kernels, with the knobs of its kernel table)
   space(sch, target)               its MetaSchedule design space (schedules/tuning_spaces.py); None: the
                                    kernel keeps its hand schedule when tuning
+A CUDA schedule's module may also offer
+  kernel_ops(func)                 the arithmetic of the scheduled kernel (a multiply-add counted as 2), which
+                                   bmvcc/gpu_build.py:kernel_calls reports instead of TVM's static count
 `kind` is the PrimFunc's kernel kind (schedules/w2a8.py:kernel_of); the CPU attention kernel's
 `schedule` rebuilds it for the target's vector width (schedules/attention_cpu.py).
 STAGING[device]: "module:function"s (IRModule, target) -> IRModule run after legalization and fusion
@@ -48,10 +51,12 @@ def stage(mod, target, device: str):
     return mod
 
 
-def scheduler_of(kind: str, device: str):
-    """The module of the kind's schedule on `device`, for what else the kernel's users ask it (the CUDA attention
-    schedulers' `supported(cfg)` and `attention_ops(cfg)`, norm_matmul's `supported` and `tensor_core_ops`)."""
-    return importlib.import_module(f"{__package__}.{KERNELS[(kind, device)][0].split(':')[0]}")
+def scheduler_of(kind: str | None, device: str):
+    """The module of the kind's schedule on `device` (None for a kind without one), for what else the kernel's
+    users ask it: the passes that make the calls `supported(cfg)` (attention, norm_matmul), the GPU build
+    `kernel_ops(func)` where TVM cannot count the kernel's arithmetic (module docstring)."""
+    entry = KERNELS.get((kind, device), (None, None))[0]
+    return None if entry is None else importlib.import_module(f"{__package__}.{entry.split(':')[0]}")
 
 
 def _load(entry: str | None) -> Callable | None:

@@ -1,4 +1,4 @@
-"""norm_matmul: a LayerNorm whose output only a matmul reads (the pre-attention norm and the QKV projection), in
+"""norm_matmul: a LayerNorm whose output only a matmul reads (e.g. the pre-attention norm and a QKV projection), in
 one kernel.
 
 For x float32[M, K], gamma and beta float32[K], w float16[K, N] and bias float32[N], per row m, exactly what the

@@ -220,6 +220,14 @@ def kernel_of(func) -> str | None:
     return str(attrs[KERNEL_ATTR]) if attrs is not None and KERNEL_ATTR in attrs else None
 
 
+def with_kernel_attrs(kernel, func):
+    """`kernel`, a hand schedule of the unscheduled PrimFunc `func`, with `func`'s kernel attributes (noalias,
+    op_pattern, KERNEL_ATTR, CONFIG_ATTR)."""
+    for key in ("tirx.noalias", "op_pattern", KERNEL_ATTR, CONFIG_ATTR):
+        kernel = kernel.with_attr(key, func.attrs[key])
+    return kernel
+
+
 def config_of(func) -> W2A8Config:
     """The W2A8Config a w2a8_compute PrimFunc (scheduled or not) was built from (attr CONFIG_ATTR)."""
     return W2A8Config(**attr_value(func.attrs[CONFIG_ATTR]))

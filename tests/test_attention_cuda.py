@@ -265,7 +265,7 @@ def test_paper_size_tc_kernel_on_tensor_cores_without_spills():
     shared memory within 48 KB; 128 CTAs of 8 tokens x 8 heads, CTA c visiting key tiles 0 .. c // 8, so
     8 x (1 + ... + 16) = 1088 tiles of 64 x 64 x 64 x 2 GEMMs (of 2 x 128 x 16 = 4096 unmasked)."""
     from bmvcc.ptx.launches import kernel_launches
-    from bmvcc.schedules.attention_cuda_tc import attention_ops, schedule as tc_schedule
+    from bmvcc.schedules.attention_cuda_tc import kernel_ops, schedule as tc_schedule
     from bmvcc.targets.cuda_toolchain import cuda_to_ptx, ptx_to_cubin
 
     spec = targets.get(ORIN)
@@ -281,7 +281,7 @@ def test_paper_size_tc_kernel_on_tensor_cores_without_spills():
         assert op in sass, op
     (launch,) = kernel_launches(mod, spec.target())["attention"]
     assert launch.grid == (128, 1, 1) and launch.block == (32, 4, 1)
-    assert attention_ops(cfg) == 4.0 * 1088 * 64**3
+    assert kernel_ops(attention_compute(cfg)) == 4.0 * 1088 * 64**3
 
 
 def test_shapes_the_tc_kernel_does_not_take_get_tvms_prefill_kernel():

@@ -15,8 +15,9 @@ from tvm import relax
 
 from bmvcc import targets
 from bmvcc.frontend import Source, to_relax
-from bmvcc.passes.pipeline import run_pipeline
+from bmvcc.passes.pipeline import describe, run_pipeline
 
+from bitnet_models import ViT, randomized
 from conftest import FAMILIES, family_id, make_model, small_config
 
 U16 = 2.0**-11  # fp16 unit roundoff
@@ -26,6 +27,20 @@ BATCH = 4
 def _pipeline(model, cfg, target: str):
     source = Source(model, (cfg.channels, cfg.image_size, cfg.image_size), cfg.num_classes, None, cfg)
     return run_pipeline(to_relax(source, BATCH), targets.get(target))
+
+
+def _run_on_host(mod, weights, x: np.ndarray) -> np.ndarray:
+    """The GPU pipeline's module built for and run on the host (W2A8: the tensor-core kernel's compute definition,
+    as written; bmvcc's other kernels: their definitions)."""
+    from bmvcc.schedules.cpu_default import schedule_cpu_module
+    from bmvcc.schedules.w2a8 import kernel_of
+
+    for gv, func in mod.functions_items():
+        if kernel_of(func) == "w2a8":
+            mod[gv] = func.with_attr("tirx.is_scheduled", True)
+    host = targets.get("host").target()
+    vm = relax.VirtualMachine(tvm.compile(schedule_cpu_module(mod, host), target=host), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x), *weights).numpy()
 
 
 def _matmuls(mod) -> list:
@@ -56,7 +71,6 @@ def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_att
     budget of 2 x 10 x u ~ 1e-2 of the logit scale. In the BitLinear-attention
     families, the perturbed attention output can also move an int8 activation code across a .5 tie
     (1/127 of that row's absmax, averaged by the next matmul). Observed: at most 4.0e-3 of the scale."""
-    from bmvcc.schedules.cpu_default import schedule_cpu_module
     from bmvcc.schedules.w2a8 import kernel_of
 
     cfg = small_config(multi_query=multi_query, fp_attn=fp_attn, dim=dim)
@@ -67,21 +81,41 @@ def test_gpu_pipeline_logits_match_pytorch_within_fp16_error(multi_query, fp_att
     mod, weights, report = _pipeline(model, cfg, "jetson-orin-nano")
     assert report["causal_attention_fused"] == cfg.depth  # causal (multi-query) or not: one attention kernel
     # multi-query float attention: the pre-attention LayerNorm and the Wqkv projection in one kernel (one definition,
-    # every block); multi-head: q, k and v projections all read the normalized rows, which stay a tensor of their own
+    # called by every block); multi-head: q, k and v projections all read the normalized rows, which stay a tensor of
+    # their own
+    assert report["norm_matmul_fused"] == (cfg.depth if fp_attn and multi_query else 0)
+    summary = f"layer norm: {cfg.depth} float projections take their LayerNorm in one kernel"
+    assert (summary in describe(report).splitlines()) == (fp_attn and multi_query)
     assert sum(kernel_of(f) == "norm_matmul" for _, f in mod.functions_items()) == (fp_attn and multi_query)
     calls = _matmuls(mod)
     assert calls and all(a.ty.dtype == "float16" for c in calls for a in c.args)
     assert all(c.ty.dtype == "float32" for c in calls)
-    for gv, func in mod.functions_items():  # W2A8: the tensor-core kernel's compute definition, as written
-        if kernel_of(func) == "w2a8":
-            mod[gv] = func.with_attr("tirx.is_scheduled", True)
-    host = targets.get("host").target()
-    vm = relax.VirtualMachine(tvm.compile(schedule_cpu_module(mod, host), target=host), tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x), *weights).numpy()
+    out = _run_on_host(mod, weights, x)
     scale = np.abs(ref).max()
     np.testing.assert_allclose(out, ref, rtol=0, atol=2 * 10 * U16 * scale)
     assert np.abs(out - ref).max() > 1e-5 * scale  # fp16 rounding did happen (float32 builds: ~2e-7)
     np.testing.assert_array_equal(out.argmax(1), ref.argmax(1))
+
+
+def test_gpu_pipeline_fuses_the_layer_norm_before_any_float_linear_with_a_bias():
+    """passes/fuse_norm_matmul.py matches by structure, not by layer name: in a ViT of plain float Linear layers
+    (tests/bitnet_models.py's, nn.Linear at every site) each block's norm1 -> qkv (one projection, timm-style) and
+    norm2 -> fc1 run as one kernel each; the final norm stays (the head reads the CLS token's slice of it). Logits
+    against PyTorch: as above, 2 u per fp16 rounding of operands, here at most 14 on the way (patch embedding;
+    per block qkv, attention's Q K^T and P V, proj, fc1, fc2; head)."""
+    from bmvcc.schedules.w2a8 import kernel_of
+
+    model = randomized(ViT(torch.nn.Linear))
+    x = np.random.RandomState(4).randn(BATCH, 1, 28, 28).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    mod, weights, report = run_pipeline(to_relax(Source(model, (1, 28, 28), 10, None), BATCH),
+                                        targets.get("jetson-orin-nano"))
+    assert report["norm_matmul_fused"] == 2 * len(model.blocks)
+    m = BATCH * 17  # 16 patches and the CLS token
+    assert sorted(gv.name_hint for gv, f in mod.functions_items() if kernel_of(f) == "norm_matmul") == [
+        f"norm_matmul_m{m}_k32_n64", f"norm_matmul_m{m}_k32_n96"]  # fc1 and qkv, each called by both blocks
+    np.testing.assert_allclose(_run_on_host(mod, weights, x), ref, rtol=0, atol=2 * 14 * U16 * np.abs(ref).max())
 
 
 def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchanged():
