@@ -95,14 +95,21 @@ def schedule_kernels(mod, table, spec):
 
 def schedule_rest(mod, spec):
     """DLight's default GPU schedules (relax.backend.cuda's last legalize pass) for every PrimFunc not
-    scheduled yet, its fp16 tensor-core rule without TVM's minute-long intrinsic import."""
+    scheduled yet, its fp16 tensor-core rule without TVM's minute-long intrinsic import; then the plain operand
+    copies of the matmuls that rule scheduled on cp.async (schedules/async_operand_copies.py)."""
+    from tvm import tirx
     from tvm.relax.backend.cuda import pipeline as cuda
 
+    from .schedules.async_operand_copies import async_operand_copies
     from .schedules.wmma_intrinsics import dlight_wmma
 
     target = spec.target()
     with target, dlight_wmma():
-        return cuda.legalize_passes(target)[-1](mod)
+        mod = cuda.legalize_passes(target)[-1](mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc):
+            mod[gv] = async_operand_copies(func)
+    return mod
 
 
 def lower(mod, spec, calls: dict):
