@@ -52,16 +52,17 @@ def async_operand_copies(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 def _async_pipeline(plain: list[bool]) -> tuple[list[int], list[int]]:
     """(stage, order) of k0's statements: per copy one (plain) or two (register load, shared store), then k1's."""
-    reads, stores = [], []  # statement indices
+    stage, reads, stores = [], [], []  # statement indices
     for async_ in plain:
-        reads.append(len(reads) + len(stores))
+        reads.append(len(stage))
+        stage.append(0 if async_ else 1)
         if not async_:
-            stores.append(reads[-1] + 1)
-    n = len(reads) + len(stores)
+            stores.append(len(stage))
+            stage.append(1)
+    n = len(stage)
     prologue, body, epilogue = range(n, n + K1_STATEMENTS)
     sequence = reads + [body] + stores + [prologue, epilogue]
-    order = [sequence.index(i) for i in range(n + K1_STATEMENTS)]
-    return [0] * n + [1, 2, 2], order
+    return stage + [1, 2, 2], [sequence.index(i) for i in range(n + K1_STATEMENTS)]
 
 
 def _dlight_pipelines(sch) -> list:
