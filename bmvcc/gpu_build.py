@@ -11,7 +11,8 @@ stages in order.
    flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), the LayerNorm + QKV
    projection calls (passes/fuse_norm_matmul.py) schedules/norm_matmul_cuda.py's tensor-core kernel, all through
    schedules/kernels.py and marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head;
-   matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
+   matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`,
+   which then moves the plain operand copies of DLight's tensor-core matmuls to cp.async (schedules/async_operand_copies.py).
 2. `tvm.compile` with cp.async enabled and TVM's CUDA graph rewrite (PASS_CONFIG); the device code is compiled
    here to a cubin for the target's arch (targets/cuda_export.py).
 3. Export with the cubin embedded in place of the source (targets/cuda_export.py), linked by targets/cross.py.
