@@ -5,16 +5,17 @@ pipelines (order [0, 3, 1, 4, 5, 2, 6], stage [0, 0, 0, 0, 0, 1, 1]) over its ch
 copy of each operand, each annotated "tirx.manifest_shared_memory_local_stage" (a load into registers, then a
 shared store: two pipeline statements), and the inner k1 pipeline (prologue, body, epilogue once expanded).
 Changes, where at least one copy is plain: that copy loses its register stage and so lowers to cp.async
-(LDGSTS), and k0 gets TVM's own async arrangement (MetaSchedule's tensor-core rule): the copies in async stage 0,
-the k1 prologue in stage 1, its body and epilogue in stage 2, so two tiles are in flight while one is computed
-(three shared buffers per operand); order: the copies' global reads, the k1 body, the register copies' shared
-stores, the k1 prologue, the k1 epilogue.
+(LDGSTS), and k0 gets TVM's own async arrangement (MetaSchedule's tensor-core rule): the plain copies in async
+stage 0, the k1 prologue in stage 1, its body and epilogue in stage 2, so two tiles are in flight while one is
+computed (three shared buffers per plain copy); order: the copies' global reads, the k1 body, the register copies'
+shared stores, the k1 prologue, the k1 epilogue.
 A plain copy stores a global element of its own dtype (or that element where a lane-invariant padding
 condition holds, else 0: cp.async's zero fill) and reads global memory contiguously along its vectorized lanes:
 cp.async moves 4, 8 or 16 contiguous bytes, and TVM's InjectPTXAsyncCopy takes a strided vector load's base
 address as if it were contiguous. A copy that computes (the patch embedding's im2col + cast) or reads strided (a
-weight stored [K, N], which the rule transposes into [N, K] in shared memory) keeps its register stage: in
-stage 0 a register store is a plain synchronous store (InjectPTXAsyncCopy converts global reads only).
+weight stored [K, N], which the rule transposes into [N, K] in shared memory) keeps its register stage, both its
+statements in stage 1 (in async stage 0 TVM commits a cp.async group for its shared store as well, and the k1
+prologue's wait then leaves the plain copy's tile in flight: a race).
 """
 
 from __future__ import annotations
@@ -105,17 +106,19 @@ def _is_plain_copy(sch, block_rv) -> bool:
         condition, value, other = value.args
         if not (isinstance(other, tirx.FloatImm) and other.value == 0.0):
             return False
-    source, target = getattr(value, "source", None), store.buffer.ty
-    if not (isinstance(value, tvm.ir.TensorLoad) and source.ty.storage_scope == "global"
-            and str(source.ty.dtype) == str(target.dtype)):
+    if not isinstance(value, tvm.ir.TensorLoad):
+        return False
+    source, target = value.source.ty, store.buffer.ty
+    if source.storage_scope != "global" or str(source.dtype) != str(target.dtype):
         return False
     loops = [sch.get(loop) for loop in sch.get_loops(block_rv)]
     lanes = loops[-1]
-    if lanes.kind != tirx.ForKind.VECTORIZED or int(lanes.extent) * tvm.DataType(str(target.dtype)).bits // 8 not in (4, 8, 16):
+    vector_bytes = int(lanes.extent) * tvm.DataType(str(target.dtype)).bits // 8
+    if lanes.kind != tirx.ForKind.VECTORIZED or vector_bytes not in (4, 8, 16):
         return False
     lane, this, next_lane = lanes.loop_var, tirx.Var("this", lanes.loop_var.ty), tirx.Var("next", lanes.loop_var.ty)
 
-    def at(var, lo: int, hi: int):  # an analyzer: block vars -> their value at lane var in [min + lo, min + extent + hi)
+    def at(var, lo: int, hi: int):  # analyzer: block vars -> their value at lane var in [min + lo, min + extent + hi)
         a = sym.Analyzer()
         for loop in loops[:-1]:
             a.bind(loop.loop_var, tvm.ir.Range.from_min_extent(loop.min, loop.extent))

@@ -74,7 +74,8 @@ def test_plain_copies_move_to_cp_async(a_from_float32, weight_nk):
     assert registers == [not p for p in plain]
     # TVM's async arrangement (MetaSchedule's tensor-core rule: stage [0, 0, 1, 2, 2], order [0, 1, 3, 2, 4]), a
     # register copy's load and shared store in stage 1 around the k1 body
-    expected = {(True, True): ([0, 0, 1, 2, 2], [0, 1, 3, 2, 4]), (True, False): ([0, 1, 1, 1, 2, 2], [0, 1, 3, 4, 2, 5]),
+    expected = {(True, True): ([0, 0, 1, 2, 2], [0, 1, 3, 2, 4]),
+                (True, False): ([0, 1, 1, 1, 2, 2], [0, 1, 3, 4, 2, 5]),
                 (False, True): ([1, 1, 0, 1, 2, 2], [0, 3, 1, 4, 2, 5])}[tuple(plain)]
     assert ann == {"software_pipeline_stage": expected[0], "software_pipeline_order": expected[1],
                    "software_pipeline_async_stages": [0]}
