@@ -11,7 +11,8 @@ stages in order.
    flash-style prefill kernel, schedules/attention_cuda.py, for shapes it does not take), the LayerNorm + float
    projection calls (passes/fuse_norm_matmul.py) schedules/norm_matmul_cuda.py's tensor-core kernel, all through
    schedules/kernels.py and marked tirx.is_scheduled. Everything else (softmax, layer norms, patch embedding, head;
-   matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`.
+   matmuls on fp16 operands, passes/fp16_matmuls.py) is left to DLight (Matmul/GEMV/Reduction/GeneralReduction/Fallback) in `schedule_rest`,
+   which then moves the plain operand copies of DLight's tensor-core matmuls to cp.async (schedules/async_operand_copies.py).
 2. `tvm.compile` with cp.async enabled and TVM's CUDA graph rewrite (PASS_CONFIG); the device code is compiled
    here to a cubin for the target's arch (targets/cuda_export.py).
 3. Export with the cubin embedded in place of the source (targets/cuda_export.py), linked by targets/cross.py.
@@ -93,14 +94,21 @@ def schedule_kernels(mod, table, spec):
 
 def schedule_rest(mod, spec):
     """DLight's default GPU schedules (relax.backend.cuda's last legalize pass) for every PrimFunc not
-    scheduled yet, its fp16 tensor-core rule without TVM's minute-long intrinsic import."""
+    scheduled yet, its fp16 tensor-core rule without TVM's minute-long intrinsic import; then the plain operand
+    copies of the matmuls that rule scheduled on cp.async (schedules/async_operand_copies.py)."""
+    from tvm import tirx
     from tvm.relax.backend.cuda import pipeline as cuda
 
+    from .schedules.async_operand_copies import async_operand_copies
     from .schedules.wmma_intrinsics import dlight_wmma
 
     target = spec.target()
     with target, dlight_wmma():
-        return cuda.legalize_passes(target)[-1](mod)
+        mod = cuda.legalize_passes(target)[-1](mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc):
+            mod[gv] = async_operand_copies(func)
+    return mod
 
 
 def lower(mod, spec, calls: dict):

@@ -139,11 +139,14 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     (schedules/attention_cuda_tc.py, with the layout copies around it folded in); the patch embedding (K = 49) and
     the head (M = 1) stay on CUDA cores. The build must not import tvm.s_tir.tensor_intrin.cuda
     (schedules/wmma_intrinsics.py stands in for it)."""
+    import json
     import sys
 
+    from bmvcc import artifact
     from bmvcc.driver import CompileOptions, compile_model
     from bmvcc.report import report
     from bmvcc.schedules.wmma_intrinsics import TVM_MODULE
+    from bmvcc.targets.cuda import SM_LIMITS
 
     imported_before = TVM_MODULE in sys.modules
     cfg = small_config(multi_query=True, fp_attn=True, image_size=63, dim=128, heads=2, mlp_dim=128)
@@ -152,8 +155,11 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     assert imported_before or TVM_MODULE not in sys.modules
     rows = report(tmp_path / "out")["kernels"]
     tensor_core = [k for k in rows if k["unit"] == "fp16 tensor cores"]
-    kinds = Counter(next((w for w in ("norm_matmul", "matmul", "attention") if w in k["kernel"]), k["kernel"])
-                    for k in tensor_core)
+
+    def kinds_of(k):
+        return next((w for w in ("norm_matmul", "matmul", "attention") if w in k["kernel"]), k["kernel"])
+
+    kinds = Counter(kinds_of(k) for k in tensor_core)
     assert kinds == {"norm_matmul": 1, "matmul": 1, "attention": 1}, kinds
     assert all(k["sass_mix"]["HMMA"] > 0 for k in tensor_core)
     assert {k["calls"] for k in tensor_core} == {cfg.depth}
@@ -163,3 +169,13 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     (attention,) = [k for k in tensor_core if "attention" in k["kernel"]]
     assert attention["bytes_read"] == 81 * 256 * 2 and attention["bytes_written"] == 81 * 128 * 2 + 81 * 2 * 2
     assert [k["calls"] for k in rows if "transpose" in k["kernel"] or "expand_dims" in k["kernel"]] == [1]
+    # the output projection's A operand (the attention output; rows 81..127 of its tile zero-filled) comes in by
+    # cp.async in a three-stage pipeline, its weight (stored [K, N], transposed into shared memory) through registers
+    # (schedules/async_operand_copies.py): LDGSTS and LDG beside the HMMA, no spills, shared memory within sm_87's
+    (projection,) = [k for k in tensor_core if kinds_of(k) == "matmul"]
+    assert projection["sass_mix"]["LDGSTS"] > 0 and projection["sass_mix"]["LDG"] > 0
+    info = json.loads((tmp_path / "out" / artifact.DEVICE_INFO).read_text())
+    resources = info["resources"][projection["kernel"] + "_kernel"]
+    assert resources["spill_loads"] == resources["spill_stores"] == 0
+    (launch,) = info["launches"][projection["kernel"]]
+    assert resources["shared_bytes"] + launch["dynamic_shared"] <= SM_LIMITS["sm_87"][0]
