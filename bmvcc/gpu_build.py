@@ -107,7 +107,7 @@ def schedule_rest(mod, spec):
         mod = cuda.legalize_passes(target)[-1](mod)
     for gv, func in list(mod.functions_items()):
         if isinstance(func, tirx.PrimFunc):
-            mod[gv] = async_operand_copies(func)
+            mod[gv] = async_operand_copies(func, spec.facts["max_shared_bytes_per_block"])
     return mod
 
 

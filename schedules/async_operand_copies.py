@@ -23,19 +23,24 @@ from __future__ import annotations
 import tvm
 import tvm_ffi
 from tvm import s_tir, sym, tirx
+from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
 
 DLIGHT_ORDER, DLIGHT_STAGE = [0, 3, 1, 4, 5, 2, 6], [0, 0, 0, 0, 0, 1, 1]
 REGISTER_STAGE = "tirx.manifest_shared_memory_local_stage"
 K1_STATEMENTS = 3  # the inner pipeline's prologue, body, epilogue
-_realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")
 
 
-def async_operand_copies(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """func with its plain operand copies on cp.async (module docstring); func itself where nothing matches."""
+def async_operand_copies(func: tirx.PrimFunc, max_shared_bytes: int) -> tirx.PrimFunc:
+    """func with its plain operand copies on cp.async (module docstring); func itself where nothing matches.
+    A plain copy keeps its register stage where its third shared buffer would take the kernel's dynamic shared
+    memory above `max_shared_bytes` (the target's per-block limit: sm_86's 99 KB holds one, not two)."""
     sch = s_tir.Schedule(func)
     changed = False
     for k0, copies in _dlight_pipelines(sch):
         plain = [_is_plain_copy(sch, c) for c in copies]
+        tiles = [_tile_bytes(sch, c, k0) for c in copies]
+        while any(plain) and sum((3 if p else 2) * t for p, t in zip(plain, tiles)) > max_shared_bytes:
+            plain[max(i for i, p in enumerate(plain) if p)] = False
         if not any(plain):
             continue
         for copy, async_ in zip(copies, plain):
@@ -94,10 +99,28 @@ def _is_dlight_k0(loop) -> bool:
             and [int(x) for x in ann.get("software_pipeline_stage", [])] == DLIGHT_STAGE)
 
 
+def _tile_bytes(sch, block_rv, k0) -> int:
+    """Bytes of one shared buffer of the copy: the tile its loops below k0 fill, [rows, L] with L = the reindexed
+    buffer's last axis (K) / k0's extent, each row padded as the block's storage_align (buffer_dim_align) asks."""
+    block, loops = sch.get(block_rv), sch.get_loops(block_rv)
+    below = [sch.get(lp) for lp in loops[[sch.get(lp).same_as(sch.get(k0)) for lp in loops].index(True) + 1:]]
+    elements = 1
+    for loop in below:
+        elements *= int(loop.extent)
+    buffer = block.writes[0].source
+    row = int(buffer.shape[-1]) // int(sch.get(k0).extent)
+    padded = row
+    for _, axis, factor, offset in block.annotations.get("buffer_dim_align", ()):
+        if int(axis) == len(buffer.shape) - 2:  # the stride of the rows
+            while padded % int(factor) != int(offset):
+                padded += 1
+    return elements // row * padded * tvm.DataType(str(buffer.dtype)).bits // 8
+
+
 def _is_plain_copy(sch, block_rv) -> bool:
     """The copy stores a global element of its dtype, optionally padded with 0 under a lane-invariant condition,
     and its load and store are contiguous along its vectorized loop (the block's innermost)."""
-    block, realize = sch.get(block_rv), _realize(sch, block_rv)
+    block, realize = sch.get(block_rv), get_sblockrealize(sch, block_rv)
     store = block.body
     if not isinstance(store, tirx.BufferStore):
         return False
@@ -113,8 +136,9 @@ def _is_plain_copy(sch, block_rv) -> bool:
         return False
     loops = [sch.get(loop) for loop in sch.get_loops(block_rv)]
     lanes = loops[-1]
-    vector_bytes = int(lanes.extent) * tvm.DataType(str(target.dtype)).bits // 8
-    if lanes.kind != tirx.ForKind.VECTORIZED or vector_bytes not in (4, 8, 16):
+    if lanes.kind != tirx.ForKind.VECTORIZED or not isinstance(lanes.extent, tirx.IntImm) or len(value.source.strides):
+        return False  # cp.async copies from a dense buffer (strides empty) only
+    if int(lanes.extent) * tvm.DataType(str(target.dtype)).bits // 8 not in (4, 8, 16):
         return False
     lane, this, next_lane = lanes.loop_var, tirx.Var("this", lanes.loop_var.ty), tirx.Var("next", lanes.loop_var.ty)
 

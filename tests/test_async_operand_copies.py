@@ -25,7 +25,7 @@ ORIN = targets.get("jetson-orin-nano")
 N, K = 128, 256
 
 
-def _matmul(a_from_float32: bool, weight_nk: bool, m: int):
+def _matmul(a_from_float32: bool, weight_nk: bool, m: int, K: int):
     """c = a @ w^T in fp16 with fp32 accumulation; a cast from float32 in the A load or not; the weight stored
     [N, K] (the layout the rule's shared tile has: a plain copy) or [K, N] (transposed on the way: strided)."""
     a = te.placeholder((m, K), "float32" if a_from_float32 else "float16", "a")
@@ -38,10 +38,10 @@ def _matmul(a_from_float32: bool, weight_nk: bool, m: int):
 
 
 @functools.cache
-def _scheduled(a_from_float32: bool, weight_nk: bool, m: int = 128):
+def _scheduled(a_from_float32: bool, weight_nk: bool, m: int = 128, k: int = K):
     from tvm.s_tir import dlight as dl
 
-    mod = tvm.IRModule({"main": _matmul(a_from_float32, weight_nk, m)})
+    mod = tvm.IRModule({"main": _matmul(a_from_float32, weight_nk, m, k)})
     with ORIN.target(), dlight_wmma():
         return dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)["main"]
 
@@ -66,7 +66,7 @@ def test_plain_copies_move_to_cp_async(a_from_float32, weight_nk):
     assert _pipeline(dlight, a_from_float32) == ({"software_pipeline_order": [0, 3, 1, 4, 5, 2, 6],
                                   "software_pipeline_stage": [0, 0, 0, 0, 0, 1, 1]}, [True, True])
     plain = CASES[(a_from_float32, weight_nk)]
-    out = async_operand_copies(dlight)
+    out = async_operand_copies(dlight, ORIN.facts["max_shared_bytes_per_block"])
     if not any(plain):
         assert out.same_as(dlight)
         return
@@ -81,21 +81,36 @@ def test_plain_copies_move_to_cp_async(a_from_float32, weight_nk):
                    "software_pipeline_async_stages": [0]}
 
 
-@pytest.mark.parametrize("a_from_float32,weight_nk,m", [(False, True, 128), (False, False, 81), (True, True, 128)],
-                         ids=["both-async", "w-through-registers-rows-padded", "a-through-registers"])
-def test_async_pipeline_computes_the_matmul_in_the_ptx_emulator(a_from_float32, weight_nk, m):
-    """fp16 products are exact in float32; the kernel and numpy sum the K = 256 of them per output in float32 in
-    different orders: |error| <= K 2^-24 sum_k |a w| (a first-order bound for each order)."""
-    func = async_operand_copies(_scheduled(a_from_float32, weight_nk, m))
+def test_a_third_buffer_only_where_the_shared_memory_limit_allows():
+    """Both copies plain take 3 x 2 x 128 x 72 x 2 B = 110,592 B of shared memory: above sm_86's 99 KB per block,
+    so there only A's copy gets its third buffer (92,160 B); on the Orin (163 KB) both do."""
+    dlight = _scheduled(False, True)
+    sm86 = targets.get("cuda-sm86").facts["max_shared_bytes_per_block"]
+    assert 92_160 <= sm86 < 110_592
+    _, registers = _pipeline(async_operand_copies(dlight, sm86), False)
+    assert registers == [False, True]
+    _, registers = _pipeline(async_operand_copies(dlight, ORIN.facts["max_shared_bytes_per_block"]), False)
+    assert registers == [False, False]
+
+
+@pytest.mark.parametrize("a_from_float32,weight_nk,m,k", [
+    (False, True, 128, K), (False, False, 81, K), (True, True, 128, K), (False, True, 256, 128), (False, False, 200, 192)],
+    ids=["both-async", "w-through-registers-rows-padded", "a-through-registers", "two-k-tiles-two-ctas",
+         "three-k-tiles-rows-padded"])
+def test_async_pipeline_computes_the_matmul_in_the_ptx_emulator(a_from_float32, weight_nk, m, k):
+    """fp16 products are exact in float32; the kernel and numpy sum the k of them per output in float32 in
+    different orders: |error| <= k 2^-24 sum_k |a w| (a first-order bound for each order). As few k tiles (2, 3)
+    as the pipeline has stages: its prologue and epilogue alone; more rows than one tile: several CTAs."""
+    func = async_operand_copies(_scheduled(a_from_float32, weight_nk, m, k), ORIN.facts["max_shared_bytes_per_block"])
     ptx = tc.cuda_to_ptx(cuda_source(func, ORIN), "sm_87")  # the kernel is named w2a8_kernel there
     assert "cp.async" in ptx
     launches = kernel_launches(tvm.IRModule({"w2a8": func.with_attr("global_symbol", "w2a8")}), ORIN.target())["w2a8"]
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(m, K)).astype("float32" if a_from_float32 else "float16")
-    w = rng.normal(size=(N, K) if weight_nk else (K, N)).astype("float16")
+    a = rng.normal(size=(m, k)).astype("float32" if a_from_float32 else "float16")
+    w = rng.normal(size=(N, k) if weight_nk else (k, N)).astype("float16")
     out = np.zeros((m, N), np.float32)
     res = emulate(parse_ptx(ptx), launches, [a, w, out])
     assert res.races == 0, res.race_reports
     assert res.ctas_run == res.ctas_total and res.written[-1].all()
     a32, w32 = a.astype("float16").astype(np.float32), (w.T if weight_nk else w).astype(np.float32)
-    np.testing.assert_allclose(out, a32 @ w32, rtol=0, atol=K * 2.0**-24 * (np.abs(a32) @ np.abs(w32)).max())
+    np.testing.assert_allclose(out, a32 @ w32, rtol=0, atol=k * 2.0**-24 * (np.abs(a32) @ np.abs(w32)).max())
