@@ -55,5 +55,5 @@ def _rewrite(rw, _binding, plan):
     transposed[:, :k] = weight.value.numpy().T
     if padded != k:  # x's extra columns meet Wt's zero columns: they add exactly 0
         x = rw.builder_.emit(relax.op.nn.pad(x, [0, 0] * (len(static_shape(x)) - 1) + [0, padded - k]))
-    wt = relax.op.permute_dims(named_const(transposed, const_name(weight)), [1, 0])
+    wt = rw.builder_.emit(relax.op.permute_dims(named_const(transposed, const_name(weight)), [1, 0]))
     return relax.Call(matmul.op, [x, wt], matmul.attrs)
