@@ -5,12 +5,12 @@ and patch embedding, after fold_constants) where M (x's rows), K and N all excee
 tensor-core rule; the matmuls on CUDA cores keep their weights (the classifier head's, at M = 1, would stay a
 transpose kernel of its own: matmul_fold merges the final layer norm into the head instead). Produces
 `matmul(x, permute_dims(Wt))` with Wt the transposed constant [N, K'] (contiguous), its rows padded with zeros to
-K' = K rounded up to a multiple of 8 and x padded with zero columns to match (when K is not: the paper's patch
+K' = K rounded up to a multiple of 4 and x padded with zero columns to match (when K is not: the paper's patch
 embedding, K = 147): the same product. FuseOps fuses the permute_dims (and pad) into the matmul's kernel and
 DLight's tensor-core rule, which brings B into an [N, K] shared tile, inlines it into that load, which then reads
-Wt contiguously along k, rows 16-byte aligned, its padding condition (k < K') the same for a vector's lanes: a
-plain copy that schedules/async_operand_copies.py moves to cp.async (stored [K, N], its vector lanes were strided
-in global memory).
+Wt contiguously along k in 8-byte vectors from 8-byte aligned rows, its padding condition (k < K') the same for a
+vector's lanes: a plain copy that schedules/async_operand_copies.py moves to cp.async (stored [K, N], its vector
+lanes were strided in global memory).
 Runs after the last FoldConstant, which would fold the permute_dims back; externalize_weights then makes Wt a
 parameter. bmvcc's kernels (call_tir, such as norm_matmul, which reads W [K, N] itself) are not matmul calls.
 """
@@ -24,7 +24,7 @@ from tvm import relax
 from .relax_match import Bindings, const_name, is_const, named_const, rewrite_main, static_shape
 
 TENSORIZE_THRESHOLD = 64  # DLight's minimal_tensorize_threshold (tvm/s_tir/dlight/gpu/matmul.py)
-VECTOR = 8  # fp16 elements in cp.async's largest copy (16 bytes): Wt's rows padded to a multiple
+VECTOR = 4  # fp16 elements per vectorized copy in DLight's tensor-core rule (its vector_size): Wt's rows padded to it
 
 
 def transpose_matmul_weights(mod: tvm.IRModule) -> tvm.IRModule:

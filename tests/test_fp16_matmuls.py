@@ -172,11 +172,11 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     assert not [k for k in rows if ("transpose" in k["kernel"] or "expand_dims" in k["kernel"])
                 and "matmul" not in k["kernel"]]
     # both operands of the output projection (the attention output, rows 81..127 of its tile zero-filled; its weight,
-    # stored [N, K]) and the patch embedding's weight (stored [N, 152], K zero-padded to 16-byte rows; its im2col + cast
+    # stored [N, K]) and the patch embedding's weight (stored [N, 148], K zero-padded to 8-byte rows; its im2col + cast
     # operand goes through registers) come in by cp.async in a three-stage pipeline (schedules/async_operand_copies.py).
     # Per K tile of 64 the projection issues twice the patch embedding's LDGSTS (the same 128 x 64 tiles, all K tiles
-    # in the pipeline's prologue: K = 128 -> 2 tiles, 152 -> 3): the weight copy's count went back to LDG would halve
-    # it. No spills, shared memory within sm_87's.
+    # in the pipeline's prologue: K = 128 -> 2 tiles, 148 -> 3): its weight copy back on LDG would halve that. No
+    # spills, shared memory within sm_87's.
     (projection,) = [k for k in tensor_core if kinds_of(k) == "matmul"]
     (patches,) = [k for k in tensor_core if kinds_of(k) == "patch_embedding"]
     assert patches["sass_mix"].get("LDGSTS", 0) > 0

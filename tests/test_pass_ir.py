@@ -806,7 +806,7 @@ def _weight_matmul(rows: int, weight: np.ndarray) -> tvm.IRModule:
     return Before
 
 
-def test_transpose_matmul_weights_stores_the_weight_n_by_k_padded_to_8():
+def test_transpose_matmul_weights_stores_the_weight_n_by_k_padded_to_4():
     """W [K=70, N=72] -> its transpose [72, 72] with 2 zero columns, x padded by 2 zero columns; built for the host,
     the same product as numpy's (fp16 operands are exact in float32, so only the order of 70 float32 additions
     differs: at most ~70 x 2^-24 relative to the sum of |products|)."""
