@@ -23,6 +23,7 @@ from .fuse_w2a8_epilogue import fuse_w2a8_epilogue
 from .pad_w2a8_to_tiles import pad_w2a8_to_tiles
 from .quantize_bitlinear import quantize_bitlinear
 from .scalar_fills import scalar_fills
+from .transpose_matmul_weights import transpose_matmul_weights
 from .relax_match import REPORT_PREFIX, read_report
 
 
@@ -66,6 +67,9 @@ def passes(bitlinear: bool = True, device: str | None = None,
         *([("pad_w2a8_to_tiles", module_pass(pad_w2a8_to_tiles)),
            ("fold_tiled_weights", relax.transform.FoldConstant()),
            ("drop_untiled_kernels", relax.transform.DeadCodeElimination(["main"]))] if device == "cuda" else []),
+        # GPU only: constant fp16 matmul weights stored [N, K], so DLight's B tile loads them contiguously (by
+        # cp.async); after the last FoldConstant, which would fold their permute_dims back
+        *([("transpose_matmul_weights", module_pass(transpose_matmul_weights))] if device == "cuda" else []),
     ]
 
 

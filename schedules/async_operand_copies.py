@@ -13,7 +13,8 @@ A plain copy stores a global element of its own dtype (or that element where a l
 condition holds, else 0: cp.async's zero fill) and reads global memory contiguously along its vectorized lanes:
 cp.async moves 4, 8 or 16 contiguous bytes, and TVM's InjectPTXAsyncCopy takes a strided vector load's base
 address as if it were contiguous. A copy that computes (the patch embedding's im2col + cast) or reads strided (a
-weight stored [K, N], which the rule transposes into [N, K] in shared memory) keeps its register stage, both its
+weight stored [K, N], which the rule transposes into [N, K] in shared memory; passes/transpose_matmul_weights.py
+stores constant ones [N, K]) keeps its register stage, both its
 statements in stage 1 (in async stage 0 TVM commits a cp.async group for its shared store as well, and the k1
 prologue's wait then leaves the plain copy's tile in flight: a race).
 """

@@ -18,8 +18,8 @@ that fuses two axes, as attention's head merge (heads, tokens, head_dim) -> (tok
 P V does, is refused by TVM when its index comes through reshapes ("consumers of the cache-write stage that
 are not properly inlined") and, written plainly, would be inlined with only `head * head_dim + d < width`
 as the bound: the padded columns d >= head_dim would overwrite the next head's.
-The other direction folds too for DLight: a copy (or cast) whose output only the matmul reads, such as the
-patch embedding's im2col and the layout copies of float attention (the head merge above included), joins the
+The other direction folds too for DLight: a copy (or cast, or zero padding) whose output only the matmul reads,
+such as the patch embedding's im2col and the layout copies of float attention (the head merge above included), joins the
 matmul, whose rule inlines it into its operand loads (guarded by the padding's bounds). On CPUs it does not:
 its index arithmetic in the micro kernel measured slower than the copy, which runs at memory speed. A matmul of
 one row (the classifier head at batch 1) also takes the function that makes that row if it works only along it,
@@ -100,14 +100,22 @@ def _kind(func) -> str | None:
 
 
 def _copies(func) -> bool:
-    """Whether every block of `func` (no reduction) stores an element it loads, at most cast: a layout copy."""
+    """Whether every block of `func` (no reduction) stores an element it loads, at most cast, or 0 outside bounds:
+    a layout copy (or a zero padding, as passes/transpose_matmul_weights.py's of the patch embedding's K)."""
     sch = s_tir.Schedule(func)
     if not has_root(sch):
         return False
     blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
     values = [b.body.value if isinstance(b.body, tirx.BufferStore) else None for b in blocks]
+    values = [v.args[1] if _is_zero_padding(v) else v for v in values]
     values = [v.value if isinstance(v, tirx.Cast) else v for v in values]
     return all(isinstance(v, tvm.ir.TensorLoad) for v in values)
+
+
+def _is_zero_padding(value) -> bool:
+    """if_then_else(in bounds, element, 0)."""
+    return (isinstance(value, tvm.ir.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else"))
+            and isinstance(value.args[2], (tirx.FloatImm, tirx.IntImm)) and value.args[2].value == 0)
 
 
 def _row_prologue(producer, matmul) -> bool:

@@ -133,12 +133,11 @@ def test_gpu_pipeline_stores_matmul_weights_in_fp16_and_cpu_pipeline_is_unchange
 
 
 def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, tmp_path):
-    """81 tokens, dim 128, head size 64: the Wqkv projection (81x256x128) runs in bmvcc's LayerNorm + matmul
-    kernel (schedules/norm_matmul_cuda.py), the output projection (81x128x128) has every extent above 64, DLight's
-    threshold for its wmma rule; so is the attention kernel
-    (schedules/attention_cuda_tc.py, with the layout copies around it folded in); the patch embedding (K = 49) and
-    the head (M = 1) stay on CUDA cores. The build must not import tvm.s_tir.tensor_intrin.cuda
-    (schedules/wmma_intrinsics.py stands in for it)."""
+    """81 tokens of 7x7x3 px, dim 128, head size 64: the Wqkv projection (81x256x128) runs in bmvcc's LayerNorm + matmul
+    kernel (schedules/norm_matmul_cuda.py), the output projection (81x128x128) and the patch embedding (81x128x147)
+    have every extent above 64, DLight's threshold for its wmma rule; so is the attention kernel
+    (schedules/attention_cuda_tc.py, with the layout copies around it folded in); the head (M = 1) stays on CUDA
+    cores. The build must not import tvm.s_tir.tensor_intrin.cuda (schedules/wmma_intrinsics.py stands in for it)."""
     import json
     import sys
 
@@ -149,7 +148,7 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     from bmvcc.targets.cuda import SM_LIMITS
 
     imported_before = TVM_MODULE in sys.modules
-    cfg = small_config(multi_query=True, fp_attn=True, image_size=63, dim=128, heads=2, mlp_dim=128)
+    cfg = small_config(multi_query=True, fp_attn=True, image_size=63, channels=3, dim=128, heads=2, mlp_dim=128)
     path, _ = checkpoint(cfg)
     compile_model(path, tmp_path / "out", CompileOptions(target="jetson-orin-nano"))
     assert imported_before or TVM_MODULE not in sys.modules
@@ -157,25 +156,34 @@ def test_orin_build_runs_the_float_projections_on_fp16_tensor_cores(checkpoint, 
     tensor_core = [k for k in rows if k["unit"] == "fp16 tensor cores"]
 
     def kinds_of(k):
-        return next((w for w in ("norm_matmul", "matmul", "attention") if w in k["kernel"]), k["kernel"])
+        name = k["kernel"]
+        return ("patch_embedding" if "cast_reshape_transpose" in name
+                else next((w for w in ("norm_matmul", "matmul", "attention") if w in name), name))
 
     kinds = Counter(kinds_of(k) for k in tensor_core)
-    assert kinds == {"norm_matmul": 1, "matmul": 1, "attention": 1}, kinds
+    assert kinds == {"norm_matmul": 1, "matmul": 1, "attention": 1, "patch_embedding": 1}, kinds
     assert all(k["sass_mix"]["HMMA"] > 0 for k in tensor_core)
-    assert {k["calls"] for k in tensor_core} == {cfg.depth}
+    assert sorted(k["calls"] for k in tensor_core) == [1] + [cfg.depth] * 3
     # attention reads Q, K and V from the Wqkv projection's [1, 81, 256] fp16 output (one tensor, counted once) and
-    # writes the out-projection's fp16 input: no copy kernel per block transposes them (the one transpose left is the
-    # patch embedding's; the strided slices left drop the W2A8 kernels' padded rows)
+    # writes the out-projection's fp16 input: no copy kernel per block transposes them (the matmuls' names list the
+    # transposes folded into their operand loads: the patch embedding's im2col, passes/transpose_matmul_weights.py's)
     (attention,) = [k for k in tensor_core if "attention" in k["kernel"]]
     assert attention["bytes_read"] == 81 * 256 * 2 and attention["bytes_written"] == 81 * 128 * 2 + 81 * 2 * 2
-    assert [k["calls"] for k in rows if "transpose" in k["kernel"] or "expand_dims" in k["kernel"]] == [1]
-    # the output projection's A operand (the attention output; rows 81..127 of its tile zero-filled) comes in by
-    # cp.async in a three-stage pipeline, its weight (stored [K, N], transposed into shared memory) through registers
-    # (schedules/async_operand_copies.py): LDGSTS beside the HMMA, no spills, shared memory within sm_87's
+    assert not [k for k in rows if ("transpose" in k["kernel"] or "expand_dims" in k["kernel"])
+                and "matmul" not in k["kernel"]]
+    # both operands of the output projection (the attention output, rows 81..127 of its tile zero-filled; its weight,
+    # stored [N, K]) and the patch embedding's weight (stored [N, 148], K zero-padded to 8-byte rows; its im2col + cast
+    # operand goes through registers) come in by cp.async in a three-stage pipeline (schedules/async_operand_copies.py).
+    # Per K tile of 64 the projection issues twice the patch embedding's LDGSTS (the same 128 x 64 tiles, all K tiles
+    # in the pipeline's prologue: K = 128 -> 2 tiles, 148 -> 3): its weight copy back on LDG would halve that. No
+    # spills, shared memory within sm_87's.
     (projection,) = [k for k in tensor_core if kinds_of(k) == "matmul"]
-    assert projection["sass_mix"]["LDGSTS"] > 0
+    (patches,) = [k for k in tensor_core if kinds_of(k) == "patch_embedding"]
+    assert patches["sass_mix"].get("LDGSTS", 0) > 0
+    assert projection["sass_mix"]["LDGSTS"] / 2 == 2 * patches["sass_mix"]["LDGSTS"] / 3
     info = json.loads((tmp_path / "out" / artifact.DEVICE_INFO).read_text())
-    resources = info["resources"][projection["kernel"] + "_kernel"]
-    assert resources["spill_loads"] == resources["spill_stores"] == 0
-    (launch,) = info["launches"][projection["kernel"]]
-    assert resources["shared_bytes"] + launch["dynamic_shared"] <= SM_LIMITS["sm_87"][0]
+    for kernel in (projection["kernel"], patches["kernel"]):
+        resources = info["resources"][kernel + "_kernel"]
+        assert resources["spill_loads"] == resources["spill_stores"] == 0
+        (launch,) = info["launches"][kernel]
+        assert resources["shared_bytes"] + launch["dynamic_shared"] <= SM_LIMITS["sm_87"][0]

@@ -31,6 +31,7 @@ from bmvcc.passes.pipeline import module_pass, passes
 from bmvcc.passes.quantize_bitlinear import REPORT_KEY as QUANTIZE_KEY
 from bmvcc.passes.quantize_bitlinear import quantize_bitlinear
 from bmvcc.passes.scalar_fills import scalar_fills
+from bmvcc.passes.transpose_matmul_weights import transpose_matmul_weights
 from bmvcc.schedules import w2a8_cuda
 from bmvcc.schedules.attention_cpu import AttentionConfig, attention_cpu
 from bmvcc.schedules.attention_cuda import PrefillConfig, attention_compute
@@ -788,12 +789,67 @@ def test_scalar_fills_keeps_a_branch_that_gives_the_shape():
     tvm.ir.assert_structural_equal(scalar_fills(before), before)
 
 
+
+def _weight_matmul(rows: int, weight: np.ndarray) -> tvm.IRModule:
+    """main(x) = matmul(x, weight) with fp32 accumulation, the weight a constant (as fp16_matmuls leaves one)."""
+    w = relax.const(weight)
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((rows, weight.shape[0]), weight.dtype)):
+            with R.dataflow():
+                y = R.matmul(x, w, out_dtype="float32")
+                R.output(y)
+            return y
+
+    return Before
+
+
+def test_transpose_matmul_weights_stores_the_weight_n_by_k_padded_to_4():
+    """W [K=70, N=72] -> its transpose [72, 72] with 2 zero columns, x padded by 2 zero columns; built for the host,
+    the same product as numpy's (fp16 operands are exact in float32, so only the order of 70 float32 additions
+    differs: at most ~70 x 2^-24 relative to the sum of |products|)."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((70, 72)).astype("float16")
+    padded = np.zeros((72, 72), "float16")
+    padded[:, :70] = weight.T
+    wt = relax.const(padded)
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((65, 70), "float16")):
+            with R.dataflow():
+                xp = R.nn.pad(x, [0, 0, 0, 2])
+                w = R.permute_dims(wt, axes=[1, 0])
+                y = R.matmul(xp, w, out_dtype="float32")
+                R.output(y)
+            return y
+
+    after = transpose_matmul_weights(_weight_matmul(65, weight))
+    tvm.ir.assert_structural_equal(after, Expected)
+    x = rng.standard_normal((65, 70)).astype("float16")
+    host = tvm.target.Target("llvm")
+    vm = relax.VirtualMachine(tvm.compile(after, target=host), tvm.cpu())
+    ref = x.astype("float32") @ weight.astype("float32")
+    bound = 70 * 2.0**-24 * (np.abs(x.astype("float32")) @ np.abs(weight.astype("float32")))
+    assert np.all(np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - ref) <= bound)
+
+
+@pytest.mark.parametrize("rows, dtype", [(64, "float16"), (65, "float32")])
+def test_transpose_matmul_weights_keeps_a_matmul_dlight_runs_on_cuda_cores(rows, dtype):
+    """64 rows (not above DLight's tensor-core threshold) or a float32 weight (not a tensor-core operand)."""
+    before = _weight_matmul(rows, np.ones((72, 72), dtype))
+    tvm.ir.assert_structural_equal(transpose_matmul_weights(before), before)
+
 def test_rewriting_passes_leave_their_input_unchanged():
     """The near-miss tests compare a pass's output with its input: only meaningful if a pass that rewrites builds a
     new module (a PyExprMutator's BlockBuilder holds the module it is given, copied only when a function is added,
     and the pass replaces main in it)."""
     for rewrite, before in [(scalar_fills, _guarded_softmax(np.zeros((2, 8, 8), np.float32))),
-                            (fp16_matmuls, _causal_attention(CAUSAL))]:
+                            (fp16_matmuls, _causal_attention(CAUSAL)),
+                            (transpose_matmul_weights, _weight_matmul(65, np.ones((72, 72), "float16")))]:
         text = before.script(show_meta=True)
         assert rewrite(before).script(show_meta=True) != text
         assert before.script(show_meta=True) == text, rewrite.__name__
