@@ -31,19 +31,24 @@ def transpose_matmul_weights(mod: tvm.IRModule) -> tvm.IRModule:
     b = Bindings(mod["main"])
     plans = {}
     for var in b.order:
-        matmul = b.call(var, "relax.matmul")
-        if matmul is not None and _on_tensor_cores(matmul.args[0], weight := b.value(matmul.args[1])):
+        matmul = b.values[var]  # the call itself, not an alias of its var (that would make a second matmul)
+        if _is_matmul(matmul) and _on_tensor_cores(matmul.args[0], weight := b.value(matmul.args[1])):
             plans[var] = (matmul, weight)
     return rewrite_main(mod, plans, _rewrite) if plans else mod
 
 
+def _is_matmul(e) -> bool:
+    return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.matmul"
+
+
 def _on_tensor_cores(x, weight) -> bool:
-    """weight is a constant fp16 [K, N] and M, K, N all exceed DLight's threshold."""
+    """x is fp16 (DLight's rule decides by it), weight a constant fp16 [K, N], and M, K, N all exceed DLight's
+    threshold."""
     x_shape = static_shape(x)
     if not (is_const(weight) and str(weight.ty.dtype) == "float16" and len(static_shape(weight) or ()) == 2
-            and x_shape):
+            and x_shape and str(x.ty.dtype) == "float16"):
         return False
-    rows = x_shape[-2] if len(x_shape) > 1 else 1  # leading axes are DLight's batch, which it does not count
+    rows = int(np.prod(x_shape[:-1]))  # a 2-D weight has no batch axis: DLight counts x's leading axes as rows
     return min(rows, *static_shape(weight)) > TENSORIZE_THRESHOLD
 
 

@@ -26,6 +26,8 @@ import tvm_ffi
 from tvm import s_tir, sym, tirx
 from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
 
+from .matmul_fold import zero_padding
+
 DLIGHT_ORDER, DLIGHT_STAGE = [0, 3, 1, 4, 5, 2, 6], [0, 0, 0, 0, 0, 1, 1]
 REGISTER_STAGE = "tirx.manifest_shared_memory_local_stage"
 K1_STATEMENTS = 3  # the inner pipeline's prologue, body, epilogue
@@ -125,11 +127,7 @@ def _is_plain_copy(sch, block_rv) -> bool:
     store = block.body
     if not isinstance(store, tirx.BufferStore):
         return False
-    value, condition = store.value, None
-    if isinstance(value, tvm.ir.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else")):
-        condition, value, other = value.args
-        if not (isinstance(other, tirx.FloatImm) and other.value == 0.0):
-            return False
+    condition, value = zero_padding(store.value) or (None, store.value)
     if not isinstance(value, tvm.ir.TensorLoad):
         return False
     source, target = value.source.ty, store.buffer.ty

@@ -107,15 +107,17 @@ def _copies(func) -> bool:
         return False
     blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
     values = [b.body.value if isinstance(b.body, tirx.BufferStore) else None for b in blocks]
-    values = [v.args[1] if _is_zero_padding(v) else v for v in values]
+    values = [padded[1] if (padded := zero_padding(v)) else v for v in values]
     values = [v.value if isinstance(v, tirx.Cast) else v for v in values]
     return all(isinstance(v, tvm.ir.TensorLoad) for v in values)
 
 
-def _is_zero_padding(value) -> bool:
-    """if_then_else(in bounds, element, 0)."""
-    return (isinstance(value, tvm.ir.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else"))
-            and isinstance(value.args[2], (tirx.FloatImm, tirx.IntImm)) and value.args[2].value == 0)
+def zero_padding(value):
+    """(in bounds, element) of a stored value if_then_else(in bounds, element, 0), else None."""
+    if (isinstance(value, tvm.ir.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else"))
+            and isinstance(value.args[2], (tirx.FloatImm, tirx.IntImm)) and value.args[2].value == 0):
+        return value.args[0], value.args[1]
+    return None
 
 
 def _row_prologue(producer, matmul) -> bool:

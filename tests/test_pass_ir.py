@@ -790,14 +790,16 @@ def test_scalar_fills_keeps_a_branch_that_gives_the_shape():
 
 
 
-def _weight_matmul(rows: int, weight: np.ndarray) -> tvm.IRModule:
-    """main(x) = matmul(x, weight) with fp32 accumulation, the weight a constant (as fp16_matmuls leaves one)."""
+def _weight_matmul(rows, weight: np.ndarray) -> tvm.IRModule:
+    """main(x) = matmul(x, weight) with fp32 accumulation, the weight a constant (as fp16_matmuls leaves one); x has
+    `rows` rows, or leading axes of those extents (a tuple)."""
     w = relax.const(weight)
+    lead = tuple(rows) if isinstance(rows, tuple) else (rows,)
 
     @I.ir_module
     class Before:
         @R.function
-        def main(x: R.Tensor((rows, weight.shape[0]), weight.dtype)):
+        def main(x: R.Tensor((*lead, weight.shape[0]), weight.dtype)):
             with R.dataflow():
                 y = R.matmul(x, w, out_dtype="float32")
                 R.output(y)
@@ -842,6 +844,14 @@ def test_transpose_matmul_weights_keeps_a_matmul_dlight_runs_on_cuda_cores(rows,
     """64 rows (not above DLight's tensor-core threshold) or a float32 weight (not a tensor-core operand)."""
     before = _weight_matmul(rows, np.ones((72, 72), dtype))
     tvm.ir.assert_structural_equal(transpose_matmul_weights(before), before)
+
+def test_transpose_matmul_weights_counts_every_leading_axis_of_x_as_rows():
+    """x [2, 49, K] against a 2-D weight: DLight's rule sees 98 rows (an axis is its batch only when both operands
+    have it), above its threshold, so the weight is stored [N, K]."""
+    before = _weight_matmul((2, 49), np.ones((72, 72), "float16"))
+    after = transpose_matmul_weights(before)
+    assert "R.permute_dims" in after.script() and "R.permute_dims" not in before.script()
+
 
 def test_rewriting_passes_leave_their_input_unchanged():
     """The near-miss tests compare a pass's output with its input: only meaningful if a pass that rewrites builds a
