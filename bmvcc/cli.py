@@ -59,7 +59,7 @@ def compile(
     options = CompileOptions(target=target, batch=batch, heads=heads, image_size=image_size,
                              trust_pickle=trust_pickle, bitlinear=not no_bitlinear, dataset=dataset, db=db,
                              force=force, dump_ir=dump_ir, float_precision=float_precision,
-                             measure_float32_error=float_precision != "float32")
+                             measure_float32_error=True)
     report = compile_model(source, output, options, progress=_progress)
     summary = {"output": str(report.outdir), "seconds": round(report.seconds, 2), **report.metadata["passes"],
                "kernels_from_db": report.metadata["tuning"]["kernels_from_db"],

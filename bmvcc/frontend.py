@@ -75,22 +75,14 @@ def torch_logits(source: Source) -> Callable[[np.ndarray], np.ndarray]:
     """`source`'s PyTorch model as a numpy -> numpy function of [N, C, H, W] float32 images: the first
     output of a tuple, and for a .pt2 program exported for a fixed batch (which takes no other) images in
     chunks of that batch, the last padded with zeros (their logits dropped)."""
-    fixed = source.info.get("static_batch")
+    from .runtime import in_batches
 
-    def run(images: np.ndarray) -> np.ndarray:
-        size = fixed or max(len(images), 1)
-        chunks = []
+    def run_batch(chunk: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            for start in range(0, len(images), size):
-                x = torch.from_numpy(images[start : start + size])
-                n = len(x)
-                if n < size:
-                    x = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))])
-                out = source.module(x)
-                chunks.append((out[0] if isinstance(out, (tuple, list)) else out)[:n].numpy())
-        return np.concatenate(chunks)
+            out = source.module(torch.from_numpy(chunk))
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
 
-    return run
+    return lambda images: in_batches(images, source.info.get("static_batch") or max(len(images), 1), run_batch)
 
 
 def _load_onnx(path: Path, image_size: int | None) -> Source:

@@ -151,19 +151,14 @@ class CompiledModel:
         return np.array(np.from_dlpack(tensor))  # a copy: the VM's pooled allocator reuses its buffers
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = self.validate(images)
-        out = []
-        for start in range(0, len(images), self.batch):
-            chunk = images[start : start + self.batch]
-            n = len(chunk)
-            if n < self.batch:
-                chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), chunk.dtype)])
-            image = self._ffi.from_dlpack(_aligned(chunk), require_alignment=_ALIGNMENT)
-            res = self._main(self._to_device(image), *self.weights)
-            if not hasattr(res, "__dlpack__"):  # main returns a 1-tuple (logits,)
-                res = res[0]
-            out.append(self._to_numpy(res)[:n])
-        return np.concatenate(out)
+        return in_batches(self.validate(images), self.batch, self._run_batch)
+
+    def _run_batch(self, chunk: np.ndarray) -> np.ndarray:
+        image = self._ffi.from_dlpack(_aligned(chunk), require_alignment=_ALIGNMENT)
+        res = self._main(self._to_device(image), *self.weights)
+        if not hasattr(res, "__dlpack__"):  # main returns a 1-tuple (logits,)
+            res = res[0]
+        return self._to_numpy(res)
 
     def validate(self, images) -> np.ndarray:
         """[N, C, H, W] float32 (a single [C, H, W] image is batched); anything else is a BmvccError."""
@@ -204,6 +199,19 @@ def _load_private_copy(ffi, path: Path):
         copy = Path(tmp) / path.name
         shutil.copyfile(path, copy)
         return ffi.load_module(str(copy))  # stays mapped after the file is removed
+
+
+def in_batches(images: np.ndarray, batch: int, run) -> np.ndarray:
+    """run(chunk) over `images` in chunks of exactly `batch` (a static-batch model takes no other), the last chunk
+    padded with zero images whose outputs are dropped."""
+    out = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(run(chunk)[:n])
+    return np.concatenate(out)
 
 
 def load(outdir, device: str | None = None) -> CompiledModel:

@@ -28,16 +28,17 @@ REPORT_KEY = REPORT_PREFIX + "bf16_matmuls"  # {"narrowed": matmuls on bf16 oper
 
 def bf16_matmuls(mod: tvm.IRModule) -> tvm.IRModule:
     bindings = Bindings(mod["main"])  # the weights' producers (the mutator leaves constant-only bindings as they are)
-    narrowed = []
+    narrowed = 0
 
     def selects(_mutator, call) -> bool:
+        nonlocal narrowed
         if not _weight_on_vdpbf16ps(bindings, call.args[1]):
             return False
-        narrowed.append(call)
+        narrowed += 1
         return True
 
     out = narrow_matmul_operands(mod, "bfloat16", selects)
-    return with_report(out, REPORT_KEY, {"narrowed": len(narrowed)})
+    return with_report(out, REPORT_KEY, {"narrowed": narrowed})
 
 
 def _weight_on_vdpbf16ps(bindings: Bindings, w) -> bool:

@@ -32,6 +32,12 @@ class Bindings:
                     self.order.append(b.var)
         self.uses: dict = {}
         _UseCounter(self.uses).visit_expr(func)
+        self.reads: dict = {}  # var -> its uses and its aliases' (an alias binding's own read of it not counted)
+        for v, n in self.uses.items():
+            self.reads[self.root(v)] = self.reads.get(self.root(v), 0) + n
+        for v in self.order:
+            if isinstance(self.values[v], relax.Var):
+                self.reads[self.root(v)] -= 1
         self.readers: dict = {}  # var -> the vars bound to calls with it (or an alias of it) as an argument
         for u in self.order:
             if isinstance(call := self.values[u], relax.Call):
@@ -39,8 +45,9 @@ class Bindings:
                     self.readers.setdefault(var, []).append(u)
 
     def sole_user(self, var, *ops: str):
-        """(user var, its call) when `var` is read once, by a call of one of `ops`, else None."""
-        if self.uses.get(var, 0) != 1 or len(users := self.readers.get(var, ())) != 1:
+        """(user var, its call) when `var` is read once (an alias's reads counted as its own), by a call of one of
+        `ops`, else None."""
+        if self.reads.get(var, 0) != 1 or len(users := self.readers.get(var, ())) != 1:
             return None
         call = self.call(users[0], *ops)
         return None if call is None else (users[0], call)

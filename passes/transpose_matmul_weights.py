@@ -31,14 +31,11 @@ def transpose_matmul_weights(mod: tvm.IRModule) -> tvm.IRModule:
     b = Bindings(mod["main"])
     plans = {}
     for var in b.order:
-        matmul = b.values[var]  # the call itself, not an alias of its var (that would make a second matmul)
-        if _is_matmul(matmul) and _on_tensor_cores(matmul.args[0], weight := b.value(matmul.args[1])):
+        matmul = b.call(var, "relax.matmul")
+        if (matmul is not None and matmul.same_as(b.values[var])  # the call's own var, not an alias (a second matmul)
+                and _on_tensor_cores(matmul.args[0], weight := b.value(matmul.args[1]))):
             plans[var] = (matmul, weight)
     return rewrite_main(mod, plans, _rewrite) if plans else mod
-
-
-def _is_matmul(e) -> bool:
-    return isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.matmul"
 
 
 def _on_tensor_cores(x, weight) -> bool:
