@@ -2,24 +2,26 @@
 into plain TIR with their documented effect on an emulated tile state, so the kernel builds for any llvm
 target and runs on any CPU, to be compared with an independent reference.
 
-It works on the kernel lowered as far as TVM's s_tir pipeline goes up to FlattenBuffer (blocks, match
-buffers and multi-dimensional indices gone; `_LOWERING`), because there every pointer an AMX call takes
-is `address_of(buf[i])` or `tvm_access_ptr(data, offset)` into a flat buffer whose size is the one the
-real build allocates (after CompactBufferAllocation), so loads and stores are bounds-checked against
-the memory the CPU would touch, and the state can be allocated as plain buffers where the tasks are.
-The result is still a kernel for `tvm.tirx.build` / `tvm.compile`, whose pipeline runs those passes again
-(nothing is left for them to lower but a simplification) and then lowers it as it lowers the real one.
+`func` is the kernel as written or scheduled (TVMScript, s_tir blocks, tensorized). The emulator lowers it
+as far as TVM's s_tir pipeline goes up to FlattenBuffer (`_LOWERING`: blocks, match buffers and
+multi-dimensional indices gone) and rewrites that, because there every pointer an AMX call takes is
+`address_of(buf[i])` or `tvm_access_ptr(buf.data, offset)` into a flat buffer of the size the real build
+allocates (after CompactBufferAllocation; before CSE or StorageRewrite hide or merge them), so accesses
+are bounds-checked against the memory the CPU would touch, and the state is plain buffers allocated where
+the tasks are. The result is still a kernel for `tvm.tirx.build` / `tvm.compile`, whose pipeline runs those
+passes again (nothing is left for them to lower) and then lowers it as it lowers the real one.
 
-State (per thread, as on the CPU): 64 configuration bytes (as ldtilecfg loaded them; byte 0, the palette,
-is 0 when unconfigured) and 8 tiles of 16 x 64 bytes. Each iteration of a parallel loop holding AMX calls
-gets its own fresh, unconfigured state (the innermost such loop; calls outside any share the function's),
-so a task that relies on another task's ldtilecfg faults. Faults are TIR asserts (`AMX fault: ...`) where
-the CPU would raise #UD / #GP or touch unmapped memory: a tile instruction without a configuration or on
-an unconfigured tile, a configuration that is not palette 1 with shapes within 16 rows x 64 bytes,
-tdpbssd on tiles whose shapes disagree or that are not three distinct registers, a load, store or
+State: 64 configuration bytes (as ldtilecfg loaded them; byte 0, the palette, is 0 when unconfigured) and
+8 tiles of 16 x 64 bytes, fresh and unconfigured for each iteration of a parallel loop holding AMX calls
+(the innermost such loop; calls outside any share the function's). That is stricter than the CPU, where a
+thread running several iterations keeps its configuration: a task relying on another's ldtilecfg faults.
+Faults are TIR asserts (`AMX fault: ...`) where the CPU would raise #UD or #GP, or touch memory outside the
+buffer: a tile instruction without a configuration or on an unconfigured tile, a configuration that is not
+palette 1 with shapes within 16 rows x 64 bytes (or has a start_row, which only a restarted tileloadd
+uses), tdpbssd on tiles whose shapes disagree or that are not three distinct registers, a load, store or
 ldtilecfg whose first or last row leaves the buffer its pointer points into. tdpbssd accumulates in
-uint32, i.e. int32 with wrap-around as the hardware. Bytes a tile holds beyond its configured rows and
-colsb (which the CPU zeroes) are not modelled: no instruction can read them before ldtilecfg zeroes all.
+uint32, i.e. int32 with wrap-around as the hardware. A tile's bytes beyond its configured rows and colsb
+stay zero, as on the CPU: ldtilecfg zeroes all tiles and no instruction writes past the shape.
 The permission request (arch_prctl) becomes 0.
 """
 
@@ -127,7 +129,8 @@ class _Memory:
         inside = tirx.all(first >= 0, last >= 0, first + width <= self.size, last + width <= self.size)
         n = self.buffer.shape[0]
         size = f" ({n.value * self.item} B)" if isinstance(n, tirx.IntImm) else ""
-        return _check(inside, f"{what} bytes outside {self.buffer.name}{size} (the CPU raises #GP or a page fault)")
+        return _check(inside, f"{what} bytes outside {self.buffer.name}{size} (on the CPU: #GP, a page fault or "
+                              "another buffer's bytes)")
 
 
 class _TileState:
@@ -209,17 +212,18 @@ class _Rewriter:
         n = amx.CONFIG_BYTES
         stmts = [mem.check_rows("ldtilecfg reads", 1, 0, n),
                  _loop("i", _i32(n), lambda i: tirx.BufferStore(s.cfg, mem.load(i), [i])),
-                 _check(s.cfg[0] == _u8(amx.PALETTE), "ldtilecfg: palette is not 1 (#GP)"),
+                 _check(s.cfg[0] == _u8(amx.PALETTE), "ldtilecfg: palette is not 1 (the CPU raises #GP)"),
                  _check(s.cfg[1] == _u8(0), "ldtilecfg: start_row is not 0 (restarted loads are not emulated)")]
         reserved = [*range(2, 16), *range(16 + 2 * amx.TILES, 48), *range(48 + amx.TILES, n)]
         stmts += [_check(tirx.all(*[s.cfg[i] == _u8(0) for i in reserved]),
-                         "ldtilecfg: reserved bytes are not zero (#GP)")]
+                         "ldtilecfg: reserved bytes are not zero (the CPU raises #GP)")]
         for t in range(amx.TILES):
             rows, colsb = s.rows(t), s.colsb(t)
             stmts += [_check(tirx.all(rows <= amx.MAX_ROWS, colsb <= amx.MAX_COLSB),
-                             f"ldtilecfg: tmm{t} exceeds {amx.MAX_ROWS} rows x {amx.MAX_COLSB} bytes (#GP)"),
+                             f"ldtilecfg: tmm{t} exceeds {amx.MAX_ROWS} rows x {amx.MAX_COLSB} bytes "
+                             "(the CPU raises #GP)"),
                       _check(tirx.any(tirx.all(rows == 0, colsb == 0), tirx.all(rows > 0, colsb > 0)),
-                             f"ldtilecfg: tmm{t} has rows or colsb 0, not both (#GP)")]
+                             f"ldtilecfg: tmm{t} has rows or colsb 0, not both (the CPU raises #GP)")]
         return stmts + [_zero(s.tiles, 0, amx.TILES * TILE_BYTES)]
 
     @staticmethod
@@ -247,7 +251,8 @@ class _Rewriter:
     @staticmethod
     def _tdpbssd(s: _TileState, c: int, a: int, b: int) -> list:
         op = f"tdpbssd tmm{c}, tmm{a}, tmm{b}"
-        same = [] if len({a, b, c}) == 3 else [_check(tirx.const(False), f"{op}: the tiles are not distinct (#UD)")]
+        same = [] if len({a, b, c}) == 3 else [
+            _check(tirx.const(False), f"{op}: the tiles are not distinct (the CPU raises #UD)")]
         checks = same + s.usable(op, c, a, b) + [
             _check(tirx.all(s.rows(c) == s.rows(a), s.colsb(c) == s.colsb(b), s.colsb(a) == 4 * s.rows(b)),
                    f"{op}: shapes disagree (rows(c) == rows(a), colsb(c) == colsb(b), colsb(a) == 4 rows(b) "
