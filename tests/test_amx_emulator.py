@@ -36,8 +36,8 @@ def config(shapes: dict) -> np.ndarray:
     return np.array(amx.config_bytes(shapes), np.uint8)
 
 
-def one_tile_kernel(configure=True, accumulate=False, a_col=0):
-    """C[16, 16] (+)= A[16, 64] . B, B in VNNI layout [16, 64]: tmm0 += tmm1 . tmm2."""
+def one_tile_kernel(configure=True, accumulate=False, a_col=0, b_tile=2, c_col=0):
+    """C[16, 16] (+)= A[16, 64] . B, B in VNNI layout [16, 64]: tmm0 += tmm1 . tmm2 (the defaults)."""
     @T.prim_func
     def kernel(A: T.Buffer((16, 64), "int8"), B: T.Buffer((16, 64), "int8"), C: T.Buffer((16, 16), "int32"),
                cfg: T.Buffer((64,), "uint8")):
@@ -49,9 +49,9 @@ def one_tile_kernel(configure=True, accumulate=False, a_col=0):
         else:
             T.evaluate(amx.tilezero(0))
         T.evaluate(amx.tileloadd(1, T.address_of(A[0, a_col]), 64))
-        T.evaluate(amx.tileloadd(2, B.access_ptr("r"), 64))
-        T.evaluate(amx.tdpbssd(0, 1, 2))
-        T.evaluate(amx.tilestored(0, T.address_of(C[0, 0]), 64))
+        T.evaluate(amx.tileloadd(b_tile, B.access_ptr("r"), 64))
+        T.evaluate(amx.tdpbssd(0, 1, b_tile))
+        T.evaluate(amx.tilestored(0, T.address_of(C[0, c_col]), 64))
         T.evaluate(amx.tilerelease())
     return kernel
 
@@ -204,11 +204,18 @@ def bad_config(byte: int, value: int) -> np.ndarray:
     (one_tile_kernel(), config({0: FULL, 1: FULL}), "tileloadd tmm2: tmm2 is not configured"),
     (one_tile_kernel(a_col=1), config({0: FULL, 1: FULL, 2: FULL}),  # the last row's last byte
      r"tileloadd tmm1 reads bytes outside A \(1024 B\)"),
+    (one_tile_kernel(c_col=1), config({0: FULL, 1: FULL, 2: FULL}),  # the last row's last int32
+     r"tilestored tmm0 writes bytes outside C \(1024 B\)"),
+    (one_tile_kernel(b_tile=1), config({0: FULL, 1: FULL, 2: FULL}), "tdpbssd tmm0, tmm1, tmm1: the tiles are not"),
     (one_tile_kernel(), bad_config(0, 0), "ldtilecfg: palette is not 1"),
     (one_tile_kernel(), bad_config(48, 17), "ldtilecfg: tmm0 exceeds 16 rows x 64 bytes"),
     (one_tile_kernel(), bad_config(18, 65), "ldtilecfg: tmm1 exceeds 16 rows x 64 bytes"),
+    (one_tile_kernel(), bad_config(48 + 3, 4), "ldtilecfg: tmm3 has rows or colsb 0, not both"),
+    (one_tile_kernel(), bad_config(2, 1), "ldtilecfg: reserved bytes are not zero"),
+    (one_tile_kernel(), bad_config(1, 1), "ldtilecfg: start_row is not 0"),
 ], ids=["no-ldtilecfg", "task-without-ldtilecfg", "colsb-b", "colsb-a", "tile-unconfigured", "load-past-end",
-        "palette-0", "17-rows", "65-colsb"])
+        "store-past-end", "same-tile-twice", "palette-0", "17-rows", "65-colsb", "rows-without-colsb", "reserved",
+        "start-row"])
 def test_faults(kernel, cfg, fault):
     """Negative controls: each run faults, naming the fault; the CPU would raise #UD, #GP or a page fault."""
     a, b_km, c = one_tile_inputs()
