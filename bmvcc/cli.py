@@ -75,8 +75,7 @@ def compile(
         if float_precision != "float32":
             from .precision import describe as describe_precision
 
-            typer.echo(describe_precision(float_precision, report.metadata["passes"]["bf16_narrowed"],
-                                          report.float32_error))
+            typer.echo(describe_precision(float_precision, report.metadata["passes"], report.float32_error))
 
 
 @app.command()

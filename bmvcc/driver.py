@@ -86,7 +86,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
                               "shipped": db is not None and options.db is None, "kernels_from_db": from_db}
         artifact.write_metadata(tmp, metadata)
     error = None
-    if options.measure_float32_error and pass_report["bf16_narrowed"]:  # a build with nothing narrowed is float32
+    if options.measure_float32_error and precision.narrowed(pass_report):  # else the build is float32
         progress(f"measuring the {options.float_precision} build against the float32 model")
         error = precision.error_vs_float32(Path(outdir), source, progress)
     seconds = time.perf_counter() - start
