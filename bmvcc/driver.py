@@ -28,7 +28,7 @@ class CompileOptions:
     shipped_databases: Path | None = None  # where shipped databases are found (None: tunedb.SHIPPED_DATABASES)
     force: bool = False  # replace an existing OUTDIR that is not a bmvcc artifact (artifact.check_outdir)
     dump_ir: Path | None = None  # directory for the IR after every pass and stage (bmvcc/irdump.py)
-    float_precision: str = "float32"  # "bf16": the Linear layers' matmuls on bf16 operands (bmvcc/precision.py)
+    float_precision: str = "float32"  # "bf16": the Linear layers' matmuls and causal attention on bf16 operands (bmvcc/precision.py)
     measure_float32_error: bool = False  # a build not in float32 against the PyTorch model (seconds: the CLI's summary)
 
 

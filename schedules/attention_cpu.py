@@ -32,6 +32,22 @@ exp (_fast_exp) is TVM's fast_exp polynomial (topi fast_exp_float32, the one Fas
 elsewhere) in 13 instructions instead of 18: relative error <= 3.1e-7 (2.6 float32 ulps; 2.98e-7 measured,
 3.01e-7 before) vs float64 where float32 is normal (x >= -87.3), and 0 <= exp(x) < 1.2e-38 below
 (test_attention_cpu.py measures both).
+
+bf16 (AttentionConfig.bf16: --float-precision bf16, on a target with vdpbf16ps; else, and without a target, the
+float32 kernel): the two products on bf16 operands, everything else as above in fp32. qs (Q scaled in fp32), K, V
+and the probabilities P = exp(s - m) in [0, 1] (m: the row max up to this key block) are rounded to nearest even at
+8 significand bits and kept as their 16 bits: Kp[gk, j // NR, d // 2, (j % NR) * 2 + d % 2] (d padded to pairs with
+0) holds each key's pair of d that a row's pair of qs, one 32-bit broadcast, meets in one vdpbf16ps (16 keys, two
+terms each); vp[gk, j // 2, c * 2 + j % 2] (0 past N and D, D padded to whole vectors) pairs V's keys per column,
+which a row's pair of consecutive probabilities (ps, a copy of s's rounded values) meets the same way (16 columns,
+two keys each; an odd last key pairs with a 0). The row sums add the rounded P, so a row's output is a convex
+combination of its bf16 V rows.
+Error: each rounding moves its operand by at most u = 2^-8 relative; vdpbf16ps forms the products of bf16
+operands exactly in fp32 (8 x 8 significand bits) and adds them in fp32. Against float64 of the same rounded
+operands a score is off by at most D 2^-24 sum_d |qs_d k_d| (fp32 sums), which with exp's 3.1e-7 can move a
+probability across a rounding tie of bf16 (then off by one bf16 ulp), and an output by fp32 sums of N terms; against
+float32 each score moves by at most (2u + u^2) sum_d |qs_d k_d|, each probability and V by a further u
+(test_attention_cpu.py bounds the kernel both ways).
 """
 
 from __future__ import annotations

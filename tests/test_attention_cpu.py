@@ -6,6 +6,8 @@ order than numpy), rescales its running sums once per key block (online softmax)
 exp (<= 3.1e-7 relative, test_fast_exp_error), so outputs (convex combinations of rows of v) are off
 by a few float32 ulps times the sum lengths: rtol 1e-5 plus 1e-5 x the output's scale. A wrong row
 block, a key on the wrong side of the diagonal, a lost tile or key block is off by O(0.1).
+The bf16 kernel (--float-precision bf16) is held to its error bound (the kernel's docstring) against float64 of
+its bf16-rounded operands, and to bf16's worst case against float32.
 """
 
 from __future__ import annotations
