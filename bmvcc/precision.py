@@ -71,7 +71,8 @@ def describe(precision: str, passes: dict, error: dict | None) -> str:
         return (f"float precision: {precision} requested, but no matmul fits vdpbf16ps (a constant K x N weight, "
                 "K even, N a multiple of 16) and no causal attention was fused: the build is float32")
     what = (f"float precision: {precision} ({passes['bf16_narrowed']} Linear layers' matmuls and "
-            f"{passes['bf16_attention']} attention layers' Q.K^T and P.V on {precision} operands, float32 accumulation)")
+            f"{passes['bf16_attention']} attention layers' Q.K^T and P.V on {precision} operands, "
+            "float32 accumulation)")
     if error is None:
         return what + "; error against float32 not measured (it needs a PyTorch source)"
     n = error["images"]

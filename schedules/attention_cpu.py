@@ -123,7 +123,7 @@ def vector_shape(target) -> tuple[int, int]:
     return facts.lanes("float32"), facts.vector_registers
 
 
-def runs_bf16(cfg: AttentionConfig, target) -> bool:
+def _runs_bf16(cfg: AttentionConfig, target) -> bool:
     """Whether the kernel for `target` takes its products on vdpbf16ps: a bf16 config on a CPU that has it
     (else, and without a target, the float32 kernel)."""
     if not cfg.bf16 or target is None:
@@ -187,7 +187,7 @@ def attention_cpu(cfg: AttentionConfig, target=None):
     marked tirx.is_scheduled when built for a target."""
     G, GK, N, D = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     H = G // GK  # query groups per K/V group
-    bf16 = runs_bf16(cfg, target)
+    bf16 = _runs_bf16(cfg, target)
     P = PAIR if bf16 else 1  # products' terms per lane and instruction: vdpbf16ps's pairs, or one FMA
     t = Tiles.of(cfg, *vector_shape(target), P)
     L, R, BK, MR, NR, MR2, NC, DO = t.lanes, t.rows, t.keys, t.mr, t.nr, t.mr2, t.nc, t.width
@@ -195,6 +195,7 @@ def attention_cpu(cfg: AttentionConfig, target=None):
     NB = -(-N // R)  # row blocks (the last may be partial)
     NK = -(-N // BK) * BK  # keys, padded to whole key blocks
     DE = -(-D // P) * P  # Q's and K's head dims in whole pairs (0 past D)
+    NV = -(-N // P)  # V's pairs of keys (vdpbf16ps)
     scale = T.float32(cfg.scale)
     operand_dtype = "uint16" if bf16 else "float32"  # a product's operands: bf16 bits, or float32
     zero = T.uint16(0) if bf16 else T.float32(0)
@@ -211,12 +212,12 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                 kp[gd // DE, j // NR, gd % DE // P, j % NR * P + gd % P] = T.if_then_else(
                     j < N and gd % DE < D, operand(kt[gd // DE, gd % DE, j]), zero)
         if bf16:  # V in pairs of keys per column: vp[gk, j // 2, c * 2 + j % 2] (0 past N and D)
-            vp = T.alloc_buffer((GK, -(-N // P), DO * P), "uint16")
-            for gj in T.parallel(GK * -(-N // P)):
+            vp = T.alloc_buffer((GK, NV, DO * P), "uint16")
+            for gj in T.parallel(GK * NV):
                 for c in range(DO * P):
-                    vp[gj // -(-N // P), gj % -(-N // P), c] = T.if_then_else(
-                        (gj % -(-N // P)) * P + c % P < N and c // P < D,
-                        operand(v[gj // -(-N // P), (gj % -(-N // P)) * P + c % P, c // P]), zero)
+                    key = T.bind(gj % NV * P + c % P)
+                    vp[gj // NV, gj % NV, c] = T.if_then_else(key < N and c // P < D,
+                                                              operand(v[gj // NV, key, c // P]), zero)
         for task in T.parallel(G * NB):
             g = T.bind(task // NB)
             gk = T.bind(g // H)
@@ -291,7 +292,8 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                     if bf16:  # the rounded probabilities' high halves
                         for j in range(kn // L):
                             for l in T.vectorized(L):
-                                ps[r, j * L + l] = T.Cast("uint16", T.reinterpret("uint32", s[r, j * L + l]) >> T.uint32(16))
+                                ps[r, j * L + l] = T.Cast("uint16",
+                                                          T.reinterpret("uint32", s[r, j * L + l]) >> T.uint32(16))
                 for it in range(R // MR2):  # output: o = a o + s V_block
                     for ct in range(DO // NC):
                         for r in T.unroll(MR2):
@@ -304,7 +306,8 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                                         o[it * MR2 + r, T.ramp(ct * NC + cv * L, 1, L)] = dot_pairs(
                                             o[it * MR2 + r, T.ramp(ct * NC + cv * L, 1, L)],
                                             T.reinterpret("int32", ps[it * MR2 + r, T.ramp(j * P, 1, P)]),
-                                            vp[gk, k0 // P + j, T.ramp((ct * NC + cv * L) * P, 1, L * P)], ps.data, vp.data)
+                                            vp[gk, k0 // P + j, T.ramp((ct * NC + cv * L) * P, 1, L * P)],
+                                            ps.data, vp.data)
                         else:
                             for j in range(T.min(BK, T.min(i0 + it * MR2 + MR2, N) - k0)):
                                 for r in T.unroll(MR2):

@@ -103,7 +103,7 @@ def _check_kernel(kernel_target, target, g, gk, n, d):
 
 
 def _bf16(x):
-    """x rounded to nearest even at bf16 precision through float32 (as the kernel rounds its float32 values), float64."""
+    """x rounded to nearest even at bf16 precision through float32 (as the kernel rounds float32 values), float64."""
     return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
 
 
@@ -179,7 +179,8 @@ def test_bf16_kernel_is_exact_bf16_products_with_fp32_sums(target, g, gk, n, d):
     assert (np.abs(out - ref) <= tolerance).all()
     q16, k16, v16 = (_bf16(t) for t in (qs, k, v))
     for wrong in (_bf16_attention(*(_truncated(t) for t in (qs, k, v)), keys, _truncated),
-                  _bf16_attention(q16, _swap_pairs(k16, 2), v16, keys), _bf16_attention(q16, k16, _swap_pairs(v16, 1), keys)):
+                  _bf16_attention(q16, _swap_pairs(k16, 2), v16, keys),
+                  _bf16_attention(q16, k16, _swap_pairs(v16, 1), keys)):
         assert (np.abs(wrong[0] - ref) > tolerance).mean() > 0.9
     float32 = _reference(qs, k, v, 1.0, _causal(n))
     delta = (2 * U + U * U) * (np.abs(qs.astype(np.float64)) @ np.abs(np.swapaxes(k, 1, 2))).max(-1, keepdims=True)

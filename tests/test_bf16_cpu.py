@@ -256,9 +256,9 @@ def test_compile_bf16_reports_the_error_of_bf16_attention(checkpoint, tmp_path):
     with contextlib.redirect_stdout(stdout):
         main(["compile", str(path), "-o", str(tmp_path / "out"), "--float-precision", "bf16"])
     (line,) = [x for x in stdout.getvalue().splitlines() if x.startswith("float precision:")]
-    found = re.fullmatch(r"float precision: bf16 \(0 Linear layers' matmuls and 2 attention layers' Q\.K\^T and P\.V on "
-                         r"bf16 operands, float32 accumulation\); against the float32 PyTorch model on 4 seeded random "
-                         r"images: max \|logit error\| (\S+), argmax agrees on (\d) of 4", line)
+    found = re.fullmatch(r"float precision: bf16 \(0 Linear layers' matmuls and 2 attention layers' Q\.K\^T and P\.V "
+                         r"on bf16 operands, float32 accumulation\); against the float32 PyTorch model on 4 seeded "
+                         r"random images: max \|logit error\| (\S+), argmax agrees on (\d) of 4", line)
     assert found, line
     error = {"images": 4, "max_abs_logit_error": float(found[1]), "argmax_agrees": int(found[2])}
     _check_reported_error(error, model, (1, 28, 28))
