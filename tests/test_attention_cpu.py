@@ -148,11 +148,12 @@ def _bf16_bound(q, k, v, out, p, s, block_max, keys):
     Rows' |v - out| bounded by |v| + |out|, so that it takes matrix products (about 2x loose)."""
     n, d = q.shape[1:]
     ds = 1.01 * d * U32 * (np.abs(q) @ np.abs(np.swapaxes(k, 1, 2)))  # |Δs|: the scores' fp32 sums
-    worst = np.where(np.isfinite(s), ds, 0).max(-1, keepdims=True)
-    x = np.where(np.isfinite(s), s - block_max, -np.inf)
-    eta = 1.01 * (ds + worst + U32 * np.abs(np.nan_to_num(x))) + 3.1e-7 + 2 * U32
+    kept = np.isfinite(s)  # keys not masked
+    worst = np.where(kept, ds, 0).max(-1, keepdims=True)
+    x = s - block_max  # exp's argument
+    eta = 1.01 * (ds + worst + U32 * np.where(kept, np.abs(x), 0)) + 3.1e-7 + 2 * U32
     lo, hi = (_bf16(np.exp(x) * f) for f in (1 - eta, 1 + eta))
-    final = np.where(np.isfinite(s), s, -np.inf).max(-1, keepdims=True)
+    final = s.max(-1, keepdims=True)
     amb = (hi - lo) * np.exp(block_max - final)  # 0 where both round alike
     blocks = np.ceil((np.arange(n) + 1) / keys)[:, None]  # key blocks a row's keys span
     beta = (blocks - 1) * (2 * worst + 3.1e-7 + U32 * np.abs(final - block_max[..., :1]))
