@@ -191,7 +191,7 @@ def _kernel_table(calls: list, runs: int, peak) -> list[dict]:
 
 
 _W2A8 = re.compile(r"w2a8_(?:tc_)?m(\d+)_n(\d+)_k(\d+)")  # tc: the GPU's tensor-core kernel
-_ATTENTION = re.compile(r"causal_attention_g(\d+)_kv\d+_n(\d+)_d(\d+)")
+_ATTENTION = re.compile(r"causal_attention_g(\d+)_kv\d+_n(\d+)_d(\d+)(_bf16)?")  # _bf16: on vdpbf16ps
 
 
 def _ops(symbol: str, shapes: list) -> tuple[float, str]:
@@ -201,8 +201,8 @@ def _ops(symbol: str, shapes: list) -> tuple[float, str]:
         mm, n, k = map(int, m.groups())
         return 2.0 * mm * n * k, "int8"
     if m := _ATTENTION.search(symbol):  # Q K^T and P V over the causal half (the diagonal included)
-        g, n, d = map(int, m.groups())
-        return 2.0 * g * d * n * (n + 1), "fp32"
+        g, n, d = map(int, m.groups()[:3])
+        return 2.0 * g * d * n * (n + 1), "bf16" if m.group(4) else "fp32"
     if "matmul" in symbol:  # A[.., K] x B -> out (the last argument): 2 K operations per output
         kind = "bf16" if shapes and shapes[0][1] == "bfloat16" else "fp32"  # --float-precision bf16: vdpbf16ps
         return (2.0 * shapes[0][0][-1] * math.prod(shapes[-1][0]) if shapes else 0.0), kind

@@ -50,7 +50,7 @@ def compile(
     db: Optional[Path] = typer.Option(None, "--db", help="tuning database from bmvcc tune (same target) to apply"),
     force: bool = typer.Option(False, "--force", help="replace OUTDIR even if it is not a bmvcc artifact (its files are deleted)"),
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR after every pass and build stage to this directory (TVMScript)"),
-    float_precision: str = typer.Option("float32", "--float-precision", help="float32 (default), or bf16: the Linear layers' matmuls on bf16 operands (CPUs with AVX-512 BF16)"),
+    float_precision: str = typer.Option("float32", "--float-precision", help="float32 (default), or bf16: the Linear layers' matmuls and causal attention on bf16 operands (CPUs with AVX-512 BF16)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Compile a checkpoint into an artifact directory (module .so, weights, metadata.json)."""
@@ -75,8 +75,7 @@ def compile(
         if float_precision != "float32":
             from .precision import describe as describe_precision
 
-            typer.echo(describe_precision(float_precision, report.metadata["passes"]["bf16_narrowed"],
-                                          report.float32_error))
+            typer.echo(describe_precision(float_precision, report.metadata["passes"], report.float32_error))
 
 
 @app.command()

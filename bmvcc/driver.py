@@ -28,7 +28,7 @@ class CompileOptions:
     shipped_databases: Path | None = None  # where shipped databases are found (None: tunedb.SHIPPED_DATABASES)
     force: bool = False  # replace an existing OUTDIR that is not a bmvcc artifact (artifact.check_outdir)
     dump_ir: Path | None = None  # directory for the IR after every pass and stage (bmvcc/irdump.py)
-    float_precision: str = "float32"  # "bf16": the Linear layers' matmuls on bf16 operands (bmvcc/precision.py)
+    float_precision: str = "float32"  # "bf16": the Linear layers' matmuls and causal attention on bf16 operands (bmvcc/precision.py)
     measure_float32_error: bool = False  # a build not in float32 against the PyTorch model (seconds: the CLI's summary)
 
 
@@ -86,7 +86,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
                               "shipped": db is not None and options.db is None, "kernels_from_db": from_db}
         artifact.write_metadata(tmp, metadata)
     error = None
-    if options.measure_float32_error and pass_report["bf16_narrowed"]:  # a build with nothing narrowed is float32
+    if options.measure_float32_error and precision.narrowed(pass_report):  # else the build is float32
         progress(f"measuring the {options.float_precision} build against the float32 model")
         error = precision.error_vs_float32(Path(outdir), source, progress)
     seconds = time.perf_counter() - start

@@ -59,13 +59,19 @@ def error_vs_float32(outdir: Path, source, progress: Callable[[str], None]) -> d
             "argmax_agrees": int((logits.argmax(1) == reference.argmax(1)).sum())}
 
 
-def describe(precision: str, narrowed: int, error: dict | None) -> str:
-    """The summary line of a build in `precision` (not float32) with `narrowed` matmuls on its operands
-    (the pass report's bf16_narrowed)."""
-    if not narrowed:
+def narrowed(passes: dict) -> int:
+    """Layers whose products take narrowed operands, by the pass report (bf16_narrowed Linear matmuls,
+    bf16_attention causal attention kernels); 0: the build is float32."""
+    return passes["bf16_narrowed"] + passes["bf16_attention"]
+
+
+def describe(precision: str, passes: dict, error: dict | None) -> str:
+    """The summary line of a build in `precision` (not float32) with the pass report `passes`."""
+    if not narrowed(passes):
         return (f"float precision: {precision} requested, but no matmul fits vdpbf16ps (a constant K x N weight, "
-                "K even, N a multiple of 16): the build is float32")
-    what = (f"float precision: {precision} ({narrowed} Linear layers' matmuls on {precision} operands, "
+                "K even, N a multiple of 16) and no causal attention was fused: the build is float32")
+    what = (f"float precision: {precision} ({passes['bf16_narrowed']} Linear layers' matmuls and "
+            f"{passes['bf16_attention']} attention layers' Q.K^T and P.V on {precision} operands, "
             "float32 accumulation)")
     if error is None:
         return what + "; error against float32 not measured (it needs a PyTorch source)"

@@ -6,8 +6,9 @@ shape vdpbf16ps takes whole (schedules/bf16_intrinsics.py: K in pairs, N in vect
 float projections (QKV and output, fp_attn models), the patch embedding and the classifier head where
 their shapes allow, and float BitLinear weights under --no-bitlinear. A matmul of another shape (a
 7 x 7 x 3 patch, a 9-class head) stays float32: it would round without running faster. Attention's
-Q.K^T and P.V (both operands computed) stay float32, so fuse_causal_attention still finds them; the W2A8
-kernels are call_tir and untouched.
+Q.K^T and P.V (both operands computed) stay float32 matmuls here, so fuse_causal_attention still finds them
+(its kernel then takes them on bf16 operands, schedules/attention_cpu.py); the W2A8 kernels are call_tir and
+untouched.
 Produces `matmul(a16, b16, out_dtype="float32")` as fp16_matmuls does: the activation cast sits after the
 op that computes it (fused into that kernel, which then writes 2-byte elements), weights are constants
 that fold_constants stores in bf16 (half the bytes). bf16 keeps float32's exponent, so nothing overflows;

@@ -14,7 +14,8 @@ ONNX import leaves it) when that repeats trailing leading dims only (a multi-que
 Produces, reshaped to the matmul's shape (scores, softmax and mask become dead):
 - CPU (`fuse_causal_attention`): `call_tir(attention, [Q, Kt, V] as [G, N, D], [Gk, D, N], [Gk, N, D])`
   (schedules/attention_cpu.py, which skips the masked half; causal only; any N and D; built without a
-  target, the CPU schedule stage rebuilds it for the target's vectors);
+  target, the CPU schedule stage rebuilds it for the target's vectors; `bf16` (--float-precision bf16):
+  its Q K^T and P V on bf16 operands, AttentionConfig.bf16, the kernel named ..._bf16);
 - CUDA (`fuse_attention_cuda`): `call_tir(attention, [Q, K, V] as [Gk, N, G / Gk, D], [Gk, N, 1, D] x 2)`,
   schedules/attention_cuda.py's compute definition (causal condition from indices, no mask), its fp16
   output cast to float32; the GPU build schedules it (bmvcc/gpu_build.py:schedule_kernels). Where
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import tvm
@@ -48,9 +50,9 @@ _LAYOUT = ("relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.br
 _FLOATS = ("float16", "float32")  # casts between them of an fp16 value are exact
 
 
-def fuse_causal_attention(mod: tvm.IRModule) -> tvm.IRModule:
-    """CPU builds: causal attention -> schedules/attention_cpu.py's kernel."""
-    return _fuse(mod, _cpu_plan, _rewrite, "float32", masks_only=True)
+def fuse_causal_attention(mod: tvm.IRModule, bf16: bool = False) -> tvm.IRModule:
+    """CPU builds: causal attention -> schedules/attention_cpu.py's kernel (`bf16`: its products on bf16 operands)."""
+    return _fuse(mod, partial(_cpu_plan, bf16=bf16), _rewrite, "float32", masks_only=True)
 
 
 def fuse_attention_cuda(mod: tvm.IRModule) -> tvm.IRModule:
@@ -124,8 +126,8 @@ def _unguarded(probs, b: Bindings):
     return probs
 
 
-def _cpu_plan(b, var, q, kt, v, g, gk, n, d, scale, causal):
-    cfg = AttentionConfig(g, gk, n, d, scale)
+def _cpu_plan(b, var, q, kt, v, g, gk, n, d, scale, causal, bf16: bool):
+    cfg = AttentionConfig(g, gk, n, d, scale, bf16)
     return (var, (q, kt, v, cfg)) if causal and cfg.supported() else None
 
 
@@ -262,7 +264,7 @@ def _rewrite(rw, binding, plan):
     g, gk, n, d = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     args = [rw.builder_.emit(relax.op.reshape(rw.visit_expr(t), shape))
             for t, shape in ((q, (g, n, d)), (kt, (gk, d, n)), (v, (gk, n, d)))]
-    kernel = rw.kernel(cfg, attention_cpu, f"causal_attention_g{g}_kv{gk}_n{n}_d{d}")
+    kernel = rw.kernel(cfg, attention_cpu, f"causal_attention_g{g}_kv{gk}_n{n}_d{d}" + ("_bf16" if cfg.bf16 else ""))
     out = rw.builder_.emit(relax.call_tir(kernel, args, relax.TensorType((g, n, d), "float32")))
     return relax.op.reshape(out, static_shape(binding.var))
 

@@ -27,15 +27,16 @@ from .transpose_matmul_weights import transpose_matmul_weights
 from .relax_match import REPORT_PREFIX, read_report
 
 
-def module_pass(func) -> tvm.transform.Pass:
-    """A bmvcc pass function (IRModule -> IRModule) as a tvm.transform module pass of the same name."""
-    return tvm.transform.module_pass(lambda mod, _ctx: func(mod), opt_level=0, name=func.__name__)
+def module_pass(func, **options) -> tvm.transform.Pass:
+    """A bmvcc pass function (IRModule -> IRModule, given `options`) as a tvm.transform module pass of the same name."""
+    return tvm.transform.module_pass(lambda mod, _ctx: func(mod, **options), opt_level=0, name=func.__name__)
 
 
 def passes(bitlinear: bool = True, device: str | None = None,
            float_precision: str = "float32") -> list[tuple[str, tvm.transform.Pass]]:
     """The ordered passes; `device` ("cpu" / "cuda", the target's): passes that exist for one kind only;
-    `float_precision` "bf16" (CPU): the Linear layers' matmuls on bf16 operands."""
+    `float_precision` "bf16" (CPU): the Linear layers' matmuls and causal attention's products on bf16 operands."""
+    bf16 = float_precision == "bf16"
     bitlinear_passes = [
         # Phase 2: BitLinear -> int8 x 2-bit kernels (weights ternarized and packed at compile time)
         ("quantize_bitlinear", module_pass(quantize_bitlinear)),
@@ -51,13 +52,13 @@ def passes(bitlinear: bool = True, device: str | None = None,
         # GPU only: float matmuls on fp16 operands (before fold_constants, which casts their weights)
         *([("fp16_matmuls", module_pass(fp16_matmuls))] if device == "cuda" else []),
         # CPU --float-precision bf16: the Linear layers' matmuls on bf16 operands (also before fold_constants)
-        *([("bf16_matmuls", module_pass(bf16_matmuls))] if float_precision == "bf16" else []),
+        *([("bf16_matmuls", module_pass(bf16_matmuls))] if bf16 else []),
         # Phase 3: fold what is known at compile time (weight quantization of float paths)
         ("drop_dead_weights", relax.transform.DeadCodeElimination(["main"])),
         ("fold_constants", relax.transform.FoldConstant()),
         ("scalar_fills", module_pass(scalar_fills)),  # a where's branch of one repeated value -> that scalar
         # Phase 4: attention -> one kernel (CPU: causal, skipping the masked half; CUDA: causal or unmasked)
-        *([("fuse_causal_attention", module_pass(fuse_causal_attention))] if device == "cpu" else []),
+        *([("fuse_causal_attention", module_pass(fuse_causal_attention, bf16=bf16))] if device == "cpu" else []),
         *([("fuse_causal_attention", module_pass(fuse_attention_cuda))] if device == "cuda" else []),
         # GPU only: a LayerNorm read only by a float matmul + bias (a float QKV projection's, fc1's) -> one kernel
         *([("fuse_norm_matmul", module_pass(fuse_norm_matmul))] if device == "cuda" else []),
@@ -94,6 +95,7 @@ def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None,
     report["norm_matmul_fused"] = reports.get("fuse_norm_matmul", {"fused": 0})["fused"]
     report["weight_bytes"] = _weight_bytes(mod)
     report["bf16_narrowed"] = reports.get("bf16_matmuls", {"narrowed": 0})["narrowed"]  # --float-precision bf16
+    report["bf16_attention"] = report["causal_attention_fused"] if float_precision == "bf16" else 0  # as passes() asks
     mod, weights = externalize_weights(mod)
     dump("externalize_weights", mod)
     return mod, weights, report

@@ -32,15 +32,33 @@ exp (_fast_exp) is TVM's fast_exp polynomial (topi fast_exp_float32, the one Fas
 elsewhere) in 13 instructions instead of 18: relative error <= 3.1e-7 (2.6 float32 ulps; 2.98e-7 measured,
 3.01e-7 before) vs float64 where float32 is normal (x >= -87.3), and 0 <= exp(x) < 1.2e-38 below
 (test_attention_cpu.py measures both).
+
+bf16 (AttentionConfig.bf16: --float-precision bf16, on a target with vdpbf16ps; else, and without a target, the
+float32 kernel): the two products on bf16 operands, everything else as above in fp32. qs (Q scaled in fp32), K, V
+and the probabilities P = exp(s - m) in [0, 1] (m: the row max up to this key block) are rounded to nearest even at
+8 significand bits and kept as their 16 bits: Kp[gk, j // NR, d // 2, (j % NR) * 2 + d % 2] (d padded to pairs with
+0) holds each key's pair of d that a row's pair of qs, one 32-bit broadcast, meets in one vdpbf16ps (16 keys, two
+terms each); vp[gk, j // 2, c * 2 + j % 2] (0 past N and D, D padded to whole vectors) pairs V's keys per column,
+which a row's pair of consecutive probabilities (ps, a copy of s's rounded values) meets the same way (16 columns,
+two keys each; an odd last key pairs with a 0). The row sums add the rounded P, so a row's output is a convex
+combination of its bf16 V rows.
+Error: each rounding moves its operand by at most u = 2^-8 relative; vdpbf16ps forms the products of bf16
+operands exactly in fp32 (8 x 8 significand bits) and adds them in fp32. Against float64 of the same rounded
+operands a score is off by at most D 2^-24 sum_d |qs_d k_d| (fp32 sums), which with exp's 3.1e-7 can move a
+probability across a rounding tie of bf16 (then off by one bf16 ulp), and an output by fp32 sums of N terms; against
+float32 each score moves by at most (2u + u^2) sum_d |qs_d k_d|, each probability and V by a further u
+(test_attention_cpu.py bounds the kernel both ways).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .bf16_intrinsics import DPBF16PS_LLVM, PAIR, dot_pairs
 from .w2a8 import CONFIG_ATTR, KERNEL_ATTR, attr_value
 
 MASKED = -3.0e38  # score of a masked key: below any real score, finite so that s - max stays finite
@@ -57,6 +75,7 @@ class AttentionConfig:
     tokens: int  # N
     head_dim: int  # D
     scale: float  # 1 / sqrt(D) for BitMedViT
+    bf16: bool = False  # --float-precision bf16: Q K^T and P V on bf16 operands where the target has vdpbf16ps
 
     def supported(self) -> bool:
         return self.groups % self.kv_groups == 0
@@ -69,21 +88,24 @@ class Tiles:
     keys: int  # BK: keys per key block, a multiple of R
     mr: int  # scores register tile: mr rows x nr keys (two vectors)
     nr: int
-    mr2: int  # output register tile: mr2 rows x nc head-dim columns (nc divides D)
+    mr2: int  # output register tile: mr2 rows x nc head-dim columns (nc divides width)
     nc: int
+    width: int  # output columns: D, or D padded to whole vectors (vdpbf16ps: a lane per column)
 
     @staticmethod
-    def of(cfg: AttentionConfig, lanes: int, registers: int) -> "Tiles":
+    def of(cfg: AttentionConfig, lanes: int, registers: int, pair: int = 1) -> "Tiles":
         """Accumulator tiles as tall as `registers` allow (besides one row of operand vectors and a
         broadcast); R the smallest multiple of the tiles covering N, at most MAX_ROWS; BK the smallest
-        multiple of R covering N, at most MAX_KEYS."""
+        multiple of R covering N, at most MAX_KEYS. `pair` > 1 (vdpbf16ps): output tiles of whole vectors."""
         nr = 2 * lanes
-        nc = max(c for c in range(1, min(cfg.head_dim, 4 * lanes) + 1) if cfg.head_dim % c == 0)
+        step = 1 if pair == 1 else lanes
+        width = -(-cfg.head_dim // step) * step
+        nc = max(c for c in range(step, min(width, 4 * lanes) + 1, step) if width % c == 0)
         mr, mr2 = _tile_rows(registers, 2), _tile_rows(registers, -(-nc // lanes))
         step = max(nr, mr, mr2)  # powers of two: their least common multiple
         rows = max(step, min(MAX_ROWS, -(-cfg.tokens // step) * step))
         keys = rows * max(1, min(MAX_KEYS // rows, -(-cfg.tokens // rows)))
-        return Tiles(lanes, rows, keys, mr, nr, mr2, nc)
+        return Tiles(lanes, rows, keys, mr, nr, mr2, nc, width)
 
 
 def _tile_rows(registers: int, vectors: int) -> int:
@@ -99,6 +121,29 @@ def vector_shape(target) -> tuple[int, int]:
 
     facts = CpuFacts.of(target)
     return facts.lanes("float32"), facts.vector_registers
+
+
+def _runs_bf16(cfg: AttentionConfig, target) -> bool:
+    """Whether the kernel for `target` takes its products on vdpbf16ps: a bf16 config on a CPU that has it
+    (else, and without a target, the float32 kernel)."""
+    if not cfg.bf16 or target is None:
+        return False
+    from .cpu_rules.common import CpuFacts
+
+    return CpuFacts.of(target).bf16_dot
+
+
+def _bf16_rounded(x):
+    """The float32 x rounded to nearest even at bf16's 8 significand bits, as uint32 float32 bits whose low 16
+    are 0 (unsigned: wraps, no overflow; finite x only: a NaN may come out as an infinity)."""
+    b = tirx.Var("b", "uint32")  # bound: x (an exp's Let among them) appears once
+    rne = (b + T.uint32(0x7FFF) + ((b >> T.uint32(16)) & T.uint32(1))) & T.uint32(0xFFFF0000)
+    return tirx.Let(b, T.reinterpret("uint32", x), rne)
+
+
+def _bf16_bits(x):
+    """x's bf16 (rounded to nearest even) as its 16 bits."""
+    return T.Cast("uint16", _bf16_rounded(x) >> T.uint32(16))
 
 
 def _fast_exp(x):
@@ -142,39 +187,58 @@ def attention_cpu(cfg: AttentionConfig, target=None):
     marked tirx.is_scheduled when built for a target."""
     G, GK, N, D = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     H = G // GK  # query groups per K/V group
-    t = Tiles.of(cfg, *vector_shape(target))
-    L, R, BK, MR, NR, MR2, NC = t.lanes, t.rows, t.keys, t.mr, t.nr, t.mr2, t.nc
+    bf16 = _runs_bf16(cfg, target)
+    P = PAIR if bf16 else 1  # products' terms per lane and instruction: vdpbf16ps's pairs, or one FMA
+    t = Tiles.of(cfg, *vector_shape(target), P)
+    L, R, BK, MR, NR, MR2, NC, DO = t.lanes, t.rows, t.keys, t.mr, t.nr, t.mr2, t.nc, t.width
     W = L if NC % L == 0 else NC  # output tile vectors: whole registers where D allows
     NB = -(-N // R)  # row blocks (the last may be partial)
     NK = -(-N // BK) * BK  # keys, padded to whole key blocks
+    DE = -(-D // P) * P  # Q's and K's head dims in whole pairs (0 past D)
+    NV = -(-N // P)  # V's pairs of keys (vdpbf16ps)
     scale = T.float32(cfg.scale)
+    operand_dtype = "uint16" if bf16 else "float32"  # a product's operands: bf16 bits, or float32
+    zero = T.uint16(0) if bf16 else T.float32(0)
+    operand = _bf16_bits if bf16 else (lambda x: x)  # what the products read of a float32 value
+    rounded = (lambda x: T.reinterpret("float32", _bf16_rounded(x))) if bf16 else (lambda x: x)
 
     @T.prim_func(private=True)
     def attention(q: T.Buffer((G, N, D), "float32"), kt: T.Buffer((GK, D, N), "float32"),
                   v: T.Buffer((GK, N, D), "float32"), out: T.Buffer((G, N, D), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8, KERNEL_ATTR: "attention"})
-        kp = T.alloc_buffer((GK, NK // NR, D, NR), "float32")
-        for gd in T.parallel(GK * D):
+        kp = T.alloc_buffer((GK, NK // NR, DE // P, NR * P), operand_dtype)
+        for gd in T.parallel(GK * DE):
             for j in range(NK):
-                kp[gd // D, j // NR, gd % D, j % NR] = T.if_then_else(j < N, kt[gd // D, gd % D, j], T.float32(0))
+                kp[gd // DE, j // NR, gd % DE // P, j % NR * P + gd % P] = T.if_then_else(
+                    j < N and gd % DE < D, operand(kt[gd // DE, gd % DE, j]), zero)
+        if bf16:  # V in pairs of keys per column: vp[gk, j // 2, c * 2 + j % 2] (0 past N and D)
+            vp = T.alloc_buffer((GK, NV, DO * P), "uint16")
+            for gj in T.parallel(GK * NV):
+                for c in range(DO * P):
+                    key = T.bind(gj % NV * P + c % P)
+                    vp[gj // NV, gj % NV, c] = T.if_then_else(key < N and c // P < D,
+                                                              operand(v[gj // NV, key, c // P]), zero)
         for task in T.parallel(G * NB):
             g = T.bind(task // NB)
             gk = T.bind(g // H)
             u = T.bind(task % NB)  # row blocks in the order 0, NB - 1, 1, NB - 2, ..: any run mixes light and heavy
             i0 = T.bind(T.Select(u % 2 == 0, u // 2, NB - 1 - u // 2) * R)
-            qs = T.alloc_buffer((R, D), "float32")
+            qs = T.alloc_buffer((R, DE), operand_dtype)
             s = T.alloc_buffer((R, BK), "float32")
-            o = T.alloc_buffer((R, D), "float32")
+            o = T.alloc_buffer((R, DO), "float32")
             m = T.alloc_buffer((R,), "float32")  # row max so far
             rsum = T.alloc_buffer((R, L), "float32")  # sum of exp(s - m) so far, per lane (added up at the end)
             a = T.alloc_buffer((R,), "float32")  # this key block's rescale of o and rsum
             vec = T.alloc_buffer((L,), "float32")
+            if bf16:
+                ps = T.alloc_buffer((R, BK), "uint16")  # s's probabilities as bf16 bits, the pairs P V reads
             for r in range(R):
                 m[r] = T.float32(MASKED)
                 for l in T.vectorized(L):
                     rsum[r, l] = T.float32(0)
-                for c in T.vectorized(D):
-                    qs[r, c] = q[g, T.min(i0 + r, N - 1), c] * scale
+                for c in T.vectorized(DE):
+                    qs[r, c] = T.if_then_else(c < D, operand(q[g, T.min(i0 + r, N - 1), c] * scale), zero)
+                for c in T.vectorized(DO):
                     o[r, c] = T.float32(0)
             for kb in range(i0 // BK + 1):
                 k0 = T.bind(kb * BK)
@@ -184,13 +248,22 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                         for r in T.unroll(MR):
                             for c in T.vectorized(NR):
                                 s[it * MR + r, jt * NR + c] = T.float32(0)
-                        for d in range(D):
-                            for r in T.unroll(MR):
-                                for cv in T.unroll(NR // L):
-                                    for c in T.vectorized(L):
-                                        s[it * MR + r, jt * NR + cv * L + c] = (
-                                            s[it * MR + r, jt * NR + cv * L + c]
-                                            + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
+                        if bf16:
+                            for d in range(DE // P):
+                                for r in T.unroll(MR):
+                                    for cv in T.unroll(NR // L):
+                                        s[it * MR + r, T.ramp(jt * NR + cv * L, 1, L)] = dot_pairs(
+                                            s[it * MR + r, T.ramp(jt * NR + cv * L, 1, L)],
+                                            T.reinterpret("int32", qs[it * MR + r, T.ramp(d * P, 1, P)]),
+                                            kp[gk, k0 // NR + jt, d, T.ramp(cv * L * P, 1, L * P)], qs.data, kp.data)
+                        else:
+                            for d in range(D):
+                                for r in T.unroll(MR):
+                                    for cv in T.unroll(NR // L):
+                                        for c in T.vectorized(L):
+                                            s[it * MR + r, jt * NR + cv * L + c] = (
+                                                s[it * MR + r, jt * NR + cv * L + c]
+                                                + qs[it * MR + r, d] * kp[gk, k0 // NR + jt, d, cv * L + c])
                 for r in range(R):  # online softmax over the row's vectors of keys (the last one masked), 0 after
                     last = T.bind(_last_vector(i0 + r - k0, L, BK))
                     for l in T.vectorized(L):
@@ -207,31 +280,49 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                         rsum[r, l] = rsum[r, l] * a[r]
                     for j in range(last):
                         for l in T.vectorized(L):
-                            s[r, j * L + l] = _fast_exp(s[r, j * L + l] - m[r])
+                            s[r, j * L + l] = rounded(_fast_exp(s[r, j * L + l] - m[r]))
                             rsum[r, l] = rsum[r, l] + s[r, j * L + l]
                     for l in T.vectorized(L):
-                        s[r, last * L + l] = T.Select(k0 + last * L + l <= i0 + r, _fast_exp(s[r, last * L + l] - m[r]),
-                                                      T.float32(0))
+                        s[r, last * L + l] = T.Select(k0 + last * L + l <= i0 + r,
+                                                      rounded(_fast_exp(s[r, last * L + l] - m[r])), T.float32(0))
                         rsum[r, l] = rsum[r, l] + s[r, last * L + l]
                     for j in range(last + 1, kn // L):
                         for l in T.vectorized(L):
                             s[r, j * L + l] = T.float32(0)
+                    if bf16:  # the rounded probabilities' high halves
+                        for j in range(kn // L):
+                            for l in T.vectorized(L):
+                                ps[r, j * L + l] = T.Cast("uint16",
+                                                          T.reinterpret("uint32", s[r, j * L + l]) >> T.uint32(16))
                 for it in range(R // MR2):  # output: o = a o + s V_block
-                    for ct in range(D // NC):
+                    for ct in range(DO // NC):
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
                                 o[it * MR2 + r, ct * NC + c] = o[it * MR2 + r, ct * NC + c] * a[it * MR2 + r]
-                        for j in range(T.min(BK, T.min(i0 + it * MR2 + MR2, N) - k0)):
-                            for r in T.unroll(MR2):
-                                for cv in T.unroll(NC // W):
-                                    for c in T.vectorized(W):
-                                        o[it * MR2 + r, ct * NC + cv * W + c] = (
-                                            o[it * MR2 + r, ct * NC + cv * W + c]
-                                            + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c])
+                        if bf16:  # key pairs (an odd last key pairs with a 0 probability)
+                            for j in range(-(-T.min(BK, T.min(i0 + it * MR2 + MR2, N) - k0) // P)):
+                                for r in T.unroll(MR2):
+                                    for cv in T.unroll(NC // L):
+                                        o[it * MR2 + r, T.ramp(ct * NC + cv * L, 1, L)] = dot_pairs(
+                                            o[it * MR2 + r, T.ramp(ct * NC + cv * L, 1, L)],
+                                            T.reinterpret("int32", ps[it * MR2 + r, T.ramp(j * P, 1, P)]),
+                                            vp[gk, k0 // P + j, T.ramp((ct * NC + cv * L) * P, 1, L * P)],
+                                            ps.data, vp.data)
+                        else:
+                            for j in range(T.min(BK, T.min(i0 + it * MR2 + MR2, N) - k0)):
+                                for r in T.unroll(MR2):
+                                    for cv in T.unroll(NC // W):
+                                        for c in T.vectorized(W):
+                                            o[it * MR2 + r, ct * NC + cv * W + c] = (
+                                                o[it * MR2 + r, ct * NC + cv * W + c]
+                                                + s[it * MR2 + r, j] * v[gk, k0 + j, ct * NC + cv * W + c])
             for r in range(T.min(R, N - i0)):
                 total = T.bind(_across_lanes(T.Add, rsum[r, T.ramp(0, 1, L)], L))
                 for c in T.vectorized(D):
                     out[g, i0 + r, c] = o[r, c] / total
 
     attention = attention.with_attr(CONFIG_ATTR, vars(cfg))
+    if bf16:  # dot_pairs' LLVM function, linked into the module
+        attention = attention.with_body(tirx.AttrStmt(tirx.IntImm("int32", 0), "pragma_import_llvm",
+                                                      tvm.ir.StringImm(DPBF16PS_LLVM), attention.body))
     return attention if target is None else attention.with_attr("tirx.is_scheduled", True)

@@ -12,7 +12,8 @@ which TIR cannot spell. So A and B are loaded in TIR as integer vectors of their
 bf16 bits; TVM's loads carry its alias information, so the accumulators stay in registers) and passed to
 `bmvcc_dpbf16ps`, an LLVM IR function (pragma_import_llvm: linked, always inlined) that bitcasts them to
 bfloat and calls llvm.x86.avx512bf16.dpbf16ps.512. It also takes A's and B's data pointers, unused: a
-buffer whose pointer is used keeps its bf16 storage (TVM's legalization leaves it alone).
+buffer whose pointer is used keeps its bf16 storage (TVM's legalization leaves it alone). `dot_pairs` builds
+that call for TIR written by hand (schedules/attention_cpu.py: bf16 bits kept in uint16 buffers).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ NAME = "bmvcc_dot_16x2_bf16"
 LANES = 16  # fp32 lanes of a 512-bit register (targets/cpu.py has_bf16_dot: the CPUs that have it)
 PAIR = 2  # k values per lane and instruction
 
-_DPBF16PS = """
+DPBF16PS_LLVM = """
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
 define <16 x float> @bmvcc_dpbf16ps(<16 x float> %c, <16 x i32> %a, <32 x i16> %b, ptr %a.data, ptr %b.data) {
   %a.bf16 = bitcast <16 x i32> %a to <32 x bfloat>
@@ -32,6 +33,13 @@ define <16 x float> @bmvcc_dpbf16ps(<16 x float> %c, <16 x i32> %a, <32 x i16> %
   ret <16 x float> %r
 }
 """
+
+
+def dot_pairs(c, a_pair, b, a_data, b_data):
+    """c + the pair products of a_pair (32 bits: two bf16, put in every lane) and b (16 lanes of two bf16, 32 x 16
+    bits), one vdpbf16ps inside a `pragma_import_llvm` of DPBF16PS_LLVM; a_data, b_data: the operands' buffers' data."""
+    return T.call_extern("float32x16", "bmvcc_dpbf16ps", c, T.broadcast(a_pair, LANES),
+                         T.reinterpret("int16x32", b), a_data, b_data)
 
 
 @T.prim_func(s_tir=True)
@@ -52,11 +60,10 @@ def _impl(A: T.Buffer((2,), "bfloat16", offset_factor=1), B: T.Buffer((16, 2), "
     with T.sblock("root"):
         T.reads(C[0:16], A[0:2], B[0:16, 0:2])
         T.writes(C[0:16])
-        with T.attr(T.int32(0), "pragma_import_llvm", _DPBF16PS):
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_extern(
-                "float32x16", "bmvcc_dpbf16ps", C.vload([0], "float32x16"),
-                T.broadcast(T.reinterpret(A.vload([0], "bfloat16x2"), dtype="int32"), 16),  # the pair in every lane
-                T.reinterpret(B.vload([0, 0], "bfloat16x32"), dtype="int16x32"), A.data, B.data)
+        with T.attr(T.int32(0), "pragma_import_llvm", DPBF16PS_LLVM):
+            pair = T.reinterpret("int32", A.vload([0], "bfloat16x2"))
+            C[T.ramp(T.int32(0), 1, 16)] = dot_pairs(C.vload([0], "float32x16"), pair, B.vload([0, 0], "bfloat16x32"),
+                                                     A.data, B.data)
 
 
 def definition():

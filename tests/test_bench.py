@@ -152,3 +152,13 @@ def test_bench_rpc_user_errors(built, rpc_device, capsys):
     assert "go together" in cli_error(capsys, ["bench", str(built), "--rpc-key", "jetson"])
     assert "not HOST:PORT" in cli_error(capsys, ["bench", str(built), "--rpc-tracker", "nowhere", "--rpc-key", "k"])
     assert "at least 1" in cli_error(capsys, ["bench", str(built), "--repeat", "0"])
+
+
+def test_profile_rates_attention_by_its_operands():
+    """The attention kernel's operations (Q K^T and P V over the causal half) against the fp32 peak, or bf16's for a
+    --float-precision bf16 build's kernel (named ..._bf16: vdpbf16ps)."""
+    from bmvcc.bench import _ops
+
+    ops = 2.0 * 8 * 64 * 1024 * 1025
+    assert _ops("causal_attention_g8_kv1_n1024_d64", []) == (ops, "fp32")
+    assert _ops("causal_attention_g8_kv1_n1024_d64_bf16", []) == (ops, "bf16")

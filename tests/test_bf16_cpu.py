@@ -1,4 +1,5 @@
-"""--float-precision bf16: the Linear layers' matmuls on bf16 operands, vdpbf16ps on CPUs with AVX-512 BF16.
+"""--float-precision bf16: the Linear layers' matmuls and causal attention on bf16 operands, vdpbf16ps on CPUs with
+AVX-512 BF16.
 
 Error model. bf16 keeps 8 significand bits (7 stored), so rounding an operand to nearest is off by at most
 u = 2^-8 relative; a product of two rounded operands by at most (1 + u)^2 - 1 < 2^-6.9 relative. vdpbf16ps
@@ -6,7 +7,8 @@ forms the products of the rounded operands exactly in fp32 (8 x 8 bits), so agai
 same rounded operands a K-long dot product is off by fp32 accumulation only, K * 2^-24 * sum_k |a_k w_k|:
 the kernel tests compare so, which also tells rounding to nearest even from truncation (off by up to 2^-7).
 Through a model no bound stays elementwise (layer norms, softmax, BitLinear's int8 rounding), so the model is
-compared instead with PyTorch computing the same roundings (operands of every float Linear rounded to bf16).
+compared instead with PyTorch computing the same roundings (operands of every float Linear rounded to bf16, and
+causal attention's as its bf16 kernel rounds them: _bf16_attention; test_attention_cpu.py bounds that kernel).
 What remains are the float32 build's differences (tests/test_passes_model.py): fp32 sums in another order,
 ~1e-6, unless a value within an ulp of a rounding tie (int8 code, or here a bf16 one) lands on the other side,
 which moves the logits by at most ~1e-3: ATOL 2e-3, as there. bf16 itself moves the logits by more than that
@@ -17,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
+import math
 import re
 from dataclasses import replace
 
@@ -34,7 +38,7 @@ from bmvcc.cli import main
 from bmvcc.driver import CompileOptions, compile_model
 from bmvcc.errors import BmvccError
 from bmvcc.frontend import Source, to_relax
-from bmvcc.model import BitMedViT
+from bmvcc.model import BitMedViT, MultiQueryAttention
 from bmvcc.passes.pipeline import run_pipeline
 from bmvcc.passes.bf16_matmuls import bf16_matmuls
 from bmvcc.schedules.cpu_default import schedule_cpu_module
@@ -150,28 +154,52 @@ def _fits_vdpbf16ps(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.Linear and m.in_features % 2 == 0 and m.out_features % 16 == 0
 
 
-@pytest.mark.parametrize("fp_attn", [False, True], ids=["bitlinear", "fp_attn"])
-def test_report_counts_the_narrowed_matmuls(fp_attn):
+@pytest.mark.parametrize("multi_query, fp_attn", [(True, False), (True, True), (False, False)],
+                         ids=["bitlinear", "fp_attn", "multi-head"])
+def test_report_counts_the_narrowed_matmuls(multi_query, fp_attn):
     """small_config's projections are BitLinear (W2A8), its patch embedding has K = 7 x 7 (odd) and its head 10
-    columns: nothing fits, and the summary says the build is float32; fp_attn's float projections fit."""
-    cfg = small_config(fp_attn=fp_attn)
+    columns: no matmul fits; fp_attn's float projections do. Multi-query models' causal attention takes bf16
+    products (one kernel per layer); multi-head ones have no mask (no kernel on CPUs): with no matmul either, the
+    summary says the build is float32."""
+    cfg = small_config(multi_query=multi_query, fp_attn=fp_attn)
     model = BitMedViT(cfg).eval()
     mod = to_relax(Source(model, (1, 28, 28), cfg.num_classes, None, cfg), 1)
     _, _, report = run_pipeline(mod, get_target("host"), float_precision="bf16")
     fitting = sum(map(_fits_vdpbf16ps, model.modules()))
     assert report["bf16_narrowed"] == fitting and (fitting > 0) == fp_attn
-    line = precision.describe("bf16", report["bf16_narrowed"], None)
-    assert ("no matmul fits vdpbf16ps" in line and "the build is float32" in line) == (not fp_attn), line
+    assert report["bf16_attention"] == (cfg.depth if multi_query else 0)
+    line = precision.describe("bf16", report, None)
+    assert ("no matmul fits vdpbf16ps" in line and "the build is float32" in line) == (not multi_query), line
+    assert (f"({fitting} Linear layers' matmuls and {cfg.depth} attention layers' Q.K^T and P.V on bf16 operands"
+            in line) == multi_query, line
 
 
-def _bf16_linears(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` whose float Linear layers that vdpbf16ps takes round weights and inputs to bf16."""
+def _bf16_emulation(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose float Linear layers that vdpbf16ps takes round weights and inputs to bf16, and whose
+    multi-query attention computes as the bf16 kernel does (_bf16_attention)."""
     model = copy.deepcopy(model)
     for m in model.modules():
         if _fits_vdpbf16ps(m):
             m.weight.data = m.weight.data.bfloat16().float()
             m.register_forward_pre_hook(lambda _m, args: (args[0].bfloat16().float(),))
+        if isinstance(m, MultiQueryAttention):
+            m.forward = functools.partial(_bf16_attention, m)
     return model
+
+
+def _bf16_attention(m: MultiQueryAttention, x: torch.Tensor) -> torch.Tensor:
+    """MultiQueryAttention.forward with the bf16 kernel's roundings (schedules/attention_cpu.py): q (scaled in float32),
+    k, v and the probabilities exp(s - row max) rounded to bf16, P V divided by their sum (one key block here: the
+    row max is the final one)."""
+    b, n, _ = x.shape
+    bf16 = lambda t: t.bfloat16().float()
+    qkv = m.Wqkv(x)
+    q = qkv[..., : m.dim].reshape(b, n, m.heads, m.head_dim).transpose(1, 2) * torch.tensor(1 / math.sqrt(m.head_dim))
+    k, v = qkv[..., m.dim : m.dim + m.head_dim].unsqueeze(1), qkv[..., m.dim + m.head_dim :].unsqueeze(1)
+    scores = bf16(q) @ bf16(k).transpose(-1, -2) + m.mask
+    p = bf16(torch.exp(scores - scores.amax(-1, keepdim=True)))
+    ctx = p @ bf16(v) / p.sum(-1, keepdim=True)
+    return m.out_proj(ctx.transpose(1, 2).reshape(b, n, m.dim))
 
 
 def _compile_bf16(source, out) -> dict:
@@ -190,7 +218,7 @@ def _check_reported_error(error: dict, model: torch.nn.Module, input_shape: tupl
     seeded = np.random.default_rng(precision.ERROR_SEED).standard_normal((precision.ERROR_IMAGES, *input_shape))
     x = torch.from_numpy(seeded.astype("float32"))
     with torch.no_grad():
-        emulated, float32 = (m(x) for m in (_bf16_linears(model), model))
+        emulated, float32 = (m(x) for m in (_bf16_emulation(model), model))
     emulated, float32 = ((y[0] if isinstance(y, tuple) else y).numpy() for y in (emulated, float32))
     top2 = np.sort(emulated, axis=1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0] > 2 * ATOL).all() and np.abs(emulated - float32).max() > 2 * ATOL
@@ -200,11 +228,11 @@ def _check_reported_error(error: dict, model: torch.nn.Module, input_shape: tupl
 
 
 @needs_bf16
-def test_compile_bf16_matches_pytorch_with_bf16_linears(checkpoint, tmp_path):
+def test_compile_bf16_matches_pytorch_with_bf16_roundings(checkpoint, tmp_path):
     path, model = checkpoint(small_config(fp_attn=True))
     out = tmp_path / "out"
     summary = _compile_bf16(path, out)
-    assert summary["float_precision"] == "bf16" and summary["causal_attention_fused"] == 2  # attention still found
+    assert summary["float_precision"] == "bf16" and summary["causal_attention_fused"] == summary["bf16_attention"] == 2
     assert summary["bf16_narrowed"] == sum(map(_fits_vdpbf16ps, model.modules()))
     assert json.loads((out / "metadata.json").read_text())["float_precision"] == "bf16"
     from bmvcc.runtime import load
@@ -212,11 +240,28 @@ def test_compile_bf16_matches_pytorch_with_bf16_linears(checkpoint, tmp_path):
     images = np.random.default_rng(1).standard_normal((4, 1, 28, 28)).astype("float32")
     logits = load(out)(images)
     with torch.no_grad():
-        emulated = _bf16_linears(model)(torch.from_numpy(images)).numpy()
+        emulated = _bf16_emulation(model)(torch.from_numpy(images)).numpy()
         float32 = model(torch.from_numpy(images)).numpy()
     np.testing.assert_allclose(logits, emulated, atol=ATOL, rtol=0)
     assert np.abs(logits - float32).max() > ATOL  # the bf16 rounding shows against float32
     _check_reported_error(summary["float32_error"], model, (1, 28, 28))
+
+
+@needs_bf16
+def test_compile_bf16_reports_the_error_of_bf16_attention(checkpoint, tmp_path):
+    """small_config: BitLinear projections (no matmul narrowed), its 2 causal attention layers on bf16 products: the
+    build is not float32, and the summary line gives its error against the float32 model."""
+    path, model = checkpoint(small_config())
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(["compile", str(path), "-o", str(tmp_path / "out"), "--float-precision", "bf16"])
+    (line,) = [x for x in stdout.getvalue().splitlines() if x.startswith("float precision:")]
+    found = re.fullmatch(r"float precision: bf16 \(0 Linear layers' matmuls and 2 attention layers' Q\.K\^T and P\.V "
+                         r"on bf16 operands, float32 accumulation\); against the float32 PyTorch model on 4 seeded "
+                         r"random images: max \|logit error\| (\S+), argmax agrees on (\d) of 4", line)
+    assert found, line
+    error = {"images": 4, "max_abs_logit_error": float(found[1]), "argmax_agrees": int(found[2])}
+    _check_reported_error(error, model, (1, 28, 28))
 
 
 class _TupleOut(torch.nn.Module):
