@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import w2a8_amx
 from .intrinsics import ensure
 from .tuning_spaces import sample_unroll
 from .w2a8 import KERNEL_ATTR
@@ -46,7 +47,7 @@ MIN_PARALLEL_MACS = 1 << 20  # about 5 us on one core: less is not worth waking 
 
 @dataclass(frozen=True)
 class CpuKnobs:
-    backend: str  # code variant: "vnni" | "avx2_i16" | "avx2_i32" | "sdot" | "generic"
+    backend: str  # code variant: "amx" | "vnni" | "avx2_i16" | "avx2_i32" | "sdot" | "generic"
     mr: int  # activation rows per micro tile (the largest divisor of Mp up to this)
     nt: int  # instruction-wide lane groups per micro tile (tile width = lanes * nt); Np pads to it
 
@@ -55,6 +56,7 @@ class CpuKnobs:
 # weight/broadcast registers. On AVX2 the int16 variant (vpmaddubsw + vpaddw, widened every 256 k)
 # beat the int32 one (vpmaddubsw + vpmaddwd + vpaddd per step) by 1.3-1.7x at the FFN shapes.
 DEFAULT_KNOBS = {
+    "amx": CpuKnobs("amx", mr=w2a8_amx.MICRO, nt=2),  # fixed: 2 x 2 tiles of 16 x 16 (w2a8_amx.py)
     "vnni": CpuKnobs("vnni", mr=4, nt=4),  # 16 of 32 zmm accumulate
     "avx2": CpuKnobs("avx2_i16", mr=4, nt=2),  # 8 of 16 ymm accumulate (int16, widened per chunk)
     "sdot": CpuKnobs("sdot", mr=4, nt=4),  # 16 of 32 q registers accumulate
@@ -63,11 +65,14 @@ DEFAULT_KNOBS = {
 
 
 def select_backend(target) -> str:
-    """The dot-product instruction the target has: vnni, avx2, sdot, or generic LLVM code."""
+    """The dot-product instruction the target has: amx (tdpbssd; AVX-512 for the decode and epilogue), vnni,
+    avx2, sdot, or generic LLVM code."""
     from tvm.target import codegen
 
     with target:
         has = codegen.target_has_features
+        if has("amx-tile") and has("amx-int8") and has("avx512bw"):
+            return "amx"
         if has("avx512vnni") and has("avx512bw"):
             return "vnni"
         if has("avx2"):
@@ -123,10 +128,15 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
 
     from .dot_intrinsics import I16_CHUNK_K
 
-    intrin = intrin_of(knobs.backend)
     ref = s_tir.Schedule(func)
     acc = ref.get(ref.get_sblock("acc"))
     (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
+    if knobs.backend == "amx":
+        np_ = round_up(n, w2a8_amx.MICRO)
+        rows = row_blocks(m, np_ // w2a8_amx.MICRO, cores if m * np_ * k >= MIN_PARALLEL_MACS else 1)
+        staged = w2a8_amx.stage(func, *w2a8_amx.padded_shape(m, n, k, rows), rows)
+        return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
+    intrin = intrin_of(knobs.backend)
     np_ = round_up(n, intrin.lanes * knobs.nt)
     parallel = m * np_ * k >= MIN_PARALLEL_MACS  # then also _schedule's test on the padded extents
     rows = row_blocks(m, np_ // (intrin.lanes * knobs.nt), cores if parallel else 1)
@@ -173,18 +183,22 @@ def _schedule(sch, tile) -> None:
     [outer, inner] split factors of the row loop / of the lane-group loop (ints or sampled)."""
     func = sch.mod["main"]
     backend = str(func.attrs[STAGED_ATTR])
-    intrin = intrin_of(backend)
-    lanes, unsigned, chunk = intrin.lanes, intrin.weight_dtype == "uint8", backend == "avx2_i16"
-    unpad, qpad = sch.get(sch.get_sblock("unpad")), sch.get(sch.get_sblock("qpad"))
+    unpad = sch.get(sch.get_sblock("unpad"))
     padded = _shape(unpad.reads[0].source) != _shape(unpad.writes[0].source)  # (Mp, Np) vs (M, N)
-    mp, np_ = _shape(unpad.reads[0].source)
-    parallel = mp * np_ * _shape(qpad.writes[0].source)[1] >= MIN_PARALLEL_MACS  # Mp x Np x K4
     epilogue = _blocks_after(sch, "unpad")
     sch.compute_inline(sch.get_sblock("unpad"))
+    if backend == "amx":
+        _epilogue_at(sch, epilogue, w2a8_amx.schedule(sch, MIN_PARALLEL_MACS), padded)
+        return
+    qpad = sch.get(sch.get_sblock("qpad"))
+    mp, np_ = _shape(unpad.reads[0].source)
+    parallel = mp * np_ * _shape(qpad.writes[0].source)[1] >= MIN_PARALLEL_MACS  # Mp x Np x K4
     if _shape(qpad.reads[0].source) == _shape(qpad.writes[0].source):  # q needs no padding
         sch.compute_inline(sch.get_sblock("qpad"))
     elif parallel:
         sch.parallel(sch.get_loops(sch.get_sblock("qpad"))[0])
+    intrin = intrin_of(backend)
+    lanes, unsigned, chunk = intrin.lanes, intrin.weight_dtype == "uint8", backend == "avx2_i16"
     if unsigned and parallel:
         sch.parallel(sch.get_loops(sch.get_sblock("rowsum"))[0])
 
@@ -211,11 +225,7 @@ def _schedule(sch, tile) -> None:
     task = sch.fuse(j0, ir)  # parallel tasks: strips x row blocks
     if parallel:
         sch.parallel(task)
-    # epilogue per micro tile, right after its accumulation: accp shrinks to one tile in L1
-    for blk in epilogue:
-        sch.reverse_compute_at(sch.get_sblock(blk), i0, preserve_unit_loops=True)
-        if not padded:
-            sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
+    _epilogue_at(sch, epilogue, i0, padded)
     if chunk:  # the int16 dot of one chunk for one micro tile, then widened into accp
         sch.compute_at(dot, c, preserve_unit_loops=True)
         di, dj, dc, dp, dkb, dk2 = sch.get_loops(dot)[-6:]  # dc: unit loop of the chunk
@@ -239,6 +249,15 @@ def _schedule(sch, tile) -> None:
     sch.tensorize(j2, ensure(intrin.name))
     sch.unroll(i1)
     sch.unroll(j1)
+
+
+def _epilogue_at(sch, epilogue: list[str], loop, padded: bool) -> None:
+    """The epilogue blocks per micro tile under `loop`, right after its accumulation: accp shrinks to one tile
+    in L1 (vectorized where no padding guards it)."""
+    for blk in epilogue:
+        sch.reverse_compute_at(sch.get_sblock(blk), loop, preserve_unit_loops=True)
+        if not padded:
+            sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
 
 
 def _shape(buf) -> tuple[int, ...]:
