@@ -3,10 +3,10 @@ ternary weights on tdpbssd (s8 x s8: no rowsum correction, unlike vpdpbusd).
 
 Staged form (`stage`, w2a8_cpu_stages.replace_acc_nest: the "acc" nest of schedules/w2a8.py replaced by)
 
-    qpad     qp[Mp, K4]                  q zero-padded (inlined away when nothing is padded)
+    assert   request_permission() == 0   first, once (PERMISSION_MESSAGE otherwise)
+    qpad     qp[Mp, K4]                  q zero-padded (only where M or K is padded; else the tiles read q)
     decode   wd[Np / 16, K4 / 4, 16, 4]  int8 T, 0 in the padding: per 16 output features exactly AMX's
                                          B layout [k // 4, n, k % 4], so one B tile is 16 k-groups x 64 bytes
-    assert   request_permission() == 0   once, before the parallel loop (PERMISSION_MESSAGE otherwise)
     for task < Np / 32 strips x R row blocks:
       tilecfg      ldtilecfg of CONFIG (tile state is per thread: every task configures its own)
       for row tile < Mp / R / 32:
@@ -39,8 +39,9 @@ TILE = 16  # rows of every tile; an accumulator tile holds 16 int32 columns, an 
 MICRO = 2 * TILE  # the micro tile: 32 rows x 32 output features, 2 x 2 accumulator tiles
 K_STEP = 64  # k per tdpbssd (one A tile row)
 CONFIG = amx.config_bytes({t: (TILE, 4 * TILE) for t in range(amx.TILES)})  # every tile 16 rows x 64 bytes
-PERMISSION_MESSAGE = ("the OS refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM); "
-                      "compile for a target without AMX (mattr -amx-tile)")
+PERMISSION_MESSAGE = ("AMX refused: Linux did not grant this process the AMX tile state (arch_prctl "
+                      "ARCH_REQ_XCOMP_PERM), as on a CPU or kernel without AMX; compile the model for a target "
+                      "without AMX (bmvcc compile --target host on this machine)")
 
 
 def padded_shape(m: int, n: int, k: int, rows: int) -> tuple[int, int, int]:
@@ -80,6 +81,10 @@ def _stages(q, wp, acc, mp: int, np_: int, k4: int, rows: int):
         wd = T.sblock_alloc_buffer((G, KG, T.int64(TILE), T.int64(4)), "int8")
         accp = T.sblock_alloc_buffer((Mp, Np), "int32")
         cfg = T.sblock_alloc_buffer((T.int64(amx.CONFIG_BYTES),), "uint8")
+        with T.sblock("permission"):
+            T.reads()
+            T.writes()
+            assert amx.request_permission() == T.int64(0), PERMISSION_MESSAGE
         if pad_q:
             for i, k in T.grid(Mp, K4):
                 with T.sblock("qpad"):
@@ -93,10 +98,6 @@ def _stages(q, wp, acc, mp: int, np_: int, k4: int, rows: int):
                 T.reads(wp[vg * TILE + vj, vkg])
                 T.writes(wd[vg, vkg, vj, vkk])
                 wd[vg, vkg, vj, vkk] = decoded_weight(wp, vg * TILE + vj, vkg * 4 + vkk, (Np, K4), False)
-        with T.sblock("permission"):
-            T.reads()
-            T.writes()
-            assert amx.request_permission() == T.int64(0), PERMISSION_MESSAGE
         for s, r in T.grid(T.int64(strips), T.int64(rows)):
             with T.sblock("tilecfg"):
                 vs, vr = T.axis.remap("SS", [s, r])

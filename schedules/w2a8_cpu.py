@@ -82,6 +82,11 @@ def select_backend(target) -> str:
     return "generic"
 
 
+def strip_width(knobs: CpuKnobs) -> int:
+    """Output features per parallel strip (and micro tile): N pads to a multiple of it."""
+    return w2a8_amx.MICRO if knobs.backend == "amx" else intrin_of(knobs.backend).lanes * knobs.nt
+
+
 def intrin_of(backend: str):
     from . import dot_intrinsics as di
 
@@ -131,15 +136,13 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
     ref = s_tir.Schedule(func)
     acc = ref.get(ref.get_sblock("acc"))
     (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
+    np_ = round_up(n, strip_width(knobs))
+    parallel = m * np_ * k >= MIN_PARALLEL_MACS  # then also _schedule's test on the padded extents
+    rows = row_blocks(m, np_ // strip_width(knobs), cores if parallel else 1)
     if knobs.backend == "amx":
-        np_ = round_up(n, w2a8_amx.MICRO)
-        rows = row_blocks(m, np_ // w2a8_amx.MICRO, cores if m * np_ * k >= MIN_PARALLEL_MACS else 1)
         staged = w2a8_amx.stage(func, *w2a8_amx.padded_shape(m, n, k, rows), rows)
         return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
     intrin = intrin_of(knobs.backend)
-    np_ = round_up(n, intrin.lanes * knobs.nt)
-    parallel = m * np_ * k >= MIN_PARALLEL_MACS  # then also _schedule's test on the padded extents
-    rows = row_blocks(m, np_ // (intrin.lanes * knobs.nt), cores if parallel else 1)
     mp = m if m <= 4 else round_up(m, 4 * rows)
     chunk = I16_CHUNK_K if knobs.backend == "avx2_i16" else None
     staged = restage(func, mp, np_, intrin.weight_dtype == "uint8", chunk)

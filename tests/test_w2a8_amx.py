@@ -1,0 +1,206 @@
+"""The W2A8 kernel on Intel AMX (schedules/w2a8_amx.py): the instructions of its build for Sapphire Rapids,
+its results through the AMX emulator (bmvcc/amx_emulator.py) on any CPU, the real build where this machine
+runs AMX, and where the backend is chosen.
+
+Exactness argument as in tests/test_w2a8_cpu.py: int32 accumulators (tdpbssd accumulates s8 x s8 products
+in int32, |acc| <= 128 * K << 2^31) against numpy's int64, then the same float32 epilogue in the same order
+as the reference, so outputs are compared bit for bit (the erf GELU: within its polynomial's error).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import tvm_ffi  # noqa: E402
+from tvm import tirx  # noqa: E402
+from tvm.target import codegen  # noqa: E402
+
+from bmvcc import amx_emulator  # noqa: E402
+from bmvcc.schedules import amx, w2a8_amx, w2a8_cpu  # noqa: E402
+from bmvcc.schedules.w2a8 import (  # noqa: E402
+    W2A8Config,
+    epilogue_operand,
+    pack_ternary,
+    unpack_ternary,
+    w2a8_compute,
+    w2a8_numpy,
+)
+from bmvcc.schedules.w2a8_cpu import select_backend  # noqa: E402
+from bmvcc.targets import cpu, get  # noqa: E402
+
+SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+HERE = get("host").target()  # what the emulated kernels are built for and run on
+
+
+def _kernel(cfg):
+    func = w2a8_cpu.schedule(w2a8_compute(cfg), SPR)
+    assert func.attrs[w2a8_cpu.STAGED_ATTR] == "amx"
+    return func.with_attr("global_symbol", "main")
+
+
+def _functions(asm: str) -> dict[str, collections.Counter]:
+    """Opcode counts per function of an assembly listing (a call to syscall counted as "<syscall>")."""
+    names = set(re.findall(r"\.type\t([^,]+),@function", asm))
+    funcs, current = {}, None
+    for line in asm.splitlines():
+        if line.endswith(":") and line[:-1] in names:
+            current = funcs.setdefault(line[:-1], collections.Counter())
+        elif current is not None and line.startswith("\t") and not line.lstrip().startswith((".", "#", "/")):
+            current["<syscall>" if "syscall@" in line else line.split()[0]] += 1
+    return funcs
+
+
+def test_sapphire_rapids_build_runs_the_dot_on_amx_tiles():
+    """Built, not run: the parallel task holds ldtilecfg, the tile loads, tdpbssd, the stores and tilerelease;
+    the function that launches the tasks asks for the tile state (one syscall) before; no vector dot product."""
+    lib = tvm.compile(tvm.IRModule({"main": _kernel(W2A8Config(64, 256, 1024, "residual"))}), target=SPR)
+    funcs = _functions(lib.mod.inspect_source("asm"))
+    (task,) = [ops for ops in funcs.values() if ops["tdpbssd"]]
+    assert task["ldtilecfg"] == 1 and task["tilerelease"] == 1, task.most_common(20)
+    assert task["tilezero"] >= 4 and task["tileloadd"] >= 4 and task["tilestored"] >= 4, task.most_common(20)
+    assert task["<syscall>"] == 0 and task["vpdpbusd"] == 0 and task["vpmaddubsw"] == 0, task.most_common(20)
+    (launcher,) = [ops for ops in funcs.values() if ops["<syscall>"]]
+    assert launcher["<syscall>"] == 1 and launcher["tdpbssd"] == 0
+    assert "TVMBackendParallelLaunch" in lib.mod.inspect_source("asm")
+
+
+def _inputs(cfg, rng):
+    q = rng.integers(-128, 128, (cfg.m, cfg.k), dtype=np.int8)
+    packed = pack_ternary(rng.integers(-1, 2, (cfg.n, cfg.k)))
+    xs = rng.uniform(0.5, 3.0, (cfg.m, 1)).astype(np.float32)
+    ws = np.array([rng.uniform(0.01, 0.2)], np.float32)
+    res = rng.standard_normal((cfg.m, cfg.n)).astype(np.float32)
+    return q, packed, xs, ws, res
+
+
+def _run(func, cfg, q, packed, xs, ws, res, target=HERE):
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    args = [q, packed, xs, ws] + ([res] if epilogue_operand(cfg.epilogue) else [])
+    out = tvm.runtime.empty((cfg.m, cfg.n), "float32", tvm.cpu())
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    return out.numpy()
+
+
+# M, N padded to the 32 x 32 micro tile or not, K = 64 (one tdpbssd step), 192, and not a multiple of 64;
+# the last two above w2a8_cpu.MIN_PARALLEL_MACS (parallel tasks: 2 and 8 strips, 17 rows in 2 row blocks)
+SHAPES = [(32, 32, 64), (17, 40, 64), (40, 48, 192), (17, 32, 2000), (64, 256, 128)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_emulated_accumulators_exact(m, n, k):
+    cfg = W2A8Config(m, n, k)
+    q, packed, _, _, res = _inputs(cfg, np.random.default_rng(m * 1000 + k))
+    ones = np.ones((cfg.m, 1), np.float32)  # x_scale = w_scale = 1: out = float32(acc), exact below 2^24
+    out = _run(amx_emulator.emulate(_kernel(cfg)), cfg, q, packed, ones, np.ones(1, np.float32), res)
+    acc = q.astype(np.int64) @ unpack_ternary(packed, cfg.k).astype(np.int64).T
+    np.testing.assert_array_equal(out, acc.astype(np.float32))
+
+
+@pytest.mark.parametrize("epilogue", ["residual", "gelu", "bias_gelu"])
+def test_emulated_epilogues(epilogue):
+    cfg = W2A8Config(40, 48, 192, epilogue)
+    q, packed, xs, ws, res = _inputs(cfg, np.random.default_rng(5))
+    bias = res[:1] if epilogue.startswith("bias") else res
+    out = _run(amx_emulator.emulate(_kernel(cfg)), cfg, q, packed, xs, ws, bias)
+    ref = w2a8_numpy(q, packed, xs, float(ws[0]), cfg.k, epilogue, bias)
+    if epilogue == "residual":  # one more fp32 add, in the reference's order
+        np.testing.assert_array_equal(out, ref)
+    else:  # the kernel's erf is a float32 polynomial (~1e-7 relative), numpy's libm erf in float64
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def _mutated(func, intrinsic: str, replace):
+    """`func` with every Evaluate of the AMX call `intrinsic` replaced by replace(stmt, its operands)."""
+    def evaluate(stmt, mutator):
+        call = stmt.value
+        if (isinstance(call, tvm.ir.Call) and call.op.name == "tirx.call_llvm_intrin"
+                and codegen.llvm_get_intrinsic_name(int(call.args[0].value)) == f"llvm.x86.{intrinsic}"):
+            return replace(stmt, call.args[1:])
+        return mutator.default_mutate(stmt)
+
+    return func.with_body(tvm_ffi.structural_mutate(func.body, [(tirx.Evaluate, evaluate)]))
+
+
+def _only_first_row_block(func):
+    """The kernel with ldtilecfg run by the tasks of row block 0 only (the others rely on theirs)."""
+    sch = tvm.s_tir.Schedule(func)
+    row_block = sch.get(sch.get_sblock("tilecfg")).iter_vars[1].var
+    return _mutated(func, "ldtilecfg", lambda stmt, _: tirx.IfThenElse(row_block == 0, stmt, None))
+
+
+def _b_stride_doubled(func):
+    return _mutated(func, "tileloadd64", lambda stmt, a: tirx.Evaluate(amx.tileloadd(int(a[0]), a[1], a[2] * 2))
+                    if int(a[0]) in (6, 7) else stmt)
+
+
+def _a_stride_64_bytes_short(func):
+    return _mutated(func, "tileloadd64", lambda stmt, a: tirx.Evaluate(amx.tileloadd(int(a[0]), a[1], a[2] - 64))
+                    if int(a[0]) in (4, 5) else stmt)
+
+
+@pytest.mark.parametrize("break_it, fault", [
+    (_only_first_row_block, "tilezero tmm0 before any ldtilecfg"),  # parallel tasks: each has its own tile state
+    (_b_stride_doubled, "tileloadd tmm7 reads bytes outside wd"),  # B rows leave the task's decoded panel
+    (_a_stride_64_bytes_short, None),  # A rows from the wrong k: wrong sums, in bounds
+])
+def test_emulator_catches_broken_kernels(break_it, fault):
+    """Negative controls: the emulated kernel faults, or its sums differ, when its AMX use is broken."""
+    cfg = W2A8Config(17, 32, 2000)  # 1 strip in 2 parallel row blocks (w2a8_cpu.row_blocks)
+    q, packed, _, _, res = _inputs(cfg, np.random.default_rng(1))
+    ones = np.ones((cfg.m, 1), np.float32)
+    emulated = amx_emulator.emulate(break_it(_kernel(cfg)))
+    if fault is None:
+        out = _run(emulated, cfg, q, packed, ones, np.ones(1, np.float32), res)
+        acc = q.astype(np.int64) @ unpack_ternary(packed, cfg.k).astype(np.int64).T
+        assert (out != acc).mean() > 0.5
+    else:
+        with pytest.raises(RuntimeError, match=f"AMX fault: {fault}"):
+            _run(emulated, cfg, q, packed, ones, np.ones(1, np.float32), res)
+
+
+@pytest.mark.skipif(not cpu.machine_runs_amx(), reason="this machine does not run AMX (no amx_tile/amx_int8 in "
+                    "/proc/cpuinfo, or the kernel does not support XTILEDATA): the emulated tests stand in")
+@pytest.mark.parametrize("epilogue", ["none", "residual"])
+def test_real_amx_build_equals_numpy(epilogue):
+    """On a host that runs AMX, the host target picks it, and the real tiles give numpy's outputs bit for bit."""
+    assert select_backend(HERE) == "amx"
+    cfg = W2A8Config(40, 80, 1000, epilogue)
+    q, packed, xs, ws, res = _inputs(cfg, np.random.default_rng(9))
+    out = _run(w2a8_cpu.schedule(w2a8_compute(cfg), HERE).with_attr("global_symbol", "main"), cfg, q, packed, xs,
+               ws, res)
+    np.testing.assert_array_equal(out, w2a8_numpy(q, packed, xs, float(ws[0]), cfg.k, epilogue, res))
+
+
+@pytest.mark.skipif(cpu.machine_runs_amx() or "avx512bw" not in (cpu._cpuinfo_flags() or ()),
+                    reason="needs an AVX-512 CPU without AMX (the Sapphire Rapids build's code before its permission "
+                    "check must run here)")
+def test_sapphire_rapids_build_on_a_cpu_without_amx_stops_with_the_permission_message():
+    """The real build, run here: Linux refuses the tile state, so the kernel's first statement stops it with
+    PERMISSION_MESSAGE, before any AMX instruction (which would be SIGILL)."""
+    cfg = W2A8Config(32, 32, 64)
+    q, packed, xs, ws, res = _inputs(cfg, np.random.default_rng(2))
+    with pytest.raises(RuntimeError, match=re.escape(w2a8_amx.PERMISSION_MESSAGE)):
+        _run(_kernel(cfg), cfg, q, packed, xs, ws, res, target=SPR)
+
+
+def test_select_backend_amx_only_where_it_runs(monkeypatch):
+    """Sapphire Rapids -> amx, without AMX-INT8 -> vnni; the host target picks amx exactly where this machine
+    runs AMX; a Sapphire Rapids host that hides AMX (a VM) or whose kernel lacks XTILEDATA gets it turned off."""
+    assert select_backend(SPR) == "amx"
+    no_int8 = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-amx-int8"]})
+    assert select_backend(no_int8) == "vnni"
+    assert (select_backend(HERE) == "amx") == cpu.machine_runs_amx()
+    monkeypatch.setattr(cpu, "_llvm_cpu", lambda: "sapphirerapids")
+    for flags, xtiledata, backend in [({"amx_tile", "amx_int8"}, True, "amx"), ({"amx_tile"}, True, "vnni"),
+                                      ({"amx_tile", "amx_int8"}, False, "vnni")]:
+        monkeypatch.setattr(cpu, "_cpuinfo_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(cpu, "_kernel_supports_xtiledata", lambda: xtiledata)
+        target = get("host").tvm_target
+        assert select_backend(tvm.target.Target(target)) == backend, target
+        assert ("mattr" in target) == (backend != "amx")
