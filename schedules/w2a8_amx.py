@@ -3,7 +3,7 @@ ternary weights on tdpbssd (s8 x s8: no rowsum correction, unlike vpdpbusd).
 
 Staged form (`stage`, w2a8_cpu_stages.replace_acc_nest: the "acc" nest of schedules/w2a8.py replaced by)
 
-    assert   request_permission() == 0   first, once (PERMISSION_MESSAGE otherwise)
+    assert   request_permission() == 0   first, once (errors.AMX_REFUSED otherwise)
     qpad     qp[Mp, K4]                  q zero-padded (only where M or K is padded; else the tiles read q)
     decode   wd[Np / 16, K4 / 4, 16, 4]  int8 T, 0 in the padding: per 16 output features exactly AMX's
                                          B layout [k // 4, n, k % 4], so one B tile is 16 k-groups x 64 bytes
@@ -32,6 +32,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ..errors import AMX_REFUSED
 from . import amx
 from .w2a8_cpu_stages import decoded_weight, guarded, replace_acc_nest, round_up
 
@@ -39,9 +40,6 @@ TILE = 16  # rows of every tile; an accumulator tile holds 16 int32 columns, an 
 MICRO = 2 * TILE  # the micro tile: 32 rows x 32 output features, 2 x 2 accumulator tiles
 K_STEP = 64  # k per tdpbssd (one A tile row)
 CONFIG = amx.config_bytes({t: (TILE, 4 * TILE) for t in range(amx.TILES)})  # every tile 16 rows x 64 bytes
-PERMISSION_MESSAGE = ("AMX refused: Linux did not grant this process the AMX tile state (arch_prctl "
-                      "ARCH_REQ_XCOMP_PERM), as on a CPU or kernel without AMX; compile the model for a target "
-                      "without AMX (bmvcc compile --target host on this machine)")
 
 
 def padded_shape(m: int, n: int, k: int, rows: int) -> tuple[int, int, int]:
@@ -84,7 +82,7 @@ def _stages(q, wp, acc, mp: int, np_: int, k4: int, rows: int):
         with T.sblock("permission"):
             T.reads()
             T.writes()
-            assert amx.request_permission() == T.int64(0), PERMISSION_MESSAGE
+            assert amx.request_permission() == T.int64(0), AMX_REFUSED
         if pad_q:
             for i, k in T.grid(Mp, K4):
                 with T.sblock("qpad"):

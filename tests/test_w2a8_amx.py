@@ -22,7 +22,8 @@ from tvm import tirx  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
 from bmvcc import amx_emulator  # noqa: E402
-from bmvcc.schedules import amx, w2a8_amx, w2a8_cpu  # noqa: E402
+from bmvcc.errors import AMX_REFUSED  # noqa: E402
+from bmvcc.schedules import amx, w2a8_cpu  # noqa: E402
 from bmvcc.schedules.w2a8 import (  # noqa: E402
     W2A8Config,
     epilogue_operand,
@@ -182,10 +183,10 @@ def test_real_amx_build_equals_numpy(epilogue):
                     "check must run here)")
 def test_sapphire_rapids_build_on_a_cpu_without_amx_stops_with_the_permission_message():
     """The real build, run here: Linux refuses the tile state, so the kernel's first statement stops it with
-    PERMISSION_MESSAGE, before any AMX instruction (which would be SIGILL)."""
+    errors.AMX_REFUSED, before any AMX instruction (which would be SIGILL)."""
     cfg = W2A8Config(32, 32, 64)
     q, packed, xs, ws, res = _inputs(cfg, np.random.default_rng(2))
-    with pytest.raises(RuntimeError, match=re.escape(w2a8_amx.PERMISSION_MESSAGE)):
+    with pytest.raises(RuntimeError, match=re.escape(AMX_REFUSED)):
         _run(_kernel(cfg), cfg, q, packed, xs, ws, res, target=SPR)
 
 
