@@ -7,9 +7,9 @@ Two steps, both keyed on PrimFuncs with attr bmvcc.kernel == "w2a8":
 - `schedule(func, target, knobs)` schedules a staged kernel with schedule primitives only
   (`_schedule`): with fixed knobs (DEFAULT_KNOBS, the compile default) or, as the MetaSchedule design
   space `space(sch, target)`, with sampled ones, so a tuned trace replays on the task from the database.
-The backend follows the target's features (select_backend): AVX-512 VNNI (vpdpbusd), AVX2
-(vpmaddubsw), aarch64 dot product (sdot), else generic LLVM vector code; dot_intrinsics.py has them
-(registered by schedules/intrinsics.py).
+The backend follows the target's features (select_backend): AMX tiles (tdpbssd: w2a8_amx.py, its own
+stages and fixed micro tile), AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw), aarch64 dot product (sdot),
+else generic LLVM vector code; dot_intrinsics.py has the vector ones (registered by schedules/intrinsics.py).
 
 Padding: Mp = M for M <= 4 (GEMV and small batches: no padded rows), else M rounded up to 4 * R
 (R row blocks, below); Np = N rounded up to lanes * the backend's default nt. The row tile mr divides
@@ -24,7 +24,7 @@ default strips would leave the target's cores unevenly busy, as a 64-wide layer 
 by the staging (ROWS_ATTR), so the tuning space does not sample it.
 
 Tuned knobs: mr (sample_perfect_tile, up to MAX_MR), nt (up to MAX_NT) and the auto-unroll step of
-each nest (tuning_spaces.sample_unroll). The backend is fixed by the staging (the staged function
+each nest (tuning_spaces.sample_unroll); on amx the unroll step only. The backend is fixed by the staging (the staged function
 differs per backend). Unit loops are kept throughout: loop counts must not depend on sampled tiles.
 """
 

@@ -116,6 +116,24 @@ def test_emulated_epilogues(epilogue):
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_tuning_space_samples_the_unroll_step_only():
+    """The amx space (w2a8_cpu.space on an amx-staged task): replays draw only the unroll step (the tile kernel is
+    fixed); each sample, emulated, gives numpy's sums."""
+    from test_tuning_spaces import _decisions, _samples
+
+    cfg = W2A8Config(40, 48, 192)
+    staged = w2a8_cpu.stage_w2a8(w2a8_compute(cfg), w2a8_cpu.DEFAULT_KNOBS[select_backend(SPR)], 2)
+    distinct = {_decisions(s): s for s in _samples(tvm.IRModule({"main": staged.with_attr("global_symbol", "main")}),
+                                                    w2a8_cpu.space, seed=3)}
+    assert set(distinct) == {f"[{i}]" for i in range(4)}  # one decision: the index of the unroll step
+    q, packed, _, _, res = _inputs(cfg, np.random.default_rng(4))
+    ones = np.ones((cfg.m, 1), np.float32)
+    acc = q.astype(np.int64) @ unpack_ternary(packed, cfg.k).astype(np.int64).T
+    for sch in list(distinct.values())[:2]:
+        out = _run(amx_emulator.emulate(sch.mod["main"]), cfg, q, packed, ones, np.ones(1, np.float32), res)
+        np.testing.assert_array_equal(out, acc.astype(np.float32))
+
+
 def _mutated(func, intrinsic: str, replace):
     """`func` with every Evaluate of the AMX call `intrinsic` replaced by replace(stmt, its operands)."""
     def evaluate(stmt, mutator):
