@@ -123,11 +123,11 @@ def _stages(q, wp, acc, mp: int, np_: int, k4: int, rows: int):
                     T.evaluate(amx.tilezero(1))
                     T.evaluate(amx.tilezero(2))
                     T.evaluate(amx.tilezero(3))
-                    for s in range(T.int64(steps)):  # tmm4-5: rows 0-15 and 16-31 of q; tmm6-7: column groups 0, 1
-                        T.evaluate(amx.tileloadd(4, T.address_of(A[0, s * K_STEP]), sa))
-                        T.evaluate(amx.tileloadd(5, T.address_of(A[TILE, s * K_STEP]), sa))
-                        T.evaluate(amx.tileloadd(6, T.address_of(B[0, s * TILE, 0, 0]), sb))
-                        T.evaluate(amx.tileloadd(7, T.address_of(B[1, s * TILE, 0, 0]), sb))
+                    for ks in range(T.int64(steps)):  # tmm4-5: rows 0-15 and 16-31 of q; tmm6-7: column groups 0, 1
+                        T.evaluate(amx.tileloadd(4, T.address_of(A[0, ks * K_STEP]), sa))
+                        T.evaluate(amx.tileloadd(5, T.address_of(A[TILE, ks * K_STEP]), sa))
+                        T.evaluate(amx.tileloadd(6, T.address_of(B[0, ks * TILE, 0, 0]), sb))
+                        T.evaluate(amx.tileloadd(7, T.address_of(B[1, ks * TILE, 0, 0]), sb))
                         T.evaluate(amx.tdpbssd(0, 4, 6))
                         T.evaluate(amx.tdpbssd(1, 4, 7))
                         T.evaluate(amx.tdpbssd(2, 5, 6))

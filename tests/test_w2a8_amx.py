@@ -88,9 +88,10 @@ def _run(func, cfg, q, packed, xs, ws, res, target=HERE):
     return out.numpy()
 
 
-# M, N padded to the 32 x 32 micro tile or not, K = 64 (one tdpbssd step), 192, and not a multiple of 64;
-# the last two above w2a8_cpu.MIN_PARALLEL_MACS (parallel tasks: 2 and 8 strips, 17 rows in 2 row blocks)
-SHAPES = [(32, 32, 64), (17, 40, 64), (40, 48, 192), (17, 32, 2000), (64, 256, 128)]
+# M, N padded to the 32 x 32 micro tile or not (M = 1: a GEMV), K = 64 (one tdpbssd step), 192, and not a
+# multiple of 64 nor of 4; the last two above w2a8_cpu.MIN_PARALLEL_MACS (parallel tasks: 1 strip in 2 row
+# blocks, 8 strips)
+SHAPES = [(32, 32, 64), (17, 40, 64), (1, 37, 70), (40, 48, 192), (17, 32, 2000), (64, 256, 128)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -146,11 +147,11 @@ def _mutated(func, intrinsic: str, replace):
     return func.with_body(tvm_ffi.structural_mutate(func.body, [(tirx.Evaluate, evaluate)]))
 
 
-def _only_first_row_block(func):
-    """The kernel with ldtilecfg run by the tasks of row block 0 only (the others rely on theirs)."""
+def _only_second_row_block(func):
+    """The kernel with ldtilecfg run by the tasks of row block 1 only (row block 0 relies on theirs)."""
     sch = tvm.s_tir.Schedule(func)
     row_block = sch.get(sch.get_sblock("tilecfg")).iter_vars[1].var
-    return _mutated(func, "ldtilecfg", lambda stmt, _: tirx.IfThenElse(row_block == 0, stmt, None))
+    return _mutated(func, "ldtilecfg", lambda stmt, _: tirx.IfThenElse(row_block == 1, stmt, None))
 
 
 def _b_stride_doubled(func):
@@ -164,7 +165,9 @@ def _a_stride_64_bytes_short(func):
 
 
 @pytest.mark.parametrize("break_it, fault", [
-    (_only_first_row_block, "tilezero tmm0 before any ldtilecfg"),  # parallel tasks: each has its own tile state
+    # parallel tasks: each has its own tile state. The faulting task is task 0, run by the launching thread: a
+    # worker task's error TVM's thread pool does not always report (here, 4 of 30 runs passed without one).
+    (_only_second_row_block, "tilezero tmm0 before any ldtilecfg"),
     (_b_stride_doubled, "tileloadd tmm7 reads bytes outside wd"),  # B rows leave the task's decoded panel
     (_a_stride_64_bytes_short, None),  # A rows from the wrong k: wrong sums, in bounds
 ])
