@@ -226,3 +226,46 @@ def test_select_backend_amx_only_where_it_runs(monkeypatch):
         target = get("host").tvm_target
         assert select_backend(tvm.target.Target(target)) == backend, target
         assert ("mattr" in target) == (backend != "amx")
+
+
+@pytest.mark.slow
+def test_whole_model_on_emulated_amx_matches_pytorch(checkpoint, tmp_path, monkeypatch):
+    """The small BitMedViT compiled for a CPU with AMX (Zen 4's code plus AMX: every W2A8 layer on the tile kernel,
+    staged and scheduled by the real pipeline) with each AMX kernel emulated before the build: PyTorch's logits
+    within tests/test_passes_model.py's ATOL (an int8 rounding flip), the same classes. About 20 s."""
+    import dataclasses
+
+    import torch
+
+    from bmvcc import lowering, runtime, targets
+    from bmvcc.driver import CompileOptions, compile_model
+    from bmvcc.targets.base import TargetSpec
+    from conftest import small_config
+    from test_passes_model import ATOL
+
+    spec = TargetSpec(name="zen4-amx", description="Zen 4 with AMX", arch="x86_64", facts={"cores": 2},
+                      make_tvm_target=lambda: {"kind": "llvm", "mcpu": "znver4", "num-cores": 2,
+                                               "mattr": ["+amx-tile", "+amx-int8"]})
+    monkeypatch.setitem(targets._FACTORIES, spec.name, lambda: spec)
+    emulated, schedule = [], lowering.schedule
+
+    def schedule_then_emulate(stage, spec):
+        stage = schedule(stage, spec)
+        mod = stage.mod.clone()
+        for gv, func in stage.mod.functions_items():
+            if isinstance(func, tirx.PrimFunc) and func.attrs is not None \
+                    and func.attrs.get(w2a8_cpu.STAGED_ATTR) == "amx":
+                mod[gv] = amx_emulator.emulate(func)
+                emulated.append(gv.name_hint)
+        return dataclasses.replace(stage, mod=mod)
+
+    monkeypatch.setattr(lowering, "schedule", schedule_then_emulate)
+    path, model = checkpoint(small_config())
+    compile_model(path, tmp_path / "out", CompileOptions(target=spec.name))
+    assert len(emulated) == 4, emulated  # qkv, out projection + residual, fc1 + GELU, fc2 + residual (both blocks)
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    logits = runtime.load(tmp_path / "out")(x)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, ref, atol=ATOL)
+    np.testing.assert_array_equal(logits.argmax(1), ref.argmax(1))
