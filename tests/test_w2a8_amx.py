@@ -21,7 +21,8 @@ import tvm_ffi  # noqa: E402
 from tvm import tirx  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
-from bmvcc import amx_emulator  # noqa: E402
+from bmvcc import amx_emulator, lowering, runtime  # noqa: E402
+from bmvcc.driver import CompileOptions, compile_model  # noqa: E402
 from bmvcc.errors import AMX_REFUSED  # noqa: E402
 from bmvcc.schedules import amx, w2a8_cpu  # noqa: E402
 from bmvcc.schedules.w2a8 import (  # noqa: E402
@@ -34,6 +35,8 @@ from bmvcc.schedules.w2a8 import (  # noqa: E402
 )
 from bmvcc.schedules.w2a8_cpu import select_backend  # noqa: E402
 from bmvcc.targets import cpu, get  # noqa: E402
+
+from conftest import cli_error, small_config  # noqa: E402
 
 SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 HERE = get("host").target()  # what the emulated kernels are built for and run on
@@ -199,9 +202,14 @@ def test_real_amx_build_equals_numpy(epilogue):
     np.testing.assert_array_equal(out, w2a8_numpy(q, packed, xs, float(ws[0]), cfg.k, epilogue, res))
 
 
-@pytest.mark.skipif(cpu.machine_runs_amx() or "avx512bw" not in (cpu._cpuinfo_flags() or ()),
-                    reason="needs an AVX-512 CPU without AMX (the Sapphire Rapids build's code before its permission "
-                    "check must run here)")
+# The Sapphire Rapids build's code before its permission check must run here: AVX-512 (with BF16 and VNNI, as
+# Zen 4), and no AMX, so that Linux refuses the tile state.
+needs_avx512_without_amx = pytest.mark.skipif(
+    cpu.machine_runs_amx() or not {"avx512bw", "avx512_vnni", "avx512_bf16"} <= (cpu._cpuinfo_flags() or set()),
+    reason="needs a CPU with AVX-512 (BW, VNNI, BF16) that does not run AMX")
+
+
+@needs_avx512_without_amx
 def test_sapphire_rapids_build_on_a_cpu_without_amx_stops_with_the_permission_message():
     """The real build, run here: Linux refuses the tile state, so the kernel's first statement stops it with
     errors.AMX_REFUSED, before any AMX instruction (which would be SIGILL)."""
@@ -228,25 +236,30 @@ def test_select_backend_amx_only_where_it_runs(monkeypatch):
         assert ("mattr" in target) == (backend != "amx")
 
 
+def _cpu_target(monkeypatch, name: str, tvm_target: dict):
+    """A compile target `name` for this test (x86-64 CPU, 2 cores) building for `tvm_target`."""
+    from bmvcc import targets
+    from bmvcc.targets.base import TargetSpec
+
+    spec = TargetSpec(name=name, description=name, make_tvm_target=lambda: tvm_target, arch="x86_64",
+                      facts={"cores": 2})
+    monkeypatch.setitem(targets._FACTORIES, name, lambda: spec)
+    return spec
+
+
 @pytest.mark.slow
 def test_whole_model_on_emulated_amx_matches_pytorch(checkpoint, tmp_path, monkeypatch):
     """The small BitMedViT compiled for a CPU with AMX (Zen 4's code plus AMX: every W2A8 layer on the tile kernel,
     staged and scheduled by the real pipeline) with each AMX kernel emulated before the build: PyTorch's logits
-    within tests/test_passes_model.py's ATOL (an int8 rounding flip), the same classes. About 20 s."""
+    within tests/test_passes_model.py's ATOL (an int8 rounding flip), the same classes. One compile, 5-20 s."""
     import dataclasses
 
     import torch
 
-    from bmvcc import lowering, runtime, targets
-    from bmvcc.driver import CompileOptions, compile_model
-    from bmvcc.targets.base import TargetSpec
-    from conftest import small_config
     from test_passes_model import ATOL
 
-    spec = TargetSpec(name="zen4-amx", description="Zen 4 with AMX", arch="x86_64", facts={"cores": 2},
-                      make_tvm_target=lambda: {"kind": "llvm", "mcpu": "znver4", "num-cores": 2,
-                                               "mattr": ["+amx-tile", "+amx-int8"]})
-    monkeypatch.setitem(targets._FACTORIES, spec.name, lambda: spec)
+    spec = _cpu_target(monkeypatch, "zen4-amx", {"kind": "llvm", "mcpu": "znver4", "num-cores": 2,
+                                                 "mattr": ["+amx-tile", "+amx-int8"]})
     emulated, schedule = [], lowering.schedule
 
     def schedule_then_emulate(stage, spec):
@@ -269,3 +282,15 @@ def test_whole_model_on_emulated_amx_matches_pytorch(checkpoint, tmp_path, monke
         ref = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, ref, atol=ATOL)
     np.testing.assert_array_equal(logits.argmax(1), ref.argmax(1))
+
+
+@pytest.mark.slow
+@needs_avx512_without_amx
+def test_amx_artifact_where_linux_refuses_amx_stops_with_one_error_line(checkpoint, tmp_path, monkeypatch, capsys):
+    """A model compiled for Sapphire Rapids, run and benched here: `error: AMX refused: ...; ...`, exit 2. One compile, 5-20 s."""
+    spec = _cpu_target(monkeypatch, "spr", {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+    out, images = tmp_path / "out", tmp_path / "images.npy"
+    compile_model(checkpoint(small_config())[0], out, CompileOptions(target=spec.name))
+    np.save(images, np.zeros((1, 1, 28, 28), np.float32))
+    for argv in (["run", str(out), "--input", str(images)], ["bench", str(out), "--repeat", "1"]):
+        assert cli_error(capsys, argv) == f"error: {AMX_REFUSED}"
