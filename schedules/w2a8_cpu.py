@@ -11,8 +11,8 @@ The backend follows the target's features (select_backend): AMX tiles (tdpbssd: 
 stages and fixed micro tile), AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw), aarch64 dot product (sdot),
 else generic LLVM vector code; dot_intrinsics.py has the vector ones (registered by schedules/intrinsics.py).
 
-Padding: Mp = M for M <= 4 (GEMV and small batches: no padded rows), else M rounded up to 4 * R
-(R row blocks, below); Np = N rounded up to lanes * the backend's default nt. The row tile mr divides
+Padding (amx: to its 32 x 32 x 64 tiles, w2a8_amx.py): Mp = M for M <= 4 (GEMV and small batches: no
+padded rows), else M rounded up to 4 * R (R row blocks, below); Np = N rounded up to lanes * the backend's default nt. The row tile mr divides
 Mp / R and the lane groups nt divide Np / lanes, so every micro tile is full and tensorizes.
 
 Loop structure: parallel (from MIN_PARALLEL_MACS on) over strips of lanes * nt output features x R
@@ -24,7 +24,8 @@ default strips would leave the target's cores unevenly busy, as a 64-wide layer 
 by the staging (ROWS_ATTR), so the tuning space does not sample it.
 
 Tuned knobs: mr (sample_perfect_tile, up to MAX_MR), nt (up to MAX_NT) and the auto-unroll step of
-each nest (tuning_spaces.sample_unroll); on amx the unroll step only. The backend is fixed by the staging (the staged function
+each nest (tuning_spaces.sample_unroll); on amx the unroll step only.
+The backend is fixed by the staging (the staged function
 differs per backend). Unit loops are kept throughout: loop counts must not depend on sampled tiles.
 """
 

@@ -65,7 +65,8 @@ class CpuPeak:
     def describe(self) -> str:
         clock = " (measured)" if self.clock_measured else ""
         return (f"{self.family}, {self.cores} cores at {self.ghz:.2f} GHz{clock}: int8 {self.int8_ops_per_s() / 1e9:.0f} GOP/s "
-                f"({self.int8_macs_per_cycle} MAC/cycle/core{', AMX' if self.amx else ''}), fp32 {self.fp32_ops_per_s() / 1e9:.0f} GFLOP/s "
+                f"({self.int8_macs_per_cycle} MAC/cycle/core{', AMX' if self.amx else ''}), "
+                f"fp32 {self.fp32_ops_per_s() / 1e9:.0f} GFLOP/s "
                 f"({self.fp32_fmas_per_cycle} FMA/cycle/core)")
 
 

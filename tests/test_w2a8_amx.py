@@ -287,7 +287,8 @@ def test_whole_model_on_emulated_amx_matches_pytorch(checkpoint, tmp_path, monke
 @pytest.mark.slow
 @needs_avx512_without_amx
 def test_amx_artifact_where_linux_refuses_amx_stops_with_one_error_line(checkpoint, tmp_path, monkeypatch, capsys):
-    """A model compiled for Sapphire Rapids, run and benched here: `error: AMX refused: ...; ...`, exit 2. One compile, 5-20 s."""
+    """A model compiled for Sapphire Rapids, run and benched here: `error: AMX refused: ...; ...`, exit 2.
+    One compile, 5-20 s."""
     spec = _cpu_target(monkeypatch, "spr", {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
     out, images = tmp_path / "out", tmp_path / "images.npy"
     compile_model(checkpoint(small_config())[0], out, CompileOptions(target=spec.name))
