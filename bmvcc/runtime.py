@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import artifact
-from .errors import BmvccError
+from .errors import BmvccError, amx_refusal
 
 _POOLED_ALLOCATOR = 2  # tvm.relax.VirtualMachine.POOLED_ALLOCATOR
 _DEVICE_TYPES = {"cpu": 1, "cuda": 2}  # DLPack device types
@@ -155,7 +155,8 @@ class CompiledModel:
 
     def _run_batch(self, chunk: np.ndarray) -> np.ndarray:
         image = self._ffi.from_dlpack(_aligned(chunk), require_alignment=_ALIGNMENT)
-        res = self._main(self._to_device(image), *self.weights)
+        with amx_refusal():
+            res = self._main(self._to_device(image), *self.weights)
         if not hasattr(res, "__dlpack__"):  # main returns a 1-tuple (logits,)
             res = res[0]
         return self._to_numpy(res)

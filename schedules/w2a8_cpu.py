@@ -7,12 +7,12 @@ Two steps, both keyed on PrimFuncs with attr bmvcc.kernel == "w2a8":
 - `schedule(func, target, knobs)` schedules a staged kernel with schedule primitives only
   (`_schedule`): with fixed knobs (DEFAULT_KNOBS, the compile default) or, as the MetaSchedule design
   space `space(sch, target)`, with sampled ones, so a tuned trace replays on the task from the database.
-The backend follows the target's features (select_backend): AVX-512 VNNI (vpdpbusd), AVX2
-(vpmaddubsw), aarch64 dot product (sdot), else generic LLVM vector code; dot_intrinsics.py has them
-(registered by schedules/intrinsics.py).
+The backend follows the target's features (select_backend): AMX tiles (tdpbssd: w2a8_amx.py, its own
+stages and fixed micro tile), AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw), aarch64 dot product (sdot),
+else generic LLVM vector code; dot_intrinsics.py has the vector ones (registered by schedules/intrinsics.py).
 
-Padding: Mp = M for M <= 4 (GEMV and small batches: no padded rows), else M rounded up to 4 * R
-(R row blocks, below); Np = N rounded up to lanes * the backend's default nt. The row tile mr divides
+Padding (amx: to its 32 x 32 x 64 tiles, w2a8_amx.py): Mp = M for M <= 4 (GEMV and small batches: no
+padded rows), else M rounded up to 4 * R (R row blocks, below); Np = N rounded up to lanes * the backend's default nt. The row tile mr divides
 Mp / R and the lane groups nt divide Np / lanes, so every micro tile is full and tensorizes.
 
 Loop structure: parallel (from MIN_PARALLEL_MACS on) over strips of lanes * nt output features x R
@@ -24,7 +24,8 @@ default strips would leave the target's cores unevenly busy, as a 64-wide layer 
 by the staging (ROWS_ATTR), so the tuning space does not sample it.
 
 Tuned knobs: mr (sample_perfect_tile, up to MAX_MR), nt (up to MAX_NT) and the auto-unroll step of
-each nest (tuning_spaces.sample_unroll). The backend is fixed by the staging (the staged function
+each nest (tuning_spaces.sample_unroll); on amx the unroll step only.
+The backend is fixed by the staging (the staged function
 differs per backend). Unit loops are kept throughout: loop counts must not depend on sampled tiles.
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import w2a8_amx
 from .intrinsics import ensure
 from .tuning_spaces import sample_unroll
 from .w2a8 import KERNEL_ATTR
@@ -46,7 +48,7 @@ MIN_PARALLEL_MACS = 1 << 20  # about 5 us on one core: less is not worth waking 
 
 @dataclass(frozen=True)
 class CpuKnobs:
-    backend: str  # code variant: "vnni" | "avx2_i16" | "avx2_i32" | "sdot" | "generic"
+    backend: str  # code variant: "amx" | "vnni" | "avx2_i16" | "avx2_i32" | "sdot" | "generic"
     mr: int  # activation rows per micro tile (the largest divisor of Mp up to this)
     nt: int  # instruction-wide lane groups per micro tile (tile width = lanes * nt); Np pads to it
 
@@ -55,6 +57,7 @@ class CpuKnobs:
 # weight/broadcast registers. On AVX2 the int16 variant (vpmaddubsw + vpaddw, widened every 256 k)
 # beat the int32 one (vpmaddubsw + vpmaddwd + vpaddd per step) by 1.3-1.7x at the FFN shapes.
 DEFAULT_KNOBS = {
+    "amx": CpuKnobs("amx", mr=w2a8_amx.MICRO, nt=2),  # fixed: 2 x 2 tiles of 16 x 16 (w2a8_amx.py)
     "vnni": CpuKnobs("vnni", mr=4, nt=4),  # 16 of 32 zmm accumulate
     "avx2": CpuKnobs("avx2_i16", mr=4, nt=2),  # 8 of 16 ymm accumulate (int16, widened per chunk)
     "sdot": CpuKnobs("sdot", mr=4, nt=4),  # 16 of 32 q registers accumulate
@@ -63,11 +66,14 @@ DEFAULT_KNOBS = {
 
 
 def select_backend(target) -> str:
-    """The dot-product instruction the target has: vnni, avx2, sdot, or generic LLVM code."""
+    """The dot-product instruction the target has: amx (tdpbssd; AVX-512 for the decode and epilogue), vnni,
+    avx2, sdot, or generic LLVM code."""
     from tvm.target import codegen
 
     with target:
         has = codegen.target_has_features
+        if has("amx-tile") and has("amx-int8") and has("avx512bw"):
+            return "amx"
         if has("avx512vnni") and has("avx512bw"):
             return "vnni"
         if has("avx2"):
@@ -75,6 +81,11 @@ def select_backend(target) -> str:
         if has("dotprod"):
             return "sdot"
     return "generic"
+
+
+def strip_width(knobs: CpuKnobs) -> int:
+    """Output features per parallel strip (and micro tile): N pads to a multiple of it."""
+    return w2a8_amx.MICRO if knobs.backend == "amx" else intrin_of(knobs.backend).lanes * knobs.nt
 
 
 def intrin_of(backend: str):
@@ -123,13 +134,16 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
 
     from .dot_intrinsics import I16_CHUNK_K
 
-    intrin = intrin_of(knobs.backend)
     ref = s_tir.Schedule(func)
     acc = ref.get(ref.get_sblock("acc"))
     (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
-    np_ = round_up(n, intrin.lanes * knobs.nt)
+    np_ = round_up(n, strip_width(knobs))
     parallel = m * np_ * k >= MIN_PARALLEL_MACS  # then also _schedule's test on the padded extents
-    rows = row_blocks(m, np_ // (intrin.lanes * knobs.nt), cores if parallel else 1)
+    rows = row_blocks(m, np_ // strip_width(knobs), cores if parallel else 1)
+    if knobs.backend == "amx":
+        staged = w2a8_amx.stage(func, *w2a8_amx.padded_shape(m, n, k, rows), rows)
+        return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
+    intrin = intrin_of(knobs.backend)
     mp = m if m <= 4 else round_up(m, 4 * rows)
     chunk = I16_CHUNK_K if knobs.backend == "avx2_i16" else None
     staged = restage(func, mp, np_, intrin.weight_dtype == "uint8", chunk)
@@ -173,18 +187,22 @@ def _schedule(sch, tile) -> None:
     [outer, inner] split factors of the row loop / of the lane-group loop (ints or sampled)."""
     func = sch.mod["main"]
     backend = str(func.attrs[STAGED_ATTR])
-    intrin = intrin_of(backend)
-    lanes, unsigned, chunk = intrin.lanes, intrin.weight_dtype == "uint8", backend == "avx2_i16"
-    unpad, qpad = sch.get(sch.get_sblock("unpad")), sch.get(sch.get_sblock("qpad"))
+    unpad = sch.get(sch.get_sblock("unpad"))
     padded = _shape(unpad.reads[0].source) != _shape(unpad.writes[0].source)  # (Mp, Np) vs (M, N)
-    mp, np_ = _shape(unpad.reads[0].source)
-    parallel = mp * np_ * _shape(qpad.writes[0].source)[1] >= MIN_PARALLEL_MACS  # Mp x Np x K4
     epilogue = _blocks_after(sch, "unpad")
     sch.compute_inline(sch.get_sblock("unpad"))
+    if backend == "amx":
+        _epilogue_at(sch, epilogue, w2a8_amx.schedule(sch, MIN_PARALLEL_MACS), padded)
+        return
+    qpad = sch.get(sch.get_sblock("qpad"))
+    mp, np_ = _shape(unpad.reads[0].source)
+    parallel = mp * np_ * _shape(qpad.writes[0].source)[1] >= MIN_PARALLEL_MACS  # Mp x Np x K4
     if _shape(qpad.reads[0].source) == _shape(qpad.writes[0].source):  # q needs no padding
         sch.compute_inline(sch.get_sblock("qpad"))
     elif parallel:
         sch.parallel(sch.get_loops(sch.get_sblock("qpad"))[0])
+    intrin = intrin_of(backend)
+    lanes, unsigned, chunk = intrin.lanes, intrin.weight_dtype == "uint8", backend == "avx2_i16"
     if unsigned and parallel:
         sch.parallel(sch.get_loops(sch.get_sblock("rowsum"))[0])
 
@@ -211,11 +229,7 @@ def _schedule(sch, tile) -> None:
     task = sch.fuse(j0, ir)  # parallel tasks: strips x row blocks
     if parallel:
         sch.parallel(task)
-    # epilogue per micro tile, right after its accumulation: accp shrinks to one tile in L1
-    for blk in epilogue:
-        sch.reverse_compute_at(sch.get_sblock(blk), i0, preserve_unit_loops=True)
-        if not padded:
-            sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
+    _epilogue_at(sch, epilogue, i0, padded)
     if chunk:  # the int16 dot of one chunk for one micro tile, then widened into accp
         sch.compute_at(dot, c, preserve_unit_loops=True)
         di, dj, dc, dp, dkb, dk2 = sch.get_loops(dot)[-6:]  # dc: unit loop of the chunk
@@ -239,6 +253,15 @@ def _schedule(sch, tile) -> None:
     sch.tensorize(j2, ensure(intrin.name))
     sch.unroll(i1)
     sch.unroll(j1)
+
+
+def _epilogue_at(sch, epilogue: list[str], loop, padded: bool) -> None:
+    """The epilogue blocks per micro tile under `loop`, right after its accumulation: accp shrinks to one tile
+    in L1 (vectorized where no padding guards it)."""
+    for blk in epilogue:
+        sch.reverse_compute_at(sch.get_sblock(blk), loop, preserve_unit_loops=True)
+        if not padded:
+            sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
 
 
 def _shape(buf) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from tvm.script import tirx as T
 from .w2a8 import packed_code
 
 
-def _guarded(buf, idx, extents, padded):
+def guarded(buf, idx, extents, padded):
     """buf[idx], or 0 where an index lies in the padding (extent < padded extent)."""
     conds = [i < e for i, e, p in zip(idx, extents, padded) if int(p) != int(e)]
     val = buf[tuple(idx)]
@@ -37,7 +37,7 @@ def _guarded(buf, idx, extents, padded):
     return T.if_then_else(cond, val, T.Cast(buf.dtype, 0))
 
 
-def _decode(wp, vj, vk, padded, unsigned):
+def decoded_weight(wp, vj, vk, padded, unsigned):
     """Decoded code of wp at (vj, vk), 0 in the padding beyond wp's N x 4 KP codes."""
     n, kp = wp.shape
     code = packed_code(wp[vj, vk // 4], (vk % 4) * 2)
@@ -77,13 +77,13 @@ def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool, chunk: int | None):
                 vi, vk = T.axis.remap("SS", [i, k])
                 T.reads(q[vi, vk])
                 T.writes(qp[vi, vk])
-                qp[vi, vk] = _guarded(q, (vi, vk), (M, K), (Mp, K4))
+                qp[vi, vk] = guarded(q, (vi, vk), (M, K), (Mp, K4))
         for j, k in T.grid(Np, K4):
             with T.sblock("decode"):
                 vj, vk = T.axis.remap("SS", [j, k])
                 T.reads(wp[vj, vk // 4])
                 T.writes(wd[vj, vk])
-                wd[vj, vk] = _decode(wp, vj, vk, (Np, K4), unsigned)
+                wd[vj, vk] = decoded_weight(wp, vj, vk, (Np, K4), unsigned)
         if unsigned:
             for i, k in T.grid(Mp, K4):
                 with T.sblock("rowsum"):
@@ -135,6 +135,11 @@ def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool, chunk: int | None):
 
 def restage(func, mp: int, np_: int, unsigned: bool, chunk: int | None):
     """func with its "acc" loop nest replaced by the explicit stages (epilogue nests untouched)."""
+    return replace_acc_nest(func, lambda q, wp, acc: _stages(q, wp, acc, mp, np_, unsigned, chunk))
+
+
+def replace_acc_nest(func, make_stages):
+    """func with its "acc" loop nest replaced by make_stages(q, wp, acc) -> (alloc buffers, loop nests)."""
     from tvm import s_tir, tirx
 
     sch = s_tir.Schedule(func)
@@ -145,7 +150,7 @@ def restage(func, mp: int, np_: int, unsigned: bool, chunk: int | None):
     root = func.body.block
     nests = list(root.body.seq)
     pos = next(i for i, s in enumerate(nests) if s.same_as(acc_nest))
-    allocs, stages = _stages(q, wp, acc, mp, np_, unsigned, chunk)
+    allocs, stages = make_stages(q, wp, acc)
     body = tirx.SeqStmt(nests[:pos] + stages + nests[pos + 1:])
     new_root = s_tir.SBlock([], [], [], "root", body, alloc_buffers=list(root.alloc_buffers) + allocs)
     return func.with_body(s_tir.SBlockRealize([], True, new_root))

@@ -10,21 +10,74 @@ from .base import TargetSpec
 
 
 def host() -> TargetSpec:
-    """The CPU bmvcc runs on, with every feature LLVM detects (AVX2, AVX-512 VNNI, ...)."""
+    """The CPU bmvcc runs on, with every feature LLVM detects (AVX2, AVX-512 VNNI, ...) that it runs."""
     cores = len(os.sched_getaffinity(0))
     return TargetSpec(
         name="host",
         description=f"this machine: {cores} cores, the CPU and its features as LLVM detects them",
-        make_tvm_target=lambda: {"kind": "llvm", "mcpu": _llvm_cpu(), "num-cores": cores},
+        make_tvm_target=lambda: _host_target(cores),
         arch=platform.machine(),
         facts={"cores": cores},
     )
+
+
+def _host_target(cores: int) -> dict:
+    target = {"kind": "llvm", "mcpu": _llvm_cpu(), "num-cores": cores}
+    if _has_amx(target) and not machine_runs_amx():
+        target["mattr"] = AMX_OFF
+    return target
 
 
 def _llvm_cpu() -> str:
     from tvm.target import codegen
 
     return codegen.llvm_get_system_cpu()
+
+
+# Intel AMX: LLVM's features -> Linux's /proc/cpuinfo flags. LLVM's CPU name (sapphirerapids) claims them
+# even where a virtual machine hides them or the kernel cannot switch the tile state (XTILEDATA): the host
+# target then turns them off, so that the W2A8 kernels pick their next backend (schedules/w2a8_cpu.py).
+AMX_FLAGS = {"amx-tile": "amx_tile", "amx-int8": "amx_int8"}
+AMX_OFF = [f"-{feature}" for feature in AMX_FLAGS]
+
+
+def _has_amx(target: dict) -> bool:
+    import tvm
+    from tvm.target import codegen
+
+    return all(codegen.target_has_features(f, tvm.target.Target(target)) for f in AMX_FLAGS)
+
+
+def machine_runs_amx(cpu_flags: frozenset[str] | None = None, xtiledata: bool | None = None) -> bool:
+    """Whether this machine runs AMX: the CPU reports AMX_FLAGS (`cpu_flags`, by default /proc/cpuinfo's) and
+    the kernel supports XTILEDATA (`xtiledata`, by default asked with arch_prctl ARCH_GET_XCOMP_SUPP)."""
+    cpu_flags = _cpuinfo_flags() if cpu_flags is None else cpu_flags
+    xtiledata = _kernel_supports_xtiledata() if xtiledata is None else xtiledata
+    return cpu_flags is not None and set(AMX_FLAGS.values()) <= cpu_flags and xtiledata
+
+
+def _cpuinfo_flags() -> frozenset[str] | None:
+    """The CPU flags Linux reports in /proc/cpuinfo; None where there is no such file (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split())
+
+
+def _kernel_supports_xtiledata() -> bool:
+    """arch_prctl(ARCH_GET_XCOMP_SUPP): whether the Linux kernel supports the AMX tile data state (bit 18)."""
+    import ctypes
+
+    from ..schedules import amx
+
+    if platform.machine() != "x86_64":
+        return False
+    mask = ctypes.c_uint64(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(ctypes.c_long(amx.SYS_ARCH_PRCTL), ctypes.c_long(amx.ARCH_GET_XCOMP_SUPP), ctypes.byref(mask)):
+        return False  # a kernel before 5.16 does not know the request
+    return bool(mask.value >> amx.XFEATURE_XTILEDATA & 1)
 
 
 AARCH64 = TargetSpec(
@@ -57,9 +110,7 @@ def host_runs_bf16_dot(target, cpu_flags: frozenset[str] | None = None) -> bool:
     SIGILL), so the running CPU must report the flag too: `cpu_flags`, by default /proc/cpuinfo's (where
     there is none, not Linux, the name decides)."""
     if cpu_flags is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
+        cpu_flags = _cpuinfo_flags()
+        if cpu_flags is None:
             return has_bf16_dot(target)
-        cpu_flags = frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split())
     return CPUINFO_BF16_FLAG in cpu_flags and has_bf16_dot(target)

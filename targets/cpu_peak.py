@@ -3,7 +3,8 @@ benchmarks/bench_model_cpu.py compare achieved speeds against.
 
 Per core and cycle: int8 multiply-accumulates of the widest int8 dot-product instruction
 (vpdpbusd with AVX-512 VNNI, vpmaddubsw+vpmaddwd on AVX2, sdot on Arm) and float32 FMAs, each at
-the sustained issue rate of the core's vector pipes. AMX tiles are not counted: bmvcc does not use them.
+the sustained issue rate of the core's vector pipes; on a host whose W2A8 kernels run on AMX tiles
+(schedules/w2a8_amx.py), the int8 rate is tdpbssd's (AMX_INT8_MACS).
 The clock is measured (measured_ghz), not read from /proc/cpuinfo, which under a hypervisor reports the
 nominal clock while a busy core runs at its boost clock (kernels then ran above the "peak").
 """
@@ -30,6 +31,11 @@ FAMILIES = {
 }
 
 
+# AMX (Sapphire, Emerald, Granite Rapids): one tdpbssd, 16 x 16 x 64 int8 MACs, per 16 cycles per core. Intel's
+# documented throughput (Optimization Reference Manual), not measured here: no machine of this project has AMX.
+AMX_INT8_MACS = 1024
+
+
 @dataclass(frozen=True)
 class CpuPeak:
     family: str
@@ -38,6 +44,7 @@ class CpuPeak:
     ghz: float
     cores: int
     clock_measured: bool = False  # ghz from measured_ghz (else given)
+    amx: bool = False  # int8_macs_per_cycle is AMX's (else the vector unit's)
 
     def int8_ops_per_s(self) -> float:  # one MAC = two operations
         return 2 * self.int8_macs_per_cycle * self.cores * self.ghz * 1e9
@@ -58,21 +65,34 @@ class CpuPeak:
     def describe(self) -> str:
         clock = " (measured)" if self.clock_measured else ""
         return (f"{self.family}, {self.cores} cores at {self.ghz:.2f} GHz{clock}: int8 {self.int8_ops_per_s() / 1e9:.0f} GOP/s "
-                f"({self.int8_macs_per_cycle} MAC/cycle/core), fp32 {self.fp32_ops_per_s() / 1e9:.0f} GFLOP/s "
+                f"({self.int8_macs_per_cycle} MAC/cycle/core{', AMX' if self.amx else ''}), "
+                f"fp32 {self.fp32_ops_per_s() / 1e9:.0f} GFLOP/s "
                 f"({self.fp32_fmas_per_cycle} FMA/cycle/core)")
 
 
-def host_peak(cores: int, mcpu: str | None = None) -> CpuPeak | None:
-    """The peak of this machine on `cores` cores (`mcpu`: LLVM's CPU name, this machine's by default; clock
-    measured); None for a CPU not in FAMILIES or a clock that could not be measured."""
+def host_peak(cores: int, mcpu: str | None = None, amx: bool | None = None) -> CpuPeak | None:
+    """The peak of this machine on `cores` cores (`mcpu`: LLVM's CPU name, this machine's by default; `amx`:
+    whether the W2A8 kernels run on AMX, by default whether they do for the host target; clock measured);
+    None for a CPU not in FAMILIES or a clock that could not be measured."""
     if mcpu is None:
         from tvm.target import codegen
 
         mcpu = str(codegen.llvm_get_system_cpu())
+    if amx is None:
+        amx = _host_runs_amx_backend()
     if mcpu not in FAMILIES:
         return None
     ghz = measured_ghz()
-    return None if ghz is None else CpuPeak(mcpu, *FAMILIES[mcpu], ghz=ghz, cores=cores, clock_measured=True)
+    int8, fp32 = FAMILIES[mcpu]
+    return None if ghz is None else CpuPeak(mcpu, AMX_INT8_MACS if amx else int8, fp32, ghz=ghz, cores=cores,
+                                            clock_measured=True, amx=amx)
+
+
+def _host_runs_amx_backend() -> bool:
+    from ..schedules.w2a8_cpu import select_backend
+    from .cpu import host
+
+    return select_backend(host().target()) == "amx"
 
 
 CHAIN_STEPS = 1 << 21  # iterations of the short run (2 ops each, ~1 ms at 4 GHz); the long run does twice as many

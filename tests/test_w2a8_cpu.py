@@ -21,9 +21,9 @@ from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, unpack_ternary, w2a8_
 from bmvcc.schedules.w2a8_cpu import (  # noqa: E402
     DEFAULT_KNOBS,
     CpuKnobs,
-    intrin_of,
     row_blocks,
     select_backend,
+    strip_width,
 )
 from bmvcc.targets import get  # noqa: E402
 
@@ -69,7 +69,7 @@ SHAPES = [(1, 37, 70), (5, 64, 130), (13, 33, 96), (32, 80, 255)]
 
 # AVX2 variants run only where the CPU has AVX2; "generic" runs on any x86-64
 HOST_VARIANTS = [None] + ([CpuKnobs("avx2_i32", 4, 2), CpuKnobs("avx2_i16", 2, 3)]
-                          if select_backend(HOST) in ("avx2", "vnni") else [])
+                          if select_backend(HOST) in ("avx2", "vnni", "amx") else [])
 
 
 def _acc_exact(cfg, target, knobs, q, packed, res):
@@ -131,8 +131,8 @@ def test_gelu_epilogue():
 
 
 # the CI machines' CPUs and their backends, built here whatever this machine is: AVX2 only, AVX-512
-# without VNNI (the AVX2 code), AVX-512 VNNI (and AMX)
-X86_BACKENDS = {"znver2": "avx2", "skylake-avx512": "avx2", "sapphirerapids": "vnni"}
+# without VNNI (the AVX2 code), AVX-512 VNNI (AMX: tests/test_w2a8_amx.py)
+X86_BACKENDS = {"znver2": "avx2", "skylake-avx512": "avx2", "icelake-server": "vnni"}
 
 
 @pytest.mark.parametrize("mcpu", ["host", *X86_BACKENDS])
@@ -179,8 +179,7 @@ def test_weights_stay_packed_and_decoded_tile_is_small():
     (pos, wd), = [(i, ln) for i, ln in enumerate(lines) if "wd = T.sblock_alloc_buffer(" in ln]
     assert any("T.parallel" in ln for ln in lines[:pos])  # allocated per parallel task
     shape = [int(v) for v in re.findall(r"T\.int64\((\d+)\)", wd)]
-    knobs = DEFAULT_KNOBS[select_backend(HOST)]
-    assert int(np.prod(shape)) == intrin_of(knobs.backend).lanes * knobs.nt * cfg.k
+    assert int(np.prod(shape)) == strip_width(DEFAULT_KNOBS[select_backend(HOST)]) * cfg.k
 
 
 def test_row_blocks_only_where_strips_leave_cores_idle():
@@ -194,8 +193,7 @@ def test_few_strips_run_as_row_blocks_on_both_cores(strips):
     """A layer of 1 or 3 strips on 2 cores: 2 row blocks per strip (rows padded to 2 x 4), each task
     decoding its panel; exact, with M, N and K not multiples of any tile (K: above MIN_PARALLEL_MACS)."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(HOST.attrs["mcpu"]), "num-cores": 2})
-    knobs = DEFAULT_KNOBS[select_backend(target)]
-    cfg = W2A8Config(17, strips * intrin_of(knobs.backend).lanes * knobs.nt - 5, 3999)
+    cfg = W2A8Config(17, strips * strip_width(DEFAULT_KNOBS[select_backend(target)]) - 5, 3999)
     sch = tvm.s_tir.Schedule(w2a8_cpu.schedule(w2a8_compute(cfg), target))
     task = sch.get(sch.get_loops(sch.get_sblock("decode"))[0])
     assert (task.kind, int(task.extent)) == (tvm.tirx.ForKind.PARALLEL, 2 * strips)
