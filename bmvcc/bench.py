@@ -192,7 +192,8 @@ def _kernel_table(calls: list, runs: int, peak) -> list[dict]:
 
 
 _W2A8 = re.compile(r"w2a8_(?:tc_)?m(\d+)_n(\d+)_k(\d+)")  # tc: the GPU's tensor-core kernel
-_ATTENTION = re.compile(r"causal_attention_g(\d+)_kv\d+_n(\d+)_d(\d+)(_bf16)?")  # _bf16: on vdpbf16ps
+# schedules/attention_cpu.py AttentionConfig.name's format; _bf16: on vdpbf16ps
+_ATTENTION = re.compile(r"causal_attention_g(\d+)_kv\d+_n(\d+)_d(\d+)(_bf16)?")
 
 
 def _ops(symbol: str, shapes: list) -> tuple[float, str]:

@@ -26,7 +26,7 @@ Produces, reshaped to the matmul's shape (scores, softmax and mask become dead):
   casts reaches a tensor holding the kernel's [Gk, N, G / Gk, D] output in order (the out-projection's
   input), the kernel writes that tensor in its dtype and the chain becomes dead.
 Other attention (another mask, shapes the kernel does not take) is left as it is.
-Report (module attr REPORT_KEY, JSON): {"fused": n}.
+Report (module attr REPORT_KEY, JSON): {"fused": n}; the CPU pass's also "bf16": those of them on bf16 products.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ _FLOATS = ("float16", "float32")  # casts between them of an fp16 value are exac
 
 def fuse_causal_attention(mod: tvm.IRModule, bf16: bool = False) -> tvm.IRModule:
     """CPU builds: causal attention -> schedules/attention_cpu.py's kernel (`bf16`: its products on bf16 operands)."""
-    return _fuse(mod, partial(_cpu_plan, bf16=bf16), _rewrite, "float32", masks_only=True)
+    return _fuse(mod, partial(_cpu_plan, bf16=bf16), _rewrite, "float32", masks_only=True, report_of=_cpu_report)
 
 
 def fuse_attention_cuda(mod: tvm.IRModule) -> tvm.IRModule:
@@ -60,7 +60,8 @@ def fuse_attention_cuda(mod: tvm.IRModule) -> tvm.IRModule:
     return _fuse(mod, _cuda_plan, _rewrite_cuda, "float16", masks_only=False)
 
 
-def _fuse(mod, plan_of, rewrite, dtype: str, masks_only: bool) -> tvm.IRModule:
+def _fuse(mod, plan_of, rewrite, dtype: str, masks_only: bool,
+          report_of=lambda plans: {"fused": len(plans)}) -> tvm.IRModule:
     b = Bindings(mod["main"])
     plans = {}
     for var in b.order:
@@ -68,7 +69,7 @@ def _fuse(mod, plan_of, rewrite, dtype: str, masks_only: bool) -> tvm.IRModule:
         if pv is not None and (found := _match(pv, b, dtype, masks_only)) is not None:
             if (planned := plan_of(b, var, *found)) is not None:
                 plans[planned[0]] = planned[1]
-    report = {"fused": len(plans)}
+    report = report_of(plans)
     if not plans:
         return with_report(mod, REPORT_KEY, report)
     return with_report(rewrite_main(mod, plans, rewrite), REPORT_KEY, report)
@@ -129,6 +130,10 @@ def _unguarded(probs, b: Bindings):
 def _cpu_plan(b, var, q, kt, v, g, gk, n, d, scale, causal, bf16: bool):
     cfg = AttentionConfig(g, gk, n, d, scale, bf16)
     return (var, (q, kt, v, cfg)) if causal and cfg.supported() else None
+
+
+def _cpu_report(plans) -> dict:
+    return {"fused": len(plans), "bf16": sum(cfg.bf16 for *_, cfg in plans.values())}
 
 
 def _cuda_plan(b, var, q, kt, v, g, gk, n, d, scale, causal):
@@ -264,7 +269,7 @@ def _rewrite(rw, binding, plan):
     g, gk, n, d = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     args = [rw.builder_.emit(relax.op.reshape(rw.visit_expr(t), shape))
             for t, shape in ((q, (g, n, d)), (kt, (gk, d, n)), (v, (gk, n, d)))]
-    kernel = rw.kernel(cfg, attention_cpu, f"causal_attention_g{g}_kv{gk}_n{n}_d{d}" + ("_bf16" if cfg.bf16 else ""))
+    kernel = rw.kernel(cfg, attention_cpu, cfg.name)
     out = rw.builder_.emit(relax.call_tir(kernel, args, relax.TensorType((g, n, d), "float32")))
     return relax.op.reshape(out, static_shape(binding.var))
 

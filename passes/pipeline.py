@@ -91,11 +91,12 @@ def run_pipeline(mod, spec, bitlinear: bool = True, dump=lambda name, mod: None,
             mod = mod.without_attr(key)
         dump(name, mod)
     report = _bitlinear_report(reports, bitlinear)
-    report["causal_attention_fused"] = reports.get("fuse_causal_attention", {"fused": 0})["fused"]
+    attention = reports.get("fuse_causal_attention", {"fused": 0})
+    report["causal_attention_fused"] = attention["fused"]
     report["norm_matmul_fused"] = reports.get("fuse_norm_matmul", {"fused": 0})["fused"]
     report["weight_bytes"] = _weight_bytes(mod)
     report["bf16_narrowed"] = reports.get("bf16_matmuls", {"narrowed": 0})["narrowed"]  # --float-precision bf16
-    report["bf16_attention"] = report["causal_attention_fused"] if float_precision == "bf16" else 0  # as passes() asks
+    report["bf16_attention"] = attention.get("bf16", 0)  # CPU --float-precision bf16 (CUDA's pass reports none)
     mod, weights = externalize_weights(mod)
     dump("externalize_weights", mod)
     return mod, weights, report

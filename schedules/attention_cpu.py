@@ -33,13 +33,14 @@ elsewhere) in 13 instructions instead of 18: relative error <= 3.1e-7 (2.6 float
 3.01e-7 before) vs float64 where float32 is normal (x >= -87.3), and 0 <= exp(x) < 1.2e-38 below
 (test_attention_cpu.py measures both).
 
-bf16 (AttentionConfig.bf16: --float-precision bf16, on a target with vdpbf16ps; else, and without a target, the
-float32 kernel): the two products on bf16 operands, everything else as above in fp32. qs (Q scaled in fp32), K, V
-and the probabilities P = exp(s - m) in [0, 1] (m: the row max up to this key block) are rounded to nearest even at
-8 significand bits and kept as their 16 bits: Kp[gk, j // NR, d // 2, (j % NR) * 2 + d % 2] (d padded to pairs with
-0) holds each key's pair of d that a row's pair of qs, one 32-bit broadcast, meets in one vdpbf16ps (16 keys, two
-terms each); vp[gk, j // 2, c * 2 + j % 2] (0 past N and D, D padded to whole vectors) pairs V's keys per column,
-which a row's pair of consecutive probabilities (ps, a copy of s's rounded values) meets the same way (16 columns,
+bf16 (AttentionConfig.bf16: --float-precision bf16, for a target with vdpbf16ps, L = 16; for one without, a
+ValueError, as precision.check refuses such a build first; without a target, the float32 kernel): the two products on
+bf16 operands, everything else as above in fp32. qs (Q scaled in fp32), K, V and the probabilities P = exp(s - m) in
+[0, 1] (m: the row max up to this key block) are rounded to nearest even at 8 significand bits (TVM's cast) into
+bf16 buffers: Kp[gk, j // NR, d // 2, (j % NR) * 2 + d % 2] (d padded to pairs with 0) holds each key's pair of d
+that a row's pair of qs, one 32-bit broadcast, meets in one vdpbf16ps (16 keys, two terms each);
+vp[gk, j // 2, c * 2 + j % 2] (0 past N and D, D padded to whole vectors) pairs V's keys per column, which a row's
+pair of consecutive probabilities (ps, written in place of s's exps, 0 past the row) meets the same way (16 columns,
 two keys each; an odd last key pairs with a 0). The row sums add the rounded P, so a row's output is a convex
 combination of its bf16 V rows.
 Error: each rounding moves its operand by at most u = 2^-8 relative; vdpbf16ps forms the products of bf16
@@ -54,11 +55,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .bf16_intrinsics import DPBF16PS_LLVM, PAIR, dot_pairs
+from .bf16_intrinsics import LANES, PAIR, dot_pairs, import_dpbf16ps
+from .cpu_rules.common import CpuFacts
 from .w2a8 import CONFIG_ATTR, KERNEL_ATTR, attr_value
 
 MASKED = -3.0e38  # score of a masked key: below any real score, finite so that s - max stays finite
@@ -80,6 +81,12 @@ class AttentionConfig:
     def supported(self) -> bool:
         return self.groups % self.kv_groups == 0
 
+    @property
+    def name(self) -> str:
+        """The kernel's name (bmvcc/bench.py's _ATTENTION parses it: its shape, and _bf16 for vdpbf16ps)."""
+        return (f"causal_attention_g{self.groups}_kv{self.kv_groups}_n{self.tokens}_d{self.head_dim}"
+                + ("_bf16" if self.bf16 else ""))
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -93,17 +100,17 @@ class Tiles:
     width: int  # output columns: D, or D padded to whole vectors (vdpbf16ps: a lane per column)
 
     @staticmethod
-    def of(cfg: AttentionConfig, lanes: int, registers: int, pair: int = 1) -> "Tiles":
+    def of(cfg: AttentionConfig, lanes: int, registers: int, whole_vectors: bool = False) -> "Tiles":
         """Accumulator tiles as tall as `registers` allow (besides one row of operand vectors and a
         broadcast); R the smallest multiple of the tiles covering N, at most MAX_ROWS; BK the smallest
-        multiple of R covering N, at most MAX_KEYS. `pair` > 1 (vdpbf16ps): output tiles of whole vectors."""
+        multiple of R covering N, at most MAX_KEYS. `whole_vectors` (vdpbf16ps): output tiles of whole vectors."""
         nr = 2 * lanes
-        step = 1 if pair == 1 else lanes
-        width = -(-cfg.head_dim // step) * step
-        nc = max(c for c in range(step, min(width, 4 * lanes) + 1, step) if width % c == 0)
+        column_step = lanes if whole_vectors else 1
+        width = -(-cfg.head_dim // column_step) * column_step
+        nc = max(c for c in range(column_step, min(width, 4 * lanes) + 1, column_step) if width % c == 0)
         mr, mr2 = _tile_rows(registers, 2), _tile_rows(registers, -(-nc // lanes))
-        step = max(nr, mr, mr2)  # powers of two: their least common multiple
-        rows = max(step, min(MAX_ROWS, -(-cfg.tokens // step) * step))
+        row_step = max(nr, mr, mr2)  # powers of two: their least common multiple
+        rows = max(row_step, min(MAX_ROWS, -(-cfg.tokens // row_step) * row_step))
         keys = rows * max(1, min(MAX_KEYS // rows, -(-cfg.tokens // rows)))
         return Tiles(lanes, rows, keys, mr, nr, mr2, nc, width)
 
@@ -113,37 +120,25 @@ def _tile_rows(registers: int, vectors: int) -> int:
     return max(r for r in (1, 2, 4, 8) if (r + 1) * vectors + 1 <= registers)
 
 
-def vector_shape(target) -> tuple[int, int]:
-    """(float32 lanes per vector register, vector registers) of a CPU target; PORTABLE for None."""
-    if target is None:
-        return PORTABLE
-    from .cpu_rules.common import CpuFacts
-
-    facts = CpuFacts.of(target)
-    return facts.lanes("float32"), facts.vector_registers
+def _cpu_facts(target) -> CpuFacts | None:
+    """The CPU target's CpuFacts; None without a target."""
+    return None if target is None else CpuFacts.of(target)
 
 
-def _runs_bf16(cfg: AttentionConfig, target) -> bool:
-    """Whether the kernel for `target` takes its products on vdpbf16ps: a bf16 config on a CPU that has it
-    (else, and without a target, the float32 kernel)."""
-    if not cfg.bf16 or target is None:
+def vector_shape(facts) -> tuple[int, int]:
+    """(float32 lanes per vector register, vector registers) of a CPU's CpuFacts; PORTABLE for None."""
+    return PORTABLE if facts is None else (facts.lanes("float32"), facts.vector_registers)
+
+
+def _runs_bf16(cfg: AttentionConfig, facts) -> bool:
+    """Whether the kernel for a CPU (its CpuFacts; None: no target, the portable float32 kernel) takes its products
+    on vdpbf16ps: a bf16 config's. A bf16 config for a CPU without vdpbf16ps is an internal error (ValueError):
+    precision.check refuses such a build first."""
+    if not cfg.bf16 or facts is None:
         return False
-    from .cpu_rules.common import CpuFacts
-
-    return CpuFacts.of(target).bf16_dot
-
-
-def _bf16_rounded(x):
-    """The float32 x rounded to nearest even at bf16's 8 significand bits, as uint32 float32 bits whose low 16
-    are 0 (unsigned: wraps, no overflow; finite x only: a NaN may come out as an infinity)."""
-    b = tirx.Var("b", "uint32")  # bound: x (an exp's Let among them) appears once
-    rne = (b + T.uint32(0x7FFF) + ((b >> T.uint32(16)) & T.uint32(1))) & T.uint32(0xFFFF0000)
-    return tirx.Let(b, T.reinterpret("uint32", x), rne)
-
-
-def _bf16_bits(x):
-    """x's bf16 (rounded to nearest even) as its 16 bits."""
-    return T.Cast("uint16", _bf16_rounded(x) >> T.uint32(16))
+    if not facts.bf16_dot:
+        raise ValueError("a bf16 attention kernel needs a CPU with vdpbf16ps (AVX-512 BF16), which this target lacks")
+    return True
 
 
 def _fast_exp(x):
@@ -187,20 +182,24 @@ def attention_cpu(cfg: AttentionConfig, target=None):
     marked tirx.is_scheduled when built for a target."""
     G, GK, N, D = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     H = G // GK  # query groups per K/V group
-    bf16 = _runs_bf16(cfg, target)
+    facts = _cpu_facts(target)
+    bf16 = _runs_bf16(cfg, facts)
     P = PAIR if bf16 else 1  # products' terms per lane and instruction: vdpbf16ps's pairs, or one FMA
-    t = Tiles.of(cfg, *vector_shape(target), P)
+    t = Tiles.of(cfg, *vector_shape(facts), whole_vectors=bf16)
     L, R, BK, MR, NR, MR2, NC, DO = t.lanes, t.rows, t.keys, t.mr, t.nr, t.mr2, t.nc, t.width
+    assert not bf16 or L == LANES, "dot_pairs takes vectors of LANES float32 lanes (vdpbf16ps on zmm)"
     W = L if NC % L == 0 else NC  # output tile vectors: whole registers where D allows
     NB = -(-N // R)  # row blocks (the last may be partial)
     NK = -(-N // BK) * BK  # keys, padded to whole key blocks
     DE = -(-D // P) * P  # Q's and K's head dims in whole pairs (0 past D)
     NV = -(-N // P)  # V's pairs of keys (vdpbf16ps)
     scale = T.float32(cfg.scale)
-    operand_dtype = "uint16" if bf16 else "float32"  # a product's operands: bf16 bits, or float32
-    zero = T.uint16(0) if bf16 else T.float32(0)
-    operand = _bf16_bits if bf16 else (lambda x: x)  # what the products read of a float32 value
-    rounded = (lambda x: T.reinterpret("float32", _bf16_rounded(x))) if bf16 else (lambda x: x)
+    operand_dtype = "bfloat16" if bf16 else "float32"  # a product's operands: TVM's cast rounds to nearest even
+    zero = tirx.const(0, operand_dtype)
+    operand = (lambda x: T.Cast("bfloat16", x)) if bf16 else (lambda x: x)  # what the products read of a float32 x
+    # P's zeros past a row: TVM 0.27 cannot store a vector of bf16 constants (BF16StorageLegalize); LLVM makes the
+    # serial loop one 32-byte store
+    zero_loop = T.serial if bf16 else T.vectorized
 
     @T.prim_func(private=True)
     def attention(q: T.Buffer((G, N, D), "float32"), kt: T.Buffer((GK, D, N), "float32"),
@@ -212,7 +211,7 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                 kp[gd // DE, j // NR, gd % DE // P, j % NR * P + gd % P] = T.if_then_else(
                     j < N and gd % DE < D, operand(kt[gd // DE, gd % DE, j]), zero)
         if bf16:  # V in pairs of keys per column: vp[gk, j // 2, c * 2 + j % 2] (0 past N and D)
-            vp = T.alloc_buffer((GK, NV, DO * P), "uint16")
+            vp = T.alloc_buffer((GK, NV, DO * P), "bfloat16")
             for gj in T.parallel(GK * NV):
                 for c in range(DO * P):
                     key = T.bind(gj % NV * P + c % P)
@@ -231,7 +230,9 @@ def attention_cpu(cfg: AttentionConfig, target=None):
             a = T.alloc_buffer((R,), "float32")  # this key block's rescale of o and rsum
             vec = T.alloc_buffer((L,), "float32")
             if bf16:
-                ps = T.alloc_buffer((R, BK), "uint16")  # s's probabilities as bf16 bits, the pairs P V reads
+                ps = T.alloc_buffer((R, BK), "bfloat16")  # the probabilities exp(s - m), the pairs P V reads
+            else:
+                ps = T.meta_var(s)  # float32: in s itself
             for r in range(R):
                 m[r] = T.float32(MASKED)
                 for l in T.vectorized(L):
@@ -280,21 +281,17 @@ def attention_cpu(cfg: AttentionConfig, target=None):
                         rsum[r, l] = rsum[r, l] * a[r]
                     for j in range(last):
                         for l in T.vectorized(L):
-                            s[r, j * L + l] = rounded(_fast_exp(s[r, j * L + l] - m[r]))
-                            rsum[r, l] = rsum[r, l] + s[r, j * L + l]
+                            e = T.bind(_fast_exp(s[r, j * L + l] - m[r]))  # bound: TVM's bf16 cast reads it twice
+                            ps[r, j * L + l] = operand(e)
+                            rsum[r, l] = rsum[r, l] + ps[r, j * L + l].astype("float32")
                     for l in T.vectorized(L):
-                        s[r, last * L + l] = T.Select(k0 + last * L + l <= i0 + r,
-                                                      rounded(_fast_exp(s[r, last * L + l] - m[r])), T.float32(0))
-                        rsum[r, l] = rsum[r, l] + s[r, last * L + l]
+                        e = T.bind(_fast_exp(s[r, last * L + l] - m[r]))
+                        ps[r, last * L + l] = T.Select(k0 + last * L + l <= i0 + r, operand(e), zero)
+                        rsum[r, l] = rsum[r, l] + ps[r, last * L + l].astype("float32")
                     for j in range(last + 1, kn // L):
-                        for l in T.vectorized(L):
-                            s[r, j * L + l] = T.float32(0)
-                    if bf16:  # the rounded probabilities' high halves
-                        for j in range(kn // L):
-                            for l in T.vectorized(L):
-                                ps[r, j * L + l] = T.Cast("uint16",
-                                                          T.reinterpret("uint32", s[r, j * L + l]) >> T.uint32(16))
-                for it in range(R // MR2):  # output: o = a o + s V_block
+                        for l in zero_loop(L):
+                            ps[r, j * L + l] = zero
+                for it in range(R // MR2):  # output: o = a o + P V_block
                     for ct in range(DO // NC):
                         for r in T.unroll(MR2):
                             for c in T.vectorized(NC):
@@ -323,6 +320,5 @@ def attention_cpu(cfg: AttentionConfig, target=None):
 
     attention = attention.with_attr(CONFIG_ATTR, vars(cfg))
     if bf16:  # dot_pairs' LLVM function, linked into the module
-        attention = attention.with_body(tirx.AttrStmt(tirx.IntImm("int32", 0), "pragma_import_llvm",
-                                                      tvm.ir.StringImm(DPBF16PS_LLVM), attention.body))
+        attention = import_dpbf16ps(attention)
     return attention if target is None else attention.with_attr("tirx.is_scheduled", True)

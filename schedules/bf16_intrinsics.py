@@ -10,19 +10,22 @@ TVM 0.27 legalizes bf16 arithmetic to fp32 before LLVM (BF16ComputeLegalize: bf1
 the function allocates, such as the packed B, become fp32), and LLVM 22's intrinsic takes <32 x bfloat>,
 which TIR cannot spell. So A and B are loaded in TIR as integer vectors of their bits (reinterpret keeps
 bf16 bits; TVM's loads carry its alias information, so the accumulators stay in registers) and passed to
-`bmvcc_dpbf16ps`, an LLVM IR function (pragma_import_llvm: linked, always inlined) that bitcasts them to
+`bmvcc_dpbf16ps`, an LLVM IR function (import_dpbf16ps: linked, always inlined) that bitcasts them to
 bfloat and calls llvm.x86.avx512bf16.dpbf16ps.512. It also takes A's and B's data pointers, unused: a
 buffer whose pointer is used keeps its bf16 storage (TVM's legalization leaves it alone). `dot_pairs` builds
-that call for TIR written by hand (schedules/attention_cpu.py: bf16 bits kept in uint16 buffers).
+that call for TIR written by hand too (schedules/attention_cpu.py: its bf16 buffers, written with TVM's cast).
 """
 
 from __future__ import annotations
 
+import tvm
+from tvm import tirx
 from tvm.script import tirx as T
 
 NAME = "bmvcc_dot_16x2_bf16"
 LANES = 16  # fp32 lanes of a 512-bit register (targets/cpu.py has_bf16_dot: the CPUs that have it)
 PAIR = 2  # k values per lane and instruction
+_IMPORT_LLVM = "pragma_import_llvm"
 
 DPBF16PS_LLVM = """
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
@@ -37,9 +40,19 @@ define <16 x float> @bmvcc_dpbf16ps(<16 x float> %c, <16 x i32> %a, <32 x i16> %
 
 def dot_pairs(c, a_pair, b, a_data, b_data):
     """c + the pair products of a_pair (32 bits: two bf16, put in every lane) and b (16 lanes of two bf16, 32 x 16
-    bits), one vdpbf16ps inside a `pragma_import_llvm` of DPBF16PS_LLVM; a_data, b_data: the operands' buffers' data."""
+    bits), one vdpbf16ps inside `import_dpbf16ps`; a_data, b_data: the operands' buffers' data."""
     return T.call_extern("float32x16", "bmvcc_dpbf16ps", c, T.broadcast(a_pair, LANES),
                          T.reinterpret("int16x32", b), a_data, b_data)
+
+
+def import_dpbf16ps(func=None):
+    """DPBF16PS_LLVM imported (`pragma_import_llvm`: linked into the module) where dot_pairs is called: around
+    `func`'s body; without `func`, as a TVMScript frame (`with import_dpbf16ps():`, inside a tensor intrinsic's
+    block, whose body tensorize inlines)."""
+    if func is None:
+        return T.attr(T.int32(0), _IMPORT_LLVM, DPBF16PS_LLVM)
+    return func.with_body(tirx.AttrStmt(tirx.IntImm("int32", 0), _IMPORT_LLVM, tvm.ir.StringImm(DPBF16PS_LLVM),
+                                        func.body))
 
 
 @T.prim_func(s_tir=True)
@@ -60,7 +73,7 @@ def _impl(A: T.Buffer((2,), "bfloat16", offset_factor=1), B: T.Buffer((16, 2), "
     with T.sblock("root"):
         T.reads(C[0:16], A[0:2], B[0:16, 0:2])
         T.writes(C[0:16])
-        with T.attr(T.int32(0), "pragma_import_llvm", DPBF16PS_LLVM):
+        with import_dpbf16ps():
             pair = T.reinterpret("int32", A.vload([0], "bfloat16x2"))
             C[T.ramp(T.int32(0), 1, 16)] = dot_pairs(C.vload([0], "float32x16"), pair, B.vload([0, 0], "bfloat16x32"),
                                                      A.data, B.data)

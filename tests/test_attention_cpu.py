@@ -23,9 +23,11 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from bmvcc.passes.fuse_causal_attention import REPORT_KEY, fuse_causal_attention
+from bmvcc.passes.pipeline import run_pipeline
 from bmvcc.passes.relax_match import read_report
 from bmvcc.schedules.attention_cpu import AttentionConfig, Tiles, _fast_exp, attention_cpu, vector_shape
 from bmvcc.schedules.cpu_default import schedule_cpu_module
+from bmvcc.schedules.cpu_rules.common import CpuFacts
 from bmvcc.schedules.w2a8 import CONFIG_ATTR, attr_value
 from bmvcc.targets import get as get_target
 from bmvcc.targets.cpu import host_runs_bf16_dot
@@ -175,7 +177,8 @@ def test_bf16_kernel_is_exact_bf16_products_with_fp32_sums(target, g, gk, n, d):
     Cases: 2 of the paper layer's 8 heads (2 key blocks), D padded to 32 output columns, odd D and N, 600 keys
     (a full and a partial key block)."""
     q, k, v, out, scale = _run_kernel(target, target, g, gk, n, d, bf16=True)
-    keys = Tiles.of(AttentionConfig(g, gk, n, d, float(scale), True), *vector_shape(target), 2).keys
+    keys = Tiles.of(AttentionConfig(g, gk, n, d, float(scale), True), *vector_shape(CpuFacts.of(target)),
+                    whole_vectors=True).keys
     qs = q * scale  # float32, as the kernel scales q before rounding it
     ref, tolerance = _bf16_reference(qs, k, v, keys)
     assert (np.abs(out - ref) <= tolerance).all()
@@ -193,17 +196,22 @@ def test_bf16_kernel_is_exact_bf16_products_with_fp32_sums(target, g, gk, n, d):
     assert (np.abs(out - weights @ v) <= loose).all()
 
 
-@pytest.mark.parametrize("mcpu, bf16_dot", [("sapphirerapids", True), ("znver4", True), ("skylake-avx512", False)])
-def test_bf16_products_on_vdpbf16ps(mcpu, bf16_dot):
-    """Built (not run) for CPUs with and without AVX-512 BF16: a bf16 config's register tiles on zmm vdpbf16ps (8 x 2
-    vectors of scores, 4 x 4 of output per step, unrolled) where the CPU has it; elsewhere the float32 kernel."""
+@pytest.mark.parametrize("mcpu", ["sapphirerapids", "znver4"])
+def test_bf16_products_on_vdpbf16ps(mcpu):
+    """Built (not run) for CPUs with AVX-512 BF16: a bf16 config's register tiles on zmm vdpbf16ps (8 x 2 vectors of
+    scores, 4 x 4 of output per step, unrolled)."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
-    asm = [tvm.compile(_kernel(AttentionConfig(8, 1, 1024, 64, 0.125, bf16), target), target=target).mod
-           .inspect_source("asm") for bf16 in (True, False)]
-    if bf16_dot:
-        assert len(re.findall(r"vdpbf16ps\s+\S+, %zmm\d+, %zmm\d+", asm[0])) >= 32
-    else:
-        assert asm[0] == asm[1]
+    asm = tvm.compile(_kernel(AttentionConfig(8, 1, 1024, 64, 0.125, True), target), target=target).mod
+    assert len(re.findall(r"vdpbf16ps\s+\S+, %zmm\d+, %zmm\d+", asm.inspect_source("asm"))) >= 32
+
+
+def test_bf16_kernel_refused_without_vdpbf16ps():
+    """A bf16 config for an AVX-512 CPU without BF16 (Skylake-SP) is an internal error, not a float32 kernel under
+    a bf16 name (precision.check refuses such a build first); without a target, the portable float32 kernel."""
+    bf16, fp32 = AttentionConfig(8, 1, 1024, 64, 0.125, True), AttentionConfig(8, 1, 1024, 64, 0.125)
+    with pytest.raises(ValueError, match="needs a CPU with vdpbf16ps"):
+        attention_cpu(bf16, tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}))
+    tvm.ir.assert_structural_equal(*(attention_cpu(cfg).without_attr(CONFIG_ATTR) for cfg in (bf16, fp32)))
 
 
 @pytest.mark.parametrize("spec, lanes", CPUS, ids=[c[0]["mcpu"] for c in CPUS])
@@ -213,8 +221,8 @@ def test_tiles_follow_the_target(spec, lanes):
     operands."""
     target = tvm.target.Target(spec)
     cfg = AttentionConfig(8, 1, 1024, 64, 0.125)
-    tiles = Tiles.of(cfg, *vector_shape(target))
-    registers = vector_shape(target)[1]
+    shape = vector_shape(CpuFacts.of(target))
+    tiles, registers = Tiles.of(cfg, *shape), shape[1]
     assert tiles.lanes == lanes and tiles.nr == 2 * lanes and tiles.nc % lanes == 0
     assert (tiles.mr + 1) * 2 < registers and (tiles.mr2 + 1) * tiles.nc // lanes < registers
     assert tiles.rows % tiles.nr == 0 and tiles.rows % tiles.mr == 0 and tiles.rows % tiles.mr2 == 0
@@ -281,6 +289,15 @@ def _fused(mod) -> int:
     return read_report(mod, REPORT_KEY)["fused"]
 
 
+@pytest.mark.parametrize("target, bf16_kernels", [("host", 1), ("jetson-orin-nano", 0)])
+def test_pipeline_counts_bf16_attention_from_the_pass(target, bf16_kernels):
+    """bf16_attention counts the kernels fuse_causal_attention built on bf16 products: a CUDA pipeline asked for bf16
+    (which precision.check refuses before) fuses its attention for the GPU, none of it bf16."""
+    mod = _attention_module(4, 32, 16, _causal(32), lambda s: relax.op.divide(s, relax.const(4.0, "float32")))
+    _, _, report = run_pipeline(mod, get_target(target), bitlinear=False, float_precision="bf16")
+    assert report["causal_attention_fused"] == 1 and report["bf16_attention"] == bf16_kernels
+
+
 @pytest.mark.parametrize("explicit", [True, False], ids=["broadcast_to", "matmul-broadcast"])
 @pytest.mark.parametrize("scale_op", [
     lambda s: relax.op.divide(s, relax.const(4.0, "float32")),
@@ -307,10 +324,11 @@ def _fuse_build_run(target, heads, n, d, scale_op, explicit=True, bf16=False):
     copies), scores and softmax gone; the CPU schedule stage rebuilds it for the target; it matches numpy
     (bf16: within the bf16 kernel's bound, one key block)."""
     mod = fuse_causal_attention(_attention_module(heads, n, d, _causal(n), scale_op, explicit), bf16=bf16)
-    assert _fused(mod) == 1
+    assert read_report(mod, REPORT_KEY) == {"fused": 1, "bf16": int(bf16)}
     mod = relax.transform.DeadCodeElimination(["main"])(mod.without_attr(REPORT_KEY))
     text = mod["main"].script()
-    kernel = f"causal_attention_g{heads}_kv1_n{n}_d{d}" + ("_bf16" if bf16 else "")
+    scale = float(np.float32(1 / 4.0)) if n == 32 else 1 / math.sqrt(d)
+    kernel = AttentionConfig(heads, 1, n, d, scale, bf16).name
     assert kernel in text and "softmax" not in text and "R.matmul" not in text, text
     report: dict = {}
     mod = schedule_cpu_module(mod, target, report)
@@ -321,7 +339,6 @@ def _fuse_build_run(target, heads, n, d, scale_op, explicit=True, bf16=False):
     k, v = (rng.standard_normal((1, 1, n, d)).astype("float32") for _ in range(2))
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     out = vm["main"](*[tvm.runtime.tensor(a) for a in (q, k, v)]).numpy()
-    scale = float(np.float32(1 / 4.0)) if n == 32 else 1 / math.sqrt(d)
     if bf16:  # batch 1: q's heads on the one K/V head
         k1, v1 = (np.repeat(t[0], heads, 0) for t in (k, v))
         ref, tolerance = _bf16_reference(q[0] * np.float32(scale), k1, v1, n)

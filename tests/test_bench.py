@@ -156,9 +156,10 @@ def test_bench_rpc_user_errors(built, rpc_device, capsys):
 
 def test_profile_rates_attention_by_its_operands():
     """The attention kernel's operations (Q K^T and P V over the causal half) against the fp32 peak, or bf16's for a
-    --float-precision bf16 build's kernel (named ..._bf16: vdpbf16ps)."""
+    --float-precision bf16 build's kernel (..._bf16: vdpbf16ps), by the names AttentionConfig gives them."""
     from bmvcc.bench import _ops
+    from bmvcc.schedules.attention_cpu import AttentionConfig
 
     ops = 2.0 * 8 * 64 * 1024 * 1025
-    assert _ops("causal_attention_g8_kv1_n1024_d64", []) == (ops, "fp32")
-    assert _ops("causal_attention_g8_kv1_n1024_d64_bf16", []) == (ops, "bf16")
+    assert _ops(AttentionConfig(8, 1, 1024, 64, 0.125).name, []) == (ops, "fp32")
+    assert _ops(AttentionConfig(8, 1, 1024, 64, 0.125, bf16=True).name, []) == (ops, "bf16")
