@@ -186,6 +186,8 @@ def test_row_blocks_only_where_strips_leave_cores_idle():
     assert [row_blocks(17, s, 2) for s in (1, 2, 3, 5, 8, 9)] == [2, 1, 2, 2, 1, 1]
     assert row_blocks(3, 1, 2) == 1  # M <= 4 rows: one block
     assert [row_blocks(17, s, 4) for s in (1, 2, 3, 4, 6)] == [4, 2, 4, 1, 2]
+    assert [row_blocks(m, 1, 4) for m in (5, 9, 13)] == [2, 3, 4]  # at most ceil(M / 4): no block all padding
+    assert [row_blocks(m, 1, 2, granule=32) for m in (17, 32, 33)] == [1, 1, 2]  # amx: 32-row tiles
 
 
 @pytest.mark.parametrize("strips", [1, 3])
