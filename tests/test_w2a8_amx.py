@@ -191,7 +191,7 @@ def test_emulator_catches_broken_kernels(break_it, fault):
 
 
 @pytest.mark.skipif(not cpu.machine_runs_amx(), reason="this machine does not run AMX (no amx_tile/amx_int8 in "
-                    "/proc/cpuinfo, or the kernel does not support XTILEDATA): the emulated tests stand in")
+                    "/proc/cpuinfo, or Linux refuses this process XTILEDATA): the emulated tests stand in")
 @pytest.mark.parametrize("epilogue", ["none", "residual"])
 def test_real_amx_build_equals_numpy(epilogue):
     """On a host that runs AMX, the host target picks it, and the real tiles give numpy's outputs bit for bit."""
