@@ -136,7 +136,7 @@ class _Memory:
         return tirx.BufferStore(self.buffer, tirx.reinterpret(self.buffer.dtype, word), [index])
 
     def check_rows(self, what: str, rows, stride, colsb) -> tirx.AssertStmt:
-        """The first and last of `rows` rows of `colsb` bytes, `stride` bytes apart, lie in the buffer."""
+        """The first and last of `rows` rows of `colsb` bytes, `stride` bytes apart, lie in [low, high)."""
         first, last = self.start, self.start + tirx.Cast("int64", rows - 1) * stride
         width = tirx.Cast("int64", colsb)
         inside = tirx.all(first >= self.low, last >= self.low, first + width <= self.high, last + width <= self.high)
@@ -235,15 +235,14 @@ class _Rewriter:
         for t in range(amx.TILES):
             rows, colsb = s.rows(t), s.colsb(t)
             checks += [_check(tirx.all(rows <= amx.MAX_ROWS, colsb <= amx.MAX_COLSB),
-                             f"ldtilecfg: tmm{t} exceeds {amx.MAX_ROWS} rows x {amx.MAX_COLSB} bytes "
-                             "(the CPU raises #GP)"),
+                              f"ldtilecfg: tmm{t} exceeds {amx.MAX_ROWS} rows x {amx.MAX_COLSB} bytes "
+                              "(the CPU raises #GP)"),
                        _check(tirx.any(tirx.all(rows == 0, colsb == 0), tirx.all(rows > 0, colsb > 0)),
                               f"ldtilecfg: tmm{t} has rows or colsb 0, not both (the CPU raises #GP)")]
-        # palette 0: the other bytes unchecked, the state released (configuration all zero)
-        released = _zero(s.cfg, 0, n)
         return [mem.check_rows("ldtilecfg reads", 1, 0, n),
                 _loop("i", _i32(n), lambda i: tirx.BufferStore(s.cfg, mem.load(i), [i])),
-                tirx.IfThenElse(s.cfg[0] == _u8(0), released, tirx.stmt_seq(*checks)),
+                # palette 0: the other bytes unchecked, the state released (configuration all zero)
+                tirx.IfThenElse(s.cfg[0] == _u8(0), _zero(s.cfg, 0, n), tirx.stmt_seq(*checks)),
                 _zero(s.tiles, 0, amx.TILES * TILE_BYTES)]
 
     @staticmethod

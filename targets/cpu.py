@@ -76,9 +76,8 @@ def _xtiledata_granted() -> bool:
 
     if platform.machine() != "x86_64":
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.syscall(*(ctypes.c_long(v) for v in (amx.SYS_ARCH_PRCTL, amx.ARCH_REQ_XCOMP_PERM,
-                                                      amx.XFEATURE_XTILEDATA))) == 0
+    request = (amx.SYS_ARCH_PRCTL, amx.ARCH_REQ_XCOMP_PERM, amx.XFEATURE_XTILEDATA)
+    return ctypes.CDLL(None).syscall(*(ctypes.c_long(v) for v in request)) == 0
 
 
 AARCH64 = TargetSpec(
