@@ -16,13 +16,17 @@ State: 64 configuration bytes (as ldtilecfg loaded them; byte 0, the palette, is
 (the innermost such loop; calls outside any share the function's). That is stricter than the CPU, where a
 thread running several iterations keeps its configuration: a task relying on another's ldtilecfg faults.
 Faults are TIR asserts (`AMX fault: ...`) where the CPU would raise #UD or #GP, or touch memory outside the
-buffer: a tile instruction without a configuration or on an unconfigured tile, a configuration that is not
-palette 1 with shapes within 16 rows x 64 bytes (or has a start_row, which only a restarted tileloadd
-uses), tdpbssd on tiles whose shapes disagree or that are not three distinct registers, a load, store or
-ldtilecfg whose first or last row leaves the buffer its pointer points into. tdpbssd accumulates in
-uint32, i.e. int32 with wrap-around as the hardware. A tile's bytes beyond its configured rows and colsb
-stay zero, as on the CPU: ldtilecfg zeroes all tiles and no instruction writes past the shape.
-The permission request (arch_prctl) becomes 0.
+buffer: a tile instruction without a configuration or on an unconfigured tile, a configuration of a palette
+above 1, or of palette 1 with shapes beyond 16 rows x 64 bytes (or a start_row, which only a restarted
+tileloadd uses), tdpbssd on tiles whose shapes disagree or that are not three distinct registers, a load,
+store or ldtilecfg whose first or last row leaves the buffer its pointer points into (for a
+tvm_access_ptr, the extent it covers). ldtilecfg of palette 0 releases the state, as tilerelease.
+tdpbssd accumulates in uint32, i.e. int32 with wrap-around as the hardware. A tile's bytes beyond its
+configured rows and colsb stay zero, as on the CPU: ldtilecfg zeroes all tiles and no instruction writes
+past the shape. The permission request (arch_prctl) becomes 0.
+
+A fault in a parallel task is reliably reported only when task 0 (run by the calling thread) faults too:
+TVM's thread pool sometimes drops an error raised in a worker's task. Negative controls make task 0 fault.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ _LOWERING = ("CanonicalizeLoop", "LowerCrossThreadReduction", "LowerInitBlock",
              "ManifestSharedMemoryLocalStage", "CompactBufferAllocation", "LowerAutoCopy", "UnifyThreadBinding",
              "LowerMatchBuffer", "StmtSimplify", "InjectPermutedLayout", "AnnotateIrregularLoop",
              "InjectSoftwarePipeline", "TransformMmaBufferLayout", "LowerOpaqueBlock")
-_AMX_INTRINSIC = re.compile(r"llvm\.x86\.(ldtilecfg|sttilecfg|tile|tdp|tcmm|tcvt)")
+# Every AMX intrinsic (tile*, tdp*, tcmm*, tcvt*, tmmul*, t2rp*, tt*, ...): llvm.x86.t* but for TBM, tpause
+# and testui, so that one not emulated is refused, not built for the CPU.
+_AMX_INTRINSIC = re.compile(r"llvm\.x86\.(ldtilecfg|sttilecfg|t(?!bm\.|pause$|estui$))")
 TILE_BYTES = amx.MAX_ROWS * amx.MAX_COLSB
 
 
@@ -86,11 +92,12 @@ class _Memory:
     """The bytes from a pointer on: the flat buffer it points into and the byte offset in it."""
 
     def __init__(self, ptr):
+        extent = None  # elements from the pointer on that it may reach (tvm_access_ptr's); else to the buffer's end
         if _is_call(ptr, "tirx.address_of") and isinstance(ptr.args[0], tvm.ir.TensorLoad):
             buffer, (index,) = ptr.args[0].source, ptr.args[0].indices
             elem_bytes = buffer.dtype.bits // 8
         elif _is_call(ptr, "tirx.tvm_access_ptr") and _is_call(ptr.args[1], "tirx.buffer_data"):
-            buffer, index = ptr.args[1].args[0], ptr.args[2]
+            buffer, index, extent = ptr.args[1].args[0], ptr.args[2], ptr.args[3]
             elem_bytes = tvm.DataType(str(ptr.args[0].ty)).bits // 8
         else:
             raise ValueError(f"AMX emulator: pointer {ptr} is neither address_of(buf[i]) nor tvm_access_ptr")
@@ -103,6 +110,12 @@ class _Memory:
         self.item = dtype.bits // 8
         self.start = tirx.Cast("int64", index) * elem_bytes
         self.size = tirx.Cast("int64", self.buffer.shape[0]) * self.item
+        # the bytes [low, high) the pointer may reach: its tvm_access_ptr region within the buffer, else the buffer
+        self.low, self.high = tirx.const(0, "int64"), self.size
+        if extent is not None:
+            self.low = tirx.max(self.low, self.start)
+            self.high = tirx.min(self.size, self.start + tirx.Cast("int64", extent) * elem_bytes)
+        self.extent = extent
         self._uint = f"uint{dtype.bits}"
 
     def _element(self, offset):
@@ -123,14 +136,16 @@ class _Memory:
         return tirx.BufferStore(self.buffer, tirx.reinterpret(self.buffer.dtype, word), [index])
 
     def check_rows(self, what: str, rows, stride, colsb) -> tirx.AssertStmt:
-        """The first and last of `rows` rows of `colsb` bytes, `stride` bytes apart, lie in the buffer."""
+        """The first and last of `rows` rows of `colsb` bytes, `stride` bytes apart, lie in [low, high)."""
         first, last = self.start, self.start + tirx.Cast("int64", rows - 1) * stride
         width = tirx.Cast("int64", colsb)
-        inside = tirx.all(first >= 0, last >= 0, first + width <= self.size, last + width <= self.size)
+        inside = tirx.all(first >= self.low, last >= self.low, first + width <= self.high, last + width <= self.high)
         n = self.buffer.shape[0]
-        size = f" ({n.value * self.item} B)" if isinstance(n, tirx.IntImm) else ""
-        return _check(inside, f"{what} bytes outside {self.buffer.name}{size} (on the CPU: #GP, a page fault or "
-                              "another buffer's bytes)")
+        where = self.buffer.name + (f" ({n.value * self.item} B)" if isinstance(n, tirx.IntImm) else "")
+        if self.extent is not None:
+            where = f"the {self.extent} elements of {where} its tvm_access_ptr covers"
+        return _check(inside, f"{what} bytes outside {where} (on the CPU: #GP, a page fault or another buffer's "
+                              "bytes)")
 
 
 class _TileState:
@@ -147,10 +162,11 @@ class _TileState:
         return [tirx.AllocBuffer(b) for b in (self.cfg, self.tiles, self.acc)] + [_zero(self.cfg, 0, amx.CONFIG_BYTES)]
 
     def rows(self, t: int):
-        return tirx.Cast("int32", self.cfg[48 + t])
+        return tirx.Cast("int32", self.cfg[amx.ROWS_AT + t])
 
     def colsb(self, t: int):
-        return tirx.Cast("int32", self.cfg[16 + 2 * t]) | (tirx.Cast("int32", self.cfg[17 + 2 * t]) << 8)
+        at = amx.COLSB_AT + 2 * t
+        return tirx.Cast("int32", self.cfg[at]) | (tirx.Cast("int32", self.cfg[at + 1]) << 8)
 
     def byte(self, t: int, row, col) -> tirx.BufferLoad:
         return self.tiles[t * TILE_BYTES + row * amx.MAX_COLSB + col]
@@ -161,7 +177,7 @@ class _TileState:
     def usable(self, op: str, *tiles: int) -> list:
         """Checks that the state is configured and each of `tiles` has a shape (#UD otherwise)."""
         checks = [_check(self.cfg[0] == _u8(amx.PALETTE),
-                         f"{op} before any ldtilecfg (no tile configuration; the CPU raises #UD)")]
+                         f"{op} without a tile configuration (no ldtilecfg, or released; the CPU raises #UD)")]
         return checks + [_check(self.rows(t) > 0, f"{op}: tmm{t} is not configured (the CPU raises #UD)")
                          for t in tiles]
 
@@ -210,21 +226,24 @@ class _Rewriter:
     def _ldtilecfg(self, s: _TileState, ptr) -> list:
         mem = _Memory(ptr)
         n = amx.CONFIG_BYTES
-        stmts = [mem.check_rows("ldtilecfg reads", 1, 0, n),
-                 _loop("i", _i32(n), lambda i: tirx.BufferStore(s.cfg, mem.load(i), [i])),
-                 _check(s.cfg[0] == _u8(amx.PALETTE), "ldtilecfg: palette is not 1 (the CPU raises #GP)"),
-                 _check(s.cfg[1] == _u8(0), "ldtilecfg: start_row is not 0 (restarted loads are not emulated)")]
-        reserved = [*range(2, 16), *range(16 + 2 * amx.TILES, 48), *range(48 + amx.TILES, n)]
-        stmts += [_check(tirx.all(*[s.cfg[i] == _u8(0) for i in reserved]),
-                         "ldtilecfg: reserved bytes are not zero (the CPU raises #GP)")]
+        checks = [_check(s.cfg[0] == _u8(amx.PALETTE), "ldtilecfg: palette above 1 (the CPU raises #GP)"),
+                  _check(s.cfg[1] == _u8(0), "ldtilecfg: start_row is not 0 (restarted loads are not emulated)")]
+        reserved = [*range(2, amx.COLSB_AT), *range(amx.COLSB_AT + 2 * amx.TILES, amx.ROWS_AT),
+                    *range(amx.ROWS_AT + amx.TILES, n)]
+        checks += [_check(tirx.all(*[s.cfg[i] == _u8(0) for i in reserved]),
+                          "ldtilecfg: reserved bytes are not zero (the CPU raises #GP)")]
         for t in range(amx.TILES):
             rows, colsb = s.rows(t), s.colsb(t)
-            stmts += [_check(tirx.all(rows <= amx.MAX_ROWS, colsb <= amx.MAX_COLSB),
-                             f"ldtilecfg: tmm{t} exceeds {amx.MAX_ROWS} rows x {amx.MAX_COLSB} bytes "
-                             "(the CPU raises #GP)"),
-                      _check(tirx.any(tirx.all(rows == 0, colsb == 0), tirx.all(rows > 0, colsb > 0)),
-                             f"ldtilecfg: tmm{t} has rows or colsb 0, not both (the CPU raises #GP)")]
-        return stmts + [_zero(s.tiles, 0, amx.TILES * TILE_BYTES)]
+            checks += [_check(tirx.all(rows <= amx.MAX_ROWS, colsb <= amx.MAX_COLSB),
+                              f"ldtilecfg: tmm{t} exceeds {amx.MAX_ROWS} rows x {amx.MAX_COLSB} bytes "
+                              "(the CPU raises #GP)"),
+                       _check(tirx.any(tirx.all(rows == 0, colsb == 0), tirx.all(rows > 0, colsb > 0)),
+                              f"ldtilecfg: tmm{t} has rows or colsb 0, not both (the CPU raises #GP)")]
+        return [mem.check_rows("ldtilecfg reads", 1, 0, n),
+                _loop("i", _i32(n), lambda i: tirx.BufferStore(s.cfg, mem.load(i), [i])),
+                # palette 0: the other bytes unchecked, the state released (configuration all zero)
+                tirx.IfThenElse(s.cfg[0] == _u8(0), _zero(s.cfg, 0, n), tirx.stmt_seq(*checks)),
+                _zero(s.tiles, 0, amx.TILES * TILE_BYTES)]
 
     @staticmethod
     def _tilerelease(s: _TileState) -> list:
@@ -254,9 +273,10 @@ class _Rewriter:
         same = [] if len({a, b, c}) == 3 else [
             _check(tirx.const(False), f"{op}: the tiles are not distinct (the CPU raises #UD)")]
         checks = same + s.usable(op, c, a, b) + [
-            _check(tirx.all(s.rows(c) == s.rows(a), s.colsb(c) == s.colsb(b), s.colsb(a) == 4 * s.rows(b)),
-                   f"{op}: shapes disagree (rows(c) == rows(a), colsb(c) == colsb(b), colsb(a) == 4 rows(b) "
-                   "required; the CPU raises #UD)")]
+            _check(tirx.all(s.rows(c) == s.rows(a), s.colsb(c) == s.colsb(b), s.colsb(c) % 4 == 0,
+                            s.colsb(a) == 4 * s.rows(b)),
+                   f"{op}: shapes disagree (rows(c) == rows(a), colsb(c) == colsb(b) a multiple of 4, "
+                   "colsb(a) == 4 rows(b) required; the CPU raises #UD)")]
 
         def signed(t, row, col):
             return tirx.Cast("int32", tirx.reinterpret("int8", s.byte(t, row, col)))

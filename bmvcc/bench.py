@@ -27,6 +27,7 @@ import numpy as np
 
 from . import artifact
 from .errors import BmvccError, amx_refusal
+from .targets.cpu import machine_runs_amx
 
 
 def parse_tracker(address: str) -> tuple[str, int]:
@@ -67,7 +68,7 @@ def bench(outdir: Path, repeat: int = 50, tracker: str | None = None, key: str |
     x = np.random.default_rng(0).standard_normal(shape).astype(meta["input"]["dtype"])
     vm.set_input("main", tvm.runtime.tensor(x, dev), *weights)
     timer = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=0)
-    with amx_refusal():
+    with amx_refusal(None if session is None else where):
         samples = np.array(timer("main").results) * 1e3  # ms, one call each
     batch = shape[0]
     result = {"artifact": str(outdir), "where": where, "target": target["name"], "batch": batch, "repeat": repeat,
@@ -132,6 +133,9 @@ def _record_locally(outdir: Path, target: dict, meta: dict, x: np.ndarray, param
     if target["arch"] != platform.machine():
         raise BmvccError(f"--profile over RPC records the kernel calls on this machine, which cannot run a "
                          f"{target['arch']} artifact; run bmvcc bench --profile on the device itself")
+    if _runs_amx(target) and not machine_runs_amx():
+        raise BmvccError("--profile over RPC records the kernel calls on this machine, which cannot run the artifact's "
+                         "AMX kernels; run bmvcc bench --profile on the device itself")
     dev = tvm.device(target["device"])
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / artifact.MODULE)), dev)
     weights = [tvm.runtime.tensor(params[f"w{i}"].numpy(), dev) for i in range(meta["num_weights"])]
@@ -213,14 +217,20 @@ def _ops(symbol: str, shapes: list) -> tuple[float, str]:
 
 def _host_peak(target: dict):
     """This machine's peak for an artifact of metadata `target`: int8 on AMX where its W2A8 kernels use it."""
-    import tvm
-
-    from .schedules.w2a8_cpu import select_backend
     from .targets.cpu_peak import host_peak
 
     if target["device"] != "cpu":
         return None
-    return host_peak(len(os.sched_getaffinity(0)), amx=select_backend(tvm.target.Target(target["tvm"])) == "amx")
+    return host_peak(len(os.sched_getaffinity(0)), amx=_runs_amx(target))
+
+
+def _runs_amx(target: dict) -> bool:
+    """Whether the W2A8 kernels of an artifact of metadata `target` run on AMX tiles."""
+    import tvm
+
+    from .schedules.w2a8_cpu import select_backend
+
+    return target["device"] == "cpu" and select_backend(tvm.target.Target(target["tvm"])) == "amx"
 
 
 def _connect(tracker: str, key: str, session_timeout: int):

@@ -9,21 +9,29 @@ class BmvccError(Exception):
     exit_code = 2
 
 
+# Why Linux refuses the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM) and what to do instead.
+_AMX_CAUSES = ("a CPU or kernel without AMX, or a process that cannot hold the state: a thread's signal stack too "
+               "small for it, a seccomp filter")
+_AMX_FIX = ("compile the model with --target host on the machine that runs it (in Python: in its process), or for a "
+            "target without AMX")
 # The message of an AMX build's kernels (schedules/w2a8_amx.py: their TIR assert) run where Linux refuses the tile
 # state; what runs a model reports it as a BmvccError (amx_refusal).
-AMX_REFUSED = ("AMX refused: Linux did not grant this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM), "
-               "as on a CPU or kernel without AMX; compile the model on this machine (bmvcc compile --target host)")
+AMX_REFUSED = f"AMX refused: Linux did not grant this process the AMX tile state ({_AMX_CAUSES}); {_AMX_FIX}"
 
 
 @contextlib.contextmanager
-def amx_refusal():
-    """Runs a compiled model: its kernels' AMX_REFUSED error becomes a BmvccError (one line), others pass."""
+def amx_refusal(device: str | None = None):
+    """Runs a compiled model (on `device`, an RPC device's name, else here): its kernels' AMX_REFUSED error
+    becomes a BmvccError (one line, naming the device), others pass."""
     try:
         yield
     except RuntimeError as e:
         if AMX_REFUSED not in str(e):
             raise
-        raise BmvccError(AMX_REFUSED) from None
+        if device is None:
+            raise BmvccError(AMX_REFUSED) from None
+        raise BmvccError(f"AMX refused on {device}: Linux there did not grant the model's process the AMX tile "
+                         f"state ({_AMX_CAUSES}); {_AMX_FIX}") from None
 
 
 class InternalError(Exception):

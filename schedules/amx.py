@@ -4,8 +4,9 @@ the AMX emulator (bmvcc/amx_emulator.py) can give each its documented meaning on
 State: eight tile registers tmm0..tmm7, each up to MAX_ROWS rows of up to MAX_COLSB bytes, shaped by a
 64-byte tile configuration loaded with ldtilecfg (palette 1). Configuration bytes (Intel SDM, LDTILECFG):
     [0] palette = 1, [1] start_row = 0, [2:16] zero,
-    [16 + 2t : 18 + 2t] colsb of tile t (bytes per row, uint16 little-endian), t < 8, rest zero,
-    [48 + t] rows of tile t, t < 8, rest zero.
+    [COLSB_AT + 2t : COLSB_AT + 2t + 2] colsb of tile t (bytes per row, uint16 little-endian), t < 8, rest zero,
+    [ROWS_AT + t] rows of tile t, t < 8, rest zero (COLSB_AT = 16, ROWS_AT = 48).
+Palette 0 releases the state (as tilerelease); a palette above 1 raises #GP.
 tdpbssd c, a, b (int8 x int8 -> int32): for m < rows(c), n < colsb(c) / 4:
     c[m, n] += sum_{k < colsb(a) / 4} sum_{i < 4} int32(a[m, 4k + i]) * int32(b[k, 4n + i])
 so b holds 4 consecutive k of each output column n side by side (the "VNNI" layout [k // 4, n, k % 4]).
@@ -22,10 +23,10 @@ TILES = 8
 MAX_ROWS, MAX_COLSB = 16, 64
 CONFIG_BYTES = 64
 PALETTE = 1
+COLSB_AT, ROWS_AT = 16, 48  # configuration bytes where the tiles' colsb (2 bytes each) and rows (1 byte) start
 
 # x86-64 Linux: syscall number of arch_prctl, its codes, and the XTILEDATA state component.
 SYS_ARCH_PRCTL = 158
-ARCH_GET_XCOMP_SUPP = 0x1021
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
 
@@ -37,8 +38,8 @@ def config_bytes(shapes: dict[int, tuple[int, int]]) -> list[int]:
     for t, (rows, colsb) in shapes.items():
         if not (0 <= t < TILES and 0 < rows <= MAX_ROWS and 0 < colsb <= MAX_COLSB):
             raise ValueError(f"tile {t}: {rows} x {colsb} B is not a palette-1 tile")
-        cfg[16 + 2 * t], cfg[17 + 2 * t] = colsb & 0xFF, colsb >> 8
-        cfg[48 + t] = rows
+        cfg[COLSB_AT + 2 * t], cfg[COLSB_AT + 2 * t + 1] = colsb & 0xFF, colsb >> 8
+        cfg[ROWS_AT + t] = rows
     return cfg
 
 

@@ -57,7 +57,7 @@ class CpuKnobs:
 # weight/broadcast registers. On AVX2 the int16 variant (vpmaddubsw + vpaddw, widened every 256 k)
 # beat the int32 one (vpmaddubsw + vpmaddwd + vpaddd per step) by 1.3-1.7x at the FFN shapes.
 DEFAULT_KNOBS = {
-    "amx": CpuKnobs("amx", mr=w2a8_amx.MICRO, nt=2),  # fixed: 2 x 2 tiles of 16 x 16 (w2a8_amx.py)
+    "amx": CpuKnobs("amx", mr=w2a8_amx.MICRO, nt=2),  # fixed, schedule() refuses others: 2 x 2 tiles of 16 x 16
     "vnni": CpuKnobs("vnni", mr=4, nt=4),  # 16 of 32 zmm accumulate
     "avx2": CpuKnobs("avx2_i16", mr=4, nt=2),  # 8 of 16 ymm accumulate (int16, widened per chunk)
     "sdot": CpuKnobs("sdot", mr=4, nt=4),  # 16 of 32 q registers accumulate
@@ -118,13 +118,14 @@ def cores_of(target) -> int:
     return int(target.attrs.get("num-cores") or 1)
 
 
-def row_blocks(m: int, strips: int, cores: int) -> int:
-    """R: 1, or for M > 4 rows and fewer than 4 strips per core that do not divide evenly among the
-    cores, the row blocks that make strips * R a multiple of the cores (each such task decodes its
-    panel: R decodes of it, in parallel, instead of idle cores)."""
-    if m <= 4 or strips % cores == 0 or strips >= 4 * cores:
+def row_blocks(m: int, strips: int, cores: int, granule: int = 4) -> int:
+    """R: 1, or for M > `granule` rows (what a row block pads to: 4, amx 32) and fewer than 4 strips per core
+    that do not divide evenly among the cores, the row blocks that make strips * R a multiple of the cores
+    (each such task decodes its panel: R decodes of it, in parallel, instead of idle cores), at most
+    ceil(M / granule) (no block all padding)."""
+    if m <= granule or strips % cores == 0 or strips >= 4 * cores:
         return 1
-    return cores // math.gcd(strips, cores)
+    return min(cores // math.gcd(strips, cores), -(-m // granule))
 
 
 def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
@@ -139,8 +140,9 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
     (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
     np_ = round_up(n, strip_width(knobs))
     parallel = m * np_ * k >= MIN_PARALLEL_MACS  # then also _schedule's test on the padded extents
-    rows = row_blocks(m, np_ // strip_width(knobs), cores if parallel else 1)
-    if knobs.backend == "amx":
+    amx = knobs.backend == "amx"
+    rows = row_blocks(m, np_ // strip_width(knobs), cores if parallel else 1, w2a8_amx.MICRO if amx else 4)
+    if amx:
         staged = w2a8_amx.stage(func, *w2a8_amx.padded_shape(m, n, k, rows), rows)
         return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
     intrin = intrin_of(knobs.backend)
@@ -162,6 +164,9 @@ def schedule(func, target, knobs: CpuKnobs | None = None):
     if func.attrs is None or func.attrs.get(KERNEL_ATTR) != "w2a8":
         raise ValueError(f"w2a8_cpu.schedule expects a PrimFunc with attr {KERNEL_ATTR}='w2a8'")
     knobs = knobs or DEFAULT_KNOBS[select_backend(target)]
+    if knobs.backend == "amx" and knobs != DEFAULT_KNOBS["amx"]:
+        raise ValueError(f"the amx tile kernel is fixed (w2a8_amx.py): its knobs are {DEFAULT_KNOBS['amx']}, "
+                         f"not {knobs}")
     if STAGED_ATTR not in func.attrs:
         func = stage_w2a8(func, knobs, cores_of(target))
     elif func.attrs[STAGED_ATTR] != knobs.backend:

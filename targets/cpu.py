@@ -35,7 +35,7 @@ def _llvm_cpu() -> str:
 
 
 # Intel AMX: LLVM's features -> Linux's /proc/cpuinfo flags. LLVM's CPU name (sapphirerapids) claims them
-# even where a virtual machine hides them or the kernel cannot switch the tile state (XTILEDATA): the host
+# even where a virtual machine hides them or Linux refuses this process the tile state (XTILEDATA): the host
 # target then turns them off, so that the W2A8 kernels pick their next backend (schedules/w2a8_cpu.py).
 AMX_FLAGS = {"amx-tile": "amx_tile", "amx-int8": "amx_int8"}
 AMX_OFF = [f"-{feature}" for feature in AMX_FLAGS]
@@ -49,11 +49,12 @@ def _has_amx(target: dict) -> bool:
 
 
 def machine_runs_amx(cpu_flags: frozenset[str] | None = None, xtiledata: bool | None = None) -> bool:
-    """Whether this machine runs AMX: the CPU reports AMX_FLAGS (`cpu_flags`, by default /proc/cpuinfo's) and
-    the kernel supports XTILEDATA (`xtiledata`, by default asked with arch_prctl ARCH_GET_XCOMP_SUPP)."""
+    """Whether this process runs AMX: the CPU reports AMX_FLAGS (`cpu_flags`, by default /proc/cpuinfo's) and
+    Linux grants the tile state (`xtiledata`, by default requested here as the AMX kernels request it)."""
     cpu_flags = _cpuinfo_flags() if cpu_flags is None else cpu_flags
-    xtiledata = _kernel_supports_xtiledata() if xtiledata is None else xtiledata
-    return cpu_flags is not None and set(AMX_FLAGS.values()) <= cpu_flags and xtiledata
+    if cpu_flags is None or not set(AMX_FLAGS.values()) <= cpu_flags:
+        return False
+    return _xtiledata_granted() if xtiledata is None else xtiledata
 
 
 def _cpuinfo_flags() -> frozenset[str] | None:
@@ -65,19 +66,18 @@ def _cpuinfo_flags() -> frozenset[str] | None:
     return frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split())
 
 
-def _kernel_supports_xtiledata() -> bool:
-    """arch_prctl(ARCH_GET_XCOMP_SUPP): whether the Linux kernel supports the AMX tile data state (bit 18)."""
+def _xtiledata_granted() -> bool:
+    """arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), the very request of the AMX kernels (schedules/amx.py): idempotent
+    and process-wide, so a grant here is the kernels' grant. Refused by a kernel before 5.16 or without AMX, a
+    seccomp filter, or a thread's signal stack too small for the tile state (ENOSPC)."""
     import ctypes
 
     from ..schedules import amx
 
     if platform.machine() != "x86_64":
         return False
-    mask = ctypes.c_uint64(0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(ctypes.c_long(amx.SYS_ARCH_PRCTL), ctypes.c_long(amx.ARCH_GET_XCOMP_SUPP), ctypes.byref(mask)):
-        return False  # a kernel before 5.16 does not know the request
-    return bool(mask.value >> amx.XFEATURE_XTILEDATA & 1)
+    request = (amx.SYS_ARCH_PRCTL, amx.ARCH_REQ_XCOMP_PERM, amx.XFEATURE_XTILEDATA)
+    return ctypes.CDLL(None).syscall(*(ctypes.c_long(v) for v in request)) == 0
 
 
 AARCH64 = TargetSpec(

@@ -70,29 +70,20 @@ class CpuPeak:
                 f"({self.fp32_fmas_per_cycle} FMA/cycle/core)")
 
 
-def host_peak(cores: int, mcpu: str | None = None, amx: bool | None = None) -> CpuPeak | None:
+def host_peak(cores: int, mcpu: str | None = None, amx: bool = False) -> CpuPeak | None:
     """The peak of this machine on `cores` cores (`mcpu`: LLVM's CPU name, this machine's by default; `amx`:
-    whether the W2A8 kernels run on AMX, by default whether they do for the host target; clock measured);
-    None for a CPU not in FAMILIES or a clock that could not be measured."""
+    whether the W2A8 kernels run on AMX, the caller's to know from its target; clock measured); None for a CPU
+    not in FAMILIES or a clock that could not be measured."""
     if mcpu is None:
         from tvm.target import codegen
 
         mcpu = str(codegen.llvm_get_system_cpu())
-    if amx is None:
-        amx = _host_runs_amx_backend()
     if mcpu not in FAMILIES:
         return None
     ghz = measured_ghz()
     int8, fp32 = FAMILIES[mcpu]
     return None if ghz is None else CpuPeak(mcpu, AMX_INT8_MACS if amx else int8, fp32, ghz=ghz, cores=cores,
                                             clock_measured=True, amx=amx)
-
-
-def _host_runs_amx_backend() -> bool:
-    from ..schedules.w2a8_cpu import select_backend
-    from .cpu import host
-
-    return select_backend(host().target()) == "amx"
 
 
 CHAIN_STEPS = 1 << 21  # iterations of the short run (2 ops each, ~1 ms at 4 GHz); the long run does twice as many

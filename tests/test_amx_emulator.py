@@ -4,26 +4,22 @@ AMX, the real kernels against the emulated ones bit for bit."""
 
 from __future__ import annotations
 
+import inspect
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tvm
 from tvm.script import tirx as T
 
+from bmvcc import amx_emulator
 from bmvcc.amx_emulator import emulate
 from bmvcc.schedules import amx
+from bmvcc.targets.cpu import machine_runs_amx
 
 SAPPHIRE_RAPIDS = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
 FULL = (amx.MAX_ROWS, amx.MAX_COLSB)
 TASKS = 4  # parallel tasks of the task kernel
-
-
-def _host_has_amx() -> bool:
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    return {"amx_tile", "amx_int8"} <= flags
 
 
 def vnni(b_km: np.ndarray) -> np.ndarray:
@@ -110,24 +106,28 @@ def task_kernel(configure_in_task=True, release=True):
                 T.evaluate(amx.tilerelease())
     return kernel
 
-@T.prim_func(s_tir=True)
-def tensorized_kernel(A: T.Buffer((32, 64), "int8"), B: T.Buffer((16, 64), "int8"), C: T.Buffer((32, 16), "int32"),
-                      cfg: T.Buffer((64,), "uint8")):
-    """Tensorize's form: AMX calls in a block on match_buffer views, pointers from access_ptr."""
-    assert amx.request_permission() == T.int64(0), "AMX refused"
-    for i in range(2):
-        with T.sblock("tile"):
-            vi = T.axis.spatial(2, i)
-            T.reads(A[vi * 16:vi * 16 + 16, 0:64], B[0:16, 0:64], cfg[0:64])
-            T.writes(C[vi * 16:vi * 16 + 16, 0:16])
-            a = T.match_buffer(A[vi * 16:vi * 16 + 16, 0:64], (16, 64), "int8", offset_factor=1)
-            c = T.match_buffer(C[vi * 16:vi * 16 + 16, 0:16], (16, 16), "int32", offset_factor=1)
-            T.evaluate(amx.ldtilecfg(cfg.access_ptr("r")))
-            T.evaluate(amx.tilezero(0))
-            T.evaluate(amx.tileloadd(1, a.access_ptr("r"), 64))
-            T.evaluate(amx.tileloadd(2, B.access_ptr("r"), 64))
-            T.evaluate(amx.tdpbssd(0, 1, 2))
-            T.evaluate(amx.tilestored(0, c.access_ptr("w"), 64))
+
+def tensorized_kernel(a_rows=16):
+    """Tensorize's form: AMX calls in a block on match_buffer views (A's of `a_rows` rows), pointers from
+    access_ptr."""
+    @T.prim_func(s_tir=True)
+    def kernel(A: T.Buffer((32, 64), "int8"), B: T.Buffer((16, 64), "int8"), C: T.Buffer((32, 16), "int32"),
+               cfg: T.Buffer((64,), "uint8")):
+        assert amx.request_permission() == T.int64(0), "AMX refused"
+        for i in range(2):
+            with T.sblock("tile"):
+                vi = T.axis.spatial(2, i)
+                T.reads(A[vi * 16:vi * 16 + a_rows, 0:64], B[0:16, 0:64], cfg[0:64])
+                T.writes(C[vi * 16:vi * 16 + 16, 0:16])
+                a = T.match_buffer(A[vi * 16:vi * 16 + a_rows, 0:64], (a_rows, 64), "int8", offset_factor=1)
+                c = T.match_buffer(C[vi * 16:vi * 16 + 16, 0:16], (16, 16), "int32", offset_factor=1)
+                T.evaluate(amx.ldtilecfg(cfg.access_ptr("r")))
+                T.evaluate(amx.tilezero(0))
+                T.evaluate(amx.tileloadd(1, a.access_ptr("r"), 64))
+                T.evaluate(amx.tileloadd(2, B.access_ptr("r"), 64))
+                T.evaluate(amx.tdpbssd(0, 1, 2))
+                T.evaluate(amx.tilestored(0, c.access_ptr("w"), 64))
+    return kernel
 
 
 def run(kernel, *arrays, target="llvm", emulated=True):
@@ -187,35 +187,40 @@ def test_parallel_tasks_against_numpy():
     np.testing.assert_array_equal(out, a.astype(np.int32) @ b_km.astype(np.int32))
 
 
-def bad_config(byte: int, value: int) -> np.ndarray:
+def bad_config(byte: int, value: int, palette: int = amx.PALETTE) -> np.ndarray:
     cfg = config({0: FULL, 1: FULL, 2: FULL})
-    cfg[byte] = value
+    cfg[0], cfg[byte] = palette, value
     return cfg
 
 
 @pytest.mark.parametrize("kernel, cfg, fault", [
     (one_tile_kernel(configure=False), config({0: FULL, 1: FULL, 2: FULL}),
-     "tilezero tmm0 before any ldtilecfg"),
-    # without tilerelease, so that only each task's own state (not one shared) makes it fault
+     "tilezero tmm0 without a tile configuration"),
+    # without tilerelease, so that only each task's own state (not one shared) makes it fault (task 0 included)
     (task_kernel(configure_in_task=False, release=False), config({0: FULL, 1: FULL, 2: FULL}),
-     "tilezero tmm0 before any ldtilecfg"),
+     "tilezero tmm0 without a tile configuration"),
     (one_tile_kernel(), config({0: FULL, 1: FULL, 2: (16, 60)}), r"tdpbssd tmm0, tmm1, tmm2: shapes disagree"),
     (one_tile_kernel(), config({0: FULL, 1: (16, 60), 2: FULL}), r"tdpbssd tmm0, tmm1, tmm2: shapes disagree"),
+    (one_tile_kernel(), config({0: (8, 64), 1: FULL, 2: FULL}), r"tdpbssd tmm0, tmm1, tmm2: shapes disagree"),
+    # C and B agree, but 50 bytes are not whole int32 columns
+    (one_tile_kernel(), config({0: (16, 50), 1: FULL, 2: (16, 50)}), r"tdpbssd tmm0, tmm1, tmm2: shapes disagree"),
     (one_tile_kernel(), config({0: FULL, 1: FULL}), "tileloadd tmm2: tmm2 is not configured"),
     (one_tile_kernel(a_col=1), config({0: FULL, 1: FULL, 2: FULL}),  # the last row's last byte
      r"tileloadd tmm1 reads bytes outside A \(1024 B\)"),
     (one_tile_kernel(c_col=1), config({0: FULL, 1: FULL, 2: FULL}),  # the last row's last int32
      r"tilestored tmm0 writes bytes outside C \(1024 B\)"),
     (one_tile_kernel(b_tile=1), config({0: FULL, 1: FULL, 2: FULL}), "tdpbssd tmm0, tmm1, tmm1: the tiles are not"),
-    (one_tile_kernel(), bad_config(0, 0), "ldtilecfg: palette is not 1"),
+    # palette 0 releases the state, whatever its other bytes (a reserved one set here)
+    (one_tile_kernel(), bad_config(2, 1, palette=0), "tilezero tmm0 without a tile configuration"),
+    (one_tile_kernel(), bad_config(0, 2), "ldtilecfg: palette above 1"),
     (one_tile_kernel(), bad_config(48, 17), "ldtilecfg: tmm0 exceeds 16 rows x 64 bytes"),
     (one_tile_kernel(), bad_config(18, 65), "ldtilecfg: tmm1 exceeds 16 rows x 64 bytes"),
     (one_tile_kernel(), bad_config(48 + 3, 4), "ldtilecfg: tmm3 has rows or colsb 0, not both"),
     (one_tile_kernel(), bad_config(2, 1), "ldtilecfg: reserved bytes are not zero"),
     (one_tile_kernel(), bad_config(1, 1), "ldtilecfg: start_row is not 0"),
-], ids=["no-ldtilecfg", "task-without-ldtilecfg", "colsb-b", "colsb-a", "tile-unconfigured", "load-past-end",
-        "store-past-end", "same-tile-twice", "palette-0", "17-rows", "65-colsb", "rows-without-colsb", "reserved",
-        "start-row"])
+], ids=["no-ldtilecfg", "task-without-ldtilecfg", "colsb-b", "colsb-a", "rows-c", "colsb-not-int32",
+        "tile-unconfigured", "load-past-end", "store-past-end", "same-tile-twice", "palette-0-releases", "palette-2",
+        "17-rows", "65-colsb", "rows-without-colsb", "reserved", "start-row"])
 def test_faults(kernel, cfg, fault):
     """Negative controls: each run faults, naming the fault; the CPU would raise #UD, #GP or a page fault."""
     a, b_km, c = one_tile_inputs()
@@ -225,13 +230,32 @@ def test_faults(kernel, cfg, fault):
         run(kernel, a, vnni(b_km), c, cfg)
 
 
-def test_unknown_amx_instruction_is_refused():
+def test_access_ptr_region_is_bounds_checked():
+    """Negative control: a tile load of 16 rows through a match_buffer view of 8 reads the next view's rows,
+    inside A but outside the extent of its tvm_access_ptr."""
+    rng = np.random.default_rng(5)
+    with pytest.raises(RuntimeError, match=r"AMX fault: tileloadd tmm1 reads bytes outside the 512 elements of A "
+                                           r"\(2048 B\) its tvm_access_ptr covers"):
+        run(tensorized_kernel(a_rows=8), int8s(rng, (32, 64)), int8s(rng, (16, 64)), np.zeros((32, 16), np.int32),
+            config({0: FULL, 1: FULL, 2: FULL}))
+
+
+# AMX-INT8's other forms, AMX-TF32, AMX-MOVRS, AMX-AVX512, AMX-FP8 (as TVM's LLVM knows them)
+@pytest.mark.parametrize("name", ["tdpbusd", "tmmultf32ps", "tileloaddrs64", "tcvtrowd2ps", "tilemovrow", "tdpbf8ps"])
+def test_unknown_amx_instruction_is_refused(name):
     @T.prim_func
     def kernel():
-        T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbusd", T.uint8(0), T.uint8(1), T.uint8(2)))
+        T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", T.uint8(0), T.uint8(1), T.uint8(2)))
 
-    with pytest.raises(ValueError, match="llvm.x86.tdpbusd is not emulated"):
+    with pytest.raises(ValueError, match=f"llvm.x86.{name} is not emulated"):
         emulate(kernel)
+
+
+def test_lowering_is_tvm_s_tir_pipeline_up_to_flatten_buffer():
+    """_LOWERING is a copy of the head of TVM's default s_tir pipeline: a TVM that changes it fails here."""
+    source = inspect.getsource(tvm.s_tir.pipeline.default_s_tir_pipeline)
+    passes = re.findall(r"\b(?:s_tir|tirx)\.transform\.(\w+)\(", source)
+    assert tuple(passes[:passes.index("FlattenBuffer")]) == amx_emulator._LOWERING
 
 
 def test_sapphire_rapids_asm_has_the_amx_instructions():
@@ -247,7 +271,7 @@ def test_sapphire_rapids_asm_has_the_amx_instructions():
     assert instructions(emulate(kernel)) == set()
 
 
-@pytest.mark.skipif(not _host_has_amx(), reason="the host CPU has no AMX (/proc/cpuinfo lacks amx_tile, amx_int8)")
+@pytest.mark.skipif(not machine_runs_amx(), reason="this machine does not run AMX (targets/cpu.py machine_runs_amx)")
 @pytest.mark.parametrize("case", ["accumulate", "blocked", "tasks", "tensorized"])
 def test_real_amx_equals_emulation(case):
     rng = np.random.default_rng(3)
@@ -259,7 +283,7 @@ def test_real_amx_equals_emulation(case):
                                      np.full((M, C_COLS), -7, np.int32), config(BLOCKED_CONFIG))),
         "tasks": (task_kernel(), (int8s(rng, (TASKS * 16, 64)), int8s(rng, (16, 64)),
                                   np.zeros((TASKS * 16, 16), np.int32), full)),
-        "tensorized": (tensorized_kernel, (int8s(rng, (32, 64)), int8s(rng, (16, 64)), np.zeros((32, 16), np.int32),
+        "tensorized": (tensorized_kernel(), (int8s(rng, (32, 64)), int8s(rng, (16, 64)), np.zeros((32, 16), np.int32),
                                            full)),
     }[case]
     real = run(kernel, *arrays, target=SAPPHIRE_RAPIDS, emulated=False)[2]
@@ -269,5 +293,5 @@ def test_real_amx_equals_emulation(case):
 def test_tensorized_blocks_against_numpy():
     rng = np.random.default_rng(4)
     a, b_km = int8s(rng, (32, 64)), int8s(rng, (64, 16))
-    out = run(tensorized_kernel, a, vnni(b_km), np.zeros((32, 16), np.int32), config({0: FULL, 1: FULL, 2: FULL}))[2]
+    out = run(tensorized_kernel(), a, vnni(b_km), np.zeros((32, 16), np.int32), config({0: FULL, 1: FULL, 2: FULL}))[2]
     np.testing.assert_array_equal(out, a.astype(np.int32) @ b_km.astype(np.int32))

@@ -37,6 +37,7 @@ from bmvcc.schedules.w2a8_cpu import select_backend  # noqa: E402
 from bmvcc.targets import cpu, get  # noqa: E402
 
 from conftest import cli_error, small_config  # noqa: E402
+from test_bench import rpc_device  # noqa: E402, F401 (a fixture)
 
 SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 HERE = get("host").target()  # what the emulated kernels are built for and run on
@@ -94,7 +95,7 @@ def _run(func, cfg, q, packed, xs, ws, res, target=HERE):
 # M, N padded to the 32 x 32 micro tile or not (M = 1: a GEMV), K = 64 (one tdpbssd step), 192, and not a
 # multiple of 64 nor of 4; the last two above w2a8_cpu.MIN_PARALLEL_MACS (parallel tasks: 1 strip in 2 row
 # blocks, 8 strips)
-SHAPES = [(32, 32, 64), (17, 40, 64), (1, 37, 70), (40, 48, 192), (17, 32, 2000), (64, 256, 128)]
+SHAPES = [(32, 32, 64), (17, 40, 64), (1, 37, 70), (40, 48, 192), (40, 32, 2000), (64, 256, 128)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -170,13 +171,13 @@ def _a_stride_64_bytes_short(func):
 @pytest.mark.parametrize("break_it, fault", [
     # parallel tasks: each has its own tile state. The faulting task is task 0, run by the launching thread: a
     # worker task's error TVM's thread pool does not always report (here, 4 of 30 runs passed without one).
-    (_only_second_row_block, "tilezero tmm0 before any ldtilecfg"),
+    (_only_second_row_block, "tilezero tmm0 without a tile configuration"),
     (_b_stride_doubled, "tileloadd tmm7 reads bytes outside wd"),  # B rows leave the task's decoded panel
     (_a_stride_64_bytes_short, None),  # A rows from the wrong k: wrong sums, in bounds
 ])
 def test_emulator_catches_broken_kernels(break_it, fault):
     """Negative controls: the emulated kernel faults, or its sums differ, when its AMX use is broken."""
-    cfg = W2A8Config(17, 32, 2000)  # 1 strip in 2 parallel row blocks (w2a8_cpu.row_blocks)
+    cfg = W2A8Config(40, 32, 2000)  # 1 strip in 2 parallel row blocks (w2a8_cpu.row_blocks)
     q, packed, _, _, res = _inputs(cfg, np.random.default_rng(1))
     ones = np.ones((cfg.m, 1), np.float32)
     emulated = amx_emulator.emulate(break_it(_kernel(cfg)))
@@ -190,7 +191,7 @@ def test_emulator_catches_broken_kernels(break_it, fault):
 
 
 @pytest.mark.skipif(not cpu.machine_runs_amx(), reason="this machine does not run AMX (no amx_tile/amx_int8 in "
-                    "/proc/cpuinfo, or the kernel does not support XTILEDATA): the emulated tests stand in")
+                    "/proc/cpuinfo, or Linux refuses this process XTILEDATA): the emulated tests stand in")
 @pytest.mark.parametrize("epilogue", ["none", "residual"])
 def test_real_amx_build_equals_numpy(epilogue):
     """On a host that runs AMX, the host target picks it, and the real tiles give numpy's outputs bit for bit."""
@@ -221,7 +222,7 @@ def test_sapphire_rapids_build_on_a_cpu_without_amx_stops_with_the_permission_me
 
 def test_select_backend_amx_only_where_it_runs(monkeypatch):
     """Sapphire Rapids -> amx, without AMX-INT8 -> vnni; the host target picks amx exactly where this machine
-    runs AMX; a Sapphire Rapids host that hides AMX (a VM) or whose kernel lacks XTILEDATA gets it turned off."""
+    runs AMX; a Sapphire Rapids host that hides AMX (a VM) or where Linux refuses XTILEDATA gets it turned off."""
     assert select_backend(SPR) == "amx"
     no_int8 = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "mattr": ["-amx-int8"]})
     assert select_backend(no_int8) == "vnni"
@@ -230,10 +231,34 @@ def test_select_backend_amx_only_where_it_runs(monkeypatch):
     for flags, xtiledata, backend in [({"amx_tile", "amx_int8"}, True, "amx"), ({"amx_tile"}, True, "vnni"),
                                       ({"amx_tile", "amx_int8"}, False, "vnni")]:
         monkeypatch.setattr(cpu, "_cpuinfo_flags", lambda: frozenset(flags))
-        monkeypatch.setattr(cpu, "_kernel_supports_xtiledata", lambda: xtiledata)
+        monkeypatch.setattr(cpu, "_xtiledata_granted", lambda: xtiledata)
         target = get("host").tvm_target
         assert select_backend(tvm.target.Target(target)) == backend, target
         assert ("mattr" in target) == (backend != "amx")
+
+
+@pytest.mark.parametrize("m, rows", [(17, 1), (32, 1), (33, 2), (40, 2)])
+def test_row_blocks_hold_real_rows(m, rows):
+    """1 strip on 2 cores: 2 row blocks of 32-row tiles only where M > 32 (below, the second would be all
+    padding)."""
+    staged = w2a8_cpu.stage_w2a8(w2a8_compute(W2A8Config(m, 32, 2000)), w2a8_cpu.DEFAULT_KNOBS["amx"], 2)
+    assert int(staged.attrs[w2a8_cpu.ROWS_ATTR]) == rows
+
+
+def test_profile_peak_counts_amx_where_the_artifact_runs_it():
+    """bench's int8 peak and its AMX check follow the artifact's target: Sapphire Rapids' runs AMX, the host's
+    exactly where this machine runs it."""
+    from bmvcc import bench
+
+    assert bench._runs_amx({"device": "cpu", "tvm": {"kind": "llvm", "mcpu": "sapphirerapids"}})
+    assert bench._runs_amx({"device": "cpu", "tvm": get("host").tvm_target}) == cpu.machine_runs_amx()
+    peak = bench._host_peak({"device": "cpu", "tvm": {"kind": "llvm", "mcpu": "sapphirerapids"}})
+    assert peak is None or peak.amx  # None: this CPU is not in targets/cpu_peak.py
+
+
+def test_amx_knobs_are_fixed():
+    with pytest.raises(ValueError, match="the amx tile kernel is fixed"):
+        w2a8_cpu.schedule(w2a8_compute(W2A8Config(32, 32, 64)), SPR, w2a8_cpu.CpuKnobs("amx", mr=16, nt=2))
 
 
 def _cpu_target(monkeypatch, name: str, tvm_target: dict):
@@ -286,12 +311,24 @@ def test_whole_model_on_emulated_amx_matches_pytorch(checkpoint, tmp_path, monke
 
 @pytest.mark.slow
 @needs_avx512_without_amx
-def test_amx_artifact_where_linux_refuses_amx_stops_with_one_error_line(checkpoint, tmp_path, monkeypatch, capsys):
-    """A model compiled for Sapphire Rapids, run and benched here: `error: AMX refused: ...; ...`, exit 2.
-    One compile, 5-20 s."""
+def test_amx_artifact_where_linux_refuses_amx_stops_with_one_error_line(checkpoint, tmp_path, monkeypatch, capsys,
+                                                                         rpc_device):
+    """A model compiled for Sapphire Rapids, run and benched here: `error: AMX refused: ...; ...`, exit 2; benched
+    on an RPC device (this machine) the refusal is the device's; its profile is not recorded on this machine.
+    One compile, 5-20 s, and an RPC tracker and server."""
+    from bmvcc import artifact, bench
+    from bmvcc.errors import BmvccError
+
     spec = _cpu_target(monkeypatch, "spr", {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
     out, images = tmp_path / "out", tmp_path / "images.npy"
     compile_model(checkpoint(small_config())[0], out, CompileOptions(target=spec.name))
     np.save(images, np.zeros((1, 1, 28, 28), np.float32))
     for argv in (["run", str(out), "--input", str(images)], ["bench", str(out), "--repeat", "1"]):
         assert cli_error(capsys, argv) == f"error: {AMX_REFUSED}"
+    line = cli_error(capsys, ["bench", str(out), "--repeat", "1", "--rpc-tracker", rpc_device, "--rpc-key",
+                              "bmvcc-test"])
+    assert line.startswith(f"error: AMX refused on rpc:bmvcc-test@{rpc_device}: Linux there did not grant"), line
+    meta = artifact.read_metadata(out)
+    with pytest.raises(BmvccError, match="cannot run the artifact's AMX kernels; run bmvcc bench --profile on the "
+                                         "device itself"):
+        bench._record_locally(out, meta["target"], meta, None, None)

@@ -186,14 +186,17 @@ def test_row_blocks_only_where_strips_leave_cores_idle():
     assert [row_blocks(17, s, 2) for s in (1, 2, 3, 5, 8, 9)] == [2, 1, 2, 2, 1, 1]
     assert row_blocks(3, 1, 2) == 1  # M <= 4 rows: one block
     assert [row_blocks(17, s, 4) for s in (1, 2, 3, 4, 6)] == [4, 2, 4, 1, 2]
+    assert [row_blocks(m, 1, 4) for m in (5, 9, 13)] == [2, 3, 4]  # at most ceil(M / 4): no block all padding
+    assert [row_blocks(m, 1, 2, granule=32) for m in (17, 32, 33)] == [1, 1, 2]  # amx: 32-row tiles
 
 
 @pytest.mark.parametrize("strips", [1, 3])
 def test_few_strips_run_as_row_blocks_on_both_cores(strips):
-    """A layer of 1 or 3 strips on 2 cores: 2 row blocks per strip (rows padded to 2 x 4), each task
-    decoding its panel; exact, with M, N and K not multiples of any tile (K: above MIN_PARALLEL_MACS)."""
-    target = tvm.target.Target({"kind": "llvm", "mcpu": str(HOST.attrs["mcpu"]), "num-cores": 2})
-    cfg = W2A8Config(17, strips * strip_width(DEFAULT_KNOBS[select_backend(target)]) - 5, 3999)
+    """A layer of 1 or 3 strips on 2 cores: 2 row blocks per strip (rows padded to 2 x 4, amx: 2 x 32), each
+    task decoding its panel; exact, with M, N and K not multiples of any tile (K: above MIN_PARALLEL_MACS).
+    The host target on 2 cores (its AMX off where this machine does not run it)."""
+    target = tvm.target.Target({**get("host").tvm_target, "num-cores": 2})
+    cfg = W2A8Config(37, strips * strip_width(DEFAULT_KNOBS[select_backend(target)]) - 5, 3999)
     sch = tvm.s_tir.Schedule(w2a8_cpu.schedule(w2a8_compute(cfg), target))
     task = sch.get(sch.get_loops(sch.get_sblock("decode"))[0])
     assert (task.kind, int(task.extent)) == (tvm.tirx.ForKind.PARALLEL, 2 * strips)
