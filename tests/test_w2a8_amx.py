@@ -28,7 +28,6 @@ from bmvcc.schedules import amx, w2a8_cpu  # noqa: E402
 from bmvcc.schedules.w2a8 import (  # noqa: E402
     W2A8Config,
     epilogue_operand,
-    pack_ternary,
     unpack_ternary,
     w2a8_compute,
     w2a8_numpy,
@@ -38,6 +37,7 @@ from bmvcc.targets import cpu, get  # noqa: E402
 
 from conftest import cli_error, small_config  # noqa: E402
 from test_bench import rpc_device  # noqa: E402, F401 (a fixture)
+from test_w2a8_cpu import _inputs  # noqa: E402
 
 SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 HERE = get("host").target()  # what the emulated kernels are built for and run on
@@ -73,15 +73,6 @@ def test_sapphire_rapids_build_runs_the_dot_on_amx_tiles():
     (launcher,) = [ops for ops in funcs.values() if ops["<syscall>"]]
     assert launcher["<syscall>"] == 1 and launcher["tdpbssd"] == 0
     assert "TVMBackendParallelLaunch" in lib.mod.inspect_source("asm")
-
-
-def _inputs(cfg, rng):
-    q = rng.integers(-128, 128, (cfg.m, cfg.k), dtype=np.int8)
-    packed = pack_ternary(rng.integers(-1, 2, (cfg.n, cfg.k)))
-    xs = rng.uniform(0.5, 3.0, (cfg.m, 1)).astype(np.float32)
-    ws = np.array([rng.uniform(0.01, 0.2)], np.float32)
-    res = rng.standard_normal((cfg.m, cfg.n)).astype(np.float32)
-    return q, packed, xs, ws, res
 
 
 def _run(func, cfg, q, packed, xs, ws, res, target=HERE):
