@@ -152,12 +152,12 @@ def _default_variants() -> str:
 
 def _bound(threads: int) -> dict:
     """The model's MACs at this CPU's peaks on `threads` cores (ms None for a CPU family not in targets/cpu_peak.py)."""
-    from bmvcc.schedules.w2a8_cpu import select_backend
+    from bmvcc.schedules.w2a8_cpu import uses_amx
     from bmvcc.targets import get
     from bmvcc.targets.cpu_peak import host_peak
 
     int8, fp32 = model_macs(PAPER)
-    peak = host_peak(threads, amx=select_backend(get("host").target()) == "amx")
+    peak = host_peak(threads, amx=uses_amx(get("host").target()))
     return {"int8_macs": int8, "fp32_macs": fp32, "peak": peak.describe() if peak else None,
             "ms": peak.bound_ms(int8, fp32) if peak else None}
 

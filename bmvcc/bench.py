@@ -228,9 +228,9 @@ def _runs_amx(target: dict) -> bool:
     """Whether the W2A8 kernels of an artifact of metadata `target` run on AMX tiles."""
     import tvm
 
-    from .schedules.w2a8_cpu import select_backend
+    from .schedules.w2a8_cpu import uses_amx
 
-    return target["device"] == "cpu" and select_backend(tvm.target.Target(target["tvm"])) == "amx"
+    return target["device"] == "cpu" and uses_amx(tvm.target.Target(target["tvm"]))
 
 
 def _connect(tracker: str, key: str, session_timeout: int):

@@ -88,6 +88,11 @@ def strip_width(knobs: CpuKnobs) -> int:
     return w2a8_amx.MICRO if knobs.backend == "amx" else intrin_of(knobs.backend).lanes * knobs.nt
 
 
+def uses_amx(target) -> bool:
+    """Whether the W2A8 kernels built for the TVM llvm `target` run on AMX tiles."""
+    return select_backend(target) == "amx"
+
+
 def intrin_of(backend: str):
     from . import dot_intrinsics as di
 

@@ -143,9 +143,10 @@ def test_schedule_uses_int8_dot_instructions_in_parallel(mcpu):
     lib = _build(W2A8Config(16, 64, 1024), target)  # 1 M MACs: MIN_PARALLEL_MACS
     ops = _opcodes(lib)
     # the instruction each backend is built around; generic hosts get plain vector multiplies
-    want = {"vnni": ["vpdpbusd"], "avx2": ["vpmaddubsw"], "sdot": ["sdot"],
+    want = {"amx": ["tdpbssd"], "vnni": ["vpdpbusd"], "avx2": ["vpmaddubsw"], "sdot": ["sdot"],
             "generic": ["pmullw", "pmaddwd", "pmulld", "mul"]}[backend]
-    assert sum(ops[w] for w in want) >= DEFAULT_KNOBS[backend].mr, ops.most_common(20)
+    least = 4 if backend == "amx" else DEFAULT_KNOBS[backend].mr  # amx: 2 x 2 accumulator tiles, 4 tdpbssd a k step
+    assert sum(ops[w] for w in want) >= least, ops.most_common(20)
     if DEFAULT_KNOBS[backend].backend == "avx2_i16":  # int16 accumulation: no vpmaddwd per step
         assert ops["vpaddw"] >= ops["vpmaddubsw"], ops.most_common(20)
     if backend == "vnni":  # one instruction per step, no AVX2 fallback
