@@ -49,7 +49,7 @@ def padded_shape(m: int, n: int, k: int, rows: int) -> tuple[int, int, int]:
 
 def stage(func, mp: int, np_: int, k4: int, rows: int):
     """`func` (schedules/w2a8.py) with its "acc" nest replaced by the AMX stages (module doc)."""
-    return replace_acc_nest(func, lambda q, wp, acc: _stages(q, wp, acc, mp, np_, k4, rows))
+    return replace_acc_nest(func, lambda q, wp: _stages(q, wp, mp, np_, k4, rows))
 
 
 def _config_byte(b):
@@ -61,9 +61,8 @@ def _config_byte(b):
     return value
 
 
-def _stages(q, wp, acc, mp: int, np_: int, k4: int, rows: int):
+def _stages(q, wp, mp: int, np_: int, k4: int, rows: int):
     M, K = q.shape
-    N = wp.shape[0]
     Mp, Np, K4, G, KG = (T.int64(v) for v in (mp, np_, k4, np_ // TILE, k4 // 4))
     strips, row_tiles, steps = np_ // MICRO, mp // rows // MICRO, k4 // K_STEP
 
@@ -141,15 +140,10 @@ def _stages(q, wp, acc, mp: int, np_: int, k4: int, rows: int):
                 T.reads()
                 T.writes()
                 T.evaluate(amx.tilerelease())
-        for i, j in T.grid(M, N):
-            with T.sblock("unpad"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                T.reads(accp[vi, vj])
-                T.writes(acc[vi, vj])
-                acc[vi, vj] = accp[vi, vj]
 
     root = stages.body.block
-    return [qp] * pad_q + list(root.alloc_buffers), list(root.body.seq)
+    allocs = list(root.alloc_buffers)
+    return [qp] * pad_q + allocs, list(root.body.seq), next(b for b in allocs if b.name == "accp")
 
 
 def schedule(sch, min_parallel_macs: int):

@@ -53,10 +53,11 @@ def _acc_init(rs, vi, unsigned):
     return 0 - rs[vi] if unsigned else T.int32(0)
 
 
-def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool, chunk: int | None):
-    """The replacement of the "acc" nest: (alloc buffers, loop nests) writing `acc` (see module doc)."""
+def _stages(q, wp, mp: int, np_: int, unsigned: bool, chunk: int | None):
+    """The replacement of the "acc" nest: (alloc buffers, loop nests, accp: the padded int32 accumulators they
+    write; see module doc)."""
     M, K = q.shape
-    N, KP = wp.shape
+    KP = wp.shape[1]
     n_chunks = -(-int(KP) * 4 // chunk) if chunk else 1
     kc = round_up(-(-int(KP) * 4 // n_chunks), 4)  # k per int16 chunk, multiple of 4
     Mp, Np, K4, C, KC = T.int64(mp), T.int64(np_), T.int64(n_chunks * kc if chunk else int(KP) * 4), \
@@ -121,25 +122,20 @@ def _stages(q, wp, acc, mp: int, np_: int, unsigned: bool, chunk: int | None):
                     with T.init():
                         accp[vi, vj] = _acc_init(rs, vi, unsigned)
                     accp[vi, vj] = accp[vi, vj] + T.Cast("int32", qp[vi, vk]) * T.Cast("int32", wd[vj, vk])
-        for i, j in T.grid(M, N):
-            with T.sblock("unpad"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                T.reads(accp[vi, vj])
-                T.writes(acc[vi, vj])
-                acc[vi, vj] = accp[vi, vj]
-
     root = stages.body.block
     used = ("qp", "rs", "wd", "accp") + (("acc16",) if chunk else ())
-    return [b for b in root.alloc_buffers if b.name in used], list(root.body.seq)
+    allocs = [b for b in root.alloc_buffers if b.name in used]
+    return allocs, list(root.body.seq), next(b for b in allocs if b.name == "accp")
 
 
 def restage(func, mp: int, np_: int, unsigned: bool, chunk: int | None):
     """func with its "acc" loop nest replaced by the explicit stages (epilogue nests untouched)."""
-    return replace_acc_nest(func, lambda q, wp, acc: _stages(q, wp, acc, mp, np_, unsigned, chunk))
+    return replace_acc_nest(func, lambda q, wp: _stages(q, wp, mp, np_, unsigned, chunk))
 
 
 def replace_acc_nest(func, make_stages):
-    """func with its "acc" loop nest replaced by make_stages(q, wp, acc) -> (alloc buffers, loop nests)."""
+    """func with its "acc" loop nest replaced by make_stages(q, wp) -> (alloc buffers, loop nests, accp) and
+    the "unpad" nest copying accp[:M, :N] (padded accumulators) to acc."""
     from tvm import s_tir, tirx
 
     sch = s_tir.Schedule(func)
@@ -150,10 +146,25 @@ def replace_acc_nest(func, make_stages):
     root = func.body.block
     nests = list(root.body.seq)
     pos = next(i for i, s in enumerate(nests) if s.same_as(acc_nest))
-    allocs, stages = make_stages(q, wp, acc)
-    body = tirx.SeqStmt(nests[:pos] + stages + nests[pos + 1:])
+    allocs, stages, accp = make_stages(q, wp)
+    body = tirx.SeqStmt(nests[:pos] + stages + [_unpad(accp, acc)] + nests[pos + 1:])
     new_root = s_tir.SBlock([], [], [], "root", body, alloc_buffers=list(root.alloc_buffers) + allocs)
     return func.with_body(s_tir.SBlockRealize([], True, new_root))
+
+
+def _unpad(accp, acc):
+    M, N = acc.shape
+
+    @T.prim_func(private=True, s_tir=True, check_well_formed=False)
+    def nest():
+        for i, j in T.grid(M, N):
+            with T.sblock("unpad"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                T.reads(accp[vi, vj])
+                T.writes(acc[vi, vj])
+                acc[vi, vj] = accp[vi, vj]
+
+    return nest.body.block.body
 
 
 def round_up(x: int, m: int) -> int:
