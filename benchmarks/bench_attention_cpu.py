@@ -24,7 +24,7 @@ import math
 import sys
 
 import numpy as np
-from common import time_call
+from common import peak_line, time_call
 
 
 def _graph(h, n, d):
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"causal multi-query attention, {h} heads x {n} tokens x {d}, {args.threads} threads, {flop / 1e9:.2f} GFLOP")
-    print(f"peak: {result['peak'] or 'unknown (CPU not in targets/cpu_peak.py, or clock not measurable)'}\n")
+    print(peak_line(peak) + "\n")
     print("| implementation | best ms | median ms | GFLOP/s | % of fp32 peak | x torch sdpa "
           "| max abs err vs float64 |\n|---|---|---|---|---|---|---|")
     for r in rows:

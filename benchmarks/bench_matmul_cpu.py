@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from common import gemm_args, time_call
+from common import gemm_args, print_gemm_table, time_call
 
 
 def _tvm_linear(x, w, b):
@@ -84,15 +84,9 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps({"threads": a.threads, "peak": peak.describe() if peak else None, "results": rows}, indent=2))
         return 0
-    print(f"float projections x @ W + b, {a.threads} threads, best of {a.repeat} (median in parentheses)")
-    print(f"peak: {peak.describe() if peak else 'unknown (CPU not in targets/cpu_peak.py, or clock not measurable)'}")
-    print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<6} {'ms':>16} {'GFLOP/s':>8} {'% fp32':>7}  bmvcc speedup")
-    for r in rows:
-        for name, s in r["impls"].items():
-            pct = f"{s['percent_of_fp32_peak']:>6.0f}%" if peak else f"{'-':>7}"
-            sp = f"{r['bmvcc_speedup_vs'][name]:.2f}x" if name != "bmvcc" else ""
-            print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {name:<6} {s['best_ms']:>7.2f} ({s['median_ms']:>6.2f})"
-                  f" {s['gflops']:>8.1f} {pct}  {sp}")
+    print_gemm_table("float projections x @ W + b", a, peak, rows, ("gflops", "GFLOP/s"),
+                     ("percent_of_fp32_peak", "% fp32"), "bmvcc speedup",
+                     lambda r, name, s: "" if name == "bmvcc" else f"{r['bmvcc_speedup_vs'][name]:.2f}x")
     return 0
 
 

@@ -27,7 +27,7 @@ import os
 import sys
 
 import numpy as np
-from common import gemm_args, time_call
+from common import gemm_args, print_gemm_table, time_call
 
 
 
@@ -148,6 +148,13 @@ def bench_shape(m: int, k: int, n: int, threads: int, repeat: int) -> dict:
     return row
 
 
+def _weights_and_speedup(r, name, s) -> str:
+    """The last cells of an implementation's line: its weight bytes and the W2A8 kernel's speedup over it (on the
+    kernel's own line: its backend)."""
+    speedup = f"{r['speedup_vs'][name]:.2f}x" if name in r["speedup_vs"] else f"[{r['backend']}]"
+    return f"{s['weight_bytes'] / 1024:>6.0f}KB  {speedup}"
+
+
 def main(argv=None) -> int:
     a = gemm_args(__doc__, "512x2048,2048x512", threads=2, repeat=10).parse_args(argv)
     # TVM's pool size, read when its first parallel kernel runs (runtime.config_threadpool instead
@@ -168,15 +175,8 @@ def main(argv=None) -> int:
         print(json.dumps({"threads": a.threads, "repeat": a.repeat, "peak": peak.describe() if peak else None,
                           "results": rows, "norm_quant": norm_rows}, indent=2))
         return 0
-    print(f"W2A8 CPU kernel, {a.threads} threads, best of {a.repeat} (median in parentheses)")
-    print(f"peak: {peak.describe() if peak else 'unknown (CPU not in targets/cpu_peak.py, or clock not measurable)'}")
-    print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<13} {'ms':>16} {'GOPS':>7} {'% int8':>7} {'weights':>9}  W2A8 speedup")
-    for r in rows:
-        for name, s in r["impls"].items():
-            sp = f"{r['speedup_vs'][name]:.2f}x" if name in r["speedup_vs"] else f"[{r['backend']}]"
-            pct = f"{s['percent_of_int8_peak']:>6.0f}%" if peak else f"{'-':>7}"
-            print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {name:<13} {s['best_ms']:>7.2f} ({s['median_ms']:>6.2f})"
-                  f" {s['gops']:>7.1f} {pct} {s['weight_bytes'] / 1024:>7.0f}KB  {sp}")
+    print_gemm_table("W2A8 CPU kernel", a, peak, rows, ("gops", "GOPS"), ("percent_of_int8_peak", "% int8"),
+                     f"{'weights':>8}  W2A8 speedup", _weights_and_speedup)
     print(f"{'M':>5} {'K':>5}  {'impl':<13} {'ms':>16} {'GB/s':>7}  (norm_quant: {a.threads} threads; copy: 1)")
     for r in norm_rows:
         for name, s in r["impls"].items():

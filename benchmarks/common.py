@@ -38,6 +38,28 @@ def gemm_args(doc: str, shapes: str, threads: int, repeat: int) -> argparse.Argu
     return ap
 
 
+def peak_line(peak) -> str:
+    """A report's "peak:" line: this CPU's peak on the cores used (targets/cpu_peak.CpuPeak) or why it is unknown."""
+    return f"peak: {peak.describe() if peak else 'unknown (CPU not in targets/cpu_peak.py, or clock not measurable)'}"
+
+
+def print_gemm_table(what: str, args, peak, rows: list[dict], rate: tuple[str, str], percent: tuple[str, str],
+                     tail: str, tail_cell) -> None:
+    """The text report of an M x K x N kernel benchmark (gemm_args): `what`, the peak line, then a line per shape
+    and implementation (rows: {"m", "k", "n", "impls": {name: stats}}): its best (median) ms, the stats of
+    `rate` and `percent` ((stats key, column header); the percent None where the peak is unknown) and last the
+    column `tail`, tail_cell(row, name, stats)."""
+    print(f"{what}, {args.threads} threads, best of {args.repeat} (median in parentheses)")
+    print(peak_line(peak))
+    width = max(len(name) for r in rows for name in r["impls"])
+    print(f"{'M':>5} {'K':>5} {'N':>5}  {'impl':<{width}} {'ms':>16} {rate[1]:>8} {percent[1]:>7}  {tail}")
+    for r in rows:
+        for name, s in r["impls"].items():
+            pct = f"{'-':>7}" if s[percent[0]] is None else f"{s[percent[0]]:>6.0f}%"
+            print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {name:<{width}} {s['best_ms']:>7.2f} ({s['median_ms']:>6.2f})"
+                  f" {s[rate[0]]:>8.1f} {pct}  {tail_cell(r, name, s)}")
+
+
 def time_call(fn, repeat: int) -> dict:
     """Best and median wall time of `repeat` calls after one warm-up (first touch, thread pools)."""
     fn()

@@ -34,7 +34,7 @@ from tvm.script import tirx as T
 
 from ..errors import AMX_REFUSED
 from . import amx
-from .w2a8_cpu_stages import decoded_weight, guarded, replace_acc_nest, round_up
+from .w2a8_cpu_stages import decoded_weight, qpad_macro, replace_acc_nest, round_up
 
 TILE = 16  # rows of every tile; an accumulator tile holds 16 int32 columns, an A or B tile 64 bytes a row
 MICRO = 2 * TILE  # the micro tile: 32 rows x 32 output features, 2 x 2 accumulator tiles
@@ -69,6 +69,7 @@ def _stages(q, wp, mp: int, np_: int, k4: int, rows: int):
     pad_q = (mp, k4) != (int(M), int(K))
     qp = tirx.decl_buffer((Mp, K4), "int8", name="qp")
     a = qp if pad_q else q  # the A tiles' rows
+    qpad = qpad_macro()
 
     def row0(vr, vi0):  # first row of a micro tile
         return vr * (mp // rows) + vi0 * MICRO
@@ -83,12 +84,7 @@ def _stages(q, wp, mp: int, np_: int, k4: int, rows: int):
             T.writes()
             assert amx.request_permission() == T.int64(0), AMX_REFUSED
         if pad_q:
-            for i, k in T.grid(Mp, K4):
-                with T.sblock("qpad"):
-                    vi, vk = T.axis.remap("SS", [i, k])
-                    T.reads(q[vi, vk])
-                    T.writes(qp[vi, vk])
-                    qp[vi, vk] = guarded(q, (vi, vk), (M, K), (Mp, K4))
+            qpad(q, qp)
         for g, kg, j, kk in T.grid(G, KG, T.int64(TILE), T.int64(4)):
             with T.sblock("decode"):
                 vg, vkg, vj, vkk = T.axis.remap("SSSS", [g, kg, j, kk])

@@ -49,6 +49,22 @@ def decoded_weight(wp, vj, vk, padded, unsigned):
     return T.if_then_else(conds[0] if len(conds) == 1 else T.And(*conds), val, T.Cast(dtype, 0))
 
 
+def qpad_macro():
+    """A T.macro qpad(q, qp) writing the "qpad" nest, qp = q zero-padded to qp's extents; a new one for each
+    function parsed (TVMScript suffixes the block names of a macro's later uses: "qpad_1")."""
+
+    @T.macro
+    def qpad(q, qp):
+        for i, k in T.grid(*qp.shape):
+            with T.sblock("qpad"):
+                vi, vk = T.axis.remap("SS", [i, k])
+                T.reads(q[vi, vk])
+                T.writes(qp[vi, vk])
+                qp[vi, vk] = guarded(q, (vi, vk), q.shape, qp.shape)
+
+    return qpad
+
+
 def _acc_init(rs, vi, unsigned):
     return 0 - rs[vi] if unsigned else T.int32(0)
 
@@ -56,7 +72,6 @@ def _acc_init(rs, vi, unsigned):
 def _stages(q, wp, mp: int, np_: int, unsigned: bool, chunk: int | None):
     """The replacement of the "acc" nest: (alloc buffers, loop nests, accp: the padded int32 accumulators they
     write; see module doc)."""
-    M, K = q.shape
     KP = wp.shape[1]
     n_chunks = -(-int(KP) * 4 // chunk) if chunk else 1
     kc = round_up(-(-int(KP) * 4 // n_chunks), 4)  # k per int16 chunk, multiple of 4
@@ -65,6 +80,7 @@ def _stages(q, wp, mp: int, np_: int, unsigned: bool, chunk: int | None):
     wdt = "uint8" if unsigned else "int8"
     int16 = chunk is not None  # TVMScript's static if needs a bool
     TWO = T.int64(2)
+    qpad = qpad_macro()
 
     @T.prim_func(private=True, s_tir=True, check_well_formed=False)
     def stages():
@@ -73,12 +89,7 @@ def _stages(q, wp, mp: int, np_: int, unsigned: bool, chunk: int | None):
         wd = T.sblock_alloc_buffer((Np, K4), wdt)
         acc16 = T.sblock_alloc_buffer((Mp, C, Np, TWO), "int16")
         accp = T.sblock_alloc_buffer((Mp, Np), "int32")
-        for i, k in T.grid(Mp, K4):
-            with T.sblock("qpad"):
-                vi, vk = T.axis.remap("SS", [i, k])
-                T.reads(q[vi, vk])
-                T.writes(qp[vi, vk])
-                qp[vi, vk] = guarded(q, (vi, vk), (M, K), (Mp, K4))
+        qpad(q, qp)
         for j, k in T.grid(Np, K4):
             with T.sblock("decode"):
                 vj, vk = T.axis.remap("SS", [j, k])
