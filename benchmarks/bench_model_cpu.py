@@ -1,6 +1,6 @@
 """Whole-model CPU benchmark: the paper-size BitMedViT compiled by bmvcc vs PyTorch eager float32.
 
-    python benchmarks/bench_model_cpu.py [--threads 2] [--repeat 5] [--variants bitlinear,float,bf16] [--json]
+    python benchmarks/bench_model_cpu.py [--threads 2] [--repeat 5] [--variants bitlinear,float,bf16] [--mcpu NAME] [--json]
 
 The model is the paper's configuration (benchmarks/common.py PAPER) with random weights (seed 0),
 batch 1, saved as a state dict in a temporary directory; ONNX Runtime runs it as exported by
@@ -18,6 +18,11 @@ The machine's bound is printed beside the figures: the model's int8 and float32 
 core of its vector units, times the cores and the clock, measured on one busy core), one after the other; each median's
 ratio to it and to ONNX Runtime's median are in the table. The load average is printed too:
 the figures of a shared machine are only comparable within one run.
+
+--mcpu NAME compiles bmvcc's variants for LLVM CPU NAME on this machine's cores (targets.cpu.host(mcpu)), e.g.
+`--mcpu znver3` runs the AVX2 code path of an AVX2-only CPU on an AVX-512 one; the bound is then NAME's MACs per cycle
+(targets/cpu_peak.py) at this machine's measured clock. NAME's features must be ones this CPU has (bmvcc.load refuses
+the artifact otherwise). PyTorch and ONNX Runtime still pick their kernels for this CPU.
 """
 
 from __future__ import annotations
@@ -36,11 +41,7 @@ from common import PAPER, model_macs, onnxruntime_session, paper_checkpoint, tim
 VARIANTS = {"bitlinear": {}, "float": {"bitlinear": False}, "bf16": {"float_precision": "bf16"}}  # CompileOptions
 
 
-
-
-
-
-def _compile(path: Path, outdir: Path, options: dict, log) -> dict:
+def _compile(path: Path, outdir: Path, target, options: dict, log) -> dict:
     """Compile one variant; returns seconds per driver stage and in total."""
     from bmvcc.driver import CompileOptions, compile_model
 
@@ -51,7 +52,7 @@ def _compile(path: Path, outdir: Path, options: dict, log) -> dict:
         log(f"  {msg}")
 
     start = time.perf_counter()
-    compile_model(path, outdir, CompileOptions(target="host", **options), progress=progress)
+    compile_model(path, outdir, CompileOptions(target=target, **options), progress=progress)
     end = time.perf_counter()
     stages = {}
     for (msg, t0), (_, t1) in zip(marks, marks[1:] + [("end", end)]):
@@ -76,9 +77,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--variants", default=None, help="comma list of: " + ", ".join(VARIANTS)
                     + " (default: all, bf16 only on a CPU with AVX-512 BF16)")
+    ap.add_argument("--mcpu", help="compile bmvcc for this LLVM CPU (one of targets/cpu_peak.py's families) on this "
+                    "machine's cores, e.g. znver3 for the AVX2 code path; default: this machine's CPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
-    variants = [v for v in (args.variants or _default_variants()).split(",") if v]
+    from bmvcc.targets.cpu import host
+    from bmvcc.targets.cpu_peak import FAMILIES
+
+    if args.mcpu is not None and args.mcpu not in FAMILIES:
+        ap.error(f"unknown --mcpu {args.mcpu}; choose one of targets/cpu_peak.py's families: {', '.join(FAMILIES)}")
+    target = host(args.mcpu)
+    variants = [v for v in (args.variants or _default_variants(target)).split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -87,6 +96,7 @@ def main(argv=None) -> int:
     import torch
 
     import bmvcc
+    from bmvcc.errors import BmvccError
 
     torch.set_num_threads(args.threads)
     # TVM's pool: TVM_NUM_THREADS, else one thread per core. Never runtime.config_threadpool here:
@@ -111,11 +121,15 @@ def main(argv=None) -> int:
         for name in variants:
             log(f"compiling variant '{name}'")
             try:
-                info = _compile(path, tmp / name, VARIANTS[name], log)
+                info = _compile(path, tmp / name, target, VARIANTS[name], log)
             except Exception as e:  # noqa: BLE001  (report a variant that cannot compile yet, go on)
                 rows.append({"name": f"bmvcc {name}", "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
-            compiled = bmvcc.load(tmp / name)
+            try:
+                compiled = bmvcc.load(tmp / name)
+            except BmvccError as e:  # an --mcpu whose features this CPU lacks
+                rows.append({"name": f"bmvcc {name}", "error": str(e)})
+                continue
             out = compiled(image)
             err = float(np.abs(out - ref).max())
             log(f"timing variant '{name}'")
@@ -127,7 +141,7 @@ def main(argv=None) -> int:
     bf16, float32 = (by_name.get(f"bmvcc {v}", {}) for v in ("bf16", "bitlinear"))
     if "median_ms" in bf16 and "median_ms" in float32:
         bf16["median_vs_float32_build"] = bf16["median_ms"] / float32["median_ms"]
-    bound = _bound(args.threads)
+    bound = _bound(args.threads, target)
     for r in rows:
         if "best_ms" in r:
             r["speedup_vs_eager"] = eager / r["best_ms"]
@@ -135,7 +149,7 @@ def main(argv=None) -> int:
             if bound["ms"]:
                 r["median_vs_bound"] = r["median_ms"] / bound["ms"]
     result = {"model": PAPER, "batch": 1, "threads": args.threads, "repeat": args.repeat,
-              "cpu": _target_summary(), "bound": bound, "load_average": os.getloadavg(), "rows": rows}
+              "cpu": target.description, "bound": bound, "load_average": os.getloadavg(), "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -143,29 +157,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def _default_variants() -> str:
-    from bmvcc.targets import get
+def _default_variants(target) -> str:
     from bmvcc.targets.cpu import host_runs_bf16_dot
 
-    return ",".join(v for v in VARIANTS if v != "bf16" or host_runs_bf16_dot(get("host").target()))
+    return ",".join(v for v in VARIANTS if v != "bf16" or host_runs_bf16_dot(target.target()))
 
 
-def _bound(threads: int) -> dict:
-    """The model's MACs at this CPU's peaks on `threads` cores (ms None for a CPU family not in targets/cpu_peak.py)."""
+def _bound(threads: int, target) -> dict:
+    """The model's MACs at the peaks of `target`'s CPU on `threads` cores (ms None for a CPU family not in
+    targets/cpu_peak.py)."""
     from bmvcc.schedules.w2a8_cpu import uses_amx
-    from bmvcc.targets import get
     from bmvcc.targets.cpu_peak import host_peak
 
     int8, fp32 = model_macs(PAPER)
-    peak = host_peak(threads, amx=uses_amx(get("host").target()))
+    tvm_target = target.target()
+    peak = host_peak(threads, str(tvm_target.attrs["mcpu"]), amx=uses_amx(tvm_target))
     return {"int8_macs": int8, "fp32_macs": fp32, "peak": peak.describe() if peak else None,
             "ms": peak.bound_ms(int8, fp32) if peak else None}
-
-
-def _target_summary() -> str:
-    from bmvcc.targets import get
-
-    return get("host").description
 
 
 def _table(result: dict) -> str:

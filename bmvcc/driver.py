@@ -13,11 +13,12 @@ from .data import dataset as medmnist_dataset
 from .errors import BmvccError
 from .irdump import IRDump
 from .sources import check_source
+from .targets.base import TargetSpec
 
 
 @dataclass
 class CompileOptions:
-    target: str = "host"
+    target: str | TargetSpec = "host"  # a registry name (bmvcc targets), or a TargetSpec (e.g. targets.cpu.host(mcpu))
     batch: int | None = None  # None: 1, or an ONNX model's own static batch
     heads: int | None = None
     image_size: int | None = None
@@ -45,7 +46,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     from .targets import get as get_target
 
     start = time.perf_counter()
-    spec = get_target(options.target)
+    spec = options.target if isinstance(options.target, TargetSpec) else get_target(options.target)
     artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
     check_source(source_path, options.heads)  # and before the seconds importing torch and TVM take
     precision.check(options.float_precision, spec)

@@ -9,20 +9,23 @@ from pathlib import Path
 from .base import TargetSpec
 
 
-def host() -> TargetSpec:
-    """The CPU bmvcc runs on, with every feature LLVM detects (AVX2, AVX-512 VNNI, ...) that it runs."""
+def host(mcpu: str | None = None) -> TargetSpec:
+    """The CPU bmvcc runs on, with every feature LLVM detects (AVX2, AVX-512 VNNI, ...) that it runs; with `mcpu`
+    (an LLVM CPU name, Python API only), this machine's cores with the code of that CPU, e.g. "znver3" for the AVX2
+    kernels of an AVX2-only CPU on an AVX-512 one (its features must be ones this CPU has)."""
     cores = len(os.sched_getaffinity(0))
+    cpu = "the CPU and its features as LLVM detects them" if mcpu is None else f"code for LLVM CPU {mcpu}"
     return TargetSpec(
         name="host",
-        description=f"this machine: {cores} cores, the CPU and its features as LLVM detects them",
-        make_tvm_target=lambda: _host_target(cores),
+        description=f"this machine: {cores} cores, {cpu}",
+        make_tvm_target=lambda: _host_target(cores, mcpu),
         arch=platform.machine(),
         facts={"cores": cores},
     )
 
 
-def _host_target(cores: int) -> dict:
-    target = {"kind": "llvm", "mcpu": _llvm_cpu(), "num-cores": cores}
+def _host_target(cores: int, mcpu: str | None) -> dict:
+    target = {"kind": "llvm", "mcpu": mcpu or _llvm_cpu(), "num-cores": cores}
     if _has_amx(target) and not machine_runs_amx():
         target["mattr"] = AMX_OFF
     return target

@@ -115,6 +115,25 @@ def test_no_bitlinear_matches_pytorch(checkpoint, tmp_path):
     _check_logits(runtime.load(tmp_path / "out")(x), ref)
 
 
+def test_host_with_another_cpu_matches_pytorch(checkpoint, tmp_path):
+    """A TargetSpec in CompileOptions (Python API): this machine's cores with Haswell's code (AVX2, every x86 CI
+    machine runs it), the W2A8 kernels on their AVX2 backend: the same logits within the same tolerance."""
+    from bmvcc.schedules.w2a8_cpu import select_backend
+    from bmvcc.targets.cpu import host
+
+    target = host("haswell")
+    assert select_backend(target.target()) == "avx2"
+    cfg = CASES["mq-bit"]
+    path, ref_model = checkpoint(cfg, seed=12)
+    compile_model(path, tmp_path / "out", CompileOptions(target=target, batch=BATCH))
+    model = runtime.load(tmp_path / "out")
+    assert model.metadata["target"]["tvm"]["mcpu"] == "haswell"
+    x = _images((1, 28, 28), seed=4)
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(x)).numpy()
+    _check_logits(model(x), ref)
+
+
 class SmallCNN(torch.nn.Module):
     """Not a BitMedViT: compiled through the .pt2 (torch.export program) path."""
 
