@@ -166,12 +166,10 @@ def _default_variants(target) -> str:
 def _bound(threads: int, target) -> dict:
     """The model's MACs at the peaks of `target`'s CPU on `threads` cores (ms None for a CPU family not in
     targets/cpu_peak.py)."""
-    from bmvcc.schedules.w2a8_cpu import uses_amx
-    from bmvcc.targets.cpu_peak import host_peak
+    from bmvcc.targets.cpu_peak import target_peak
 
     int8, fp32 = model_macs(PAPER)
-    tvm_target = target.target()
-    peak = host_peak(threads, str(tvm_target.attrs["mcpu"]), amx=uses_amx(tvm_target))
+    peak = target_peak(threads, target.target())
     return {"int8_macs": int8, "fp32_macs": fp32, "peak": peak.describe() if peak else None,
             "ms": peak.bound_ms(int8, fp32) if peak else None}
 

@@ -160,14 +160,13 @@ def main(argv=None) -> int:
     # TVM's pool size, read when its first parallel kernel runs (runtime.config_threadpool instead
     # would pin this thread, PyTorch's and ONNX Runtime's main thread too, to one core)
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    from bmvcc.schedules.w2a8_cpu import uses_amx
     from bmvcc.targets import get
-    from bmvcc.targets.cpu_peak import host_peak
+    from bmvcc.targets.cpu_peak import target_peak
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows = [bench_shape(a.m, k, n, a.threads, a.repeat) for k, n in shapes]
     norm_rows = [bench_norm_quant(a.m, k, a.repeat) for k in dict.fromkeys(k for k, _ in shapes)]
-    peak = host_peak(a.threads, amx=uses_amx(get("host").target()))
+    peak = target_peak(a.threads, get("host").target())
     for r in rows:
         for s in r["impls"].values():
             s["percent_of_int8_peak"] = 100 * s["gops"] * 1e9 / peak.int8_ops_per_s() if peak else None

@@ -216,12 +216,14 @@ def _ops(symbol: str, shapes: list) -> tuple[float, str]:
 
 
 def _host_peak(target: dict):
-    """This machine's peak for an artifact of metadata `target`: int8 on AMX where its W2A8 kernels use it."""
-    from .targets.cpu_peak import host_peak
+    """This machine's peak for an artifact of metadata `target` (targets/cpu_peak.py target_peak)."""
+    import tvm
+
+    from .targets.cpu_peak import target_peak
 
     if target["device"] != "cpu":
         return None
-    return host_peak(len(os.sched_getaffinity(0)), amx=_runs_amx(target))
+    return target_peak(len(os.sched_getaffinity(0)), tvm.target.Target(target["tvm"]))
 
 
 def _runs_amx(target: dict) -> bool:

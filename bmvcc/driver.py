@@ -46,7 +46,7 @@ def compile_model(source_path: Path, outdir: Path, options: CompileOptions,
     from .targets import get as get_target
 
     start = time.perf_counter()
-    spec = options.target if isinstance(options.target, TargetSpec) else get_target(options.target)
+    spec = get_target(options.target)
     artifact.check_outdir(outdir, options.force, source_path)  # fail before minutes of work
     check_source(source_path, options.heads)  # and before the seconds importing torch and TVM take
     precision.check(options.float_precision, spec)

@@ -17,7 +17,10 @@ def names() -> list[str]:
     return list(_FACTORIES)
 
 
-def get(name: str) -> TargetSpec:
+def get(name: str | TargetSpec) -> TargetSpec:
+    """The target registered as `name`; a TargetSpec (Python API, e.g. cpu.host(mcpu)) is returned as it is."""
+    if isinstance(name, TargetSpec):
+        return name
     if name not in _FACTORIES:
         raise BmvccError(f"unknown target '{name}'; choose one of: {', '.join(_FACTORIES)} (bmvcc targets lists them)")
     return _FACTORIES[name]()

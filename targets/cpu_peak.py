@@ -86,6 +86,16 @@ def host_peak(cores: int, mcpu: str | None = None, amx: bool = False) -> CpuPeak
                                             clock_measured=True, amx=amx)
 
 
+def target_peak(cores: int, target) -> CpuPeak | None:
+    """The peak on `cores` cores of this machine for code built for the TVM llvm `target`: the rates of the CPU it
+    was built for (its mcpu; this machine's where it has none), int8 on AMX where its W2A8 kernels use it, at this
+    machine's measured clock; None as host_peak."""
+    from ..schedules.w2a8_cpu import uses_amx
+
+    mcpu = target.attrs.get("mcpu")
+    return host_peak(cores, str(mcpu) if mcpu else None, amx=uses_amx(target))
+
+
 CHAIN_STEPS = 1 << 21  # iterations of the short run (2 ops each, ~1 ms at 4 GHz); the long run does twice as many
 CHAIN_REPEATS = 7
 PLAUSIBLE_GHZ = (0.3, 7.0)  # outside: the runs were disturbed (a descheduled short run), not the clock

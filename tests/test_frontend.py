@@ -6,6 +6,8 @@ shared by the tests that read it.
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -115,14 +117,13 @@ def test_no_bitlinear_matches_pytorch(checkpoint, tmp_path):
     _check_logits(runtime.load(tmp_path / "out")(x), ref)
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for an x86 CPU (Haswell)")
 def test_host_with_another_cpu_matches_pytorch(checkpoint, tmp_path):
-    """A TargetSpec in CompileOptions (Python API): this machine's cores with Haswell's code (AVX2, every x86 CI
-    machine runs it), the W2A8 kernels on their AVX2 backend: the same logits within the same tolerance."""
-    from bmvcc.schedules.w2a8_cpu import select_backend
+    """A TargetSpec in CompileOptions (Python API): this machine's cores with Haswell's code (AVX2, which every x86
+    CI machine runs; the W2A8 kernels on their AVX2 backend): the same logits within the same tolerance."""
     from bmvcc.targets.cpu import host
 
     target = host("haswell")
-    assert select_backend(target.target()) == "avx2"
     cfg = CASES["mq-bit"]
     path, ref_model = checkpoint(cfg, seed=12)
     compile_model(path, tmp_path / "out", CompileOptions(target=target, batch=BATCH))

@@ -238,16 +238,15 @@ def test_row_blocks_hold_real_rows(m, rows):
 
 def test_profile_peak_counts_amx_where_the_artifact_runs_it():
     """bench's int8 peak and its AMX check follow the artifact's target: Sapphire Rapids' runs AMX (tdpbssd's 1024 MACs
-    a cycle and core, Intel's figure), Ice Lake's does not, the host's where its target picks AMX."""
+    a cycle and core, Intel's figure), Ice Lake's does not (vpdpbusd's 128), the host's where its target picks AMX."""
     from bmvcc import bench
-    from bmvcc.targets.cpu_peak import host_peak
 
-    assert bench._runs_amx({"device": "cpu", "tvm": {"kind": "llvm", "mcpu": "sapphirerapids"}})
+    spr, icl = ({"device": "cpu", "tvm": {"kind": "llvm", "mcpu": cpu}} for cpu in ("sapphirerapids", "icelake-server"))
+    assert bench._runs_amx(spr) and not bench._runs_amx(icl)
     assert bench._runs_amx({"device": "cpu", "tvm": get("host").tvm_target}) == (select_backend(HERE) == "amx")
-    assert not bench._runs_amx({"device": "cpu", "tvm": {"kind": "llvm", "mcpu": "icelake-server"}})
-    spr = host_peak(2, "sapphirerapids", amx=bench._runs_amx({"device": "cpu", "tvm": {"kind": "llvm",
-                                                                                    "mcpu": "sapphirerapids"}}))
-    assert spr is not None and spr.int8_macs_per_cycle == 1024, spr
+    peaks = bench._host_peak(spr), bench._host_peak(icl)
+    assert [(p.family, p.int8_macs_per_cycle, p.amx) for p in peaks] == [("sapphirerapids", 1024, True),
+                                                                           ("icelake-server", 128, False)], peaks
 
 
 def test_amx_knobs_are_fixed():
