@@ -13,7 +13,7 @@ import pytest
 import tvm
 from tvm.target import codegen
 
-from bmvcc import runtime, targets
+from bmvcc import artifact, bench, runtime, targets
 from bmvcc.driver import CompileOptions, compile_model
 from bmvcc.errors import BmvccError
 from bmvcc.targets.base import TargetSpec
@@ -41,10 +41,14 @@ def test_a_cpu_with_every_recorded_feature_runs_one_without_is_refused_naming_th
 
 
 def test_aarch64_features_are_checked_by_their_cpuinfo_names():
-    """The generic aarch64 target (Cortex-A78 with sdot) as LLVM records it: an Orin runs it, a Raspberry Pi 4 not."""
+    """The generic aarch64 target (Cortex-A78 with sdot) as LLVM records it: an Orin runs it, a Raspberry Pi 4 not.
+    A GPU target records its host CPU's (the Orin's Cortex-A78AE); a target without an LLVM CPU records nothing."""
     spec = targets.get("aarch64")
     isa = record(spec.tvm_target, spec.arch)
     assert isa == {"mcpu": "cortex-a78", "features": {"dotprod": "asimddp", "fullfp16": "asimdhp"}}
+    orin = targets.get("jetson-orin-nano")
+    assert record(orin.tvm_target, orin.arch) == {**isa, "mcpu": "cortex-a78ae"}
+    assert record({"kind": "cuda", "arch": "sm_87"}, "aarch64") is None
     runtime.check_cpu_features({"isa": isa}, ORIN_FLAGS)
     with pytest.raises(BmvccError, match="compiled for cortex-a78 and uses dotprod, fullfp16, which this CPU lacks"):
         runtime.check_cpu_features({"isa": isa}, PI4_FLAGS)
@@ -83,10 +87,11 @@ def _feature_this_cpu_lacks() -> str | None:
 LACKING = _feature_this_cpu_lacks()
 
 
-@pytest.mark.skipif(LACKING is None, reason="this CPU has every feature of LACKING (or there is no /proc/cpuinfo)")
+@pytest.mark.skipif(LACKING is None, reason="this CPU has every feature of LACKABLE (or there is no /proc/cpuinfo)")
 def test_an_artifact_using_a_feature_this_cpu_lacks_is_refused_not_sigill(checkpoint, tmp_path, monkeypatch):
     """The small model compiled for this CPU plus a feature it lacks (-mattr=+FEATURE): `bmvcc run` and `bench` print
-    one error line naming it and exit 2 (in a subprocess: a SIGILL would be exit -4), writing nothing. One compile."""
+    one error line naming it and exit 2 (in a subprocess: a SIGILL would be exit -4), writing nothing; bench --profile
+    over RPC does not record the calls here. One compile."""
     host = targets.get("host")
     tvm_target = {**host.tvm_target, "mattr": [*host.tvm_target.get("mattr", []), f"+{LACKING}"]}
     spec = TargetSpec(name="host-plus", description="this CPU plus a feature it lacks",
@@ -105,4 +110,9 @@ def test_an_artifact_using_a_feature_this_cpu_lacks_is_refused_not_sigill(checkp
         assert found and found[1] == tvm_target["mcpu"], lines[0]
         named = found[2].split(", ")
         assert LACKING in named and not {FEATURES[host.arch][f] for f in named} & flags, named
+        assert (found[3] == "it") == (len(named) == 1), lines[0]
     assert not logits.exists()
+    meta = artifact.read_metadata(out)  # bench --profile over RPC records the calls here: refused before it loads
+    with pytest.raises(BmvccError, match=f"on this machine, whose CPU lacks .*{LACKING}.* run bmvcc bench --profile "
+                                         "on the device itself"):
+        bench._record_locally(out, meta["target"], meta, None, None)
