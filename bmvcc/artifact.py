@@ -5,7 +5,8 @@
       weights.bin     the weights, a TVM param dict (tvm.runtime.load_param_dict): w0, w1, ... in
                       the order main takes them after the image
       metadata.json   config, input shape and dtype, classes, weight shapes and dtypes, versions,
-                      target, source sha256, ..., and the size and sha256 of every other file
+                      target (with target.isa: the CPU features its code may use, targets/isa.py), source
+                      sha256, ..., and the size and sha256 of every other file
     and for CUDA targets (bmvcc/gpu_build.py):
       device.cubin    the cubin embedded in model.so
       device.json     arch, bmvcc kernels, ptxas resources, each launched PrimFunc's kernel launches
@@ -237,6 +238,13 @@ def _is_number(v) -> bool:
     return type(v) in (int, float)
 
 
+def _is_isa(v) -> bool:
+    """target.isa (targets/isa.py): absent (compiled before bmvcc recorded it) or null (no LLVM CPU target), else
+    {mcpu, features: {LLVM feature: cpuinfo flag}}."""
+    return v is None or (isinstance(v, dict) and isinstance(v.get("mcpu"), str) and isinstance(v.get("features"), dict)
+                         and all(isinstance(f, str) for f in v["features"].values()))
+
+
 # dotted field -> (check, what it must be); a field's parent is listed before it
 _SCHEMA = {
     "target": (lambda v: isinstance(v, dict), "an object"),
@@ -271,6 +279,8 @@ def _schema_problem(meta: dict) -> str | None:
             return f"field '{field}' is missing"
         if not check(holder[key]):
             return f"field '{field}' is not {expected}"
+    if not _is_isa(meta["target"].get("isa")):
+        return "field 'target.isa' is not null or an object with a string mcpu and features {name: cpuinfo flag}"
     if meta["num_weights"] != len(meta["weights"]):
         return f"num_weights is {meta['num_weights']}, but {len(meta['weights'])} weights are listed"
     return None

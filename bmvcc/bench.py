@@ -27,6 +27,7 @@ import numpy as np
 
 from . import artifact
 from .errors import BmvccError, amx_refusal
+from .runtime import check_cpu_features, cpuinfo_flags, missing_cpu_features
 from .targets.cpu import machine_runs_amx
 
 
@@ -53,6 +54,7 @@ def bench(outdir: Path, repeat: int = 50, tracker: str | None = None, key: str |
         if target["arch"] != platform.machine():
             raise BmvccError(f"'{outdir}' was compiled for {target['arch']}; bench it on the device with "
                              "--rpc-tracker HOST:PORT --rpc-key KEY")
+        check_cpu_features(target, cpuinfo_flags())
         session, where, lib = None, "host", tvm.runtime.load_module(str(outdir / artifact.MODULE))
     else:
         session = _connect(tracker, key, session_timeout)
@@ -136,6 +138,10 @@ def _record_locally(outdir: Path, target: dict, meta: dict, x: np.ndarray, param
     if _runs_amx(target) and not machine_runs_amx():
         raise BmvccError("--profile over RPC records the kernel calls on this machine, which cannot run the artifact's "
                          "AMX kernels; run bmvcc bench --profile on the device itself")
+    lacking = missing_cpu_features(target, cpuinfo_flags())
+    if lacking:
+        raise BmvccError(f"--profile over RPC records the kernel calls on this machine, whose CPU lacks "
+                         f"{', '.join(lacking)} (used by the artifact); run bmvcc bench --profile on the device itself")
     dev = tvm.device(target["device"])
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / artifact.MODULE)), dev)
     weights = [tvm.runtime.tensor(params[f"w{i}"].numpy(), dev) for i in range(meta["num_weights"])]

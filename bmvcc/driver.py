@@ -104,6 +104,7 @@ def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights,
     import tvm
 
     from .preprocess import REFERENCE
+    from .targets import isa
 
     return {
         "format_version": artifact.FORMAT_VERSION,
@@ -111,7 +112,8 @@ def _metadata(source, spec, options: CompileOptions, pass_report: dict, weights,
         "tvm_version": tvm.__version__,
         "source": {"name": source.path.name, "sha256": sha256(source.path), "kind": source.path.suffix},
         "config": source.config.to_dict() if source.config else None,
-        "target": {"name": spec.name, "tvm": spec.tvm_target, "arch": spec.arch, "device": spec.device},
+        "target": {"name": spec.name, "tvm": spec.tvm_target, "arch": spec.arch, "device": spec.device,
+                   "isa": isa.record(spec.tvm_target, spec.arch)},
         "input": {"shape": [options.batch, *source.input_shape], "dtype": "float32", "layout": "NCHW"},
         "num_classes": source.num_classes,
         "preprocessing": REFERENCE,

@@ -92,6 +92,35 @@ def _load_runtime_libraries(device: str) -> None:
                              f"set TVM_LIBRARY_PATH (README: Deploying to a device)") from None
 
 
+def cpuinfo_flags() -> frozenset[str] | None:
+    """The CPU's flags as Linux reports them in /proc/cpuinfo ("flags" on x86_64, "Features" on aarch64); None where
+    there is no such file (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return frozenset(w for line in text.splitlines() if line.startswith(("flags", "Features")) for w in line.split())
+
+
+def missing_cpu_features(target: dict, cpu_flags: frozenset[str] | None) -> list[str]:
+    """The features code compiled for `target` (metadata.json's, of this machine's arch) may use (target.isa,
+    targets/isa.py) that a CPU reporting `cpu_flags` lacks: running it there would die on SIGILL. None where either is
+    unknown (an artifact compiled before bmvcc recorded them; no /proc/cpuinfo)."""
+    isa = target.get("isa")
+    if not isa or cpu_flags is None:
+        return []
+    return [name for name, flag in isa["features"].items() if flag not in cpu_flags]
+
+
+def check_cpu_features(target: dict, cpu_flags: frozenset[str] | None) -> None:
+    """A BmvccError if the CPU reporting `cpu_flags` lacks a feature of `target` (missing_cpu_features)."""
+    lacking = missing_cpu_features(target, cpu_flags)
+    if lacking:
+        raise BmvccError(f"this model was compiled for {target['isa']['mcpu']} and uses {', '.join(lacking)}, which "
+                         f"this CPU lacks; compile it with --target host on this machine (or for a target without "
+                         f"{'them' if len(lacking) > 1 else 'it'})")
+
+
 class CompiledModel:
     """Callable: float32 images [B', C, H, W] (any B', or one [C, H, W]) -> logits [B', classes].
 
@@ -111,6 +140,7 @@ class CompiledModel:
         if target["arch"] != platform.machine():
             raise BmvccError(f"'{outdir}' was compiled for {target['arch']} (target {target['name']}), this machine "
                              f"is {platform.machine()}; copy it to a {target['arch']} device or compile with --target host")
+        check_cpu_features(target, cpuinfo_flags())
         _load_runtime_libraries(self.device)
         ffi = self._ffi = _ffi()
         self.dev = ffi.device(self.device, 0)

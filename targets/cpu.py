@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 from .base import TargetSpec
 
@@ -62,11 +61,9 @@ def machine_runs_amx(cpu_flags: frozenset[str] | None = None, xtiledata: bool | 
 
 def _cpuinfo_flags() -> frozenset[str] | None:
     """The CPU flags Linux reports in /proc/cpuinfo; None where there is no such file (not Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return frozenset(w for line in text.splitlines() if line.startswith("flags") for w in line.split())
+    from ..runtime import cpuinfo_flags  # imported here: `bmvcc targets` does not need numpy
+
+    return cpuinfo_flags()
 
 
 def _xtiledata_granted() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -120,6 +121,35 @@ def test_runtime_refuses_an_artifact_for_another_cpu(built, tmp_path):
     artifact.write_metadata(other, meta)
     with pytest.raises(BmvccError, match="compiled for riscv64"):
         load(other)
+
+
+def test_a_host_build_records_features_this_cpu_reports_and_runs_here(built, tmp_path):
+    """The instruction-set guard's negative control: the host build records the CPU features its code may use (every
+    x86-64 CI machine has AVX2), each one this CPU's /proc/cpuinfo reports, and `bmvcc run` (a subprocess: a
+    wrongful refusal is exit 2, a SIGILL -4) runs it on the machine that built it."""
+    from bmvcc.targets.isa import FEATURES
+
+    isa = artifact.read_metadata(built[0])["target"]["isa"]
+    flags = bmvcc.runtime.cpuinfo_flags()
+    if flags is not None and "avx2" in flags:
+        assert "avx2" in isa["features"], isa
+    assert all(FEATURES[platform.machine()][name] == flag for name, flag in isa["features"].items())
+    assert flags is None or set(isa["features"].values()) <= flags, isa
+    np.save(tmp_path / "x.npy", images(1))
+    proc = subprocess.run([sys.executable, "-m", "bmvcc.cli", "run", str(built[0]), "--input", str(tmp_path / "x.npy"),
+                           "-o", str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "y.npy").shape == (1, 10)
+
+
+def test_an_artifact_compiled_before_features_were_recorded_loads_as_before(built, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(built[0], old)
+    meta = artifact.read_metadata(old)
+    del meta["target"]["isa"]
+    artifact.write_metadata(old, meta)
+    x = images(BATCH)
+    np.testing.assert_array_equal(bmvcc.runtime.load(old)(x), bmvcc.runtime.load(built[0])(x))
 
 
 def test_recompiling_into_the_same_outdir_loads_the_new_module(built, checkpoint, tmp_path):

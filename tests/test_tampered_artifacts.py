@@ -70,6 +70,7 @@ def _edit(field: str, value):
     (_edit("files", KeyError), "field 'files' is missing"),
     (_edit("files.model.so", KeyError), "field 'files' is not"),
     (_edit("dataset", {"labels": ["a"]}), "field 'dataset' is not"),
+    (_edit("target.isa", {"mcpu": "znver4", "features": ["avx2"]}), "field 'target.isa' is not"),
 ])
 def test_ill_formed_metadata_is_one_line(copy, capsys, edit, message):
     out, argv = copy

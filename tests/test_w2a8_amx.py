@@ -307,13 +307,14 @@ def test_whole_model_on_emulated_amx_matches_pytorch(checkpoint, tmp_path, monke
 @needs_avx512_without_amx
 def test_amx_artifact_where_linux_refuses_amx_stops_with_one_error_line(checkpoint, tmp_path, monkeypatch, capsys,
                                                                          rpc_device):
-    """A model compiled for Sapphire Rapids, run and benched here: `error: AMX refused: ...; ...`, exit 2; benched
-    on an RPC device (this machine) the refusal is the device's; its profile is not recorded on this machine.
+    """A model compiled for this CPU plus AMX (for Sapphire Rapids, the instruction-set guard would refuse it first:
+    this CPU lacks its AVX-512 FP16), run and benched here: `error: AMX refused: ...; ...`, exit 2; benched on an RPC
+    device (this machine) the refusal is the device's; its profile is not recorded on this machine.
     One compile, 5-20 s, and an RPC tracker and server."""
     from bmvcc import artifact, bench
     from bmvcc.errors import BmvccError
 
-    spec = _cpu_target(monkeypatch, "spr", {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
+    spec = _cpu_target(monkeypatch, "host-amx", {**get("host").tvm_target, "mattr": ["+amx-tile", "+amx-int8"]})
     out, images = tmp_path / "out", tmp_path / "images.npy"
     compile_model(checkpoint(small_config())[0], out, CompileOptions(target=spec.name))
     np.save(images, np.zeros((1, 1, 28, 28), np.float32))
