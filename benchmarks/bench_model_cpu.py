@@ -21,8 +21,8 @@ the figures of a shared machine are only comparable within one run.
 
 --mcpu NAME compiles bmvcc's variants for LLVM CPU NAME on this machine's cores (targets.cpu.host(mcpu)), e.g.
 `--mcpu znver3` runs the AVX2 code path of an AVX2-only CPU on an AVX-512 one; the bound is then NAME's MACs per cycle
-(targets/cpu_peak.py) at this machine's measured clock. NAME's features must be ones this CPU has (bmvcc.load refuses
-the artifact otherwise). PyTorch and ONNX Runtime still pick their kernels for this CPU.
+(targets/cpu_peak.py) at this machine's measured clock. NAME's features must be ones this CPU has (else the benchmark
+stops at once, naming them). PyTorch and ONNX Runtime still pick their kernels for this CPU.
 """
 
 from __future__ import annotations
@@ -81,12 +81,17 @@ def main(argv=None) -> int:
                     "machine's cores, e.g. znver3 for the AVX2 code path; default: this machine's CPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
+    from bmvcc.errors import BmvccError
     from bmvcc.targets.cpu import host
     from bmvcc.targets.cpu_peak import FAMILIES
 
     if args.mcpu is not None and args.mcpu not in FAMILIES:
         ap.error(f"unknown --mcpu {args.mcpu}; choose one of targets/cpu_peak.py's families: {', '.join(FAMILIES)}")
     target = host(args.mcpu)
+    try:
+        _ = target.tvm_target  # an --mcpu this machine cannot run is refused here
+    except BmvccError as e:
+        ap.error(str(e))
     variants = [v for v in (args.variants or _default_variants(target)).split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -96,7 +101,6 @@ def main(argv=None) -> int:
     import torch
 
     import bmvcc
-    from bmvcc.errors import BmvccError
 
     torch.set_num_threads(args.threads)
     # TVM's pool: TVM_NUM_THREADS, else one thread per core. Never runtime.config_threadpool here:
@@ -125,11 +129,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001  (report a variant that cannot compile yet, go on)
                 rows.append({"name": f"bmvcc {name}", "error": f"{type(e).__name__}: {str(e)[:200]}"})
                 continue
-            try:
-                compiled = bmvcc.load(tmp / name)
-            except BmvccError as e:  # an --mcpu whose features this CPU lacks
-                rows.append({"name": f"bmvcc {name}", "error": str(e)})
-                continue
+            compiled = bmvcc.load(tmp / name)
             out = compiled(image)
             err = float(np.abs(out - ref).max())
             log(f"timing variant '{name}'")

@@ -23,11 +23,33 @@ def host(mcpu: str | None = None) -> TargetSpec:
     )
 
 
-def _host_target(cores: int, mcpu: str | None) -> dict:
+def _host_target(cores: int, mcpu: str | None, cpu_flags: frozenset[str] | None = None) -> dict:
+    """This machine's CPU with the features (targets/isa.py) its name claims but the CPU (`cpu_flags`, by default
+    /proc/cpuinfo's) lacks turned off (a virtual machine may hide some behind a CPU model that has them), and AMX only
+    where it runs; an explicit `mcpu` must be one this machine runs (else BmvccError)."""
+    from ..errors import BmvccError
+    from ..runtime import missing_cpu_features
+    from .isa import record
+
+    if mcpu is not None:
+        _check_llvm_knows(mcpu)
     target = {"kind": "llvm", "mcpu": mcpu or _llvm_cpu(), "num-cores": cores}
-    if _has_amx(target) and not machine_runs_amx():
-        target["mattr"] = AMX_OFF
-    return target
+    flags = _cpuinfo_flags() if cpu_flags is None else cpu_flags
+    hidden = missing_cpu_features({"isa": record(target, platform.machine())}, flags)
+    if mcpu is not None and hidden:
+        raise BmvccError(f"LLVM CPU {mcpu} has {', '.join(hidden)}, which this CPU lacks; name a CPU this machine runs")
+    mattr = [f"-{f}" for f in hidden] + (AMX_OFF if _has_amx(target) and not machine_runs_amx() else [])
+    return {**target, "mattr": mattr} if mattr else target
+
+
+def _check_llvm_knows(mcpu: str) -> None:
+    from tvm.target import codegen
+
+    from ..errors import BmvccError
+
+    triple = codegen.llvm_get_system_triple()
+    if not codegen.llvm_is_valid_cpu(mcpu, triple):
+        raise BmvccError(f"'{mcpu}' is not an LLVM CPU of this machine ({triple}); name one of its architecture")
 
 
 def _llvm_cpu() -> str:

@@ -116,3 +116,35 @@ def test_an_artifact_using_a_feature_this_cpu_lacks_is_refused_not_sigill(checkp
     with pytest.raises(BmvccError, match=f"on this machine, whose CPU lacks .*{LACKING}.* run bmvcc bench --profile "
                                          "on the device itself"):
         bench._record_locally(out, meta["target"], meta, None, None)
+
+
+# A CPU that LLVM knows to have each LACKABLE x86 feature
+CPU_WITH = {"avx512fp16": "sapphirerapids", "avx512vp2intersect": "tigerlake"}
+
+
+@pytest.mark.skipif(LACKING not in CPU_WITH, reason="no x86 feature of LACKABLE this CPU lacks (or no /proc/cpuinfo)")
+def test_host_for_a_cpu_this_machine_cannot_run_is_refused_when_made():
+    """targets.cpu.host(mcpu) (bench_model_cpu --mcpu): a CPU with a feature this one lacks, or a name LLVM does not know
+    for this machine, is an error before any compile."""
+    cpu = CPU_WITH[LACKING]
+    with pytest.raises(BmvccError, match=f"^LLVM CPU {cpu} has .*{LACKING}.*, which this CPU lacks; name a CPU this "
+                                         "machine runs$"):
+        _ = targets.cpu.host(cpu).tvm_target
+    with pytest.raises(BmvccError, match="^'cortex-a78' is not an LLVM CPU of this machine"):
+        _ = targets.cpu.host("cortex-a78").tvm_target
+
+
+@pytest.mark.skipif(runtime.cpuinfo_flags() is None, reason="no /proc/cpuinfo")
+def test_host_turns_off_the_features_its_cpu_name_claims_but_the_cpu_hides():
+    """A virtual machine hiding a feature of its CPU model (here each recorded one in turn, removed from this CPU's
+    flags): the host target turns it off, so nothing is built that the CPU would refuse; with every flag, nothing."""
+    from bmvcc.targets.cpu import _host_target
+
+    flags, mcpu = runtime.cpuinfo_flags(), targets.get("host").tvm_target["mcpu"]
+    features = record({"kind": "llvm", "mcpu": mcpu}, platform.machine())["features"]
+    assert features, mcpu
+    assert not {f for f in _host_target(2, None, flags).get("mattr", []) if f.lstrip("-") in features}
+    for name, flag in features.items():
+        target = _host_target(2, None, flags - {flag})
+        assert f"-{name}" in target["mattr"], (name, target)
+        assert name not in record(target, platform.machine())["features"]
