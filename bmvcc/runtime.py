@@ -92,14 +92,20 @@ def _load_runtime_libraries(device: str) -> None:
                              f"set TVM_LIBRARY_PATH (README: Deploying to a device)") from None
 
 
+CPUINFO_FLAGS_LINE = {"x86_64": "flags", "aarch64": "Features"}  # where /proc/cpuinfo lists them, per architecture
+
+
 def cpuinfo_flags() -> frozenset[str] | None:
-    """The CPU's flags as Linux reports them in /proc/cpuinfo ("flags" on x86_64, "Features" on aarch64); None where
-    there is no such file (not Linux)."""
+    """The CPU's flags as Linux reports them in /proc/cpuinfo; None where there is no such file (not Linux) or it does
+    not describe this process's architecture (an aarch64 program under qemu-user on x86 reads the x86 host's)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    return frozenset(w for line in text.splitlines() if line.startswith(("flags", "Features")) for w in line.split())
+    key = CPUINFO_FLAGS_LINE.get(platform.machine())
+    lines = [line.split(":", 1) for line in text.splitlines() if ":" in line]
+    flags = [value.split() for name, value in lines if name.strip() == key]
+    return frozenset(f for words in flags for f in words) if flags else None
 
 
 def missing_cpu_features(target: dict, cpu_flags: frozenset[str] | None) -> list[str]:
