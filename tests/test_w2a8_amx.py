@@ -34,6 +34,7 @@ from bmvcc.schedules.w2a8 import (  # noqa: E402
 )
 from bmvcc.schedules.w2a8_cpu import select_backend  # noqa: E402
 from bmvcc.targets import cpu, get  # noqa: E402
+from bmvcc.targets.isa import record  # noqa: E402
 
 from conftest import cli_error, small_config  # noqa: E402
 from test_bench import rpc_device  # noqa: E402, F401 (a fixture)
@@ -41,6 +42,7 @@ from test_w2a8_cpu import _inputs  # noqa: E402
 
 SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 HERE = get("host").target()  # what the emulated kernels are built for and run on
+HOST_PLUS_AMX = {**get("host").tvm_target, "mattr": [*get("host").tvm_target.get("mattr", []), "+amx-tile", "+amx-int8"]}
 
 
 def _kernel(cfg):
@@ -219,9 +221,10 @@ def test_select_backend_amx_only_where_it_runs(monkeypatch):
     assert select_backend(no_int8) == "vnni"
     assert select_backend(HERE) != "amx" or cpu.machine_runs_amx()  # where LLVM knows the CPU has AMX: exactly then
     monkeypatch.setattr(cpu, "_llvm_cpu", lambda: "sapphirerapids")
+    vector = set(record({"kind": "llvm", "mcpu": "sapphirerapids"}, "x86_64")["features"].values())  # AVX-512 & co.
     for flags, xtiledata, backend in [({"amx_tile", "amx_int8"}, True, "amx"), ({"amx_tile"}, True, "vnni"),
                                       ({"amx_tile", "amx_int8"}, False, "vnni")]:
-        monkeypatch.setattr(cpu, "_cpuinfo_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(cpu, "_cpuinfo_flags", lambda: frozenset(flags | vector))
         monkeypatch.setattr(cpu, "_xtiledata_granted", lambda: xtiledata)
         target = get("host").tvm_target
         assert select_backend(tvm.target.Target(target)) == backend, target
@@ -278,7 +281,7 @@ def test_whole_model_on_emulated_amx_matches_pytorch(checkpoint, tmp_path, monke
 
     from test_passes_model import ATOL
 
-    spec = _cpu_target(monkeypatch, "host-amx", {**get("host").tvm_target, "mattr": ["+amx-tile", "+amx-int8"]})
+    spec = _cpu_target(monkeypatch, "host-amx", HOST_PLUS_AMX)
     emulated, schedule = [], lowering.schedule
 
     def schedule_then_emulate(stage, spec):
@@ -314,7 +317,7 @@ def test_amx_artifact_where_linux_refuses_amx_stops_with_one_error_line(checkpoi
     from bmvcc import artifact, bench
     from bmvcc.errors import BmvccError
 
-    spec = _cpu_target(monkeypatch, "host-amx", {**get("host").tvm_target, "mattr": ["+amx-tile", "+amx-int8"]})
+    spec = _cpu_target(monkeypatch, "host-amx", HOST_PLUS_AMX)
     out, images = tmp_path / "out", tmp_path / "images.npy"
     compile_model(checkpoint(small_config())[0], out, CompileOptions(target=spec.name))
     np.save(images, np.zeros((1, 1, 28, 28), np.float32))
