@@ -2,7 +2,7 @@
 benchmarks/bench_model_cpu.py compare achieved speeds against.
 
 Per core and cycle: int8 multiply-accumulates of the widest int8 dot-product instruction
-(vpdpbusd with AVX-512 VNNI, vpmaddubsw+vpmaddwd on AVX2, sdot on Arm) and float32 FMAs, each at
+(vpdpbusd with AVX-512 VNNI, vpmaddubsw on AVX2, sdot on Arm) and float32 FMAs, each at
 the sustained issue rate of the core's vector pipes; on a host whose W2A8 kernels run on AMX tiles
 (schedules/w2a8_amx.py), the int8 rate is tdpbssd's (AMX_INT8_MACS).
 The clock is measured (measured_ghz), not read from /proc/cpuinfo, which under a hypervisor reports the
@@ -22,10 +22,12 @@ FAMILIES = {
     # Zen 5, Ice Lake .. Granite Rapids servers: two 512-bit FMA pipes, two 512-bit vpdpbusd per cycle.
     "znver5": (128, 32), "icelake-server": (128, 32), "cascadelake": (128, 32), "cooperlake": (128, 32),
     "sapphirerapids": (128, 32), "emeraldrapids": (128, 32), "graniterapids": (128, 32),
-    # Skylake-SP: two 512-bit pipes, no VNNI (vpmaddubsw + vpmaddwd + vpaddd per 64 MACs, two a cycle).
+    # Skylake-SP: two 512-bit FMA pipes, no VNNI: the AVX2 kernel (two 256-bit vpmaddubsw a cycle).
     "skylake-avx512": (64, 32),
-    # AVX2: two 256-bit FMA pipes; int8 through vpmaddubsw + vpmaddwd + vpaddd, about 32 MACs a cycle.
-    "znver2": (32, 16), "znver3": (32, 16), "haswell": (32, 16), "skylake": (32, 16), "alderlake": (32, 16),
+    # AVX2: two 256-bit FMA pipes; int8 on vpmaddubsw (32 MACs, int16 sums: bmvcc's avx2_i16 kernel), two a cycle:
+    # measured on Zen 4 running AVX2 code (1.99 a cycle), ports 0 and 1 on Skylake and Golden Cove; assumed for Zen 2
+    # and 3 (an upper bound: their bound is then no looser). Haswell: one a cycle (port 0 only).
+    "znver2": (64, 16), "znver3": (64, 16), "skylake": (64, 16), "alderlake": (64, 16), "haswell": (32, 16),
     # Armv8.2 cores with two 128-bit NEON pipes: two sdot (16 MACs each) or two 4-lane FMAs a cycle.
     "cortex-a78": (32, 8), "cortex-a76": (32, 8), "neoverse-n1": (32, 8),
 }
