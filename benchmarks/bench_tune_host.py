@@ -27,9 +27,6 @@ import numpy as np
 from common import onnxruntime_session, paper_checkpoint, time_call
 
 
-
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=32)

@@ -30,8 +30,6 @@ import numpy as np
 from common import gemm_args, print_gemm_table, time_call
 
 
-
-
 def _w2a8(m, n, k, q, codes):
     import tvm
 

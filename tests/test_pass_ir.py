@@ -746,7 +746,6 @@ def test_fuse_attention_keeps_a_mask_that_lets_a_token_see_the_next(fuse, attent
     tvm.ir.assert_structural_equal(after.without_attr(ATTENTION_KEY), before)
 
 
-
 def _guarded_softmax(fill: np.ndarray, keys: int = 8) -> tvm.IRModule:
     """torch SDPA's guard as TVM imports it, after fold_constants: where(row all -inf, fill, softmax(s)), s of
     `keys` columns."""
@@ -787,7 +786,6 @@ def test_scalar_fills_keeps_a_branch_of_different_values():
 def test_scalar_fills_keeps_a_branch_that_gives_the_shape():
     before = _guarded_softmax(np.zeros((2, 8, 8), np.float32), keys=1)  # [2, 8, 1] and [2, 8, 1]: the fill gives 8
     tvm.ir.assert_structural_equal(scalar_fills(before), before)
-
 
 
 def _weight_matmul(rows, weight: np.ndarray) -> tvm.IRModule:
