@@ -239,8 +239,7 @@ def _is_number(v) -> bool:
 
 
 def _is_isa(v) -> bool:
-    """target.isa (targets/isa.py): absent (compiled before bmvcc recorded it) or null (no LLVM CPU target), else
-    {mcpu, features: {LLVM feature: cpuinfo flag}}."""
+    """target.isa (targets/isa.py): null (no LLVM CPU target), else {mcpu, features: {LLVM feature: cpuinfo flag}}."""
     return v is None or (isinstance(v, dict) and isinstance(v.get("mcpu"), str) and isinstance(v.get("features"), dict)
                          and all(isinstance(f, str) for f in v["features"].values()))
 
@@ -251,6 +250,7 @@ _SCHEMA = {
     "target.name": (lambda v: isinstance(v, str), "a string"),
     "target.arch": (lambda v: isinstance(v, str), "a string"),
     "target.device": (lambda v: isinstance(v, str), "a string"),
+    "target.isa": (_is_isa, "null or an object with a string mcpu and features {name: cpuinfo flag}"),
     "input": (lambda v: isinstance(v, dict), "an object"),
     "input.shape": (lambda v: _is_dims(v) and len(v) == 4, "[N, C, H, W], positive integers"),
     "input.dtype": (lambda v: v == "float32", '"float32"'),
@@ -270,17 +270,20 @@ _SCHEMA = {
 }
 
 
+_OPTIONAL = {"target.isa"}  # absent in artifacts compiled before bmvcc recorded it
+
+
 def _schema_problem(meta: dict) -> str | None:
     """The first field of `meta` that a reader would trip over, as a phrase; None if there is none."""
     for field, (check, expected) in _SCHEMA.items():
         parent, _, key = field.rpartition(".")
         holder = meta[parent] if parent else meta
         if key not in holder:
+            if field in _OPTIONAL:
+                continue
             return f"field '{field}' is missing"
         if not check(holder[key]):
             return f"field '{field}' is not {expected}"
-    if not _is_isa(meta["target"].get("isa")):
-        return "field 'target.isa' is not null or an object with a string mcpu and features {name: cpuinfo flag}"
     if meta["num_weights"] != len(meta["weights"]):
         return f"num_weights is {meta['num_weights']}, but {len(meta['weights'])} weights are listed"
     return None

@@ -132,16 +132,13 @@ def _record_locally(outdir: Path, target: dict, meta: dict, x: np.ndarray, param
     import tvm
     from tvm import relax
 
-    if target["arch"] != platform.machine():
-        raise BmvccError(f"--profile over RPC records the kernel calls on this machine, which cannot run a "
-                         f"{target['arch']} artifact; run bmvcc bench --profile on the device itself")
-    if _runs_amx(target) and not machine_runs_amx():
-        raise BmvccError("--profile over RPC records the kernel calls on this machine, which cannot run the artifact's "
-                         "AMX kernels; run bmvcc bench --profile on the device itself")
-    lacking = missing_cpu_features(target, cpuinfo_flags())
-    if lacking:
-        raise BmvccError(f"--profile over RPC records the kernel calls on this machine, whose CPU lacks "
-                         f"{', '.join(lacking)} (used by the artifact); run bmvcc bench --profile on the device itself")
+    lacking = target["arch"] == platform.machine() and missing_cpu_features(target, cpuinfo_flags())
+    why = (f"which cannot run a {target['arch']} artifact" if target["arch"] != platform.machine() else
+           "which cannot run the artifact's AMX kernels" if _runs_amx(target) and not machine_runs_amx() else
+           lacking and f"whose CPU lacks {', '.join(lacking)} (used by the artifact)")
+    if why:
+        raise BmvccError(f"--profile over RPC records the kernel calls on this machine, {why}; run bmvcc bench "
+                         "--profile on the device itself")
     dev = tvm.device(target["device"])
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / artifact.MODULE)), dev)
     weights = [tvm.runtime.tensor(params[f"w{i}"].numpy(), dev) for i in range(meta["num_weights"])]

@@ -13,9 +13,9 @@ ERROR_IMAGES = 4  # seeded standard-normal images, the scale of preprocessed pix
 ERROR_SEED = 0
 
 
-def check(precision: str, spec, cpu_flags: frozenset[str] | None = None) -> None:
-    """Refuses a precision bmvcc does not know, and bf16 on a target whose CPU lacks vdpbf16ps (for the host:
-    or does not report it, `cpu_flags` as targets/cpu.py host_runs_bf16_dot takes them)."""
+def check(precision: str, spec) -> None:
+    """Refuses a precision bmvcc does not know, and bf16 on a target whose CPU lacks vdpbf16ps (for the host: or
+    hides it, a virtual machine's CPU model not reporting it; the host target turns it off then, targets/cpu.py)."""
     if precision not in FLOAT_PRECISIONS:
         raise BmvccError(f"unknown --float-precision '{precision}'; choose one of: {', '.join(FLOAT_PRECISIONS)}")
     if precision == "float32":
@@ -23,17 +23,18 @@ def check(precision: str, spec, cpu_flags: frozenset[str] | None = None) -> None
     if spec.device != "cpu":
         raise BmvccError(f"--float-precision {precision} is for CPU targets, and '{spec.name}' is a GPU (its float "
                          "matmuls run on fp16 tensor cores already); drop --float-precision")
-    from .targets.cpu import BF16_DOT_FEATURE, CPUINFO_BF16_FLAG, has_bf16_dot, host_runs_bf16_dot
+    from .targets.cpu import BF16_DOT_FEATURE, has_bf16_dot
+    from .targets.isa import FEATURES
 
     target = spec.target()
     needs = f"--float-precision bf16 needs a CPU with AVX-512 BF16 ({BF16_DOT_FEATURE}: vdpbf16ps)"
     instead = "compile with the default --float-precision float32"
     cpu = target.attrs.get("mcpu", "its CPU")
+    if f"-{BF16_DOT_FEATURE}" in [str(f) for f in target.attrs.get("mattr", [])]:  # the host's, turned off
+        raise BmvccError(f"{needs}; this machine's CPU is a {cpu} but does not report "
+                         f"{FEATURES['x86_64'][BF16_DOT_FEATURE]} (a virtual machine may hide it); {instead}")
     if not has_bf16_dot(target):
         raise BmvccError(f"{needs}, which target '{spec.name}' ({cpu}) lacks; {instead}")
-    if spec.name == "host" and not host_runs_bf16_dot(target, cpu_flags):
-        raise BmvccError(f"{needs}; this machine's CPU is a {cpu} but does not report {CPUINFO_BF16_FLAG} "
-                         f"(a virtual machine may hide it); {instead}")
 
 
 def error_vs_float32(outdir: Path, source, progress: Callable[[str], None]) -> dict | None:

@@ -14,10 +14,11 @@ def host(mcpu: str | None = None) -> TargetSpec:
     kernels of an AVX2-only CPU on an AVX-512 one (its features must be ones this CPU has)."""
     cores = len(os.sched_getaffinity(0))
     cpu = "the CPU and its features as LLVM detects them" if mcpu is None else f"code for LLVM CPU {mcpu}"
+    chosen = None if mcpu is None else _host_target(cores, mcpu)  # a CPU this machine cannot run: refused now
     return TargetSpec(
         name="host",
         description=f"this machine: {cores} cores, {cpu}",
-        make_tvm_target=lambda: _host_target(cores, mcpu),
+        make_tvm_target=lambda: chosen or _host_target(cores, mcpu),
         arch=platform.machine(),
         facts={"cores": cores},
     )
@@ -116,23 +117,8 @@ AARCH64 = TargetSpec(
 BF16_DOT_FEATURE = "avx512bf16"
 
 
-CPUINFO_BF16_FLAG = "avx512_bf16"  # Linux's name of the feature in /proc/cpuinfo
-
-
 def has_bf16_dot(target) -> bool:
     """Whether the TVM llvm `target`'s CPU has vdpbf16ps (from its features, as LLVM knows them)."""
     from tvm.target import codegen
 
     return target.kind.name == "llvm" and bool(codegen.target_has_features(BF16_DOT_FEATURE, target))
-
-
-def host_runs_bf16_dot(target, cpu_flags: frozenset[str] | None = None) -> bool:
-    """Whether this machine runs vdpbf16ps for the host `target`. That target carries only LLVM's CPU name,
-    whose features a virtual machine may hide (a Zen 4 or Sapphire Rapids model without AVX-512 BF16 would
-    SIGILL), so the running CPU must report the flag too: `cpu_flags`, by default /proc/cpuinfo's (where
-    there is none, not Linux, the name decides)."""
-    if cpu_flags is None:
-        cpu_flags = _cpuinfo_flags()
-        if cpu_flags is None:
-            return has_bf16_dot(target)
-    return CPUINFO_BF16_FLAG in cpu_flags and has_bf16_dot(target)

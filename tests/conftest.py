@@ -96,6 +96,12 @@ def pytest_terminal_summary(terminalreporter):
 FAMILIES = [(True, False), (True, True), (False, False), (False, True)]
 
 
+def with_mattr(tvm_target: dict, *features: str) -> dict:
+    """`tvm_target` (a dict) with `features` ("+amx-tile", "-avx512bf16", ...) added to its own mattr (the host target
+    may carry some: the features it turns off)."""
+    return {**tvm_target, "mattr": [*tvm_target.get("mattr", []), *features]}
+
+
 def family_id(multi_query: bool, fp_attn: bool) -> str:
     return f"{'mq' if multi_query else 'mh'}-{'fp' if fp_attn else 'bit'}"
 

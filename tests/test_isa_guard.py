@@ -19,7 +19,7 @@ from bmvcc.errors import BmvccError
 from bmvcc.targets.base import TargetSpec
 from bmvcc.targets.isa import FEATURES, record
 
-from conftest import small_config
+from conftest import small_config, with_mattr
 
 ZEN4 = {"mcpu": "znver4", "features": {"avx2": "avx2", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16"}}
 # Features Linux prints on a Jetson Orin (Cortex-A78AE) and a Raspberry Pi 4 (Cortex-A72, no dot product)
@@ -93,7 +93,7 @@ def test_an_artifact_using_a_feature_this_cpu_lacks_is_refused_not_sigill(checkp
     one error line naming it and exit 2 (in a subprocess: a SIGILL would be exit -4), writing nothing; bench --profile
     over RPC does not record the calls here. One compile."""
     host = targets.get("host")
-    tvm_target = {**host.tvm_target, "mattr": [*host.tvm_target.get("mattr", []), f"+{LACKING}"]}
+    tvm_target = with_mattr(host.tvm_target, f"+{LACKING}")
     spec = TargetSpec(name="host-plus", description="this CPU plus a feature it lacks",
                       make_tvm_target=lambda: tvm_target, arch=host.arch, facts=host.facts)
     monkeypatch.setitem(targets._FACTORIES, spec.name, lambda: spec)
@@ -143,7 +143,8 @@ def test_host_turns_off_the_features_its_cpu_name_claims_but_the_cpu_hides():
     flags, mcpu = runtime.cpuinfo_flags(), targets.get("host").tvm_target["mcpu"]
     features = record({"kind": "llvm", "mcpu": mcpu}, platform.machine())["features"]
     assert features, mcpu
-    assert not {f for f in _host_target(2, None, flags).get("mattr", []) if f.lstrip("-") in features}
+    assert not {f for f in _host_target(2, None, flags | set(features.values())).get("mattr", [])
+                if f.lstrip("-") in features}
     for name, flag in features.items():
         target = _host_target(2, None, flags - {flag})
         assert f"-{name}" in target["mattr"], (name, target)

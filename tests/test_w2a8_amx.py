@@ -36,13 +36,13 @@ from bmvcc.schedules.w2a8_cpu import select_backend  # noqa: E402
 from bmvcc.targets import cpu, get  # noqa: E402
 from bmvcc.targets.isa import record  # noqa: E402
 
-from conftest import cli_error, small_config  # noqa: E402
+from conftest import cli_error, small_config, with_mattr  # noqa: E402
 from test_bench import rpc_device  # noqa: E402, F401 (a fixture)
 from test_w2a8_cpu import _inputs  # noqa: E402
 
 SPR = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2})
 HERE = get("host").target()  # what the emulated kernels are built for and run on
-HOST_PLUS_AMX = {**get("host").tvm_target, "mattr": [*get("host").tvm_target.get("mattr", []), "+amx-tile", "+amx-int8"]}
+HOST_PLUS_AMX = with_mattr(get("host").tvm_target, "+amx-tile", "+amx-int8")
 
 
 def _kernel(cfg):
