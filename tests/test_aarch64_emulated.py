@@ -2,11 +2,11 @@
 user-mode emulation by Debian's aarch64 Python with the aarch64 wheels of numpy and the TVM runtime, through
 bmvcc.runtime as on a device (tests/aarch64_driver.py), their logits compared with PyTorch's.
 
-The emulated CPU is a Cortex-A76: QEMU 7.2 (Debian 12's) has no A78, and both (the Orin's A78AE too) are Armv8.2-A with dotprod,
-fp16, RCpc and SSBS, so code using an extension the Orin lacks dies here as it would there. Under qemu-user the process
-reads the x86 host's /proc/cpuinfo, so bmvcc's instruction-set guard does not check (runtime.cpuinfo_flags is None).
-`.ci/aarch64-sysroot` builds the emulation sysroot, .ci/aarch64 (CI does, before the tests); without it these tests
-skip. An emulated run takes about 5 s, most of it Python's and numpy's start-up.
+The emulated CPU is a Cortex-A76: QEMU 7.2 (Debian 12's) has no A78, and both (the Orin's A78AE too) are Armv8.2-A
+with dotprod, fp16, RCpc and SSBS, so code using an extension the Orin lacks dies here as it would there. Under
+qemu-user the process reads the x86 host's /proc/cpuinfo, so bmvcc's instruction-set guard does not check
+(runtime.cpuinfo_flags is None). `.ci/aarch64-sysroot` builds the emulation sysroot, .ci/aarch64 (CI does, before the
+tests); without it these tests skip. An emulated run takes about 5 s, most of it Python's and numpy's start-up.
 """
 
 from __future__ import annotations
