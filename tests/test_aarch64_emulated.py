@@ -1,0 +1,112 @@
+"""aarch64 artifacts executed: `--target aarch64` builds (Cortex-A78 code, the W2A8 kernels on `sdot`) run under QEMU
+user-mode emulation by Debian's aarch64 Python with the aarch64 wheels of numpy and the TVM runtime, through
+bmvcc.runtime as on a device (tests/aarch64_driver.py), their logits compared with PyTorch's.
+
+The emulated CPU is a Cortex-A76: QEMU 7.2 (Debian 12's) has no A78, and both (the Orin's A78AE too) are Armv8.2-A
+with dotprod, fp16, RCpc and SSBS, so code using an extension the Orin lacks dies here as it would there. Under
+qemu-user the process reads the x86 host's /proc/cpuinfo, so bmvcc's instruction-set guard does not check
+(runtime.cpuinfo_flags is None). `.ci/aarch64-sysroot` builds the emulation sysroot, .ci/aarch64 (CI does, before the
+tests); without it these tests skip. An emulated run takes about 5 s, most of it Python's and numpy's start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bmvcc.driver import CompileOptions, compile_model
+
+from conftest import make_model
+from test_frontend import BATCH, CASES, RTOL_LOGITS, _check_logits, _images
+
+REPO = Path(__file__).resolve().parents[1]
+SYSROOT = REPO / ".ci" / "aarch64"
+QEMU = shutil.which("qemu-aarch64")
+PYTHON = next(iter(sorted((SYSROOT / "root" / "usr" / "bin").glob("python3.*"))), None)
+CPU = "cortex-a76"
+TIMEOUT_S = 120  # a run takes ~5 s; generous for a loaded CI machine
+SEEDS = {"mq-bit": 31, "mh-fp": 32}  # W2A8 kernels in attention and MLP; float attention projections
+
+pytestmark = pytest.mark.skipif(QEMU is None or PYTHON is None,
+                                reason="no aarch64 emulation: run .ci/aarch64-sysroot (installs qemu-user, builds .ci/aarch64)")
+
+
+@pytest.fixture(scope="module")
+def aarch64_build(checkpoint, tmp_path_factory):
+    """aarch64_build(case) -> (artifact directory, reference model); each case compiles once per module."""
+    cache = {}
+
+    def get(case: str):
+        if case not in cache:
+            cfg = CASES[case]
+            path, model = checkpoint(cfg, seed=SEEDS[case])
+            out = tmp_path_factory.mktemp("aarch64") / case
+            compile_model(path, out, CompileOptions(target="aarch64", batch=BATCH,
+                                                    heads=None if cfg.multi_query else cfg.heads))
+            cache[case] = (out, model)
+        return cache[case]
+
+    return get
+
+
+def _no_core_dump() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a SIGILL'd qemu would write the guest's core
+
+
+def emulate(artifact: Path, images: np.ndarray, tmp_path: Path, cpu: str = CPU):
+    """Runs tests/aarch64_driver.py on `artifact` under qemu-aarch64: (the finished process, its logits or None)."""
+    np.save(tmp_path / "images.npy", images)
+    out = tmp_path / "logits.npy"
+    env = {**os.environ, "PYTHONPATH": f"{SYSROOT / 'site'}:{REPO}", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("TVM_LIBRARY_PATH", None)  # the sysroot's aarch64 runtime, not one of this machine's
+    process = subprocess.run([QEMU, "-cpu", cpu, "-L", SYSROOT / "root", PYTHON, REPO / "tests" / "aarch64_driver.py",
+                              artifact, tmp_path / "images.npy", out], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=TIMEOUT_S, preexec_fn=_no_core_dump)
+    assert process.stdout.splitlines()[:1] == ["aarch64"], process.stderr  # the emulated Python's platform.machine()
+    return process, np.load(out) if process.returncode == 0 else None
+
+
+def _logits(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("case", list(SEEDS))
+def test_aarch64_build_matches_pytorch(aarch64_build, case, tmp_path):
+    """5 images through a batch-2 module (the padded last chunk too), within test_frontend's tolerance of PyTorch, and
+    outside it of another model's logits (a different seed): the comparison can fail."""
+    artifact, model = aarch64_build(case)
+    cfg = CASES[case]
+    x = _images((cfg.channels, cfg.image_size, cfg.image_size), seed=7)
+    process, logits = emulate(artifact, x, tmp_path)
+    assert process.returncode == 0, process.stderr
+    _check_logits(logits, _logits(model, x))
+    other = _logits(make_model(cfg, seed=SEEDS[case] + 100), x)
+    assert np.abs(logits - other).max() > RTOL_LOGITS * np.abs(other).max()
+
+
+def test_aarch64_build_dies_on_a_cpu_without_dotprod(aarch64_build, tmp_path):
+    """A Cortex-A72 (Armv8.0-A) has no sdot: the emulation runs the artifact's own W2A8 code, which dies on SIGILL."""
+    process, _ = emulate(aarch64_build("mq-bit")[0], _images((1, 28, 28), seed=7), tmp_path, cpu="cortex-a72")
+    assert process.returncode == -signal.SIGILL, process.stderr
+
+
+@pytest.mark.skipif(platform.machine() == "aarch64", reason="the host build is an aarch64 one here")
+def test_host_build_is_refused_under_emulation(checkpoint, tmp_path):
+    """This machine's build under the emulated aarch64 Python: bmvcc.runtime refuses it naming both architectures."""
+    path, _ = checkpoint(CASES["mq-bit"], seed=SEEDS["mq-bit"])
+    compile_model(path, tmp_path / "host", CompileOptions(target="host", batch=BATCH))
+    process, _ = emulate(tmp_path / "host", _images((1, 28, 28), seed=7), tmp_path)
+    error = process.stderr.splitlines()[-1]
+    assert process.returncode == 1, process.stderr  # the driver's uncaught BmvccError
+    assert error.startswith("bmvcc.errors.BmvccError: ") and \
+        f"was compiled for {platform.machine()} (target host), this machine is aarch64" in error, process.stderr
