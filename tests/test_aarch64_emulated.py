@@ -36,8 +36,10 @@ CPU = "cortex-a76"
 TIMEOUT_S = 120  # a run takes ~5 s; generous for a loaded CI machine
 SEEDS = {"mq-bit": 31, "mh-fp": 32}  # W2A8 kernels in attention and MLP; float attention projections
 
-pytestmark = pytest.mark.skipif(QEMU is None or PYTHON is None,
-                                reason="no aarch64 emulation: run .ci/aarch64-sysroot (installs qemu-user, builds .ci/aarch64)")
+needs_emulation = pytest.mark.skipif(
+    QEMU is None or PYTHON is None,
+    reason="no aarch64 emulation: run .ci/aarch64-sysroot (installs qemu-user, builds .ci/aarch64)")
+pytestmark = needs_emulation
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +64,22 @@ def _no_core_dump() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a SIGILL'd qemu would write the guest's core
 
 
-def emulate(artifact: Path, images: np.ndarray, tmp_path: Path, cpu: str = CPU):
-    """Runs tests/aarch64_driver.py on `artifact` under qemu-aarch64: (the finished process, its logits or None)."""
-    np.save(tmp_path / "images.npy", images)
-    out = tmp_path / "logits.npy"
+def run_emulated(script: Path, args: list, cwd: Path, cpu: str = CPU) -> subprocess.CompletedProcess:
+    """Runs the Python `script` (which first prints platform.machine()) with `args` under qemu-aarch64 on `cpu`, by the
+    sysroot's Python with bmvcc importable: the finished process."""
     env = {**os.environ, "PYTHONPATH": f"{SYSROOT / 'site'}:{REPO}", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("TVM_LIBRARY_PATH", None)  # the sysroot's aarch64 runtime, not one of this machine's
-    process = subprocess.run([QEMU, "-cpu", cpu, "-L", SYSROOT / "root", PYTHON, REPO / "tests" / "aarch64_driver.py",
-                              artifact, tmp_path / "images.npy", out], env=env, cwd=tmp_path, capture_output=True,
-                             text=True, timeout=TIMEOUT_S, preexec_fn=_no_core_dump)
+    process = subprocess.run([QEMU, "-cpu", cpu, "-L", SYSROOT / "root", PYTHON, script, *args], env=env, cwd=cwd,
+                             capture_output=True, text=True, timeout=TIMEOUT_S, preexec_fn=_no_core_dump)
     assert process.stdout.splitlines()[:1] == ["aarch64"], process.stderr  # the emulated Python's platform.machine()
+    return process
+
+
+def emulate(artifact: Path, images: np.ndarray, tmp_path: Path, cpu: str = CPU):
+    """Runs tests/aarch64_driver.py on `artifact` under qemu-aarch64: (the finished process, its logits or None)."""
+    images_path, out = tmp_path / "images.npy", tmp_path / "logits.npy"
+    np.save(images_path, images)
+    process = run_emulated(REPO / "tests" / "aarch64_driver.py", [artifact, images_path, out], tmp_path, cpu)
     return process, np.load(out) if process.returncode == 0 else None
 
 

@@ -83,14 +83,19 @@ def test_portable_kernel_matches_numpy(target):
     _check_kernel(None, target, 6, 3, 100, 20)
 
 
-def _run_kernel(kernel_target, target, g, gk, n, d, bf16=False):
-    """(q, k, v, out, scale): the kernel built for `kernel_target` run on seeded q, k, v, scale 3 / sqrt(D) (in
-    float32: peaky rows, the max subtraction matters); k, v repeated per query group (group i reads K/V group
-    i // (G / Gk))."""
+def _operands(g, gk, n, d):
+    """Seeded q [G, N, D], k, v [Gk, N, D] and scale 3 / sqrt(D) (in float32: peaky rows, the max subtraction
+    matters)."""
     rng = np.random.default_rng(n + d)
     q = rng.standard_normal((g, n, d)).astype("float32")
     k, v = (rng.standard_normal((gk, n, d)).astype("float32") for _ in range(2))
-    scale = np.float32(3.0 / math.sqrt(d))
+    return q, k, v, np.float32(3.0 / math.sqrt(d))
+
+
+def _run_kernel(kernel_target, target, g, gk, n, d, bf16=False):
+    """(q, k, v, out, scale): the kernel built for `kernel_target` run on _operands; k, v repeated per query group
+    (group i reads K/V group i // (G / Gk))."""
+    q, k, v, scale = _operands(g, gk, n, d)
     lib = tvm.compile(_kernel(AttentionConfig(g, gk, n, d, float(scale), bf16), kernel_target), target=target)
     args = [tvm.runtime.tensor(a) for a in (q, np.ascontiguousarray(np.swapaxes(k, 1, 2)), v)]
     out = tvm.runtime.empty((g, n, d), "float32", tvm.cpu())

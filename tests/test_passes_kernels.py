@@ -50,15 +50,20 @@ def _kernel_order_reference(x, g, norm_eps=1e-5, lanes=1, beta=None):
     return np.clip(np.rint(xn * xs), -128, 127).astype(np.int8), xs.astype(np.float32)
 
 
+def _norm_quant_rows(m, layer_norm, k=96):
+    """Seeded (x [m, k], gain, beta: None unless layer_norm); x off zero (LayerNorm's mean matters)."""
+    rng = np.random.RandomState(0)
+    x = (rng.randn(m, k) * 3 + 0.5).astype(np.float32)
+    g = (1 + 0.3 * rng.randn(k)).astype(np.float32)
+    return x, g, (0.2 * rng.randn(k)).astype(np.float32) if layer_norm else None
+
+
 @pytest.mark.parametrize("m", [12, 7])  # rows in groups of 4, or one by one
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["rms", "layer"])
 @pytest.mark.parametrize("scheduled", [False, True])
 def test_norm_quant_matches_numpy(scheduled, layer_norm, m):
-    rng = np.random.RandomState(0)
-    k = 96
-    x = (rng.randn(m, k) * 3 + 0.5).astype(np.float32)
-    g = (1 + 0.3 * rng.randn(k)).astype(np.float32)
-    beta = (0.2 * rng.randn(k)).astype(np.float32) if layer_norm else None
+    x, g, beta = _norm_quant_rows(m, layer_norm)
+    k = x.shape[1]
     q, xs = _norm_quant(NormQuantConfig(m, k, layer_norm=layer_norm), x, g, scheduled, beta)
     lanes = norm_quant_cpu.reduction_lanes(k) if scheduled else 1
     q_ref, xs_ref = _kernel_order_reference(x, g, lanes=lanes, beta=beta)
@@ -70,13 +75,16 @@ def test_norm_quant_matches_numpy(scheduled, layer_norm, m):
     assert np.abs(q.astype(int) - norm_quant_numpy(x, g, beta=beta)[0]).max() <= 1
 
 
+# Rows of 2.0 with norm_eps 0 give rstd = 0.5 exactly, so xn = gain; max |gain| = 127 makes
+# x_scale = fl(1/127) * 127 = 1 exactly and xn * x_scale = gain: exact .5 ties.
+TIES_GAIN = np.array([127, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -126.5, 126.5, 4.5, -4.5, 0, 1, -1, 5.5], np.float32)
+
+
 @pytest.mark.parametrize("scheduled", [False, True])
 def test_norm_quant_rounds_ties_half_to_even_like_torch(scheduled):
-    """Rows of 2.0 with norm_eps 0 give rstd = 0.5 exactly, so xn = gain; max |gain| = 127 makes
-    x_scale = fl(1/127) * 127 = 1 exactly and xn * x_scale = gain: exact .5 ties."""
-    k = 16
-    gain = np.array([127, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -126.5, 126.5, 4.5, -4.5, 0, 1, -1, 5.5],
-                    np.float32)
+    """TIES_GAIN's rows: exact .5 ties."""
+    gain = TIES_GAIN
+    k = len(gain)
     x = np.full((2, k), 2.0, np.float32)
     q, xs = _norm_quant(NormQuantConfig(2, k, norm_eps=0.0), x, gain, scheduled)
     assert np.all(xs == 1.0)
