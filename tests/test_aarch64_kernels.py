@@ -4,8 +4,9 @@ target (Cortex-A78 + dotprod) as bmvcc schedules them, linked into one library b
 tests/test_aarch64_emulated.py, which also says how to build the sysroot these tests skip without). The outputs are
 compared here with the x86 tests' references at their cases: W2A8 (tests/test_w2a8_cpu.py) bit for bit, gelu within
 its erf's tolerance; norm_quant (tests/test_passes_kernels.py) codes within one, x_scale within XS_RTOL, ties exact;
-attention (tests/test_attention_cpu.py) within its float32 tolerance. Every check fails on its output with one element
-moved (the last: edge tiles), and the library's sdot code dies on a CPU without it.
+attention (tests/test_attention_cpu.py) within its float32 tolerance. Every check fails with the last element (edge
+tiles) of any one of its outputs moved, the kernels sized at a schedule's threshold are checked to be scheduled so,
+and the library's sdot code dies on a CPU without it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import tvm
 
 from bmvcc.lowering import link
 from bmvcc.schedules import norm_quant_cpu, w2a8_cpu
-from bmvcc.schedules.attention_cpu import AttentionConfig
+from bmvcc.schedules.attention_cpu import AttentionConfig, attention_cpu
 from bmvcc.schedules.norm_quant import NormQuantConfig, norm_quant_compute, norm_quant_numpy
-from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, w2a8_compute, w2a8_numpy
-from bmvcc.schedules.w2a8_cpu import MAX_MR, MAX_NT, CpuKnobs
+from bmvcc.schedules.w2a8 import W2A8Config, w2a8_compute, w2a8_numpy
+from bmvcc.schedules.w2a8_cpu import DEFAULT_KNOBS, MAX_MR, MAX_NT, MIN_PARALLEL_MACS, ROWS_ATTR, CpuKnobs, strip_width
 from bmvcc.targets import get
 
 from test_aarch64_emulated import REPO, needs_emulation, run_emulated
-from test_attention_cpu import _causal, _close, _kernel, _operands, _reference
+from test_attention_cpu import ATTENTION_CASES, _attention_case, _causal, _close, _reference
 from test_passes_kernels import TIES_GAIN, _kernel_order_reference, _norm_quant_rows
 from test_w2a8_cpu import SHAPES, _check_gelu, _inputs
 
@@ -45,6 +46,14 @@ SDOT_VARIANTS = [CpuKnobs("sdot", 1, 1), CpuKnobs("sdot", 2, 3), CpuKnobs("sdot"
 # 22 u and a few roundings, x_scale (through |xn|, one rounding fused) within ~30 u = 1.8e-6 of the reference's (3 ulps,
 # 3.6e-7, measured); a wrong row or lane is off by far more
 XS_RTOL = 2e-6
+NORM_K = 96  # norm_quant's rows: K of XS_RTOL's bound
+STRIP = strip_width(DEFAULT_KNOBS["sdot"])  # W2A8's output features per parallel task
+# Sized at the schedules' thresholds (test_threshold_kernels_are_scheduled_so): 16 rows of 4 strips reaching
+# MIN_PARALLEL_MACS; test_w2a8_cpu's one strip, run as 2 row blocks on 2 cores (M, N and K multiples of no tile);
+# RMSNorm rows reaching MIN_PARALLEL_ELEMENTS
+PARALLEL = W2A8Config(16, 4 * STRIP, -(-MIN_PARALLEL_MACS // (16 * 4 * STRIP)))
+ROW_BLOCKS = W2A8Config(37, STRIP - 5, 3999)
+NORM_PARALLEL_ROWS = -(-norm_quant_cpu.MIN_PARALLEL_ELEMENTS // NORM_K)
 
 
 @dataclass(frozen=True)
@@ -72,13 +81,6 @@ def _accumulators(cfg, seed, knobs=None, cores=None) -> Kernel:
     return _w2a8(cfg, q, packed, np.ones((cfg.m, 1), np.float32), np.ones(1, np.float32), res, knobs, cores)
 
 
-def _bound(q_value, code) -> Kernel:
-    """test_int16_chunk_bound's operands: every product +-256 or +-254, the accumulators' extremes."""
-    cfg = W2A8Config(4, 16, 768)
-    q, packed = np.full((cfg.m, cfg.k), q_value, np.int8), pack_ternary(np.full((cfg.n, cfg.k), code))
-    return _w2a8(cfg, q, packed, np.ones((cfg.m, 1), np.float32), np.ones(1, np.float32), None)
-
-
 def _dequant(cfg, seed, extreme=False) -> Kernel:
     return _w2a8(cfg, *_inputs(cfg, np.random.default_rng(seed), extreme))
 
@@ -92,7 +94,7 @@ def _norm_quant(cfg, x, g, beta, check) -> Kernel:
 def _norm_quant_seeded(m, layer_norm) -> Kernel:
     """test_norm_quant_matches_numpy's rows: codes within one of norm_quant_numpy's (pairwise sums: rstd an ulp
     off), x_scale within XS_RTOL of the kernel-order reference's."""
-    x, g, beta = _norm_quant_rows(m, layer_norm)
+    x, g, beta = _norm_quant_rows(m, layer_norm, NORM_K)
     cfg = NormQuantConfig(m, x.shape[1], layer_norm=layer_norm)
     xs_ref = _kernel_order_reference(x, g, lanes=norm_quant_cpu.reduction_lanes(cfg.k), beta=beta)[1]
     q_ref = norm_quant_numpy(x, g, beta=beta)[0]
@@ -116,30 +118,26 @@ def _norm_quant_ties() -> Kernel:
 
 
 def _attention(g, gk, n, d) -> Kernel:
-    q, k, v, scale = _operands(g, gk, n, d)
-    kt = np.ascontiguousarray(np.swapaxes(k, 1, 2))
-    ref = _reference(q, *(np.repeat(t, g // gk, axis=0) for t in (k, v)), scale, _causal(n))
-    func = _kernel(AttentionConfig(g, gk, n, d, float(scale)), AARCH64)["main"]
-    return Kernel(func, (q, kt, v, np.full((g, n, d), np.nan, np.float32)), lambda out: _close(out, ref))
+    args, operands = _attention_case(g, gk, n, d)
+    ref = _reference(*operands, _causal(n))
+    func = attention_cpu(AttentionConfig(g, gk, n, d, float(operands[-1])), AARCH64)
+    return Kernel(func, args + (np.full((g, n, d), np.nan, np.float32),), lambda out: _close(out, ref))
 
 
 KERNELS = {  # name (the library's function) -> its Kernel, made when the module's tests run
     **{f"w2a8_acc_{m}x{n}x{k}": partial(_accumulators, W2A8Config(m, n, k), m * 1000 + k) for m, n, k in SHAPES},
     **{f"w2a8_sdot_{kn.mr}x{kn.nt}": partial(_accumulators, W2A8Config(11, 40, 290), 11, kn) for kn in SDOT_VARIANTS},
-    "w2a8_parallel": partial(_accumulators, W2A8Config(16, 64, 1024), 16),  # MIN_PARALLEL_MACS
-    "w2a8_row_blocks": partial(_accumulators, W2A8Config(37, 11, 3999), 1, cores=2),  # one strip as 2 row blocks
-    **{f"w2a8_bound_{qn}_{cn}": partial(_bound, q, c) for qn, q in (("qmin", -128), ("qmax", 127))
-       for cn, c in (("plus", 1), ("minus", -1))},
+    "w2a8_parallel": partial(_accumulators, PARALLEL, 16),
+    "w2a8_row_blocks": partial(_accumulators, ROW_BLOCKS, 1, cores=2),
     "w2a8_dequant": partial(_dequant, W2A8Config(9, 48, 1001), 7),
     "w2a8_dequant_extreme": partial(_dequant, W2A8Config(9, 48, 1001), 7, extreme=True),
     "w2a8_residual": partial(_dequant, W2A8Config(6, 40, 66, epilogue="residual"), 3),
     "w2a8_gelu": partial(_dequant, W2A8Config(3, 24, 64, epilogue="gelu"), 4),
     **{f"norm_quant_{'layer' if ln else 'rms'}_{m}": partial(_norm_quant_seeded, m, ln) for m in (12, 7)
        for ln in (False, True)},
-    "norm_quant_parallel": partial(_norm_quant_seeded, 683, False),  # MIN_PARALLEL_ELEMENTS, rows one by one
+    "norm_quant_parallel": partial(_norm_quant_seeded, NORM_PARALLEL_ROWS, False),
     "norm_quant_ties": _norm_quant_ties,
-    **{f"attention_{g}_{gk}_{n}_{d}": partial(_attention, g, gk, n, d)
-       for g, gk, n, d in [(4, 4, 16, 8), (6, 2, 24, 24), (6, 3, 100, 20), (2, 2, 130, 7), (4, 2, 600, 16)]},
+    **{f"attention_{g}_{gk}_{n}_{d}": partial(_attention, g, gk, n, d) for g, gk, n, d in ATTENTION_CASES},
 }
 
 
@@ -166,17 +164,35 @@ def emulated(tmp_path_factory):
 
 @pytest.mark.parametrize("name", KERNELS)
 def test_kernel_matches_reference(emulated, name):
-    """The kernel's outputs pass its check; with the last element moved by 3 (codes may be one off), they do not."""
+    """The kernel's outputs pass its check; with the last element of any one of them moved by 3 (codes may be one
+    off), they do not."""
     _, kernels, outputs = emulated
     kernels[name].check(*outputs[name])
-    wrong = [out.copy() for out in outputs[name]]
-    wrong[0].flat[-1] += 3
-    with pytest.raises(AssertionError):
-        kernels[name].check(*wrong)
+    for moved in range(len(outputs[name])):
+        wrong = [out.copy() for out in outputs[name]]
+        wrong[moved].flat[-1] += 3
+        with pytest.raises(AssertionError):
+            kernels[name].check(*wrong)
+
+
+def _outer_loop(func, block):
+    sch = tvm.s_tir.Schedule(func)
+    return sch.get(sch.get_loops(sch.get_sblock(block))[0])
+
+
+def test_threshold_kernels_are_scheduled_so(emulated):
+    """The kernels sized at a schedule's threshold run as they stand for: w2a8_parallel's and norm_quant_parallel's
+    outer loops parallel, w2a8_row_blocks's one strip as 2 parallel row blocks (a moved threshold fails here)."""
+    _, kernels, _ = emulated
+    for name, block in (("w2a8_parallel", "decode"), ("w2a8_row_blocks", "decode"), ("norm_quant_parallel", "quant")):
+        assert _outer_loop(kernels[name].func, block).kind == tvm.tirx.ForKind.PARALLEL, name
+    row_blocks = kernels["w2a8_row_blocks"].func
+    assert int(row_blocks.attrs[ROWS_ATTR]) == 2 and int(_outer_loop(row_blocks, "decode").extent) == 2
 
 
 def test_sdot_kernel_dies_on_a_cpu_without_dotprod(emulated, tmp_path):
-    """A Cortex-A72 (Armv8.0-A) has no sdot: the library's W2A8 code dies there on SIGILL (the emulation runs it)."""
+    """A Cortex-A72 (Armv8.0-A) has no sdot: the library's W2A8 code dies there on SIGILL, under any QEMU (the driver
+    loads the library itself, so bmvcc's instruction-set guard, which may refuse first from QEMU 8.1, never runs)."""
     root, _, _ = emulated
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "w2a8_gelu.npz").symlink_to(root / "in" / "w2a8_gelu.npz")

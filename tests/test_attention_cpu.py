@@ -67,13 +67,16 @@ def _kernel(cfg, target):
     return tvm.IRModule({"main": attention_cpu(cfg, target).with_attr("global_symbol", "main")})
 
 
-# (G, Gk, N, D): the paper model's layer (8 query heads on one K/V head; on AVX-512: 16 row blocks of 64,
-# 2 key blocks of 512); a small multi-head model's (16 tokens: one block, mostly rows past N); batch 2 x 3
-# query heads on their own K/V heads (N = 24, D = 24: an output tile of 1.5 AVX-512 vectors); batch 3 x 2
-# heads with N = 100 (a full and a partial row block) and D = 20; multi-head with an odd head_dim (D = 7),
-# the last row block 2 rows; batch 2 x 2 heads, N = 600: a full and a partial key block
-@pytest.mark.parametrize("g, gk, n, d", [(8, 1, 1024, 64), (4, 4, 16, 8), (6, 2, 24, 24), (6, 3, 100, 20),
-                                         (2, 2, 130, 7), (4, 2, 600, 16)])
+# (G, Gk, N, D): a small multi-head model's (16 tokens: one block, mostly rows past N); batch 2 x 3 query heads on
+# their own K/V heads (N = 24, D = 24: an output tile of 1.5 AVX-512 vectors); batch 3 x 2 heads with N = 100 (a full
+# and a partial row block) and D = 20; multi-head with an odd head_dim (D = 7), the last row block 2 rows; batch 2 x 2
+# heads, N = 600: a full and a partial key block
+ATTENTION_CASES = [(4, 4, 16, 8), (6, 2, 24, 24), (6, 3, 100, 20), (2, 2, 130, 7), (4, 2, 600, 16)]
+
+
+# ATTENTION_CASES and the paper model's layer (8 query heads on one K/V head; on AVX-512: 16 row blocks of 64, 2 key
+# blocks of 512)
+@pytest.mark.parametrize("g, gk, n, d", [(8, 1, 1024, 64), *ATTENTION_CASES])
 def test_kernel_matches_numpy(target, g, gk, n, d):
     _check_kernel(target, target, g, gk, n, d)
 
@@ -92,15 +95,21 @@ def _operands(g, gk, n, d):
     return q, k, v, np.float32(3.0 / math.sqrt(d))
 
 
-def _run_kernel(kernel_target, target, g, gk, n, d, bf16=False):
-    """(q, k, v, out, scale): the kernel built for `kernel_target` run on _operands; k, v repeated per query group
-    (group i reads K/V group i // (G / Gk))."""
+def _attention_case(g, gk, n, d):
+    """(args, operands) on _operands: the kernel's inputs (q, k transposed [Gk, D, N], v) and the references' (q, k,
+    v, scale), k and v repeated per query group (group i reads K/V group i // (G / Gk))."""
     q, k, v, scale = _operands(g, gk, n, d)
+    return (q, np.ascontiguousarray(np.swapaxes(k, 1, 2)), v), (q, *(np.repeat(t, g // gk, axis=0) for t in (k, v)),
+                                                                 scale)
+
+
+def _run_kernel(kernel_target, target, g, gk, n, d, bf16=False):
+    """(q, k, v, out, scale): the kernel built for `kernel_target` run on _attention_case's inputs; q, k, v, scale
+    the references' operands."""
+    args, (q, k, v, scale) = _attention_case(g, gk, n, d)
     lib = tvm.compile(_kernel(AttentionConfig(g, gk, n, d, float(scale), bf16), kernel_target), target=target)
-    args = [tvm.runtime.tensor(a) for a in (q, np.ascontiguousarray(np.swapaxes(k, 1, 2)), v)]
     out = tvm.runtime.empty((g, n, d), "float32", tvm.cpu())
-    lib(*args, out)
-    k, v = (np.repeat(t, g // gk, axis=0) for t in (k, v))
+    lib(*(tvm.runtime.tensor(a) for a in args), out)
     return q, k, v, out.numpy(), scale
 
 
