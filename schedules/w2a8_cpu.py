@@ -59,8 +59,8 @@ class CpuKnobs:
 # beat the int32 one (vpmaddubsw + vpmaddwd + vpaddd per step) by 1.3-1.7x at the FFN shapes. znver3 code on
 # Zen 4, 2 cores, M = 1024, (K, N) = (512, 2048) / (2048, 512), MACs/cycle/core: avx2_i16 4 x 2 46 / 46 (72% of
 # 64), 2 x 4 46 / 46, 8 x 1 41 / 43, 4 x 3 36 / 42, 4 x 4 38 / 40; avx2_i32 4 x 2 29 / 30. The k loop alone, from L1,
-# runs at 1.6 vpmaddubsw a cycle there (51 MACs): the vpaddw each vpmaddubsw feeds often issues on one of the two
-# pipes vpmaddubsw needs (independent adds or dependent shuffles leave it at 2 a cycle).
+# runs at 1.6 vpmaddubsw a cycle there (51 MACs), as does a loop of vpmaddubsw each feeding a vpaddw in registers
+# (vpmaddubsw alone, or beside as many independent vpaddw: 2 a cycle).
 DEFAULT_KNOBS = {
     "amx": CpuKnobs("amx", mr=w2a8_amx.MICRO, nt=2),  # fixed, schedule() refuses others: 2 x 2 tiles of 16 x 16
     "vnni": CpuKnobs("vnni", mr=4, nt=4),  # 16 of 32 zmm accumulate
