@@ -1,4 +1,5 @@
-"""Int8 dot-product tensor intrinsics for the W2A8 CPU schedules (x86 VNNI / AVX2, aarch64 sdot).
+"""Int8 dot-product tensor intrinsics for the W2A8 CPU schedules (x86 VNNI / AVX2, aarch64 sdot), and the
+widening of AVX2_I16's int16 partial sums.
 
 Each intrinsic computes, for one activation row and a tile of `lanes` output features:
     C[j] += sum_{k<4} int32(A[k]) * int32(B[j, k])        j < lanes
