@@ -42,7 +42,7 @@ METASCHEDULE_TENSOR_CORE = tuple(
     + [f"mma_sync_m16n8k8_f16f16{t}" for t in ("f16", "f32")] + [f"mma_store_m16n8k8_{t}_global" for t in ("f16", "f32")])
 
 INTRINSICS: dict[str, tuple[str, str, tuple]] = {
-    **{i.name: ("w2a8_cpu", "dot_intrinsics:definition", (i.name,)) for i in dot_intrinsics.ALL},
+    **{n: ("w2a8_cpu", "dot_intrinsics:definition", (n,)) for n in dot_intrinsics.NAMES},
     bf16_intrinsics.NAME: ("matmul_cpu", "bf16_intrinsics:definition", ()),
     ci.FILL: ("w2a8_cuda", "cuda_intrinsics:fill", ()),
     **{ci.ldmatrix_a_name(s): ("w2a8_cuda", "cuda_intrinsics:ldmatrix_a", (s,)) for s in SHARED_SCOPES},

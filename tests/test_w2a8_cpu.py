@@ -157,6 +157,16 @@ def test_schedule_uses_int8_dot_instructions_in_parallel(mcpu):
     assert "TVMBackendParallelLaunch" in lib.mod.inspect_source("asm")
 
 
+def test_avx2_i16_widens_each_chunk_with_vpmaddwd():
+    """Each int16 chunk is widened by one vpmaddwd by ones per accumulator vector (the pair sums of 8 features),
+    not by deinterleaving the pairs (vpackusdw / vpmovsxwd shuffles); the results are exact (test_int16_chunk_bound)."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})
+    knobs = DEFAULT_KNOBS["avx2"]
+    ops = _opcodes(_build(W2A8Config(knobs.mr, 8 * knobs.nt, 512), target))  # one micro tile, two chunks
+    assert ops["vpmaddwd"] >= knobs.mr * knobs.nt, ops.most_common(20)
+    assert ops["vpackusdw"] + ops["vpmovsxwd"] == 0, ops.most_common(20)
+
+
 def test_generic_backend_vectorizes():
     assert select_backend(GENERIC) == "generic"
     ops = _opcodes(_build(W2A8Config(8, 32, 64), GENERIC))
