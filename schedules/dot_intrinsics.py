@@ -167,15 +167,13 @@ def _widen_impl(A: T.Buffer((8, 2), "int16", offset_factor=1), C: T.Buffer((8,),
 
 _DOTS = {VNNI.name: (VNNI, _vpdpbusd), AVX2.name: (AVX2, _avx2_maddubs), SDOT.name: (SDOT, _sdot),
          GENERIC.name: (GENERIC, _widening_mac)}
-ALL = (VNNI, AVX2, SDOT, GENERIC, AVX2_I16)
-NAMES = tuple(i.name for i in ALL) + (AVX2_I16_WIDEN,)
+_FIXED = {AVX2_I16.name: (_avx2_i16_desc, _avx2_i16_impl), AVX2_I16_WIDEN: (_widen_desc, _widen_impl)}  # (desc, impl)
+NAMES = (*_DOTS, *_FIXED)
 
 
 def definition(name: str):
     """(desc, impl) of the intrinsic `name` (one of NAMES)."""
-    if name == AVX2_I16.name:
-        return _avx2_i16_desc, _avx2_i16_impl
-    if name == AVX2_I16_WIDEN:
-        return _widen_desc, _widen_impl
+    if name in _FIXED:
+        return _FIXED[name]
     intrin, dot = _DOTS[name]
     return _desc(intrin), _impl(intrin, dot)
