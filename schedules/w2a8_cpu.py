@@ -251,21 +251,14 @@ def _schedule(sch, tile) -> None:
         dj0, dj1 = sch.split(dj, [None, lanes])
         sch.reorder(dc, dkb, di, dj0, dj1, dp, dk2)
         k0, i1, j1, j2 = dkb, di, dj0, dj1
-        widen_init = sch.decompose_reduction(outer, c)
-        sch.vectorize(sch.get_loops(widen_init)[-1])
-        sch.unsafe_hide_buffer_access(outer, "read", [_read_names(sch, outer).index("rs")])  # the init's
+        _split_init(sch, outer, c)
         sch.tensorize(sch.get_loops(outer)[-2], ensure(AVX2_I16_WIDEN))
     sch.compute_at(decode, task, preserve_unit_loops=True)  # one decoded tile (lanes * nt features x K4) per parallel task
     dj, dk = sch.get_loops(decode)[-2:]
     dk0, dk1 = sch.split(dk, [None, 4])
     dj0, dj1 = sch.split(dj, [None, lanes])
     sch.reorder(dj0, dk0, *((dk1, dj1) if intrin.k_major else (dj1, dk1)))
-    init = sch.decompose_reduction(dot, k0)
-    # rs is read by the init only (u8: acc starts at -rowsum); the update must match the intrinsic
-    reads = _read_names(sch, dot)
-    if "rs" in reads:
-        sch.unsafe_hide_buffer_access(dot, "read", [reads.index("rs")])
-    sch.vectorize(sch.get_loops(init)[-1])
+    _split_init(sch, dot, k0)
     sch.tensorize(j2, ensure(intrin.name))
     sch.unroll(i1)
     sch.unroll(j1)
@@ -280,8 +273,14 @@ def _epilogue_at(sch, epilogue: list[str], loop, padded: bool) -> None:
             sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
 
 
-def _read_names(sch, block) -> list[str]:
-    return [r.source.name for r in sch.get(block).reads]
+def _split_init(sch, block, loop) -> None:
+    """`block`'s init decomposed above `loop` and vectorized. rs is read by the init only (u8: acc starts at
+    -rowsum), so it is hidden from the update, which must match the intrinsic it is tensorized with."""
+    init = sch.decompose_reduction(block, loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    reads = [r.source.name for r in sch.get(block).reads]
+    if "rs" in reads:
+        sch.unsafe_hide_buffer_access(block, "read", [reads.index("rs")])
 
 
 def _shape(buf) -> tuple[int, ...]:
