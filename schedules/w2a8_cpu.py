@@ -34,8 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import w2a8_amx
-from .dot_intrinsics import AVX2_I16_WIDEN
+from . import dot_intrinsics, w2a8_amx
 from .intrinsics import ensure
 from .tuning_spaces import sample_unroll
 from .w2a8 import KERNEL_ATTR
@@ -99,10 +98,8 @@ def uses_amx(target) -> bool:
 
 
 def intrin_of(backend: str):
-    from . import dot_intrinsics as di
-
-    return {"vnni": di.VNNI, "avx2_i32": di.AVX2, "avx2_i16": di.AVX2_I16, "sdot": di.SDOT,
-            "generic": di.GENERIC}[backend]
+    return {"vnni": dot_intrinsics.VNNI, "avx2_i32": dot_intrinsics.AVX2, "avx2_i16": dot_intrinsics.AVX2_I16,
+            "sdot": dot_intrinsics.SDOT, "generic": dot_intrinsics.GENERIC}[backend]
 
 
 def stage_w2a8_kernels(mod, target):
@@ -143,8 +140,6 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
     the module doc says."""
     from tvm import s_tir
 
-    from .dot_intrinsics import I16_CHUNK_K
-
     ref = s_tir.Schedule(func)
     acc = ref.get(ref.get_sblock("acc"))
     (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
@@ -157,7 +152,7 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
         return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
     intrin = intrin_of(knobs.backend)
     mp = m if m <= 4 else round_up(m, 4 * rows)
-    chunk = I16_CHUNK_K if knobs.backend == "avx2_i16" else None
+    chunk = dot_intrinsics.I16_CHUNK_K if knobs.backend == "avx2_i16" else None
     staged = restage(func, mp, np_, intrin.weight_dtype == "uint8", chunk)
     return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
 
@@ -252,7 +247,7 @@ def _schedule(sch, tile) -> None:
         sch.reorder(dc, dkb, di, dj0, dj1, dp, dk2)
         k0, i1, j1, j2 = dkb, di, dj0, dj1
         _split_init(sch, outer, c)
-        sch.tensorize(sch.get_loops(outer)[-2], ensure(AVX2_I16_WIDEN))
+        sch.tensorize(sch.get_loops(outer)[-2], ensure(dot_intrinsics.AVX2_I16_WIDEN))
     sch.compute_at(decode, task, preserve_unit_loops=True)  # one decoded tile (lanes * nt features x K4) per parallel task
     dj, dk = sch.get_loops(decode)[-2:]
     dk0, dk1 = sch.split(dk, [None, 4])
