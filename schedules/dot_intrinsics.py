@@ -82,6 +82,10 @@ def _vpdpbusd(A, B, C, lanes):  # AVX-512 VNNI: one instruction, u8 (weights) x 
 def _avx2_maddubs(A, B, C, lanes):  # AVX2: u8 x s8 -> pairwise i16 (exact: |2 * 2 * 128| < 2^15) -> i32
     pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
                                     B.vload([0, 0], "uint8x32"), _bcast4(A, 8), dtype="int16x16")
+    return _add_pair_sums(C, pairs)
+
+
+def _add_pair_sums(C, pairs):  # C (int32x8) + the sums of adjacent int16 pairs: vpmaddwd by ones, vpaddd
     return C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
         T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
 
@@ -158,22 +162,18 @@ def _widen_impl(A: T.Buffer((8, 2), "int16", offset_factor=1), C: T.Buffer((8,),
     with T.sblock("root"):
         T.reads(C[0:8], A[0:8, 0:2])
         T.writes(C[0:8])
-        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), A.vload([0, 0], "int16x16"),
-            T.broadcast(T.int16(1), 16), dtype="int32x8")
+        C[T.ramp(T.int32(0), 1, 8)] = _add_pair_sums(C, A.vload([0, 0], "int16x16"))
 
 
 _DOTS = {VNNI.name: (VNNI, _vpdpbusd), AVX2.name: (AVX2, _avx2_maddubs), SDOT.name: (SDOT, _sdot),
          GENERIC.name: (GENERIC, _widening_mac)}
-ALL = (VNNI, AVX2, SDOT, GENERIC, AVX2_I16)
-NAMES = tuple(i.name for i in ALL) + (AVX2_I16_WIDEN,)
+_FIXED = {AVX2_I16.name: (_avx2_i16_desc, _avx2_i16_impl), AVX2_I16_WIDEN: (_widen_desc, _widen_impl)}  # (desc, impl)
+NAMES = (*_DOTS, *_FIXED)
 
 
 def definition(name: str):
     """(desc, impl) of the intrinsic `name` (one of NAMES)."""
-    if name == AVX2_I16.name:
-        return _avx2_i16_desc, _avx2_i16_impl
-    if name == AVX2_I16_WIDEN:
-        return _widen_desc, _widen_impl
+    if name in _FIXED:
+        return _FIXED[name]
     intrin, dot = _DOTS[name]
     return _desc(intrin), _impl(intrin, dot)

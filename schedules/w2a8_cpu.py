@@ -34,8 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import w2a8_amx
-from .dot_intrinsics import AVX2_I16_WIDEN
+from . import dot_intrinsics, w2a8_amx
 from .intrinsics import ensure
 from .tuning_spaces import sample_unroll
 from .w2a8 import KERNEL_ATTR
@@ -99,10 +98,8 @@ def uses_amx(target) -> bool:
 
 
 def intrin_of(backend: str):
-    from . import dot_intrinsics as di
-
-    return {"vnni": di.VNNI, "avx2_i32": di.AVX2, "avx2_i16": di.AVX2_I16, "sdot": di.SDOT,
-            "generic": di.GENERIC}[backend]
+    return {"vnni": dot_intrinsics.VNNI, "avx2_i32": dot_intrinsics.AVX2, "avx2_i16": dot_intrinsics.AVX2_I16,
+            "sdot": dot_intrinsics.SDOT, "generic": dot_intrinsics.GENERIC}[backend]
 
 
 def stage_w2a8_kernels(mod, target):
@@ -143,8 +140,6 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
     the module doc says."""
     from tvm import s_tir
 
-    from .dot_intrinsics import I16_CHUNK_K
-
     ref = s_tir.Schedule(func)
     acc = ref.get(ref.get_sblock("acc"))
     (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
@@ -157,7 +152,7 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
         return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
     intrin = intrin_of(knobs.backend)
     mp = m if m <= 4 else round_up(m, 4 * rows)
-    chunk = I16_CHUNK_K if knobs.backend == "avx2_i16" else None
+    chunk = dot_intrinsics.I16_CHUNK_K if knobs.backend == "avx2_i16" else None
     staged = restage(func, mp, np_, intrin.weight_dtype == "uint8", chunk)
     return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
 
@@ -251,21 +246,14 @@ def _schedule(sch, tile) -> None:
         dj0, dj1 = sch.split(dj, [None, lanes])
         sch.reorder(dc, dkb, di, dj0, dj1, dp, dk2)
         k0, i1, j1, j2 = dkb, di, dj0, dj1
-        widen_init = sch.decompose_reduction(outer, c)
-        sch.vectorize(sch.get_loops(widen_init)[-1])
-        sch.unsafe_hide_buffer_access(outer, "read", [_read_names(sch, outer).index("rs")])  # the init's
-        sch.tensorize(sch.get_loops(outer)[-2], ensure(AVX2_I16_WIDEN))
+        _split_init(sch, outer, c)
+        sch.tensorize(sch.get_loops(outer)[-2], ensure(dot_intrinsics.AVX2_I16_WIDEN))
     sch.compute_at(decode, task, preserve_unit_loops=True)  # one decoded tile (lanes * nt features x K4) per parallel task
     dj, dk = sch.get_loops(decode)[-2:]
     dk0, dk1 = sch.split(dk, [None, 4])
     dj0, dj1 = sch.split(dj, [None, lanes])
     sch.reorder(dj0, dk0, *((dk1, dj1) if intrin.k_major else (dj1, dk1)))
-    init = sch.decompose_reduction(dot, k0)
-    # rs is read by the init only (u8: acc starts at -rowsum); the update must match the intrinsic
-    reads = _read_names(sch, dot)
-    if "rs" in reads:
-        sch.unsafe_hide_buffer_access(dot, "read", [reads.index("rs")])
-    sch.vectorize(sch.get_loops(init)[-1])
+    _split_init(sch, dot, k0)
     sch.tensorize(j2, ensure(intrin.name))
     sch.unroll(i1)
     sch.unroll(j1)
@@ -280,8 +268,14 @@ def _epilogue_at(sch, epilogue: list[str], loop, padded: bool) -> None:
             sch.vectorize(sch.get_loops(sch.get_sblock(blk))[-1])
 
 
-def _read_names(sch, block) -> list[str]:
-    return [r.source.name for r in sch.get(block).reads]
+def _split_init(sch, block, loop) -> None:
+    """`block`'s init decomposed above `loop` and vectorized. rs is read by the init only (u8: acc starts at
+    -rowsum), so it is hidden from the update, which must match the intrinsic it is tensorized with."""
+    init = sch.decompose_reduction(block, loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    reads = [r.source.name for r in sch.get(block).reads]
+    if "rs" in reads:
+        sch.unsafe_hide_buffer_access(block, "read", [reads.index("rs")])
 
 
 def _shape(buf) -> tuple[int, ...]:

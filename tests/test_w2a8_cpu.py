@@ -17,6 +17,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from bmvcc.schedules import w2a8_cpu  # noqa: E402
+from bmvcc.schedules.dot_intrinsics import I16_CHUNK_K  # noqa: E402
 from bmvcc.schedules.w2a8 import W2A8Config, pack_ternary, unpack_ternary, w2a8_compute, w2a8_numpy  # noqa: E402
 from bmvcc.schedules.w2a8_cpu import (  # noqa: E402
     DEFAULT_KNOBS,
@@ -161,8 +162,9 @@ def test_avx2_i16_widens_each_chunk_with_vpmaddwd():
     """Each int16 chunk is widened by one vpmaddwd by ones per accumulator vector (the pair sums of 8 features),
     not by deinterleaving the pairs (vpackusdw / vpmovsxwd shuffles); the results are exact (test_int16_chunk_bound)."""
     target = tvm.target.Target({"kind": "llvm", "mcpu": "znver2"})
-    knobs = DEFAULT_KNOBS["avx2"]
-    ops = _opcodes(_build(W2A8Config(knobs.mr, 8 * knobs.nt, 512), target))  # one micro tile, two chunks
+    knobs = CpuKnobs("avx2_i16", 4, 2)
+    cfg = W2A8Config(knobs.mr, strip_width(knobs), 2 * I16_CHUNK_K)  # one micro tile, two chunks
+    ops = _opcodes(_build(cfg, target, knobs))
     assert ops["vpmaddwd"] >= knobs.mr * knobs.nt, ops.most_common(20)
     assert ops["vpackusdw"] + ops["vpmovsxwd"] == 0, ops.most_common(20)
 
