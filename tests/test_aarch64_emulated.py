@@ -24,10 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bmvcc.driver import CompileOptions, compile_model
-
 from conftest import make_model
-from test_frontend import BATCH, CASES, RTOL_LOGITS, _check_logits, _images
+from test_frontend import CASES, RTOL_LOGITS, _check_logits, _images, compile_case
 from test_onnx import torch_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,12 +50,7 @@ def aarch64_build(checkpoint, tmp_path_factory):
 
     def get(case: str):
         if case not in cache:
-            cfg = CASES[case]
-            path, model = checkpoint(cfg, seed=SEEDS[case])
-            out = tmp_path_factory.mktemp("aarch64") / case
-            compile_model(path, out, CompileOptions(target="aarch64", batch=BATCH,
-                                                    heads=None if cfg.multi_query else cfg.heads))
-            cache[case] = (out, model)
+            cache[case] = compile_case(checkpoint, tmp_path_factory.mktemp("aarch64"), case, SEEDS[case], "aarch64")
         return cache[case]
 
     return get

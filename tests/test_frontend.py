@@ -44,7 +44,15 @@ CASES = {
 
 
 def _compile(source, outdir, **options):
-    return compile_model(source, outdir, CompileOptions(target="host", batch=BATCH, **options))
+    return compile_model(source, outdir, CompileOptions(**{"target": "host", "batch": BATCH, **options}))
+
+
+def compile_case(checkpoint, directory, case: str, seed: int, target: str = "host"):
+    """CASES[case]'s model (weights from `seed`) compiled for `target` into DIRECTORY/case: (that path, the model)."""
+    cfg = CASES[case]
+    path, model = checkpoint(cfg, seed=seed)
+    _compile(path, directory / case, target=target, heads=None if cfg.multi_query else cfg.heads)
+    return directory / case, model
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +62,7 @@ def compiled(checkpoint, tmp_path_factory):
 
     def get(case: str):
         if case not in cache:
-            cfg = CASES[case]
-            path, model = checkpoint(cfg, seed=len(cache) + 1)
-            out = tmp_path_factory.mktemp("artifacts") / case
-            _compile(path, out, heads=None if cfg.multi_query else cfg.heads)
+            out, model = compile_case(checkpoint, tmp_path_factory.mktemp("artifacts"), case, seed=len(cache) + 1)
             cache[case] = (runtime.load(out), model)
         return cache[case]
 
