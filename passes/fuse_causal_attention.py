@@ -42,7 +42,8 @@ from tvm import relax
 from ..schedules.attention_cpu import AttentionConfig, attention_cpu
 from ..schedules.attention_cuda import KIND, PrefillConfig, attention_compute
 from ..schedules.kernels import scheduler_of
-from .relax_match import REPORT_PREFIX, Bindings, is_const, product, rewrite_main, scalar, static_shape, with_report
+from .relax_match import (REPORT_PREFIX, Bindings, is_const, product, read_report, rewrite_main, scalar, static_shape,
+                          with_report)
 
 REPORT_KEY = REPORT_PREFIX + "fuse_causal_attention"
 _VIEWS = ("relax.reshape", "relax.broadcast_to")  # same elements, other shape
@@ -52,7 +53,9 @@ _FLOATS = ("float16", "float32")  # casts between them of an fp16 value are exac
 
 def fuse_causal_attention(mod: tvm.IRModule, bf16: bool = False) -> tvm.IRModule:
     """CPU builds: causal attention -> schedules/attention_cpu.py's kernel (`bf16`: its products on bf16 operands)."""
-    return _fuse(mod, partial(_cpu_plan, bf16=bf16), _rewrite, "float32", masks_only=True, report_of=_cpu_report)
+    mod = _fuse(mod, partial(_cpu_plan, bf16=bf16), _rewrite, "float32", masks_only=True)
+    fused = read_report(mod, REPORT_KEY)["fused"]
+    return with_report(mod, REPORT_KEY, {"fused": fused, "bf16": fused if bf16 else 0})
 
 
 def fuse_attention_cuda(mod: tvm.IRModule) -> tvm.IRModule:
@@ -60,8 +63,7 @@ def fuse_attention_cuda(mod: tvm.IRModule) -> tvm.IRModule:
     return _fuse(mod, _cuda_plan, _rewrite_cuda, "float16", masks_only=False)
 
 
-def _fuse(mod, plan_of, rewrite, dtype: str, masks_only: bool,
-          report_of=lambda plans: {"fused": len(plans)}) -> tvm.IRModule:
+def _fuse(mod, plan_of, rewrite, dtype: str, masks_only: bool) -> tvm.IRModule:
     b = Bindings(mod["main"])
     plans = {}
     for var in b.order:
@@ -69,7 +71,7 @@ def _fuse(mod, plan_of, rewrite, dtype: str, masks_only: bool,
         if pv is not None and (found := _match(pv, b, dtype, masks_only)) is not None:
             if (planned := plan_of(b, var, *found)) is not None:
                 plans[planned[0]] = planned[1]
-    report = report_of(plans)
+    report = {"fused": len(plans)}
     if not plans:
         return with_report(mod, REPORT_KEY, report)
     return with_report(rewrite_main(mod, plans, rewrite), REPORT_KEY, report)
@@ -130,10 +132,6 @@ def _unguarded(probs, b: Bindings):
 def _cpu_plan(b, var, q, kt, v, g, gk, n, d, scale, causal, bf16: bool):
     cfg = AttentionConfig(g, gk, n, d, scale, bf16)
     return (var, (q, kt, v, cfg)) if causal and cfg.supported() else None
-
-
-def _cpu_report(plans) -> dict:
-    return {"fused": len(plans), "bf16": sum(cfg.bf16 for *_, cfg in plans.values())}
 
 
 def _cuda_plan(b, var, q, kt, v, g, gk, n, d, scale, causal):

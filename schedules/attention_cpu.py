@@ -120,11 +120,6 @@ def _tile_rows(registers: int, vectors: int) -> int:
     return max(r for r in (1, 2, 4, 8) if (r + 1) * vectors + 1 <= registers)
 
 
-def _cpu_facts(target) -> CpuFacts | None:
-    """The CPU target's CpuFacts; None without a target."""
-    return None if target is None else CpuFacts.of(target)
-
-
 def vector_shape(facts) -> tuple[int, int]:
     """(float32 lanes per vector register, vector registers) of a CPU's CpuFacts; PORTABLE for None."""
     return PORTABLE if facts is None else (facts.lanes("float32"), facts.vector_registers)
@@ -182,7 +177,7 @@ def attention_cpu(cfg: AttentionConfig, target=None):
     marked tirx.is_scheduled when built for a target."""
     G, GK, N, D = cfg.groups, cfg.kv_groups, cfg.tokens, cfg.head_dim
     H = G // GK  # query groups per K/V group
-    facts = _cpu_facts(target)
+    facts = None if target is None else CpuFacts.of(target)
     bf16 = _runs_bf16(cfg, facts)
     P = PAIR if bf16 else 1  # products' terms per lane and instruction: vdpbf16ps's pairs, or one FMA
     t = Tiles.of(cfg, *vector_shape(facts), whole_vectors=bf16)

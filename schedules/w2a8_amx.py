@@ -3,7 +3,7 @@ ternary weights on tdpbssd (s8 x s8: no rowsum correction, unlike vpdpbusd).
 
 Staged form (`stage`, w2a8_cpu_stages.replace_acc_nest: the "acc" nest of schedules/w2a8.py replaced by)
 
-    assert   request_permission() == 0   first, once (errors.AMX_REFUSED otherwise)
+    assert   request_permission() == 0   first, once a call (errors.AMX_REFUSED otherwise)
     qpad     qp[Mp, K4]                  q zero-padded (only where M or K is padded; else the tiles read q)
     decode   wd[Np / 16, K4 / 4, 16, 4]  int8 T, 0 in the padding: per 16 output features exactly AMX's
                                          B layout [k // 4, n, k % 4], so one B tile is 16 k-groups x 64 bytes
@@ -40,11 +40,6 @@ TILE = 16  # rows of every tile; an accumulator tile holds 16 int32 columns, an 
 MICRO = 2 * TILE  # the micro tile: 32 rows x 32 output features, 2 x 2 accumulator tiles
 K_STEP = 64  # k per tdpbssd (one A tile row)
 CONFIG = amx.config_bytes({t: (TILE, 4 * TILE) for t in range(amx.TILES)})  # every tile 16 rows x 64 bytes
-
-
-def padded_shape(m: int, n: int, k: int, rows: int) -> tuple[int, int, int]:
-    """(Mp, Np, K4) of an M x N x K kernel run as `rows` row blocks."""
-    return round_up(m, MICRO * rows), round_up(n, MICRO), round_up(k, K_STEP)
 
 
 def stage(func, mp: int, np_: int, k4: int, rows: int):

@@ -143,17 +143,17 @@ def stage_w2a8(func, knobs: CpuKnobs, cores: int = 1):
     ref = s_tir.Schedule(func)
     acc = ref.get(ref.get_sblock("acc"))
     (m, k), n = _shape(acc.reads[0].source), int(acc.reads[1].source.shape[0])
-    np_ = round_up(n, strip_width(knobs))
+    width = strip_width(knobs)
+    np_ = round_up(n, width)
     parallel = m * np_ * k >= MIN_PARALLEL_MACS  # then also _schedule's test on the padded extents
     amx = knobs.backend == "amx"
-    rows = row_blocks(m, np_ // strip_width(knobs), cores if parallel else 1, w2a8_amx.MICRO if amx else 4)
+    rows = row_blocks(m, np_ // width, cores if parallel else 1, w2a8_amx.MICRO if amx else 4)
     if amx:
-        staged = w2a8_amx.stage(func, *w2a8_amx.padded_shape(m, n, k, rows), rows)
-        return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
-    intrin = intrin_of(knobs.backend)
-    mp = m if m <= 4 else round_up(m, 4 * rows)
-    chunk = dot_intrinsics.I16_CHUNK_K if knobs.backend == "avx2_i16" else None
-    staged = restage(func, mp, np_, intrin.weight_dtype == "uint8", chunk)
+        staged = w2a8_amx.stage(func, round_up(m, w2a8_amx.MICRO * rows), np_, round_up(k, w2a8_amx.K_STEP), rows)
+    else:
+        mp = m if m <= 4 else round_up(m, 4 * rows)
+        chunk = dot_intrinsics.I16_CHUNK_K if knobs.backend == "avx2_i16" else None
+        staged = restage(func, mp, np_, intrin_of(knobs.backend).weight_dtype == "uint8", chunk)
     return staged.with_attr(STAGED_ATTR, knobs.backend).with_attr(ROWS_ATTR, rows)
 
 

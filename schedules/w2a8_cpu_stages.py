@@ -25,7 +25,7 @@ from tvm.script import tirx as T
 from .w2a8 import packed_code
 
 
-def guarded(buf, idx, extents, padded):
+def _guarded(buf, idx, extents, padded):
     """buf[idx], or 0 where an index lies in the padding (extent < padded extent)."""
     conds = [i < e for i, e, p in zip(idx, extents, padded) if int(p) != int(e)]
     val = buf[tuple(idx)]
@@ -60,7 +60,7 @@ def qpad_macro():
                 vi, vk = T.axis.remap("SS", [i, k])
                 T.reads(q[vi, vk])
                 T.writes(qp[vi, vk])
-                qp[vi, vk] = guarded(q, (vi, vk), q.shape, qp.shape)
+                qp[vi, vk] = _guarded(q, (vi, vk), q.shape, qp.shape)
 
     return qpad
 
