@@ -57,6 +57,8 @@ def bench(outdir: Path, repeat: int = 50, tracker: str | None = None, key: str |
         check_cpu_features(target, cpuinfo_flags())
         session, where, lib = None, "host", tvm.runtime.load_module(str(outdir / artifact.MODULE))
     else:
+        if profile:
+            _check_profile_here(target)  # before the device's work
         session = _connect(tracker, key, session_timeout)
         where = f"rpc:{key}@{tracker}"
         session.upload(str(outdir / artifact.MODULE), "bmvcc_model.so")
@@ -127,18 +129,26 @@ def _record(vm, dev, repeat: int) -> list[tuple[str, float, list]]:
     return calls
 
 
+def _check_profile_here(target: dict) -> None:
+    """--profile over RPC records the kernel calls on this machine: a BmvccError where it cannot run the artifact."""
+    if target["arch"] != platform.machine():
+        why = f"which cannot run a {target['arch']} artifact"
+    elif _runs_amx(target) and not machine_runs_amx():
+        why = "which cannot run the artifact's AMX kernels"
+    elif lacking := missing_cpu_features(target, cpuinfo_flags()):
+        why = f"whose CPU lacks {', '.join(lacking)} (used by the artifact)"
+    else:
+        return
+    raise BmvccError(f"--profile over RPC records the kernel calls on this machine, {why}; run bmvcc bench --profile "
+                     "on the device itself")
+
+
 def _record_locally(outdir: Path, target: dict, meta: dict, x: np.ndarray, params) -> list:
     """The call sequence of one call of `main` run on this machine (same module, same shapes)."""
     import tvm
     from tvm import relax
 
-    lacking = target["arch"] == platform.machine() and missing_cpu_features(target, cpuinfo_flags())
-    why = (f"which cannot run a {target['arch']} artifact" if target["arch"] != platform.machine() else
-           "which cannot run the artifact's AMX kernels" if _runs_amx(target) and not machine_runs_amx() else
-           lacking and f"whose CPU lacks {', '.join(lacking)} (used by the artifact)")
-    if why:
-        raise BmvccError(f"--profile over RPC records the kernel calls on this machine, {why}; run bmvcc bench "
-                         "--profile on the device itself")
+    _check_profile_here(target)
     dev = tvm.device(target["device"])
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / artifact.MODULE)), dev)
     weights = [tvm.runtime.tensor(params[f"w{i}"].numpy(), dev) for i in range(meta["num_weights"])]

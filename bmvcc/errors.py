@@ -16,7 +16,13 @@ _AMX_FIX = ("compile the model with --target host on the machine that runs it (i
             "target without AMX")
 # The message of an AMX build's kernels (schedules/w2a8_amx.py: their TIR assert) run where Linux refuses the tile
 # state; what runs a model reports it as a BmvccError (amx_refusal).
-AMX_REFUSED = f"AMX refused: Linux did not grant this process the AMX tile state ({_AMX_CAUSES}); {_AMX_FIX}"
+def _amx_refused(device: str | None) -> str:
+    where = ": Linux did not grant this process" if device is None else \
+        f" on {device}: Linux there did not grant the model's process"
+    return f"AMX refused{where} the AMX tile state ({_AMX_CAUSES}); {_AMX_FIX}"
+
+
+AMX_REFUSED = _amx_refused(None)
 
 
 @contextlib.contextmanager
@@ -28,10 +34,7 @@ def amx_refusal(device: str | None = None):
     except RuntimeError as e:
         if AMX_REFUSED not in str(e):
             raise
-        if device is None:
-            raise BmvccError(AMX_REFUSED) from None
-        raise BmvccError(f"AMX refused on {device}: Linux there did not grant the model's process the AMX tile "
-                         f"state ({_AMX_CAUSES}); {_AMX_FIX}") from None
+        raise BmvccError(_amx_refused(device)) from None
 
 
 class InternalError(Exception):

@@ -39,7 +39,7 @@ def _host_target(cores: int, mcpu: str | None, cpu_flags: frozenset[str] | None 
     hidden = missing_cpu_features({"isa": record(target, platform.machine())}, flags)
     if mcpu is not None and hidden:
         raise BmvccError(f"LLVM CPU {mcpu} has {', '.join(hidden)}, which this CPU lacks; name a CPU this machine runs")
-    mattr = [f"-{f}" for f in hidden] + (AMX_OFF if _has_amx(target) and not machine_runs_amx() else [])
+    mattr = [f"-{f}" for f in hidden] + (AMX_OFF if _has_amx(target) and not machine_runs_amx(flags) else [])
     return {**target, "mattr": mattr} if mattr else target
 
 
@@ -73,13 +73,13 @@ def _has_amx(target: dict) -> bool:
     return all(codegen.target_has_features(f, tvm.target.Target(target)) for f in AMX_FLAGS)
 
 
-def machine_runs_amx(cpu_flags: frozenset[str] | None = None, xtiledata: bool | None = None) -> bool:
+def machine_runs_amx(cpu_flags: frozenset[str] | None = None) -> bool:
     """Whether this process runs AMX: the CPU reports AMX_FLAGS (`cpu_flags`, by default /proc/cpuinfo's) and
-    Linux grants the tile state (`xtiledata`, by default requested here as the AMX kernels request it)."""
+    Linux grants the tile state (requested here as the AMX kernels request it)."""
     cpu_flags = _cpuinfo_flags() if cpu_flags is None else cpu_flags
     if cpu_flags is None or not set(AMX_FLAGS.values()) <= cpu_flags:
         return False
-    return _xtiledata_granted() if xtiledata is None else xtiledata
+    return _xtiledata_granted()
 
 
 def _cpuinfo_flags() -> frozenset[str] | None:
