@@ -33,7 +33,6 @@ from test_attention_cpu import ATTENTION_CASES, _attention_case, _causal, _close
 from test_passes_kernels import TIES_GAIN, _kernel_order_reference, _norm_quant_rows
 from test_w2a8_cpu import SHAPES, _check_gelu, _inputs
 
-pytestmark = needs_emulation
 
 SPEC = get("aarch64")
 AARCH64 = SPEC.target()
@@ -142,10 +141,15 @@ KERNELS = {  # name (the library's function) -> its Kernel, made when the module
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
+def kernels():
+    """Every Kernel of KERNELS, made (built for aarch64) once."""
+    return {name: make() for name, make in KERNELS.items()}
+
+
+@pytest.fixture(scope="module")
+def emulated(kernels, tmp_path_factory):
     """(directory, kernels, outputs): every Kernel of KERNELS built into DIR/kernels.so, its arguments in
     DIR/in/NAME.npz, run once under emulation; outputs[name] its output arrays as the kernel left them."""
-    kernels = {name: make() for name, make in KERNELS.items()}
     root = tmp_path_factory.mktemp("aarch64_kernels")
     mod = tvm.IRModule({name: k.func.with_attr("global_symbol", name) for name, k in kernels.items()})
     tvm.compile(mod, target=AARCH64).export_library(str(root / "kernels.so"), **link(SPEC))
@@ -162,6 +166,7 @@ def emulated(tmp_path_factory):
     return root, kernels, outputs
 
 
+@needs_emulation
 @pytest.mark.parametrize("name", KERNELS)
 def test_kernel_matches_reference(emulated, name):
     """The kernel's outputs pass its check; with the last element of any one of them moved by 3 (codes may be one
@@ -180,16 +185,17 @@ def _outer_loop(func, block):
     return sch.get(sch.get_loops(sch.get_sblock(block))[0])
 
 
-def test_threshold_kernels_are_scheduled_so(emulated):
+def test_threshold_kernels_are_scheduled_so(kernels):
     """The kernels sized at a schedule's threshold run as they stand for: w2a8_parallel's and norm_quant_parallel's
-    outer loops parallel, w2a8_row_blocks's one strip as 2 parallel row blocks (a moved threshold fails here)."""
-    _, kernels, _ = emulated
+    outer loops parallel, w2a8_row_blocks's one strip as 2 parallel row blocks (a moved threshold fails here; needs
+    no emulation)."""
     for name, block in (("w2a8_parallel", "decode"), ("w2a8_row_blocks", "decode"), ("norm_quant_parallel", "quant")):
         assert _outer_loop(kernels[name].func, block).kind == tvm.tirx.ForKind.PARALLEL, name
     row_blocks = kernels["w2a8_row_blocks"].func
     assert int(row_blocks.attrs[ROWS_ATTR]) == 2 and int(_outer_loop(row_blocks, "decode").extent) == 2
 
 
+@needs_emulation
 def test_sdot_kernel_dies_on_a_cpu_without_dotprod(emulated, tmp_path):
     """A Cortex-A72 (Armv8.0-A) has no sdot: the library's W2A8 code dies there on SIGILL, under any QEMU (the driver
     loads the library itself, so bmvcc's instruction-set guard, which may refuse first from QEMU 8.1, never runs)."""

@@ -30,7 +30,8 @@ from bmvcc.schedules.cpu_default import schedule_cpu_module
 from bmvcc.schedules.cpu_rules.common import CpuFacts
 from bmvcc.schedules.w2a8 import CONFIG_ATTR, attr_value
 from bmvcc.targets import get as get_target
-from bmvcc.targets.cpu import has_bf16_dot
+
+from test_bf16_cpu import needs_bf16
 
 RTOL = 1e-5
 U, U32 = 2.0**-8, 2.0**-24  # unit roundoffs of bf16 (round to nearest even) and float32
@@ -40,8 +41,6 @@ CPUS = [({"kind": "llvm", "mcpu": "znver2", "num-cores": 2}, 8),
         ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+dotprod"]}, 4)]
 
 
-needs_bf16 = pytest.mark.skipif(not has_bf16_dot(get_target("host").target()),
-                                reason="this CPU lacks AVX-512 BF16: the bf16 kernel cannot run here")
 
 
 @pytest.fixture(scope="module")

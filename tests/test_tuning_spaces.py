@@ -30,9 +30,7 @@ from bmvcc.targets.cpu import AMX_OFF  # noqa: E402
 from conftest import with_mattr  # noqa: E402
 
 # this machine's vector backend, also where it runs AMX (whose fixed micro tile: tests/test_w2a8_amx.py)
-HOST = tvm.target.Target(get("host").tvm_target)
-if select_backend(HOST) == "amx":
-    HOST = tvm.target.Target(with_mattr(get("host").tvm_target, *AMX_OFF))
+HOST = tvm.target.Target(with_mattr(get("host").tvm_target, *AMX_OFF))
 SAMPLES = 32  # enough replays to see every mr (4 values) and unroll step (4) in some sample
 BUILDS = 4  # distinct samples built and run per shape
 
